@@ -1,0 +1,153 @@
+"""The `pyvmm` command.
+
+    pyvmm --xen-pv KERNEL [--initrd FILE] [--cmdline STR] [--memory SIZE] [--name NAME]
+    pyvmm --default-guest          fetch and build the Debian guest, then boot it
+
+Every user mistake ends in one line on stderr saying what is wrong and what to
+do, and a non-zero exit status (EXIT_USAGE); the guest's own fate maps to the
+exit status as documented in `ExitStatus`.
+"""
+from __future__ import annotations
+
+import argparse
+import enum
+import os
+import re
+import sys
+from pathlib import Path
+
+DEFAULT_MEMORY = 256 << 20
+DEFAULT_CMDLINE = "console=hvc0"
+MIN_MEMORY = 16 << 20
+MAX_MEMORY = 64 << 30
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class ExitStatus(enum.IntEnum):
+    """pyvmm's exit status tells how the guest ended."""
+
+    POWEROFF = 0  # the guest powered off (SCHEDOP_shutdown poweroff)
+    CRASH = 1  # the guest crashed (SHUTDOWN_crash, a fatal fault, a shim error)
+    USAGE = 2  # bad command line or input files: nothing was started
+    REBOOT = 3  # the guest asked to reboot and --on-reboot=exit was given
+    DETACHED = 4  # the user left with the escape key; the guest was destroyed
+    HOST_ERROR = 5  # the host could not run the guest (/dev/kvm, resources)
+
+
+class UserError(Exception):
+    """A mistake the user can fix; printed as one line."""
+
+
+def parse_size(text: str) -> int:
+    """'256M', '1G', '1048576K', or plain MiB ('512')."""
+    m = re.fullmatch(r"\s*(\d+)\s*([KMGkmg]?)(i?[Bb])?\s*", text)
+    if not m:
+        raise UserError(f"cannot read memory size {text!r}: use a number with K, M or G, e.g. 256M")
+    value = int(m.group(1))
+    unit = m.group(2).upper() or "M"
+    return value << {"K": 10, "M": 20, "G": 30}[unit]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pyvmm",
+        description="Run a stock Xen PV guest on KVM, without Xen.",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--xen-pv", metavar="KERNEL", help="Xen PV kernel (bzImage or ELF vmlinux)")
+    src.add_argument(
+        "--default-guest",
+        action="store_true",
+        help="fetch Debian's cloud kernel and busybox, build an initramfs, boot it",
+    )
+    p.add_argument("--initrd", metavar="FILE", help="initial ramdisk")
+    p.add_argument("--cmdline", metavar="STR", help=f"kernel command line (default {DEFAULT_CMDLINE!r})")
+    p.add_argument("--memory", "-m", metavar="SIZE", default=None, help="guest RAM, e.g. 256M or 1G (default 256M)")
+    p.add_argument("--name", metavar="NAME", default=None, help="guest name (default: from the kernel file)")
+    p.add_argument("--escape", metavar="KEY", default="^]", help="console escape key, ^X notation (default ^])")
+    p.add_argument(
+        "--on-reboot",
+        choices=("restart", "exit"),
+        default="restart",
+        help="when the guest reboots: rebuild and boot it again, or exit with status 3",
+    )
+    p.add_argument("--verbose", "-v", action="count", default=0, help="log hypercalls and exits (repeat for more)")
+    return p
+
+
+def _check_readable(path: str, what: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise UserError(f"{what} {path!r} does not exist: check the path")
+    if p.is_dir():
+        raise UserError(f"{what} {path!r} is a directory: give the file itself")
+    if not os.access(p, os.R_OK):
+        raise UserError(f"{what} {path!r} is not readable: check its permissions")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except UserError as e:
+        print(f"pyvmm: error: {e}", file=sys.stderr)
+        return ExitStatus.USAGE
+    except KeyboardInterrupt:
+        print("pyvmm: interrupted", file=sys.stderr)
+        return ExitStatus.DETACHED
+
+
+def _run(args: argparse.Namespace) -> int:
+    memory = parse_size(args.memory) if args.memory else DEFAULT_MEMORY
+    if memory < MIN_MEMORY:
+        raise UserError(f"--memory {args.memory} is too small: a PV guest needs at least {MIN_MEMORY >> 20}M")
+    if memory > MAX_MEMORY:
+        raise UserError(f"--memory {args.memory} is more than pyvmm supports ({MAX_MEMORY >> 30}G)")
+
+    cmdline = args.cmdline
+    if args.default_guest:
+        from pyvmm.guests.default import build_default_guest
+
+        guest = build_default_guest(progress=True)
+        kernel_path, initrd_path = Path(guest.kernel), Path(guest.initrd)
+        if cmdline is None:
+            cmdline = guest.cmdline
+        name = args.name or "debian"
+    else:
+        kernel_path = _check_readable(args.xen_pv, "kernel")
+        initrd_path = _check_readable(args.initrd, "initrd") if args.initrd else None
+        name = args.name or re.sub(r"[^A-Za-z0-9_.-]", "-", kernel_path.name)[:64] or "guest"
+    if cmdline is None:
+        cmdline = DEFAULT_CMDLINE
+    if len(cmdline.encode()) > 1023:
+        raise UserError("--cmdline is longer than the 1023 bytes a PV start_info can carry")
+    if not NAME_RE.match(name):
+        raise UserError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
+
+    from pyvmm.xen_abi.loader import LoaderError, load_kernel
+
+    try:
+        kernel = load_kernel(kernel_path)
+    except LoaderError as e:
+        raise UserError(f"{kernel_path}: {e}") from None
+    initrd = initrd_path.read_bytes() if initrd_path else None
+
+    from pyvmm.launch import launch
+
+    return launch(
+        kernel=kernel,
+        kernel_path=kernel_path,
+        initrd=initrd,
+        cmdline=cmdline,
+        memory=memory,
+        name=name,
+        escape=args.escape,
+        on_reboot=args.on_reboot,
+        verbose=args.verbose,
+    )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
