@@ -845,3 +845,35 @@ CONS_RING_IN_CONS = 3072
 CONS_RING_IN_PROD = 3076
 CONS_RING_OUT_CONS = 3080
 CONS_RING_OUT_PROD = 3084
+
+# xenstore ring signalling (docs/misc/xenstore-ring.txt)
+XS_RING_EVTCHN_PORT = 2076
+XENSTORE_SERVER_FEATURE_RECONNECTION = 1 << 0
+XENSTORE_SERVER_FEATURE_ERROR = 1 << 1
+XENSTORE_CONNECTED = 0  # connection field
+XENSTORE_RECONNECT = 1
+XENSTORE_ERROR_NONE = 0  # error field
+XENSTORE_ERROR_COMM = 1
+XENSTORE_ERROR_RINGIDX = 2
+XENSTORE_ERROR_PROTO = 3
+
+# ---------------------------------------------------------------------------
+# Appended for the hypercall layer (xen_abi/hypercalls.py)
+# ---------------------------------------------------------------------------
+
+XENMEM_maximum_gpfn = 14
+MEMOP_CMD_MASK = 0x3F  # memory_op: low bits = sub-op, higher bits = continuation extent
+XENFEAT_NR_SUBMAPS = 1
+XEN_RUNSTATE_UPDATE = 1 << 63  # in state_entry_time while Xen updates a runstate area
+
+XenCompileInfo = Struct(
+    "compiler" / PaddedString(64, "ascii"),
+    "compile_by" / PaddedString(16, "ascii"),
+    "compile_domain" / PaddedString(32, "ascii"),
+    "compile_date" / PaddedString(32, "ascii"),
+)
+assert XenCompileInfo.sizeof() == 144
+XEN_EXTRAVERSION_LEN = 16  # xen_extraversion_t
+XEN_CAPABILITIES_INFO_LEN = 1024  # xen_capabilities_info_t
+XEN_CHANGESET_INFO_LEN = 64  # xen_changeset_info_t
+XEN_DOMAIN_HANDLE_LEN = 16  # xen_domain_handle_t

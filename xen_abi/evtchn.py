@@ -1,0 +1,466 @@
+"""2-level event channels: the port table and the pending/mask bitmaps.
+
+Python owns the port table (what each port is bound to). The bitmaps live in
+the guest's shared_info page and the per-vCPU vcpu_info, which the guest
+updates concurrently with LOCK-prefixed bit operations, so every update made
+here is a real atomic on the shared mapping (PhysicalMemory.atomic_*).
+
+Port numbers are the guest's. The VMM's back-ends play domain 0: an
+interdomain channel connects a guest port to a BackendPort, whose callback
+runs when the guest does EVTCHNOP_send, and whose notify() raises the guest
+port. Everything guest-controlled (port numbers, vCPU ids, VIRQ numbers)
+is range-checked and fails with HypercallError (a Xen errno).
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from pyvmm.xen_abi.abi import (
+    DOMID_SELF,
+    EVTCHN_2L_NR_CHANNELS,
+    NR_VIRQS,
+    SHARED_INFO_EVTCHN_MASK,
+    SHARED_INFO_EVTCHN_PENDING,
+    VCPU_INFO_PENDING_SEL,
+    VCPU_INFO_SIZE,
+    VCPU_INFO_UPCALL_PENDING,
+    XEN_LEGACY_MAX_VCPUS,
+    EvtchnStatus,
+    HypercallError,
+    Virq,
+    XenErrno,
+)
+
+__all__ = ["EventChannels", "BackendPort", "Port", "BACKEND_DOMID", "PER_VCPU_VIRQS"]
+
+log = logging.getLogger(__name__)
+
+BACKEND_DOMID = 0  # the VMM's back-ends act as domain 0
+BITS_PER_WORD = 64
+NR_WORDS = EVTCHN_2L_NR_CHANNELS // BITS_PER_WORD
+# VIRQs bound per vCPU; all others are global and bindable on vCPU 0 only (Xen virq_is_global).
+PER_VCPU_VIRQS = frozenset({Virq.TIMER, Virq.DEBUG, Virq.XENOPROF, Virq.XENPMU})
+
+
+@dataclass
+class Port:
+    state: EvtchnStatus = EvtchnStatus.closed
+    vcpu: int = 0  # notify vCPU
+    virq: int = -1
+    remote_dom: int = 0  # unbound: who may bind; interdomain: the other end's domain
+    remote_port: int = 0  # interdomain: the other end's port number
+    backend: Optional["BackendPort"] = None
+
+
+class BackendPort:
+    """The VMM (domain 0) end of an interdomain channel."""
+
+    def __init__(self, evtchn: "EventChannels", port: int, on_notify: Callable[[], None],
+                 on_close: Optional[Callable[[], None]] = None):
+        self.evtchn = evtchn
+        self.port = port  # domain-0-side number, as EVTCHNOP_status reports it
+        self.on_notify = on_notify
+        self.on_close = on_close
+        self.guest_port: Optional[int] = None  # set once connected
+
+    @property
+    def connected(self) -> bool:
+        return self.guest_port is not None
+
+    def notify(self) -> Optional[int]:
+        """Raise the guest end; returns the vCPU that was kicked, if any."""
+        gp = self.guest_port
+        if gp is None:
+            return None
+        return self.evtchn.raise_port(gp)
+
+    def close(self) -> None:
+        self.evtchn.backend_close(self)
+
+    def __repr__(self):
+        return f"BackendPort(dom0 port {self.port} <-> guest port {self.guest_port})"
+
+
+def _err(errno: XenErrno, why: str) -> HypercallError:
+    return HypercallError(errno, why)
+
+
+class EventChannels:
+    """The 2-level port table of one guest domain.
+
+    phys: PhysicalMemory covering shared_info and RAM (for relocated vcpu_info).
+    shared_info_gpa: guest-physical address of the shared_info frame.
+    vcpu_info_gpa: optional callable vcpu -> GPA of that vCPU's live vcpu_info
+        (or None if it has none); by default the table kept here, which starts
+        at the legacy shared_info slots and follows set_vcpu_info_gpa().
+    kick: called with a vCPU index when an event needs that vCPU's attention.
+    """
+
+    def __init__(self, phys, shared_info_gpa: int, nr_vcpus: int, *, domid: int = 1,
+                 vcpu_info_gpa: Optional[Callable[[int], Optional[int]]] = None,
+                 kick: Optional[Callable[[int], None]] = None,
+                 nr_ports: int = EVTCHN_2L_NR_CHANNELS):
+        if not 0 < nr_ports <= EVTCHN_2L_NR_CHANNELS:
+            raise ValueError("nr_ports out of range for the 2-level ABI")
+        self.phys = phys
+        self.shared_info_gpa = shared_info_gpa
+        self.nr_vcpus = nr_vcpus
+        self.domid = domid
+        self.nr_ports = nr_ports
+        self.kick = kick
+        self._vcpu_info = [shared_info_gpa + v * VCPU_INFO_SIZE if v < XEN_LEGACY_MAX_VCPUS else None
+                           for v in range(nr_vcpus)]
+        self.vcpu_info_gpa = vcpu_info_gpa or self._vcpu_info_default
+        self.ports = [Port() for _ in range(nr_ports)]
+        self.virq_to_port = [dict() for _ in range(nr_vcpus)]
+        self.backend_ports: dict[int, BackendPort] = {}
+        self._backend_numbers = itertools.count(1)
+        self.lock = threading.RLock()
+        # listener(event, guest_port, backend_port) for event in {"bind", "close"}:
+        # lets the domain wire ioeventfds for guest->back-end sends.
+        self.listeners: list[Callable[[str, int, BackendPort], None]] = []
+
+    # ------------------------------------------------------------------
+    # vcpu_info location
+    # ------------------------------------------------------------------
+    def _vcpu_info_default(self, vcpu: int) -> Optional[int]:
+        return self._vcpu_info[vcpu] if 0 <= vcpu < self.nr_vcpus else None
+
+    def set_vcpu_info_gpa(self, vcpu: int, gpa: int) -> None:
+        self._vcpu_info[vcpu] = gpa
+
+    # ------------------------------------------------------------------
+    # bitmap primitives (atomic on the shared page)
+    # ------------------------------------------------------------------
+    def _word_gpa(self, base: int, port: int) -> int:
+        return self.shared_info_gpa + base + (port // BITS_PER_WORD) * 8
+
+    def is_pending(self, port: int) -> bool:
+        self._check_port(port)
+        word = self.phys.atomic_load_u64(self._word_gpa(SHARED_INFO_EVTCHN_PENDING, port))
+        return bool(word >> (port % BITS_PER_WORD) & 1)
+
+    def is_masked(self, port: int) -> bool:
+        self._check_port(port)
+        word = self.phys.atomic_load_u64(self._word_gpa(SHARED_INFO_EVTCHN_MASK, port))
+        return bool(word >> (port % BITS_PER_WORD) & 1)
+
+    def clear_pending(self, port: int) -> None:
+        self._check_port(port)
+        self.phys.atomic_and_u64(self._word_gpa(SHARED_INFO_EVTCHN_PENDING, port),
+                                 ~(1 << (port % BITS_PER_WORD)))
+
+    def mask(self, port: int) -> None:
+        self._check_port(port)
+        self.phys.atomic_or_u64(self._word_gpa(SHARED_INFO_EVTCHN_MASK, port),
+                                1 << (port % BITS_PER_WORD))
+
+    def _mark_vcpu(self, vcpu: int, word: int) -> Optional[int]:
+        """Set the selector bit and upcall_pending; the vCPU to kick or None."""
+        vi = self.vcpu_info_gpa(vcpu)
+        if vi is None:
+            return None
+        old = self.phys.atomic_or_u64(vi + VCPU_INFO_PENDING_SEL, 1 << word)
+        if old >> word & 1:
+            return None
+        if self.phys.atomic_or_u8(vi + VCPU_INFO_UPCALL_PENDING, 1) & 1:
+            return None
+        return vcpu
+
+    def set_pending(self, port: int) -> Optional[int]:
+        """Xen's 2-level raise; returns the vCPU that needs a kick, or None.
+
+        pending bit (already set: done) -> mask bit (set: done) -> the notify
+        vCPU's pending_sel bit (already set: done) -> upcall_pending (already
+        set: done) -> kick.
+        """
+        self._check_port(port)
+        word, bit = divmod(port, BITS_PER_WORD)
+        old = self.phys.atomic_or_u64(self.shared_info_gpa + SHARED_INFO_EVTCHN_PENDING + word * 8,
+                                      1 << bit)
+        if old >> bit & 1:
+            return None
+        if self.phys.atomic_load_u64(self.shared_info_gpa + SHARED_INFO_EVTCHN_MASK + word * 8) >> bit & 1:
+            return None
+        return self._mark_vcpu(self.ports[port].vcpu, word)
+
+    def raise_port(self, port: int) -> Optional[int]:
+        """set_pending() plus the kick callback; returns the kicked vCPU."""
+        v = self.set_pending(port)
+        if v is not None and self.kick is not None:
+            self.kick(v)
+        return v
+
+    def raise_virq(self, virq: int, vcpu: int = 0) -> Optional[int]:
+        """Raise whatever port the guest bound to (virq, vcpu); no-op if unbound."""
+        if not 0 <= vcpu < self.nr_vcpus:
+            return None
+        port = self.virq_to_port[vcpu].get(int(virq))
+        if port is None:
+            return None
+        return self.raise_port(port)
+
+    def vcpu_upcall_pending(self, vcpu: int) -> bool:
+        vi = self.vcpu_info_gpa(vcpu)
+        return vi is not None and bool(self.phys.read_u8(vi + VCPU_INFO_UPCALL_PENDING))
+
+    # ------------------------------------------------------------------
+    # checks
+    # ------------------------------------------------------------------
+    def _check_port(self, port: int) -> None:
+        if not isinstance(port, int) or not 0 <= port < self.nr_ports:
+            raise _err(XenErrno.EINVAL, f"port {port} out of range")
+
+    def _check_vcpu(self, vcpu: int) -> None:
+        if not 0 <= vcpu < self.nr_vcpus:
+            raise _err(XenErrno.ENOENT, f"no vCPU {vcpu}")
+
+    def _self_dom(self, dom: int) -> bool:
+        return dom in (DOMID_SELF, self.domid)
+
+    def _resolve_dom(self, dom: int) -> int:
+        """Map DOMID_SELF; -ESRCH for domains that do not exist here."""
+        if dom == DOMID_SELF:
+            return self.domid
+        if dom in (self.domid, BACKEND_DOMID):
+            return dom
+        raise _err(XenErrno.ESRCH, f"no domain {dom}")
+
+    def _alloc_port(self) -> int:
+        # Port 0 is reserved (Xen's ECS_RESERVED): never handed out.
+        for p in range(1, self.nr_ports):
+            if self.ports[p].state == EvtchnStatus.closed:
+                return p
+        raise _err(XenErrno.ENOSPC, "out of event channel ports")
+
+    # ------------------------------------------------------------------
+    # guest operations (EVTCHNOP_*); each raises HypercallError on bad input
+    # ------------------------------------------------------------------
+    def alloc_unbound(self, dom: int = DOMID_SELF, remote_dom: int = BACKEND_DOMID) -> int:
+        if not self._self_dom(dom):
+            self._resolve_dom(dom)  # -ESRCH if it does not exist at all
+            raise _err(XenErrno.EPERM, "alloc_unbound for another domain")
+        remote = self._resolve_dom(remote_dom)
+        with self.lock:
+            p = self._alloc_port()
+            self.ports[p] = Port(EvtchnStatus.unbound, vcpu=0, remote_dom=remote)
+            return p
+
+    def bind_interdomain(self, remote_dom: int, remote_port: int) -> int:
+        remote = self._resolve_dom(remote_dom)
+        with self.lock:
+            if remote == BACKEND_DOMID:
+                be = self.backend_ports.get(remote_port)
+                if be is None or be.guest_port is not None:
+                    raise _err(XenErrno.EINVAL, f"domain 0 port {remote_port} is not unbound")
+                p = self._alloc_port()
+                self.ports[p] = Port(EvtchnStatus.interdomain, vcpu=0, remote_dom=BACKEND_DOMID,
+                                     remote_port=remote_port, backend=be)
+                be.guest_port = p
+                self._announce("bind", p, be)
+            else:  # loopback inside this domain
+                if not isinstance(remote_port, int) or not 0 <= remote_port < self.nr_ports:
+                    raise _err(XenErrno.EINVAL, f"port {remote_port} out of range")
+                rp = self.ports[remote_port]
+                if rp.state != EvtchnStatus.unbound or rp.remote_dom != self.domid:
+                    raise _err(XenErrno.EINVAL, f"port {remote_port} is not unbound for us")
+                p = self._alloc_port()
+                self.ports[p] = Port(EvtchnStatus.interdomain, vcpu=0, remote_dom=self.domid,
+                                     remote_port=remote_port)
+                rp.state = EvtchnStatus.interdomain
+                rp.remote_port = p
+        # Like Xen: notifications sent to the unbound end may have been lost,
+        # so always raise the new local port once.
+        self.raise_port(p)
+        return p
+
+    def bind_virq(self, virq: int, vcpu: int) -> int:
+        if not 0 <= virq < NR_VIRQS:
+            raise _err(XenErrno.EINVAL, f"VIRQ {virq} out of range")
+        if virq not in PER_VCPU_VIRQS and vcpu != 0:
+            raise _err(XenErrno.EINVAL, f"global VIRQ {virq} must be bound on vCPU 0")
+        self._check_vcpu(vcpu)
+        with self.lock:
+            if virq in self.virq_to_port[vcpu]:
+                raise _err(XenErrno.EEXIST, f"VIRQ {virq} already bound on vCPU {vcpu}")
+            p = self._alloc_port()
+            self.ports[p] = Port(EvtchnStatus.virq, vcpu=vcpu, virq=virq)
+            self.virq_to_port[vcpu][virq] = p
+            return p
+
+    def bind_ipi(self, vcpu: int) -> int:
+        self._check_vcpu(vcpu)
+        with self.lock:
+            p = self._alloc_port()
+            self.ports[p] = Port(EvtchnStatus.ipi, vcpu=vcpu)
+            return p
+
+    def send(self, port: int) -> None:
+        self._check_port(port)
+        with self.lock:
+            pt = self.ports[port]
+            state = pt.state
+            backend = pt.backend
+            target = pt.remote_port
+        if state == EvtchnStatus.interdomain:
+            if backend is not None:
+                try:
+                    backend.on_notify()
+                except Exception:  # a back-end bug must not become a guest-visible error
+                    log.exception("back-end notify for guest port %d failed", port)
+            else:
+                self.raise_port(target)
+        elif state == EvtchnStatus.ipi:
+            self.raise_port(port)
+        elif state == EvtchnStatus.unbound:
+            pass  # Xen silently drops sends on unbound ports
+        else:
+            raise _err(XenErrno.EINVAL, f"send on port {port} in state {state.name}")
+
+    def close(self, port: int) -> None:
+        self._check_port(port)
+        with self.lock:
+            pt = self.ports[port]
+            if port == 0 or pt.state == EvtchnStatus.closed:
+                raise _err(XenErrno.EINVAL, f"port {port} is not bound")
+            be = None
+            if pt.state == EvtchnStatus.virq:
+                self.virq_to_port[pt.vcpu].pop(pt.virq, None)
+            elif pt.state == EvtchnStatus.interdomain:
+                if pt.backend is not None:
+                    be = pt.backend
+                    be.guest_port = None
+                else:  # the loopback peer goes back to unbound, as in Xen
+                    peer = self.ports[pt.remote_port]
+                    if peer.state == EvtchnStatus.interdomain and peer.remote_port == port:
+                        peer.state = EvtchnStatus.unbound
+                        peer.remote_dom = self.domid
+                        peer.remote_port = 0
+            self.ports[port] = Port()
+            # Clear a stale pending bit so a re-bound port starts clean (Xen does too).
+            self.clear_pending(port)
+        if be is not None:
+            self.backend_ports.pop(be.port, None)
+            self._announce("close", port, be)
+            if be.on_close is not None:
+                try:
+                    be.on_close()
+                except Exception:
+                    log.exception("back-end close for guest port %d failed", port)
+
+    def status(self, dom: int, port: int) -> dict:
+        if not self._self_dom(dom):
+            self._resolve_dom(dom)
+            raise _err(XenErrno.EPERM, "status of another domain's port")
+        self._check_port(port)
+        with self.lock:
+            pt = self.ports[port]
+            out = {"status": pt.state, "vcpu": pt.vcpu, "dom": 0, "port": 0, "virq": 0}
+            if pt.state == EvtchnStatus.unbound:
+                out["dom"] = pt.remote_dom
+            elif pt.state == EvtchnStatus.interdomain:
+                out["dom"] = pt.remote_dom
+                out["port"] = pt.remote_port
+            elif pt.state == EvtchnStatus.virq:
+                out["virq"] = pt.virq
+            return out
+
+    def unmask(self, port: int) -> Optional[int]:
+        """Clear the mask bit; re-raise if pending (Xen evtchn_2l_unmask)."""
+        self._check_port(port)
+        word, bit = divmod(port, BITS_PER_WORD)
+        old = self.phys.atomic_and_u64(self.shared_info_gpa + SHARED_INFO_EVTCHN_MASK + word * 8,
+                                       ~(1 << bit))
+        if not old >> bit & 1:
+            return None
+        if not self.phys.atomic_load_u64(
+                self.shared_info_gpa + SHARED_INFO_EVTCHN_PENDING + word * 8) >> bit & 1:
+            return None
+        v = self._mark_vcpu(self.ports[port].vcpu, word)
+        if v is not None and self.kick is not None:
+            self.kick(v)
+        return v
+
+    def bind_vcpu(self, port: int, vcpu: int) -> None:
+        self._check_vcpu(vcpu)
+        self._check_port(port)
+        with self.lock:
+            pt = self.ports[port]
+            if pt.state == EvtchnStatus.virq:
+                if pt.virq in PER_VCPU_VIRQS:
+                    raise _err(XenErrno.EINVAL, "per-vCPU VIRQ ports cannot move")
+            elif pt.state not in (EvtchnStatus.unbound, EvtchnStatus.interdomain, EvtchnStatus.pirq):
+                raise _err(XenErrno.EINVAL, f"port {port} in state {pt.state.name} cannot move")
+            pt.vcpu = vcpu
+
+    def reset(self, dom: int = DOMID_SELF) -> None:
+        if not self._self_dom(dom):
+            self._resolve_dom(dom)
+            raise _err(XenErrno.EPERM, "reset of another domain")
+        for p in range(1, self.nr_ports):
+            if self.ports[p].state != EvtchnStatus.closed:
+                self.close(p)
+
+    # ------------------------------------------------------------------
+    # back-end (domain 0) side
+    # ------------------------------------------------------------------
+    def _announce(self, event: str, guest_port: int, be: BackendPort) -> None:
+        for fn in list(self.listeners):
+            try:
+                fn(event, guest_port, be)
+            except Exception:
+                log.exception("event channel listener failed on %s of port %d", event, guest_port)
+
+    def backend_bind(self, guest_port: int, on_notify: Callable[[], None],
+                     on_close: Optional[Callable[[], None]] = None) -> BackendPort:
+        """Domain 0 binds to a guest port the guest left unbound for it
+        (xenstored/xenconsoled/blkback doing bind_interdomain to the
+        frontend's alloc_unbound port). Raises HypercallError if that port
+        is not unbound for domain 0."""
+        self._check_port(guest_port)
+        with self.lock:
+            pt = self.ports[guest_port]
+            if pt.state != EvtchnStatus.unbound or pt.remote_dom != BACKEND_DOMID:
+                raise _err(XenErrno.EINVAL, f"guest port {guest_port} is not unbound for domain 0")
+            be = BackendPort(self, next(self._backend_numbers), on_notify, on_close)
+            be.guest_port = guest_port
+            self.backend_ports[be.port] = be
+            pt.state = EvtchnStatus.interdomain
+            pt.remote_port = be.port
+            pt.backend = be
+        self._announce("bind", guest_port, be)
+        return be
+
+    def backend_alloc_unbound(self, on_notify: Callable[[], None],
+                              on_close: Optional[Callable[[], None]] = None) -> BackendPort:
+        """Domain 0 offers a port that the guest binds with
+        EVTCHNOP_bind_interdomain(remote_dom=0, remote_port=be.port)."""
+        with self.lock:
+            be = BackendPort(self, next(self._backend_numbers), on_notify, on_close)
+            self.backend_ports[be.port] = be
+            return be
+
+    def backend_close(self, be: BackendPort) -> None:
+        """Domain 0 closes its end: the guest end goes back to unbound (remote 0)."""
+        with self.lock:
+            gp = be.guest_port
+            self.backend_ports.pop(be.port, None)
+            be.guest_port = None
+            if gp is not None:
+                pt = self.ports[gp]
+                if pt.backend is be:
+                    pt.state = EvtchnStatus.unbound
+                    pt.remote_dom = BACKEND_DOMID
+                    pt.remote_port = 0
+                    pt.backend = None
+        if gp is not None:
+            self._announce("close", gp, be)
+
+    def backend_for(self, guest_port: int) -> Optional[BackendPort]:
+        if not isinstance(guest_port, int) or not 0 <= guest_port < self.nr_ports:
+            return None
+        return self.ports[guest_port].backend
