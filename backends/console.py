@@ -1,0 +1,337 @@
+"""The PV console back-end (io/console.h ring) and the terminal it talks to.
+
+`ConsoleRingBackend` serves one guest's console page: it drains `out`
+(guest -> host, 2048 bytes) into an output sink and feeds host input into
+`in` (host -> guest, 1024 bytes) as space allows, signalling the guest's
+console event channel. hvc_xen spins with SCHEDOP_yield while `out` is full,
+so `process()` must run promptly on every kick.
+
+`Terminal` is the user's side: stdin in raw mode when it is a TTY (always
+restored: context manager, atexit and SIGTERM/SIGHUP/SIGQUIT handlers), an
+escape byte (Ctrl-] by default, like telnet and virsh) that ends the
+session, and plain reading until EOF when stdin is a pipe. Nothing here
+knows about KVM; the domain wires a backend to a terminal.
+"""
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import select
+import signal
+import struct
+import termios
+import threading
+from typing import Callable
+
+from pyvmm.xen_abi.abi import (
+    CONS_RING_IN,
+    CONS_RING_IN_CONS,
+    CONS_RING_IN_PROD,
+    CONS_RING_OUT,
+    CONS_RING_OUT_CONS,
+    CONS_RING_OUT_PROD,
+    CONSOLE_IN_SIZE,
+    CONSOLE_OUT_SIZE,
+)
+
+log = logging.getLogger(__name__)
+
+_U32 = struct.Struct("<I")
+_RING_END = CONS_RING_OUT_PROD + 4
+# Host input waiting for room in `in`; beyond this, typed-ahead input is dropped.
+MAX_PENDING_INPUT = 64 * 1024
+
+ESCAPE_CTRL_RBRACKET = b"\x1d"  # Ctrl-]
+
+
+class ConsoleRingBackend:
+    """Back-end of one xencons ring page.
+
+    ring: writable memoryview over the console page.
+    notify: signals the guest's console event channel.
+    sink: receives guest output bytes (e.g. Terminal.write); may be None.
+    """
+
+    def __init__(self, ring: memoryview, notify: Callable[[], None],
+                 sink: Callable[[bytes], None] | None = None):
+        ring = memoryview(ring)
+        if ring.format != "B":
+            ring = ring.cast("B")
+        if ring.readonly or len(ring) < _RING_END:
+            raise ValueError("console ring must be a writable view of at least the ring layout")
+        self._ring = ring
+        self._notify = notify
+        self.sink = sink
+        self._lock = threading.Lock()
+        self._pending = bytearray()
+        self.bytes_out = 0
+        self.bytes_in = 0
+        self.dropped_input = 0
+        self.bad_indices = 0
+
+    def _get(self, off: int) -> int:
+        return _U32.unpack_from(self._ring, off)[0]
+
+    def _set(self, off: int, value: int) -> None:
+        _U32.pack_into(self._ring, off, value & 0xFFFFFFFF)
+
+    def _signal(self) -> None:
+        try:
+            self._notify()
+        except Exception:
+            log.exception("console: notify failed")
+
+    # -- guest -> host ---------------------------------------------------------
+
+    def _drain_locked(self) -> bytes:
+        cons = self._get(CONS_RING_OUT_CONS)
+        prod = self._get(CONS_RING_OUT_PROD)  # read once; the guest may move it
+        avail = (prod - cons) & 0xFFFFFFFF
+        if avail == 0:
+            return b""
+        if avail > CONSOLE_OUT_SIZE:
+            # Inconsistent indices from the guest: resynchronise, lose nothing of ours.
+            self.bad_indices += 1
+            log.warning("console: bad out indices prod=%#x cons=%#x, skipping", prod, cons)
+            self._set(CONS_RING_OUT_CONS, prod)
+            return b""
+        start = cons & (CONSOLE_OUT_SIZE - 1)
+        first = min(avail, CONSOLE_OUT_SIZE - start)
+        data = bytes(self._ring[CONS_RING_OUT + start:CONS_RING_OUT + start + first])
+        if avail > first:
+            data += bytes(self._ring[CONS_RING_OUT:CONS_RING_OUT + avail - first])
+        self._set(CONS_RING_OUT_CONS, prod)  # after the copy
+        self.bytes_out += len(data)
+        return data
+
+    # -- host -> guest ---------------------------------------------------------
+
+    def _push_locked(self) -> int:
+        if not self._pending:
+            return 0
+        cons = self._get(CONS_RING_IN_CONS)
+        prod = self._get(CONS_RING_IN_PROD)
+        used = (prod - cons) & 0xFFFFFFFF
+        if used > CONSOLE_IN_SIZE:
+            self.bad_indices += 1
+            log.warning("console: bad in indices prod=%#x cons=%#x, not writing", prod, cons)
+            return 0
+        n = min(CONSOLE_IN_SIZE - used, len(self._pending))
+        for i in range(n):  # short strings: a plain loop handles the wrap simply
+            self._ring[CONS_RING_IN + ((prod + i) & (CONSOLE_IN_SIZE - 1))] = self._pending[i]
+        if n:
+            del self._pending[:n]
+            self._set(CONS_RING_IN_PROD, prod + n)  # data first, then the index
+            self.bytes_in += n
+        return n
+
+    # -- public ------------------------------------------------------------------
+
+    def send_input(self, data: bytes) -> int:
+        """Queue host input for the guest; returns how many bytes went into the ring now."""
+        with self._lock:
+            room = MAX_PENDING_INPUT - len(self._pending)
+            if len(data) > room:
+                self.dropped_input += len(data) - max(room, 0)
+                data = data[:max(room, 0)]
+            self._pending += data
+            n = self._push_locked()
+        if n:
+            self._signal()
+        return n
+
+    @property
+    def pending_input(self) -> int:
+        return len(self._pending)
+
+    def process(self) -> bytes:
+        """On a guest kick: drain output to the sink, push queued input. Never raises."""
+        try:
+            with self._lock:
+                data = self._drain_locked()
+                pushed = self._push_locked()
+        except Exception:
+            log.exception("console: ring processing failed")
+            return b""
+        if data or pushed:
+            self._signal()  # out space freed / input available
+        if data and self.sink is not None:
+            try:
+                self.sink(data)
+            except Exception:
+                log.exception("console: output sink failed")
+        return data
+
+
+def _raw_attrs(attrs: list) -> list:
+    """cfmakeraw for input (no echo, no line editing, no ISIG: Ctrl-C goes to the
+    guest), but keep output post-processing so host-side messages still render."""
+    iflag, oflag, cflag, lflag, ispeed, ospeed, cc = attrs
+    iflag &= ~(termios.BRKINT | termios.ICRNL | termios.INPCK | termios.ISTRIP
+               | termios.IXON | termios.INLCR | termios.IGNCR | termios.PARMRK)
+    cflag = (cflag & ~(termios.CSIZE | termios.PARENB)) | termios.CS8
+    lflag &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.ISIG | termios.IEXTEN)
+    cc = list(cc)
+    cc[termios.VMIN] = 1
+    cc[termios.VTIME] = 0
+    return [iflag, oflag, cflag, lflag, ispeed, ospeed, cc]
+
+
+class Terminal:
+    """The user's end of a console session.
+
+    with Terminal() as term:
+        term.run(backend.send_input)     # returns "escape", "eof" or "stopped"
+
+    guest output goes to term.write(). stdin/stdout are fds (default 0/1).
+    """
+
+    _CATCH = (signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT)
+
+    def __init__(self, stdin: int = 0, stdout: int = 1, escape: bytes | None = ESCAPE_CTRL_RBRACKET):
+        if escape is not None and len(escape) != 1:
+            raise ValueError("escape must be a single byte")
+        self.stdin = stdin
+        self.stdout = stdout
+        self.escape = escape
+        self.is_tty = os.isatty(stdin)
+        self._saved: list | None = None
+        self._old_handlers: dict = {}
+        self._atexit = False
+        self.detached = False
+        self.eof = False
+        self._stop_r, self._stop_w = os.pipe()
+
+    # -- raw mode and its restoration -------------------------------------------
+
+    def __enter__(self) -> "Terminal":
+        self.enter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.restore()
+
+    def enter(self) -> None:
+        if self.is_tty and self._saved is None:
+            self._saved = termios.tcgetattr(self.stdin)
+            atexit.register(self.restore)
+            self._atexit = True
+            self._install_signal_handlers()
+            termios.tcsetattr(self.stdin, termios.TCSANOW, _raw_attrs(self._saved))
+
+    def restore(self) -> None:
+        """Put the terminal back as it was; idempotent and safe on any exit path."""
+        saved, self._saved = self._saved, None
+        if saved is not None:
+            try:
+                termios.tcsetattr(self.stdin, termios.TCSAFLUSH, saved)
+            except termios.error:
+                pass  # the tty went away (hangup): nothing to restore
+        self._restore_signal_handlers()
+        if self._atexit:
+            atexit.unregister(self.restore)
+            self._atexit = False
+
+    def _install_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # only the main thread may set handlers; atexit still covers us
+        for sig in self._CATCH:
+            try:
+                self._old_handlers[sig] = signal.signal(sig, self._on_signal)
+            except (ValueError, OSError):
+                pass
+
+    def _restore_signal_handlers(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        handlers, self._old_handlers = self._old_handlers, {}
+        for sig, old in handlers.items():
+            try:
+                signal.signal(sig, old)
+            except (ValueError, OSError):
+                pass
+
+    def _on_signal(self, signum, frame) -> None:
+        old = self._old_handlers.get(signum, signal.SIG_DFL)
+        self.restore()  # also reinstalls the previous handler
+        if callable(old):
+            old(signum, frame)
+        elif old != signal.SIG_IGN:
+            # Default action: die by the same signal, with the terminal sane.
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+
+    # -- I/O ----------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        """Unbuffered output of guest bytes."""
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(self.stdout, view)
+            except InterruptedError:
+                continue
+            except BlockingIOError:
+                select.select([], [self.stdout], [])
+                continue
+            view = view[n:]
+
+    def filter_input(self, data: bytes) -> bytes:
+        """Cut input at the escape byte; sets `detached` when it is seen."""
+        if self.escape is not None:
+            i = data.find(self.escape)
+            if i >= 0:
+                self.detached = True
+                return data[:i]
+        return data
+
+    def read(self, timeout: float | None = None) -> bytes | None:
+        """One chunk of user input (escape stripped); b"" on EOF or escape, None on timeout."""
+        if self.detached or self.eof:
+            return b""
+        r, _, _ = select.select([self.stdin, self._stop_r], [], [], timeout)
+        if self._stop_r in r:
+            return None
+        if self.stdin not in r:
+            return None
+        try:
+            data = os.read(self.stdin, 4096)
+        except OSError:  # EIO: the pty's other side closed
+            data = b""
+        if not data:
+            self.eof = True
+            return b""
+        return self.filter_input(data)
+
+    def stop(self) -> None:
+        """Wake run() from another thread (e.g. the guest shut down)."""
+        try:
+            os.write(self._stop_w, b"x")
+        except OSError:
+            pass
+
+    def run(self, on_input: Callable[[bytes], None]) -> str:
+        """Forward input until the escape byte ("escape"), EOF ("eof") or stop() ("stopped")."""
+        while True:
+            data = self.read()
+            if data is None:
+                if self._stop_r in select.select([self._stop_r], [], [], 0)[0]:
+                    os.read(self._stop_r, 64)
+                    return "stopped"
+                continue
+            if data:
+                on_input(data)
+            if self.detached:
+                return "escape"
+            if self.eof:
+                return "eof"
+
+    def close(self) -> None:
+        self.restore()
+        for fd in (self._stop_r, self._stop_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._stop_r = self._stop_w = -1

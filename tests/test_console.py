@@ -1,0 +1,333 @@
+"""Console back-end ring handling and the CLI terminal (raw mode, restore, escape)."""
+from __future__ import annotations
+
+import os
+import pty
+import random
+import select
+import signal
+import struct
+import subprocess
+import sys
+import termios
+import textwrap
+import threading
+import time
+
+import pytest
+
+from pyvmm.backends.console import ConsoleRingBackend, Terminal
+from pyvmm.xen_abi.abi import (
+    CONS_RING_IN,
+    CONS_RING_IN_CONS,
+    CONS_RING_IN_PROD,
+    CONS_RING_OUT,
+    CONS_RING_OUT_CONS,
+    CONS_RING_OUT_PROD,
+    CONSOLE_IN_SIZE,
+    CONSOLE_OUT_SIZE,
+    PAGE_SIZE,
+)
+
+U32 = struct.Struct("<I")
+
+
+class GuestConsole:
+    """The hvc_xen side of the ring."""
+
+    def __init__(self, start=0):
+        self.page = bytearray(PAGE_SIZE)
+        for off in (CONS_RING_IN_CONS, CONS_RING_IN_PROD, CONS_RING_OUT_CONS, CONS_RING_OUT_PROD):
+            self.set(off, start)
+        self.kicks = 0
+        self.output = bytearray()
+        self.be = ConsoleRingBackend(memoryview(self.page), self._notify, self.output.extend)
+
+    def _notify(self):
+        self.kicks += 1
+
+    def get(self, off):
+        return U32.unpack_from(self.page, off)[0]
+
+    def set(self, off, v):
+        U32.pack_into(self.page, off, v & 0xFFFFFFFF)
+
+    def put_out(self, data: bytes) -> int:
+        cons, prod = self.get(CONS_RING_OUT_CONS), self.get(CONS_RING_OUT_PROD)
+        n = min(CONSOLE_OUT_SIZE - ((prod - cons) & 0xFFFFFFFF), len(data))
+        for i in range(n):
+            self.page[CONS_RING_OUT + ((prod + i) % CONSOLE_OUT_SIZE)] = data[i]
+        self.set(CONS_RING_OUT_PROD, prod + n)
+        return n
+
+    def take_in(self, limit=None) -> bytes:
+        cons, prod = self.get(CONS_RING_IN_CONS), self.get(CONS_RING_IN_PROD)
+        used = (prod - cons) & 0xFFFFFFFF
+        assert used <= CONSOLE_IN_SIZE, "back-end overran the input ring"
+        n = used if limit is None else min(used, limit)
+        data = bytes(self.page[CONS_RING_IN + ((cons + i) % CONSOLE_IN_SIZE)] for i in range(n))
+        self.set(CONS_RING_IN_CONS, cons + n)
+        return data
+
+
+@pytest.mark.parametrize("start", [0, CONSOLE_OUT_SIZE - 7, 0xFFFFFF00])
+def test_output_drained_with_wraparound(start):
+    g = GuestConsole(start)
+    rng = random.Random(start)
+    sent = bytearray()
+    for _ in range(200):
+        chunk = bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, CONSOLE_OUT_SIZE + 1)))
+        n = g.put_out(chunk)
+        assert n == len(chunk)  # the back-end emptied the ring last time
+        sent += chunk
+        kicks = g.kicks
+        assert g.be.process() == chunk
+        assert g.get(CONS_RING_OUT_CONS) == g.get(CONS_RING_OUT_PROD)
+        assert g.kicks == kicks + 1  # the guest may be waiting for space
+    assert g.output == sent
+    assert g.be.bytes_out == len(sent)
+    if start == 0xFFFFFF00:
+        assert g.get(CONS_RING_OUT_PROD) < start  # the u32 index wrapped
+
+
+def test_full_output_ring_and_idle_kick():
+    g = GuestConsole(5)
+    data = bytes(range(256)) * 10
+    assert g.put_out(data) == CONSOLE_OUT_SIZE  # ring full, guest would now yield
+    g.be.process()
+    assert g.put_out(data[CONSOLE_OUT_SIZE:]) == len(data) - CONSOLE_OUT_SIZE
+    g.be.process()
+    assert bytes(g.output) == data
+    kicks = g.kicks
+    assert g.be.process() == b""  # nothing to do: no spurious notify
+    assert g.kicks == kicks
+
+
+def test_bad_output_indices_do_not_raise():
+    g = GuestConsole(100)
+    g.set(CONS_RING_OUT_PROD, 100 + CONSOLE_OUT_SIZE + 1)
+    assert g.be.process() == b""
+    assert g.be.bad_indices == 1
+    assert g.get(CONS_RING_OUT_CONS) == g.get(CONS_RING_OUT_PROD)  # resynchronised
+    g.put_out(b"after")
+    assert g.be.process() == b"after"
+
+
+def test_input_respects_ring_space():
+    g = GuestConsole(0xFFFFFFF0)
+    # The guest has 1014 unread bytes: only 10 free.
+    g.be.send_input(b"u" * 1014)
+    assert (g.get(CONS_RING_IN_PROD) - g.get(CONS_RING_IN_CONS)) & 0xFFFFFFFF == 1014
+    unread = bytes(g.page[CONS_RING_IN:CONS_RING_IN + CONSOLE_IN_SIZE])
+    text = random.Random(7).randbytes(3000)
+    kicks = g.kicks
+    assert g.be.send_input(text) == 10
+    assert g.kicks == kicks + 1
+    assert g.be.pending_input == len(text) - 10
+    # The 1014 unconsumed bytes are untouched.
+    now = bytes(g.page[CONS_RING_IN:CONS_RING_IN + CONSOLE_IN_SIZE])
+    cons = g.get(CONS_RING_IN_CONS)
+    for i in range(1014):
+        k = (cons + i) % CONSOLE_IN_SIZE
+        assert now[k] == unread[k]
+    received = g.take_in()[1014:]
+    # Each guest kick lets the back-end push more.
+    while g.be.pending_input:
+        g.be.process()
+        received += g.take_in(limit=333)
+    received += g.take_in()
+    assert received == text
+    assert g.be.bytes_in == 1014 + len(text)
+
+
+def test_bad_input_indices_do_not_raise():
+    g = GuestConsole(0)
+    g.set(CONS_RING_IN_CONS, 5000)  # guest scribbled: used looks > ring size
+    assert g.be.send_input(b"abc") == 0
+    assert g.be.bad_indices == 1 and g.be.pending_input == 3
+
+
+def test_rejects_short_or_readonly_ring():
+    with pytest.raises(ValueError):
+        ConsoleRingBackend(memoryview(bytearray(100)), lambda: None)
+    with pytest.raises(ValueError):
+        ConsoleRingBackend(memoryview(bytes(PAGE_SIZE)), lambda: None)
+
+
+def test_sink_failure_is_contained():
+    page = bytearray(PAGE_SIZE)
+
+    def bad_sink(_):
+        raise OSError("stdout gone")
+
+    be = ConsoleRingBackend(memoryview(page), lambda: None, bad_sink)
+    page[CONS_RING_OUT:CONS_RING_OUT + 2] = b"hi"
+    U32.pack_into(page, CONS_RING_OUT_PROD, 2)
+    assert be.process() == b"hi"
+
+
+# ---------------------------------------------------------------------------
+# Terminal
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pty_pair():
+    master, slave = pty.openpty()
+    yield master, slave
+    for fd in (master, slave):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def _is_raw(fd) -> bool:
+    lflag = termios.tcgetattr(fd)[3]
+    return not lflag & (termios.ICANON | termios.ECHO | termios.ISIG)
+
+
+def test_terminal_raw_mode_restored(pty_pair):
+    master, slave = pty_pair
+    before = termios.tcgetattr(slave)
+    assert not _is_raw(slave)
+    with Terminal(stdin=slave, stdout=slave) as term:
+        assert term.is_tty
+        assert _is_raw(slave)
+    assert termios.tcgetattr(slave) == before
+    # Restored on an exception too.
+    with pytest.raises(KeyError):
+        with Terminal(stdin=slave, stdout=slave):
+            assert _is_raw(slave)
+            raise KeyError
+    assert termios.tcgetattr(slave) == before
+
+
+def test_terminal_signal_handlers_restored(pty_pair):
+    master, slave = pty_pair
+    old = signal.getsignal(signal.SIGTERM)
+    with Terminal(stdin=slave, stdout=slave):
+        assert signal.getsignal(signal.SIGTERM) != old
+    assert signal.getsignal(signal.SIGTERM) == old
+
+
+_CHILD = textwrap.dedent("""
+    import sys, time
+    from pyvmm.backends.console import Terminal
+    t = Terminal(stdin=0, stdout=1)
+    t.enter()
+    sys.stderr.write("ready\\n"); sys.stderr.flush()
+    if sys.argv[1] == "exit":
+        sys.exit(3)        # no explicit restore: atexit must do it
+    time.sleep(30)
+""")
+
+
+@pytest.mark.parametrize("how", ["sigterm", "sighup", "exit"])
+def test_terminal_restored_when_process_dies(pty_pair, how):
+    master, slave = pty_pair
+    before = termios.tcgetattr(slave)
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, how], stdin=slave, stdout=slave,
+                            stderr=subprocess.PIPE)
+    try:
+        assert proc.stderr.readline() == b"ready\n"
+        if how != "exit":
+            assert _is_raw(slave)
+            proc.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGHUP)
+        rc = proc.wait(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if how == "exit":
+        assert rc == 3
+    else:  # died of the same signal, by default action
+        assert rc == -(signal.SIGTERM if how == "sigterm" else signal.SIGHUP)
+    assert termios.tcgetattr(slave) == before
+
+
+def test_escape_key_ends_session(pty_pair):
+    master, slave = pty_pair
+    got = bytearray()
+    with Terminal(stdin=slave, stdout=slave) as term:
+        os.write(master, b"ls -l\r\x03more\x1dafter")
+        assert term.run(got.extend) == "escape"
+        assert term.detached
+    # Everything before Ctrl-] (including Ctrl-C, raw) reached the guest, nothing after.
+    assert bytes(got) == b"ls -l\r\x03more"
+
+
+def test_escape_can_be_disabled_or_changed(pty_pair):
+    master, slave = pty_pair
+    term = Terminal(stdin=slave, stdout=slave, escape=None)
+    assert term.filter_input(b"a\x1db") == b"a\x1db" and not term.detached
+    term = Terminal(stdin=slave, stdout=slave, escape=b"\x01")
+    assert term.filter_input(b"a\x1db\x01c") == b"a\x1db" and term.detached
+    with pytest.raises(ValueError):
+        Terminal(stdin=slave, stdout=slave, escape=b"ab")
+
+
+def test_non_tty_stdin_reads_until_eof():
+    r, w = os.pipe()
+    out_r, out_w = os.pipe()
+    try:
+        os.write(w, b"echo hi\n" * 100)
+        os.close(w)
+        got = bytearray()
+        with Terminal(stdin=r, stdout=out_w) as term:
+            assert not term.is_tty
+            assert term.run(got.extend) == "eof"
+            term.write(b"guest output\n")
+        assert bytes(got) == b"echo hi\n" * 100
+        assert os.read(out_r, 100) == b"guest output\n"
+    finally:
+        for fd in (r, out_r, out_w):
+            os.close(fd)
+
+
+def test_write_is_complete_and_unbuffered():
+    r, w = os.pipe()
+    data = os.urandom(300_000)  # more than a pipe buffer: write must loop
+    received = bytearray()
+
+    def reader():
+        while len(received) < len(data):
+            received.extend(os.read(r, 65536))
+
+    th = threading.Thread(target=reader)
+    th.start()
+    term = Terminal(stdin=r, stdout=w)
+    term.write(data)
+    th.join(timeout=10)
+    os.close(r)
+    os.close(w)
+    assert bytes(received) == data
+
+
+def test_stop_wakes_run(pty_pair):
+    master, slave = pty_pair
+    term = Terminal(stdin=slave, stdout=slave)
+    result = []
+    th = threading.Thread(target=lambda: result.append(term.run(lambda d: None)))
+    th.start()
+    time.sleep(0.1)
+    term.stop()
+    th.join(timeout=5)
+    assert result == ["stopped"]
+    term.close()
+
+
+def test_backend_to_terminal_end_to_end(pty_pair):
+    master, slave = pty_pair
+    page = bytearray(PAGE_SIZE)
+    with Terminal(stdin=slave, stdout=slave) as term:
+        be = ConsoleRingBackend(memoryview(page), lambda: None, term.write)
+        page[CONS_RING_OUT:CONS_RING_OUT + 6] = b"login:"
+        U32.pack_into(page, CONS_RING_OUT_PROD, 6)
+        be.process()
+        assert select.select([master], [], [], 5)[0]
+        assert os.read(master, 100) == b"login:"
+        os.write(master, b"root\r\x1d")
+        assert term.run(be.send_input) == "escape"
+    assert bytes(page[CONS_RING_IN:CONS_RING_IN + 5]) == b"root\r"
+    assert U32.unpack_from(page, CONS_RING_IN_PROD)[0] == 5

@@ -1,0 +1,718 @@
+"""xenstore end to end: a guest-side client drives the real ring protocol.
+
+The client below builds requests the way Linux's xenbus does (header +
+payload written into `req` as space allows, kick, read `rsp`), over a
+bytearray-backed page with a counting notify.
+"""
+from __future__ import annotations
+
+import struct
+import threading
+
+import pytest
+
+from pyvmm.xen_abi.abi import (
+    XENSTORE_ABS_PATH_MAX,
+    XENSTORE_CONNECTED,
+    XENSTORE_ERROR_NONE,
+    XENSTORE_ERROR_PROTO,
+    XENSTORE_ERROR_RINGIDX,
+    XENSTORE_PAYLOAD_MAX,
+    XENSTORE_RECONNECT,
+    XENSTORE_RING_SIZE,
+    XENSTORE_SERVER_FEATURE_ERROR,
+    XENSTORE_SERVER_FEATURE_RECONNECTION,
+    XS_RING_CONNECTION,
+    XS_RING_ERROR,
+    XS_RING_REQ,
+    XS_RING_REQ_CONS,
+    XS_RING_REQ_PROD,
+    XS_RING_RSP,
+    XS_RING_RSP_CONS,
+    XS_RING_RSP_PROD,
+    XS_RING_SERVER_FEATURES,
+    XSD_SOCKMSG_SIZE,
+    PAGE_SIZE,
+    XenErrno,
+    XsdSockmsg,
+    XsType,
+)
+from pyvmm.xen_abi.xenstore import (
+    XenstoreError,
+    XenstoreRingServer,
+    XenstoreStore,
+    add_device,
+    populate_domain,
+)
+
+U32 = struct.Struct("<I")
+MASK = XENSTORE_RING_SIZE - 1
+
+
+class GuestClient:
+    """A minimal xenbus: one outstanding request at a time, events collected aside."""
+
+    def __init__(self, store: XenstoreStore, domid: int, start_index: int = 0):
+        self.page = bytearray(PAGE_SIZE)
+        self.mv = memoryview(self.page)
+        for off in (XS_RING_REQ_CONS, XS_RING_REQ_PROD, XS_RING_RSP_CONS, XS_RING_RSP_PROD):
+            self.set(off, start_index)
+        self.kicks = 0
+        self.store = store
+        self.domid = domid
+        self.server = XenstoreRingServer(self.mv, self._notify, store, domid)
+        self.rx = bytearray()
+        self.events: list[tuple[str, str]] = []
+        self.replies: list[tuple[int, int, int, bytes]] = []
+        self.req_id = 0
+        self.max_outstanding_rsp = 0
+
+    def _notify(self):
+        self.kicks += 1
+
+    def get(self, off):
+        return U32.unpack_from(self.page, off)[0]
+
+    def set(self, off, v):
+        U32.pack_into(self.page, off, v & 0xFFFFFFFF)
+
+    # -- raw ring I/O ------------------------------------------------------
+
+    def push(self, data: bytes) -> int:
+        """Write as much of data into req as fits; returns bytes written."""
+        cons, prod = self.get(XS_RING_REQ_CONS), self.get(XS_RING_REQ_PROD)
+        space = XENSTORE_RING_SIZE - ((prod - cons) & 0xFFFFFFFF)
+        n = min(space, len(data))
+        for i in range(n):
+            self.page[XS_RING_REQ + ((prod + i) & MASK)] = data[i]
+        self.set(XS_RING_REQ_PROD, prod + n)
+        return n
+
+    def pull(self) -> None:
+        """Drain rsp into rx and split complete messages into replies/events."""
+        cons, prod = self.get(XS_RING_RSP_CONS), self.get(XS_RING_RSP_PROD)
+        used = (prod - cons) & 0xFFFFFFFF
+        assert used <= XENSTORE_RING_SIZE, "server overran the response ring"
+        self.max_outstanding_rsp = max(self.max_outstanding_rsp, used)
+        for i in range(used):
+            self.rx.append(self.page[XS_RING_RSP + ((cons + i) & MASK)])
+        self.set(XS_RING_RSP_CONS, prod)
+        while len(self.rx) >= XSD_SOCKMSG_SIZE:
+            h = XsdSockmsg.parse(bytes(self.rx[:XSD_SOCKMSG_SIZE]))
+            if len(self.rx) < XSD_SOCKMSG_SIZE + h.len:
+                break
+            body = bytes(self.rx[XSD_SOCKMSG_SIZE:XSD_SOCKMSG_SIZE + h.len])
+            del self.rx[:XSD_SOCKMSG_SIZE + h.len]
+            if h.type == XsType.WATCH_EVENT:
+                assert h.req_id == 0 and h.tx_id == 0
+                path, token, tail = body.split(b"\0")
+                assert tail == b""
+                self.events.append((path.decode(), token.decode()))
+            else:
+                self.replies.append((h.type, h.req_id, h.tx_id, body))
+
+    def send(self, mtype: int, payload: bytes, tx: int = 0, req_id: int | None = None) -> int:
+        if req_id is None:
+            self.req_id += 1
+            req_id = self.req_id
+        msg = XsdSockmsg.build(dict(type=mtype, req_id=req_id, tx_id=tx, len=len(payload))) + payload
+        while msg:
+            n = self.push(msg)
+            msg = msg[n:]
+            self.server.process()
+            self.pull()
+        return req_id
+
+    def call(self, mtype: int, payload: bytes, tx: int = 0) -> bytes:
+        req_id = self.send(mtype, payload, tx)
+        # Like xenbus: keep draining (events may be queued ahead of our reply).
+        for _ in range(1000):
+            for r in self.replies:
+                if r[1] == req_id:
+                    self.replies.remove(r)
+                    rtype, _, rtx, body = r
+                    assert rtx == tx
+                    if rtype == XsType.ERROR:
+                        assert body.endswith(b"\0")
+                        raise XenstoreError(XenErrno[body[:-1].decode()])
+                    assert rtype == mtype
+                    return body
+            self.server.process()
+            self.pull()
+        raise AssertionError(f"no reply to request {req_id}")
+
+    # -- xenbus-like helpers -----------------------------------------------
+
+    def read(self, path, tx=0) -> bytes:
+        return self.call(XsType.READ, path.encode() + b"\0", tx)
+
+    def write(self, path, value, tx=0):
+        value = value.encode() if isinstance(value, str) else value
+        assert self.call(XsType.WRITE, path.encode() + b"\0" + value, tx) == b"OK\0"
+
+    def mkdir(self, path, tx=0):
+        assert self.call(XsType.MKDIR, path.encode() + b"\0", tx) == b"OK\0"
+
+    def rm(self, path, tx=0):
+        assert self.call(XsType.RM, path.encode() + b"\0", tx) == b"OK\0"
+
+    def directory(self, path, tx=0) -> list[str]:
+        body = self.call(XsType.DIRECTORY, path.encode() + b"\0", tx)
+        return [c.decode() for c in body.split(b"\0")[:-1]]
+
+    def get_perms(self, path, tx=0) -> list[str]:
+        return [p.decode() for p in self.call(XsType.GET_PERMS, path.encode() + b"\0", tx).split(b"\0")[:-1]]
+
+    def set_perms(self, path, perms, tx=0):
+        payload = path.encode() + b"\0" + b"".join(p.encode() + b"\0" for p in perms)
+        assert self.call(XsType.SET_PERMS, payload, tx) == b"OK\0"
+
+    def watch(self, path, token):
+        assert self.call(XsType.WATCH, f"{path}\0{token}\0".encode()) == b"OK\0"
+
+    def unwatch(self, path, token):
+        assert self.call(XsType.UNWATCH, f"{path}\0{token}\0".encode()) == b"OK\0"
+
+    def tx_start(self) -> int:
+        body = self.call(XsType.TRANSACTION_START, b"\0")
+        assert body.endswith(b"\0")
+        return int(body[:-1])
+
+    def tx_end(self, tx, commit=True):
+        assert self.call(XsType.TRANSACTION_END, b"T\0" if commit else b"F\0", tx) == b"OK\0"
+
+    def take_events(self):
+        self.server.process()
+        self.pull()
+        ev, self.events = self.events, []
+        return ev
+
+
+def errno_of(fn, *args) -> XenErrno:
+    with pytest.raises(XenstoreError) as ei:
+        fn(*args)
+    return ei.value.errno
+
+
+@pytest.fixture
+def store():
+    s = XenstoreStore()
+    populate_domain(s, 1, "guest1", 262144, 2)
+    populate_domain(s, 2, "guest2", 131072, 1)
+    return s
+
+
+@pytest.fixture
+def g(store):
+    return GuestClient(store, 1)
+
+
+# ---------------------------------------------------------------------------
+
+
+def test_ring_advertises_features_and_notifies(g):
+    feats = g.get(XS_RING_SERVER_FEATURES)
+    assert feats & XENSTORE_SERVER_FEATURE_RECONNECTION and feats & XENSTORE_SERVER_FEATURE_ERROR
+    before = g.kicks
+    assert g.read("domid") == b"1"
+    assert g.kicks > before
+
+
+def test_read_write_relative_and_absolute(g, store):
+    assert g.read("name") == b"guest1"
+    assert g.read("/local/domain/1/name") == b"guest1"
+    assert g.read("memory/target") == b"262144"
+    g.write("data/a/b/c", b"bin\0ary\xff")  # values are binary-safe
+    assert g.read("/local/domain/1/data/a/b/c") == b"bin\0ary\xff"
+    assert store.read("/local/domain/1/data/a/b/c") == b"bin\0ary\xff"
+    assert g.read("data/a/b") == b""  # created parent, empty value
+    # Nodes a guest creates are owned by it, ACL inherited from the parent.
+    assert g.get_perms("data/a/b/c") == ["n1"]
+    assert errno_of(g.read, "data/missing") == XenErrno.ENOENT
+    # Host-side writes are visible to the guest.
+    store.write("/local/domain/1/control/shutdown", "poweroff")
+    assert g.read("control/shutdown") == b"poweroff"
+
+
+def test_mkdir_rm_directory(g):
+    g.mkdir("data/d1/d2")
+    g.write("data/d1/v", "x")
+    g.mkdir("data/d1")  # existing: fine, value unchanged
+    assert g.read("data/d1") == b""
+    assert sorted(g.directory("data/d1")) == ["d2", "v"]
+    g.rm("data/d1/nonexistent")  # parent exists: not an error
+    assert errno_of(g.rm, "data/nothere/child") == XenErrno.ENOENT
+    g.rm("data/d1")
+    assert errno_of(g.read, "data/d1/v") == XenErrno.ENOENT
+    assert "d1" not in g.directory("data")
+    assert errno_of(g.directory, "data/d1") == XenErrno.ENOENT
+
+
+def test_host_cannot_remove_root(store):
+    with pytest.raises(XenstoreError) as ei:
+        store.rm("/")
+    assert ei.value.errno == XenErrno.EINVAL
+
+
+def test_directory_part_pages_long_listings(g, store):
+    names = [f"child-with-a-rather-long-name-{i:04d}" for i in range(300)]
+    with store.transaction() as t:
+        for n in names:
+            store.write(f"/local/domain/1/data/big/{n}", "", t)
+    # The whole listing exceeds one payload: DIRECTORY says E2BIG.
+    assert errno_of(g.directory, "data/big") == XenErrno.E2BIG
+    got, off, gens, calls = [], 0, set(), 0
+    while True:
+        body = g.call(XsType.DIRECTORY_PART, f"data/big\0{off}\0".encode())
+        assert len(body) <= XENSTORE_PAYLOAD_MAX
+        gen, rest = body.split(b"\0", 1)
+        gens.add(gen)
+        calls += 1
+        if rest == b"\0":
+            break
+        done = rest.endswith(b"\0\0")
+        chunk = rest[:-1] if done else rest
+        items = chunk.split(b"\0")[:-1]
+        got += [i.decode() for i in items]
+        off += len(chunk)
+        if done:
+            break
+    assert got == names
+    assert calls >= 3 and len(gens) == 1
+    # Offset beyond the end: gencount and an empty list.
+    body = g.call(XsType.DIRECTORY_PART, b"data/big\0999999\0")
+    assert body.endswith(b"\0\0") and body.count(b"\0") == 2
+
+
+def test_permissions_between_domains(store, g):
+    g2 = GuestClient(store, 2)
+    g.write("data/secret", "s1")
+    assert errno_of(g2.read, "/local/domain/1/data/secret") == XenErrno.EACCES
+    assert errno_of(g2.write, "/local/domain/1/data/secret", "x") == XenErrno.EACCES
+    assert errno_of(g2.write, "/local/domain/1/data/new", "x") == XenErrno.EACCES
+    assert errno_of(g2.rm, "/local/domain/1/data/secret") == XenErrno.EACCES
+    assert errno_of(g2.directory, "/local/domain/1") == XenErrno.EACCES
+    assert errno_of(g.read, "/local/domain/0/name") == XenErrno.EACCES
+    assert errno_of(g.write, "/local/domain/0/x", "y") == XenErrno.EACCES
+    assert errno_of(g.write, "/evil", "y") == XenErrno.EACCES
+    # The domain dir is dom0's (guest may read, not write).
+    assert g.get_perms("/local/domain/1") == ["n0", "r1"]
+    assert g.read("name") == b"guest1"
+    assert errno_of(g.write, "name", "renamed") == XenErrno.EACCES
+    assert errno_of(g.write, "newtop", "x") == XenErrno.EACCES
+    assert store.read("/local/domain/1/name") == b"guest1"
+    # Granting read to domain 2 through an ACL entry.
+    g.set_perms("data/secret", ["n1", "r2"])
+    assert g2.read("/local/domain/1/data/secret") == b"s1"
+    assert errno_of(g2.write, "/local/domain/1/data/secret", "x") == XenErrno.EACCES
+
+
+def test_get_set_perms(g, store):
+    assert g.get_perms("control/shutdown") == ["n1"]
+    assert g.get_perms("name") == ["n0", "r1"]
+    g.write("data/p", "v")
+    g.set_perms("data/p", ["n1", "b2", "w3"])
+    assert g.get_perms("data/p") == ["n1", "b2", "w3"]
+    assert store.get_perms("/local/domain/1/data/p") == ["n1", "b2", "w3"]
+    assert errno_of(g.set_perms, "data/p", ["n5"]) == XenErrno.EPERM  # no owner change
+    assert errno_of(g.set_perms, "name", ["n1"]) == XenErrno.EACCES  # not the owner
+    assert errno_of(g.set_perms, "data/p", ["x1"]) == XenErrno.EINVAL
+    assert errno_of(g.set_perms, "data/p", ["r"]) == XenErrno.EINVAL
+    assert errno_of(g.call, XsType.SET_PERMS, b"data/p\0") == XenErrno.EINVAL
+    # dom0 may hand a node to someone else.
+    store.set_perms("/local/domain/1/data/p", ["n2"])
+    assert errno_of(g.read, "data/p") == XenErrno.EACCES
+
+
+def test_domain_queries_and_privileged_ops(g):
+    assert g.call(XsType.GET_DOMAIN_PATH, b"1\0") == b"/local/domain/1\0"
+    assert g.call(XsType.GET_DOMAIN_PATH, b"7\0") == b"/local/domain/7\0"
+    assert errno_of(g.call, XsType.GET_DOMAIN_PATH, b"abc\0") == XenErrno.EINVAL
+    assert errno_of(g.call, XsType.GET_DOMAIN_PATH, b"70000\0") == XenErrno.EINVAL
+    assert g.call(XsType.IS_DOMAIN_INTRODUCED, b"1\0") == b"T\0"
+    assert g.call(XsType.IS_DOMAIN_INTRODUCED, b"0\0") == b"T\0"
+    assert g.call(XsType.IS_DOMAIN_INTRODUCED, b"9\0") == b"F\0"
+    for t, payload in [(XsType.INTRODUCE, b"3\0" b"100\0" b"5\0"), (XsType.RELEASE, b"1\0"),
+                       (XsType.RESUME, b"1\0"), (XsType.SET_TARGET, b"1\0" b"2\0"),
+                       (XsType.CONTROL, b"print\0hello\0")]:
+        assert errno_of(g.call, t, payload) == XenErrno.EACCES
+
+
+def test_watch_immediate_event_child_writes_and_rm(g, store):
+    g.watch("control/shutdown", "tok-sd")
+    # The reply comes first, then exactly one immediate event with the path as given.
+    assert g.take_events() == [("control/shutdown", "tok-sd")]
+    store.write("/local/domain/1/control/shutdown", "reboot")
+    # Host-side writes push the event without a guest kick.
+    g.pull()
+    assert g.events == [("control/shutdown", "tok-sd")]
+    g.events.clear()
+
+    g.watch("/local/domain/1/data", "abs")
+    assert g.take_events() == [("/local/domain/1/data", "abs")]
+    g.write("data/x/y", "1")  # creates x and y: one event for the written path
+    assert g.take_events() == [("/local/domain/1/data/x/y", "abs")]
+    g.mkdir("data/m")
+    assert g.take_events() == [("/local/domain/1/data/m", "abs")]
+    g.watch("data/x/y/z", "deep")  # below the node that will be removed
+    assert g.take_events() == [("data/x/y/z", "deep")]
+    g.rm("data/x")
+    ev = g.take_events()
+    assert ("/local/domain/1/data/x", "abs") in ev
+    assert ("/local/domain/1/data/x/y", "abs") in ev
+    assert ("data/x/y/z", "deep") in ev  # the watch path itself, relative as registered
+    g.write("data/unrelated", "1")
+    assert ("data/x/y/z", "deep") not in g.take_events()
+
+    assert errno_of(g.watch, "/local/domain/1/data", "abs") == XenErrno.EEXIST
+    assert errno_of(g.watch, "data", "abs") == XenErrno.EEXIST  # same node, relative spelling
+    g.unwatch("/local/domain/1/data", "abs")
+    g.write("data/after", "1")
+    assert g.take_events() == []
+    assert errno_of(g.unwatch, "/local/domain/1/data", "abs") == XenErrno.ENOENT
+
+
+def test_watch_special_paths_and_permissions(g, store):
+    g.watch("@releaseDomain", "rel")
+    g.watch("@introduceDomain", "intro")
+    assert g.take_events() == [("@releaseDomain", "rel"), ("@introduceDomain", "intro")]
+    store.release_domain(2)
+    g.pull()
+    assert g.events == [("@releaseDomain", "rel")]
+    g.events.clear()
+    store.introduce_domain(2)
+    assert g.take_events() == [("@introduceDomain", "intro")]
+    assert errno_of(g.read, "@releaseDomain") == XenErrno.EINVAL  # only watches take @ paths
+    # Events for nodes the watcher cannot read are not sent.
+    g.watch("/local/domain/2", "other")
+    assert g.take_events() == [("/local/domain/2", "other")]
+    store.write("/local/domain/2/data/x", "1")
+    assert g.take_events() == []
+    g.call(XsType.RESET_WATCHES, b"\0")
+    store.write("/local/domain/1/control/shutdown", "halt")
+    store.release_domain(2)
+    assert g.take_events() == []
+
+
+def test_host_watch_callback_sees_guest_writes(g, store):
+    fe, be = add_device(store, 1, "vbd", 51712, {"virtual-device": 51712, "device-type": "disk"},
+                        {"sectors": 0})
+    seen = []
+    token = store.watch(f"{fe}/state", lambda p, t: seen.append((p, t)))
+    assert seen == [(f"{fe}/state", token)]
+    g.write("device/vbd/51712/state", "3")
+    assert seen[-1] == (f"{fe}/state", token)
+    assert store.read(f"{fe}/state") == b"3"
+    store.unwatch(f"{fe}/state", token)
+    g.write("device/vbd/51712/state", "4")
+    assert len(seen) == 2
+
+
+def test_transactions_commit_abort_conflict(g, store):
+    g.watch("data", "w")
+    g.take_events()
+    t = g.tx_start()
+    assert t != 0
+    g.write("data/tx/a", "1", tx=t)
+    assert g.read("data/tx/a", tx=t) == b"1"
+    assert errno_of(g.read, "data/tx/a") == XenErrno.ENOENT  # invisible outside
+    assert g.take_events() == []  # events wait for the commit
+    g.tx_end(t, commit=True)
+    assert g.read("data/tx/a") == b"1"
+    assert ("data/tx/a", "w") in g.take_events()
+
+    t = g.tx_start()
+    g.write("data/tx/a", "2", tx=t)
+    g.tx_end(t, commit=False)
+    assert g.read("data/tx/a") == b"1"
+    assert g.take_events() == []
+    assert errno_of(g.read, "data/tx/a", t) == XenErrno.ENOENT  # tx id gone
+
+    # Conflict: read in tx, changed outside, commit fails with EAGAIN.
+    t = g.tx_start()
+    assert g.read("data/tx/a", tx=t) == b"1"
+    g.write("data/tx/b", "x", tx=t)
+    store.write("/local/domain/1/data/tx/a", "host")
+    assert errno_of(g.tx_end, t, True) == XenErrno.EAGAIN
+    assert errno_of(g.read, "data/tx/b") == XenErrno.ENOENT
+    # Unrelated concurrent writes do not conflict.
+    t = g.tx_start()
+    g.write("data/tx/c", "c", tx=t)
+    store.write("/local/domain/1/data/elsewhere", "e")
+    g.tx_end(t)
+    assert g.read("data/tx/c") == b"c"
+    # rm inside a transaction
+    t = g.tx_start()
+    g.rm("data/tx", tx=t)
+    assert g.read("data/tx/a") == b"host"
+    g.tx_end(t)
+    assert errno_of(g.read, "data/tx/a") == XenErrno.ENOENT
+    # Protocol misuse.
+    assert errno_of(g.call, XsType.TRANSACTION_START, b"\0", 12345) == XenErrno.ENOENT
+    t = g.tx_start()
+    assert errno_of(g.call, XsType.TRANSACTION_START, b"\0", t) == XenErrno.EBUSY
+    assert errno_of(g.call, XsType.TRANSACTION_END, b"X\0", t) == XenErrno.EINVAL
+    g.tx_end(t, commit=False)
+
+
+def test_transaction_limit(g):
+    ids = [g.tx_start() for _ in range(10)]
+    assert len(set(ids)) == 10
+    assert errno_of(g.tx_start) == XenErrno.ENOSPC
+    g.tx_end(ids[0], commit=False)
+    g.tx_start()
+
+
+def test_host_transaction_context_manager(store):
+    with store.transaction() as t:
+        store.write("/local/domain/1/data/h", "1", t)
+        assert not store.exists("/local/domain/1/data/h")
+    assert store.read("/local/domain/1/data/h") == b"1"
+    with pytest.raises(RuntimeError):
+        with store.transaction() as t:
+            store.write("/local/domain/1/data/h2", "1", t)
+            raise RuntimeError
+    assert not store.exists("/local/domain/1/data/h2")
+
+
+def test_ring_wraparound_many_messages(store):
+    g = GuestClient(store, 1, start_index=0xFFFFFF00)  # u32 wrap early on
+    for i in range(600):
+        val = (f"value-{i}-" * (i % 37 + 1)).encode()
+        g.write(f"data/n{i % 50}", val)
+        assert g.read(f"data/n{i % 50}") == val
+    big = bytes(range(256)) * 15  # 3840 bytes: a message larger than the ring
+    g.write("data/big", big)
+    assert g.read("data/big") == big
+    assert g.get(XS_RING_REQ_PROD) < 0xFFFFFF00  # indices really wrapped
+    assert g.get(XS_RING_RSP_PROD) < 0xFFFFFF00
+    assert g.get(XS_RING_ERROR) == XENSTORE_ERROR_NONE
+
+
+def test_full_response_ring_never_overwritten(g, store):
+    store.write("/local/domain/1/data/kb", b"k" * 1000)
+    ids = []
+    # Queue many READs without reading any reply; the server must stop at a full ring.
+    for _ in range(30):
+        g.req_id += 1
+        msg = XsdSockmsg.build(dict(type=XsType.READ, req_id=g.req_id, tx_id=0, len=8)) + b"data/kb\0"
+        if g.push(msg) < len(msg):
+            break
+        ids.append(g.req_id)
+        g.server.process()
+        used = (g.get(XS_RING_RSP_PROD) - g.get(XS_RING_RSP_CONS)) & 0xFFFFFFFF
+        assert used <= XENSTORE_RING_SIZE
+    assert (g.get(XS_RING_RSP_PROD) - g.get(XS_RING_RSP_CONS)) & 0xFFFFFFFF == XENSTORE_RING_SIZE
+    # Back-pressure: not every request has been consumed while replies are stuck.
+    assert g.get(XS_RING_REQ_CONS) != g.get(XS_RING_REQ_PROD)
+    for _ in range(60):
+        g.pull()
+        g.server.process()
+    g.pull()
+    got = [r[1] for r in g.replies if r[0] == XsType.READ and r[3] == b"k" * 1000]
+    assert got == ids
+    assert g.get(XS_RING_REQ_CONS) == g.get(XS_RING_REQ_PROD)
+
+
+def _raw(g, data: bytes):
+    g.push(data)
+    g.server.process()  # must not raise
+    g.pull()
+
+
+def test_malformed_requests_get_error_replies(g):
+    def err_of(mtype, payload, tx=0):
+        with pytest.raises(XenstoreError) as ei:
+            g.call(mtype, payload, tx)
+        return ei.value.errno
+
+    assert err_of(XsType.READ, b"data/no-nul") == XenErrno.EINVAL
+    assert err_of(XsType.READ, b"") == XenErrno.EINVAL
+    assert err_of(XsType.READ, b"a\0b\0") == XenErrno.EINVAL
+    assert err_of(XsType.WRITE, b"data/no-nul-at-all") == XenErrno.EINVAL
+    assert err_of(99, b"x\0") == XenErrno.EINVAL
+    assert err_of(20, b"x\0") == XenErrno.EINVAL  # a hole in the type numbers
+    assert err_of(XsType.WATCH_EVENT, b"x\0t\0") == XenErrno.EINVAL
+    assert err_of(XsType.ERROR, b"EINVAL\0") == XenErrno.EINVAL
+    assert err_of(XsType.READ, b"name\0", tx=0xDEADBEEF) == XenErrno.ENOENT
+    assert err_of(XsType.WATCH, b"onlypath\0") == XenErrno.EINVAL
+    for bad in ["data/a b", "data//x", "data/x/", "", "data/\xe9", "/local/domain/1/../0"]:
+        assert err_of(XsType.WRITE, bad.encode("latin-1") + b"\0v") == XenErrno.EINVAL, bad
+    assert err_of(XsType.READ, b"/" + b"a" * XENSTORE_ABS_PATH_MAX + b"\0") == XenErrno.EINVAL
+    assert err_of(XsType.READ, b"a" * 2100 + b"\0") == XenErrno.EINVAL
+    # Still healthy afterwards.
+    assert g.read("name") == b"guest1"
+    assert g.get(XS_RING_ERROR) == XENSTORE_ERROR_NONE
+
+
+def test_oversized_length_breaks_ring_with_proto_error(g):
+    hdr = XsdSockmsg.build(dict(type=XsType.READ, req_id=77, tx_id=0, len=XENSTORE_PAYLOAD_MAX + 1))
+    _raw(g, hdr + b"name\0")
+    assert g.replies == [(XsType.ERROR, 77, 0, b"E2BIG\0")]
+    assert g.server.broken
+    assert g.get(XS_RING_ERROR) == XENSTORE_ERROR_PROTO
+    g.replies.clear()
+    _raw(g, XsdSockmsg.build(dict(type=XsType.READ, req_id=78, tx_id=0, len=5)) + b"name\0")
+    assert g.replies == []  # a broken ring is not served
+
+
+def test_bogus_request_indices_break_ring(g):
+    g.set(XS_RING_REQ_PROD, g.get(XS_RING_REQ_CONS) + 5000)
+    g.server.process()
+    assert g.server.broken and g.get(XS_RING_ERROR) == XENSTORE_ERROR_RINGIDX
+
+
+def test_bogus_response_indices_break_ring(g):
+    g.set(XS_RING_RSP_CONS, g.get(XS_RING_RSP_PROD) - 2000)
+    msg = XsdSockmsg.build(dict(type=XsType.READ, req_id=1, tx_id=0, len=5)) + b"name\0"
+    g.push(msg)
+    g.server.process()
+    assert g.server.broken and g.get(XS_RING_ERROR) == XENSTORE_ERROR_RINGIDX
+
+
+def test_reconnect_resets_broken_ring(g, store):
+    g.watch("data", "w")
+    g.take_events()
+    g.set(XS_RING_REQ_PROD, 0x12345678)
+    g.server.process()
+    assert g.server.broken
+    g.set(XS_RING_CONNECTION, XENSTORE_RECONNECT)
+    kicks = g.kicks
+    g.server.process()
+    assert g.get(XS_RING_CONNECTION) == XENSTORE_CONNECTED
+    assert g.get(XS_RING_ERROR) == XENSTORE_ERROR_NONE
+    assert g.kicks > kicks
+    for off in (XS_RING_REQ_CONS, XS_RING_REQ_PROD, XS_RING_RSP_CONS, XS_RING_RSP_PROD):
+        assert g.get(off) == 0
+    g.rx.clear()
+    assert g.read("name") == b"guest1"
+    store.write("/local/domain/1/data/z", "1")  # the old watch is gone
+    assert g.take_events() == []
+
+
+def test_random_garbage_never_raises(store):
+    import random
+
+    rng = random.Random(1234)
+    for trial in range(40):
+        g = GuestClient(store, 1, start_index=rng.getrandbits(32))
+        for _ in range(20):
+            blob = bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 300)))
+            if rng.random() < 0.5:  # plausible header, random body
+                blob = XsdSockmsg.build(dict(type=rng.randrange(0, 25), req_id=1,
+                                             tx_id=rng.choice([0, 1, 99]), len=len(blob))) + blob
+            if rng.random() < 0.05:
+                g.set(XS_RING_RSP_CONS, rng.getrandbits(32))
+            g.push(blob)
+            g.server.process()
+            try:
+                g.pull()
+            except AssertionError:
+                pass  # guest scribbled its own rsp_cons: its problem, not ours
+        assert g.get(XS_RING_ERROR) in (XENSTORE_ERROR_NONE, XENSTORE_ERROR_PROTO, XENSTORE_ERROR_RINGIDX)
+    # The store survives and still serves a fresh guest.
+    assert GuestClient(store, 1).read("name") == b"guest1"
+
+
+def test_populate_domain_tree(store):
+    d = "/local/domain/1"
+    assert store.read(f"{d}/domid") == b"1"
+    assert store.read(f"{d}/name") == b"guest1"
+    assert store.read(f"{d}/memory/static-max") == b"262144"
+    assert store.read(f"{d}/cpu/1/availability") == b"online"
+    assert store.read("/local/domain/0/name") == b"Domain-0"
+    assert store.read("/local/domain/0/domid") == b"0"
+    vm = store.read(f"{d}/vm").decode()
+    assert vm.startswith("/vm/") and store.read(f"{vm}/name") == b"guest1"
+    for p in ("control/shutdown", "control/feature-poweroff", "data", "drivers", "error", "feature", "attr"):
+        assert store.get_perms(f"{d}/{p}") == ["n1"], p
+    assert store.get_perms(d) == ["n0", "r1"]
+    assert store.get_perms(f"{d}/memory/target") == ["n0", "r1"]
+    assert set(store.directory(f"{d}/console")) >= {"limit", "type"}
+    assert store.directory(f"{d}/device") == []
+
+
+def test_add_device_frontend_backend_perms(store, g):
+    fe, be = add_device(store, 1, "vif", 0, {"handle": 0, "mac": "00:16:3e:00:00:01"},
+                        {"feature-rx-copy": 1})
+    assert fe == "/local/domain/1/device/vif/0"
+    assert be == "/local/domain/0/backend/vif/1/0"
+    assert store.read(f"{fe}/backend") == be.encode()
+    assert store.read(f"{fe}/backend-id") == b"0"
+    assert store.read(f"{fe}/state") == b"1"
+    assert store.read(f"{be}/frontend") == fe.encode()
+    assert store.read(f"{be}/frontend-id") == b"1"
+    assert store.read(f"{be}/online") == b"1"
+    assert store.get_perms(f"{fe}/state") == ["n1", "r0"]
+    assert store.get_perms(f"{be}/state") == ["n0", "r1"]
+    # From the guest: frontend writable, backend readable only.
+    assert g.directory("device/vif") == ["0"]
+    assert g.read(f"{be}/feature-rx-copy") == b"1"
+    g.write("device/vif/0/tx-ring-ref", "8")
+    assert errno_of(g.write, f"{be}/state", "4") == XenErrno.EACCES
+    g2 = GuestClient(store, 2)
+    assert errno_of(g2.read, f"{fe}/mac") == XenErrno.EACCES
+    assert errno_of(g2.read, f"{be}/state") == XenErrno.EACCES
+
+
+def test_concurrent_host_writes_and_guest_requests(store):
+    g = GuestClient(store, 1)
+    g.watch("control", "c")
+    g.take_events()
+    stop = threading.Event()
+
+    def writer():
+        i = 0
+        while not stop.is_set() and i < 300:
+            store.write("/local/domain/1/control/shutdown", str(i))
+            i += 1
+
+    th = threading.Thread(target=writer)
+    th.start()
+    lock = g.server._lock  # the client must not race its own ring either
+    for i in range(150):
+        with lock:
+            g.write(f"data/c{i % 5}", str(i))
+            assert g.read(f"data/c{i % 5}") == str(i).encode()
+    stop.set()
+    th.join()
+    for _ in range(200):
+        with lock:
+            g.pull()
+            g.server.process()
+    assert g.get(XS_RING_ERROR) == XENSTORE_ERROR_NONE
+    # Every host write reached the guest as an event, relative as registered, none lost.
+    assert g.events == [("control/shutdown", "c")] * 300
+
+
+def test_set_perms_fires_one_event_and_respects_readability(g, store):
+    g.write("data/sp", "v")
+    g.watch("data/sp", "w")
+    g.take_events()
+    g.set_perms("data/sp", ["n1", "r2"])
+    assert g.take_events() == [("data/sp", "w")]
+    g2 = GuestClient(store, 2)
+    g2.watch("/local/domain/1/data/sp", "w2")
+    assert g2.take_events() == [("/local/domain/1/data/sp", "w2")]
+    # Made unreadable for domain 2: it still hears of that change (readable before) ...
+    store.set_perms("/local/domain/1/data/sp", ["n1"])
+    assert g2.take_events() == [("/local/domain/1/data/sp", "w2")]
+    # ... but not of later writes it cannot read.
+    g.write("data/sp", "v2")
+    assert g2.take_events() == []
+
+
+def test_close_releases_domain_and_stops_serving(store):
+    seen = []
+    store.watch("@releaseDomain", lambda p, t: seen.append(p))
+    g = GuestClient(store, 1)
+    g.watch("data", "w")
+    g.take_events()
+    g.server.close()
+    assert seen == ["@releaseDomain", "@releaseDomain"]
+    assert not store.domain_introduced(1)
+    store.write("/local/domain/1/data/x", "1")
+    g.push(XsdSockmsg.build(dict(type=XsType.READ, req_id=1, tx_id=0, len=5)) + b"name\0")
+    g.server.process()
+    g.pull()
+    assert g.events == [] and g.replies == []
