@@ -1,0 +1,123 @@
+/* Tiny freestanding PV test guests: hypercalls, console output, checks. */
+#ifndef TG_H
+#define TG_H
+#include <stdint.h>
+#include <stddef.h>
+
+typedef uint8_t u8; typedef uint16_t u16; typedef uint32_t u32; typedef uint64_t u64;
+typedef int64_t s64;
+
+#define HC_set_trap_table 0
+#define HC_mmu_update 1
+#define HC_stack_switch 3
+#define HC_fpu_taskswitch 5
+#define HC_multicall 13
+#define HC_update_va_mapping 14
+#define HC_xen_version 17
+#define HC_console_io 18
+#define HC_iret 23
+#define HC_set_segment_base 25
+#define HC_mmuext_op 26
+#define HC_sched_op 29
+#define HC_callback_op 30
+
+#define SCHEDOP_shutdown 2
+#define SHUTDOWN_poweroff 0
+#define SHUTDOWN_crash 3
+#define CONSOLEIO_write 0
+#define UVMF_INVLPG 2
+#define MMUEXT_NEW_USER_BASEPTR 15
+#define MMUEXT_TLB_FLUSH_LOCAL 6
+#define CALLBACKOP_register 0
+#define CALLBACKTYPE_syscall 2
+#define SEGBASE_GS_USER 1
+#define SEGBASE_GS_KERNEL 2
+
+#define PTE_P 1UL
+#define PTE_RW 2UL
+#define PTE_US 4UL
+#define PTE_A 0x20UL
+#define PTE_D 0x40UL
+#define VIRT_BASE 0xffffffff80000000UL
+
+struct start_info {
+	char magic[32];
+	u64 nr_pages, shared_info;
+	u32 flags, _p0;
+	u64 store_mfn;
+	u32 store_evtchn, _p1;
+	u64 console_mfn;
+	u32 console_evtchn, _p2;
+	u64 pt_base, nr_pt_frames, mfn_list, mod_start, mod_len;
+	char cmd_line[1024];
+	u64 first_p2m_pfn, nr_p2m_frames;
+};
+
+struct vcpu_info {
+	u8 upcall_pending, upcall_mask, _pad[6];
+	u64 pending_sel, cr2, _arch_pad;
+	u8 time[32];
+};
+
+struct trap_info { u8 vector, flags; u16 cs; u32 _pad; u64 address; };
+
+extern int tg_use_hypercall_page;
+extern char hypercall_page[];
+
+static inline long tg_syscall_hc(long nr, long a1, long a2, long a3, long a4, long a5)
+{
+	register long r10 __asm__("r10") = a4;
+	register long r8 __asm__("r8") = a5;
+	long ret;
+	__asm__ volatile("syscall"
+			 : "=a"(ret), "+D"(a1), "+S"(a2), "+d"(a3), "+r"(r10), "+r"(r8)
+			 : "0"(nr) : "rcx", "r11", "r9", "memory");
+	return ret;
+}
+
+static inline long tg_page_hc(long nr, long a1, long a2, long a3, long a4, long a5)
+{
+	register long r10 __asm__("r10") = a4;
+	register long r8 __asm__("r8") = a5;
+	long ret;
+	void *slot = hypercall_page + nr * 32;
+	__asm__ volatile("call *%[slot]"
+			 : "=a"(ret), "+D"(a1), "+S"(a2), "+d"(a3), "+r"(r10), "+r"(r8)
+			 : [slot] "r"(slot) : "rcx", "r11", "r9", "memory");
+	return ret;
+}
+
+static inline long hc(long nr, long a1, long a2, long a3, long a4, long a5)
+{
+	return tg_use_hypercall_page ? tg_page_hc(nr, a1, a2, a3, a4, a5)
+				     : tg_syscall_hc(nr, a1, a2, a3, a4, a5);
+}
+#define HC1(n, a) hc(n, (long)(a), 0, 0, 0, 0)
+#define HC2(n, a, b) hc(n, (long)(a), (long)(b), 0, 0, 0)
+#define HC3(n, a, b, c) hc(n, (long)(a), (long)(b), (long)(c), 0, 0)
+#define HC4(n, a, b, c, d) hc(n, (long)(a), (long)(b), (long)(c), (long)(d), 0)
+
+static inline u64 rdtsc(void)
+{
+	u32 lo, hi;
+	__asm__ volatile("lfence; rdtsc" : "=a"(lo), "=d"(hi));
+	return ((u64)hi << 32) | lo;
+}
+
+/* console + reporting (tg.c) */
+void tg_write(const char *s, size_t n);
+void tg_puts(const char *s);
+void tg_hex(u64 v);
+void tg_dec(u64 v);
+void tg_check(int ok, const char *what, u64 got, u64 want);
+__attribute__((noreturn)) void tg_finish(void);
+__attribute__((noreturn)) void tg_shutdown(int reason);
+extern const char tg_name[];
+extern int tg_failures;
+void *tg_memcpy(void *d, const void *s, size_t n);
+
+static inline u64 va_to_pfn(const void *p) { return ((u64)p - VIRT_BASE) >> 12; }
+
+/* entry point each test guest provides */
+void tg_main(struct start_info *si);
+#endif

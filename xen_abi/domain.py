@@ -1,0 +1,334 @@
+"""A PV domain: guest RAM + VMM region, one KVM VM, the shim, the builder,
+the vCPU run loop and the slow-hypercall exit to Python.
+
+    dom = Domain(kernel_image, ram_size=16 << 20)
+    result = dom.run(timeout=10)      # -> RunResult(reason, console, ...)
+
+Only vCPU 0 runs for now (secondary vCPUs need VCPUOP_initialise/up).
+"""
+from __future__ import annotations
+
+import os
+import struct
+import sys
+import threading
+import time
+from dataclasses import dataclass
+
+from pyvmm.vmm import x86
+from pyvmm.vmm.kvm import ExitReason, Kvm, KvmSegment
+from pyvmm.vmm.memory import GuestMemory
+
+from . import abi
+from . import vmm_region as R
+from .builder import build_pv_domain
+from .evtchn import EventChannels
+from .grant_table import GrantTable
+from .guest_va import GuestVirtualMemory
+from .hypercalls import DomainShutdown, HypercallContext, HypercallDispatcher, PvDomainBase
+from .loader import KernelImage, load_kernel
+from .physmem import PhysicalMemory
+from .shim import build_shim
+
+MASK64 = (1 << 64) - 1
+
+# syscall entry: the shim's private CS/SS pair and Xen's sysret pair
+# (sysret loads CS = base+16, SS = base+8 from 0xe023: 0xe033 / 0xe02b).
+STAR = (abi.FLAT_RING3_CS32 << x86.STAR_SYSRET_CS_SHIFT) | (R.SHIM_CS << x86.STAR_SYSCALL_CS_SHIFT)
+SFMASK = x86.RFLAGS_TF | x86.RFLAGS_IF | x86.RFLAGS_DF | x86.RFLAGS_AC | x86.RFLAGS_NT
+INITIAL_RFLAGS = x86.RFLAGS_IF | x86.RFLAGS_FIXED
+
+
+class ShimPanic(RuntimeError):
+    """The shim hit a fault it cannot attribute to the guest (a shim bug)."""
+
+
+class DomainTimeout(RuntimeError):
+    pass
+
+
+@dataclass
+class RunResult:
+    reason: abi.ShutdownReason
+    console: bytes
+    crash_info: dict | None = None
+    slow_exits: int = 0
+    elapsed: float = 0.0
+
+    @property
+    def text(self) -> str:
+        return self.console.decode(errors="replace")
+
+
+def is_kvm_pvm() -> bool:
+    try:
+        from pyvmm.vmm.quirks import detect_quirks
+        return detect_quirks().is_pvm
+    except ImportError:
+        return os.path.exists("/sys/module/kvm_pvm")
+
+
+def _seg(sel: int, *, code: bool, dpl: int, long: bool) -> KvmSegment:
+    return KvmSegment(base=0, limit=0xFFFFFFFF, selector=sel,
+                      type=x86.SEG_TYPE_CODE_XR_A if code else x86.SEG_TYPE_DATA_RW_A,
+                      present=1, dpl=dpl, db=0 if long else 1, s=1, l=1 if long else 0, g=1)
+
+
+def _null_seg() -> KvmSegment:
+    return KvmSegment(selector=0, unusable=1, present=0)
+
+
+class Domain(PvDomainBase):
+    def __init__(self, kernel: KernelImage | bytes | str, *, ram_size: int = 16 << 20,
+                 cmdline: str = "", initrd: bytes | None = None, echo: bool = False,
+                 kvm: Kvm | None = None, is_pvm: bool | None = None):
+        if not isinstance(kernel, KernelImage):
+            kernel = load_kernel(kernel)
+        self.kernel = kernel
+        self.echo = echo
+        self.console = bytearray()
+        self.is_pvm = is_kvm_pvm() if is_pvm is None else is_pvm
+        self.kvm = kvm or Kvm()
+        self._own_kvm = kvm is None
+        self.vm = self.kvm.create_vm()
+        self.ram = GuestMemory(ram_size, name="ram")
+        self.region = R.VmmRegion(ram_size, nr_vcpus=1, is_pvm=self.is_pvm)
+        self.phys = PhysicalMemory([(0, self.ram), (self.region.gpa, self.region.mem)])
+        self.shim = build_shim()
+        self.slow_exits = 0
+        self._install_region()
+        self.vm.add_memory(0, self.ram)
+        self.vm.add_memory(self.region.gpa, self.region.mem)
+        self.layout = build_pv_domain(
+            self.ram, kernel, initrd=initrd, cmdline=cmdline,
+            shared_info_mfn=self.region.shared_info_mfn,
+            hypervisor_l4_entries=self.region.hypervisor_l4_entries())
+        self._adjust_bootstrap_tables()
+        evtchn = EventChannels(self.phys, self.region.shared_info_gpa, 1, kick=self.kick)
+        gnttab = GrantTable(self.phys, self.region.gpa_of(R.GRANT_OFF), max_frames=R.MAX_GRANT_FRAMES)
+        super().__init__(phys=self.phys, nr_vcpus=1, e820=self.layout.e820,
+                         shared_info_gpa=self.region.shared_info_gpa, evtchn=evtchn, gnttab=gnttab)
+        self.dispatcher = HypercallDispatcher(self)
+        self.vcpu = self.vm.create_vcpu(0)
+        self._setup_vcpu(0)
+
+    # ---- set-up ----
+    def _install_region(self):
+        reg, m, shim = self.region, self.region.mem, self.shim
+        m.write(R.SHIM_OFF, shim.image)
+        reg.build_tables(shim.size)
+        # shared_info: events masked on every vCPU, as Xen's builder leaves them
+        for v in range(abi.XEN_LEGACY_MAX_VCPUS):
+            m.write(R.SHARED_INFO_OFF + v * abi.VCPU_INFO_SIZE + abi.VCPU_INFO_UPCALL_MASK, b"\x01")
+        # CPUID policy for the forced-emulation prefix
+        self.cpuid_table = self._cpuid_policy()
+        packed = b"".join(R.CPUID_ENT.pack(*(x & 0xFFFFFFFF for x in e)) for e in self.cpuid_table)
+        if len(packed) > R.PAGE:
+            raise RuntimeError("CPUID policy does not fit its page")
+        m.write(R.CPUID_OFF, packed)
+        g = R.GLOBALS_OFF
+        m.write_u64(g + R.SG_FLAGS, R.SGF_PVM if self.is_pvm else 0)
+        m.write_u64(g + R.SG_SHARED_INFO, reg.shared_info_va)
+        m.write_u64(g + R.SG_CPUID_TABLE, reg.va(R.CPUID_OFF))
+        m.write_u64(g + R.SG_NR_CPUID, len(self.cpuid_table))
+        m.write_u64(g + R.SG_DIRECTMAP, R.DIRECTMAP_VA)
+        m.write_u64(g + R.SG_RAM_PAGES, reg.ram_pages)
+        for slot, e in reg.hypervisor_l4_entries().items():
+            m.write_u64(g + R.SG_L4_SLOTS + (slot - abi.HYPERVISOR_L4_FIRST_SLOT) * 8, e)
+        m.write_u64(g + R.SG_M2P, reg.va(reg.m2p_off))
+        # IDT (shared by all vCPUs)
+        vec_base = shim.sym("shim_vectors")
+        ist = {x86.VEC_DF: R.IST_DF, x86.VEC_NMI: R.IST_NMI, x86.VEC_MC: R.IST_MC}
+        idt = b"".join(x86.make_gate(vec_base + 16 * v, R.SHIM_CS, ist.get(v, 0), x86.SYS_TYPE_INT_GATE,
+                                     3 if v in R.USER_GATES else 0) for v in range(x86.IDT_ENTRIES))
+        m.write(R.IDT_OFF, idt)
+        for v in reg.vcpus:
+            self._install_vcpu_area(v)
+
+    def _install_vcpu_area(self, v: R.VcpuArea):
+        reg, m = self.region, self.region.mem
+        # GDT page 14: Xen's flat ring-3 selectors (DPL 3) + the shim's own
+        gdt14 = v.gdt_off + abi.FIRST_RESERVED_GDT_BYTE
+        def put(sel, desc):
+            m.write(gdt14 + (sel & ~7) - abi.FIRST_RESERVED_GDT_BYTE, desc)
+        put(abi.FLAT_RING3_CS32, struct.pack("<Q", x86.make_seg_descriptor(0, 0xFFFFF, x86.SEG_TYPE_CODE_XR_A, 3)))
+        put(abi.FLAT_RING3_DS32, struct.pack("<Q", x86.make_seg_descriptor(0, 0xFFFFF, x86.SEG_TYPE_DATA_RW_A, 3)))
+        put(abi.FLAT_RING3_CS64, struct.pack("<Q", x86.make_seg_descriptor(0, 0xFFFFF, x86.SEG_TYPE_CODE_XR_A, 3, long=True)))
+        put(R.SHIM_CS, struct.pack("<Q", x86.make_seg_descriptor(0, 0xFFFFF, x86.SEG_TYPE_CODE_XR_A, 0, long=True)))
+        put(R.SHIM_DS, struct.pack("<Q", x86.make_seg_descriptor(0, 0xFFFFF, x86.SEG_TYPE_DATA_RW_A, 0)))
+        put(R.SHIM_TSS, x86.make_system_descriptor16(reg.va(v.tss_off), x86.TSS64_SIZE - 1, TSS_BUSY))
+        blk = v.stack_block_off
+        m.write(v.tss_off, x86.make_tss64(reg.va(blk + R.STACK_TOP),
+                                          [reg.va(blk + R.IST_DF_TOP), reg.va(blk + R.IST_NMI_TOP),
+                                           reg.va(blk + R.IST_MC_TOP)]))
+        m.write(v.tramp_off, syscall_trampoline(reg.va(v.tramp_off), reg.va(v.percpu_off + R.PC_SYSCALL_RSP),
+                                                reg.va(blk + R.STACK_TOP), self.shim.sym("shim_syscall_entry")))
+        pc = v.percpu_off
+        m.write_u64(pc + R.PC_VCPU_ID, v.index)
+        m.write_u64(pc + R.PC_VCPU_INFO, reg.shared_info_va + v.index * abi.VCPU_INFO_SIZE)
+        m.write_u64(pc + R.PC_LSTAR, reg.va(v.tramp_off))
+        m.write_u64(pc + R.PC_KERNEL_MODE, 1)
+        m.write_u64(pc + R.PC_MAILBOX, reg.va(v.mailbox_off))
+
+    def _cpuid_policy(self):
+        from .cpuid import build_pv_cpuid
+        return build_pv_cpuid(self.kvm.supported_cpuid())
+
+    def _adjust_bootstrap_tables(self):
+        """Xen's pin-time adjust_guest_l1e on the bootstrap tables: present
+        L1 entries get _PAGE_USER (the kernel runs in ring 3).  Later
+        mappings are adjusted by the shim (mmu_update, update_va_mapping,
+        and lazily on the first kernel-mode access)."""
+        for pfn in self.layout.page_table_pfns:
+            base = pfn << abi.PAGE_SHIFT
+            for i in range(512):
+                e = self.ram.read_u64(base + i * 8)
+                if e & x86.PTE_P:
+                    self.ram.write_u64(base + i * 8, e | x86.PTE_US)
+
+    def _setup_vcpu(self, index: int):
+        vcpu, reg, lay = self.vcpu, self.region, self.layout
+        v = reg.vcpus[index]
+        m = reg.mem
+        m.write_u64(v.percpu_off + R.PC_CR3_KERNEL, lay.l4_pfn << abi.PAGE_SHIFT)
+        m.write_u64(v.percpu_off + R.PC_KERNEL_SP, lay.stack_top)
+        m.write_u64(v.percpu_off + R.PC_KERNEL_SS, abi.FLAT_KERNEL_SS)
+        vcpu.set_cpuid(self.kvm.supported_cpuid())
+        s = vcpu.get_sregs()
+        s.cs = _seg(abi.FLAT_KERNEL_CS64, code=True, dpl=3, long=True)
+        s.ss = _seg(abi.FLAT_KERNEL_SS, code=False, dpl=3, long=False)
+        s.ds = s.es = s.fs = s.gs = _null_seg()
+        s.tr = KvmSegment(base=reg.va(v.tss_off), limit=x86.TSS64_SIZE - 1, selector=R.SHIM_TSS,
+                          type=TSS_BUSY, present=1, s=0)
+        s.ldt = KvmSegment(selector=0, type=x86.SYS_TYPE_LDT, present=0, unusable=1)
+        s.gdt.base, s.gdt.limit = reg.va(v.gdt_off), R.GDT_PAGES * R.PAGE - 1
+        s.idt.base, s.idt.limit = reg.va(R.IDT_OFF), x86.IDT_ENTRIES * x86.GATE_SIZE - 1
+        s.cr0 = x86.CR0_PE | x86.CR0_MP | x86.CR0_ET | x86.CR0_NE | x86.CR0_WP | x86.CR0_PG
+        # SMEP only where the trampoline page can stay supervisor-only
+        s.cr4 = x86.CR4_PAE | x86.CR4_OSFXSR | x86.CR4_OSXMMEXCPT | (0 if self.is_pvm else x86.CR4_SMEP)
+        s.cr3 = lay.l4_pfn << abi.PAGE_SHIFT
+        s.efer = x86.EFER_LME | x86.EFER_LMA | x86.EFER_SCE | x86.EFER_NXE
+        vcpu.set_sregs(s)
+        r = vcpu.get_regs()
+        for name in ("rax", "rbx", "rcx", "rdx", "rdi", "rbp", "r8", "r9", "r10", "r11",
+                     "r12", "r13", "r14", "r15"):
+            setattr(r, name, 0)
+        r.rip, r.rsp, r.rsi, r.rflags = lay.entry, lay.stack_top, lay.start_info_va, INITIAL_RFLAGS
+        vcpu.set_regs(r)
+        lstar = reg.lstar(index)
+        vcpu.set_msrs({x86.MSR_STAR: STAR, x86.MSR_LSTAR: lstar, x86.MSR_CSTAR: lstar,
+                       x86.MSR_SFMASK: SFMASK, x86.MSR_FS_BASE: 0, x86.MSR_GS_BASE: 0,
+                       x86.MSR_KERNEL_GS_BASE: 0})
+
+    # ---- running ----
+    def console_write(self, data: bytes) -> None:
+        self.console += data
+        if self.echo:
+            sys.stdout.buffer.write(data)
+            sys.stdout.flush()
+
+    def _mailbox(self, index: int = 0):
+        return self.region.mailbox_gpa(index)
+
+    def _handle_shim_exit(self, index: int):
+        """One exit through the shim port.  Returns a RunResult to stop."""
+        mb = self._mailbox(index)
+        p = self.phys
+        op = p.read_u64(mb + R.MB_OP * 8)
+        if op == R.MBOP_HYPERCALL:
+            nr = p.read_u64(mb + R.MB_NR * 8)
+            args = tuple(p.read_u64(mb + (R.MB_ARGS + i) * 8) for i in range(6))
+            cr3 = p.read_u64(mb + R.MB_CR3 * 8)
+            ctx = HypercallContext(vcpu_id=index, vm=GuestVirtualMemory(p, cr3), phys=p,
+                                   in_kernel_mode=bool(p.read_u64(mb + R.MB_KMODE * 8)))
+            try:
+                rc = self.dispatcher.dispatch(ctx, nr, args)
+            except DomainShutdown as e:
+                return e.reason, None
+            p.write_u64(mb + R.MB_RESULT * 8, rc & MASK64)
+            return None, None
+        info = {k: p.read_u64(mb + i * 8) for k, i in
+                (("info", R.MB_INFO), ("rip", R.MB_RIP), ("info2", R.MB_INFO2))}
+        if op == R.MBOP_CRASH:
+            return abi.ShutdownReason.crash, info
+        if op == R.MBOP_PANIC:
+            raise ShimPanic(f"shim fault: vector {info['info']:#x} at {info['rip']:#x} "
+                            f"(cr2/err {info['info2']:#x})")
+        raise ShimPanic(f"unknown shim exit op {op}")
+
+    def vcpu_info_moved(self, vcpu_id: int, gpa: int) -> None:
+        """VCPUOP_register_vcpu_info: point the shim at the new vcpu_info
+        (guest RAM, reached through the shim's 1:1 map)."""
+        if gpa < self.ram.size:
+            va = R.DIRECTMAP_VA + gpa
+        else:
+            va = R.REGION_VA + (gpa - self.region.gpa)
+        self.region.mem.write_u64(self.region.vcpus[vcpu_id].percpu_off + R.PC_VCPU_INFO, va)
+
+    def run(self, timeout: float = 30.0) -> RunResult:
+        """Run vCPU 0 until the guest shuts down (or crashes)."""
+        t0 = time.monotonic()
+        timer = threading.Timer(timeout, self.vcpu.kick)
+        timer.daemon = True
+        timer.start()
+        try:
+            while True:
+                ex = self.vcpu.run()
+                if ex.reason == ExitReason.IO and ex.port == R.SHIM_EXIT_PORT:
+                    self.slow_exits += 1
+                    reason, info = self._handle_shim_exit(0)
+                    if reason is not None:
+                        return RunResult(reason, bytes(self.console), info, self.slow_exits,
+                                         time.monotonic() - t0)
+                    continue
+                if ex.reason == ExitReason.INTR:
+                    if time.monotonic() - t0 >= timeout:
+                        raise DomainTimeout(f"guest still running after {timeout} s; "
+                                            f"console so far: {bytes(self.console)[-500:]!r}")
+                    continue
+                if ex.reason == ExitReason.IO:
+                    if not ex.is_out:
+                        ex.set_value(MASK64)
+                    continue
+                regs = self.vcpu.get_regs()
+                raise ShimPanic(f"unexpected exit {ex!r} at rip {regs.rip:#x}")
+        finally:
+            timer.cancel()
+
+    def close(self):
+        for obj in (getattr(self, "vcpu", None), self.vm):
+            if obj is not None:
+                obj.close()
+        self.ram.close()
+        self.region.mem.close()
+        if self._own_kvm:
+            self.kvm.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+TSS_BUSY = 0xB   # 64-bit TSS, busy (TR is loaded through KVM_SET_SREGS)
+
+
+def syscall_trampoline(va: int, save_slot_va: int, stack_top: int, entry: int) -> bytes:
+    """Per-vCPU LSTAR code (Xen's per-CPU stub idea):
+        swapgs; swapgs            real KVM: a no-op pair at CPL0.  kvm_pvm:
+                                  the first one raises #GP at CPL3 with
+                                  RIP == LSTAR, which the shim treats as
+                                  the syscall
+        mov %rsp, save_slot(%rip)
+        movabs $stack_top, %rsp
+        jmp shim_syscall_entry
+    """
+    swapgs = b"\x0f\x01\xf8"
+    code = bytearray(swapgs + swapgs)
+    at = va + len(code) + 7
+    code += b"\x48\x89\x25" + struct.pack("<i", save_slot_va - at)
+    code += b"\x48\xbc" + struct.pack("<Q", stack_top)
+    at = va + len(code) + 5
+    code += b"\xe9" + struct.pack("<i", entry - at)
+    return bytes(code)
