@@ -146,9 +146,10 @@ class _Alloc:
 
     def _take(self, name: str, pages: int) -> None:
         if pages > self.total - self.pfn_end:
+            short_mib = -(-(pages - (self.total - self.pfn_end)) * PAGE_SIZE // (1 << 20))
             raise BuildError(
-                f"guest memory too small: {name} needs {pages} pages, "
-                f"{self.total - self.pfn_end} of {self.total} left"
+                f"guest memory too small: the {name} does not fit in "
+                f"{self.total * PAGE_SIZE >> 20} MiB (at least {short_mib} MiB more needed)"
             )
         self.pfn_end += pages
         self.virt_end += pages * PAGE_SIZE
@@ -206,7 +207,8 @@ def _count_pgtables(maps: list[_Mapping], total: int, pfn_alloc_end: int, vfrom:
     pfn_end = pfn + ((vto - vfrom) >> PAGE_SHIFT)
     if pfn_end >= total:
         raise BuildError(
-            f"guest memory too small for the initial mapping (needs PFN {pfn_end:#x}, have {total:#x} pages)"
+            f"guest memory too small for the initial mapping: it needs "
+            f"{(pfn_end + 1) * PAGE_SIZE >> 20} MiB, have {total * PAGE_SIZE >> 20} MiB"
         )
     for other in maps:
         if vfrom < other.area.vto and vto > other.area.vfrom:
