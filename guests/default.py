@@ -1,0 +1,195 @@
+"""The default guest: Debian 12's cloud kernel and a busybox initramfs.
+
+``build_default_guest()`` returns the kernel as Debian ships it (a bzImage
+with an LZ4 payload), a gzip initramfs and a command line.  The initramfs
+holds busybox-static with all its applet links, the xen-blkfront and
+xen-netfront modules with their dependencies (decompressed, so busybox's
+``insmod`` can load them) and an ``/init`` script that mounts the pseudo
+file systems, loads the modules, prints :data:`BANNER` and runs an
+interactive shell on the console.
+
+Images are cached under ``<cache>/guests/`` keyed by a hash of every input
+(package versions, recipe version, init script), so a second call costs a
+few local ``apt-cache`` look-ups and no building.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import debian
+from .debian import DebianError, say
+from .initramfs import Initramfs
+from .kmod import ModuleIndex, module_bytes
+
+__all__ = ["DefaultGuest", "build_default_guest", "default_init_script",
+           "BANNER", "DEFAULT_CMDLINE", "DEFAULT_MODULES"]
+
+# hvc_xen is built into the cloud kernel, so the console is hvc0 from the
+# start; earlyprintk=xen prints through console_io before hvc0 exists.
+DEFAULT_CMDLINE = "console=hvc0 earlyprintk=xen"
+# Front-ends the cloud kernel builds as modules (in load order requested;
+# dependencies are added before them).
+DEFAULT_MODULES = ("xen-blkfront", "xen-netfront")
+# The line /init prints once the modules are loaded; boot tests wait for it.
+BANNER = "pyvmm default guest ready"
+# Kernel parameter that makes /init power off right after the banner (for
+# unattended boot tests).
+POWEROFF_PARAM = "pyvmm.poweroff"
+# Bump when the image layout or init script changes: it is part of the key.
+RECIPE_VERSION = 1
+_INIT_MODE = 0o755
+
+
+@dataclass(frozen=True)
+class DefaultGuest:
+    kernel: Path          # bzImage
+    initrd: Path          # gzip newc initramfs
+    cmdline: str
+    kernel_version: str = ""
+    modules: tuple[str, ...] = ()   # module names in insmod order
+
+
+def default_init_script(kernel_version: str,
+                        module_paths: list[str]) -> str:
+    """The /init shell script; *module_paths* are absolute paths inside the
+    image, in load order."""
+    loads = "\n".join(
+        f'load {p}' for p in module_paths) or ":"
+    return f"""#!/bin/sh
+# pyvmm default guest /init (generated; recipe {RECIPE_VERSION})
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts /tmp /run
+mount -t devpts devpts /dev/pts
+hostname pyvmm
+ifconfig lo 127.0.0.1 up 2>/dev/null
+
+loaded=""
+failed=""
+load() {{
+    name=${{1##*/}}; name=${{name%.ko}}
+    if insmod "$1"; then
+        loaded="$loaded $name"
+    else
+        failed="$failed $name"
+        echo "pyvmm-init: insmod $name failed"
+    fi
+}}
+{loads}
+
+echo "{BANNER}: Linux $(uname -r) (built for {kernel_version}); modules:${{loaded:- none}}${{failed:+; FAILED:$failed}}"
+
+case " $(cat /proc/cmdline) " in
+    *" {POWEROFF_PARAM} "*) echo "pyvmm-init: powering off"; poweroff -f ;;
+esac
+
+# PID 1 must never exit (that panics the kernel): respawn the shell.
+while true; do
+    setsid cttyhack sh -l
+    echo "pyvmm-init: shell exited, restarting (poweroff -f to stop)"
+done
+"""
+
+
+def _busybox_applets(busybox: Path) -> list[str]:
+    """Install paths of all applets (``bin/sh``, ``sbin/insmod`` ...)."""
+    try:
+        r = subprocess.run([str(busybox), "--list-full"], capture_output=True,
+                           text=True, timeout=30)
+    except OSError as e:
+        raise DebianError(f"cannot run {busybox}: {e.strerror}") from None
+    if r.returncode != 0 or not r.stdout.strip():
+        raise DebianError(f"{busybox} --list-full failed")
+    return sorted(set(r.stdout.split()))
+
+
+def _marker(root: Path) -> str:
+    """The "<package> <version>" stamp fetch_deb left in an unpacked root."""
+    return (root / debian._COMPLETE_MARKER).read_text().strip()
+
+
+def _package_root(path: Path) -> Path:
+    """The unpacked package directory containing *path*."""
+    for parent in path.parents:
+        if (parent / debian._COMPLETE_MARKER).is_file():
+            return parent
+    raise DebianError(f"{path} is not inside an unpacked package")
+
+
+def build_default_guest(progress: bool = True,
+                        cmdline: str = DEFAULT_CMDLINE) -> DefaultGuest:
+    """Fetch (cached) the cloud kernel and busybox and build (cached) the
+    initramfs; return the kernel, initrd and command line."""
+    kernel = debian.cloud_kernel(progress)
+    busybox = debian.busybox_static(progress)
+
+    index = ModuleIndex(kernel.modules_dir)
+    order = index.load_order(list(DEFAULT_MODULES))
+    # Inside the image every module is a plain .ko at its usual place.
+    image_mod_dir = f"lib/modules/{kernel.version}"
+    rel_paths = {}
+    for name in order:
+        rel = index.path(name).relative_to(kernel.modules_dir).as_posix()
+        rel_paths[name] = rel[: rel.index(".ko") + len(".ko")]
+    init = default_init_script(
+        kernel.version, [f"/{image_mod_dir}/{rel_paths[n]}" for n in order])
+
+    inputs = {
+        "recipe": RECIPE_VERSION,
+        "kernel": _marker(_package_root(kernel.vmlinuz)),
+        "busybox": _marker(_package_root(busybox)),
+        "modules": order,
+        "init": init,
+    }
+    key = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()) \
+        .hexdigest()[:16]
+    out_dir = debian.cache_root() / "guests" / f"default-{key}"
+    initrd = out_dir / "initrd.img"
+    result = DefaultGuest(kernel=kernel.vmlinuz, initrd=initrd,
+                          cmdline=cmdline, kernel_version=kernel.version,
+                          modules=tuple(order))
+    if initrd.is_file():
+        return result
+
+    say(f"building initramfs for {kernel.version} "
+        f"(busybox, modules: {', '.join(order)}) ...", progress)
+    t0 = time.monotonic()
+    img = Initramfs()
+    for d in ("bin", "sbin", "usr/bin", "usr/sbin", "proc", "sys", "tmp",
+              "run", "root", "etc", "mnt"):
+        img.add_dir(d)
+    img.add_basic_devices()
+    img.add_file("bin/busybox", busybox, mode=0o755)
+    for applet in _busybox_applets(busybox):
+        if applet != "bin/busybox":
+            img.add_symlink(applet, "/bin/busybox")
+    dep_lines = []
+    for name in order:
+        rel = rel_paths[name]
+        img.add_file(f"{image_mod_dir}/{rel}", module_bytes(index.path(name)))
+        deps = [f"{rel_paths[d]}" for d in index.depends(name)]
+        dep_lines.append(f"{rel}: {' '.join(deps)}".rstrip())
+    # A modules.dep for the included modules lets busybox modprobe work too.
+    img.add_file(f"{image_mod_dir}/modules.dep",
+                 ("\n".join(dep_lines) + "\n").encode())
+    img.add_file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
+    img.add_file("etc/group", b"root:x:0:\n")
+    img.add_file("etc/profile",
+                 b"export PATH=/sbin:/bin:/usr/sbin:/usr/bin\n"
+                 b"export PS1='pyvmm:\\w# '\n")
+    img.add_file("init", init.encode(), mode=_INIT_MODE)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    img.write(initrd, compress=True)
+    (out_dir / "inputs.json").write_text(json.dumps(inputs, indent=1))
+    say(f"initramfs {initrd} ({initrd.stat().st_size // 1024} KiB) done in "
+        f"{time.monotonic() - t0:.1f} s", progress)
+    return result
