@@ -22,6 +22,8 @@ import struct
 
 import numpy as np
 
+from pyvmm.vmm.x86 import PT_ENTRIES, PTE_A, PTE_ADDR_MASK, PTE_D, PTE_P, PTE_RW, PTE_US
+
 from .abi import (
     E820_RAM,
     HYPERCALL_PAGE_SLOT_SIZE,
@@ -45,17 +47,8 @@ class BuildError(Exception):
     """The domain cannot be built; str() is one human-readable line."""
 
 
-# x86 page-table entry bits (architectural; the same values as pyvmm.vmm.x86.PTE_*)
-PTE_P = 1 << 0
-PTE_RW = 1 << 1
-PTE_US = 1 << 2
-PTE_A = 1 << 5
-PTE_D = 1 << 6
-PTE_ADDR_MASK = 0x000F_FFFF_FFFF_F000
-
 PT_LEVELS = 4
 PT_LEVEL_SHIFT = 9  # 512 entries per table
-PT_ENTRIES = 1 << PT_LEVEL_SHIFT
 VIRT_BITS = 48
 VADDR_MASK = (1 << VIRT_BITS) - 1
 
