@@ -96,7 +96,8 @@ def test_region_layout(ram):
     r = R.VmmRegion(ram)
     assert r.gpa >= ram and r.gpa % (2 << 20) == 0
     assert r.m2p_pages * R.PAGE >= r.ram_pages * 8
-    assert R.PT_OFF + r.nr_pt_frames * R.PAGE == r.m2p_off and r.size == r.m2p_off + r.m2p_pages * R.PAGE
+    assert R.PT_OFF + r.nr_pt_frames * R.PAGE == r.m2p_off and r.ftype_off == r.m2p_off + r.m2p_pages * R.PAGE
+    assert r.ftype_pages * R.PAGE >= r.ram_pages and r.size == r.ftype_off + r.ftype_pages * R.PAGE
     for v in r.vcpus:
         assert (R.REGION_VA + v.stack_block_off) % R.PERCPU_BLOCK_SIZE == 0
     r.mem.close()
@@ -105,7 +106,8 @@ def test_region_layout(ram):
 def test_region_tables_and_m2p():
     r = R.VmmRegion(16 << 20, is_pvm=True)
     r.build_tables(0x3000)
-    assert set(r.l4_entries) == {R.M2P_SLOT, R.REGION_SLOT, R.DIRECTMAP_SLOT}
+    assert set(r.l4_entries) == {R.M2P_SLOT, R.REGION_SLOT, R.DIRECTMAP_SLOT, R.M2P_ALIAS_SLOT}
+    assert r.l4_entries[R.M2P_ALIAS_SLOT] == r.l4_entries[R.M2P_SLOT]
 
     def leaf(va):
         off = (r.l4_entries[x86.pt_index(va, 4)] & x86.PTE_ADDR_MASK) - r.gpa

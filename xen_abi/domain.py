@@ -8,12 +8,14 @@ Only vCPU 0 runs for now (secondary vCPUs need VCPUOP_initialise/up).
 """
 from __future__ import annotations
 
+import collections
+import contextlib
 import os
 import struct
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from pyvmm.vmm import x86
 from pyvmm.vmm.kvm import ExitReason, Kvm, KvmSegment
@@ -21,7 +23,9 @@ from pyvmm.vmm.memory import GuestMemory
 
 from . import abi
 from . import vmm_region as R
+from . import priv
 from .builder import build_pv_domain
+from .domain_events import DomainEvents
 from .evtchn import EventChannels
 from .grant_table import GrantTable
 from .guest_va import GuestVirtualMemory
@@ -54,6 +58,7 @@ class RunResult:
     crash_info: dict | None = None
     slow_exits: int = 0
     elapsed: float = 0.0
+    exit_counts: dict = field(default_factory=dict)   # Domain.exit_counts at the end
 
     @property
     def text(self) -> str:
@@ -81,7 +86,7 @@ def _null_seg() -> KvmSegment:
 class Domain(PvDomainBase):
     def __init__(self, kernel: KernelImage | bytes | str, *, ram_size: int = 16 << 20,
                  cmdline: str = "", initrd: bytes | None = None, echo: bool = False,
-                 kvm: Kvm | None = None, is_pvm: bool | None = None):
+                 kvm: Kvm | None = None, is_pvm: bool | None = None, name: str = "domU"):
         if not isinstance(kernel, KernelImage):
             kernel = load_kernel(kernel)
         self.kernel = kernel
@@ -91,11 +96,17 @@ class Domain(PvDomainBase):
         self.kvm = kvm or Kvm()
         self._own_kvm = kvm is None
         self.vm = self.kvm.create_vm()
+        self.vm.create_irqchip()          # LAPIC: the shim's timer and event-check vectors
+        self.events = None
+        self._console_lock = threading.Lock()
         self.ram = GuestMemory(ram_size, name="ram")
         self.region = R.VmmRegion(ram_size, nr_vcpus=1, is_pvm=self.is_pvm)
+        # where XENMEM_machphys_mapping puts the M2P (vmm_region: kvm_pvm quirk)
+        self.m2p_va = R.M2P_ALIAS_VA if self.is_pvm else R.M2P_VA
         self.phys = PhysicalMemory([(0, self.ram), (self.region.gpa, self.region.mem)])
         self.shim = build_shim()
         self.slow_exits = 0
+        self.exit_counts = collections.Counter()   # exits to Python by _exit_key (bench/boot.py)
         self._install_region()
         self.vm.add_memory(0, self.ram)
         self.vm.add_memory(self.region.gpa, self.region.mem)
@@ -111,6 +122,8 @@ class Domain(PvDomainBase):
         self.dispatcher = HypercallDispatcher(self)
         self.vcpu = self.vm.create_vcpu(0)
         self._setup_vcpu(0)
+        self.name = name
+        self.events = DomainEvents(self, name=name)   # LAPIC, pvclock, store + console channels
 
     # ---- set-up ----
     def _install_region(self):
@@ -136,6 +149,8 @@ class Domain(PvDomainBase):
         for slot, e in reg.hypervisor_l4_entries().items():
             m.write_u64(g + R.SG_L4_SLOTS + (slot - abi.HYPERVISOR_L4_FIRST_SLOT) * 8, e)
         m.write_u64(g + R.SG_M2P, reg.va(reg.m2p_off))
+        m.write_u64(g + R.SG_FTYPE, reg.va(reg.ftype_off))
+        m.write_u64(g + R.SG_REGION_GPA, reg.gpa)
         # IDT (shared by all vCPUs)
         vec_base = shim.sym("shim_vectors")
         ist = {x86.VEC_DF: R.IST_DF, x86.VEC_NMI: R.IST_NMI, x86.VEC_MC: R.IST_MC}
@@ -169,6 +184,7 @@ class Domain(PvDomainBase):
         m.write_u64(pc + R.PC_LSTAR, reg.va(v.tramp_off))
         m.write_u64(pc + R.PC_KERNEL_MODE, 1)
         m.write_u64(pc + R.PC_MAILBOX, reg.va(v.mailbox_off))
+        priv.init_vcpu(m, pc, len(reg.vcpus))   # emulator state + counters (shim/priv.c)
 
     def _cpuid_policy(self):
         from .cpuid import build_pv_cpuid
@@ -206,6 +222,10 @@ class Domain(PvDomainBase):
         s.cr0 = x86.CR0_PE | x86.CR0_MP | x86.CR0_ET | x86.CR0_NE | x86.CR0_WP | x86.CR0_PG
         # SMEP only where the trampoline page can stay supervisor-only
         s.cr4 = x86.CR4_PAE | x86.CR4_OSFXSR | x86.CR4_OSXMMEXCPT | (0 if self.is_pvm else x86.CR4_SMEP)
+        # Xen runs with CR4.OSXSAVE and its PV CPUID leaks it (cpuid.py); the
+        # guest's xgetbv/xsave at CPL3 need it really set (priv.c: xsetbv)
+        if any(e[0] == 1 and (e[4] >> 26) & 1 for e in self.cpuid_table):
+            s.cr4 |= x86.CR4_OSXSAVE
         s.cr3 = lay.l4_pfn << abi.PAGE_SHIFT
         s.efer = x86.EFER_LME | x86.EFER_LMA | x86.EFER_SCE | x86.EFER_NXE
         vcpu.set_sregs(s)
@@ -222,10 +242,27 @@ class Domain(PvDomainBase):
 
     # ---- running ----
     def console_write(self, data: bytes) -> None:
-        self.console += data
-        if self.echo:
-            sys.stdout.buffer.write(data)
-            sys.stdout.flush()
+        # console_io and the ring back-end: a ring drain in progress (other
+        # thread) lands first, so a guest that waited for it sees its order
+        with self.events.backend_lock if self.events else contextlib.nullcontext(), self._console_lock:
+            self.console += data
+            if self.echo:
+                sys.stdout.buffer.write(data)
+                sys.stdout.flush()
+
+    def read_console(self, offset: int = 0) -> tuple[bytes, int]:
+        """Console output from `offset` on, and the offset to continue from."""
+        with self._console_lock:
+            return bytes(self.console[offset:]), len(self.console)
+
+    def send_console_input(self, data: bytes) -> int:
+        """Queue input for the guest's console ring (raises its console port)."""
+        return self.events.send_console_input(data)
+
+    def kick(self, vcpu_id: int) -> None:
+        """A port of vcpu_id was raised from Python: event-check interrupt."""
+        if self.events is not None:
+            self.events.kick(vcpu_id)
 
     def _mailbox(self, index: int = 0):
         return self.region.mailbox_gpa(index)
@@ -241,10 +278,14 @@ class Domain(PvDomainBase):
             cr3 = p.read_u64(mb + R.MB_CR3 * 8)
             ctx = HypercallContext(vcpu_id=index, vm=GuestVirtualMemory(p, cr3), phys=p,
                                    in_kernel_mode=bool(p.read_u64(mb + R.MB_KMODE * 8)))
+            self.events.enter_exit(True)
             try:
                 rc = self.dispatcher.dispatch(ctx, nr, args)
             except DomainShutdown as e:
                 return e.reason, None
+            finally:
+                self.events.enter_exit(False)
+            self.events.after_hypercall(index, nr)
             p.write_u64(mb + R.MB_RESULT * 8, rc & MASK64)
             return None, None
         info = {k: p.read_u64(mb + i * 8) for k, i in
@@ -264,6 +305,32 @@ class Domain(PvDomainBase):
         else:
             va = R.REGION_VA + (gpa - self.region.gpa)
         self.region.mem.write_u64(self.region.vcpus[vcpu_id].percpu_off + R.PC_VCPU_INFO, va)
+        self.events.vcpu_info_moved(vcpu_id, gpa)
+
+    def _exit_key(self, ex) -> str:
+        """Name of one exit for exit_counts: "sched_op:yield" for a slow
+        hypercall, "shim:block", "io:0x..." for another port, else the KVM
+        exit reason ("intr", "hlt", ...)."""
+        if ex.reason != ExitReason.IO:
+            return getattr(ex.reason, "name", str(ex.reason)).lower()
+        if ex.port != R.SHIM_EXIT_PORT:
+            return f"io:{ex.port:#x}"
+        mb, p = self._mailbox(0), self.phys
+        op = p.read_u64(mb + R.MB_OP * 8)
+        if op != R.MBOP_HYPERCALL:
+            return f"shim:{_MBOP_NAMES.get(op, op)}"
+        nr, a0 = p.read_u64(mb + R.MB_NR * 8), p.read_u64(mb + R.MB_ARGS * 8)
+        try:
+            name = abi.Hypercall(nr).name
+        except ValueError:
+            return f"hypercall_{nr}"
+        sub = _HYPERCALL_SUBOPS.get(nr)
+        if sub is None:
+            return name
+        try:      # the guest's own sub-op number: may be anything
+            return f"{name}:{sub(a0 & (abi.MEMOP_CMD_MASK if nr == abi.Hypercall.memory_op else MASK64)).name}"
+        except ValueError:
+            return f"{name}:{a0 & 0xFFFF}"
 
     def run(self, timeout: float = 30.0) -> RunResult:
         """Run vCPU 0 until the guest shuts down (or crashes)."""
@@ -274,17 +341,21 @@ class Domain(PvDomainBase):
         try:
             while True:
                 ex = self.vcpu.run()
+                self.exit_counts[self._exit_key(ex)] += 1
                 if ex.reason == ExitReason.IO and ex.port == R.SHIM_EXIT_PORT:
                     self.slow_exits += 1
                     reason, info = self._handle_shim_exit(0)
                     if reason is not None:
+                        self.events.quiesce()
                         return RunResult(reason, bytes(self.console), info, self.slow_exits,
-                                         time.monotonic() - t0)
+                                         time.monotonic() - t0, dict(self.exit_counts))
                     continue
                 if ex.reason == ExitReason.INTR:
                     if time.monotonic() - t0 >= timeout:
                         raise DomainTimeout(f"guest still running after {timeout} s; "
                                             f"console so far: {bytes(self.console)[-500:]!r}")
+                    continue
+                if ex.reason == ExitReason.IO and self.events.handle_io(ex):
                     continue
                 if ex.reason == ExitReason.IO:
                     if not ex.is_out:
@@ -296,6 +367,8 @@ class Domain(PvDomainBase):
             timer.cancel()
 
     def close(self):
+        if getattr(self, "events", None) is not None:
+            self.events.close()
         for obj in (getattr(self, "vcpu", None), self.vm):
             if obj is not None:
                 obj.close()
@@ -310,6 +383,16 @@ class Domain(PvDomainBase):
     def __exit__(self, *exc):
         self.close()
 
+
+# exit_counts: hypercalls whose first argument is a sub-op, and its enum
+_HYPERCALL_SUBOPS = {
+    abi.Hypercall.vcpu_op: abi.VcpuOp, abi.Hypercall.sched_op: abi.SchedOp,
+    abi.Hypercall.sched_op_compat: abi.SchedOp, abi.Hypercall.event_channel_op: abi.EvtchnOp,
+    abi.Hypercall.grant_table_op: abi.GnttabOp, abi.Hypercall.memory_op: abi.MemoryOp,
+    abi.Hypercall.xen_version: abi.XenVer, abi.Hypercall.console_io: abi.ConsoleIoCmd,
+    abi.Hypercall.physdev_op: abi.PhysdevOp, abi.Hypercall.xenpmu_op: abi.XenPmuOp,
+}
+_MBOP_NAMES = {R.MBOP_PANIC: "panic", R.MBOP_CRASH: "crash", R.MBOP_BLOCK: "block"}
 
 TSS_BUSY = 0xB   # 64-bit TSS, busy (TR is loaded through KVM_SET_SREGS)
 

@@ -443,8 +443,9 @@ class HypercallDispatcher:
             # only covers guest RAM (identity), so report its real size: Linux then
             # treats higher frames (shared_info, grant frames) as identity without
             # touching unmapped M2P entries.
+            v_start = getattr(d, "m2p_va", MACH2PHYS_VIRT_START)   # Domain may move it
             ctx.vm.write_struct(XenMachphysMapping, arg, {
-                "v_start": MACH2PHYS_VIRT_START, "v_end": MACH2PHYS_VIRT_END,
+                "v_start": v_start, "v_end": v_start + (MACH2PHYS_VIRT_END - MACH2PHYS_VIRT_START),
                 "max_mfn": getattr(d, "m2p_max_mfn", d.max_ram_mfn)})
             return 0
         if op == MemoryOp.maximum_ram_page:

@@ -23,8 +23,8 @@ from pathlib import Path
 from . import vmm_region as layout
 
 SHIM_DIR = Path(__file__).resolve().parent / "shim"
-SOURCES = ("shim.c", "entry.S")
-HEADERS = ("xen_abi.h", "shim.ld")
+SOURCES = ("shim.c", "entry.S", "events.c", "mmu.c", "priv.c")
+HEADERS = ("xen_abi.h", "shim.ld", "events.h", "shim.h", "priv.h")
 CFLAGS = [
     "-O2", "-std=gnu11", "-ffreestanding", "-nostdlib", "-fno-builtin",
     "-mno-red-zone", "-mgeneral-regs-only", "-fpie", "-fvisibility=hidden",

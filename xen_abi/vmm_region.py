@@ -31,6 +31,11 @@ M2P_VA = abi.MACH2PHYS_VIRT_START          # slot 256
 REGION_VA = 0xFFFF_8080_0000_0000          # slot 257
 DIRECTMAP_VA = 0xFFFF_8100_0000_0000       # slot 258
 M2P_SLOT, REGION_SLOT, DIRECTMAP_SLOT = 256, 257, 258
+# kvm_pvm quirk (measured): a CPL3 access anywhere in L4 slot 256 faults
+# with a reserved-bit error, so the M2P is also mapped at slot 260 and
+# XENMEM_machphys_mapping reports that alias there (Linux honours it).
+M2P_ALIAS_SLOT = 260
+M2P_ALIAS_VA = 0xFFFF_8200_0000_0000
 
 # ---- fixed part of the region (byte offsets) ----
 SHARED_INFO_OFF = 0x0
@@ -56,13 +61,16 @@ GDT_PAGES = 16
 VCPU_TSS_OFF = 0x20000
 VCPU_TRAMP_OFF = 0x21000
 VCPU_MAILBOX_OFF = 0x22000
-VCPU_STRIDE = 0x30000
-PT_OFF = VCPU_OFF + MAX_VCPUS * VCPU_STRIDE            # 0x200000
+VCPU_EVENTS_OFF = 0x23000           # time/timer/event block (shim/events.h)
+VCPU_LDT_OFF = 0x30000              # 16 pages: the guest's validated LDT copy (shim/mmu.c)
+VCPU_STRIDE = 0x40000
+PT_OFF = VCPU_OFF + MAX_VCPUS * VCPU_STRIDE            # 0x280000
 
 # the shim's private GDT entries, in GDT page 14 next to Xen's reserved ones
 SHIM_CS = 0xE040
 SHIM_DS = 0xE048
 SHIM_TSS = 0xE050
+SHIM_LDT = 0xE060      # 16-byte LDT descriptor the shim fills on MMUEXT_SET_LDT
 IST_DF, IST_NMI, IST_MC = 1, 2, 3
 
 # The one narrow exit to Python: `out` here (not a PIC port: the in-kernel
@@ -74,6 +82,7 @@ PC_VCPU_ID, PC_VCPU_INFO, PC_LSTAR, PC_KERNEL_SP, PC_KERNEL_SS = 0, 8, 16, 24, 3
 PC_KERNEL_MODE, PC_CR3_KERNEL, PC_CR3_USER, PC_MAILBOX, PC_SYSCALL_RSP = 40, 48, 56, 64, 72
 SG_FLAGS, SG_SHARED_INFO, SG_CPUID_TABLE, SG_NR_CPUID = 0, 8, 16, 24
 SG_DIRECTMAP, SG_RAM_PAGES, SG_L4_SLOTS, SG_M2P = 32, 40, 48, 176
+SG_FTYPE, SG_REGION_GPA = 184, 192   # frame-type map VA (shim mmu.c), region GPA
 SGF_PVM = 1
 CPUID_ENT = struct.Struct("<6I")   # leaf, subleaf (ANY = 0xffffffff), eax, ebx, ecx, edx
 CPUID_MAX_ENTRIES = PAGE // CPUID_ENT.size
@@ -93,6 +102,10 @@ def shim_defines() -> dict[str, int]:
         "REGION_VA": REGION_VA, "GLOBALS_OFF": GLOBALS_OFF,
         "PERCPU_BLOCK_SIZE": PERCPU_BLOCK_SIZE, "PERCPU_IN_BLOCK": PERCPU_IN_BLOCK,
         "SHIM_EXIT_PORT": SHIM_EXIT_PORT, "SHIM_VA": REGION_VA + SHIM_OFF,
+        # region frames a guest may map: shared_info + the grant frames (mmu.c)
+        "GUEST_REGION_FRAMES": (GRANT_OFF + MAX_GRANT_FRAMES * PAGE) // PAGE,
+        "VCPU_EVENTS_OFF": VCPU_EVENTS_OFF,
+        "VCPU_LDT_FROM_GDT": VCPU_LDT_OFF - VCPU_GDT_OFF, "SHIM_LDT_SEL": SHIM_LDT,
     }
 
 
@@ -117,6 +130,8 @@ class VcpuArea:
     def tramp_off(self): return self.off + VCPU_TRAMP_OFF
     @property
     def mailbox_off(self): return self.off + VCPU_MAILBOX_OFF
+    @property
+    def events_off(self): return self.off + VCPU_EVENTS_OFF
 
 
 @dataclass
@@ -142,10 +157,13 @@ class VmmRegion:
         if self.gpa < self.ram_size or self.gpa % (2 << 20):
             raise ValueError("the VMM region must be 2 MiB aligned and above RAM")
         self.m2p_pages = _up(self.ram_pages * 8, PAGE) // PAGE
+        # the shim's frame-type map (1 byte per RAM frame: page-table level,
+        # pinned flag; shim/mmu.c), right after the M2P
+        self.ftype_pages = _up(self.ram_pages, PAGE) // PAGE
         # page-table frames: fixed point, the region maps itself
         nr_pt = 0
         while True:
-            size = PT_OFF + nr_pt * PAGE + self.m2p_pages * PAGE
+            size = PT_OFF + nr_pt * PAGE + (self.m2p_pages + self.ftype_pages) * PAGE
             pages = size // PAGE
             need = (2 + _up(self.m2p_pages, 512) // 512            # slot 256: L3 L2 L1s
                     + 1 + _up(pages, 512 * 512) // (512 * 512) + _up(pages, 512) // 512  # slot 257
@@ -155,7 +173,8 @@ class VmmRegion:
             nr_pt = need
         self.nr_pt_frames = nr_pt
         self.m2p_off = PT_OFF + nr_pt * PAGE
-        self.size = self.m2p_off + self.m2p_pages * PAGE
+        self.ftype_off = self.m2p_off + self.m2p_pages * PAGE
+        self.size = self.ftype_off + self.ftype_pages * PAGE
         self.mem = GuestMemory(self.size, name="vmm-region")
         self.vcpus = [VcpuArea(i, VCPU_OFF + i * VCPU_STRIDE) for i in range(self.nr_vcpus)]
         self.l4_entries: dict[int, int] = {}
@@ -239,13 +258,10 @@ class VmmRegion:
                                    x86.PTE_NX, x86.PTE_PS)
         # M2P: read-only, readable by the (ring-3) guest kernel
         self._map(M2P_VA, self.gpa_of(self.m2p_off), self.m2p_pages, P | US | A | NX)
+        self.l4_entries[M2P_ALIAS_SLOT] = self.l4_entries[M2P_SLOT]
         # the region itself
         shim_pages = range(SHIM_OFF // PAGE, (SHIM_OFF + _up(shim_image_len, PAGE)) // PAGE)
         tramps = {v.tramp_off // PAGE for v in self.vcpus}
-        gdt_alias = {}
-        for v in self.vcpus:
-            for p in range(FIRST_GUEST_GDT_PAGE, abi.FIRST_RESERVED_GDT_PAGE):
-                gdt_alias[v.gdt_off // PAGE + p] = ZERO_OFF
 
         def region_flags(i):
             if i in tramps:
@@ -257,9 +273,8 @@ class VmmRegion:
             return P | RW | A | D | NX
 
         self._map(REGION_VA, self.gpa, self.size // PAGE, region_flags)
-        # unused guest GDT pages (0..13) alias the zero page until set_gdt
-        for page, target in gdt_alias.items():
-            self._set_leaf(REGION_VA + page * PAGE, self.gpa_of(target) | P | RW | A | D | NX)
+        # guest GDT pages 0..13 keep their own zeroed backing: set_gdt copies
+        # the guest's validated descriptors there (shim/mmu.c)
         # guest RAM 1:1, 2 MiB pages, supervisor only
         n2m = _up(self.ram_size, 2 << 20) // (2 << 20)
         self._map(DIRECTMAP_VA, 0, n2m, P | RW | A | D | NX | PS, page_size=2 << 20)

@@ -14,11 +14,13 @@ import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-COMMON = ("tg.h", "tg.c", "start.S", "tg.ld")
+COMMON = ("tg.h", "tg.c", "start.S", "tg.ld", "tg_events.h")   # tg_events.h: event guests
 # guests that ask for a hypercall page (XEN_ELFNOTE_HYPERCALL_PAGE)
 WITH_HYPERCALL_PAGE = {"hcpage"}
 # extra shared sources per guest
-EXTRA_SOURCES = {"usermode": ("traps_entry.S",)}
+EXTRA_SOURCES = {"usermode": ("traps_entry.S",), "mmu": ("traps_entry.S",),
+                 "ptwr": ("traps_entry.S",), "gdt": ("traps_entry.S",),
+                 "mmu_m2p": ("traps_entry.S",)}
 CFLAGS = ["-O2", "-std=gnu11", "-ffreestanding", "-nostdlib", "-fno-builtin", "-mno-red-zone",
           "-mgeneral-regs-only", "-mcmodel=kernel", "-fno-pic", "-fno-pie", "-fno-stack-protector",
           "-fno-asynchronous-unwind-tables", "-fcf-protection=none", "-Wall", "-Werror"]
@@ -46,6 +48,7 @@ def build_testguest(name: str) -> Path:
     defs = ["-DWITH_HYPERCALL_PAGE"] if name in WITH_HYPERCALL_PAGE else []
     extra = sorted(HERE.glob(f"{name}_*.S")) + [HERE / n for n in EXTRA_SOURCES.get(name, ())]
     texts = [(HERE / n).read_text() for n in COMMON] + [src.read_text()] + [p.read_text() for p in extra]
+    texts += [p.read_text() for p in sorted(HERE.glob("*.h"))]   # shared headers (tg.h, mmutest.h)
     key = hashlib.sha256(json.dumps([texts, CFLAGS, defs]).encode()).hexdigest()[:20]
     out = _cache() / f"{name}-{key}.elf"
     if out.exists():

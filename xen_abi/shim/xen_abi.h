@@ -40,6 +40,8 @@
 #define XEN_CALLBACKTYPE_nmi      4
 #define XEN_CALLBACKF_mask_events 1
 #define XEN_MMUEXT_PIN_L1_TABLE   0
+#define XEN_MMUEXT_PIN_L2_TABLE   1
+#define XEN_MMUEXT_PIN_L3_TABLE   2
 #define XEN_MMUEXT_PIN_L4_TABLE   3
 #define XEN_MMUEXT_UNPIN_TABLE    4
 #define XEN_MMUEXT_NEW_BASEPTR    5
@@ -49,8 +51,12 @@
 #define XEN_MMUEXT_INVLPG_MULTI   9
 #define XEN_MMUEXT_TLB_FLUSH_ALL 10
 #define XEN_MMUEXT_INVLPG_ALL    11
+#define XEN_MMUEXT_FLUSH_CACHE   12
 #define XEN_MMUEXT_SET_LDT       13
 #define XEN_MMUEXT_NEW_USER_BASEPTR 15
+#define XEN_MMUEXT_CLEAR_PAGE    16
+#define XEN_MMUEXT_COPY_PAGE     17
+#define XEN_MMUEXT_FLUSH_CACHE_GLOBAL 18
 #define XEN_MMU_NORMAL_PT_UPDATE  0
 #define XEN_MMU_MACHPHYS_UPDATE   1
 #define XEN_MMU_PT_UPDATE_PRESERVE_AD 2
@@ -64,7 +70,10 @@
 /* errno (returned negated) */
 #define XEN_EPERM    1
 #define XEN_ENOENT   2
+#define XEN_ESRCH    3
+#define XEN_EACCES  13
 #define XEN_EFAULT  14
+#define XEN_EBUSY   16
 #define XEN_EINVAL  22
 #define XEN_ENOSYS  38
 
@@ -115,7 +124,9 @@
 #define SG_RAM_PAGES   40
 #define SG_L4_SLOTS    48    /* 16 raw L4 entries for slots 256..271 */
 #define SG_M2P       176    /* VA of the M2P table (writable alias) */
-#define SG_SIZE      184
+#define SG_FTYPE     184    /* VA of the frame-type map, 1 byte per RAM frame (mmu.c) */
+#define SG_REGION_GPA 192   /* guest-physical base of the VMM region */
+#define SG_SIZE      200
 #define SGF_PVM        1     /* kvm_pvm: CPL3 syscall arrives as #GP at LSTAR */
 
 /* CPUID policy entry (xen_abi/cpuid.py pack_table): u32 leaf, subleaf

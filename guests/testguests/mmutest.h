@@ -1,0 +1,112 @@
+/* Shared helpers for the page-table / descriptor-table test guests
+ * (mmu.c, ptwr.c, gdt.c): Xen MMU structures and numbers, and a way to
+ * hook a fresh L1 into the builder's tables. */
+#ifndef MMUTEST_H
+#define MMUTEST_H
+#include "tg.h"
+
+#define HC_set_gdt 2
+#define HC_update_descriptor 10
+
+struct mmu_update { u64 ptr, val; };
+struct mmuext_op { u32 cmd, _pad; u64 arg1, arg2; };
+
+#define MMU_NORMAL_PT_UPDATE 0
+#define MMU_MACHPHYS_UPDATE 1
+#define MMU_PT_UPDATE_PRESERVE_AD 2
+#define MMUEXT_PIN_L1_TABLE 0
+#define MMUEXT_PIN_L4_TABLE 3
+#define MMUEXT_UNPIN_TABLE 4
+#define MMUEXT_NEW_BASEPTR 5
+#define MMUEXT_INVLPG_LOCAL 7
+#define MMUEXT_TLB_FLUSH_MULTI 8
+#define MMUEXT_INVLPG_MULTI 9
+#define MMUEXT_TLB_FLUSH_ALL 10
+#define MMUEXT_INVLPG_ALL 11
+#define MMUEXT_FLUSH_CACHE 12
+#define MMUEXT_SET_LDT 13
+#define MMUEXT_CLEAR_PAGE 16
+#define MMUEXT_COPY_PAGE 17
+#define MMUEXT_FLUSH_CACHE_GLOBAL 18
+#define UVMF_NONE 0
+#define UVMF_TLB_FLUSH 1
+#define UVMF_ALL 4
+#define DOMID_SELF 0x7ff0
+
+#define XEN_ESRCH 3
+#define XEN_EFAULT 14
+#define XEN_EACCES 13
+#define XEN_EINVAL 22
+#define XEN_ENOSYS 38
+
+#define M2P_VA 0xffff800000000000UL
+#define HV_L4_FIRST 256
+#define PTE_NX (1UL << 63)
+#define PTE_ADDR 0x000ffffffffff000UL
+/* a 2 MiB slot of the kernel half with no L1 in the builder's tables */
+#define TEST_VA (VIRT_BASE + 500 * (2UL << 20))
+
+/* Guest frames are mapped linearly from VIRT_BASE by the builder. */
+static inline u64 *pfn_va(u64 pfn) { return (u64 *)(VIRT_BASE + (pfn << 12)); }
+
+static inline u64 read_cr3(void)   /* emulated by the shim */
+{
+	u64 v;
+	__asm__ volatile("mov %%cr3, %0" : "=r"(v));
+	return v;
+}
+
+static inline long mmu_update(struct mmu_update *r, u64 n, u32 *done, u64 dom)
+{
+	return HC4(HC_mmu_update, r, n, done, dom);
+}
+
+static inline long mmu_update1(u64 ptr, u64 val)
+{
+	struct mmu_update r = { ptr, val };
+	return mmu_update(&r, 1, 0, DOMID_SELF);
+}
+
+static inline long mmuext1(u32 cmd, u64 a1, u64 a2)
+{
+	struct mmuext_op op = { cmd, 0, a1, a2 };
+	return HC4(HC_mmuext_op, &op, 1, 0, DOMID_SELF);
+}
+
+static inline long uvm(u64 va, u64 val, u64 flags)
+{
+	return HC3(HC_update_va_mapping, va, val, flags);
+}
+
+/* Machine address of the L2 table covering kernel-half address va. */
+static inline u64 l2_maddr(u64 va)
+{
+	u64 *l4 = pfn_va(read_cr3() >> 12);
+	u64 *l3 = pfn_va((l4[(va >> 39) & 511] & PTE_ADDR) >> 12);
+	return l3[(va >> 30) & 511] & PTE_ADDR;
+}
+
+/* Make `page` an L1 (read-only mapping, PIN_L1) and hook it into the
+ * current tables so it maps [TEST_VA, TEST_VA + 2 MiB). */
+static inline long hook_l1(u64 *page)
+{
+	u64 pfn = va_to_pfn(page);
+	long rc = uvm((u64)page, (pfn << 12) | PTE_P | PTE_A, UVMF_INVLPG);
+	if (rc)
+		return rc;
+	rc = mmuext1(MMUEXT_PIN_L1_TABLE, pfn, 0);
+	if (rc)
+		return rc;
+	return mmu_update1(l2_maddr(TEST_VA) + ((TEST_VA >> 21) & 511) * 8,
+			   (pfn << 12) | PTE_P | PTE_RW | PTE_A);
+}
+
+/* print "name_cycles=N" (cycles per op, averaged over n) */
+static inline void report_cycles(const char *name, u64 total, u64 n)
+{
+	tg_puts(name);
+	tg_puts("_cycles=");
+	tg_dec(total / n);
+	tg_puts("\n");
+}
+#endif

@@ -1,0 +1,136 @@
+"""Compose a guest for the command line: domain + terminal + lifecycle.
+
+The CLI has checked its arguments and loaded the kernel; this module builds
+the domain, connects the user's terminal to the guest console, reports
+progress on stderr (so a user never stares at a silent terminal), and turns
+the guest's end into pyvmm's exit status.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+from pyvmm.cli import ExitStatus, UserError
+
+# Console lines that mark boot milestones; the first sight of each is
+# reported with the time since start.
+MILESTONES = (
+    (b"Linux version ", "kernel started"),
+    (b"Run /init as init process", "init started"),
+)
+
+
+def _say(msg: str) -> None:
+    print(f"pyvmm: {msg}", file=sys.stderr, flush=True)
+
+
+class _MilestoneWatch:
+    """Scans console output for the MILESTONES, across chunk boundaries."""
+
+    def __init__(self, t0: float):
+        self.t0 = t0
+        self.tail = b""
+        self.pending = list(MILESTONES)
+        self.seen: dict[str, float] = {}
+
+    def feed(self, data: bytes) -> list[tuple[str, float]]:
+        text = self.tail + data
+        hits = []
+        for marker, label in list(self.pending):
+            if marker in text:
+                t = time.monotonic() - self.t0
+                self.seen[label] = t
+                hits.append((label, t))
+                self.pending.remove((marker, label))
+        self.tail = text[-64:]
+        return hits
+
+
+def launch(*, kernel, kernel_path, initrd, cmdline, memory, name, escape, on_reboot, verbose) -> int:
+    from pyvmm.backends.console import Terminal
+    from pyvmm.vmm.kvm import KvmUnavailable
+    from pyvmm.xen_abi.abi import ShutdownReason
+    from pyvmm.xen_abi.builder import BuildError
+    from pyvmm.xen_abi.domain import Domain
+
+    from pyvmm.vmm.kvm import Kvm
+
+    escape_byte = _parse_escape(escape)
+    try:
+        kvm = Kvm(os.environ.get("PYVMM_KVM_DEVICE", "/dev/kvm"))
+    except KvmUnavailable as e:
+        _say(f"error: {e}")
+        return ExitStatus.HOST_ERROR
+    boots = 0
+    while True:
+        boots += 1
+        t0 = time.monotonic()
+        watch = _MilestoneWatch(t0)
+
+        class CliDomain(Domain):
+            def console_write(self, data: bytes) -> None:
+                super().console_write(data)
+                sys.stdout.buffer.write(data)
+                sys.stdout.flush()
+                for label, t in watch.feed(data):
+                    _say(f"{label} after {t:.2f} s")
+
+        try:
+            dom = CliDomain(kernel, ram_size=memory, cmdline=cmdline, initrd=initrd, kvm=kvm)
+        except BuildError as e:
+            raise UserError(f"{kernel_path}: {e}; give more with --memory") from None
+        _say(f"booting {name}: {kernel_path} ({memory >> 20} MiB, cmdline {cmdline!r})"
+             + (f", boot #{boots}" if boots > 1 else ""))
+
+        detached = threading.Event()
+        term = Terminal(escape=escape_byte)
+
+        def pump_input() -> None:
+            how = term.run(dom.send_console_input)
+            if how == "escape":
+                detached.set()
+                dom.stop()
+
+        with dom, term:
+            feeder = threading.Thread(target=pump_input, name="console-input", daemon=True)
+            feeder.start()
+            try:
+                result = dom.run(timeout=None)
+            finally:
+                term.stop()
+        if detached.is_set():
+            _say("left the console (escape key); guest destroyed")
+            return ExitStatus.DETACHED
+
+        elapsed = time.monotonic() - t0
+        if result.reason == ShutdownReason.poweroff:
+            _say(f"guest powered off after {elapsed:.1f} s")
+            return ExitStatus.POWEROFF
+        if result.reason == ShutdownReason.reboot:
+            if on_reboot == "exit":
+                _say(f"guest rebooted after {elapsed:.1f} s (--on-reboot=exit)")
+                return ExitStatus.REBOOT
+            _say("guest rebooted: building it again")
+            continue
+        _say(f"guest ended with {result.reason.name} after {elapsed:.1f} s")
+        if result.crash_info:
+            _say(f"crash details: {result.crash_info}")
+        last = result.text.splitlines()[-10:]
+        if last:
+            _say("last console lines:")
+            for line in last:
+                print(f"    {line}", file=sys.stderr)
+        return ExitStatus.CRASH
+
+
+def _parse_escape(text: str) -> bytes:
+    """'^]' -> b'\\x1d'; a single character stands for itself."""
+    if len(text) == 2 and text[0] == "^":
+        c = text[1].upper()
+        if "@" <= c <= "_":
+            return bytes([ord(c) - 0x40])
+    if len(text) == 1:
+        return text.encode()
+    raise UserError(f"--escape {text!r}: use ^X notation, e.g. ^] or ^A")

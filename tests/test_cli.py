@@ -1,0 +1,128 @@
+"""The command line: every user mistake is one clear line and exit status 2
+(5 for a host without usable KVM); nothing is started."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pyvmm.cli import ExitStatus, parse_size, UserError
+from kernels import bzimage_of, make_linux_like
+
+
+def pyvmm(*args, env=None, timeout=120):
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "pyvmm", *args], capture_output=True, text=True,
+                          timeout=timeout, env=full_env, stdin=subprocess.DEVNULL)
+
+
+def assert_one_line_error(proc, status, *fragments):
+    assert proc.returncode == status, (proc.returncode, proc.stdout, proc.stderr)
+    lines = [l for l in proc.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("pyvmm: error: "), lines[0]
+    for f in fragments:
+        assert f in lines[0], (f, lines[0])
+    assert "Traceback" not in proc.stderr
+
+
+def test_missing_kernel(tmp_path):
+    p = pyvmm("--xen-pv", str(tmp_path / "nope"))
+    assert_one_line_error(p, ExitStatus.USAGE, "does not exist")
+
+
+def test_directory_as_kernel(tmp_path):
+    p = pyvmm("--xen-pv", str(tmp_path))
+    assert_one_line_error(p, ExitStatus.USAGE, "is a directory")
+
+
+def test_not_a_kernel(tmp_path):
+    f = tmp_path / "notes.txt"
+    f.write_text("hello, I am not a kernel\n" * 100)
+    p = pyvmm("--xen-pv", str(f))
+    assert_one_line_error(p, ExitStatus.USAGE, str(f))
+
+
+def test_elf_without_xen_notes():
+    p = pyvmm("--xen-pv", "/bin/true")
+    assert_one_line_error(p, ExitStatus.USAGE, "Xen")
+
+
+def test_truncated_bzimage(tmp_path):
+    image = bzimage_of(make_linux_like(), "gzip")
+    f = tmp_path / "vmlinuz"
+    f.write_bytes(image[: len(image) // 2])
+    p = pyvmm("--xen-pv", str(f))
+    assert_one_line_error(p, ExitStatus.USAGE, "truncated")
+
+
+def test_missing_initrd(tmp_path):
+    from pyvmm.guests.testguests import build_testguest
+
+    p = pyvmm("--xen-pv", str(build_testguest("hello")), "--initrd", str(tmp_path / "initrd.img"))
+    assert_one_line_error(p, ExitStatus.USAGE, "initrd", "does not exist")
+
+
+@pytest.mark.parametrize("size", ["1M", "lots", "0"])
+def test_bad_memory_sizes(size):
+    from pyvmm.guests.testguests import build_testguest
+
+    p = pyvmm("--xen-pv", str(build_testguest("hello")), "--memory", size)
+    assert_one_line_error(p, ExitStatus.USAGE, "memory")
+
+
+def test_memory_too_small_for_the_image(tmp_path):
+    """A kernel whose image needs more than the RAM given is refused by the
+    builder with one line (the synthetic kernel spans about 58 MiB)."""
+    f = tmp_path / "big.elf"
+    f.write_bytes(make_linux_like(bss_size=40 << 20))
+    p = pyvmm("--xen-pv", str(f), "--memory", "32M")
+    assert_one_line_error(p, ExitStatus.USAGE, "memory")
+
+
+def test_kvm_device_missing():
+    from pyvmm.guests.testguests import build_testguest
+
+    p = pyvmm("--xen-pv", str(build_testguest("hello")), env={"PYVMM_KVM_DEVICE": "/nonexistent/kvm"})
+    assert p.returncode == ExitStatus.HOST_ERROR, p.stderr
+    errors = [l for l in p.stderr.splitlines() if "error" in l]
+    assert len(errors) == 1 and "/nonexistent/kvm" in errors[0], p.stderr
+
+
+def test_bad_name():
+    from pyvmm.guests.testguests import build_testguest
+
+    p = pyvmm("--xen-pv", str(build_testguest("hello")), "--name", "no spaces/please")
+    assert_one_line_error(p, ExitStatus.USAGE, "--name")
+
+
+def test_parse_size():
+    assert parse_size("256M") == 256 << 20
+    assert parse_size("1G") == 1 << 30
+    assert parse_size("512") == 512 << 20
+    assert parse_size("65536K") == 64 << 20
+    with pytest.raises(UserError):
+        parse_size("12X")
+
+
+def test_hello_guest_powers_off_with_status_0():
+    """End to end through the CLI: the test guest prints on the console and
+    powers off; pyvmm exits 0 and reports progress on stderr."""
+    from pyvmm.guests.testguests import build_testguest
+
+    p = pyvmm("--xen-pv", str(build_testguest("hello")), "--memory", "32M")
+    assert p.returncode == ExitStatus.POWEROFF, (p.stdout, p.stderr)
+    assert "TESTGUEST hello: PASS" in p.stdout
+    assert "pyvmm: booting" in p.stderr
+    assert "powered off" in p.stderr
+    assert "Traceback" not in p.stderr, p.stderr
+
+
+def test_crashing_guest_exits_1_with_last_lines():
+    from pyvmm.guests.testguests import build_testguest
+
+    p = pyvmm("--xen-pv", str(build_testguest("nohandler")), "--memory", "32M")
+    assert p.returncode == ExitStatus.CRASH, (p.stdout, p.stderr)
+    assert "crash" in p.stderr

@@ -1,0 +1,254 @@
+/* pyvmm shim: time, timers, event delivery and blocking.
+ *
+ * The guest's one-shot timer is the vCPU's in-kernel LAPIC (x2APIC MSRs,
+ * TSC-deadline mode when KVM offers it, else one-shot counting 1 ns APIC
+ * bus ticks).  Its interrupt raises the vCPU's VIRQ_TIMER port with Xen's
+ * 2-level protocol (LOCK-prefixed bit operations on shared_info and the
+ * live vcpu_info); a second vector is the VMM's "event check" kick (an MSI
+ * it sends after raising a port from Python).  Either way the upcall itself
+ * is made by check_events() in shim.c on the way back to the guest.
+ *
+ * Hooks called from shim.c:
+ *   ev_hypercall(nr, args, &ret)  hot hypercalls done here (1 = handled)
+ *   ev_interrupt(vector)          any vector >= 32, from CPL3 or from the
+ *                                 shim's own `sti; hlt` in SCHEDOP_block
+ *
+ * On kvm_pvm every instruction here is interpreted (~1 us): keep it short. */
+#include <stddef.h>
+#include <stdint.h>
+#include "xen_abi.h"
+#include "events.h"
+
+typedef uint8_t u8;
+typedef uint32_t u32;
+typedef uint64_t u64;
+typedef int64_t s64;
+typedef unsigned __int128 u128;
+
+long guest_copy(void *dst, const void *src, u64 n);
+
+#define SLOT(base, off) (*(volatile u64 *)((base) + (off)))
+
+/* the per-vCPU blocks, found from the stack like shim.c's pcpu() */
+static inline u8 *block_base(void)
+{
+	u64 sp;
+	__asm__("mov %%rsp, %0" : "=r"(sp));
+	return (u8 *)(sp & ~(u64)(PERCPU_BLOCK_SIZE - 1));
+}
+static inline u8 *evb(void) { return block_base() + VCPU_EVENTS_OFF; }
+static inline u8 *percpu(void) { return block_base() + PERCPU_IN_BLOCK; }
+static inline u8 *vcpu_info(void) { return *(u8 **)(percpu() + PC_VCPU_INFO); }
+static inline u8 *shared_info(void) { return *(u8 **)(REGION_VA + GLOBALS_OFF + SG_SHARED_INFO); }
+
+static inline void wrmsr(u32 msr, u64 v)
+{
+	__asm__ volatile("wrmsr" :: "c"(msr), "a"((u32)v), "d"((u32)(v >> 32)) : "memory");
+}
+
+static inline u64 rdtsc(void)
+{
+	u32 lo, hi;
+	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+	return ((u64)hi << 32) | lo;
+}
+
+/* old value of the bit; LOCK-prefixed because the guest (and Python, from
+ * other threads) update the same words concurrently */
+static inline int test_and_set(volatile u64 *word, u64 bit)
+{
+	u8 old;
+	__asm__ volatile("lock btsq %2, %0; setc %1" : "+m"(*word), "=q"(old) : "r"(bit) : "memory", "cc");
+	return old;
+}
+
+/* pvclock: system time (ns) from the TSC, exactly as the guest computes it */
+static s64 now_ns(u8 *ev)
+{
+	u64 delta = rdtsc() - SLOT(ev, EVB_TSC_TIMESTAMP);
+	s64 shift = (s64)SLOT(ev, EVB_TSC_SHIFT);
+	delta = shift >= 0 ? delta << shift : delta >> -shift;
+	return (s64)(SLOT(ev, EVB_SYSTEM_TIME) + (u64)(((u128)delta * SLOT(ev, EVB_TSC_MUL)) >> 32));
+}
+
+#define MAX_DELTA_NS (1ULL << 50)   /* ~13 days: keeps the TSC arithmetic in range */
+
+static u64 deadline_tsc(u8 *ev, s64 deadline)
+{
+	s64 d = deadline - (s64)SLOT(ev, EVB_SYSTEM_TIME);
+	u64 delta = d < 0 ? 0 : (u64)d > MAX_DELTA_NS ? MAX_DELTA_NS : (u64)d;
+	/* rounded up: the interrupt should not come before the deadline */
+	u64 tsc = SLOT(ev, EVB_TSC_TIMESTAMP) + (u64)(((u128)delta * SLOT(ev, EVB_NS_TO_TSC_MUL)) >> 32) + 1;
+	return tsc ? tsc : 1;   /* 0 would disarm */
+}
+
+static void program_oneshot(u8 *ev, s64 deadline)
+{
+	s64 d = deadline - now_ns(ev);
+	u64 count = d <= 0 ? 1 : (u64)d / APIC_BUS_NS;
+	wrmsr(MSR_X2APIC_TMICT, count > ONESHOT_MAX_COUNT ? ONESHOT_MAX_COUNT : count ? count : 1);
+}
+
+static void arm(u8 *ev, s64 deadline)
+{
+	SLOT(ev, EVB_DEADLINE_NS) = (u64)deadline;
+	SLOT(ev, EVB_ARMED) = 1;
+	if (SLOT(ev, EVB_FLAGS) & EVF_TSC_DEADLINE)
+		wrmsr(MSR_TSC_DEADLINE, deadline_tsc(ev, deadline));   /* past: fires at once */
+	else
+		program_oneshot(ev, deadline);
+}
+
+static void disarm(u8 *ev)
+{
+	SLOT(ev, EVB_ARMED) = 0;
+	wrmsr((SLOT(ev, EVB_FLAGS) & EVF_TSC_DEADLINE) ? MSR_TSC_DEADLINE : MSR_X2APIC_TMICT, 0);
+}
+
+/* Xen's evtchn_2l_set_pending for a port notifying this vCPU */
+static void raise_local(u64 port)
+{
+	u8 *si = shared_info(), *vi = vcpu_info();
+	u64 w = port / 64, b = port % 64;
+	if (port >= XEN_NR_EVENT_CHANNELS)
+		return;
+	if (test_and_set((volatile u64 *)(si + SI_EVTCHN_PENDING) + w, b))
+		return;
+	if (((volatile u64 *)(si + SI_EVTCHN_MASK))[w] >> b & 1)
+		return;
+	if (test_and_set((volatile u64 *)(vi + VI_PENDING_SEL), w))
+		return;
+	*(volatile u8 *)(vi + VI_UPCALL_PENDING) = 1;
+}
+
+static inline void eoi(void) { wrmsr(MSR_X2APIC_EOI, 0); }
+
+void ev_interrupt(unsigned long vec)
+{
+	u8 *ev = evb();
+	if (vec == EV_SPURIOUS_VECTOR)
+		return;               /* no EOI for spurious interrupts */
+	if (vec == EV_TIMER_VECTOR) {
+		SLOT(ev, EVB_TIMER_IRQS)++;
+		if (SLOT(ev, EVB_ARMED)) {
+			s64 deadline = (s64)SLOT(ev, EVB_DEADLINE_NS);
+			/* early (rounding; one-shot mode counts at most ~4.3 s):
+			 * re-arm for the rest, as Xen's timer softirq does */
+			if (now_ns(ev) < deadline) {
+				arm(ev, deadline);
+			} else {
+				SLOT(ev, EVB_ARMED) = 0;
+				raise_local(SLOT(ev, EVB_TIMER_PORT));
+			}
+		}
+	} else if (vec == EV_CHECK_VECTOR) {
+		SLOT(ev, EVB_CHECK_IRQS)++;   /* the check itself happens on return */
+	}
+	eoi();
+}
+
+/* guest pointers: canonical, not wrapping, clear of the hypervisor hole */
+static int read_guest(void *dst, u64 va, u64 n)
+{
+	u64 end = va + n;
+	if (end < va || (u64)((s64)(va << 16) >> 16) != va || (u64)((s64)((end - 1) << 16) >> 16) != end - 1)
+		return -XEN_EFAULT;
+	if (end > XEN_HV_VIRT_START && va < XEN_HV_VIRT_END)
+		return -XEN_EFAULT;
+	return (int)guest_copy(dst, (const void *)va, n);
+}
+
+/* Xen's set_timer_op workaround: Linux has been seen to pass deadlines
+ * absurdly far ahead or negative; those become now + 100 ms. */
+#define TIMER_SLOP_LIMIT_SHIFT 50
+#define TIMER_WORKAROUND_NS 100000000LL
+
+static long set_timer_op(u8 *ev, u64 timeout)
+{
+	if (!timeout) {
+		disarm(ev);
+		return 0;
+	}
+	s64 now = now_ns(ev), t = (s64)timeout;
+	if (t < 0 || ((t - now) >> TIMER_SLOP_LIMIT_SHIFT))
+		t = now + TIMER_WORKAROUND_NS;
+	arm(ev, t);
+	return 0;
+}
+
+static long set_singleshot(u8 *ev, u64 arg)
+{
+	u64 t[2];   /* timeout_abs_ns, flags (u32) */
+	if (read_guest(t, arg, 12))
+		return -XEN_EFAULT;
+	if ((t[1] & XEN_VCPU_SSHOTTMR_future) && (s64)t[0] < now_ns(ev))
+		return -XEN_ETIME;
+	arm(ev, (s64)t[0]);
+	return 0;
+}
+
+/* SCHEDOP_block: re-enable delivery as Xen's do_block does, return at once
+ * if something is pending, else halt until an interrupt (timer or kick).
+ * The upcall is made by check_events() on the way out. */
+static long block(u8 *ev)
+{
+	volatile u8 *vi = vcpu_info();
+	SLOT(ev, EVB_BLOCKS)++;
+	vi[VI_UPCALL_MASK] = 0;
+	__asm__ volatile("mfence" ::: "memory");   /* mask store before pending load */
+	if (!vi[VI_UPCALL_PENDING])
+		__asm__ volatile("sti; hlt; cli" ::: "memory");   /* sti shadow: no lost wake-up */
+	return 0;
+}
+
+/* EVTCHNOP_send to a back-end port: one `out` that an ioeventfd absorbs */
+static int send_to_backend(u8 *ev, u64 arg, long *ret)
+{
+	u32 port;
+	if (!(SLOT(ev, EVB_FLAGS) & EVF_SEND_PORT) || read_guest(&port, arg, 4))
+		return 0;
+	if (port >= XEN_NR_EVENT_CHANNELS || !(ev[EVB_BACKEND_MAP + port / 8] >> (port % 8) & 1))
+		return 0;
+	SLOT(ev, EVB_BACKEND_SENDS)++;
+	__asm__ volatile("outl %%eax, %%dx" :: "a"(port), "d"(EV_SEND_PORT) : "memory");
+	*ret = 0;
+	return 1;
+}
+
+int ev_hypercall(unsigned long nr, const unsigned long *a, long *ret)
+{
+	u8 *ev = evb();
+	switch (nr) {
+	case HC_xen_version:
+		/* XENVER_version: Linux's force_evtchn_callback; the pending
+		 * upcall is delivered on return */
+		if (a[0] == 0 && SLOT(ev, EVB_XEN_VERSION)) {
+			*ret = (long)SLOT(ev, EVB_XEN_VERSION);
+			return 1;
+		}
+		return 0;
+	case HC_set_timer_op:
+		*ret = set_timer_op(ev, a[0]);
+		return 1;
+	case HC_vcpu_op:
+		if (a[1] != *(u64 *)(percpu() + PC_VCPU_ID))
+			return 0;   /* another vCPU's timer: Python answers */
+		switch (a[0]) {
+		case XEN_VCPUOP_set_singleshot_timer: *ret = set_singleshot(ev, a[2]); return 1;
+		case XEN_VCPUOP_stop_singleshot_timer: disarm(ev); *ret = 0; return 1;
+		case XEN_VCPUOP_stop_periodic_timer: *ret = 0; return 1;
+		}
+		return 0;
+	case HC_sched_op:
+		if (a[0] == XEN_SCHEDOP_block) {
+			*ret = block(ev);
+			return 1;
+		}
+		return 0;
+	case HC_event_channel_op:
+		if (a[0] == XEN_EVTCHNOP_send)
+			return send_to_backend(ev, a[1], ret);
+		return 0;
+	}
+	return 0;
+}

@@ -1,0 +1,851 @@
+/* Page tables and descriptor tables for the PV guest (Xen's arch/x86/mm.c,
+ * pv/ro-page-fault.c and pv/descriptor-tables.c, reduced to what a
+ * single-guest shim needs; ABI notes §4, §5.4, §5.9-5.11).
+ *
+ * Frame types.  Xen reference-counts a type per frame; the shim keeps one
+ * byte per RAM frame (G->ftype): the page-table level the frame was
+ * validated as (FT_L1..FT_L4, 0 = none) plus FT_PINNED.  A frame gets its
+ * type when it is pinned, loaded as a base pointer, or becomes reachable
+ * from an already typed table (PIN_L4 walks down to the L1s, skipping
+ * tables that already have the right type, like Xen's get_page_type on a
+ * validated page).  Typing a table ORs _PAGE_USER into its present entries
+ * (adjust_guest_l?e: the kernel runs in ring 3).  Types are not counted:
+ * UNPIN clears the type of that frame only, so a table reachable only from
+ * an unpinned tree keeps a stale type; the only effect is that a later
+ * write to a read-only mapping of such a frame is emulated rather than
+ * bounced (Linux unpins each L1 itself, so this does not arise there).
+ * The builder's initial tables are typed (as Xen's builder pins the
+ * initial L4) on the first MMU operation or page fault.
+ *
+ * Writable page tables (§5.10): a kernel-mode #PF(present|write) whose
+ * target frame is typed L1 is emulated: the store/xchg/cmpxchg/or/and/
+ * bts/btr/btc forms Linux uses on PTEs (sub-word stores widened, naturally
+ * aligned only, LOCK honoured by doing the update with cmpxchg), the new
+ * PTE validated and adjusted, rip advanced.  Anything else is bounced
+ * (writes to read-only L2-L4 tables too: Linux uses hypercalls for those).
+ * VMASST_writable_pagetables is taken as always on (Linux enables it).
+ *
+ * Descriptor tables: set_gdt validates the guest's frames (Xen's
+ * check_descriptor, fix-ups written back to the frames) and copies them
+ * into this vCPU's GDT pages 0..13 in the VMM region; update_descriptor
+ * writes the guest frame and, when the frame is part of the live GDT, the
+ * copy.  Copying (instead of aliasing the guest frames as Xen does) keeps
+ * the CPU's Accessed-bit writes away from the guest's read-only frames and
+ * needs no region page-table edits; a guest that maps its GDT frames
+ * writable and changes them behind Xen's back (Xen refuses such mappings)
+ * is not seen until its next set_gdt.  A non-empty LDT (MMUEXT_SET_LDT)
+ * is validated and copied the same way, into the vCPU's LDT area, at once
+ * rather than on first use as Xen does.
+ */
+#include "shim.h"
+
+#define PAGE_SIZE       4096UL
+#define ENTRIES         512
+#define DOMID_SELF      0x7ff0
+#define MMU_CMD_MASK    7UL              /* low bits of mmu_update.ptr */
+#define MMU_UPDATE_PREEMPTED (1UL << 31)
+#define UVMF_ALL        4UL
+#define UVMF_CMD_MASK   7UL              /* flush type + ALL; the rest is a mask pointer */
+#define PTE_A           0x20UL
+#define PTE_D           0x40UL
+#define MAX_LDT_ENTS    8192
+
+#define FT_LEVEL        0x07
+#define FT_L1           1
+#define FT_PINNED       0x10
+
+/* descriptor bits (high dword) */
+#define SEG_P           (1U << 15)
+#define SEG_DPL         (3U << 13)
+#define SEG_S           (1U << 12)
+#define SEG_TYPE        (0xfU << 8)
+#define SEG_TYPE_CALLGATE64 (0xcU << 8)
+#define GUEST_KERNEL_RPL 3                /* 64-bit PV kernels run in ring 3 */
+#define FIRST_RESERVED_GDT_ENTRY (14 * 512)
+#define DESCS_PER_PAGE  512
+
+static int booted;   /* bss: the builder's tables have been typed */
+
+/* ---------------- frames ---------------- */
+
+static inline u64 *frame_ptr(u64 mfn)
+{
+	return mfn < G->ram_pages ? (u64 *)(G->directmap + (mfn << 12)) : 0;
+}
+
+static inline u64 *phys_ptr(u64 pa) { return frame_ptr(pa >> 12) ? (u64 *)(G->directmap + pa) : 0; }
+
+static inline u8 ftype(u64 mfn) { return mfn < G->ram_pages ? G->ftype[mfn] : 0; }
+
+/* Frames a present L1 entry may map: guest RAM, shared_info, grant frames. */
+static int mappable(u64 mfn)
+{
+	u64 r = G->region_gpa >> 12;
+	return mfn < G->ram_pages || (mfn >= r && mfn < r + GUEST_REGION_FRAMES);
+}
+
+/* Xen's adjust_guest_l?e for a 64-bit PV guest: present entries get
+ * _PAGE_USER (the guest kernel runs in ring 3). */
+static inline u64 adjust_pte(u64 v) { return (v & PTE_P) ? (v | PTE_US) : v; }
+
+static inline int cas64(u64 *p, u64 old, u64 new)
+{
+	u64 prev = old;
+	__asm__ volatile("lock cmpxchgq %2, %1" : "+a"(prev), "+m"(*p) : "r"(new) : "memory");
+	return prev == old;
+}
+
+static void flush_tlb(void) { write_cr3(read_cr3()); }
+
+static void install_hv_slots(u64 *l4)
+{
+	/* cheap test first: this runs on every context switch */
+	if (l4[XEN_HV_L4_FIRST + 1] == G->l4_slots[1] && l4[XEN_HV_L4_FIRST] == G->l4_slots[0])
+		return;
+	for (int i = 0; i < XEN_HV_L4_COUNT; i++)
+		l4[XEN_HV_L4_FIRST + i] = G->l4_slots[i];
+}
+
+static inline int hv_slot(int idx) { return idx >= XEN_HV_L4_FIRST && idx < XEN_HV_L4_FIRST + XEN_HV_L4_COUNT; }
+
+/* Give frame `mfn` the type "level" (1..4), validating and adjusting its
+ * entries and typing the tables below it.  Returns 0 or -EINVAL.  A frame
+ * that already has this type is taken as validated (Xen: type refcount). */
+static long type_table(u64 mfn, int level, int scan_l1)
+{
+	u64 *t = frame_ptr(mfn);
+	if (!t)
+		return -XEN_EINVAL;
+	u8 ty = G->ftype[mfn];
+	if ((ty & FT_LEVEL) == level)
+		return 0;
+	if (ty & FT_PINNED)
+		return -XEN_EINVAL;   /* pinned as another type (Xen: type conflict) */
+	G->ftype[mfn] = level;
+	if (level == 4)
+		install_hv_slots(t);
+	if (level == 1 && !scan_l1)
+		return 0;
+	for (int i = 0; i < ENTRIES; i++) {
+		u64 e = t[i];
+		if (!(e & PTE_P) || (level == 4 && hv_slot(i)))
+			continue;
+		if (!(e & PTE_US))
+			t[i] = e | PTE_US;
+		if (level > 1 && !(e & PTE_PS))
+			type_table((e & PTE_ADDR) >> 12, level - 1, scan_l1);   /* bad children: left untyped */
+	}
+	return 0;
+}
+
+/* The builder's bootstrap tables are pinned by Xen's domain builder.  Their
+ * L1 entries already carry _PAGE_USER (Domain._adjust_bootstrap_tables),
+ * so the L1s are only marked, not scanned (CPL0 code is slow on kvm_pvm). */
+static void boot_types(struct percpu *pc)
+{
+	if (booted)
+		return;
+	booted = 1;
+	u64 mfn = pc->cr3_kernel >> 12;
+	if (type_table(mfn, 4, 0) == 0)
+		G->ftype[mfn] |= FT_PINNED;
+}
+
+/* Walk the current tables for va; the leaf entry or 0.  With fix_user,
+ * OR _PAGE_USER into present entries that lack it (lazy adjust). */
+static u64 *walk(u64 cr3, u64 va, int fix_user, int *changed, int *level_out)
+{
+	u64 table = cr3 & PTE_ADDR;
+	for (int level = 4; level >= 1; level--) {
+		u64 *t = phys_ptr(table);
+		if (!t)
+			return 0;
+		u64 *e = &t[(va >> (12 + 9 * (level - 1))) & 511];
+		if (!(*e & PTE_P)) {
+			/* an empty L1 slot is still a slot (update_va_mapping
+			 * installs into it) -- stock-kernel helper */
+			if (level == 1 && level_out) {
+				*level_out = 1;
+				return e;
+			}
+			return 0;
+		}
+		if (fix_user && !(*e & PTE_US)) {
+			*e |= PTE_US;
+			*changed = 1;
+		}
+		if (level == 1 || (level <= 3 && (*e & PTE_PS))) {
+			if (level_out)
+				*level_out = level;
+			return e;
+		}
+		table = *e & PTE_ADDR;
+	}
+	return 0;
+}
+
+/* Validate a new entry for a table of type `level`; the adjusted value in
+ * *out.  slot is the entry index (L4: the hypervisor slots are Xen's). */
+static long check_entry(int level, int slot, u64 val, u64 *out)
+{
+	if (level == 4 && hv_slot(slot))
+		return -XEN_EINVAL;
+	if (val & PTE_P) {
+		u64 mfn = (val & PTE_ADDR) >> 12;
+		if (level == 1) {
+			if (!mappable(mfn))
+				return -XEN_EINVAL;
+		} else {
+			/* no superpages for PV; the target becomes a table */
+			if ((level <= 3 && (val & PTE_PS)) || !frame_ptr(mfn))
+				return -XEN_EINVAL;
+			if (type_table(mfn, level - 1, 1))
+				return -XEN_EINVAL;
+		}
+	}
+	*out = adjust_pte(val);
+	return 0;
+}
+
+/* ---------------- mmu_update ---------------- */
+
+static long pt_update(u64 pa, u64 val, int preserve_ad)
+{
+	u64 *p = phys_ptr(pa);
+	if (!p)
+		return -XEN_EINVAL;
+	int level = ftype(pa >> 12) & FT_LEVEL;
+	if (!level) {
+		*p = val;   /* not a page table: a plain write (Xen: PGT_writable_page) */
+		return 0;
+	}
+	u64 nv;
+	long rc = check_entry(level, (pa & 0xfff) >> 3, val, &nv);
+	if (rc)
+		return rc;
+	if (!preserve_ad) {
+		*p = nv;
+		return 0;
+	}
+	for (;;) {   /* keep A/D bits the CPU may be setting concurrently */
+		u64 old = *(volatile u64 *)p;
+		if (cas64(p, old, nv | (old & (PTE_A | PTE_D))))
+			return 0;
+	}
+}
+
+static long check_domid(u64 domid)
+{
+	return (domid & 0xffff) == DOMID_SELF && !(domid >> 16) ? 0 : -XEN_ESRCH;
+}
+
+long do_mmu_update(struct percpu *pc, u64 reqs, u64 count, u64 done_ptr, u64 domid)
+{
+	u64 i;
+	long rc = 0;
+	boot_types(pc);
+	count &= ~MMU_UPDATE_PREEMPTED;
+	if (check_domid(domid))
+		return -XEN_ESRCH;
+	for (i = 0; i < count; i++) {
+		u64 r[2];
+		if (from_guest(r, reqs + i * XEN_MMU_UPDATE_SIZE, sizeof(r))) {
+			rc = -XEN_EFAULT;
+			break;
+		}
+		u64 cmd = r[0] & MMU_CMD_MASK, pa = r[0] & ~MMU_CMD_MASK;
+		if (cmd == XEN_MMU_NORMAL_PT_UPDATE || cmd == XEN_MMU_PT_UPDATE_PRESERVE_AD) {
+			rc = pt_update(pa, r[1], cmd == XEN_MMU_PT_UPDATE_PRESERVE_AD);
+		} else if (cmd == XEN_MMU_MACHPHYS_UPDATE) {
+			if ((pa >> 12) < G->ram_pages)
+				G->m2p[pa >> 12] = r[1];
+			else
+				rc = -XEN_EINVAL;
+		} else {
+			rc = -XEN_ENOSYS;
+		}
+		if (rc)
+			break;
+	}
+	if (done_ptr) {
+		u32 done = (u32)i;
+		to_guest(done_ptr, &done, sizeof(done));
+	}
+	return rc;
+}
+
+/* ---------------- update_va_mapping ---------------- */
+
+/* vCPU mask at guest VA `ptr`: only vCPU 0 runs, so only its readability
+ * matters (Xen reads it and fails on a fault). */
+static long read_vcpumask(u64 ptr)
+{
+	u64 m;
+	return from_guest(&m, ptr, sizeof(m));
+}
+
+long do_update_va_mapping(struct percpu *pc, u64 va, u64 val, u64 flags)
+{
+	int level = 0, ch = 0;
+	u64 nv;
+	boot_types(pc);
+	if (!range_ok(va, 1))
+		return -XEN_EINVAL;
+	u64 *e = walk(read_cr3(), va, 0, &ch, &level);
+	/* the L1 must exist and be a validated L1 (Xen: -EINVAL otherwise) */
+	if (!e || level != 1 || (ftype(((u64)e - (u64)G->directmap) >> 12) & FT_LEVEL) != FT_L1)
+		return -XEN_EINVAL;
+	if (check_entry(1, 0, val, &nv))
+		return -XEN_EINVAL;
+	*e = nv;
+	u64 mask_ptr = flags & ~UVMF_CMD_MASK;
+	if (!(flags & UVMF_ALL) && mask_ptr && (flags & XEN_UVMF_FLUSHTYPE_MASK) && read_vcpumask(mask_ptr))
+		return -XEN_EFAULT;
+	switch (flags & XEN_UVMF_FLUSHTYPE_MASK) {
+	case XEN_UVMF_INVLPG: invlpg(va); break;
+	case XEN_UVMF_TLB_FLUSH: flush_tlb(); break;
+	}
+	return 0;
+}
+
+/* ---------------- mmuext_op ---------------- */
+
+static u64 *gdt_base(void);
+static long validate_desc_frame(u64 mfn);
+static inline void rep_stosq(void *d, u64 n);
+static inline void rep_movsq(void *d, const void *s, u64 n);
+
+/* MMUEXT_SET_LDT.  Xen maps the LDT pages lazily on the first #PF in its
+ * per-vCPU LDT area; the shim validates and copies them into this vCPU's
+ * LDT area (VCPU_LDT_OFF) at once and points the GDT's LDT descriptor
+ * there.  Descriptor writes reach the copy through update_descriptor. */
+static long set_ldt(struct percpu *pc, u64 base, u64 ents)
+{
+	u64 frames[SHIM_MAX_LDT_FRAMES];
+	u64 nr = (ents * 8 + PAGE_SIZE - 1) / PAGE_SIZE;
+	for (u64 i = 0; i < nr; i++) {
+		int level = 0, ch = 0;
+		u64 *e = walk(read_cr3(), base + i * PAGE_SIZE, 0, &ch, &level);
+		if (!e || level != 1 || !(*e & PTE_P))
+			return -XEN_EINVAL;
+		frames[i] = (*e & PTE_ADDR) >> 12;
+		if (validate_desc_frame(frames[i]))
+			return -XEN_EINVAL;
+	}
+	u64 *gdt = gdt_base();
+	u64 *ldt = (u64 *)((u64)gdt + VCPU_LDT_FROM_GDT);
+	for (u64 i = 0; i < nr; i++) {
+		rep_movsq(ldt + i * DESCS_PER_PAGE, frame_ptr(frames[i]), DESCS_PER_PAGE);
+		pc->desc.ldt_frames[i] = frames[i];
+	}
+	pc->desc.ldt_base = base;
+	pc->desc.ldt_ents = ents;
+	if (!ents) {
+		__asm__ volatile("lldt %w0" :: "r"(0));
+		return 0;
+	}
+	/* 16-byte system descriptor: type 2 (LDT), present, DPL 0 */
+	u64 va = (u64)ldt, limit = ents * 8 - 1;
+	u64 *d = &gdt[SHIM_LDT_SEL >> 3];
+	d[0] = (limit & 0xffff) | ((va & 0xffffff) << 16) | (0x82UL << 40)
+	       | (((limit >> 16) & 0xf) << 48) | (((va >> 24) & 0xff) << 56);
+	d[1] = va >> 32;
+	__asm__ volatile("lldt %w0" :: "r"(SHIM_LDT_SEL));
+	return 0;
+}
+
+static long new_baseptr(struct percpu *pc, u64 mfn, int user)
+{
+	if (user && !mfn) {
+		pc->cr3_user = 0;
+		return 0;
+	}
+	if (type_table(mfn, 4, 1))
+		return -XEN_EINVAL;
+	install_hv_slots(frame_ptr(mfn));
+	if (user) {
+		pc->cr3_user = mfn << 12;
+		return 0;
+	}
+	pc->cr3_kernel = mfn << 12;
+	if (pc->kernel_mode)
+		write_cr3(mfn << 12);
+	return 0;
+}
+
+static long pin(u64 mfn, int level)
+{
+	if (!frame_ptr(mfn))
+		return -XEN_EINVAL;
+	u8 ty = G->ftype[mfn];
+	if (ty & FT_PINNED)
+		return -XEN_EINVAL;   /* already pinned (Xen: -EINVAL) */
+	if (type_table(mfn, level, 1))
+		return -XEN_EINVAL;
+	G->ftype[mfn] |= FT_PINNED;
+	return 0;
+}
+
+static inline void rep_stosq(void *d, u64 n)
+{
+	__asm__ volatile("rep stosq" : "+D"(d), "+c"(n) : "a"(0UL) : "memory");
+}
+
+static inline void rep_movsq(void *d, const void *s, u64 n)
+{
+	__asm__ volatile("rep movsq" : "+D"(d), "+S"(s), "+c"(n) :: "memory");
+}
+
+long do_mmuext_op(struct percpu *pc, u64 ops, u64 count, u64 done_ptr, u64 domid)
+{
+	u64 i;
+	long rc = 0;
+	boot_types(pc);
+	count &= ~MMU_UPDATE_PREEMPTED;
+	if (check_domid(domid))
+		return -XEN_ESRCH;
+	for (i = 0; i < count; i++) {
+		u64 op[3];   /* cmd (u32 + pad), arg1, arg2 */
+		if (from_guest(op, ops + i * XEN_MMUEXT_OP_SIZE, sizeof(op))) {
+			rc = -XEN_EFAULT;
+			break;
+		}
+		u64 cmd = op[0] & 0xffffffff, mfn = op[1];
+		switch (cmd) {
+		case XEN_MMUEXT_PIN_L1_TABLE: case XEN_MMUEXT_PIN_L2_TABLE:
+		case XEN_MMUEXT_PIN_L3_TABLE: case XEN_MMUEXT_PIN_L4_TABLE:
+			rc = pin(mfn, (int)(cmd - XEN_MMUEXT_PIN_L1_TABLE) + 1);
+			break;
+		case XEN_MMUEXT_UNPIN_TABLE:
+			if (!frame_ptr(mfn) || !(G->ftype[mfn] & FT_PINNED))
+				rc = -XEN_EINVAL;
+			else
+				G->ftype[mfn] = 0;
+			break;
+		case XEN_MMUEXT_NEW_BASEPTR:
+		case XEN_MMUEXT_NEW_USER_BASEPTR:
+			rc = new_baseptr(pc, mfn, cmd == XEN_MMUEXT_NEW_USER_BASEPTR);
+			break;
+		case XEN_MMUEXT_TLB_FLUSH_LOCAL: case XEN_MMUEXT_TLB_FLUSH_ALL:
+			flush_tlb();
+			break;
+		case XEN_MMUEXT_INVLPG_LOCAL: case XEN_MMUEXT_INVLPG_ALL:
+			if (range_ok(op[1], 1))
+				invlpg(op[1]);
+			break;
+		case XEN_MMUEXT_TLB_FLUSH_MULTI: case XEN_MMUEXT_INVLPG_MULTI:
+			if (read_vcpumask(op[2]))
+				rc = -XEN_EINVAL;
+			else if (cmd == XEN_MMUEXT_TLB_FLUSH_MULTI)
+				flush_tlb();
+			else if (range_ok(op[1], 1))
+				invlpg(op[1]);
+			break;
+		case XEN_MMUEXT_FLUSH_CACHE:
+			rc = -XEN_EACCES;    /* a domU has no cache-flush permission */
+			break;
+		case XEN_MMUEXT_FLUSH_CACHE_GLOBAL:
+			rc = -XEN_EINVAL;
+			break;
+		case XEN_MMUEXT_SET_LDT: {
+			u64 ents = op[2] & 0xffffffff, base = ents ? op[1] : 0;
+			if ((base & (PAGE_SIZE - 1)) || !range_ok(base, ents * 8) || ents > MAX_LDT_ENTS)
+				rc = -XEN_EINVAL;
+			else
+				rc = set_ldt(pc, base, ents);
+			break;
+		}
+		case XEN_MMUEXT_CLEAR_PAGE:
+			if (!frame_ptr(mfn) || (G->ftype[mfn] & FT_LEVEL))
+				rc = -XEN_EINVAL;
+			else
+				rep_stosq(frame_ptr(mfn), PAGE_SIZE / 8);
+			break;
+		case XEN_MMUEXT_COPY_PAGE:
+			if (!frame_ptr(mfn) || (G->ftype[mfn] & FT_LEVEL) || !frame_ptr(op[2]))
+				rc = -XEN_EINVAL;
+			else
+				rep_movsq(frame_ptr(mfn), frame_ptr(op[2]), PAGE_SIZE / 8);
+			break;
+		default:
+			rc = -XEN_ENOSYS;
+		}
+		if (rc)
+			break;
+	}
+	if (done_ptr) {
+		u32 done = (u32)i;
+		to_guest(done_ptr, &done, sizeof(done));
+	}
+	return rc;
+}
+
+/* ---------------- writable page tables ---------------- */
+
+static u64 *reg_ptr(struct frame *f, int idx)
+{
+	/* ModRM register number -> saved slot (struct frame order r15..rax) */
+	static const u8 slot[16] = { 14, 12, 11, 13, 255, 8, 10, 9, 7, 6, 5, 4, 3, 2, 1, 0 };
+	return idx == 4 ? &f->rsp : &((u64 *)f)[slot[idx]];
+}
+
+/* Read a register operand of `size` bytes (legacy AH..BH without REX). */
+static u64 reg_read(struct frame *f, int idx, int size, int rex)
+{
+	if (size == 1 && !rex && idx >= 4 && idx < 8)
+		return (*reg_ptr(f, idx - 4) >> 8) & 0xff;
+	return *reg_ptr(f, idx);
+}
+
+static void reg_write(struct frame *f, int idx, int size, int rex, u64 v)
+{
+	u64 *r;
+	if (size == 1 && !rex && idx >= 4 && idx < 8) {
+		r = reg_ptr(f, idx - 4);
+		*r = (*r & ~0xff00UL) | ((v & 0xff) << 8);
+		return;
+	}
+	r = reg_ptr(f, idx);
+	switch (size) {
+	case 1: *r = (*r & ~0xffUL) | (v & 0xff); break;
+	case 2: *r = (*r & ~0xffffUL) | (v & 0xffff); break;
+	case 4: *r = (u32)v; break;                   /* zero-extends */
+	default: *r = v;
+	}
+}
+
+enum { OP_MOV, OP_XCHG, OP_CMPXCHG, OP_OR, OP_AND, OP_BTS, OP_BTR, OP_BTC };
+
+/* Arithmetic flags of `a OP b` at operand size, computed by the CPU. */
+static u64 alu_flags(int op, u64 a, u64 b, int size)
+{
+	u64 fl = 0;
+	u64 bb = b;
+	/* operand registers are named by size; a is in rax */
+#define CASES(insn) \
+	switch (size) { \
+	case 1: __asm__("mov %1, %%rax\n\t" insn "b %b2, %%al\n\tpushfq\n\tpopq %0" : "=r"(fl) : "r"(a), "q"(bb) : "rax", "cc"); break; \
+	case 2: __asm__("mov %1, %%rax\n\t" insn "w %w2, %%ax\n\tpushfq\n\tpopq %0" : "=r"(fl) : "r"(a), "r"(bb) : "rax", "cc"); break; \
+	case 4: __asm__("mov %1, %%rax\n\t" insn "l %k2, %%eax\n\tpushfq\n\tpopq %0" : "=r"(fl) : "r"(a), "r"(bb) : "rax", "cc"); break; \
+	default: __asm__("mov %1, %%rax\n\t" insn "q %2, %%rax\n\tpushfq\n\tpopq %0" : "=r"(fl) : "r"(a), "r"(bb) : "rax", "cc"); break; \
+	}
+	if (op == OP_CMPXCHG)
+		CASES("cmp")
+	else if (op == OP_OR)
+		CASES("or")
+	else
+		CASES("and")
+#undef CASES
+	return fl & RFLAGS_ARITH;
+}
+
+struct insn {
+	int op, size, reg, rex, len;
+	int has_imm;
+	u64 imm;
+};
+
+/* Decode the instruction at rip: only the memory-writing forms Linux uses
+ * on PTEs.  The memory operand's address is CR2, so ModRM/SIB are only
+ * skipped.  Returns 0 if not one of them. */
+static int decode(const u8 *b, int n, struct insn *d)
+{
+	int i = 0, lock = 0, opsz16 = 0, rex = 0;
+	for (;; i++) {
+		if (i >= n)
+			return 0;
+		if (b[i] == 0xf0)
+			lock = 1;
+		else if (b[i] == 0x66)
+			opsz16 = 1;
+		else if (b[i] == 0x2e || b[i] == 0x3e || b[i] == 0x26 || b[i] == 0x36 || b[i] == 0x64 || b[i] == 0x65)
+			;   /* segment override: CR2 already is the linear address */
+		else
+			break;
+	}
+	(void)lock;   /* every update below is done atomically anyway */
+	if ((b[i] & 0xf0) == 0x40)
+		rex = b[i++];
+	if (i + 2 > n)
+		return 0;
+	u32 opc = b[i++];
+	if (opc == 0x0f)
+		opc = 0x100 | b[i++];
+	int byteop = 0, sub = -1, immsz = 0;
+	switch (opc) {
+	case 0x88: byteop = 1; /* fall through */
+	case 0x89: d->op = OP_MOV; break;
+	case 0xc6: byteop = 1; immsz = 1; d->op = OP_MOV; sub = 0; break;
+	case 0xc7: immsz = 4; d->op = OP_MOV; sub = 0; break;
+	case 0x86: byteop = 1; /* fall through */
+	case 0x87: d->op = OP_XCHG; break;
+	case 0x1b0: byteop = 1; /* fall through */
+	case 0x1b1: d->op = OP_CMPXCHG; break;
+	case 0x08: byteop = 1; /* fall through */
+	case 0x09: d->op = OP_OR; break;
+	case 0x20: byteop = 1; /* fall through */
+	case 0x21: d->op = OP_AND; break;
+	case 0x80: byteop = 1; immsz = 1; sub = 8; break;
+	case 0x81: immsz = 4; sub = 8; break;
+	case 0x83: immsz = 1; sub = 8; break;   /* imm8 sign-extended */
+	case 0x1ab: d->op = OP_BTS; break;
+	case 0x1b3: d->op = OP_BTR; break;
+	case 0x1bb: d->op = OP_BTC; break;
+	case 0x1ba: immsz = 1; sub = 9; break;
+	default: return 0;
+	}
+	d->size = byteop ? 1 : (rex & 8) ? 8 : opsz16 ? 2 : 4;
+	u8 modrm = b[i++];
+	int mod = modrm >> 6, rm = modrm & 7, regf = (modrm >> 3) & 7;
+	if (mod == 3)
+		return 0;   /* register destination: not our fault */
+	d->reg = regf | ((rex & 4) << 1);
+	d->rex = rex;
+	if (sub == 0 && regf != 0)
+		return 0;
+	if (sub == 8) {   /* group 1: only OR (/1) and AND (/4) */
+		if (regf == 1) d->op = OP_OR;
+		else if (regf == 4) d->op = OP_AND;
+		else return 0;
+	}
+	if (sub == 9) {   /* group 8: BTS /5, BTR /6, BTC /7 */
+		if (regf < 5)
+			return 0;
+		d->op = OP_BTS + (regf - 5);
+	}
+	if (rm == 4 && i < n) {   /* SIB */
+		u8 sib = b[i++];
+		if ((sib & 7) == 5 && mod == 0)
+			i += 4;
+	} else if (rm == 5 && mod == 0) {
+		i += 4;           /* rip-relative */
+	}
+	if (mod == 1)
+		i += 1;
+	else if (mod == 2)
+		i += 4;
+	d->has_imm = immsz != 0;
+	if (immsz == 1) {
+		d->imm = (u64)(s64)(int8_t)b[i];
+	} else if (immsz == 4) {
+		if (i + 4 > n)
+			return 0;
+		d->imm = (u64)(s64)(int32_t)(b[i] | (b[i + 1] << 8) | (b[i + 2] << 16) | ((u32)b[i + 3] << 24));
+	}
+	i += immsz;
+	if (i > n)
+		return 0;
+	d->len = i;
+	return 1;
+}
+
+/* Emulate a write to the PTE page at cr2; 1 if done. */
+static int ptwr_emulate(struct percpu *pc, struct frame *f, u64 cr2)
+{
+	int level = 0, ch = 0;
+	u64 *leaf = walk(pc->cr3_kernel, cr2, 0, &ch, &level);
+	if (!leaf || level != 1 || !(*leaf & PTE_P) || (*leaf & PTE_RW))
+		return 0;
+	u64 mfn = (*leaf & PTE_ADDR) >> 12;
+	if ((ftype(mfn) & FT_LEVEL) != FT_L1)
+		return 0;
+
+	u8 b[15];
+	int n = 15;
+	if (((f->rip + n - 1) ^ f->rip) & ~(PAGE_SIZE - 1))
+		n = (int)(PAGE_SIZE - (f->rip & (PAGE_SIZE - 1)));
+	if (from_guest(b, f->rip, n))
+		return 0;
+	if (n < 15 && from_guest(b + n, f->rip + n, 15 - n) == 0)
+		n = 15;
+	struct insn d = { 0 };
+	if (!decode(b, n, &d))
+		return 0;
+	/* naturally aligned, inside the faulting page (Xen's rule) */
+	if (cr2 & (d.size - 1))
+		return 0;
+
+	u64 *p = frame_ptr(mfn) + ((cr2 & (PAGE_SIZE - 1)) >> 3);
+	int sh = (int)(cr2 & 7) * 8;
+	u64 mask = d.size == 8 ? ~0UL : ((1UL << (d.size * 8)) - 1);
+	u64 bits = d.size * 8;
+	u64 src = d.has_imm ? d.imm : reg_read(f, d.reg, d.size, d.rex);
+	u64 acc = f->rax & mask;
+	u64 old, cur, nv, flags = 0;
+	int write_reg = 0, write_acc = 0;
+
+	for (;;) {
+		old = *(volatile u64 *)p;
+		cur = (old >> sh) & mask;
+		nv = cur;
+		switch (d.op) {
+		case OP_MOV: nv = src; break;
+		case OP_XCHG: nv = src; write_reg = 1; break;
+		case OP_CMPXCHG:
+			flags = alu_flags(OP_CMPXCHG, acc, cur, d.size);
+			if (cur == acc)
+				nv = src;
+			else
+				write_acc = 1;
+			break;
+		case OP_OR: nv = cur | src; flags = alu_flags(OP_OR, cur, src, d.size); break;
+		case OP_AND: nv = cur & src; flags = alu_flags(OP_AND, cur, src, d.size); break;
+		default: {   /* bit ops: CF = old bit */
+			u64 bit = 1UL << (src & (bits - 1));
+			flags = (cur & bit) ? RFLAGS_CF : 0;
+			nv = d.op == OP_BTS ? (cur | bit) : d.op == OP_BTR ? (cur & ~bit) : (cur ^ bit);
+		}
+		}
+		u64 pte = (old & ~(mask << sh)) | ((nv & mask) << sh), adj;
+		if (check_entry(1, 0, pte, &adj))
+			return 0;   /* Xen: the new PTE failed validation -> #PF to the guest */
+		if (adj == old || cas64(p, old, adj))
+			break;
+	}
+	if (write_reg)
+		reg_write(f, d.reg, d.size, d.rex, cur);
+	if (write_acc)
+		reg_write(f, 0, d.size, d.rex, cur);
+	if (d.op != OP_MOV && d.op != OP_XCHG) {
+		u64 keep = (d.op >= OP_BTS) ? ~RFLAGS_CF : ~RFLAGS_ARITH;
+		f->rflags = (f->rflags & keep) | flags;
+	}
+	f->rip += d.len;
+	return 1;
+}
+
+int mmu_page_fault(struct percpu *pc, struct frame *f, u64 cr2)
+{
+	if (!pc->kernel_mode || (cr2 >= XEN_HV_VIRT_START && cr2 < XEN_HV_VIRT_END))
+		return 0;
+	if (!booted) {
+		/* typing the bootstrap tables may itself have made this access
+		 * legal (adjust_guest_l1e): retry it (stock-kernel helper) */
+		boot_types(pc);
+		write_cr3(read_cr3());
+		return 1;
+	}
+	u64 err = f->err & (PFEC_P | PFEC_W | PFEC_RSVD | 0x10 /* insn fetch */);
+	if (err & PFEC_P && !(err & PFEC_RSVD)) {
+		/* Lazy adjust_guest_l?e: a present page the guest mapped without
+		 * _PAGE_USER (written before it became a page table); fix the
+		 * walk and retry. */
+		int changed = 0;
+		walk(read_cr3(), cr2, 1, &changed, 0);
+		if (changed) {
+			invlpg(cr2);
+			return 1;
+		}
+	}
+	if (err == (PFEC_P | PFEC_W))
+		return ptwr_emulate(pc, f, cr2);
+	return 0;
+}
+
+/* ---------------- descriptor tables ---------------- */
+
+/* Xen's check_descriptor for a 64-bit PV guest: 1 if acceptable, with the
+ * DPL / call-gate fix-ups applied to *d. */
+static int check_descriptor(u64 *d)
+{
+	u32 a = (u32)*d, b = (u32)(*d >> 32);
+	if (!(b & SEG_P))
+		return 1;
+	u32 dpl = (b >> 13) & 3;
+	if (dpl < GUEST_KERNEL_RPL)
+		dpl = GUEST_KERNEL_RPL;
+	b = (b & ~SEG_DPL) | (dpl << 13);
+	if (!(b & SEG_S))  {
+		if ((b & SEG_TYPE) == 0)
+			return 1;   /* harmless: the upper half of a 16-byte gate */
+		if ((b & SEG_TYPE) != SEG_TYPE_CALLGATE64)
+			return 0;   /* TSS, LDT, interrupt/trap gates: refused */
+		u32 cs = a >> 16;
+		/* target: a guest GDT entry, the flat kernel CS, or an LDT selector */
+		if (!((cs >> 3) < FIRST_RESERVED_GDT_ENTRY || cs == XEN_FLAT_RING3_CS64 || (cs & 4)))
+			return 0;
+		/* DPL 0 so its use faults and can be emulated; old DPL in the RPL */
+		b &= ~SEG_DPL;
+		cs = (cs & ~3U) | dpl;
+		a = (a & 0xffff) | (cs << 16);
+		if (b & 0xff)
+			return 0;
+	}
+	*d = ((u64)b << 32) | a;
+	return 1;
+}
+
+/* A frame becoming part of a GDT or LDT: RAM, not a page table, every
+ * descriptor acceptable (Xen's validate_segdesc_page); fix-ups are
+ * written back to the frame as Xen does. */
+static long validate_desc_frame(u64 mfn)
+{
+	u64 *fr = frame_ptr(mfn);
+	if (!fr || (G->ftype[mfn] & FT_LEVEL))
+		return -XEN_EINVAL;
+	for (int j = 0; j < DESCS_PER_PAGE; j++) {
+		u64 dsc = fr[j];
+		if (!(dsc & ((u64)SEG_P << 32)))
+			continue;   /* not present: always safe (fast path, CPL0 is slow) */
+		if (!check_descriptor(&dsc))
+			return -XEN_EINVAL;
+		if (dsc != fr[j])
+			fr[j] = dsc;
+	}
+	return 0;
+}
+
+static u64 *gdt_base(void)
+{
+	struct { u16 limit; u64 base; } __attribute__((packed)) g;
+	__asm__ volatile("sgdt %0" : "=m"(g));
+	return (u64 *)g.base;
+}
+
+long do_set_gdt(struct percpu *pc, u64 frames_ptr, u64 entries)
+{
+	u64 frames[SHIM_MAX_GDT_FRAMES];
+	boot_types(pc);
+	if (entries > FIRST_RESERVED_GDT_ENTRY)
+		return -XEN_EINVAL;
+	u64 nr = (entries + DESCS_PER_PAGE - 1) / DESCS_PER_PAGE;
+	if (nr && from_guest(frames, frames_ptr, nr * 8))
+		return -XEN_EFAULT;
+	/* validate every descriptor of every frame before changing anything
+	 * (Xen's validate_segdesc_page), fixing up in place */
+	for (u64 i = 0; i < nr; i++)
+		if (validate_desc_frame(frames[i]))
+			return -XEN_EINVAL;
+	u64 *gdt = gdt_base();
+	u64 old = pc->desc.gdt_ents ? (pc->desc.gdt_ents + DESCS_PER_PAGE - 1) / DESCS_PER_PAGE : 0;
+	for (u64 i = 0; i < nr; i++) {
+		rep_movsq(gdt + i * DESCS_PER_PAGE, frame_ptr(frames[i]), DESCS_PER_PAGE);
+		pc->desc.gdt_frames[i] = frames[i];
+	}
+	for (u64 i = nr; i < old; i++)
+		rep_stosq(gdt + i * DESCS_PER_PAGE, DESCS_PER_PAGE);
+	pc->desc.gdt_ents = entries;
+	return 0;
+}
+
+long do_update_descriptor(struct percpu *pc, u64 maddr, u64 desc)
+{
+	u64 mfn = maddr >> 12;
+	if ((maddr & 7) || !check_descriptor(&desc))
+		return -XEN_EINVAL;
+	u64 *fr = frame_ptr(mfn);
+	if (!fr || (G->ftype[mfn] & FT_LEVEL))
+		return -XEN_EINVAL;   /* not RAM, or a page table */
+	u64 idx = (maddr & (PAGE_SIZE - 1)) >> 3;
+	fr[idx] = desc;
+	/* live GDT and LDT copies */
+	u64 nr = (pc->desc.gdt_ents + DESCS_PER_PAGE - 1) / DESCS_PER_PAGE;
+	for (u64 i = 0; i < nr; i++)
+		if (pc->desc.gdt_frames[i] == mfn)
+			gdt_base()[i * DESCS_PER_PAGE + idx] = desc;
+	nr = (pc->desc.ldt_ents * 8 + PAGE_SIZE - 1) / PAGE_SIZE;
+	for (u64 i = 0; i < nr; i++)
+		if (pc->desc.ldt_frames[i] == mfn)
+			((u64 *)((u64)gdt_base() + VCPU_LDT_FROM_GDT))[i * DESCS_PER_PAGE + idx] = desc;
+	return 0;
+}

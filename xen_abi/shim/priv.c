@@ -1,0 +1,470 @@
+/* Privileged instructions, CPUID and MSRs of a PV guest (Xen's
+ * pv/emul-priv-op.c and pv/emul-inv-op.c, for a domU without I/O or MSR
+ * privileges).
+ *
+ * The guest kernel runs at CPL3, so every privileged instruction it still
+ * executes directly raises #GP(0) and lands in emulate_priv():
+ *   rdmsr/wrmsr, mov to/from %cr0/%cr2/%cr3/%cr4, mov to/from %drN,
+ *   clts, wbinvd/invd, xsetbv, in/out/ins/outs, cli/sti, rdtscp,
+ *   iretq to the same privilege.
+ * Anything else (or a bad operand) is left to the caller, which bounces
+ * #GP to the guest exactly as Xen injects it.
+ *
+ * Every instruction here runs interpreted on kvm_pvm (~1 us each): the
+ * decoder looks at a few bytes and does no table walks it can avoid. */
+#include "shim.h"
+#include "priv.h"
+
+#define CR0_TS_BIT 0x8UL
+#define DR6_FIXED  0xffff0ff0UL    /* DR6 reads-as-one bits */
+#define DR7_FIXED  0x400UL
+#define EFER_SCE   (1UL << 0)
+#define EFER_LME   (1UL << 8)
+#define EFER_LMA   (1UL << 10)
+#define EFER_NXE   (1UL << 11)
+
+/* MSR numbers Linux touches on a PV domU */
+#define MSR_IA32_TSC            0x10
+#define MSR_IA32_PLATFORM_ID    0x17
+#define MSR_IA32_APIC_BASE      0x1b
+#define MSR_IA32_FEAT_CTL       0x3a
+#define MSR_IA32_UCODE_REV      0x8b
+#define MSR_PLATFORM_INFO       0xce
+#define MSR_MISC_FEATURES_EN    0x140
+#define MSR_IA32_SYSENTER_CS    0x174
+#define MSR_IA32_SYSENTER_EIP   0x176
+#define MSR_IA32_MCG_CAP        0x179
+#define MSR_IA32_MCG_STATUS     0x17a
+#define MSR_IA32_MISC_ENABLE    0x1a0
+#define MSR_IA32_DEBUGCTL       0x1d9
+#define MSR_IA32_CR_PAT         0x277
+#define MSR_EFER                0xc0000080
+#define MSR_STAR                0xc0000081
+#define MSR_LSTAR_NR            0xc0000082
+#define MSR_CSTAR_NR            0xc0000083
+#define MSR_SYSCALL_MASK        0xc0000084
+#define MSR_TSC_AUX             0xc0000103
+#define MSR_K7_HWCR             0xc0010015
+#define MSR_AMD64_DE_CFG        0xc0011029
+
+/* MISC_ENABLE as Xen's guest_misc_enable() shows it: fast strings, BTS and
+ * PEBS unavailable, xTPR disabled; no PERF_AVAIL, no MONITOR_ENABLE. */
+#define MISC_ENABLE_PV ((1UL << 0) | (1UL << 11) | (1UL << 12) | (1UL << 23))
+#define FEAT_CTL_LOCKED 1UL                 /* locked, VMX off */
+#define DE_CFG_LFENCE_SERIALISE (1UL << 1)  /* what Xen reports on AMD */
+
+#define PRIV(pc, off) (*(u64 *)((u8 *)(pc) + PRIV_OFF + (off)))
+
+_Static_assert(sizeof(struct percpu) <= PRIV_OFF, "priv state overlaps struct percpu");
+_Static_assert(PRIV_SIZE <= PRIV_CNT_OFF, "counters after the priv state");
+_Static_assert(PRIV_OFF + PRIV_CNT_OFF + 4 * PRIV_CNT_N <= 2 * 4096, "priv state inside the percpu pages");
+
+static inline u64 read_cr4(void) { u64 v; __asm__ volatile("mov %%cr4, %0" : "=r"(v)); return v; }
+static inline void write_cr4(u64 v) { __asm__ volatile("mov %0, %%cr4" :: "r"(v) : "memory"); }
+static inline u64 rdtsc(void)
+{
+	u32 lo, hi;
+	__asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+	return ((u64)hi << 32) | lo;
+}
+
+/* ---------------- CPUID ---------------- */
+
+/* The guest policy entry for leaf/subleaf (0 if none: all-zero leaf). */
+static const u32 *cpuid_policy(u32 leaf, u32 sub)
+{
+	const u8 *t = G->cpuid_table;
+	for (u64 i = 0; i < G->nr_cpuid; i++, t += CPUID_ENT_SIZE) {
+		const u32 *e = (const u32 *)t;
+		if (e[0] == leaf && (e[1] == CPUID_ANY_SUBLEAF || e[1] == sub))
+			return e;
+	}
+	return 0;
+}
+
+/* Xen's emulate_forced_invalid_op: `ud2; .ascii "xen"; cpuid`. */
+int emulate_forced_cpuid(struct percpu *pc, struct frame *f)
+{
+	static const u8 sig[7] = { 0x0f, 0x0b, 'x', 'e', 'n', 0x0f, 0xa2 };
+	u8 b[7];
+	if (!pc->kernel_mode || from_guest(b, f->rip, 7))
+		return 0;
+	for (int i = 0; i < 7; i++)
+		if (b[i] != sig[i])
+			return 0;
+	const u32 *e = cpuid_policy((u32)f->rax, (u32)f->rcx);
+	f->rax = e ? e[2] : 0;
+	f->rbx = e ? e[3] : 0;
+	f->rcx = e ? e[4] : 0;
+	f->rdx = e ? e[5] : 0;
+	f->rip += 7;
+	PRIV(pc, PRIV_CPUIDS)++;
+	return 1;
+}
+
+static int policy_has(u32 leaf, int reg, int bit)
+{
+	const u32 *e = cpuid_policy(leaf, 0);
+	return e && ((e[2 + reg] >> bit) & 1);
+}
+
+/* ---------------- control and debug registers ---------------- */
+
+static u64 guest_cr4(struct percpu *pc)
+{
+	return (read_cr4() & PV_CR4_GUEST_VISIBLE_MASK) | (PRIV(pc, PRIV_VCR4) & PV_CR4_GUEST_MASK);
+}
+
+/* Xen's pv_fixup_guest_cr4 + write: the guest controls TSD, DE, FSGSBASE
+ * and OSXSAVE (as far as its CPUID policy allows); the rest is read-only.
+ * DE and FSGSBASE also go to the real CR4 (they change what CPL3 code may
+ * do); TSD is only remembered (rdtsc stays native); OSXSAVE stays as the
+ * VMM set it (Xen runs with it on and leaks it, see cpuid.py). */
+static void write_guest_cr4(struct percpu *pc, u64 val)
+{
+	u64 allowed = CR4_TSD | CR4_DE;
+	if (policy_has(7, 1, 0))
+		allowed |= CR4_FSGSBASE;
+	if (policy_has(1, 2, 26))
+		allowed |= CR4_OSXSAVE;
+	val &= allowed;
+	PRIV(pc, PRIV_VCR4) = val;
+	u64 real = read_cr4(), want = (real & ~(CR4_DE | CR4_FSGSBASE)) | (val & (CR4_DE | CR4_FSGSBASE));
+	if (want != real)
+		write_cr4(want);
+}
+
+static long dr_ok(u64 reg, u64 val)
+{
+	if (reg <= 3)
+		return range_ok(val, 1) ? 0 : -XEN_EPERM;
+	return 0;
+}
+
+/* DR4/DR5 alias DR6/DR7 unless CR4.DE; -1 for no such register */
+static int dr_index(struct percpu *pc, u64 reg)
+{
+	if (reg == 4 || reg == 5)
+		return (guest_cr4(pc) & CR4_DE) ? -1 : (int)reg + 2;
+	return reg <= 7 ? (int)reg : -1;
+}
+
+long do_set_debugreg(struct percpu *pc, u64 reg, u64 val)
+{
+	int n = dr_index(pc, reg);
+	if (n < 0)
+		return -XEN_EINVAL;
+	reg = n;
+	long rc = dr_ok(reg, val);
+	if (rc)
+		return rc;
+	if (reg == 6)
+		val = (val & ~DR6_FIXED) | DR6_FIXED;
+	if (reg == 7) {
+		if (val >> 32)
+			return -XEN_EINVAL;
+		val |= DR7_FIXED;
+	}
+	/* Remembered, not loaded: guest hardware breakpoints are not
+	 * supported (the shim would have to switch them on mode changes). */
+	PRIV(pc, PRIV_DR + reg * 8) = val;
+	return 0;
+}
+
+long do_get_debugreg(struct percpu *pc, u64 reg)
+{
+	int n = dr_index(pc, reg);
+	if (n < 0)
+		return -XEN_EINVAL;
+	reg = n;
+	u64 v = PRIV(pc, PRIV_DR + reg * 8);
+	if (reg == 6)
+		v |= DR6_FIXED;
+	if (reg == 7)
+		v |= DR7_FIXED;
+	return (long)v;
+}
+
+void priv_set_iopl(struct percpu *pc, u64 arg_va)
+{
+	u32 iopl;
+	if (!from_guest(&iopl, arg_va, 4) && iopl <= 3)
+		PRIV(pc, PRIV_IOPL) = iopl;
+}
+
+/* ---------------- MSRs ---------------- */
+
+static int read_msr(struct percpu *pc, u32 msr, u64 *v)
+{
+	switch (msr) {
+	case MSR_FS_BASE: case MSR_GS_BASE: case MSR_KERNEL_GS_BASE:
+		*v = rdmsr(msr);
+		return 1;
+	case MSR_TSC_AUX:
+		*v = PRIV(pc, PRIV_TSC_AUX);
+		return 1;
+	case MSR_IA32_TSC:
+		*v = rdtsc();
+		return 1;
+	case MSR_EFER:
+		*v = EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE;
+		return 1;
+	case MSR_IA32_CR_PAT:       /* the PAT really in force (Xen: its own) */
+		*v = rdmsr(MSR_IA32_CR_PAT);
+		return 1;
+	case MSR_IA32_MISC_ENABLE:
+		*v = MISC_ENABLE_PV;
+		return 1;
+	case MSR_IA32_FEAT_CTL:
+		*v = FEAT_CTL_LOCKED;
+		return 1;
+	case MSR_AMD64_DE_CFG:
+		*v = DE_CFG_LFENCE_SERIALISE;
+		return 1;
+	case MSR_IA32_PLATFORM_ID: case MSR_IA32_UCODE_REV: case MSR_PLATFORM_INFO:
+	case MSR_MISC_FEATURES_EN: case MSR_IA32_MCG_CAP: case MSR_IA32_MCG_STATUS:
+	case MSR_IA32_DEBUGCTL: case MSR_K7_HWCR:
+	case MSR_STAR: case MSR_LSTAR_NR: case MSR_CSTAR_NR: case MSR_SYSCALL_MASK:
+	case MSR_IA32_SYSENTER_CS: case MSR_IA32_SYSENTER_CS + 1: case MSR_IA32_SYSENTER_EIP:
+		*v = 0;
+		return 1;
+	}
+	return 0;
+}
+
+static int write_msr(struct percpu *pc, u32 msr, u64 v)
+{
+	switch (msr) {
+	case MSR_FS_BASE: case MSR_GS_BASE: case MSR_KERNEL_GS_BASE:
+		if (!canonical(v))
+			return 0;
+		wrmsr(msr, v);
+		return 1;
+	case MSR_TSC_AUX:           /* rdtscp/rdpid in the guest read it natively */
+		if (v >> 32)
+			return 0;
+		PRIV(pc, PRIV_TSC_AUX) = v;
+		wrmsr(MSR_TSC_AUX, v);
+		return 1;
+	case MSR_EFER:              /* no bit may change */
+		return v == (EFER_SCE | EFER_LME | EFER_LMA | EFER_NXE);
+	case MSR_IA32_UCODE_REV: case MSR_MISC_FEATURES_EN: case MSR_IA32_DEBUGCTL:
+		return v == 0;       /* Xen accepts the no-op write only */
+	case MSR_IA32_CR_PAT: case MSR_IA32_MISC_ENABLE: case MSR_AMD64_DE_CFG:
+	case MSR_STAR: case MSR_LSTAR_NR: case MSR_CSTAR_NR: case MSR_SYSCALL_MASK:
+	case MSR_IA32_SYSENTER_CS: case MSR_IA32_SYSENTER_CS + 1: case MSR_IA32_SYSENTER_EIP:
+		return 1;            /* silently dropped, as Xen does for a domU */
+	}
+	return 0;
+}
+
+/* ---------------- the decoder ---------------- */
+
+static u64 *gpr(struct frame *f, int idx)
+{
+	static const u8 off[16] = { 14, 12, 11, 13, 255, 8, 10, 9, 7, 6, 5, 4, 3, 2, 1, 0 };
+	return idx == 4 ? &f->rsp : &((u64 *)f)[off[idx]];
+}
+
+/* Xen's iopl_ok: kernel mode is virtual ring 1, user mode ring 3. */
+static int io_ok(struct percpu *pc)
+{
+	return PRIV(pc, PRIV_IOPL) >= (pc->kernel_mode ? 1 : 3);
+}
+
+/* A domU owns no I/O ports: reads return all ones, writes are dropped. */
+static void io_read(struct frame *f, int size)
+{
+	if (size == 4)
+		f->rax = 0xffffffffUL;          /* 32-bit result zero-extends */
+	else
+		f->rax |= size == 1 ? 0xffUL : 0xffffUL;
+}
+
+static int emulate_string_io(struct percpu *pc, struct frame *f, u8 op, int size, int rep, int len)
+{
+	u64 n = rep ? f->rcx : 1;
+	long step = (f->rflags & RFLAGS_DF) ? -size : size;
+	u64 ones = ~0UL;
+	for (u64 i = 0; i < n; i++) {
+		if (op == 0x6c || op == 0x6d) {   /* ins: store all-ones at rdi */
+			if (to_guest(f->rdi, &ones, size))
+				return 0;
+			f->rdi += step;
+		} else {
+			f->rsi += step;
+		}
+		if (rep)
+			f->rcx--;
+	}
+	(void)pc;
+	f->rip += len;
+	return 1;
+}
+
+static int decode(struct percpu *pc, struct frame *f)
+{
+	u8 b[16] = { 0 };
+	int i = 0, opsize = 4, rep = 0, rex = 0;
+	if (from_guest(b, f->rip, sizeof(b)) && from_guest(b, f->rip, 4))
+		return 0;
+	/* prefixes: operand size, rep, segment overrides, one REX */
+	for (; i < 4; i++) {
+		if (b[i] == 0x66)
+			opsize = 2;
+		else if (b[i] == 0xf3 || b[i] == 0xf2)
+			rep = 1;
+		else if (b[i] == 0x2e || b[i] == 0x3e || b[i] == 0x26 || b[i] == 0x36 || b[i] == 0x64 || b[i] == 0x65)
+			;
+		else
+			break;
+	}
+	if ((b[i] & 0xf0) == 0x40) {
+		rex = b[i];
+		i++;
+	}
+	u8 op = b[i];
+
+	/* port I/O: allowed by the virtual IOPL only */
+	if (op == 0xe4 || op == 0xe5 || op == 0xe6 || op == 0xe7 || (op >= 0xec && op <= 0xef)
+	    || (op >= 0x6c && op <= 0x6f)) {
+		int size = (op & 1) ? opsize : 1;
+		if (!io_ok(pc))
+			return 0;
+		if (op >= 0x6c && op <= 0x6f)
+			return emulate_string_io(pc, f, op, size, rep, i + 1);
+		if (op == 0xe4 || op == 0xe5 || op == 0xec || op == 0xed)
+			io_read(f, size);
+		f->rip += i + (op <= 0xe7 ? 2 : 1);   /* e4-e7 carry an imm8 port */
+		return 1;
+	}
+	if (op == 0xfa || op == 0xfb) {   /* cli/sti: IF is the upcall mask */
+		if (!pc->kernel_mode)
+			return 0;
+		f->rip += i + 1;
+		return 1;
+	}
+	/* iretq to the same privilege (sync_core's iret_to_self) */
+	if (op == 0xcf && (rex & 8)) {
+		u64 c[5];   /* rip cs rflags rsp ss */
+		if (from_guest(c, f->rsp, sizeof(c)) || (c[1] & 3) != 3 || (c[4] & 3) != 3 || !canonical(c[0]))
+			return 0;
+		f->rip = c[0];
+		f->cs = c[1] & 0xffff;
+		f->rflags = (c[2] & RFLAGS_GUEST_MASK) | RFLAGS_IF | RFLAGS_FIXED;
+		f->rsp = c[3];
+		f->ss = c[4] & 0xffff;
+		return 1;
+	}
+	if (!pc->kernel_mode || op != 0x0f)
+		return 0;
+	u8 op2 = b[i + 1], modrm = b[i + 2];
+	int len = i + 2;   /* bytes up to and including op2 */
+
+	switch (op2) {
+	case 0x30: case 0x32: {   /* wrmsr, rdmsr */
+		u32 msr = (u32)f->rcx;
+		u64 v = (f->rdx << 32) | (u32)f->rax;
+		int ok = op2 == 0x30 ? write_msr(pc, msr, v) : read_msr(pc, msr, &v);
+		if (!ok) {
+			PRIV(pc, PRIV_MSR_UNKNOWN)++;
+			PRIV(pc, PRIV_LAST_MSR) = msr | (op2 == 0x30 ? 1UL << 32 : 0);
+			return 0;         /* Xen: #GP for MSRs a domU may not touch */
+		}
+		if (op2 == 0x32) {
+			f->rax = (u32)v;
+			f->rdx = v >> 32;
+		}
+		f->rip += len;
+		return 1;
+	}
+	case 0x06:   /* clts */
+		pc->vcr0_ts = 0;
+		write_cr0(read_cr0() & ~CR0_TS_BIT);
+		f->rip += len;
+		return 1;
+	case 0x08: case 0x09:   /* invd, wbinvd: no cache-flush rights, ignored */
+		f->rip += len;
+		return 1;
+	case 0x01:
+		if (modrm == 0xd1) {   /* xsetbv */
+			u64 v = (f->rdx << 32) | (u32)f->rax;
+			const u32 *e = cpuid_policy(0xd, 0);
+			u64 ok = e ? ((u64)e[5] << 32) | e[2] : 1;
+			if ((u32)f->rcx != 0 || !(v & 1) || (v & ~ok) || ((v & 4) && !(v & 2))
+			    || !(read_cr4() & CR4_OSXSAVE))
+				return 0;
+			__asm__ volatile("xsetbv" :: "c"(0), "a"((u32)v), "d"((u32)(v >> 32)) : "memory");
+			PRIV(pc, PRIV_XCR0) = v;
+			f->rip += len + 1;
+			return 1;
+		}
+		if (modrm == 0xf9) {   /* rdtscp: TSC_AUX from the guest's value */
+			u64 t = rdtsc();
+			f->rax = (u32)t;
+			f->rdx = t >> 32;
+			f->rcx = PRIV(pc, PRIV_TSC_AUX);
+			f->rip += len + 1;
+			return 1;
+		}
+		return 0;
+	case 0x20: case 0x22: {   /* mov %crN, r64 / mov r64, %crN */
+		if ((modrm & 0xc0) != 0xc0)
+			return 0;
+		int cr = ((modrm >> 3) & 7) | ((rex & 4) << 1);
+		u64 *r = gpr(f, (modrm & 7) | ((rex & 1) << 3));
+		if (op2 == 0x20) {
+			switch (cr) {
+			case 0: *r = (read_cr0() & ~CR0_TS_BIT) | (pc->vcr0_ts ? CR0_TS_BIT : 0); break;
+			case 2: *r = *(u64 *)(pc->vcpu_info + VI_CR2); break;
+			case 3: *r = pc->cr3_kernel; break;
+			case 4: *r = guest_cr4(pc); break;
+			default: return 0;
+			}
+		} else {
+			switch (cr) {
+			case 0:   /* only TS may change (Xen: fpu_taskswitch) */
+				if ((*r ^ read_cr0()) & ~CR0_TS_BIT)
+					return 0;
+				pc->vcr0_ts = (*r & CR0_TS_BIT) != 0;
+				write_cr0((read_cr0() & ~CR0_TS_BIT) | (*r & CR0_TS_BIT));
+				break;
+			case 2:
+				*(u64 *)(pc->vcpu_info + VI_CR2) = *r;
+				break;
+			case 4:
+				write_guest_cr4(pc, *r);
+				break;
+			default:
+				return 0;    /* cr3 goes through mmuext_op, cr8 does not exist */
+			}
+		}
+		f->rip += len + 1;
+		return 1;
+	}
+	case 0x21: case 0x23: {   /* mov %drN, r64 / mov r64, %drN */
+		if ((modrm & 0xc0) != 0xc0)
+			return 0;
+		int dr = ((modrm >> 3) & 7) | ((rex & 4) << 1);
+		u64 *r = gpr(f, (modrm & 7) | ((rex & 1) << 3));
+		if (op2 == 0x21) {
+			if (dr_index(pc, dr) < 0)
+				return 0;
+			*r = (u64)do_get_debugreg(pc, dr);
+		} else if (do_set_debugreg(pc, dr, *r)) {
+			return 0;
+		}
+		f->rip += len + 1;
+		return 1;
+	}
+	}
+	return 0;
+}
+
+int emulate_priv(struct percpu *pc, struct frame *f)
+{
+	int done = decode(pc, f);
+	if (done)
+		PRIV(pc, PRIV_EMULATED)++;
+	return done;
+}

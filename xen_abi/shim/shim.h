@@ -1,0 +1,215 @@
+/* Declarations shared by the shim's C files (shim.c, mmu.c, events.c, ...):
+ * the saved-register frame, the per-vCPU and global blocks, CPU helpers and
+ * the fault-tolerant guest-memory accessors.  Everything here is static
+ * inline or a type, so each C file that includes it stays self-contained.
+ *
+ * Build-time constants from Python (-D): REGION_VA, GLOBALS_OFF,
+ * PERCPU_BLOCK_SIZE, PERCPU_IN_BLOCK, SHIM_EXIT_PORT. */
+#ifndef SHIM_SHIM_H
+#define SHIM_SHIM_H
+#include <stddef.h>
+#include <stdint.h>
+#include "xen_abi.h"
+
+typedef uint8_t u8;
+typedef uint16_t u16;
+typedef uint32_t u32;
+typedef uint64_t u64;
+typedef int64_t s64;
+
+#define RFLAGS_CF   0x1UL
+#define RFLAGS_TF   0x100UL
+#define RFLAGS_IF   0x200UL
+#define RFLAGS_DF   0x400UL
+#define RFLAGS_IOPL 0x3000UL
+#define RFLAGS_NT   0x4000UL
+#define RFLAGS_RF   0x10000UL
+#define RFLAGS_VM   0x20000UL
+#define RFLAGS_AC   0x40000UL
+#define RFLAGS_FIXED 0x2UL
+/* bits a guest may set through iret (arithmetic + TF/DF/AC/ID) */
+#define RFLAGS_GUEST_MASK 0x254dd5UL
+/* the arithmetic flags (CF PF AF ZF SF OF) */
+#define RFLAGS_ARITH 0x8d5UL
+
+#define PTE_P   0x1UL
+#define PTE_RW  0x2UL
+#define PTE_US  0x4UL
+#define PTE_PS  0x80UL
+#define PTE_ADDR 0x000ffffffffff000UL
+
+#define PFEC_P  1
+#define PFEC_W  2
+#define PFEC_U  4
+#define PFEC_RSVD 8
+
+#define MSR_FS_BASE        0xc0000100
+#define MSR_GS_BASE        0xc0000101
+#define MSR_KERNEL_GS_BASE 0xc0000102
+
+#define CR0_TS 0x8UL
+
+#define VEC_DE 0
+#define VEC_NMI 2
+#define VEC_BP 3
+#define VEC_UD 6
+#define VEC_NM 7
+#define VEC_DF 8
+#define VEC_GP 13
+#define VEC_PF 14
+#define VEC_MC 18
+
+/* Saved state, lowest address first (see shim_common in entry.S). */
+struct frame {
+	u64 r15, r14, r13, r12, r11, r10, r9, r8, rbp, rdi, rsi, rdx, rcx, rbx, rax;
+	u64 vec, err;
+	u64 rip, cs, rflags, rsp, ss;
+};
+
+struct trap_ent { u64 addr; u64 flags; };
+
+/* Guest GDT/LDT state of one vCPU (mmu.c).  The guest's descriptor frames
+ * are copied (validated) into the per-vCPU GDT pages; see mmu.c. */
+#define SHIM_MAX_GDT_FRAMES 14
+#define SHIM_MAX_LDT_FRAMES 16
+struct desc_state {
+	u64 gdt_frames[SHIM_MAX_GDT_FRAMES];   /* machine frame numbers */
+	u64 gdt_ents;                          /* entries in use (0 = none) */
+	u64 ldt_base;                          /* guest linear address */
+	u64 ldt_ents;
+	u64 ldt_frames[SHIM_MAX_LDT_FRAMES];
+};
+
+struct percpu {
+	/* boot block, written by Python (PC_* offsets) */
+	u64 vcpu_id;
+	u8 *vcpu_info;
+	u64 lstar;
+	u64 kernel_sp;
+	u64 kernel_ss;
+	u64 kernel_mode;
+	u64 cr3_kernel;
+	u64 cr3_user;
+	u64 *mailbox;
+	u64 syscall_rsp;
+	/* shim-private */
+	u64 event_cb, failsafe_cb, syscall_cb, nmi_cb;
+	u64 cb_mask;           /* bit n: callback type n masks events */
+	u64 vcr0_ts;
+	struct trap_ent traps[256];
+	struct desc_state desc;
+};
+
+struct globals {
+	u64 flags;
+	u8 *shared_info;
+	u8 *cpuid_table;
+	u64 nr_cpuid;
+	u8 *directmap;
+	u64 ram_pages;
+	u64 l4_slots[XEN_HV_L4_COUNT];
+	u64 *m2p;
+	u8 *ftype;             /* one byte per RAM frame: page-table type (mmu.c) */
+	u64 region_gpa;        /* guest-physical base of the VMM region */
+};
+
+_Static_assert(offsetof(struct percpu, vcpu_info) == PC_VCPU_INFO, "pc");
+_Static_assert(offsetof(struct percpu, lstar) == PC_LSTAR, "pc");
+_Static_assert(offsetof(struct percpu, kernel_sp) == PC_KERNEL_SP, "pc");
+_Static_assert(offsetof(struct percpu, kernel_ss) == PC_KERNEL_SS, "pc");
+_Static_assert(offsetof(struct percpu, kernel_mode) == PC_KERNEL_MODE, "pc");
+_Static_assert(offsetof(struct percpu, cr3_kernel) == PC_CR3_KERNEL, "pc");
+_Static_assert(offsetof(struct percpu, cr3_user) == PC_CR3_USER, "pc");
+_Static_assert(offsetof(struct percpu, mailbox) == PC_MAILBOX, "pc");
+_Static_assert(offsetof(struct percpu, syscall_rsp) == PC_SYSCALL_RSP, "pc");
+_Static_assert(sizeof(struct percpu) <= 2 * 4096, "percpu fits its 2 pages");
+_Static_assert(offsetof(struct globals, shared_info) == SG_SHARED_INFO, "sg");
+_Static_assert(offsetof(struct globals, cpuid_table) == SG_CPUID_TABLE, "sg");
+_Static_assert(offsetof(struct globals, nr_cpuid) == SG_NR_CPUID, "sg");
+_Static_assert(offsetof(struct globals, directmap) == SG_DIRECTMAP, "sg");
+_Static_assert(offsetof(struct globals, ram_pages) == SG_RAM_PAGES, "sg");
+_Static_assert(offsetof(struct globals, l4_slots) == SG_L4_SLOTS, "sg");
+_Static_assert(offsetof(struct globals, m2p) == SG_M2P, "sg");
+_Static_assert(offsetof(struct globals, ftype) == SG_FTYPE, "sg");
+_Static_assert(offsetof(struct globals, region_gpa) == SG_REGION_GPA, "sg");
+_Static_assert(sizeof(struct globals) == SG_SIZE, "sg");
+
+#define G ((struct globals *)(REGION_VA + GLOBALS_OFF))
+
+long guest_copy(void *dst, const void *src, u64 n);
+long guest_load_gs(u16 sel);
+extern char shim_copy_insn[], shim_copy_fault[], shim_gs_insn[], shim_gs_fault[];
+extern char shim_iret_insn[];
+
+static inline struct percpu *pcpu(void)
+{
+	u64 sp;
+	__asm__("mov %%rsp, %0" : "=r"(sp));
+	return (struct percpu *)((sp & ~(u64)(PERCPU_BLOCK_SIZE - 1)) + PERCPU_IN_BLOCK);
+}
+
+static inline u64 read_cr2(void) { u64 v; __asm__ volatile("mov %%cr2, %0" : "=r"(v)); return v; }
+static inline u64 read_cr3(void) { u64 v; __asm__ volatile("mov %%cr3, %0" : "=r"(v)); return v; }
+static inline void write_cr3(u64 v) { __asm__ volatile("mov %0, %%cr3" :: "r"(v) : "memory"); }
+static inline u64 read_cr0(void) { u64 v; __asm__ volatile("mov %%cr0, %0" : "=r"(v)); return v; }
+static inline void write_cr0(u64 v) { __asm__ volatile("mov %0, %%cr0" :: "r"(v) : "memory"); }
+static inline void invlpg(u64 va) { __asm__ volatile("invlpg (%0)" :: "r"(va) : "memory"); }
+static inline void swapgs(void) { __asm__ volatile("swapgs" ::: "memory"); }
+static inline u64 rdmsr(u32 msr)
+{
+	u32 lo, hi;
+	__asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr));
+	return ((u64)hi << 32) | lo;
+}
+static inline void wrmsr(u32 msr, u64 v)
+{
+	__asm__ volatile("wrmsr" :: "c"(msr), "a"((u32)v), "d"((u32)(v >> 32)) : "memory");
+}
+
+static inline int canonical(u64 va) { return (u64)((s64)(va << 16) >> 16) == va; }
+
+/* A guest pointer range is usable if canonical, not wrapping, and clear of
+ * the hypervisor hole (where the shim itself lives). */
+static inline int range_ok(u64 va, u64 n)
+{
+	u64 end = va + n;
+	if (end < va || !canonical(va) || (n && !canonical(end - 1)))
+		return 0;
+	if (end > XEN_HV_VIRT_START && va < XEN_HV_VIRT_END)
+		return 0;
+	return 1;
+}
+
+static inline long from_guest(void *dst, u64 va, u64 n)
+{
+	return range_ok(va, n) ? guest_copy(dst, (const void *)va, n) : -XEN_EFAULT;
+}
+
+static inline long to_guest(u64 va, const void *src, u64 n)
+{
+	return range_ok(va, n) ? guest_copy((void *)va, src, n) : -XEN_EFAULT;
+}
+
+/* The one exit to Python.  The vCPU thread handles it synchronously and
+ * resumes us right after the `out`. */
+static inline void exit_to_python(void)
+{
+	__asm__ volatile("outl %%eax, %%dx" :: "a"(0), "d"(SHIM_EXIT_PORT) : "memory");
+}
+
+static inline __attribute__((noreturn)) void stop_here(void)
+{
+	for (;;)
+		__asm__ volatile("cli; hlt");
+}
+
+/* ---- mmu.c: page tables, writable page tables, descriptor tables ---- */
+long do_mmu_update(struct percpu *pc, u64 reqs, u64 count, u64 done_ptr, u64 domid);
+long do_mmuext_op(struct percpu *pc, u64 ops, u64 count, u64 done_ptr, u64 domid);
+long do_update_va_mapping(struct percpu *pc, u64 va, u64 val, u64 flags);
+long do_set_gdt(struct percpu *pc, u64 frames_ptr, u64 entries);
+long do_update_descriptor(struct percpu *pc, u64 maddr, u64 desc);
+/* #PF from the guest: 1 if handled here (lazy _PAGE_USER fix-up or an
+ * emulated page-table write), 0 to bounce it to the guest. */
+int mmu_page_fault(struct percpu *pc, struct frame *f, u64 cr2);
+#endif

@@ -1,0 +1,232 @@
+"""Host side of the shim's time, timer and event paths (shim/events.c).
+
+* pvclock: the vcpu_info.time record Xen keeps per vCPU (version odd while
+  writing), computed from one TSC snapshot -- with a constant TSC one
+  suffices -- and Xen's set_time_scale();
+* the shared_info wallclock (wall time at system time 0);
+* the per-vCPU events block the shim reads (EVB_* in shim/events.h);
+* the vCPU's LAPIC set up for the shim's timer (x2APIC, TSC-deadline mode
+  when KVM offers it, else one-shot) and the "event check" MSI that kicks
+  a vCPU after Python raised one of its ports.
+"""
+from __future__ import annotations
+
+import fcntl
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from pyvmm.vmm import x86
+from pyvmm.vmm.kvm import Cap
+
+from . import abi
+
+# ---- mirrors of shim/events.h (tests compare) ----
+HC_set_timer_op = 15
+XEN_VCPUOP_stop_periodic_timer = 7
+XEN_VCPUOP_set_singleshot_timer = 8
+XEN_VCPUOP_stop_singleshot_timer = 9
+XEN_VCPU_SSHOTTMR_future = 1
+XEN_EVTCHNOP_send = 4
+XEN_ETIME = 62
+XEN_NR_EVENT_CHANNELS = 4096
+SI_EVTCHN_PENDING = 2048
+SI_EVTCHN_MASK = 2560
+EVB_TIMER_PORT = 0
+EVB_TSC_TIMESTAMP = 8
+EVB_SYSTEM_TIME = 16
+EVB_TSC_MUL = 24
+EVB_TSC_SHIFT = 32
+EVB_NS_TO_TSC_MUL = 40
+EVB_XEN_VERSION = 48
+EVB_FLAGS = 56
+EVB_DEADLINE_NS = 64
+EVB_ARMED = 72
+EVB_TIMER_IRQS = 80
+EVB_CHECK_IRQS = 88
+EVB_BLOCKS = 96
+EVB_BACKEND_SENDS = 104
+EVB_BACKEND_MAP = 512
+EVB_SIZE = 512 + 4096 // 8
+EVF_TSC_DEADLINE = 1
+EVF_SEND_PORT = 2
+EV_TIMER_VECTOR = 0xF0
+EV_CHECK_VECTOR = 0xF1
+EV_SPURIOUS_VECTOR = 0xFF
+MSR_X2APIC_EOI = 0x80B
+MSR_X2APIC_TMICT = 0x838
+MSR_TSC_DEADLINE = 0x6E0
+APIC_BUS_NS = 1
+ONESHOT_MAX_COUNT = 0xFFFFFFFF
+EV_SEND_PORT = 0x0704
+
+# ---- KVM / LAPIC ----
+KVM_GET_TSC_KHZ = 0xAEA3            # _IO(KVMIO, 0xa3), on a vCPU fd
+APIC_REG_SVR = 0xF0
+APIC_REG_LVTT = 0x320
+APIC_REG_TDCR = 0x3E0
+APIC_SVR_ENABLE = 1 << 8
+APIC_LVT_MASKED = 1 << 16
+APIC_LVTT_TSC_DEADLINE = 2 << 17
+APIC_LVTT_ONESHOT = 0
+APIC_LVTT_MODE_MASK = 3 << 17
+APIC_TDCR_DIV_1 = 0xB
+CPUID1_ECX_X2APIC = 1 << 21
+CPUID1_ECX_TSC_DEADLINE = 1 << 24
+MSI_DEST_ID_SHIFT = 12               # MSI address bits 19:12: destination APIC ID
+
+NS_PER_SEC = 1_000_000_000
+U64 = (1 << 64) - 1
+_SLOT = struct.Struct("<Q")
+
+
+def time_scale(tsc_hz: int) -> tuple[int, int]:
+    """Xen's set_time_scale: (mul, shift) with ns = ((tsc << shift) * mul) >> 32
+    (right shift for negative shift), mul a 32-bit fraction in [0.5, 1)."""
+    if tsc_hz <= 0:
+        raise ValueError("TSC frequency must be positive")
+    shift, t = 0, tsc_hz
+    while t <= NS_PER_SEC:        # the fraction must stay below 1
+        t <<= 1
+        shift += 1
+    while t > 2 * NS_PER_SEC:     # ... and at least 1/2
+        t >>= 1
+        shift -= 1
+    mul = (NS_PER_SEC << 32) // t
+    assert 1 << 31 <= mul < 1 << 32
+    return mul, shift
+
+
+def pvclock_ns(tsc: int, clock: "PvClock") -> int:
+    """System time the guest computes from a TSC reading (the pvclock formula)."""
+    delta = (tsc - clock.tsc_timestamp) & U64
+    delta = (delta << clock.tsc_shift) & U64 if clock.tsc_shift >= 0 else delta >> -clock.tsc_shift
+    return clock.system_time + ((delta * clock.tsc_to_system_mul) >> 32)
+
+
+def tsc_is_stable() -> bool:
+    """constant + nonstop TSC on the host: one pvclock snapshot stays valid."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return {"constant_tsc", "nonstop_tsc"} <= flags
+    return False
+
+
+@dataclass
+class PvClock:
+    tsc_timestamp: int
+    system_time: int
+    tsc_to_system_mul: int
+    tsc_shift: int
+    flags: int
+    tsc_khz: int
+
+    @property
+    def ns_to_tsc_mul(self) -> int:
+        """tsc ticks = ns * this >> 32 (the shim's deadline conversion)."""
+        return (self.tsc_khz << 32) // 1_000_000
+
+
+def write_vcpu_time(phys, vcpu_info_gpa: int, clock: PvClock) -> None:
+    """vcpu_info.time with Xen's version protocol: odd while the record is
+    inconsistent, even (and bumped) once it is complete."""
+    base = vcpu_info_gpa + abi.VCPU_INFO_TIME
+    version = int.from_bytes(phys.read(base, 4), "little")
+    odd = version + 1 if not version & 1 else version
+    phys.write(base, struct.pack("<I", odd & 0xFFFFFFFF))
+    rec = abi.VcpuTimeInfo.build({
+        "version": odd & 0xFFFFFFFF, "pad0": 0, "tsc_timestamp": clock.tsc_timestamp & U64,
+        "system_time": clock.system_time & U64, "tsc_to_system_mul": clock.tsc_to_system_mul,
+        "tsc_shift": clock.tsc_shift, "flags": clock.flags, "pad1": bytes(2)})
+    phys.write(base + 4, rec[4:])
+    phys.write(base, struct.pack("<I", (odd + 1) & 0xFFFFFFFF))
+
+
+def write_wallclock(phys, shared_info_gpa: int, wall_ns_at_zero: int) -> None:
+    """shared_info wc_* = wall-clock time at system time 0 (version odd/even)."""
+    base = shared_info_gpa
+    v = int.from_bytes(phys.read(base + abi.SHARED_INFO_WC_VERSION, 4), "little")
+    odd = v + 1 if not v & 1 else v
+    sec, nsec = divmod(wall_ns_at_zero, NS_PER_SEC)
+    phys.write(base + abi.SHARED_INFO_WC_VERSION, struct.pack("<I", odd & 0xFFFFFFFF))
+    phys.write(base + abi.SHARED_INFO_WC_SEC, struct.pack("<III", sec & 0xFFFFFFFF, nsec,
+                                                          (sec >> 32) & 0xFFFFFFFF))
+    phys.write(base + abi.SHARED_INFO_WC_VERSION, struct.pack("<I", (odd + 1) & 0xFFFFFFFF))
+
+
+def get_tsc_khz(vcpu) -> int:
+    return fcntl.ioctl(vcpu.fd, KVM_GET_TSC_KHZ)
+
+
+def write_events_block(mem, off: int, clock: PvClock, *, xen_version: int, tsc_deadline: bool,
+                       send_port: bool) -> None:
+    """The shim's inputs in one vCPU's events block (mem: the region's GuestMemory)."""
+    for slot, value in ((EVB_TSC_TIMESTAMP, clock.tsc_timestamp), (EVB_SYSTEM_TIME, clock.system_time),
+                        (EVB_TSC_MUL, clock.tsc_to_system_mul), (EVB_TSC_SHIFT, clock.tsc_shift & U64),
+                        (EVB_NS_TO_TSC_MUL, clock.ns_to_tsc_mul), (EVB_XEN_VERSION, xen_version),
+                        (EVB_FLAGS, (EVF_TSC_DEADLINE if tsc_deadline else 0)
+                         | (EVF_SEND_PORT if send_port else 0))):
+        mem.write_u64(off + slot, value & U64)
+
+
+def read_counters(mem, off: int) -> dict[str, int]:
+    return {name: mem.read_u64(off + slot) for name, slot in
+            (("timer_irqs", EVB_TIMER_IRQS), ("check_irqs", EVB_CHECK_IRQS),
+             ("blocks", EVB_BLOCKS), ("backend_sends", EVB_BACKEND_SENDS))}
+
+
+def set_backend_port(mem, off: int, port: int, on: bool) -> None:
+    if not 0 <= port < XEN_NR_EVENT_CHANNELS:
+        raise ValueError(f"port {port} out of range")
+    byte = off + EVB_BACKEND_MAP + port // 8
+    b = mem.read(byte, 1)[0]
+    b = b | (1 << port % 8) if on else b & ~(1 << port % 8)
+    mem.write(byte, bytes([b]))
+
+
+def want_tsc_deadline(kvm) -> bool:
+    return bool(kvm.check_extension(Cap.TSC_DEADLINE_TIMER))
+
+
+def _advertise(vcpu, bits: int) -> None:
+    """Set CPUID.1:ECX bits in the vCPU's KVM table (before its first run).
+    KVM only honours x2APIC / TSC-deadline mode when the table shows them,
+    and KVM_GET_SUPPORTED_CPUID leaves TSC-deadline out on some hosts
+    (userspace is expected to add it when KVM_CAP_TSC_DEADLINE_TIMER)."""
+    entries = vcpu.get_cpuid()
+    for e in entries:
+        if e.function == 1:
+            if e.ecx & bits == bits:
+                return
+            e.ecx |= bits
+    vcpu.set_cpuid(entries)
+
+
+def setup_lapic(vcpu, apic_id: int, *, tsc_deadline: bool) -> bool:
+    """x2APIC on, software-enabled, LVT timer unmasked on EV_TIMER_VECTOR in
+    TSC-deadline (or one-shot, divide-by-1) mode.  Returns whether
+    TSC-deadline mode took (read back from KVM); if not, one-shot."""
+    _advertise(vcpu, CPUID1_ECX_X2APIC | (CPUID1_ECX_TSC_DEADLINE if tsc_deadline else 0))
+    base = x86.APIC_DEFAULT_BASE | x86.APIC_BASE_ENABLE | x86.APIC_BASE_X2APIC
+    if apic_id == 0:
+        base |= x86.APIC_BASE_BSP
+    vcpu.set_msrs({x86.MSR_APIC_BASE: base})
+    st = vcpu.get_lapic()
+    st.set_reg(APIC_REG_SVR, APIC_SVR_ENABLE | EV_SPURIOUS_VECTOR)
+    st.set_reg(APIC_REG_TDCR, APIC_TDCR_DIV_1)
+    st.set_reg(APIC_REG_LVTT, EV_TIMER_VECTOR | (APIC_LVTT_TSC_DEADLINE if tsc_deadline else APIC_LVTT_ONESHOT))
+    vcpu.set_lapic(st)
+    if tsc_deadline and vcpu.get_lapic().reg(APIC_REG_LVTT) & APIC_LVTT_MODE_MASK != APIC_LVTT_TSC_DEADLINE:
+        st.set_reg(APIC_REG_LVTT, EV_TIMER_VECTOR | APIC_LVTT_ONESHOT)    # KVM refused the mode
+        vcpu.set_lapic(st)
+        return False
+    return tsc_deadline
+
+
+def msi_address(apic_id: int) -> int:
+    return x86.MSI_ADDRESS_BASE | (apic_id << MSI_DEST_ID_SHIFT)

@@ -1,0 +1,323 @@
+"""Tracing and post-mortem for PV guests: where a guest died and why.
+
+    sym = Symbolizer.from_file(find_system_map(kernel_files))
+    tr = Tracer(dom, symbols=sym, log_slow=True)   # attach before dom.run()
+    result = dom.run(timeout=60)
+    print(tr.report(result))        # last console lines, registers, stack, events
+
+What it records, without touching the shim's hot paths:
+  * every slow hypercall (the ones that exit to Python): number, sub-op,
+    arguments, result and the guest RIP that issued it (symbolized);
+  * KVM exits by reason;
+  * the last N of all that in a ring (``Tracer.events``).
+On a crash the guest's register state is read from the frame the shim
+saved on its own stack (the one it was handling when it gave up), and the
+guest kernel stack is scanned for kernel text addresses (Debian kernels
+use the ORC unwinder, not frame pointers, so like Linux's own "? sym"
+lines this is a scan, not an unwind).
+
+Debian's kernel packages ship a stub System.map; the real one is in the
+matching ``-dbg`` package.  ``find_system_map`` falls back to extracting
+just that file from the -dbg package (cached next to the other packages).
+"""
+from __future__ import annotations
+
+import bisect
+import collections
+import logging
+import os
+import struct
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import abi
+from . import vmm_region as R
+
+log = logging.getLogger(__name__)
+
+# The stub Debian ships in linux-image-*/boot/System.map-*.
+STUB_MARKER = b"The real System.map is in"
+# Frame the shim's common entry path pushes (struct frame in shim.c),
+# lowest address first.
+FRAME_FIELDS = ("r15", "r14", "r13", "r12", "r11", "r10", "r9", "r8", "rbp", "rdi", "rsi",
+                "rdx", "rcx", "rbx", "rax", "vec", "err", "rip", "cs", "rflags", "rsp", "ss")
+FRAME = struct.Struct(f"<{len(FRAME_FIELDS)}Q")
+# How many stack words a crash report scans for return addresses.
+STACK_SCAN_WORDS = 256
+# Crash "why" codes the shim reports (MB_INFO of MBOP_CRASH); see shim.c.
+CRASH_KINDS = {0x100: "no handler for vector", 0x200: "bounce frame unwritable for vector",
+               0x300: "HYPERVISOR_iret frame unreadable", 0x301: "iret to user without user L4",
+               0x400: "bad iret frame, fault vector"}
+VECTOR_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM",
+                8: "#DF", 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF",
+                17: "#AC", 18: "#MC", 19: "#XM", 0x1000: "event upcall"}
+
+
+def describe_crash(why: int) -> str:
+    base = why & ~0xFF
+    kind = CRASH_KINDS.get(why) or CRASH_KINDS.get(base)
+    if kind is None:
+        return f"crash code {why:#x}"
+    if why in CRASH_KINDS:
+        return kind
+    vec = why & 0xFF
+    return f"{kind} {vec} ({VECTOR_NAMES.get(vec, '?')})"
+
+
+# ---------------------------------------------------------------- symbols
+class Symbolizer:
+    """Address -> "symbol+0xoff" from a System.map (text symbols only)."""
+
+    TEXT_TYPES = frozenset("tTwW")
+
+    def __init__(self, entries: list[tuple[int, str]]):
+        entries = sorted(set(entries))
+        self.addrs = [a for a, _ in entries]
+        self.names = [n for _, n in entries]
+        self.by_name = {n: a for a, n in entries}
+        first, last = (self.addrs[0], self.addrs[-1] + 1) if self.addrs else (0, 0)
+        # kernel text, plus init text (freed later, but where early boot runs)
+        self.ranges = [(self.by_name.get("_stext", first), self.by_name.get("_etext", last))]
+        if "_sinittext" in self.by_name and "_einittext" in self.by_name:
+            self.ranges.append((self.by_name["_sinittext"], self.by_name["_einittext"]))
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike) -> "Symbolizer":
+        data = Path(path).read_bytes()
+        if STUB_MARKER in data[:4096]:
+            raise ValueError(f"{path} is Debian's stub System.map (see find_system_map)")
+        entries = []
+        for line in data.decode(errors="replace").splitlines():
+            parts = line.split()
+            if len(parts) >= 3 and parts[1] in cls.TEXT_TYPES:
+                try:
+                    entries.append((int(parts[0], 16), parts[2]))
+                except ValueError:
+                    continue
+        if not entries:
+            raise ValueError(f"{path}: no text symbols")
+        return cls(entries)
+
+    def is_text(self, addr: int) -> bool:
+        return any(lo <= addr < hi for lo, hi in self.ranges)
+
+    def lookup(self, addr: int) -> tuple[str, int] | None:
+        i = bisect.bisect_right(self.addrs, addr) - 1
+        if i < 0 or not self.is_text(addr):
+            return None
+        return self.names[i], addr - self.addrs[i]
+
+    def __call__(self, addr: int) -> str:
+        hit = self.lookup(addr)
+        if hit is None:
+            return f"{addr:#x}"
+        name, off = hit
+        return f"{name}+{off:#x}" if off else name
+
+
+def find_system_map(kernel=None, *, version: str | None = None, fetch: bool = True,
+                    progress: bool = True) -> Path | None:
+    """The real System.map of a Debian kernel.
+
+    kernel: a guests.debian.KernelFiles (or None with version=...).  Uses the
+    package's own map unless it is Debian's stub; then the -dbg package's
+    (extracted once into the pyvmm cache; fetch=False: only look)."""
+    if kernel is not None:
+        version = kernel.version
+        own = Path(kernel.vmlinuz).parent / f"System.map-{version}"
+        if own.exists() and STUB_MARKER not in own.read_bytes()[:4096]:
+            return own
+    if not version:
+        return None
+    from pyvmm.guests.debian import debian_cache
+    dest = debian_cache() / f"System.map-{version}"
+    if dest.exists():
+        return dest
+    if not fetch:
+        return None
+    pkg = f"linux-image-{version}-dbg"
+    member = f"./usr/lib/debug/boot/System.map-{version}"
+    workdir = debian_cache() / f".{pkg}.tmp"
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        if progress:
+            print(f"pyvmm: fetching {pkg} for its System.map", file=sys.stderr, flush=True)
+        subprocess.run(["apt-get", "-q", "-o", "APT::Sandbox::User=root", "download", pkg],
+                       cwd=workdir, check=True, capture_output=True)
+        deb = next(workdir.glob(f"{pkg}_*.deb"))
+        # only the one member: the package unpacks to ~1.7 GB
+        tar = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
+        subprocess.run(["tar", "-x", "-C", str(workdir), member], stdin=tar.stdout, check=True)
+        tar.wait()
+        os.replace(workdir / member, dest)
+    except (subprocess.CalledProcessError, StopIteration, OSError) as e:
+        log.warning("could not get the real System.map for %s: %s", version, e)
+        return None
+    finally:
+        subprocess.run(["rm", "-rf", str(workdir)])
+    return dest
+
+
+# ---------------------------------------------------------------- tracing
+@dataclass
+class TraceEvent:
+    t: float
+    kind: str          # "hcall" | "exit" | "crash"
+    text: str
+
+
+def _hc_name(nr: int) -> str:
+    try:
+        return abi.Hypercall(nr).name
+    except ValueError:
+        return f"hypercall#{nr}"
+
+
+@dataclass
+class Tracer:
+    """Attach to a Domain before run(): slow hypercalls, exits, crash dump."""
+    domain: object
+    symbols: Symbolizer | None = None
+    log_slow: bool = False
+    last_n: int = 64
+    out: object = None                      # file for log_slow lines (stderr)
+    events: collections.deque = field(init=False)
+    exit_counts: collections.Counter = field(default_factory=collections.Counter)
+    hcall_counts: collections.Counter = field(default_factory=collections.Counter)
+
+    def __post_init__(self):
+        self.events = collections.deque(maxlen=self.last_n)
+        self.t0 = time.monotonic()
+        d = self.domain
+        self._dispatch = d.dispatcher.dispatch
+        d.dispatcher.dispatch = self._traced_dispatch
+        self._run = d.vcpu.run
+        d.vcpu.run = self._traced_run
+
+    def sym(self, addr: int) -> str:
+        return self.symbols(addr) if self.symbols else f"{addr:#x}"
+
+    def _emit(self, kind: str, text: str):
+        ev = TraceEvent(time.monotonic() - self.t0, kind, text)
+        self.events.append(ev)
+        if self.log_slow and kind == "hcall":
+            print(f"[{ev.t:9.4f}] {text}", file=self.out or sys.stderr, flush=True)
+
+    def _traced_run(self, *a, **kw):
+        ex = self._run(*a, **kw)
+        try:
+            name = ex.reason.name
+        except AttributeError:
+            name = str(ex.reason)
+        self.exit_counts[name] += 1
+        return ex
+
+    def _traced_dispatch(self, ctx, nr, args=()):
+        rip = self.domain.phys.read_u64(self.domain.region.mailbox_gpa(ctx.vcpu_id) + R.MB_RIP * 8)
+        sub = args[0] & 0xFFFFFFFF if args else None
+        self.hcall_counts[(_hc_name(nr), sub)] += 1
+        try:
+            rc = self._dispatch(ctx, nr, args)
+        except BaseException as e:
+            self._emit("hcall", f"{_hc_name(nr)}({', '.join(hex(a) for a in args[:4])}) "
+                                f"from {self.sym(rip)} -> {type(e).__name__}: {e}")
+            raise
+        rcs = rc - (1 << 64) if rc >= 1 << 63 else rc
+        self._emit("hcall", f"{_hc_name(nr)}({', '.join(hex(a) for a in args[:4])}) "
+                            f"from {self.sym(rip)} -> {rcs}")
+        return rc
+
+    # ---- post-mortem ----
+    def guest_frame(self, vcpu: int = 0) -> dict:
+        """The guest state the shim saved when it last entered from the guest."""
+        return guest_frame(self.domain, vcpu)
+
+    def report(self, result=None, console_lines: int = 25) -> str:
+        return crash_report(self.domain, result, symbols=self.symbols, tracer=self,
+                            console_lines=console_lines)
+
+    def shim_counters(self, vcpu: int = 0) -> dict[str, int]:
+        """What the shim handled without leaving the guest (shim/priv.c)."""
+        return shim_counters(self.domain, vcpu)
+
+    def summary(self) -> str:
+        ex = ", ".join(f"{k}={v}" for k, v in self.exit_counts.most_common())
+        hc = ", ".join(f"{n}/{s}={c}" for (n, s), c in self.hcall_counts.most_common())
+        try:
+            sc = ", ".join(f"{k}={v}" for k, v in sorted(self.shim_counters().items(), key=lambda kv: -kv[1]))
+        except Exception as e:     # a shim without counters
+            sc = f"unavailable ({e})"
+        return f"KVM exits: {ex}\nslow hypercalls (name/sub-op=count): {hc}\nshim events: {sc}"
+
+
+def shim_counters(domain, vcpu: int = 0) -> dict[str, int]:
+    from . import priv
+    return priv.read_counters(domain.region.mem, domain.region.vcpus[vcpu].percpu_off)
+
+
+def guest_frame(domain, vcpu: int = 0) -> dict:
+    v = domain.region.vcpus[vcpu]
+    off = v.stack_block_off + R.STACK_TOP - FRAME.size
+    return dict(zip(FRAME_FIELDS, FRAME.unpack(domain.region.mem.read(off, FRAME.size))))
+
+
+def _stack_scan(domain, frame: dict, symbols: Symbolizer | None, words: int) -> list[str]:
+    from .guest_va import GuestVirtualMemory
+    mb = domain.region.mailbox_gpa(0)
+    cr3 = domain.phys.read_u64(mb + R.MB_CR3 * 8) or getattr(domain.layout, "l4_pfn", 0) << 12
+    vm = GuestVirtualMemory(domain.phys, cr3)
+    out = []
+    sp = frame["rsp"]
+    for i in range(words):
+        try:
+            w = int.from_bytes(vm.read(sp + 8 * i, 8), "little")
+        except Exception:
+            break
+        if symbols is not None and symbols.is_text(w):
+            out.append(f"  [{sp + 8 * i:#x}] ? {symbols(w)}")
+    return out
+
+
+def crash_report(domain, result=None, *, symbols: Symbolizer | None = None, tracer=None,
+                 console_lines: int = 25) -> str:
+    """Text for a human: last console lines, where the guest died, its
+    registers, a symbolized stack scan and the last traced events."""
+    sym = symbols or (lambda a: f"{a:#x}")
+    lines = []
+    con = bytes(getattr(result, "console", None) or domain.console).decode(errors="replace")
+    lines.append(f"--- last {console_lines} console lines ---")
+    lines += con.splitlines()[-console_lines:]
+    if result is not None:
+        lines.append(f"--- result: {getattr(result.reason, 'name', result.reason)} "
+                     f"after {result.elapsed:.2f} s, {result.slow_exits} slow exits ---")
+        ci = result.crash_info
+        if ci:
+            lines.append(f"shim: {describe_crash(ci['info'])} at {sym(ci['rip'])} "
+                         f"(rip {ci['rip']:#x}, err/info2 {ci['info2']:#x})")
+    try:
+        f = guest_frame(domain)
+    except Exception as e:       # region gone: report what we have
+        lines.append(f"(no register state: {e})")
+        f = None
+    if f is not None:
+        lines.append(f"--- guest state at last shim entry (vector {f['vec']:#x} "
+                     f"{VECTOR_NAMES.get(f['vec'], '')}) ---")
+        lines.append(f"RIP {f['cs']:04x}:{f['rip']:#018x} {sym(f['rip'])}")
+        lines.append(f"RSP {f['ss']:04x}:{f['rsp']:#018x} RFLAGS {f['rflags']:#x} ERR {f['err']:#x}")
+        regs = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11",
+                "r12", "r13", "r14", "r15"]
+        for i in range(0, len(regs), 3):
+            lines.append("  ".join(f"{r.upper():>3} {f[r]:#018x}" for r in regs[i:i + 3]))
+        vi = domain.phys.read(domain.region.shared_info_gpa, 24)
+        lines.append(f"vcpu_info: pending {vi[0]} mask {vi[1]} cr2 {int.from_bytes(vi[16:24], 'little'):#x}")
+        if symbols is not None:
+            lines.append("--- stack scan (text addresses) ---")
+            lines += _stack_scan(domain, f, symbols, STACK_SCAN_WORDS)[:40]
+    if tracer is not None:
+        lines.append(f"--- last {len(tracer.events)} traced events ---")
+        lines += [f"[{e.t:9.4f}] {e.kind}: {e.text}" for e in tracer.events]
+        lines.append(tracer.summary())
+    return "\n".join(lines)
