@@ -1,0 +1,59 @@
+"""Start-up picks the path that fits the KVM underneath, and the guest's
+syscalls really take it: on kvm_pvm the swapgs trampoline turns a CPL3
+`syscall` into #GP (no SMEP, user-visible trampoline page, the M2P alias);
+on a faithful KVM the `syscall` reaches the shim at CPL0 (SMEP on, no
+#GP at all).  Runs in both lanes; each lane asserts its own behaviour."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from pyvmm.guests.testguests import build_testguest
+from pyvmm.vmm import x86
+from pyvmm.xen_abi import abi, priv
+from pyvmm.xen_abi import vmm_region as R
+from pyvmm.xen_abi.domain import Domain
+
+ON_KVM_PVM = os.path.exists("/sys/module/kvm_pvm")
+GP = f"trap {x86.VEC_GP}"
+
+
+@pytest.fixture(scope="module")
+def usermode_run():
+    """The usermode guest makes hypercalls from kernel mode and syscalls
+    from user mode, so both kinds of `syscall` are exercised."""
+    with Domain(str(build_testguest("usermode"))) as dom:
+        res = dom.run(timeout=120)
+        sregs = dom.vcpu.get_sregs()
+        counters = priv.read_counters(dom.region.mem, dom.region.vcpus[0].percpu_off)
+        yield dom, res, sregs, counters
+
+
+@pytest.mark.faithful
+def test_quirk_detection_matches_the_lane(usermode_run):
+    dom, res, sregs, _ = usermode_run
+    assert res.reason == abi.ShutdownReason.poweroff, res.text
+    assert dom.is_pvm is ON_KVM_PVM
+    smep = bool(sregs.cr4 & x86.CR4_SMEP)
+    if ON_KVM_PVM:
+        assert not smep, "SMEP must be off while the trampoline page is user-accessible"
+        assert dom.m2p_va == R.M2P_ALIAS_VA
+    else:
+        assert smep, "a faithful KVM keeps SMEP on"
+        assert dom.m2p_va == R.M2P_VA == abi.MACH2PHYS_VIRT_START
+
+
+@pytest.mark.faithful
+def test_syscalls_take_the_lanes_path(usermode_run):
+    _, res, _, counters = usermode_run
+    hypercalls = sum(n for name, n in counters.items() if name.startswith("hypercall "))
+    assert hypercalls >= 3, counters
+    if ON_KVM_PVM:
+        # every guest syscall arrived as the #GP raised by the trampoline's swapgs
+        assert counters.get("syscall entries", 0) == 0, counters
+        assert counters.get(GP, 0) >= hypercalls, counters
+    else:
+        # the CPU delivered them to LSTAR at CPL0; nothing faulted
+        assert counters.get("syscall entries", 0) >= hypercalls, counters
+        assert GP not in counters, counters
