@@ -48,8 +48,10 @@ def test_trap_bounce_frames_and_timings(capsys):
     us = {k: v / (khz / 1000) for k, v in m.items()}
     with capsys.disabled():
         print("\n  shim timings (us/op): " + ", ".join(f"{k} {v:.1f}" for k, v in us.items()))
-    # a fast hypercall stays inside the guest: cheaper than a Python round trip
-    assert m["stack_switch"] < m["slow_xen_version"]
+    # The 2 x 2000 fast calls (stack_switch, iret) stay inside the guest;
+    # only the 200 slow xen_version calls and a few others reach Python.
+    # (Costs are figures, not asserted.)
+    assert 200 <= res.slow_exits < 1000, res.slow_exits
 
 
 def test_user_mode_syscall_round_trip():
