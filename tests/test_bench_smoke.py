@@ -1,0 +1,126 @@
+"""Smoke test of bench/boot.py's machinery (no figure is asserted): a PV test
+guest boots through it and the table shows that boot; the QEMU path is fed
+by a stand-in "QEMU" script; the milestone scanner is checked on its own."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from pyvmm.guests.testguests import build_testguest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "boot.py"
+
+
+def _load_bench():
+    spec = importlib.util.spec_from_file_location("bench_boot", BENCH)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+boot = _load_bench()
+
+
+def test_milestones_found_across_chunk_boundaries():
+    ticks = iter(range(100))
+    w = boot.MilestoneWatch(b"GUEST READY", clock=lambda: next(ticks))
+    w.feed(b"[0.0] Linux ver")
+    w.feed(b"sion 6.1 ...\nRun /init as ")
+    assert "linux" in w.seen and "init" not in w.seen
+    w.feed(b"init process\nGUEST")
+    w.feed(b" READY\n")
+    assert list(w.seen) == ["linux", "init", "banner"]
+    assert w.seen["linux"] < w.seen["init"] < w.seen["banner"]
+    w.feed(b"Linux version again")      # only the first sighting counts
+    assert w.seen["linux"] == 1
+
+
+def test_summary_medians_and_partial_boots():
+    boots = [{"end": "poweroff", "milestones": {"linux": 1.0, "init": 4.0}, "exit_counts": {"a": 10, "b": 2}},
+             {"end": "poweroff", "milestones": {"linux": 3.0}, "exit_counts": {"a": 20}},
+             {"end": "timeout", "milestones": {"linux": 2.0, "init": 6.0}, "exit_counts": {"b": 4}}]
+    s = boot.summarize(boots)
+    assert s["median"]["linux"] == 2.0 and s["median"]["init"] == 5.0
+    assert s["reached"] == {"linux": 3, "init": 2, "banner": 0, "poweroff": 0}
+    assert s["exits"] == 12
+    assert list(s["exit_reasons"]) == ["a", "b"] and s["exit_reasons"]["a"] == 10
+
+
+@pytest.mark.faithful
+def test_benchmark_runs_a_test_guest_and_prints_its_table():
+    kernel = build_testguest("hello")
+    p = subprocess.run([sys.executable, str(BENCH), "--lanes", "host", "--runs", "2",
+                        "--kernel", str(kernel), "--memory", "16M", "--timeout", "60"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    # table rows start "host (<kvm module>)  <system>"
+    rows = [parts for parts in map(str.split, p.stdout.splitlines())
+            if parts[:1] == ["host"] and parts[1].startswith("(kvm") and parts[2] == "pyvmm"]
+    assert len(rows) == 1, p.stdout
+    row = rows[0]
+    # hello prints through console_io and powers off: no Linux milestone,
+    # a poweroff time, and its exits counted
+    assert row.count("not") == 3 and row[-1] == "poweroff", p.stdout
+    assert "console_io:write" in p.stdout and "sched_op:shutdown 1" in p.stdout
+    assert "pyvmm boot 2/2" in p.stderr      # progress on stderr
+
+
+@pytest.mark.faithful
+def test_json_report_has_exit_counts_by_reason():
+    kernel = build_testguest("hello")
+    p = subprocess.run([sys.executable, str(BENCH), "--lanes", "host", "--runs", "1", "--json",
+                        "--kernel", str(kernel), "--memory", "16M", "--timeout", "60"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    rep = json.loads(p.stdout)
+    lane = rep["lanes"]["host"]
+    (b,) = lane["pyvmm"]["boots"]
+    assert b["end"] == "poweroff"
+    assert set(b["milestones"]) == {"poweroff"}
+    assert 0 < b["milestones"]["poweroff"] <= b["wall"] + 1e-6
+    assert b["exit_counts"]["sched_op:shutdown"] == 1
+    assert b["exit_counts"]["console_io:write"] >= 1
+    assert lane["pyvmm"]["exits"] == sum(b["exit_counts"].values())
+    assert "skipped" in lane["qemu"]
+
+
+FAKE_QEMU = """\
+    import sys, time
+    print("early stuff", flush=True)
+    time.sleep(0.2)
+    sys.stdout.write("[0.1] Linux vers"); sys.stdout.flush(); time.sleep(0.1)
+    print("ion 6.1.0", flush=True)
+    time.sleep(0.2)
+    print("Run /init as init process", flush=True)
+    if "{mode}" == "hang":
+        time.sleep(60)
+    print("{banner}: Linux 6.1", flush=True)
+    print("reboot: Power down", flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["poweroff", "hang"])
+def test_qemu_path_with_a_stand_in(tmp_path, mode):
+    script = tmp_path / "fake_qemu.py"
+    script.write_text(textwrap.dedent(FAKE_QEMU.format(mode=mode, banner=boot.banner_marker().decode())))
+    r = boot.qemu_boot([sys.executable, str(script)], timeout=5)
+    m = r["milestones"]
+    assert m["linux"] >= 0.2 and m["init"] >= m["linux"] + 0.15
+    if mode == "poweroff":
+        assert r["end"] == "poweroff" and m["poweroff"] >= m["banner"] >= m["init"]
+    else:
+        assert r["end"].startswith("timeout") and "banner" not in m and "poweroff" not in m
+        assert r["wall"] < 15
+
+
+def test_printk_clock_of_each_milestone_line():
+    console = (b"[    0.000000] Linux version 6.1.0 (gcc)\n[    1.5] other\n"
+               b"[   12.345678] Run /init as init process\n" + boot.banner_marker() + b": Linux\n")
+    t = boot.printk_times(console, boot.banner_marker())
+    assert t == {"linux": 0.0, "init": 12.345678}     # the banner line has no stamp
