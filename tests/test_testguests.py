@@ -14,6 +14,8 @@ from pyvmm.xen_abi.domain import Domain
 
 KVM_GET_TSC_KHZ = 0xAEA3   # _IO(KVMIO, 0xa3)
 
+pytestmark = pytest.mark.faithful
+
 
 def run_guest(name: str, timeout: float = 8.0):
     with Domain(str(build_testguest(name))) as dom:
@@ -66,3 +68,13 @@ def test_guest_crash_is_reported_not_raised(tmp_path):
     assert res.reason == abi.ShutdownReason.crash
     assert res.crash_info is not None
     assert "before fault" in res.text and "after fault" not in res.text
+
+
+def test_absurd_hypercall_arguments_get_xen_errors():
+    """Wild pointers (unmapped, non-canonical, the shim's own memory), huge
+    counts, unknown numbers and out-of-range ports and frames: each gets a
+    Xen error code, from the shim and from Python alike, and the guest lives
+    on to report."""
+    res, _ = run_guest("absurd", timeout=60)
+    assert "absurd: still alive" in res.text
+    assert_pass("absurd", res)
