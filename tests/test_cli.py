@@ -126,3 +126,36 @@ def test_crashing_guest_exits_1_with_last_lines():
     p = pyvmm("--xen-pv", str(build_testguest("nohandler")), "--memory", "32M")
     assert p.returncode == ExitStatus.CRASH, (p.stdout, p.stderr)
     assert "crash" in p.stderr
+
+
+def test_reboot_exits_3_with_on_reboot_exit():
+    from pyvmm.guests.testguests import build_testguest
+
+    p = pyvmm("--xen-pv", str(build_testguest("reboot")), "--memory", "32M", "--on-reboot", "exit")
+    assert p.returncode == ExitStatus.REBOOT, (p.stdout, p.stderr)
+    assert "asking for a reboot" in p.stdout
+    assert "rebooted" in p.stderr
+
+
+def test_reboot_rebuilds_the_guest():
+    """Default --on-reboot=restart: the domain is built and booted again."""
+    import time
+
+    from pyvmm.guests.testguests import build_testguest
+
+    proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "--xen-pv", str(build_testguest("reboot")),
+                             "--memory", "32M"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.DEVNULL, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        err = ""
+        while "boot #3" not in err and time.monotonic() < deadline:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            err += line
+    finally:
+        proc.terminate()
+        out, rest = proc.communicate(timeout=30)
+    assert "boot #3" in err, err + rest
+    assert out.count("asking for a reboot") >= 2, out
