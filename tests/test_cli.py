@@ -159,3 +159,36 @@ def test_reboot_rebuilds_the_guest():
         out, rest = proc.communicate(timeout=30)
     assert "boot #3" in err, err + rest
     assert out.count("asking for a reboot") >= 2, out
+
+
+def test_escape_key_leaves_and_restores_the_terminal():
+    """On a terminal: raw mode while attached, Ctrl-] leaves (status 4, guest
+    destroyed), and the terminal's settings are back as they were."""
+    import pty
+    import select
+    import termios
+    import time
+
+    from pyvmm.guests.testguests import build_testguest
+
+    master, slave = pty.openpty()
+    before = termios.tcgetattr(slave)
+    proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "--xen-pv", str(build_testguest("idle")),
+                             "--memory", "32M"], stdin=slave, stdout=slave, stderr=slave)
+    try:
+        seen = b""
+        deadline = time.monotonic() + 60
+        while b"waiting forever" not in seen and time.monotonic() < deadline:
+            if select.select([master], [], [], 1)[0]:
+                seen += os.read(master, 4096)
+        assert b"waiting forever" in seen, seen
+        raw = termios.tcgetattr(slave)
+        assert not raw[3] & termios.ICANON and not raw[3] & termios.ECHO, "stdin not in raw mode"
+        os.write(master, b"\x1d")
+        assert proc.wait(timeout=30) == ExitStatus.DETACHED
+        assert termios.tcgetattr(slave) == before
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+        os.close(slave)
