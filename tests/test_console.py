@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from pyvmm.backends.console import ConsoleRingBackend, Terminal
+from pyvmm.backends.console import Terminal
+from pyvmm.xen_abi.console_ring import ConsoleRingServer
 from pyvmm.xen_abi.abi import (
     CONS_RING_IN,
     CONS_RING_IN_CONS,
@@ -41,7 +42,7 @@ class GuestConsole:
             self.set(off, start)
         self.kicks = 0
         self.output = bytearray()
-        self.be = ConsoleRingBackend(memoryview(self.page), self._notify, self.output.extend)
+        self.be = ConsoleRingServer(memoryview(self.page), self._notify, self.output.extend)
 
     def _notify(self):
         self.kicks += 1
@@ -149,9 +150,9 @@ def test_bad_input_indices_do_not_raise():
 
 def test_rejects_short_or_readonly_ring():
     with pytest.raises(ValueError):
-        ConsoleRingBackend(memoryview(bytearray(100)), lambda: None)
+        ConsoleRingServer(memoryview(bytearray(100)), lambda: None)
     with pytest.raises(ValueError):
-        ConsoleRingBackend(memoryview(bytes(PAGE_SIZE)), lambda: None)
+        ConsoleRingServer(memoryview(bytes(PAGE_SIZE)), lambda: None)
 
 
 def test_sink_failure_is_contained():
@@ -160,7 +161,7 @@ def test_sink_failure_is_contained():
     def bad_sink(_):
         raise OSError("stdout gone")
 
-    be = ConsoleRingBackend(memoryview(page), lambda: None, bad_sink)
+    be = ConsoleRingServer(memoryview(page), lambda: None, bad_sink)
     page[CONS_RING_OUT:CONS_RING_OUT + 2] = b"hi"
     U32.pack_into(page, CONS_RING_OUT_PROD, 2)
     assert be.process() == b"hi"
@@ -321,7 +322,7 @@ def test_backend_to_terminal_end_to_end(pty_pair):
     master, slave = pty_pair
     page = bytearray(PAGE_SIZE)
     with Terminal(stdin=slave, stdout=slave) as term:
-        be = ConsoleRingBackend(memoryview(page), lambda: None, term.write)
+        be = ConsoleRingServer(memoryview(page), lambda: None, term.write)
         page[CONS_RING_OUT:CONS_RING_OUT + 6] = b"login:"
         U32.pack_into(page, CONS_RING_OUT_PROD, 6)
         be.process()

@@ -6,7 +6,7 @@
   target vCPU, so the shim re-checks events even while the guest spins at
   CPL3 or is halted in SCHEDOP_block;
 * the store and console channels: pre-allocated guest ports bound to
-  back-ends (XenstoreRingServer, ConsoleRingBackend), grant entries 0/1,
+  back-ends (XenstoreRingServer, ConsoleRingServer), grant entries 0/1,
   the xenstore tree of the domain;
 * guest -> back-end EVTCHNOP_send without an exit: the shim writes the port
   number to EV_SEND_PORT where an ioeventfd per back-end port (datamatch)
@@ -27,6 +27,7 @@ from pyvmm.vmm import x86
 from . import abi
 from . import shim_events as E
 from .abi import DOMID_SELF, Virq
+from .console_ring import ConsoleRingServer
 from .evtchn import BACKEND_DOMID
 from .hypercalls import XEN_VERSION
 from .xenstore import XenstoreRingServer, XenstoreStore, populate_domain
@@ -157,7 +158,7 @@ class DomainEvents:
         self.xenstore_server = XenstoreRingServer(self._ring(lay.xenstore_pfn), be_store.notify,
                                                   self.store, d.domid)
         be_cons = ev.backend_bind(ports["console"], lambda: self.console_backend.process())
-        self.console_backend = _console_backend(self._ring(lay.console_pfn), be_cons.notify, d.console_write)
+        self.console_backend = ConsoleRingServer(self._ring(lay.console_pfn), be_cons.notify, d.console_write)
 
     def send_console_input(self, data: bytes) -> int:
         return self.console_backend.send_input(bytes(data))
@@ -243,9 +244,3 @@ class DomainEvents:
             self._efds.clear()
         os.close(self._wake_r)
         os.close(self._wake_w)
-
-
-def _console_backend(ring, notify, sink):
-    # backends/ builds on xen_abi/: imported late, only by the composed Domain
-    from pyvmm.backends.console import ConsoleRingBackend
-    return ConsoleRingBackend(ring, notify, sink)
