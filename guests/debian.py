@@ -25,6 +25,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from pyvmm.cache import cache_root
+
 __all__ = [
     "DebianError",
     "KernelFiles",
@@ -74,14 +76,6 @@ def say(msg: str, progress: bool = True) -> None:
     """Print one progress line to stderr (never stdout: it may be piped)."""
     if progress:
         print(f"pyvmm: {msg}", file=sys.stderr, flush=True)
-
-
-def cache_root() -> Path:
-    """Root of pyvmm's cache: ``$PYVMM_CACHE`` or ``~/.cache/pyvmm``."""
-    env = os.environ.get("PYVMM_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path.home() / ".cache" / "pyvmm"
 
 
 def debian_cache() -> Path:

@@ -19,6 +19,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pyvmm.cache import cache_dir as pyvmm_cache_dir
+
 from . import x86
 from .kvm import Kvm, KvmSegment, Vcpu, Vm
 from .memory import GuestMemory
@@ -71,9 +73,7 @@ FLAT_DIR = Path(__file__).resolve().parent.parent / "guests" / "flat"
 
 
 def cache_dir() -> Path:
-    d = Path(os.environ.get("PYVMM_CACHE", Path.home() / ".cache" / "pyvmm")) / "flat"
-    d.mkdir(parents=True, exist_ok=True)
-    return d
+    return pyvmm_cache_dir("flat")
 
 
 @dataclass

@@ -20,6 +20,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pyvmm.cache import cache_root
+
 from . import vmm_region as layout
 
 SHIM_DIR = Path(__file__).resolve().parent / "shim"
@@ -49,10 +51,6 @@ class ShimImage:
             return self.symbols[name]
         except KeyError:
             raise KeyError(f"shim has no symbol {name!r}") from None
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("PYVMM_CACHE", Path.home() / ".cache" / "pyvmm"))
 
 
 def _run(cmd, cwd=None) -> str:

@@ -13,6 +13,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from pyvmm.cache import cache_root
+
 HERE = Path(__file__).resolve().parent
 COMMON = ("tg.h", "tg.c", "start.S", "tg.ld", "tg_events.h")   # tg_events.h: event guests
 # guests that ask for a hypercall page (XEN_ELFNOTE_HYPERCALL_PAGE)
@@ -31,7 +33,7 @@ def names() -> list[str]:
 
 
 def _cache() -> Path:
-    return Path(os.environ.get("PYVMM_CACHE", Path.home() / ".cache" / "pyvmm")) / "testguests"
+    return cache_root() / "testguests"
 
 
 def _run(cmd):
