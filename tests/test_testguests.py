@@ -3,7 +3,6 @@ plan).  Each guest ends its console output with one line
 "TESTGUEST <name>: PASS" or "...: FAIL <why>" and powers off."""
 from __future__ import annotations
 
-import fcntl
 import re
 
 import pytest
@@ -12,7 +11,6 @@ from pyvmm.guests.testguests import build_testguest
 from pyvmm.xen_abi import abi
 from pyvmm.xen_abi.domain import Domain
 
-KVM_GET_TSC_KHZ = 0xAEA3   # _IO(KVMIO, 0xa3)
 
 pytestmark = pytest.mark.faithful
 
@@ -20,7 +18,7 @@ pytestmark = pytest.mark.faithful
 def run_guest(name: str, timeout: float = 8.0):
     with Domain(str(build_testguest(name))) as dom:
         res = dom.run(timeout=timeout)
-        tsc_khz = fcntl.ioctl(dom.vcpu.fd, KVM_GET_TSC_KHZ)
+        tsc_khz = dom.vcpu.get_tsc_khz()
     return res, tsc_khz
 
 

@@ -4,7 +4,6 @@ or "...: FAIL <why>" and powers off; the guests also time the operations
 with rdtsc ("<op>_cycles=N")."""
 from __future__ import annotations
 
-import fcntl
 import re
 
 import pytest
@@ -13,7 +12,6 @@ from pyvmm.guests.testguests import build_testguest
 from pyvmm.xen_abi import abi
 from pyvmm.xen_abi.domain import Domain
 
-KVM_GET_TSC_KHZ = 0xAEA3   # _IO(KVMIO, 0xa3)
 
 pytestmark = pytest.mark.faithful
 
@@ -23,7 +21,7 @@ def run_guest(name: str, timeout: float = 30.0, m2p_pfn_re: str | None = None):
     the frame the guest names in its output (read on the host)."""
     with Domain(str(build_testguest(name))) as dom:
         res = dom.run(timeout=timeout)
-        tsc_khz = fcntl.ioctl(dom.vcpu.fd, KVM_GET_TSC_KHZ)
+        tsc_khz = dom.vcpu.get_tsc_khz()
         m2p = None
         if m2p_pfn_re and (m := re.search(m2p_pfn_re, res.text)):
             m2p = dom.region.mem.read_u64(dom.region.m2p_off + 8 * int(m.group(1)))

@@ -446,6 +446,7 @@ KVM_GET_XSAVE = _IOR(KVMIO, 0xa4, KvmXsave)
 KVM_SET_XSAVE = _IOW(KVMIO, 0xa5, KvmXsave)
 KVM_GET_XCRS = _IOR(KVMIO, 0xa6, KvmXcrs)
 KVM_SET_XCRS = _IOW(KVMIO, 0xa7, KvmXcrs)
+KVM_GET_TSC_KHZ = _IO(KVMIO, 0xa3)   # vCPU ioctl; shares its number with KVM_ENABLE_CAP
 
 # --------------------------------------------------------------------------
 # Capabilities (the subset this project asks about) and exit reasons
@@ -989,6 +990,10 @@ class Vcpu:
 
     def set_vcpu_events(self, e: KvmVcpuEvents):
         _ioctl(self.fd, KVM_SET_VCPU_EVENTS, e, "KVM_SET_VCPU_EVENTS")
+
+    def get_tsc_khz(self) -> int:
+        """The guest TSC frequency KVM gives this vCPU, in kHz."""
+        return _ioctl(self.fd, KVM_GET_TSC_KHZ, 0, "KVM_GET_TSC_KHZ")
 
     def get_mp_state(self) -> int:
         s = KvmMpState()

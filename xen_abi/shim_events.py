@@ -11,7 +11,6 @@
 """
 from __future__ import annotations
 
-import fcntl
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +60,6 @@ ONESHOT_MAX_COUNT = 0xFFFFFFFF
 EV_SEND_PORT = 0x0704
 
 # ---- KVM / LAPIC ----
-KVM_GET_TSC_KHZ = 0xAEA3            # _IO(KVMIO, 0xa3), on a vCPU fd
 APIC_REG_SVR = 0xF0
 APIC_REG_LVTT = 0x320
 APIC_REG_TDCR = 0x3E0
@@ -160,7 +158,7 @@ def write_wallclock(phys, shared_info_gpa: int, wall_ns_at_zero: int) -> None:
 
 
 def get_tsc_khz(vcpu) -> int:
-    return fcntl.ioctl(vcpu.fd, KVM_GET_TSC_KHZ)
+    return vcpu.get_tsc_khz()
 
 
 def write_events_block(mem, off: int, clock: PvClock, *, xen_version: int, tsc_deadline: bool,
