@@ -713,3 +713,31 @@ def test_close_releases_domain_and_stops_serving(store):
     g.server.process()
     g.pull()
     assert g.events == [] and g.replies == []
+
+
+def test_payload_arriving_while_header_is_consumed_is_served(g, store):
+    """Linux's xb_write writes a header and then its payload, and notifies
+    only when the server had consumed everything before (old prod <=
+    req_cons).  A payload written while the server is taking the header
+    (after it read prod, before it published cons) therefore comes with no
+    notification: the server must look at prod again after publishing cons
+    (the boot hung in xs_talkv without this)."""
+    payload = b"control/feature-poweroff\x001"
+    hdr = XsdSockmsg.build(dict(type=XsType.WRITE, req_id=7, tx_id=0, len=len(payload)))
+    g.push(hdr)
+    srv = g.server
+    real_set = srv._set
+    injected = []
+
+    def set_and_race(off, value):
+        real_set(off, value)
+        if off == XS_RING_REQ_CONS and not injected:
+            injected.append(g.get(XS_RING_REQ_PROD))
+            g.push(payload)          # the guest's second xb_write: it sees the old cons
+    srv._set = set_and_race
+    srv.process()                    # the one notification, for the header
+    srv._set = real_set
+    g.pull()
+    assert injected, "the race window was not exercised"
+    assert [r[:2] for r in g.replies] == [(XsType.WRITE, 7)], g.replies
+    assert store.read("/local/domain/1/control/feature-poweroff") == b"1"

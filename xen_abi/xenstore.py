@@ -935,7 +935,20 @@ class XenstoreRingServer:
                     return hdr.type, hdr.req_id, hdr.tx_id, payload
             n = min(need, avail)
             if n == 0:
-                return None
+                # Linux's xb_write notifies only if we had consumed all it
+                # wrote before (old prod <= req_cons), and writes a header and
+                # its payload separately: having published cons, look at prod
+                # again, or the rest of a message that arrived meanwhile would
+                # wait for a notification that never comes (the ring
+                # protocol's final check).
+                prod = self._get(XS_RING_REQ_PROD)
+                avail = (prod - cons) & 0xFFFFFFFF
+                if avail > XENSTORE_RING_SIZE:
+                    self._break(XENSTORE_ERROR_RINGIDX, f"request indices prod={prod:#x} cons={cons:#x}")
+                    return None
+                n = min(need, avail)
+                if n == 0:
+                    return None
             start = cons & _RING_MASK
             first = min(n, XENSTORE_RING_SIZE - start)
             self._inbuf += self._ring[XS_RING_REQ + start:XS_RING_REQ + start + first]
