@@ -77,6 +77,21 @@ static inline u64 *phys_ptr(u64 pa) { return frame_ptr(pa >> 12) ? (u64 *)(G->di
 
 static inline u8 ftype(u64 mfn) { return mfn < G->ram_pages ? G->ftype[mfn] : 0; }
 
+/* A writable mapping of a frame means it is no longer a page table: Xen
+ * refuses writable mappings of typed frames, and Linux makes a freed table
+ * writable again before reuse.  Types are not reference counted here
+ * (UNPIN of an L4 leaves its L3/L2s and the builder's L1s typed), so drop
+ * such a stale, unpinned type; otherwise a later kernel write through a
+ * read-only (e.g. copy-on-write) mapping of the reused frame would be
+ * "emulated" as a PTE write (stock-kernel helper). */
+static inline void writable_mapping(u64 pte)
+{
+	u64 mfn = (pte & PTE_ADDR) >> 12;
+	if ((pte & (PTE_P | PTE_RW)) == (PTE_P | PTE_RW) && mfn < G->ram_pages
+	    && G->ftype[mfn] && !(G->ftype[mfn] & FT_PINNED))
+		G->ftype[mfn] = 0;
+}
+
 /* Frames a present L1 entry may map: guest RAM, shared_info, grant frames. */
 static int mappable(u64 mfn)
 {
@@ -132,6 +147,8 @@ static long type_table(u64 mfn, int level, int scan_l1)
 			continue;
 		if (!(e & PTE_US))
 			t[i] = e | PTE_US;
+		if (level == 1 && (e & PTE_RW))
+			writable_mapping(e);
 		if (level > 1 && !(e & PTE_PS))
 			type_table((e & PTE_ADDR) >> 12, level - 1, scan_l1);   /* bad children: left untyped */
 	}
@@ -195,6 +212,7 @@ static long check_entry(int level, int slot, u64 val, u64 *out)
 		if (level == 1) {
 			if (!mappable(mfn))
 				return -XEN_EINVAL;
+			writable_mapping(val);
 		} else {
 			/* no superpages for PV; the target becomes a table */
 			if ((level <= 3 && (val & PTE_PS)) || !frame_ptr(mfn))
@@ -643,6 +661,10 @@ static int decode(const u8 *b, int n, struct insn *d)
 static int ptwr_emulate(struct percpu *pc, struct frame *f, u64 cr2)
 {
 	int level = 0, ch = 0;
+	/* Linux writes PTEs through kernel mappings only; a kernel write
+	 * fault on a user address is copy-on-write etc.: the guest's own */
+	if (cr2 < XEN_HV_VIRT_START)
+		return 0;
 	u64 *leaf = walk(pc->cr3_kernel, cr2, 0, &ch, &level);
 	if (!leaf || level != 1 || !(*leaf & PTE_P) || (*leaf & PTE_RW))
 		return 0;
