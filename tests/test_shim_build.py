@@ -52,7 +52,8 @@ def expected_from_python(name: str):
         "XEN_TRAP_INFO_SIZE": abi.TrapInfo.sizeof(), "XEN_IRET_CONTEXT_SIZE": abi.IretContext.sizeof(),
         "XEN_MMU_UPDATE_SIZE": abi.MmuUpdate.sizeof(), "XEN_MMUEXT_OP_SIZE": abi.MmuextOp.sizeof(),
         "XEN_MULTICALL_ENTRY_SIZE": abi.MulticallEntry.sizeof(),
-        "CPUID_ENT_SIZE": R.CPUID_ENT.size, "VEC_SYSCALL": None, "PC_BOOT_SIZE": None, "SG_SIZE": None,
+        "CPUID_ENT_SIZE": R.CPUID_ENT.size, "VEC_SYSCALL": None, "VEC_SYSCALL_GP": None,
+        "PC_BOOT_SIZE": None, "SG_SIZE": None,
         "CPUID_ANY_SUBLEAF": 0xFFFFFFFF,
     }
     if name in plain:

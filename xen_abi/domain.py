@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 
 from pyvmm.vmm import x86
-from pyvmm.vmm.kvm import ExitReason, Kvm, KvmSegment
+from pyvmm.vmm.kvm import ExitReason, Kvm, KvmError, KvmSegment, KvmXcrs
 from pyvmm.vmm.memory import GuestMemory
 
 from . import abi
@@ -59,6 +59,7 @@ class RunResult:
     slow_exits: int = 0
     elapsed: float = 0.0
     exit_counts: dict = field(default_factory=dict)   # Domain.exit_counts at the end
+    stopped: bool = False      # ended by Domain.stop() from the host (reason: poweroff)
 
     @property
     def text(self) -> str:
@@ -106,6 +107,7 @@ class Domain(PvDomainBase):
         self.phys = PhysicalMemory([(0, self.ram), (self.region.gpa, self.region.mem)])
         self.shim = build_shim()
         self.slow_exits = 0
+        self._stop_requested = False
         self.exit_counts = collections.Counter()   # exits to Python by _exit_key (bench/boot.py)
         self._install_region()
         self.vm.add_memory(0, self.ram)
@@ -288,6 +290,9 @@ class Domain(PvDomainBase):
             self.events.after_hypercall(index, nr)
             p.write_u64(mb + R.MB_RESULT * 8, rc & MASK64)
             return None, None
+        if op == R.MBOP_SET_XCR0:      # the shim's xsetbv (validated there)
+            p.write_u64(mb + R.MB_RESULT * 8, 0 if self._set_xcr0(p.read_u64(mb + R.MB_ARGS * 8)) else 1)
+            return None, None
         info = {k: p.read_u64(mb + i * 8) for k, i in
                 (("info", R.MB_INFO), ("rip", R.MB_RIP), ("info2", R.MB_INFO2))}
         if op == R.MBOP_CRASH:
@@ -296,6 +301,18 @@ class Domain(PvDomainBase):
             raise ShimPanic(f"shim fault: vector {info['info']:#x} at {info['rip']:#x} "
                             f"(cr2/err {info['info2']:#x})")
         raise ShimPanic(f"unknown shim exit op {op}")
+
+    def _set_xcr0(self, value: int) -> bool:
+        """XCR0 of vCPU 0 through KVM (False if KVM refuses the value)."""
+        x = KvmXcrs()
+        x.nr_xcrs = 1
+        x.xcrs[0].xcr = 0
+        x.xcrs[0].value = value
+        try:
+            self.vcpu.set_xcrs(x)
+        except KvmError:
+            return False
+        return True
 
     def vcpu_info_moved(self, vcpu_id: int, gpa: int) -> None:
         """VCPUOP_register_vcpu_info: point the shim at the new vcpu_info
@@ -332,14 +349,28 @@ class Domain(PvDomainBase):
         except ValueError:
             return f"{name}:{a0 & 0xFFFF}"
 
-    def run(self, timeout: float = 30.0) -> RunResult:
-        """Run vCPU 0 until the guest shuts down (or crashes)."""
+    def stop(self) -> None:
+        """From any thread: make run() return soon (RunResult.stopped), as
+        `xl destroy` would; the guest is not told."""
+        self._stop_requested = True
+        self.vcpu.kick()
+
+    def run(self, timeout: float | None = 30.0) -> RunResult:
+        """Run vCPU 0 until the guest shuts down (or crashes), stop() is
+        called, or `timeout` seconds pass (DomainTimeout; None: no limit)."""
         t0 = time.monotonic()
-        timer = threading.Timer(timeout, self.vcpu.kick)
-        timer.daemon = True
-        timer.start()
+        timer = None
+        if timeout is not None:
+            timer = threading.Timer(timeout, self.vcpu.kick)
+            timer.daemon = True
+            timer.start()
         try:
             while True:
+                if self._stop_requested:
+                    self.events.quiesce()
+                    return RunResult(abi.ShutdownReason.poweroff, bytes(self.console), None,
+                                     self.slow_exits, time.monotonic() - t0, dict(self.exit_counts),
+                                     stopped=True)
                 ex = self.vcpu.run()
                 self.exit_counts[self._exit_key(ex)] += 1
                 if ex.reason == ExitReason.IO and ex.port == R.SHIM_EXIT_PORT:
@@ -351,7 +382,7 @@ class Domain(PvDomainBase):
                                          time.monotonic() - t0, dict(self.exit_counts))
                     continue
                 if ex.reason == ExitReason.INTR:
-                    if time.monotonic() - t0 >= timeout:
+                    if timeout is not None and time.monotonic() - t0 >= timeout:
                         raise DomainTimeout(f"guest still running after {timeout} s; "
                                             f"console so far: {bytes(self.console)[-500:]!r}")
                     continue
@@ -364,7 +395,8 @@ class Domain(PvDomainBase):
                 regs = self.vcpu.get_regs()
                 raise ShimPanic(f"unexpected exit {ex!r} at rip {regs.rip:#x}")
         finally:
-            timer.cancel()
+            if timer is not None:
+                timer.cancel()
 
     def close(self):
         if getattr(self, "events", None) is not None:
@@ -392,7 +424,8 @@ _HYPERCALL_SUBOPS = {
     abi.Hypercall.xen_version: abi.XenVer, abi.Hypercall.console_io: abi.ConsoleIoCmd,
     abi.Hypercall.physdev_op: abi.PhysdevOp, abi.Hypercall.xenpmu_op: abi.XenPmuOp,
 }
-_MBOP_NAMES = {R.MBOP_PANIC: "panic", R.MBOP_CRASH: "crash", R.MBOP_BLOCK: "block"}
+_MBOP_NAMES = {R.MBOP_PANIC: "panic", R.MBOP_CRASH: "crash", R.MBOP_BLOCK: "block",
+               R.MBOP_SET_XCR0: "set_xcr0"}
 
 TSS_BUSY = 0xB   # 64-bit TSS, busy (TR is loaded through KVM_SET_SREGS)
 

@@ -11,8 +11,9 @@ from . import abi
 PRIV_OFF = 0x1E00
 PRIV_VCR4, PRIV_IOPL, PRIV_DR, PRIV_TSC_AUX, PRIV_XCR0 = 0, 8, 16, 80, 88
 PRIV_EMULATED, PRIV_MSR_UNKNOWN, PRIV_LAST_MSR, PRIV_CPUIDS, PRIV_NR_VCPUS = 96, 104, 112, 120, 128
-PRIV_SIZE = 136
-PRIV_CNT_OFF = 0x90
+PRIV_FAST_IO, PRIV_FAST_IRET = 136, 144   # in/out, iretq done by entry.S's #GP fast paths
+PRIV_SIZE = 152
+PRIV_CNT_OFF = 0x98
 PRIV_CNT_TRAPS, PRIV_CNT_IRQ, PRIV_CNT_SYSCALL, PRIV_CNT_HCALL = 0, 32, 33, 34
 PRIV_CNT_NR_HCALL = 48
 PRIV_CNT_N = PRIV_CNT_HCALL + PRIV_CNT_NR_HCALL
@@ -35,7 +36,7 @@ def read_state(mem, percpu_off: int) -> dict:
             "dr": [u(PRIV_DR + 8 * i) for i in range(8)], "tsc_aux": u(PRIV_TSC_AUX),
             "xcr0": u(PRIV_XCR0), "emulated": u(PRIV_EMULATED),
             "msr_unknown": u(PRIV_MSR_UNKNOWN), "last_msr": u(PRIV_LAST_MSR),
-            "cpuids": u(PRIV_CPUIDS), "nr_vcpus": u(PRIV_NR_VCPUS)}
+            "cpuids": u(PRIV_CPUIDS), "nr_vcpus": u(PRIV_NR_VCPUS), "fast_io": u(PRIV_FAST_IO), "fast_iret": u(PRIV_FAST_IRET)}
 
 
 def read_counters(mem, percpu_off: int) -> dict[str, int]:
@@ -58,4 +59,8 @@ def read_counters(mem, percpu_off: int) -> dict[str, int]:
             except ValueError:
                 name = f"hypercall #{nr}"
         out[name] = n
+    for slot, name in ((PRIV_FAST_IO, "fast in/out"), (PRIV_FAST_IRET, "fast iretq")):
+        n = mem.read_u64(percpu_off + PRIV_OFF + slot)
+        if n:
+            out[f"{name} (#GP fast path)"] = n
     return out

@@ -87,7 +87,7 @@ SGF_PVM = 1
 CPUID_ENT = struct.Struct("<6I")   # leaf, subleaf (ANY = 0xffffffff), eax, ebx, ecx, edx
 CPUID_MAX_ENTRIES = PAGE // CPUID_ENT.size
 MB_OP, MB_NR, MB_ARGS, MB_CR3, MB_KMODE, MB_RESULT, MB_RIP, MB_INFO, MB_INFO2 = 0, 1, 2, 8, 9, 10, 11, 12, 13
-MBOP_HYPERCALL, MBOP_PANIC, MBOP_CRASH, MBOP_BLOCK = 1, 2, 3, 4
+MBOP_HYPERCALL, MBOP_PANIC, MBOP_CRASH, MBOP_BLOCK, MBOP_SET_XCR0 = 1, 2, 3, 4, 5
 
 # Vectors whose IDT gate is DPL 3 (Xen: int3, into, 0x80); all others are
 # DPL 0 so a guest `int n` raises #GP((n<<3)|2) and the shim checks vDPL.

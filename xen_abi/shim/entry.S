@@ -3,6 +3,7 @@
  * Every CPL0 instruction costs ~1 us on kvm_pvm (interpreted), so these
  * paths are kept as short as possible. */
 #include "xen_abi.h"
+#include "priv.h"
 
         .section .text.entry, "ax"
         .code64
@@ -15,14 +16,119 @@ shim_vectors:
         vec = 0
         .rept 256
         .align 16
-        .if (vec == 8) || (vec == 10) || (vec == 11) || (vec == 12) || (vec == 13) || (vec == 14) || (vec == 17) || (vec == 21) || (vec == 29) || (vec == 30)
+        .if vec == 13
+        jmp shim_gp_entry       /* port I/O fast path first */
+        .else
+        .if (vec == 8) || (vec == 10) || (vec == 11) || (vec == 12) || (vec == 14) || (vec == 17) || (vec == 21) || (vec == 29) || (vec == 30)
         .else
         pushq $0
         .endif
         pushq $vec
         jmp shim_common
+        .endif
         vec = vec + 1
         .endr
+
+/* #GP fast paths, before the generic C path (kept short: on kvm_pvm every
+ * instruction here is interpreted, ~1 us each; the C path costs a few
+ * hundred):
+ *  - kvm_pvm's CPL3 `syscall` arrives as #GP at LSTAR (see shim_trap):
+ *    turn the frame into the syscall entry's frame at once;
+ *  - port I/O from guest kernel mode: a domU owns no ports, so with the
+ *    virtual IOPL granted (PHYSDEVOP_set_iopl) Xen answers `in` with all
+ *    ones and drops `out`.  Linux's quick_pit_calibrate alone does ~100k
+ *    `inb $0x42`.  Only the byte forms without prefixes (e4 in imm8,
+ *    e6 out imm8, ec in dx, ee out dx);
+ *  - `iretq` to the same privilege from guest kernel mode (sync_core's
+ *    iret_to_self, once per patched alternative at boot: tens of
+ *    thousands), which kvm_pvm faults at CPL3; only with Xen's flat
+ *    kernel selectors in the frame, so the iretq below cannot fault.
+ * Anything else, user mode included, goes to priv.c.  Guest memory is
+ * read between shim_fast_start and shim_fast_end only; a fault there
+ * resumes at shim_fast_fault (shim.c: cpl0_fault), i.e. the C path. */
+shim_gp_entry:                  /* CPU frame: err rip cs rflags rsp ss */
+        testb $3, 16(%rsp)
+        jz 9f                   /* a fault in the shim itself */
+        pushq %rax              /* [0]rax [8]err [16]rip ... */
+        movq %rsp, %rax
+        andq $-PERCPU_BLOCK_SIZE, %rax
+        movq PERCPU_IN_BLOCK+PC_LSTAR(%rax), %rax
+        cmpq 16(%rsp), %rax
+        je 7f                   /* kvm_pvm: a syscall (the hottest case first) */
+        pushq %rdx
+        pushq %rcx              /* [0]rcx [8]rdx [16]rax [24]err [32]rip [40]cs [48]rflags [56]rsp [64]ss */
+        movq %rsp, %rcx
+        andq $-PERCPU_BLOCK_SIZE, %rcx
+        movq 32(%rsp), %rax
+        cmpq $0, 24(%rsp)
+        jne shim_fast_fault
+        cmpq $0, PERCPU_IN_BLOCK+PC_KERNEL_MODE(%rcx)
+        je shim_fast_fault
+        .globl shim_fast_start, shim_fast_end, shim_fast_fault
+shim_fast_start:
+        movzwl (%rax), %edx     /* the instruction the CPU just fetched */
+        cmpl $0xcf48, %edx      /* 48 cf: iretq */
+        je 6f
+        cmpq $0, PERCPU_IN_BLOCK+PRIV_OFF+PRIV_IOPL(%rcx)
+        je shim_fast_fault
+        movl %edx, %eax
+        andl $0xf5, %eax
+        cmpl $0xe4, %eax
+        jne shim_fast_fault
+        testb $2, %dl           /* out: dropped */
+        jnz 1f
+        movb $0xff, 16(%rsp)    /* in: al = 0xff */
+1:      addq $2, 32(%rsp)       /* imm8 forms are 2 bytes, dx forms 1 */
+        testb $8, %dl
+        jz 2f
+        decq 32(%rsp)
+2:      incq PERCPU_IN_BLOCK+PRIV_OFF+PRIV_FAST_IO(%rcx)
+        jmp 5f
+6:      movq 56(%rsp), %rax     /* guest rsp: the iretq frame rip cs rflags rsp ss */
+        movabsq $XEN_HV_VIRT_END, %rdx
+        cmpq %rdx, %rax         /* kernel stacks lie above the hypervisor hole */
+        jb shim_fast_fault
+        cmpq $-48, %rax
+        ja shim_fast_fault
+        cmpq $XEN_FLAT_RING3_CS64, 8(%rax)
+        jne shim_fast_fault
+        cmpq $XEN_FLAT_RING3_SS, 32(%rax)
+        jne shim_fast_fault
+        movq (%rax), %rdx
+        movq %rdx, %rcx         /* rip must be canonical */
+        shlq $16, %rcx
+        sarq $16, %rcx
+        cmpq %rdx, %rcx
+        jne shim_fast_fault
+        movq %rdx, 32(%rsp)
+        movq 16(%rax), %rdx
+        andl $RFLAGS_GUEST_MASK_ASM, %edx
+        orl $0x202, %edx        /* IF, fixed bit: the real IF stays on at CPL3 */
+        movq %rdx, 48(%rsp)
+        movq 24(%rax), %rdx
+        movq %rdx, 56(%rsp)
+        movq $XEN_FLAT_RING3_CS64, 40(%rsp)
+        movq $XEN_FLAT_RING3_SS, 64(%rsp)
+        movq %rsp, %rcx
+        andq $-PERCPU_BLOCK_SIZE, %rcx
+        incq PERCPU_IN_BLOCK+PRIV_OFF+PRIV_FAST_IRET(%rcx)
+shim_fast_end:
+5:      popq %rcx
+        popq %rdx
+        popq %rax
+        addq $8, %rsp
+        iretq
+7:      popq %rax               /* kvm_pvm syscall: the CPU frame holds the guest rsp */
+        movq %rcx, 8(%rsp)      /* [0]err [8]rip [16]cs [24]rflags: syscall's rip and rflags */
+        movq %r11, 24(%rsp)
+        pushq $VEC_SYSCALL_GP
+        jmp shim_common
+shim_fast_fault:
+        popq %rcx
+        popq %rdx
+        popq %rax
+9:      pushq $13               /* #GP */
+        jmp shim_common
 
 /* The per-vCPU trampoline (at LSTAR) saved the guest rsp into the percpu
  * block and loaded this vCPU's stack; build the same frame the CPU builds

@@ -394,7 +394,18 @@ static int decode(struct percpu *pc, struct frame *f)
 			if ((u32)f->rcx != 0 || !(v & 1) || (v & ~ok) || ((v & 4) && !(v & 2))
 			    || !(read_cr4() & CR4_OSXSAVE))
 				return 0;
-			__asm__ volatile("xsetbv" :: "c"(0), "a"((u32)v), "d"((u32)(v >> 32)) : "memory");
+			/* The VMM sets XCR0 (KVM_SET_XCRS) rather than an `xsetbv`
+			 * here: KVM learns of a guest xsetbv through its intercept,
+			 * which QEMU/TCG's nested SVM (the faithful lane) lacks, so
+			 * the value was lost at the next exit (XRSTOR of Linux's
+			 * signal frames then #GPs).  Once per boot. */
+			u64 *mb = pc->mailbox;
+			mb[MB_OP] = MBOP_SET_XCR0;
+			mb[MB_ARGS] = v;
+			mb[MB_RESULT] = 1;
+			exit_to_python();
+			if (mb[MB_RESULT])
+				return 0;
 			PRIV(pc, PRIV_XCR0) = v;
 			f->rip += len + 1;
 			return 1;

@@ -23,10 +23,12 @@
 #define PRIV_LAST_MSR      112   /* the last such MSR | 1<<32 for a write */
 #define PRIV_CPUIDS        120   /* forced-emulation CPUIDs */
 #define PRIV_NR_VCPUS      128   /* written by Python: vCPUs of the domain */
-#define PRIV_SIZE          136
+#define PRIV_FAST_IO       136   /* counters: in/out and iretq done by entry.S's */
+#define PRIV_FAST_IRET     144   /* #GP fast paths */
+#define PRIV_SIZE          152
 /* u32 event counters for tracing (xen_abi/trace.py reads them): one per
  * exception vector 0..31, one per hypercall number 0..47, "other" slots */
-#define PRIV_CNT_OFF       0x90  /* after the state above */
+#define PRIV_CNT_OFF       0x98  /* after the state above */
 #define PRIV_CNT_TRAPS        0  /* index of vector 0 */
 #define PRIV_CNT_IRQ         32  /* vectors >= 32 */
 #define PRIV_CNT_SYSCALL     33  /* guest syscalls (hypercalls + user syscalls) */
@@ -45,6 +47,9 @@
 #define CR4_OSXSAVE    (1UL << 18)
 #define PV_CR4_GUEST_MASK   (CR4_TSD | CR4_DE | CR4_FSGSBASE | CR4_OSXSAVE)
 #define PV_CR4_GUEST_VISIBLE_MASK (CR4_PAE | CR4_MCE | CR4_OSFXSR | CR4_OSXMMEXCPT)
+
+/* RFLAGS bits a guest may set through iret (shim.h: RFLAGS_GUEST_MASK) */
+#define RFLAGS_GUEST_MASK_ASM 0x254dd5
 
 #ifndef __ASSEMBLER__
 /* bump a tracing counter (a few instructions: ~us on kvm_pvm) */

@@ -348,8 +348,16 @@ static void do_pf(struct percpu *pc, struct frame *f)
 	bounce_trap(pc, f, VEC_PF);
 }
 
+/* entry.S: the #GP fast paths read guest memory in [start, end) */
+extern char shim_fast_start[], shim_fast_end[], shim_fast_fault[];
+
 static void cpl0_fault(struct percpu *pc, struct frame *f)
 {
+	if (f->rip >= (u64)shim_fast_start && f->rip < (u64)shim_fast_end
+	    && (f->vec == VEC_PF || f->vec == VEC_GP)) {
+		f->rip = (u64)shim_fast_fault;   /* let the C path decide */
+		return;
+	}
 	if (f->rip == (u64)shim_copy_insn && (f->vec == VEC_PF || f->vec == VEC_GP)) {
 		f->rip = (u64)shim_copy_fault;
 		return;
@@ -370,10 +378,14 @@ static void cpl0_fault(struct percpu *pc, struct frame *f)
 void shim_trap(struct frame *f)
 {
 	struct percpu *pc = pcpu();
-	priv_count(pc, f->vec == VEC_SYSCALL ? PRIV_CNT_SYSCALL : f->vec < 32 ? f->vec : PRIV_CNT_IRQ);
+	/* kvm_pvm's syscalls (VEC_SYSCALL_GP) are counted as the #GP they were */
+	priv_count(pc, f->vec == VEC_SYSCALL ? PRIV_CNT_SYSCALL : f->vec == VEC_SYSCALL_GP ? VEC_GP
+		   : f->vec < 32 ? f->vec : PRIV_CNT_IRQ);
 
-	if (f->vec == VEC_SYSCALL) {
-		f->rsp = pc->syscall_rsp;
+	if (f->vec >= VEC_SYSCALL && f->vec <= VEC_SYSCALL_GP) {
+		if (f->vec == VEC_SYSCALL)   /* from the trampoline; #GP: CPU frame */
+			f->rsp = pc->syscall_rsp;
+		f->vec = VEC_SYSCALL;
 		f->cs = XEN_FLAT_RING3_CS64;
 		f->ss = XEN_FLAT_RING3_SS;
 		do_syscall(pc, f);

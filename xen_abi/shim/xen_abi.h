@@ -148,7 +148,9 @@
 #define MBOP_PANIC     2   /* shim-internal fault: MB_INFO = vector, MB_RIP, MB_INFO2 = cr2 */
 #define MBOP_CRASH     3   /* guest crashed (unhandled trap / bounce failed): MB_INFO = vector */
 #define MBOP_BLOCK     4   /* SCHEDOP_block with nothing pending */
+#define MBOP_SET_XCR0  5   /* emulated xsetbv: MB_ARGS = value; MB_RESULT 0 = set (KVM_SET_XCRS) */
 
 /* pseudo vector the syscall trampoline reports */
 #define VEC_SYSCALL 256
+#define VEC_SYSCALL_GP 257   /* kvm_pvm: a CPL3 syscall that arrived as #GP at LSTAR (entry.S) */
 #endif

@@ -1,0 +1,55 @@
+"""Port I/O and same-privilege iretq from a PV guest kernel (test guest
+`privio`): Xen's answers (all-ones reads, dropped writes, #GP without the
+virtual IOPL, iretq honouring its frame), through the shim's #GP fast path
+in entry.S as well as priv.c, on both lanes."""
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from pyvmm.guests.testguests import build_testguest
+from pyvmm.xen_abi import abi, priv
+from pyvmm.xen_abi.domain import Domain
+
+pytestmark = pytest.mark.faithful
+
+
+def test_port_io_and_iretq_answers_and_fast_path(capsys):
+    with Domain(str(build_testguest("privio"))) as dom:
+        res = dom.run(timeout=120)
+        state = priv.read_state(dom.region.mem, dom.region.vcpus[0].percpu_off)
+        khz = dom.vcpu.get_tsc_khz()
+    lines = res.text.strip().splitlines()
+    assert res.reason == abi.ShutdownReason.poweroff, (res.reason, res.crash_info, res.text)
+    assert lines and lines[-1] == "TESTGUEST privio: PASS", res.text
+    # the byte forms with IOPL granted went through entry.S's fast path:
+    # inb imm, inb dx, outb imm, outb dx, then the 2000 timed `inb $0x42`
+    # (word/dword forms and the IOPL-0 #GPs are priv.c's)
+    assert state["fast_io"] == 4 + 2000, state
+    assert state["emulated"] >= 200, state          # the timed inw loop: C path
+    m = dict((k, int(v)) for k, v in re.findall(r"(\w+)_cycles=(\d+)", res.text))
+    assert set(m) == {"fast_inb", "iretq_self", "c_path_inw"}
+    with capsys.disabled():
+        print("\n  port I/O (us/op): " + ", ".join(f"{k} {v / (khz / 1000):.1f}" for k, v in m.items())
+              + f"; fast iretq emulations: {state['fast_iret']}")
+
+
+def test_xsave_xcr0_reaches_the_cpu():
+    """The emulated `xsetbv` really sets XCR0 (through the VMM: KVM_SET_XCRS),
+    so XSAVE/XRSTOR of a Linux-style signal frame (header forced to x87|SSE)
+    works at CPL3.  Where the PV CPUID hides XSAVE (kvm_pvm here) the guest
+    says so and only checks nothing breaks."""
+    from pyvmm.xen_abi.domain import is_kvm_pvm
+    with Domain(str(build_testguest("xsave"))) as dom:
+        res = dom.run(timeout=60)
+        state = priv.read_state(dom.region.mem, dom.region.vcpus[0].percpu_off)
+        xcr0 = dom.vcpu.get_xcrs().xcrs[0].value
+    lines = res.text.strip().splitlines()
+    assert res.reason == abi.ShutdownReason.poweroff, (res.reason, res.crash_info, res.text)
+    assert lines and lines[-1] == "TESTGUEST xsave: PASS", res.text
+    if "XSAVE absent" in res.text:
+        assert is_kvm_pvm(), "the faithful lane's PV CPUID offers XSAVE"
+        return
+    m = re.search(r"xcr0 (0x[0-9a-f]+)", res.text)
+    assert m and int(m.group(1), 16) == state["xcr0"] == xcr0, (res.text, state, xcr0)
