@@ -124,12 +124,45 @@ def _package_root(path: Path) -> Path:
     raise DebianError(f"{path} is not inside an unpacked package")
 
 
+def _newest_cached_guest(cmdline: str) -> DefaultGuest | None:
+    """The most recently built default guest of this recipe in the cache
+    whose kernel package is still unpacked there, or None."""
+    dirs = sorted((debian.cache_root() / "guests").glob("default-*"),
+                  key=lambda d: d.stat().st_mtime, reverse=True)
+    for d in dirs:
+        try:
+            inputs = json.loads((d / "inputs.json").read_text())
+            if inputs.get("recipe") != RECIPE_VERSION or not (d / "initrd.img").is_file():
+                continue
+            package = inputs["kernel"].split()[0]
+            kernels = sorted((debian.debian_cache() / package / "boot").glob("vmlinuz-*"))
+        except (OSError, ValueError, KeyError, IndexError):
+            continue
+        if kernels:
+            return DefaultGuest(kernel=kernels[-1], initrd=d / "initrd.img", cmdline=cmdline,
+                                kernel_version=kernels[-1].name[len("vmlinuz-"):],
+                                modules=tuple(inputs.get("modules", ())))
+    return None
+
+
 def build_default_guest(progress: bool = True,
                         cmdline: str = DEFAULT_CMDLINE) -> DefaultGuest:
     """Fetch (cached) the cloud kernel and busybox and build (cached) the
-    initramfs; return the kernel, initrd and command line."""
-    kernel = debian.cloud_kernel(progress)
-    busybox = debian.busybox_static(progress)
+    initramfs; return the kernel, initrd and command line.
+
+    Without a usable apt (no package lists, no network: e.g. inside the
+    faithful lane's L1, which shares the cache), the newest default guest
+    already built in the cache is used instead."""
+    try:
+        kernel = debian.cloud_kernel(progress)
+        busybox = debian.busybox_static(progress)
+    except DebianError:
+        cached = _newest_cached_guest(cmdline)
+        if cached is None:
+            raise
+        say(f"Debian's package index is not available: using the default guest "
+            f"built before ({cached.initrd})", progress)
+        return cached
 
     index = ModuleIndex(kernel.modules_dir)
     order = index.load_order(list(DEFAULT_MODULES))

@@ -162,9 +162,19 @@ def pytest_runtestloop(session):
             # PYVMM_* settings (cache path, test knobs) follow the tests in.
             env = {k: v for k, v in os.environ.items()
                    if k.startswith("PYVMM_") and k != faithful.LANE_ENV}
+            # the pyvmm cache (Debian packages, built guests) follows them too:
+            # the L1 has no network and no apt lists
+            from pyvmm.cache import cache_root
+            cache = cache_root()
+            cache.mkdir(parents=True, exist_ok=True)
+            if any("test_stock_boot" in item.nodeid for item in session.items):
+                # fetch and build the default guest here, where apt works
+                from pyvmm.guests.default import build_default_guest
+                build_default_guest(progress=True)
             result = faithful.run_in_faithful_lane(
                 _inner_argv(session), cwd=config.rootpath, env=env,
-                timeout=config.getoption("faithful_timeout"), on_output=show)
+                timeout=config.getoption("faithful_timeout"), on_output=show,
+                shares=[(cache, False)])
         except faithful.FaithfulLaneError as exc:
             if getattr(config.option, "verbose", 0) > 0 and exc.console_tail:
                 print(exc.console_tail, file=sys.stderr)    # context, with -v

@@ -1,29 +1,30 @@
 """Boot Debian's stock 6.1 cloud kernel (Xen PV, no hypercall page, LZ4
-bzImage) under pyvmm and check how far it gets, milestone by milestone.
+bzImage) with the default guest's busybox initramfs under pyvmm: the boot
+milestones in order, then the shell on hvc0 (console ring input and
+output, timers, poweroff), in-process and through the `pyvmm` command.
 
 MILESTONES lists console lines of a healthy Xen PV boot in the order they
 appear.  REQUIRED is how many of them this tree must reach; raise it as
 the boot gets further, never lower it.  Each milestone must appear after
 the previous one in the console output.
 
-The boot is slow on kvm_pvm (every shim instruction is interpreted: the
-~100 000 emulated `in`s of quick_pit_calibrate alone cost ~35 s), hence
-the generous timeout (the guest is then judged by its console).  Run alone with:
-    python -m pytest -q -m slow tests/test_stock_boot.py
+The boot is slow on kvm_pvm (every shim instruction is interpreted, a
+hypercall costs ~0.2 ms) and slower still in the faithful lane, hence the
+generous timeouts.  Run alone with:
+    python -m pytest -q -s -m slow tests/test_stock_boot.py
+    python -m pytest -q -s --lane faithful tests/test_stock_boot.py
 """
 from __future__ import annotations
 
 import re
+import time
 from pathlib import Path
 
 import pytest
 
 from pyvmm.xen_abi import priv, trace
 
-CMDLINE = "earlyprintk=xen console=hvc0 loglevel=8"
 RAM_MB = 256
-# kvm_pvm reaches the root-mount panic after ~50 s alone (x2-3 under load)
-BOOT_TIMEOUT_PVM, BOOT_TIMEOUT_FAITHFUL = 300.0, 900.0
 
 # (name, regex) in boot order
 MILESTONES = [
@@ -36,11 +37,11 @@ MILESTONES = [
     ("xen timer", r"installing Xen timer for CPU 0"),
     ("grant tables", r"xen:grant_table: Grant tables using version 1 layout"),
     ("balloon", r"xen:balloon: Initialising balloon driver"),
-    # without an initrd the kernel then tries (and fails) to mount a root fs
-    ("root mount", r"VFS: Cannot open root device|Run /init as init process"),
     ("init", r"Run /init as init process"),
+    # the default guest's /init (guests/default.py BANNER)
+    ("banner", r"pyvmm default guest ready: Linux 6\.1\."),
 ]
-REQUIRED = 10    # through "root mount" (no initrd yet: ends in the VFS panic)
+REQUIRED = 11    # all of them: the default guest reaches /init and its banner
 
 
 def _milestones_in_order(text: str) -> list[str]:
@@ -78,6 +79,24 @@ def test_priv_header_matches():
         assert getattr(priv, name) == priv.PRIV_CNT_HCALL + priv.PRIV_CNT_NR_HCALL
 
 
+def test_default_guest_without_apt_uses_the_cached_build(monkeypatch, tmp_path):
+    """No package index (the faithful L1: no network, no apt lists): the
+    newest default guest already built in the cache is used; with nothing
+    built, the Debian error stands."""
+    from pyvmm.guests import debian, default
+    built = default.build_default_guest(progress=False)
+
+    def no_apt(progress=True):
+        raise debian.DebianError("apt-cache show linux-image-cloud-amd64 failed")
+    monkeypatch.setattr(debian, "cloud_kernel", no_apt)
+    g = default.build_default_guest(progress=False, cmdline="console=hvc0 x")
+    assert (g.kernel, g.initrd, g.kernel_version) == (built.kernel, built.initrd, built.kernel_version)
+    assert g.cmdline == "console=hvc0 x"
+    monkeypatch.setattr(debian, "cache_root", lambda: tmp_path)
+    with pytest.raises(debian.DebianError):
+        default.build_default_guest(progress=False)
+
+
 def test_symbolizer_on_a_small_map(tmp_path):
     m = tmp_path / "System.map"
     m.write_text("ffffffff81000000 T _stext\nffffffff81000100 T foo\nffffffff81000200 t bar\n"
@@ -92,28 +111,179 @@ def test_symbolizer_on_a_small_map(tmp_path):
         trace.Symbolizer.from_file(stub)
 
 
+# ---------------------------------------------------------------------------
+# The default guest (cloud kernel + busybox initramfs) on its console
+# ---------------------------------------------------------------------------
+PROMPT = re.compile(rb"pyvmm:/# ")
+# a kvm_pvm boot reaches the shell in ~1 min alone (x2-3 under load); the
+# faithful lane's guest code runs ~25x slower
+PROMPT_TIMEOUT_PVM, PROMPT_TIMEOUT_FAITHFUL = 400.0, 2000.0
+COMMAND_TIMEOUT_PVM, COMMAND_TIMEOUT_FAITHFUL = 60.0, 600.0
+# "  0:       6976  xen-percpu    -virq      timer0" (chip name, then the type)
+TIMER_LINE = re.compile(rb"^\s*\d+:\s+(\d+)\s+xen-percpu\s*-virq\s+timer0\s*$", re.M)
+
+
+def _timeouts() -> tuple[float, float]:
+    from pyvmm.xen_abi.domain import is_kvm_pvm
+    if is_kvm_pvm():
+        return PROMPT_TIMEOUT_PVM, COMMAND_TIMEOUT_PVM
+    return PROMPT_TIMEOUT_FAITHFUL, COMMAND_TIMEOUT_FAITHFUL
+
+
+class ConsoleSession:
+    """Expect-style access to a console byte stream that grows in another
+    thread: `read()` returns everything so far."""
+
+    def __init__(self, read, send, alive=lambda: True):
+        self._read, self._send, self._alive = read, send, alive
+        self.pos = 0
+        self.t0 = time.monotonic()
+        self.seen: dict[bytes, float] = {}     # marker -> first time seen
+
+    def expect(self, rx: re.Pattern, timeout: float, what: str) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self._read()
+            m = rx.search(text, self.pos)
+            if m:
+                self.pos = m.end()
+                return m
+            if time.monotonic() > deadline or not self._alive():
+                tail = text[-1500:].decode(errors="replace")
+                raise AssertionError(f"{what}: no {rx.pattern!r} within {timeout:.0f} s "
+                                     f"(guest alive: {self._alive()}); console tail:\n{tail}")
+            self.note(b"Run /init as init process", text)
+            time.sleep(0.1)
+
+    def note(self, marker: bytes, text: bytes) -> None:
+        if marker not in self.seen and marker in text:
+            self.seen[marker] = time.monotonic() - self.t0
+
+    def command(self, line: str, rx: re.Pattern, timeout: float) -> re.Match:
+        """Type `line`, wait for rx in its output and then the next prompt."""
+        self._send((line + "\n").encode())
+        m = self.expect(rx, timeout, repr(line))
+        self.expect(PROMPT, timeout, f"prompt after {line!r}")
+        return m
+
+
+def _shell_checks(con: ConsoleSession, command_timeout: float) -> dict:
+    """The commands of the interactive tests; returns measured figures."""
+    m = con.command("uname -r", re.compile(rb"^(6\.1\.0-\S+)\r?$", re.M), command_timeout)
+    assert m.group(1).decode().endswith("-cloud-amd64"), m.group(1)
+    first = int(con.command("cat /proc/interrupts", TIMER_LINE, command_timeout).group(1))
+    t = time.monotonic()
+    con.command("sleep 1; echo SLEPT", re.compile(rb"^SLEPT\r?$", re.M), command_timeout)
+    slept = time.monotonic() - t
+    assert slept >= 1.0, f"`sleep 1` returned after {slept:.2f} s"
+    second = int(con.command("cat /proc/interrupts", TIMER_LINE, command_timeout).group(1))
+    assert second > first, f"timer0 interrupts did not increase: {first} -> {second}"
+    return {"sleep_1_s": round(slept, 2), "timer0": (first, second)}
+
+
 @pytest.mark.slow
 @pytest.mark.faithful
-def test_debian_cloud_kernel_boots():
-    from pyvmm.guests.debian import cloud_kernel
-    from pyvmm.xen_abi.domain import Domain, DomainTimeout, is_kvm_pvm
+def test_default_guest_shell_on_console():
+    """Boot the default guest, check the boot milestones in order, then use
+    its busybox shell over the console ring: uname, sleep, the timer
+    interrupt count, and `poweroff -f` ending the domain with poweroff."""
+    import threading
 
-    k = cloud_kernel(progress=False)
-    smap = trace.find_system_map(k, fetch=False)
+    from pyvmm.guests.default import BANNER, build_default_guest
+    from pyvmm.xen_abi.abi import ShutdownReason
+    from pyvmm.xen_abi.domain import Domain
+
+    prompt_timeout, command_timeout = _timeouts()
+    g = build_default_guest(progress=False)
+    smap = trace.find_system_map(version=g.kernel_version, fetch=False)
     sym = trace.Symbolizer.from_file(smap) if smap else None
-    with Domain(str(k.vmlinuz), ram_size=RAM_MB << 20, cmdline=CMDLINE) as dom:
+    t0 = time.monotonic()
+    with Domain(str(g.kernel), ram_size=RAM_MB << 20, cmdline=g.cmdline + " loglevel=8",
+                initrd=g.initrd.read_bytes()) as dom:
         tr = trace.Tracer(dom, symbols=sym, last_n=40)
-        result = None
+        out: dict = {}
+
+        def runner():
+            try:
+                out["result"] = dom.run(timeout=prompt_timeout + 8 * command_timeout)
+            except BaseException as e:      # reported by the main thread
+                out["error"] = e
+
+        th = threading.Thread(target=runner, name="vcpu0", daemon=True)
+        th.start()
+        con = ConsoleSession(lambda: dom.read_console()[0], dom.send_console_input, th.is_alive)
+        con.t0 = t0
         try:
-            result = dom.run(timeout=BOOT_TIMEOUT_PVM if is_kvm_pvm() else BOOT_TIMEOUT_FAITHFUL)
-        except DomainTimeout:
-            pass   # a guest still running at the deadline is judged by its console
+            con.expect(re.compile(re.escape(BANNER.encode())), prompt_timeout, "banner")
+            con.expect(PROMPT, command_timeout, "first prompt")
+            figures = _shell_checks(con, command_timeout)
+            dom.send_console_input(b"poweroff -f\n")
+            th.join(command_timeout)
+        finally:
+            if th.is_alive():
+                dom.stop()
+                th.join(30)
+            report = tr.report(out.get("result"))
         text = dom.console.decode(errors="replace")
-        reached = _milestones_in_order(text)
-        report = tr.report(result)
+    reached = _milestones_in_order(text)
     print(f"milestones reached: {reached}")
+    print(f"init after {con.seen.get(b'Run /init as init process', float('nan')):.1f} s, "
+          f"shell figures {figures}")
     print(report)
     need = [n for n, _ in MILESTONES[:REQUIRED]]
-    assert reached[:REQUIRED] == need, (
-        f"stopped after {reached[-1] if reached else 'nothing'}; "
-        f"expected through {need[-1]}\n{report}")
+    assert reached[:REQUIRED] == need, f"stopped after {reached[-1] if reached else 'nothing'}\n{report}"
+    assert "error" not in out, out.get("error")
+    res = out["result"]
+    assert res.reason == ShutdownReason.poweroff and not res.stopped, (res.reason, res.crash_info, report)
+
+
+@pytest.mark.slow
+@pytest.mark.faithful
+def test_cli_default_guest_shell_and_poweroff_exit_status():
+    """`python -m pyvmm --default-guest` with stdin a pipe: the shell answers
+    over hvc0, `poweroff -f` ends pyvmm with status 0, and pyvmm reported
+    the init milestone on stderr."""
+    import subprocess
+    import sys
+    import threading
+
+    from pyvmm.cli import ExitStatus
+    from pyvmm.guests.default import build_default_guest
+
+    prompt_timeout, command_timeout = _timeouts()
+    build_default_guest(progress=False)           # fetch/build outside the timed part
+    proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "--default-guest"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    buf, err = bytearray(), bytearray()
+
+    def pump(src, dst):
+        for chunk in iter(lambda: src.read1(4096), b""):
+            dst += chunk
+
+    readers = [threading.Thread(target=pump, args=(proc.stdout, buf), daemon=True),
+               threading.Thread(target=pump, args=(proc.stderr, err), daemon=True)]
+    for r in readers:
+        r.start()
+
+    def send(data: bytes) -> None:
+        proc.stdin.write(data)
+        proc.stdin.flush()
+
+    con = ConsoleSession(lambda: bytes(buf), send, lambda: proc.poll() is None)
+    try:
+        con.expect(PROMPT, prompt_timeout, "first prompt")
+        m = con.command("uname -r", re.compile(rb"^(6\.1\.0-\S+)\r?$", re.M), command_timeout)
+        assert m.group(1).endswith(b"-cloud-amd64")
+        send(b"poweroff -f\n")
+        rc = proc.wait(command_timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        for r in readers:
+            r.join(5)
+    stderr = err.decode(errors="replace")
+    print(stderr)
+    assert rc == ExitStatus.POWEROFF == 0, (rc, stderr, bytes(buf[-1500:]))
+    assert re.search(r"pyvmm: init started after [\d.]+ s", stderr), stderr
+    assert "guest powered off" in stderr, stderr
