@@ -7,6 +7,7 @@ the guest's end into pyvmm's exit status.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import threading
@@ -57,6 +58,8 @@ def launch(*, kernel, kernel_path, initrd, cmdline, memory, name, escape, on_reb
 
     from pyvmm.vmm.kvm import Kvm
 
+    logging.basicConfig(format="pyvmm: %(name)s: %(message)s",
+                        level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)])
     escape_byte = _parse_escape(escape)
     try:
         kvm = Kvm(os.environ.get("PYVMM_KVM_DEVICE", "/dev/kvm"))

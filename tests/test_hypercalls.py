@@ -2,6 +2,8 @@
 arguments live in guest memory behind real page tables, including hostile input."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from pvfake import (KBASE, RAM_SIZE, SCRATCH, SHARED_INFO_GPA, FakeDomain, GNTTAB_GPA,
@@ -86,8 +88,10 @@ def get(d, struct, va):
 # ---------------------------------------------------------------- generic
 
 def test_unknown_and_unsupported_hypercalls(dom, caplog):
+    caplog.set_level(logging.INFO, logger="pyvmm.xen_abi.hypercalls")
     for nr in (Hypercall.mmu_update, Hypercall.xenpmu_op, Hypercall.hvm_op, 11, 47, 1000):
         assert dom.call(nr, 1, 2, 3) == -E.ENOSYS
+    assert "hvm_op" in caplog.text and "#1000" in caplog.text
     caplog.clear()
     assert dom.call(Hypercall.hvm_op) == -E.ENOSYS
     assert "hvm_op" not in caplog.text, "each unsupported call is logged once"

@@ -365,7 +365,8 @@ class HypercallDispatcher:
                 name = Hypercall(nr).name
             except ValueError:
                 name = f"#{nr}"
-            log.warning("unsupported hypercall %s%s -> -ENOSYS", name,
+            # Normal for a stock kernel (FIFO events, PMU, ...): info, not warning.
+            log.info("unsupported hypercall %s%s -> -ENOSYS", name,
                         "" if sub is None else f" sub-op {sub}")
         return -XenErrno.ENOSYS
 
