@@ -16,7 +16,9 @@ setup:
 	  echo "setup: installing $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
-	@$(PYTHON) -c "import pyvmm.xen_abi, construct, lz4, zstandard, lzo, numpy, pytest" 2>/dev/null || \
+	@# (re)install when a dependency is missing or pyvmm is installed from another checkout
+	@$(PYTHON) -c "import pathlib, pyvmm.xen_abi as x, construct, lz4, zstandard, lzo, numpy, pytest; \
+	  assert pathlib.Path(x.__file__).resolve().is_relative_to(pathlib.Path.cwd().resolve())" 2>/dev/null || \
 	  (echo "setup: installing pyvmm (editable) and its Python dependencies"; \
 	   $(PYTHON) -m pip install $(PIP_FLAGS) -e '.[test]')
 
