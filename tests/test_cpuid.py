@@ -20,6 +20,7 @@ from pyvmm.xen_abi.cpuid import (
     lookup,
     pack_table,
     to_kvm_entries,
+    with_native_feature_leaves,
 )
 
 ALL = 0xFFFFFFFF
@@ -182,3 +183,40 @@ def test_policy_from_this_hosts_kvm():
     hl1 = next(e for e in host if e.function == 1)
     assert edx & ~hl1.edx == 0
     assert ecx & ~hl1.ecx & ~((1 << 31) | (1 << 27)) == 0
+
+
+def test_native_feature_leaves_replace_leaf1_and_7_words():
+    """kvm_pvm: the feature words of leaves 1 and 7 come from what guest code
+    sees natively (XSAVE, AVX, AVX-512 ...), except FSGSBASE and RDPID whose
+    kernel side (CR4 bit, TSC_AUX) stays KVM's; other words/leaves untouched."""
+    kvm = [CpuidLeaf(1, ANY_SUBLEAF, 0x00A10F11, 0x01020800, 0x81202000, 0x078BFBFF),
+           CpuidLeaf(7, 0, 1, 0x01800002, 0x104, 0x20000000),
+           CpuidLeaf(7, 1, 0, 0, 0, 0),
+           CpuidLeaf(0xD, 0, 0xE7, 0x980, 0x980, 0),
+           CpuidLeaf(0xD, 2, 0x100, 0x240, 0, 0), CpuidLeaf(0xD, 5, 0x40, 0x340, 0, 0),
+           CpuidLeaf(0xD, 6, 0x200, 0x380, 0, 0), CpuidLeaf(0xD, 7, 0x400, 0x580, 0, 0)]
+    fsgs, rdpid = 1 << L7_EBX["FSGSBASE"], 1 << L7_ECX["RDPID"]
+    native_regs = {(1, 0): (0x11111111, 0x22222222, ALL, ALL),
+                   (7, 0): (0x55, ALL, ALL, 0x10),
+                   (7, 1): (0x20, 9, 9, 9)}
+    asked = []
+
+    def native(leaf, sub):
+        asked.append((leaf, sub))
+        return native_regs[(leaf, sub)]
+    out = with_native_feature_leaves(kvm, native)
+    assert sorted(asked) == [(1, 0), (7, 0), (7, 1)]
+    l1, l70, l71, ld = out[:4]
+    assert (l1.eax, l1.ebx) == (0x00A10F11, 0x01020800)        # family/APIC id: KVM's
+    assert (l1.ecx, l1.edx) == (ALL, ALL)
+    assert l70.eax == 1 and l70.edx == 0x10
+    assert l70.ebx == ALL & ~fsgs                                # KVM has no FSGSBASE
+    assert l70.ecx == ALL & ~rdpid | (0x104 & rdpid)
+    assert (l71.eax, l71.ebx) == (0x20, 0)
+    assert ld == kvm[3]
+    # through the policy: XSAVE (+ leaked OSXSAVE), AVX, AVX-512F offered
+    t = build_pv_cpuid(out)
+    assert bit(lookup(t, 1)[2], L1_ECX["XSAVE"]) and bit(lookup(t, 1)[2], L1_ECX["OSXSAVE"])
+    assert bit(lookup(t, 1)[2], L1_ECX["AVX"]) and bit(lookup(t, 7)[1], L7_EBX["AVX512F"])
+    assert not bit(lookup(t, 7)[1], L7_EBX["FSGSBASE"])
+    assert lookup(t, 0xD, 0)[0] == 0xE7

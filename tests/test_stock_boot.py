@@ -178,7 +178,33 @@ def _shell_checks(con: ConsoleSession, command_timeout: float) -> dict:
     assert slept >= 1.0, f"`sleep 1` returned after {slept:.2f} s"
     second = int(con.command("cat /proc/interrupts", TIMER_LINE, command_timeout).group(1))
     assert second > first, f"timer0 interrupts did not increase: {first} -> {second}"
+    _pipeline_checks(con, command_timeout)
     return {"sleep_1_s": round(slept, 2), "timer0": (first, second)}
+
+
+SEGFAULT = re.compile(rb"segfault at|Segmentation fault|general protection")
+
+
+def _pipeline_checks(con: ConsoleSession, command_timeout: float) -> None:
+    """Pipelines and a loop forking several processes: each side of a pipe
+    is a fresh busybox (fork + exec of /proc/self/exe) starting up while
+    the other runs, so register state must survive context switches (on
+    kvm_pvm the FPU/AVX state once leaked between processes and `cat |
+    grep` segfaulted in glibc's start-up)."""
+    start = con.pos
+    third = int(con.command("cat /proc/interrupts | grep timer0", TIMER_LINE,
+                            command_timeout).group(1))
+    assert third > 0
+    n = int(con.command("ls / | wc -l", re.compile(rb"^\s*(\d+)\r?$", re.M), command_timeout).group(1))
+    assert n >= 5, n          # bin dev etc proc sys ... of the initramfs
+    con.command("echo pipe-a | cat | tr a-z A-Z", re.compile(rb"^PIPE-A\r?$", re.M), command_timeout)
+    # several forks in a row, each pipeline's output in order
+    con.command("for i in 1 2 3; do echo x$i | cat; done; echo LOOP-DONE",
+                re.compile(rb"^x1\r?\nx2\r?\nx3\r?\nLOOP-DONE\r?$", re.M), command_timeout)
+    con.command("for i in 1 2 3 4; do cat /proc/interrupts | grep -c timer0; done | tr -d '\\n'; echo",
+                re.compile(rb"^1111\r?$", re.M), command_timeout)
+    out = con._read()[start:con.pos]
+    assert not SEGFAULT.search(out), out.decode(errors="replace")
 
 
 @pytest.mark.slow
@@ -276,6 +302,12 @@ def test_cli_default_guest_shell_and_poweroff_exit_status():
         assert m.group(1).endswith(b"-cloud-amd64")
         send(b"poweroff -f\n")
         rc = proc.wait(command_timeout)
+    except AssertionError as e:    # add pyvmm's own account of why it stopped
+        if proc.poll() is not None:
+            for r in readers:
+                r.join(5)
+        raise AssertionError(f"{e}\npyvmm exit status {proc.poll()}, stderr:\n"
+                             f"{err.decode(errors='replace')[-3000:]}") from None
     finally:
         if proc.poll() is None:
             proc.kill()

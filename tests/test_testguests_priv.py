@@ -38,8 +38,8 @@ def test_port_io_and_iretq_answers_and_fast_path(capsys):
 def test_xsave_xcr0_reaches_the_cpu():
     """The emulated `xsetbv` really sets XCR0 (through the VMM: KVM_SET_XCRS),
     so XSAVE/XRSTOR of a Linux-style signal frame (header forced to x87|SSE)
-    works at CPL3.  Where the PV CPUID hides XSAVE (kvm_pvm here) the guest
-    says so and only checks nothing breaks."""
+    works at CPL3.  Where the PV CPUID hides XSAVE the guest says so and
+    only checks nothing breaks (kvm_pvm offers it: see test_xcr0_...)."""
     from pyvmm.xen_abi.domain import is_kvm_pvm
     with Domain(str(build_testguest("xsave"))) as dom:
         res = dom.run(timeout=60)
@@ -49,7 +49,33 @@ def test_xsave_xcr0_reaches_the_cpu():
     assert res.reason == abi.ShutdownReason.poweroff, (res.reason, res.crash_info, res.text)
     assert lines and lines[-1] == "TESTGUEST xsave: PASS", res.text
     if "XSAVE absent" in res.text:
-        assert is_kvm_pvm(), "the faithful lane's PV CPUID offers XSAVE"
+        assert not is_kvm_pvm(), "kvm_pvm's PV CPUID must offer XSAVE (host XCR0 in force)"
         return
     m = re.search(r"xcr0 (0x[0-9a-f]+)", res.text)
     assert m and int(m.group(1), 16) == state["xcr0"] == xcr0, (res.text, state, xcr0)
+
+
+def test_xcr0_in_force_is_what_the_guest_kernel_saves():
+    """The XCR0 guest code runs with covers only state the PV kernel
+    context-switches (its PV CPUID's XSAVE components, or x87|SSE without
+    XSAVE).  Otherwise user space (glibc picks routines from the native
+    CPUID and xgetbv) uses registers no context switch preserves and their
+    contents leak between processes: the stock guest's `cat | grep`
+    crashed that way on kvm_pvm, whose guests run with the host's XCR0.
+    Off kvm_pvm the value is Xen's x87|SSE until the guest's xsetbv."""
+    from pyvmm.vmm import hostcpu
+    from pyvmm.vmm.quirks import detect_quirks
+    from pyvmm.xen_abi.domain import XSTATE_FP_SSE
+    with Domain(str(build_testguest("xcr0"))) as dom:
+        res = dom.run(timeout=60)
+    lines = res.text.strip().splitlines()
+    assert res.reason == abi.ShutdownReason.poweroff, (res.reason, res.crash_info, res.text)
+    assert lines and lines[-1] == "TESTGUEST xcr0: PASS", res.text
+    m = re.search(r"xcr0 (0x[0-9a-f]+) kernel-saved (0x[0-9a-f]+)", res.text)
+    assert m, res.text
+    xcr0, saved = int(m.group(1), 16), int(m.group(2), 16)
+    if detect_quirks().xcr0_is_host_at_cpl3:
+        assert xcr0 == hostcpu.xgetbv(0), (hex(xcr0), res.text)
+        assert saved == xcr0, "kvm_pvm: the PV CPUID must offer exactly the host's XCR0"
+    else:
+        assert xcr0 == XSTATE_FP_SSE, res.text

@@ -52,6 +52,10 @@ class HostQuirks:
     # `mov %cs, reg` at CPL3 reads the host's user selector (0x33), not the
     # guest's; exception frames still carry the guest's CS (measured)
     cpl3_cs_read_shows_host_selector: bool = False
+    # guest code at CPL3 runs with the host's XCR0 (e.g. x87|SSE|AVX|AVX-512),
+    # whatever CR4.OSXSAVE and KVM_SET_XCRS say for the vCPU (measured with
+    # the xcr0 test guest): the PV CPUID must offer XSAVE for all of it
+    xcr0_is_host_at_cpl3: bool = False
     notes: dict = field(default_factory=dict)
 
 
@@ -69,6 +73,7 @@ def detect_quirks(pvm_module_path: str = PVM_MODULE_PATH) -> HostQuirks:
             set_sregs_rejects_pcide=True,
             fsgsbase_ignores_cr4=True,
             cpl3_cs_read_shows_host_selector=True,
+            xcr0_is_host_at_cpl3=True,
         )
     return HostQuirks(is_pvm=False)
 

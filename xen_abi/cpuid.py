@@ -18,7 +18,8 @@ from __future__ import annotations
 from typing import Iterable, NamedTuple, Optional
 
 __all__ = ["CpuidLeaf", "ANY_SUBLEAF", "XEN_CPUID_BASE", "build_pv_cpuid", "lookup",
-           "to_kvm_entries", "pack_table", "XEN_SIGNATURE"]
+           "to_kvm_entries", "pack_table", "XEN_SIGNATURE", "with_native_feature_leaves",
+           "NATIVE_FEATURE_REGS"]
 
 ANY_SUBLEAF = 0xFFFFFFFF
 XEN_CPUID_BASE = 0x40000000
@@ -138,6 +139,41 @@ def _normalise(host_entries) -> list[CpuidLeaf]:
         else:  # kvm_cpuid_entry2
             sub = e.index if e.flags & KVM_CPUID_FLAG_SIGNIFICANT_INDEX else ANY_SUBLEAF
             out.append(CpuidLeaf(e.function, sub, e.eax, e.ebx, e.ecx, e.edx))
+    return out
+
+
+# The feature words of leaves 1 and 7 that guest code reads natively on
+# kvm_pvm (vmm/quirks.py: cpuid_leaves_1_7_host_only): (leaf, subleaf) ->
+# register names.
+NATIVE_FEATURE_REGS = {(1, 0): ("ecx", "edx"), (7, 0): ("ebx", "ecx", "edx"), (7, 1): ("eax",)}
+# Bits that stay as KVM reports them even then: their kernel side is a CR4
+# bit or an MSR the shim/KVM would have to back (CR4.FSGSBASE; TSC_AUX for
+# RDPID), not just an instruction running natively.
+KVM_BACKED_BITS = {(7, 0): {"ebx": 1 << L7_EBX["FSGSBASE"], "ecx": 1 << L7_ECX["RDPID"]}}
+
+
+def with_native_feature_leaves(host_entries, native) -> list[CpuidLeaf]:
+    """host_entries with the feature words of leaves 1 and 7 replaced by
+    what guest code really sees there (`native(leaf, subleaf)` -> eax, ebx,
+    ecx, edx; vmm.hostcpu.cpuid on kvm_pvm).
+
+    Why: under kvm_pvm guest CPL3 code sees the host's leaves 1 and 7 and
+    runs with the host's XCR0 (e.g. x87|SSE|AVX|AVX-512), whatever
+    KVM_GET_SUPPORTED_CPUID (there: no XSAVE, no AVX) and KVM_SET_XCRS say.
+    glibc then uses AVX/AVX-512 registers in every process; a guest kernel
+    told "no XSAVE" context-switches them with FXSAVE (x87/SSE only) and
+    their contents leak between processes.  The PV policy has to offer what
+    the hardware really enables, so the kernel saves all of it."""
+    out = []
+    for e in _normalise(host_entries):
+        key = (e.leaf, 0 if e.subleaf == ANY_SUBLEAF else e.subleaf)
+        regs = NATIVE_FEATURE_REGS.get(key)
+        if regs:
+            vals = dict(zip(("eax", "ebx", "ecx", "edx"), native(*key)))
+            keep = KVM_BACKED_BITS.get(key, {})
+            e = e._replace(**{r: (vals[r] & ~keep.get(r, 0)) | (getattr(e, r) & keep.get(r, 0))
+                              for r in regs})
+        out.append(e)
     return out
 
 

@@ -41,6 +41,7 @@ MASK64 = (1 << 64) - 1
 STAR = (abi.FLAT_RING3_CS32 << x86.STAR_SYSRET_CS_SHIFT) | (R.SHIM_CS << x86.STAR_SYSCALL_CS_SHIFT)
 SFMASK = x86.RFLAGS_TF | x86.RFLAGS_IF | x86.RFLAGS_DF | x86.RFLAGS_AC | x86.RFLAGS_NT
 INITIAL_RFLAGS = x86.RFLAGS_IF | x86.RFLAGS_FIXED
+XSTATE_FP_SSE = 0x3   # XCR0 x87|SSE: what Xen gives a PV vCPU before its xsetbv
 
 
 class ShimPanic(RuntimeError):
@@ -189,8 +190,14 @@ class Domain(PvDomainBase):
         priv.init_vcpu(m, pc, len(reg.vcpus))   # emulator state + counters (shim/priv.c)
 
     def _cpuid_policy(self):
-        from .cpuid import build_pv_cpuid
-        return build_pv_cpuid(self.kvm.supported_cpuid())
+        from .cpuid import build_pv_cpuid, with_native_feature_leaves
+        host = self.kvm.supported_cpuid()
+        if self.is_pvm:
+            # guest code sees the host's leaves 1/7 and runs with the host's
+            # XCR0 there: offer the kernel what user space will really use
+            from pyvmm.vmm import hostcpu
+            host = with_native_feature_leaves(host, hostcpu.cpuid)
+        return build_pv_cpuid(host)
 
     def _adjust_bootstrap_tables(self):
         """Xen's pin-time adjust_guest_l1e on the bootstrap tables: present
@@ -231,6 +238,10 @@ class Domain(PvDomainBase):
         s.cr3 = lay.l4_pfn << abi.PAGE_SHIFT
         s.efer = x86.EFER_LME | x86.EFER_LMA | x86.EFER_SCE | x86.EFER_NXE
         vcpu.set_sregs(s)
+        if s.cr4 & x86.CR4_OSXSAVE:
+            # Xen's XCR0 for a PV vCPU until the guest's own xsetbv (KVM's
+            # default is x87 alone)
+            self._set_xcr0(XSTATE_FP_SSE)
         r = vcpu.get_regs()
         for name in ("rax", "rbx", "rcx", "rdx", "rdi", "rbp", "r8", "r9", "r10", "r11",
                      "r12", "r13", "r14", "r15"):
