@@ -224,12 +224,19 @@ _CHILD = textwrap.dedent("""
 """)
 
 
+def _default_signals():
+    for sig in (signal.SIGHUP, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 @pytest.mark.parametrize("how", ["sigterm", "sighup", "exit"])
 def test_terminal_restored_when_process_dies(pty_pair, how):
     master, slave = pty_pair
     before = termios.tcgetattr(slave)
+    # default dispositions in the child, even when the suite itself runs
+    # under nohup (SIGHUP ignored) or with SIGTERM blocked
     proc = subprocess.Popen([sys.executable, "-c", _CHILD, how], stdin=slave, stdout=slave,
-                            stderr=subprocess.PIPE)
+                            stderr=subprocess.PIPE, preexec_fn=_default_signals)
     try:
         assert proc.stderr.readline() == b"ready\n"
         if how != "exit":
