@@ -86,6 +86,10 @@ def debian_cache() -> Path:
 # apt helpers
 
 _updated = False  # apt-get update runs at most once per process
+#: Set (to anything but "" or "0") where there is no network, e.g. in the
+#: faithful lane's L1: apt-get update is not tried, only the local apt lists.
+OFFLINE_ENV = "PYVMM_OFFLINE"
+APT_UPDATE_TIMEOUT_S = 600
 
 
 # Debian policy: lower case letters, digits, "+", "-", "."; at least two
@@ -122,11 +126,17 @@ def _apt_update(progress: bool) -> None:
     if _updated:
         return
     _updated = True
+    if os.environ.get(OFFLINE_ENV, "") not in ("", "0"):
+        raise DebianError(f"${OFFLINE_ENV} is set: not running apt-get update")
     _require("apt-get")
     say("running apt-get update (package unknown to the local apt lists) ...",
         progress)
     t0 = time.monotonic()
-    r = _run(["apt-get", "update", "-q"] + _APT_ROOT_OPTS)
+    try:
+        r = _run(["apt-get", "update", "-q"] + _APT_ROOT_OPTS, timeout=APT_UPDATE_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        raise DebianError(f"apt-get update did not finish in {APT_UPDATE_TIMEOUT_S} s; "
+                          "check the network and /etc/apt/sources.list") from None
     if r.returncode != 0:
         hint = " (apt-get update needs root)" if os.geteuid() != 0 else ""
         raise DebianError(

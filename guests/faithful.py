@@ -35,6 +35,8 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
+from .debian import OFFLINE_ENV
+
 # --- constants ---------------------------------------------------------------
 
 #: Modules the L1 loads, in this order (kvm_amd, then virtio-pci and 9p).
@@ -97,9 +99,10 @@ def cache_dir() -> Path:
 class FaithfulLaneError(RuntimeError):
     """The L1 could not run the command; str() is one line saying why."""
 
-    def __init__(self, message: str, console_tail: str = "") -> None:
+    def __init__(self, message: str, console_tail: str = "", command_started: bool = False) -> None:
         super().__init__(message)
         self.console_tail = console_tail
+        self.command_started = command_started     # the L1 came up and ran the command
 
 
 @dataclasses.dataclass
@@ -367,6 +370,7 @@ def _base_env() -> dict[str, str]:
         "TERM": "dumb",
         "TMPDIR": "/tmp",
         "PYTHONUNBUFFERED": "1",
+        OFFLINE_ENV: "1",          # the L1 has no network: no apt-get update there
     }
 
 
@@ -587,7 +591,8 @@ def _supervise(cmd, argv, work: Path, console_path: Path, timeout, boot_timeout,
         else:
             failure = "L1 stopped before the command reported an exit status"
     raise FaithfulLaneError(f"faithful lane: {failure}",
-                            console_tail=_tail_lines(console_text + ("\n" + qemu_out if qemu_out else "")))
+                            console_tail=_tail_lines(console_text + ("\n" + qemu_out if qemu_out else "")),
+                            command_started=boot_time is not None)
 
 
 # --- CLI -----------------------------------------------------------------------

@@ -9,11 +9,17 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import threading
 import time
 
 from pyvmm.cli import ExitStatus, UserError
+
+#: `kill -USR2 <pyvmm pid>` prints the guest's state on stderr (the README's
+#: "is it alive?" answer); the signal reaches the main thread, which runs the
+#: vCPU, so KVM_RUN returns and the handler runs at once.
+STATUS_SIGNAL = signal.SIGUSR2
 
 # Console lines that mark boot milestones; the first sight of each is
 # reported with the time since start.
@@ -99,9 +105,11 @@ def launch(*, kernel, kernel_path, initrd, cmdline, memory, name, escape, on_reb
         with dom, term:
             feeder = threading.Thread(target=pump_input, name="console-input", daemon=True)
             feeder.start()
+            previous = signal.signal(STATUS_SIGNAL, lambda *_: _status(dom, t0))
             try:
                 result = dom.run(timeout=None)
             finally:
+                signal.signal(STATUS_SIGNAL, previous)
                 term.stop()
         if detached.is_set():
             _say("left the console (escape key); guest destroyed")
@@ -126,6 +134,16 @@ def launch(*, kernel, kernel_path, initrd, cmdline, memory, name, escape, on_reb
             for line in last:
                 print(f"    {line}", file=sys.stderr)
         return ExitStatus.CRASH
+
+
+def _status(dom, t0: float) -> None:
+    from pyvmm.xen_abi import trace
+    try:
+        text = trace.status_report(dom)
+    except Exception as e:             # never let a status request hurt the guest
+        text = f"(no status: {e})"
+    _say(f"status after {time.monotonic() - t0:.1f} s ({STATUS_SIGNAL.name}):")
+    print(text, file=sys.stderr, flush=True)
 
 
 def _parse_escape(text: str) -> bytes:

@@ -131,6 +131,8 @@ def _inner_argv(session) -> list[str]:
         argv.append(f"--tb={opt.tbstyle}")
     if getattr(opt, "reportchars", None):
         argv.append(f"-r{opt.reportchars}")
+    if getattr(opt, "timeout", None) is not None:       # pytest-timeout's --timeout
+        argv.append(f"--timeout={opt.timeout}")
     argv += [item.nodeid for item in session.items]
     return argv
 
@@ -180,7 +182,8 @@ def pytest_runtestloop(session):
                 print(exc.console_tail, file=sys.stderr)    # context, with -v
             print(str(exc), file=sys.stderr, flush=True)
             config.stash[_RC_KEY] = int(pytest.ExitCode.INTERNAL_ERROR)
-            config.stash[_NOTE_KEY] = str(exc) + " (no test ran)"
+            config.stash[_NOTE_KEY] = str(exc) + (" (the output above shows how far the tests got)"
+                                                  if exc.command_started else " (no test ran)")
             return True
     config.stash[_RC_KEY] = result.returncode
     config.stash[_NOTE_KEY] = (f"faithful lane: inner pytest exit status {result.returncode} "

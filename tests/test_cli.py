@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 
@@ -192,3 +193,52 @@ def test_escape_key_leaves_and_restores_the_terminal():
             proc.kill()
         os.close(master)
         os.close(slave)
+
+
+@pytest.mark.faithful
+def test_status_signal_reports_a_halted_guest_and_leaves_it_running():
+    """`kill -USR2` on pyvmm prints the guest's state on stderr even while
+    the vCPU sits halted inside KVM_RUN (the idle guest blocks forever with
+    nothing pending); the guest keeps running afterwards."""
+    import threading
+    import time
+
+    from pyvmm.guests.testguests import build_testguest
+    from pyvmm.launch import STATUS_SIGNAL
+
+    proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "--xen-pv", str(build_testguest("idle")),
+                             "--memory", "32M"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            stdin=subprocess.PIPE)
+    out, err = bytearray(), bytearray()
+
+    def pump(src, dst):
+        for chunk in iter(lambda: src.read1(4096), b""):
+            dst += chunk
+
+    readers = [threading.Thread(target=pump, args=(proc.stdout, out), daemon=True),
+               threading.Thread(target=pump, args=(proc.stderr, err), daemon=True)]
+    for r in readers:
+        r.start()
+
+    def wait_for(cond, timeout):
+        deadline = time.monotonic() + timeout
+        while not cond() and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        return cond()
+
+    try:
+        assert wait_for(lambda: b"waiting forever" in out, 120), (bytes(out), bytes(err))
+        time.sleep(0.5)                       # let it reach the halt
+        proc.send_signal(STATUS_SIGNAL)
+        assert wait_for(lambda: b"vcpu_info:" in err, 60), bytes(err)
+        report = err.decode(errors="replace")
+        assert "pyvmm: status after" in report, report
+        assert re.search(r"shim events: .*hypercall sched_op=\d+", report), report
+        assert re.search(r"RIP e033:0x[0-9a-f]{16}", report), report
+        time.sleep(0.5)
+        assert proc.poll() is None, ("the status request ended the guest", report)
+    finally:
+        proc.kill()
+        proc.wait()
+        for r in readers:
+            r.join(5)

@@ -189,6 +189,28 @@ def test_debian_errors(monkeypatch):
         debian.resolve_package("linux-image-cloud-amd64")
 
 
+def test_apt_update_offline_and_timeout(monkeypatch):
+    """$PYVMM_OFFLINE (the faithful L1): apt-get update is not even tried;
+    an update that hangs ends with one line instead of hanging pyvmm."""
+    ran = []
+    monkeypatch.setattr(debian, "_run", lambda cmd, **kw: ran.append((cmd, kw)))
+    monkeypatch.setenv(debian.OFFLINE_ENV, "1")
+    monkeypatch.setattr(debian, "_updated", False)
+    with pytest.raises(debian.DebianError, match="PYVMM_OFFLINE is set"):
+        debian._apt_update(progress=False)
+    assert ran == []
+
+    def hang(cmd, **kw):
+        ran.append(kw.get("timeout"))
+        raise subprocess.TimeoutExpired(cmd, kw.get("timeout"))
+    monkeypatch.setattr(debian, "_run", hang)
+    monkeypatch.setenv(debian.OFFLINE_ENV, "0")
+    monkeypatch.setattr(debian, "_updated", False)
+    with pytest.raises(debian.DebianError, match="did not finish") as ei:
+        debian._apt_update(progress=False)
+    assert ran == [debian.APT_UPDATE_TIMEOUT_S] and "\n" not in str(ei.value)
+
+
 def test_failed_download_retried_after_update(tmp_path, monkeypatch):
     monkeypatch.setenv("PYVMM_CACHE", str(tmp_path))
     monkeypatch.setattr(debian, "_updated", False)

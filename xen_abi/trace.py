@@ -281,15 +281,33 @@ def _stack_scan(domain, frame: dict, symbols: Symbolizer | None, words: int) -> 
     return out
 
 
+def status_report(domain, *, symbols: Symbolizer | None = None) -> str:
+    """A live guest's state for a human asking "is it alive?": exits to
+    Python so far, what the shim handled (counts that keep rising mean the
+    guest is running), the pending/mask bits and where the guest last
+    entered the shim.  Reads guest memory only; safe while the vCPU runs."""
+    lines = [f"exits to Python: {domain.slow_exits} slow hypercalls; "
+             + ", ".join(f"{k}={v}" for k, v in domain.exit_counts.most_common(8))]
+    try:
+        sc = shim_counters(domain)
+        lines.append("shim events: " + ", ".join(
+            f"{k}={v}" for k, v in sorted(sc.items(), key=lambda kv: -kv[1])[:10]))
+    except Exception as e:     # a shim without counters
+        lines.append(f"shim events: unavailable ({e})")
+    lines += crash_report(domain, symbols=symbols, console_lines=0).splitlines()
+    return "\n".join(lines)
+
+
 def crash_report(domain, result=None, *, symbols: Symbolizer | None = None, tracer=None,
                  console_lines: int = 25) -> str:
     """Text for a human: last console lines, where the guest died, its
     registers, a symbolized stack scan and the last traced events."""
     sym = symbols or (lambda a: f"{a:#x}")
     lines = []
-    con = bytes(getattr(result, "console", None) or domain.console).decode(errors="replace")
-    lines.append(f"--- last {console_lines} console lines ---")
-    lines += con.splitlines()[-console_lines:]
+    if console_lines > 0:
+        con = bytes(getattr(result, "console", None) or domain.console).decode(errors="replace")
+        lines.append(f"--- last {console_lines} console lines ---")
+        lines += con.splitlines()[-console_lines:]
     if result is not None:
         lines.append(f"--- result: {getattr(result.reason, 'name', result.reason)} "
                      f"after {result.elapsed:.2f} s, {result.slow_exits} slow exits ---")
