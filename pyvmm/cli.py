@@ -1,6 +1,7 @@
 """The `pyvmm` command.
 
     pyvmm --xen-pv KERNEL [--initrd FILE] [--cmdline STR] [--memory SIZE] [--name NAME]
+          [--disk IMAGE[,ro]]...
     pyvmm --default-guest          fetch and build the Debian guest, then boot it
 
 Every user mistake ends in one line on stderr saying what is wrong and what to
@@ -64,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cmdline", metavar="STR", help=f"kernel command line (default {DEFAULT_CMDLINE!r})")
     p.add_argument("--memory", "-m", metavar="SIZE", default=None, help="guest RAM, e.g. 256M or 1G (default 256M)")
     p.add_argument("--name", metavar="NAME", default=None, help="guest name (default: from the kernel file)")
+    p.add_argument("--disk", metavar="IMAGE[,ro]", action="append", default=[],
+                   help="a raw disk image or block device for the guest: xvda, xvdb, ... in order; "
+                        "',ro' attaches it read-only (repeat for more disks)")
     p.add_argument("--escape", metavar="KEY", default="^]", help="console escape key, ^X notation (default ^])")
     p.add_argument(
         "--on-reboot",
@@ -134,19 +138,53 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"{kernel_path}: {e}") from None
     initrd = initrd_path.read_bytes() if initrd_path else None
 
+    disks = _open_disks(args.disk)
     from pyvmm.launch import launch
 
-    return launch(
-        kernel=kernel,
-        kernel_path=kernel_path,
-        initrd=initrd,
-        cmdline=cmdline,
-        memory=memory,
-        name=name,
-        escape=args.escape,
-        on_reboot=args.on_reboot,
-        verbose=args.verbose,
-    )
+    try:
+        return launch(
+            kernel=kernel,
+            kernel_path=kernel_path,
+            initrd=initrd,
+            cmdline=cmdline,
+            memory=memory,
+            name=name,
+            disks=disks,
+            escape=args.escape,
+            on_reboot=args.on_reboot,
+            verbose=args.verbose,
+        )
+    finally:
+        for d in disks:
+            d.close()
+
+
+MAX_DISKS = 16
+
+
+def _open_disks(specs: list[str]) -> list:
+    """Open (and lock) each --disk IMAGE[,ro]; one line for any that cannot be used."""
+    from pyvmm.backends.blkback import DiskError, DiskImage
+
+    if len(specs) > MAX_DISKS:
+        raise UserError(f"{len(specs)} disks: pyvmm attaches at most {MAX_DISKS} (xvda..xvdp)")
+    disks = []
+    try:
+        for spec in specs:
+            path, _, opts = spec.partition(",")
+            if opts not in ("", "ro", "rw"):
+                raise UserError(f"--disk {spec!r}: the only options are ',ro' and ',rw'")
+            if not path:
+                raise UserError(f"--disk {spec!r}: give the image's path")
+            try:
+                disks.append(DiskImage.open(path, readonly=opts == "ro"))
+            except DiskError as e:
+                raise UserError(str(e)) from None
+    except BaseException:
+        for d in disks:
+            d.close()
+        raise
+    return disks
 
 
 if __name__ == "__main__":

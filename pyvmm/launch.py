@@ -55,7 +55,9 @@ class _MilestoneWatch:
         return hits
 
 
-def launch(*, kernel, kernel_path, initrd, cmdline, memory, name, escape, on_reboot, verbose) -> int:
+def launch(*, kernel, kernel_path, initrd, cmdline, memory, name, escape, on_reboot, verbose,
+           disks=()) -> int:
+    from pyvmm.backends.blkback import BlockBackend, xvd_name
     from pyvmm.backends.console import Terminal
     from pyvmm.vmm.kvm import KvmUnavailable
     from pyvmm.xen_abi.abi import ShutdownReason
@@ -87,10 +89,14 @@ def launch(*, kernel, kernel_path, initrd, cmdline, memory, name, escape, on_reb
                     _say(f"{label} after {t:.2f} s")
 
         try:
-            dom = CliDomain(kernel, ram_size=memory, cmdline=cmdline, initrd=initrd, kvm=kvm)
+            dom = CliDomain(kernel, ram_size=memory, cmdline=cmdline, initrd=initrd, kvm=kvm, name=name)
         except BuildError as e:
             raise UserError(f"{kernel_path}: {e}; give more with --memory") from None
+        for index, image in enumerate(disks):
+            dom.attach(BlockBackend(dom, index, image))
         _say(f"booting {name}: {kernel_path} ({memory >> 20} MiB, cmdline {cmdline!r})"
+             + "".join(f", {xvd_name(i)}={d.path}{' (ro)' if d.readonly else ''}"
+                       for i, d in enumerate(disks))
              + (f", boot #{boots}" if boots > 1 else ""))
 
         detached = threading.Event()

@@ -218,14 +218,61 @@ def _pipeline_checks(con: ConsoleSession, command_timeout: float) -> None:
     assert not SEGFAULT.search(out), out.decode(errors="replace")
 
 
+DISK_SECTORS = 8192                    # 4 MiB
+WRITE_AT, WRITE_BLOCKS = 128, 64       # in 4 KiB blocks: the guest writes 256 KiB at 512 KiB
+HASH = re.compile(rb"^([0-9a-f]{32})  -\r?$", re.M)
+
+
+def _disk_images(tmp_path: Path) -> tuple[Path, Path, bytes, bytes]:
+    """A writable and a read-only image of random bytes."""
+    import os
+    rw, ro = tmp_path / "rw.img", tmp_path / "ro.img"
+    rw_data, ro_data = os.urandom(DISK_SECTORS * 512), os.urandom(DISK_SECTORS * 512)
+    rw.write_bytes(rw_data)
+    ro.write_bytes(ro_data)
+    return rw, ro, rw_data, ro_data
+
+
+def _disk_checks(con: ConsoleSession, command_timeout: float, rw_data: bytes, ro_data: bytes) -> bytes:
+    """xvda (rw) and xvdb (ro) through Linux's xen-blkfront: sizes, the
+    whole of each disk read and hashed in the guest, a 256 KiB write
+    flushed to the image.  Returns the guest's hash of what it wrote."""
+    import hashlib
+    size = re.compile(rb"^(\d+)\r?$", re.M)
+    assert int(con.command("cat /sys/block/xvda/size", size, command_timeout).group(1)) == DISK_SECTORS
+    assert int(con.command("cat /sys/block/xvdb/ro", size, command_timeout).group(1)) == 1
+    for dev, data in (("xvda", rw_data), ("xvdb", ro_data)):
+        got = con.command(f"md5sum < /dev/{dev}", HASH, command_timeout).group(1).decode()
+        assert got == hashlib.md5(data).hexdigest(), f"{dev}: the guest read other bytes"
+    con.command(f"dd if=/dev/urandom of=/tmp/w bs=4096 count={WRITE_BLOCKS} 2>/dev/null; "
+                f"dd if=/tmp/w of=/dev/xvda bs=4096 seek={WRITE_AT} conv=notrunc,fsync 2>/dev/null "
+                f"&& echo WRITE-OK", re.compile(rb"^WRITE-OK\r?$", re.M), command_timeout)
+    wrote = con.command("md5sum < /tmp/w", HASH, command_timeout).group(1)
+    # the guest's block layer gives an error for the read-only disk
+    con.command("dd if=/tmp/w of=/dev/xvdb bs=4096 count=1 conv=fsync 2>/dev/null || echo RO-REFUSED",
+                re.compile(rb"^RO-REFUSED\r?$", re.M), command_timeout)
+    return wrote
+
+
+def _check_images_after(rw: Path, ro: Path, rw_data: bytes, ro_data: bytes, wrote: bytes) -> None:
+    import hashlib
+    after = rw.read_bytes()
+    lo, hi = WRITE_AT * 4096, (WRITE_AT + WRITE_BLOCKS) * 4096
+    assert hashlib.md5(after[lo:hi]).hexdigest().encode() == wrote, "the write did not reach the image"
+    assert after[:lo] == rw_data[:lo] and after[hi:] == rw_data[hi:], "bytes outside the write changed"
+    assert ro.read_bytes() == ro_data, "the read-only image changed"
+
+
 @pytest.mark.slow
 @pytest.mark.faithful
-def test_default_guest_shell_on_console():
-    """Boot the default guest, check the boot milestones in order, then use
-    its busybox shell over the console ring: uname, sleep, the timer
-    interrupt count, and `poweroff -f` ending the domain with poweroff."""
+def test_default_guest_shell_on_console(tmp_path):
+    """Boot the default guest with two disks, check the boot milestones in
+    order, then use its busybox shell over the console ring: uname, sleep,
+    the timer interrupt count, pipelines, reads and writes on xvda/xvdb,
+    and `poweroff -f` ending the domain with poweroff."""
     import threading
 
+    from pyvmm.backends.blkback import BlockBackend, DiskImage
     from pyvmm.guests.default import BANNER, build_default_guest
     from pyvmm.xen_abi.abi import ShutdownReason
     from pyvmm.xen_abi.domain import Domain
@@ -234,9 +281,13 @@ def test_default_guest_shell_on_console():
     g = build_default_guest(progress=False)
     smap = trace.find_system_map(version=g.kernel_version, fetch=False)
     sym = trace.Symbolizer.from_file(smap) if smap else None
+    rw, ro, rw_data, ro_data = _disk_images(tmp_path)
+    images = [DiskImage.open(str(rw)), DiskImage.open(str(ro), readonly=True)]
     t0 = time.monotonic()
     with Domain(str(g.kernel), ram_size=RAM_MB << 20, cmdline=g.cmdline + " loglevel=8",
                 initrd=g.initrd.read_bytes()) as dom:
+        for index, image in enumerate(images):
+            dom.attach(BlockBackend(dom, index, image))
         tr = trace.Tracer(dom, symbols=sym, last_n=40)
         out: dict = {}
 
@@ -254,6 +305,7 @@ def test_default_guest_shell_on_console():
             con.expect(re.compile(re.escape(BANNER.encode())), prompt_timeout, "banner")
             con.expect(PROMPT, command_timeout, "first prompt")
             figures = _shell_checks(con, command_timeout)
+            wrote = _disk_checks(con, command_timeout, rw_data, ro_data)
             dom.send_console_input(b"poweroff -f\n")
             th.join(command_timeout)
         finally:
@@ -262,6 +314,11 @@ def test_default_guest_shell_on_console():
                 th.join(30)
             report = tr.report(out.get("result"))
         text = dom.console.decode(errors="replace")
+        disk_stats = [be.stats for be in dom.backends]
+    for image in images:
+        image.close()
+    _check_images_after(rw, ro, rw_data, ro_data, wrote)
+    print(f"disk requests: {disk_stats}")
     reached = _milestones_in_order(text)
     print(f"milestones reached: {reached}")
     print(f"init after {con.seen.get(b'Run /init as init process', float('nan')):.1f} s, "
@@ -276,10 +333,10 @@ def test_default_guest_shell_on_console():
 
 @pytest.mark.slow
 @pytest.mark.faithful
-def test_cli_default_guest_shell_and_poweroff_exit_status():
-    """`python -m pyvmm --default-guest` with stdin a pipe: the shell answers
-    over hvc0, `poweroff -f` ends pyvmm with status 0, and pyvmm reported
-    the init milestone on stderr."""
+def test_cli_default_guest_shell_and_poweroff_exit_status(tmp_path):
+    """`python -m pyvmm --default-guest --disk A --disk B,ro` with stdin a
+    pipe: the shell answers over hvc0, the disks work, `poweroff -f` ends
+    pyvmm with status 0, and pyvmm reported the init milestone on stderr."""
     import subprocess
     import sys
     import threading
@@ -290,7 +347,9 @@ def test_cli_default_guest_shell_and_poweroff_exit_status():
 
     prompt_timeout, command_timeout = _timeouts()
     build_default_guest(progress=False)           # fetch/build outside the timed part
-    proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "--default-guest"],
+    rw, ro, rw_data, ro_data = _disk_images(tmp_path)
+    proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "--default-guest",
+                             "--disk", str(rw), "--disk", f"{ro},ro"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     buf, err = bytearray(), bytearray()
 
@@ -312,6 +371,7 @@ def test_cli_default_guest_shell_and_poweroff_exit_status():
         con.expect(PROMPT, prompt_timeout, "first prompt")
         m = con.command("uname -r", re.compile(rb"^(6\.1\.0-\S+)\r?$", re.M), command_timeout)
         assert m.group(1).endswith(b"-cloud-amd64")
+        wrote = _disk_checks(con, command_timeout, rw_data, ro_data)
         send(b"poweroff -f\n")
         rc = proc.wait(command_timeout)
     except AssertionError as e:    # add pyvmm's own account of why it stopped
@@ -334,3 +394,5 @@ def test_cli_default_guest_shell_and_poweroff_exit_status():
     assert rc == ExitStatus.POWEROFF == 0, (rc, stderr, bytes(buf[-1500:]))
     assert re.search(r"pyvmm: init started after [\d.]+ s", stderr), stderr
     assert "guest powered off" in stderr, stderr
+    assert f"xvda={rw}, xvdb={ro} (ro)" in stderr, stderr
+    _check_images_after(rw, ro, rw_data, ro_data, wrote)

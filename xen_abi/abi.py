@@ -7,6 +7,7 @@ fast paths need, and tests check the two agree.
 """
 from __future__ import annotations
 
+import ctypes
 import enum
 
 from construct import (
@@ -877,3 +878,81 @@ XEN_EXTRAVERSION_LEN = 16  # xen_extraversion_t
 XEN_CAPABILITIES_INFO_LEN = 1024  # xen_capabilities_info_t
 XEN_CHANGESET_INFO_LEN = 64  # xen_changeset_info_t
 XEN_DOMAIN_HANDLE_LEN = 16  # xen_domain_handle_t
+
+# ---------------------------------------------------------------------------
+# Split-driver rings (io/ring.h) and the block protocol (io/blkif.h)
+#
+# ctypes rather than construct here: back-ends overlay these on the shared
+# ring page (from_buffer, no copy) and touch them once per request.
+# ---------------------------------------------------------------------------
+
+
+class SharedRingHeader(ctypes.LittleEndianStructure):
+    """The start of every shared ring page; the entries follow it."""
+    _fields_ = [("req_prod", ctypes.c_uint32), ("req_event", ctypes.c_uint32),
+                ("rsp_prod", ctypes.c_uint32), ("rsp_event", ctypes.c_uint32),
+                ("pad", ctypes.c_uint8 * 48)]       # private (4) + __pad (44)
+
+
+SRING_HEADER_SIZE = ctypes.sizeof(SharedRingHeader)
+SRING_REQ_PROD, SRING_REQ_EVENT = SharedRingHeader.req_prod.offset, SharedRingHeader.req_event.offset
+SRING_RSP_PROD, SRING_RSP_EVENT = SharedRingHeader.rsp_prod.offset, SharedRingHeader.rsp_event.offset
+assert SRING_HEADER_SIZE == 64
+
+
+def ring_entries(ring_bytes: int, entry_size: int) -> int:
+    """__RING_SIZE: whole entries after the header, rounded down to a power of 2."""
+    n = (ring_bytes - SRING_HEADER_SIZE) // entry_size
+    return 1 << (n.bit_length() - 1) if n > 0 else 0
+
+
+class BlkifOp(enum.IntEnum):
+    read = 0
+    write = 1
+    write_barrier = 2
+    flush_diskcache = 3
+    discard = 5
+    indirect = 6
+
+
+class BlkifStatus(enum.IntEnum):
+    okay = 0
+    error = -1
+    eopnotsupp = -2
+
+
+BLKIF_MAX_SEGMENTS_PER_REQUEST = 11
+BLKIF_SECTOR_SIZE = 512               # sector_number and first/last_sect are in 512-byte units
+BLKIF_SECTORS_PER_PAGE = PAGE_SIZE // BLKIF_SECTOR_SIZE
+BLKIF_DISCARD_SECURE = 1
+VDISK_CDROM, VDISK_REMOVABLE, VDISK_READONLY = 0x1, 0x2, 0x4
+XVD_MAJOR = 202                       # xvdX: (202 << 8) | 16 * disk index; xvda = 51712
+
+
+class BlkifSegment(ctypes.LittleEndianStructure):
+    _fields_ = [("gref", ctypes.c_uint32), ("first_sect", ctypes.c_uint8),
+                ("last_sect", ctypes.c_uint8), ("pad", ctypes.c_uint16)]
+
+
+class BlkifRequest(ctypes.LittleEndianStructure):
+    _fields_ = [("operation", ctypes.c_uint8), ("nr_segments", ctypes.c_uint8),
+                ("handle", ctypes.c_uint16), ("pad", ctypes.c_uint32),
+                ("id", ctypes.c_uint64), ("sector_number", ctypes.c_uint64),
+                ("seg", BlkifSegment * BLKIF_MAX_SEGMENTS_PER_REQUEST)]
+
+
+class BlkifRequestDiscard(ctypes.LittleEndianStructure):
+    _fields_ = [("operation", ctypes.c_uint8), ("flag", ctypes.c_uint8),
+                ("handle", ctypes.c_uint16), ("pad", ctypes.c_uint32),
+                ("id", ctypes.c_uint64), ("sector_number", ctypes.c_uint64),
+                ("nr_sectors", ctypes.c_uint64)]
+
+
+class BlkifResponse(ctypes.LittleEndianStructure):
+    _fields_ = [("id", ctypes.c_uint64), ("operation", ctypes.c_uint8), ("pad", ctypes.c_uint8),
+                ("status", ctypes.c_int16), ("pad2", ctypes.c_uint32)]
+
+
+assert ctypes.sizeof(BlkifRequest) == 112 and ctypes.sizeof(BlkifResponse) == 16
+BLKIF_RING_ENTRY_SIZE = 112           # the ring's entries are a union of request and response
+BLKIF_RING_SIZE = ring_entries(PAGE_SIZE, BLKIF_RING_ENTRY_SIZE)   # 32 for one page

@@ -119,7 +119,11 @@ class Domain(PvDomainBase):
             hypervisor_l4_entries=self.region.hypervisor_l4_entries())
         self._adjust_bootstrap_tables()
         evtchn = EventChannels(self.phys, self.region.shared_info_gpa, 1, kick=self.kick)
-        gnttab = GrantTable(self.phys, self.region.gpa_of(R.GRANT_OFF), max_frames=R.MAX_GRANT_FRAMES)
+        # only guest RAM may be granted (as Xen checks the page's owner): the
+        # VMM region holds the shim and its tables
+        ram_frames = ram_size >> abi.PAGE_SHIFT
+        gnttab = GrantTable(self.phys, self.region.gpa_of(R.GRANT_OFF), max_frames=R.MAX_GRANT_FRAMES,
+                            frame_ok=lambda frame: 0 <= frame < ram_frames)
         super().__init__(phys=self.phys, nr_vcpus=1, e820=self.layout.e820,
                          shared_info_gpa=self.region.shared_info_gpa, evtchn=evtchn, gnttab=gnttab)
         self.dispatcher = HypercallDispatcher(self)
@@ -127,6 +131,19 @@ class Domain(PvDomainBase):
         self._setup_vcpu(0)
         self.name = name
         self.events = DomainEvents(self, name=name)   # LAPIC, pvclock, store + console channels
+        self.backends: list = []                      # split-driver back-ends (attach())
+
+    # ---- devices ----
+    @property
+    def store(self):
+        """The domain's xenstore (what back-ends and tools read and write)."""
+        return self.events.store
+
+    def attach(self, backend):
+        """Keep a back-end (backends/xenbus.py) for the domain's lifetime:
+        it is closed, before the memory it maps, when the domain is."""
+        self.backends.append(backend)
+        return backend
 
     # ---- set-up ----
     def _install_region(self):
@@ -410,6 +427,8 @@ class Domain(PvDomainBase):
                 timer.cancel()
 
     def close(self):
+        for be in reversed(getattr(self, "backends", [])):
+            be.close()
         if getattr(self, "events", None) is not None:
             self.events.close()
         for obj in (getattr(self, "vcpu", None), self.vm):

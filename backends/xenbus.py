@@ -1,0 +1,306 @@
+"""The back-end half of a Xen split driver, run inside pyvmm (as domain 0).
+
+A back-end is a subclass of `XenbusBackend` that says what it advertises
+and what to do with a connected ring; this module does the rest the way
+Linux's xenbus back-end core does:
+
+* the device's xenstore directories (frontend under the guest's
+  ``device/<kind>/<id>``, backend under ``/local/domain/0/backend/...``),
+  created before the guest boots so its xenbus finds the device;
+* the XenbusState handshake: InitWait with the features written, then on
+  the frontend's Initialised/Connected ``connect()`` (map rings, bind the
+  event channel) and Connected; Closing/Closed tear down and a frontend
+  that starts again (module reload, kexec) finds the back-end in InitWait;
+* one worker thread per device, woken by the frontend's event channel and
+  by state changes, so a slow disk never holds up the console or xenstore;
+* a guest that breaks the protocol (a wild grant, a ring index out of
+  range, a missing key) loses that device, with the reason in the
+  backend's ``error`` node and the log; pyvmm and other devices go on.
+
+A new back-end implements `connect`, `process` and `disconnect` (and
+usually `features`); see backends/blkback.py.
+"""
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+from dataclasses import dataclass
+
+from pyvmm.xen_abi.abi import SRING_REQ_EVENT, SRING_REQ_PROD, SRING_RSP_EVENT, SRING_RSP_PROD
+from pyvmm.xen_abi.abi import SRING_HEADER_SIZE, XenbusState, ring_entries
+from pyvmm.xen_abi.evtchn import BACKEND_DOMID, BackendPort
+from pyvmm.xen_abi.grant_table import GrantError, GrantMapping
+from pyvmm.xen_abi.xenstore import XenstoreError, add_device
+
+log = logging.getLogger(__name__)
+
+__all__ = ["XenbusBackend", "BackRing", "ProtocolError", "BackendHost"]
+
+_U32 = struct.Struct("<I")
+_MASK32 = 0xFFFFFFFF
+
+
+class ProtocolError(Exception):
+    """The frontend broke the protocol; the device is shut down with this message."""
+
+
+@dataclass
+class BackendHost:
+    """What a back-end needs of the domain it serves (a Domain has all of these)."""
+    domid: int
+    store: object       # XenstoreStore
+    evtchn: object      # EventChannels
+    gnttab: object      # GrantTable
+
+
+class BackRing:
+    """The back-end's side of one shared ring page (io/ring.h BACK_RING).
+
+    Requests are copied out of the page before they are looked at (the
+    guest may rewrite them at any time); the producer index is checked so
+    that a frontend claiming more requests than the ring holds is caught
+    instead of being served stale slots."""
+
+    def __init__(self, page: memoryview, entry_size: int, request_type, response_type):
+        self.page = page
+        self.entry_size = entry_size
+        self.size = ring_entries(len(page), entry_size)
+        self.request_type, self.response_type = request_type, response_type
+        self.req_cons = 0
+        self.rsp_prod_pvt = 0
+
+    def _get(self, off: int) -> int:
+        return _U32.unpack_from(self.page, off)[0]
+
+    def _set(self, off: int, value: int) -> None:
+        _U32.pack_into(self.page, off, value & _MASK32)
+
+    def _slot(self, index: int) -> int:
+        return SRING_HEADER_SIZE + (index % self.size) * self.entry_size
+
+    def unconsumed(self) -> int:
+        """Requests produced and not yet consumed (RING_HAS_UNCONSUMED_REQUESTS)."""
+        n = (self._get(SRING_REQ_PROD) - self.req_cons) & _MASK32
+        # at most a ring's worth may be outstanding: requests + unanswered ones
+        if n > self.size - ((self.req_cons - self.rsp_prod_pvt) & _MASK32):
+            raise ProtocolError(f"ring overflow: req_prod {self._get(SRING_REQ_PROD)}, "
+                                f"req_cons {self.req_cons}, rsp_prod {self.rsp_prod_pvt}, "
+                                f"{self.size} slots")
+        return n
+
+    def take_request(self):
+        """Copy of the next request; advances req_cons."""
+        req = self.request_type.from_buffer_copy(self.page, self._slot(self.req_cons))
+        self.req_cons = (self.req_cons + 1) & _MASK32
+        return req
+
+    def put_response(self, rsp) -> None:
+        off = self._slot(self.rsp_prod_pvt)
+        self.page[off:off + self.entry_size] = bytes(self.entry_size)
+        self.page[off:off + len(bytes(rsp))] = bytes(rsp)
+        self.rsp_prod_pvt = (self.rsp_prod_pvt + 1) & _MASK32
+
+    def push_responses(self) -> bool:
+        """Publish the responses written so far; True if the frontend asked
+        to be notified (RING_PUSH_RESPONSES_AND_CHECK_NOTIFY)."""
+        old = self._get(SRING_RSP_PROD)
+        new = self.rsp_prod_pvt
+        self._set(SRING_RSP_PROD, new)
+        event = self._get(SRING_RSP_EVENT)
+        return ((new - event) & _MASK32) < ((new - old) & _MASK32)
+
+    def final_check(self) -> bool:
+        """Ask for a notification on the next request, then look once more
+        (RING_FINAL_CHECK_FOR_REQUESTS): True if requests arrived meanwhile."""
+        if self.unconsumed():
+            return True
+        self._set(SRING_REQ_EVENT, self.req_cons + 1)
+        return self.unconsumed() > 0
+
+
+class XenbusBackend:
+    """Base class of an in-process back-end for one device of one guest.
+
+    Subclasses set `kind` (the xenstore device class: "vbd", "vif", ...)
+    and implement:
+
+    * `features()`: backend keys written before InitWait (what the frontend
+      may use);
+    * `connect(read)`: the frontend is ready; `read(key)` gives its keys.
+      Map the rings, bind the event channel with `bind_event_channel`,
+      return keys to write before Connected;
+    * `process()`: the frontend notified us (worker thread); serve the ring;
+    * `disconnect()`: undo `connect` (also on errors and at close).
+    """
+
+    kind = "device"
+
+    def __init__(self, host, devid: int, *, frontend: dict | None = None, name: str | None = None):
+        self.host = host
+        self.domid = host.domid
+        self.store = host.store
+        self.devid = devid
+        self.name = name or f"{self.kind}-{devid}"
+        self.connected = False
+        self.failed: str | None = None
+        self._port: BackendPort | None = None
+        self._maps: list[GrantMapping] = []
+        self._cond = threading.Condition()
+        self._kicked = False
+        self._state_seen = False
+        self._closing = False
+        self.fe_path, self.be_path = add_device(
+            self.store, self.domid, self.kind, devid, frontend or {}, {})
+        self._write_backend(self.features())
+        self._set_state(XenbusState.InitWait)
+        self._token = self.store.watch(f"{self.fe_path}/state", self._on_frontend_state)
+        self._thread = threading.Thread(target=self._worker, name=f"pyvmm-{self.name}", daemon=True)
+        self._thread.start()
+
+    # ---- what subclasses provide ----
+    def features(self) -> dict:
+        return {}
+
+    def connect(self, read) -> dict:
+        raise NotImplementedError
+
+    def process(self) -> None:
+        raise NotImplementedError
+
+    def disconnect(self) -> None:
+        pass
+
+    # ---- helpers for subclasses ----
+    def map_grant(self, ref: int, readonly: bool = False) -> memoryview:
+        """Map a page the frontend granted us; unmapped at disconnect."""
+        m = self.host.gnttab.map(ref, BACKEND_DOMID, readonly=readonly)
+        self._maps.append(m)
+        return m.view
+
+    def bind_event_channel(self, guest_port: int) -> None:
+        """Bind to the frontend's unbound port; its sends wake the worker."""
+        self._port = self.host.evtchn.backend_bind(guest_port, self.kick)
+
+    def notify_frontend(self) -> None:
+        if self._port is not None:
+            self._port.notify()
+
+    def kick(self) -> None:
+        """The frontend sent on our channel (any thread): run process() soon."""
+        with self._cond:
+            self._kicked = True
+            self._cond.notify()
+
+    # ---- xenstore ----
+    def _write_backend(self, values: dict) -> None:
+        with self.store.transaction() as t:
+            for k, v in values.items():
+                self.store.write(f"{self.be_path}/{k}", str(v), t)
+
+    def _set_state(self, state: XenbusState) -> None:
+        self.store.write(f"{self.be_path}/state", str(int(state)))
+
+    def frontend_state(self) -> XenbusState:
+        try:
+            return XenbusState(int(self.store.read_str(f"{self.fe_path}/state", "0")))
+        except (ValueError, XenstoreError):
+            return XenbusState.Unknown
+
+    def backend_state(self) -> XenbusState:
+        return XenbusState(int(self.store.read_str(f"{self.be_path}/state", "0")))
+
+    def _read_frontend(self, key: str) -> str:
+        try:
+            return self.store.read(f"{self.fe_path}/{key}").decode(errors="replace")
+        except XenstoreError:
+            raise ProtocolError(f"frontend key {key!r} missing") from None
+
+    def _on_frontend_state(self, path: str, token: str) -> None:
+        # runs in whichever thread wrote the key (often the xenstore ring's):
+        # only wake the worker
+        with self._cond:
+            self._state_seen = True
+            self._cond.notify()
+
+    # ---- the worker ----
+    def _worker(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._kicked or self._state_seen or self._closing):
+                    self._cond.wait()
+                if self._closing:
+                    return
+                state_changed, self._state_seen = self._state_seen, False
+                kicked, self._kicked = self._kicked, False
+            try:
+                if state_changed:
+                    self._frontend_changed()
+                if kicked and self.connected:
+                    self.process()
+            except (ProtocolError, GrantError) as e:
+                self._fail(str(e))
+            except Exception as e:          # a back-end bug: lose the device, not pyvmm
+                log.exception("%s of domain %d: back-end failed", self.name, self.domid)
+                self._fail(f"internal error: {e}")
+
+    def _frontend_changed(self) -> None:
+        fe = self.frontend_state()
+        be = self.backend_state()
+        if fe in (XenbusState.Initialised, XenbusState.Connected):
+            if not self.connected and self.failed is None and be == XenbusState.InitWait:
+                self._write_backend(self.connect(self._read_frontend))
+                self.connected = True
+                self._set_state(XenbusState.Connected)
+                log.info("%s of domain %d connected", self.name, self.domid)
+                self.kick()                 # requests queued before we bound
+        elif fe == XenbusState.Closing:
+            self._teardown()
+            self._set_state(XenbusState.Closing)
+        elif fe == XenbusState.Closed:
+            self._teardown()
+            self._set_state(XenbusState.Closed)
+        elif fe in (XenbusState.Initialising, XenbusState.InitWait) and be == XenbusState.Closed:
+            self.failed = None               # the frontend starts over: so do we
+            self._set_state(XenbusState.InitWait)
+
+    def _teardown(self) -> None:
+        was = self.connected
+        self.connected = False
+        try:
+            if was:
+                self.disconnect()
+        finally:
+            if self._port is not None:
+                self._port.close()
+                self._port = None
+            for m in self._maps:
+                try:
+                    self.host.gnttab.unmap(m)
+                except GrantError:
+                    pass
+            self._maps.clear()
+
+    def _fail(self, why: str) -> None:
+        """The frontend broke the protocol: drop the device, say why, keep going."""
+        log.warning("%s of domain %d: %s; device shut down", self.name, self.domid, why)
+        self.failed = why
+        try:
+            self._teardown()
+            self.store.write(f"{self.be_path}/error", why)
+            self._set_state(XenbusState.Closing)
+        except Exception:
+            log.exception("%s: tearing down after an error failed", self.name)
+
+    def close(self) -> None:
+        """Stop the worker and release what connect() took (domain teardown)."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=10)
+        try:
+            self.store.unwatch(f"{self.fe_path}/state", self._token)
+        except XenstoreError:
+            pass
+        self._teardown()

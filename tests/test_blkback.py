@@ -1,0 +1,385 @@
+"""The block back-end against a frontend played from Python: the xenbus
+handshake, reads/writes/flush/discard between an image file and granted
+guest pages, and every kind of bad request a guest can make (each gets
+an error status, the image and other memory stay untouched; a bogus ring
+index loses that one device)."""
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+
+import pytest
+
+from pyvmm.backends.blkback import BlockBackend, DiskError, DiskImage, xvd_devid
+from pyvmm.backends.xenbus import BackendHost
+from pyvmm.vmm.memory import GuestMemory
+from pyvmm.xen_abi.abi import (
+    BLKIF_RING_ENTRY_SIZE,
+    BLKIF_RING_SIZE,
+    DOMID_SELF,
+    GTF_permit_access,
+    GTF_readonly,
+    PAGE_SIZE,
+    SRING_HEADER_SIZE,
+    BlkifOp,
+    BlkifRequest,
+    BlkifRequestDiscard,
+    BlkifResponse,
+    BlkifStatus,
+    SharedRingHeader,
+    XenbusState,
+)
+from pyvmm.xen_abi.evtchn import EventChannels
+from pyvmm.xen_abi.grant_table import GrantTable
+from pyvmm.xen_abi.physmem import PhysicalMemory
+from pyvmm.xen_abi.xenstore import XenstoreStore
+
+DOMID = 1
+RAM = 4 << 20
+VMM_GPA = 0x1000_0000          # shared_info + grant frames, outside RAM
+DISK_SECTORS = 2048            # 1 MiB image
+WAIT_S = 10.0
+
+
+def _wait(cond, what: str, timeout: float = WAIT_S):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+class FakeFrontend:
+    """What Linux's xen-blkfront does, from Python: grant a ring page, offer
+    a port, publish both, then produce requests on the shared ring."""
+
+    RING_PFN = 0x10
+    DATA_PFN = 0x100            # data pages from here
+    RING_REF = 8
+
+    def __init__(self, host: BackendHost, ram: GuestMemory, devid: int, ring_ref: int = RING_REF,
+                 ring_pfn: int = RING_PFN):
+        self.host, self.ram, self.devid = host, ram, devid
+        self.path = f"/local/domain/{DOMID}/device/vbd/{devid}"
+        self.ring_pfn = ring_pfn
+        self.ring = ram.view(ring_pfn * PAGE_SIZE, PAGE_SIZE)
+        self.ring[:] = bytes(PAGE_SIZE)
+        hdr = SharedRingHeader.from_buffer_copy(bytes(64))
+        hdr.req_event = hdr.rsp_event = 1            # SHARED_RING_INIT
+        self.ring[:SRING_HEADER_SIZE] = bytes(hdr)
+        host.gnttab.write_entry(ring_ref, GTF_permit_access, 0, ring_pfn)
+        self.port = host.evtchn.alloc_unbound(DOMID_SELF, 0)
+        self.req_prod = 0
+        self.rsp_cons = 0
+        self.next_ref = 100
+        store = host.store
+        store.write(f"{self.path}/ring-ref", str(ring_ref))
+        store.write(f"{self.path}/event-channel", str(self.port))
+        store.write(f"{self.path}/protocol", "x86_64-abi")
+
+    def state(self, s: XenbusState) -> None:
+        self.host.store.write(f"{self.path}/state", str(int(s)))
+
+    def backend_state(self) -> int:
+        be = self.host.store.read_str(f"{self.path}/backend")
+        return int(self.host.store.read_str(f"{be}/state"))
+
+    def backend_key(self, key: str) -> str:
+        be = self.host.store.read_str(f"{self.path}/backend")
+        return self.host.store.read_str(f"{be}/{key}")
+
+    def connect(self) -> None:
+        _wait(lambda: self.backend_state() == XenbusState.InitWait, "backend InitWait")
+        self.state(XenbusState.Initialised)
+        _wait(lambda: self.backend_state() == XenbusState.Connected, "backend Connected")
+        self.state(XenbusState.Connected)
+
+    def grant(self, pfn: int, readonly: bool = False, frame: int | None = None) -> int:
+        ref = self.next_ref
+        self.next_ref += 1
+        self.host.gnttab.write_entry(ref, GTF_permit_access | (GTF_readonly if readonly else 0), 0,
+                                     pfn if frame is None else frame)
+        return ref
+
+    def _hdr(self) -> SharedRingHeader:
+        return SharedRingHeader.from_buffer_copy(self.ring[:SRING_HEADER_SIZE])
+
+    def push(self, req, notify: bool = True, req_prod: int | None = None) -> None:
+        slot = SRING_HEADER_SIZE + (self.req_prod % BLKIF_RING_SIZE) * BLKIF_RING_ENTRY_SIZE
+        raw = bytes(req)
+        self.ring[slot:slot + len(raw)] = raw
+        self.req_prod += 1
+        hdr = self._hdr()
+        hdr.req_prod = self.req_prod if req_prod is None else req_prod
+        self.ring[:SRING_HEADER_SIZE] = bytes(hdr)
+        if notify:
+            self.host.evtchn.send(self.port)
+
+    def responses(self, n: int) -> list[BlkifResponse]:
+        _wait(lambda: self._hdr().rsp_prod - self.rsp_cons >= n, f"{n} responses")
+        out = []
+        for _ in range(n):
+            slot = SRING_HEADER_SIZE + (self.rsp_cons % BLKIF_RING_SIZE) * BLKIF_RING_ENTRY_SIZE
+            out.append(BlkifResponse.from_buffer_copy(self.ring[slot:slot + 16]))
+            self.rsp_cons += 1
+        hdr = self._hdr()
+        hdr.rsp_event = self.rsp_cons + 1
+        self.ring[:SRING_HEADER_SIZE] = bytes(hdr)
+        return out
+
+    def request(self, op, sector: int, segs, req_id: int = 0x1234) -> BlkifRequest:
+        """segs: (gref, first_sect, last_sect)."""
+        r = BlkifRequest(operation=op, nr_segments=len(segs), handle=self.devid, id=req_id,
+                         sector_number=sector)
+        for i, (g, f, l) in enumerate(segs):
+            r.seg[i].gref, r.seg[i].first_sect, r.seg[i].last_sect = g, f, l
+        return r
+
+    def do(self, req) -> int:
+        self.push(req)
+        (rsp,) = self.responses(1)
+        assert rsp.id == req.id and rsp.operation == req.operation
+        return rsp.status
+
+
+@pytest.fixture
+def host():
+    ram = GuestMemory(RAM, name="ram")
+    vmm = GuestMemory(64 * PAGE_SIZE, name="vmm")
+    phys = PhysicalMemory([(0, ram), (VMM_GPA, vmm)])
+    ram_frames = RAM // PAGE_SIZE
+    h = BackendHost(domid=DOMID, store=XenstoreStore(),
+                    evtchn=EventChannels(phys, VMM_GPA, 1, domid=DOMID),
+                    gnttab=GrantTable(phys, VMM_GPA + PAGE_SIZE, max_frames=4, domid=DOMID,
+                                      frame_ok=lambda f: 0 <= f < ram_frames))
+    h.ram = ram
+    backends = []
+    h.backends = backends
+    yield h
+    for b in backends:
+        b.close()
+    ram.close()
+    vmm.close()
+
+
+def _image(tmp_path, name="disk.img", sectors=DISK_SECTORS) -> str:
+    p = tmp_path / name
+    # a recognisable pattern: each sector starts with its number
+    with open(p, "wb") as f:
+        for s in range(sectors):
+            f.write(s.to_bytes(8, "little") * 64)
+    return str(p)
+
+
+def _sector(path: str, s: int, n: int = 1) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(s * 512)
+        return f.read(512 * n)
+
+
+def _attach(host, path: str, index: int = 0, readonly: bool = False):
+    img = DiskImage.open(path, readonly=readonly)
+    be = BlockBackend(host, index, img)
+    host.backends.append(be)
+    fe = FakeFrontend(host, host.ram, xvd_devid(index), ring_ref=8 + index,
+                      ring_pfn=FakeFrontend.RING_PFN + index)
+    return img, be, fe
+
+
+def test_handshake_nodes_and_features(host, tmp_path):
+    img, be, fe = _attach(host, _image(tmp_path))
+    assert xvd_devid(0) == 51712 and xvd_devid(1) == 51728
+    s = host.store
+    assert s.read_str(f"{fe.path}/virtual-device") == "51712"
+    assert s.read_str(f"{fe.path}/backend") == "/local/domain/0/backend/vbd/1/51712"
+    assert fe.backend_key("feature-flush-cache") == "1"
+    assert fe.backend_key("feature-discard") == "1"
+    fe.connect()
+    assert fe.backend_key("sectors") == str(DISK_SECTORS)
+    assert fe.backend_key("info") == "0"
+    assert fe.backend_key("sector-size") == "512"
+    assert be.connected
+    img.close()
+
+
+def test_write_then_read_back_through_granted_pages(host, tmp_path):
+    path = _image(tmp_path)
+    img, be, fe = _attach(host, path)
+    fe.connect()
+    ram = host.ram
+    # two pages of data: page A sectors 2..7 (3 KiB), page B sectors 0..1 (1 KiB)
+    a, b = FakeFrontend.DATA_PFN, FakeFrontend.DATA_PFN + 1
+    payload = os.urandom(4096)
+    ram.write(a * PAGE_SIZE + 1024, payload[:3072])
+    ram.write(b * PAGE_SIZE, payload[3072:])
+    ra, rb = fe.grant(a, readonly=True), fe.grant(b, readonly=True)
+    assert fe.do(fe.request(BlkifOp.write, 100, [(ra, 2, 7), (rb, 0, 1)])) == BlkifStatus.okay
+    assert _sector(path, 100, 8) == payload
+    assert _sector(path, 99) == (99).to_bytes(8, "little") * 64      # neighbours untouched
+    assert _sector(path, 108) == (108).to_bytes(8, "little") * 64
+    # read it back into two other pages, at other offsets
+    c, d = FakeFrontend.DATA_PFN + 2, FakeFrontend.DATA_PFN + 3
+    ram.fill(c * PAGE_SIZE, PAGE_SIZE, 0xEE)
+    ram.fill(d * PAGE_SIZE, PAGE_SIZE, 0xEE)
+    rc, rd = fe.grant(c), fe.grant(d)
+    assert fe.do(fe.request(BlkifOp.read, 100, [(rc, 0, 3), (rd, 4, 7)])) == BlkifStatus.okay
+    assert ram.read(c * PAGE_SIZE, 2048) == payload[:2048]
+    assert ram.read(c * PAGE_SIZE + 2048, 2048) == b"\xee" * 2048       # outside the segment
+    assert ram.read(d * PAGE_SIZE + 2048, 2048) == payload[2048:]
+    assert ram.read(d * PAGE_SIZE, 2048) == b"\xee" * 2048
+    assert be.stats["bytes_written"] == 4096 and be.stats["bytes_read"] == 4096
+    # the back-end notified the frontend's port, and let every grant go
+    assert host.evtchn.is_pending(fe.port)
+    assert host.gnttab.active_mappings() == 1          # the ring page only
+    assert fe.do(fe.request(BlkifOp.flush_diskcache, 0, [])) == BlkifStatus.okay
+    img.close()
+
+
+def test_many_requests_wrap_the_ring(host, tmp_path):
+    path = _image(tmp_path)
+    img, be, fe = _attach(host, path)
+    fe.connect()
+    pfn = FakeFrontend.DATA_PFN
+    ref = fe.grant(pfn)
+    for batch in range(5):                       # 5 x 20 requests: wraps the 32-slot ring
+        for i in range(20):
+            fe.push(fe.request(BlkifOp.read, batch * 20 + i, [(ref, i % 8, i % 8)], req_id=i),
+                    notify=(i == 19))
+        rsps = fe.responses(20)
+        assert [r.id for r in rsps] == list(range(20))
+        assert all(r.status == BlkifStatus.okay for r in rsps)
+    last = 4 * 20 + 19
+    assert host.ram.read(pfn * PAGE_SIZE + 19 % 8 * 512, 8) == last.to_bytes(8, "little")
+    img.close()
+
+
+def test_bad_requests_get_errors_and_change_nothing(host, tmp_path):
+    path = _image(tmp_path)
+    before = open(path, "rb").read()
+    img, be, fe = _attach(host, path)
+    fe.connect()
+    ram = host.ram
+    pfn = FakeFrontend.DATA_PFN
+    ram.fill(pfn * PAGE_SIZE, PAGE_SIZE, 0x55)
+    good = fe.grant(pfn)
+    E = BlkifStatus.error
+    cases = {
+        "wild grant reference": fe.request(BlkifOp.write, 0, [(99999, 0, 7)]),
+        "unused grant entry": fe.request(BlkifOp.write, 0, [(500, 0, 7)]),
+        "grant of a frame outside RAM": fe.request(BlkifOp.read, 0, [(fe.grant(0, frame=VMM_GPA >> 12), 0, 7)]),
+        "read into a read-only grant": fe.request(BlkifOp.read, 0, [(fe.grant(pfn, readonly=True), 0, 7)]),
+        "last_sect past the page": fe.request(BlkifOp.write, 0, [(good, 0, 8)]),
+        "first_sect after last_sect": fe.request(BlkifOp.write, 0, [(good, 5, 4)]),
+        "beyond the end of the disk": fe.request(BlkifOp.write, DISK_SECTORS - 4, [(good, 0, 7)]),
+        "sector number near 2**64": fe.request(BlkifOp.write, (1 << 64) - 1, [(good, 0, 0)]),
+        "no segments": fe.request(BlkifOp.write, 0, []),
+    }
+    for what, req in cases.items():
+        assert fe.do(req) == E, what
+    too_many = fe.request(BlkifOp.write, 0, [(good, 0, 0)])
+    too_many.nr_segments = 12
+    assert fe.do(too_many) == E
+    # a good first segment does not get written when a later one is bad
+    assert fe.do(fe.request(BlkifOp.write, 0, [(good, 0, 7), (99999, 0, 7)])) == E
+    assert fe.do(fe.request(4, 0, [(good, 0, 0)])) == BlkifStatus.eopnotsupp
+    assert fe.do(fe.request(200, 0, [])) == BlkifStatus.eopnotsupp
+    assert open(path, "rb").read() == before
+    assert be.connected and be.failed is None
+    assert host.gnttab.active_mappings() == 1
+    # and the device still works
+    assert fe.do(fe.request(BlkifOp.read, 3, [(good, 0, 0)])) == BlkifStatus.okay
+    assert ram.read(pfn * PAGE_SIZE, 8) == (3).to_bytes(8, "little")
+    img.close()
+
+
+def test_bogus_ring_index_loses_only_that_device(host, tmp_path):
+    p0, p1 = _image(tmp_path, "a.img"), _image(tmp_path, "b.img")
+    img0, be0, fe0 = _attach(host, p0, 0)
+    img1, be1, fe1 = _attach(host, p1, 1)
+    fe0.connect()
+    fe1.connect()
+    ref = fe0.grant(FakeFrontend.DATA_PFN)
+    fe0.push(fe0.request(BlkifOp.read, 0, [(ref, 0, 0)]), req_prod=BLKIF_RING_SIZE + 5)
+    _wait(lambda: fe0.backend_state() == XenbusState.Closing, "the broken device closing")
+    assert "ring overflow" in fe0.backend_key("error")
+    assert be0.failed and not be0.connected
+    assert host.gnttab.active_mappings() == 0 + 1     # only disk 1's ring is still mapped
+    # the other disk is untouched by this
+    ref1 = fe1.grant(FakeFrontend.DATA_PFN + 1)
+    assert fe1.do(fe1.request(BlkifOp.read, 7, [(ref1, 0, 0)])) == BlkifStatus.okay
+    # the broken frontend closes and starts over: it gets a working device again
+    fe0.state(XenbusState.Closed)
+    _wait(lambda: fe0.backend_state() == XenbusState.Closed, "backend Closed")
+    fe0.state(XenbusState.Initialising)
+    _wait(lambda: fe0.backend_state() == XenbusState.InitWait, "backend InitWait again")
+    fe2 = FakeFrontend(host, host.ram, xvd_devid(0), ring_ref=20, ring_pfn=0x30)
+    fe2.connect()
+    ref2 = fe2.grant(FakeFrontend.DATA_PFN + 2)
+    assert fe2.do(fe2.request(BlkifOp.read, 9, [(ref2, 0, 0)])) == BlkifStatus.okay
+    assert host.ram.read((FakeFrontend.DATA_PFN + 2) * PAGE_SIZE, 8) == (9).to_bytes(8, "little")
+    img0.close()
+    img1.close()
+
+
+def test_missing_frontend_keys_fail_the_device(host, tmp_path):
+    img, be, fe = _attach(host, _image(tmp_path))
+    host.store.rm(f"{fe.path}/ring-ref")
+    _wait(lambda: fe.backend_state() == XenbusState.InitWait, "InitWait")
+    fe.state(XenbusState.Initialised)
+    _wait(lambda: fe.backend_state() == XenbusState.Closing, "Closing")
+    assert "ring-ref" in fe.backend_key("error")
+    img.close()
+
+
+def test_read_only_disk(host, tmp_path):
+    path = _image(tmp_path)
+    before = open(path, "rb").read()
+    img, be, fe = _attach(host, path, readonly=True)
+    assert fe.backend_key("mode") == "r"
+    fe.connect()
+    assert fe.backend_key("info") == "4"          # VDISK_READONLY
+    ref = fe.grant(FakeFrontend.DATA_PFN)
+    assert fe.do(fe.request(BlkifOp.write, 0, [(ref, 0, 7)])) == BlkifStatus.error
+    assert fe.do(fe.request(BlkifOp.read, 1, [(ref, 0, 0)])) == BlkifStatus.okay
+    assert open(path, "rb").read() == before
+    img.close()
+
+
+def test_discard_punches_a_hole(host, tmp_path):
+    path = _image(tmp_path, sectors=4096)
+    img, be, fe = _attach(host, path)
+    fe.connect()
+    blocks = os.stat(path).st_blocks
+    d = BlkifRequestDiscard(operation=BlkifOp.discard, id=7, sector_number=1024, nr_sectors=1024)
+    assert fe.do(d) == BlkifStatus.okay
+    assert _sector(path, 1024, 1024) == bytes(512 * 1024)
+    assert _sector(path, 1023) == (1023).to_bytes(8, "little") * 64
+    assert _sector(path, 2048) == (2048).to_bytes(8, "little") * 64
+    assert os.stat(path).st_blocks < blocks
+    beyond = BlkifRequestDiscard(operation=BlkifOp.discard, id=8, sector_number=4000, nr_sectors=1000)
+    assert fe.do(beyond) == BlkifStatus.error
+    img.close()
+
+
+def test_image_errors_are_one_line(tmp_path):
+    with pytest.raises(DiskError, match="no such file"):
+        DiskImage.open(str(tmp_path / "missing.img"))
+    with pytest.raises(DiskError, match="directory"):
+        DiskImage.open(str(tmp_path))
+    empty = tmp_path / "empty.img"
+    empty.write_bytes(b"")
+    with pytest.raises(DiskError, match="empty"):
+        DiskImage.open(str(empty))
+    path = _image(tmp_path)
+    first = DiskImage.open(path)
+    with pytest.raises(DiskError, match="in use by another guest") as ei:
+        DiskImage.open(path)
+    assert "\n" not in str(ei.value)
+    with pytest.raises(DiskError, match="in use"):
+        DiskImage.open(path, readonly=True)
+    first.close()
+    DiskImage.open(path).close()                  # the lock went with it
+    ro1, ro2 = DiskImage.open(path, readonly=True), DiskImage.open(path, readonly=True)
+    ro1.close()
+    ro2.close()
