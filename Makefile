@@ -7,8 +7,9 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check --root-user-action=ignore
 # Idempotent: installs the host tools and the package (editable), then
 # nothing on later runs but a quick check.
 # Host packages: gcc builds the shim and the test guests; liblzo2-dev lets
-# python-lzo build; the compressors make the loader's test kernels.
-HOST_PACKAGES = gcc libc6-dev make dpkg liblzo2-dev gzip bzip2 xz-utils zstd lz4 lzop cpio
+# python-lzo build; the compressors make the loader's test kernels; iproute2
+# gives the network test its namespace and TAP device.
+HOST_PACKAGES = gcc libc6-dev make dpkg liblzo2-dev gzip bzip2 xz-utils zstd lz4 lzop cpio iproute2
 
 setup:
 	@missing=$$(for p in $(HOST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \

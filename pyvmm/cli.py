@@ -1,7 +1,7 @@
 """The `pyvmm` command.
 
     pyvmm --xen-pv KERNEL [--initrd FILE] [--cmdline STR] [--memory SIZE] [--name NAME]
-          [--disk IMAGE[,ro]]...
+          [--disk IMAGE[,ro]]... [--net tap=NAME[,mac=MAC]]...
     pyvmm --default-guest          fetch and build the Debian guest, then boot it
 
 Every user mistake ends in one line on stderr saying what is wrong and what to
@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disk", metavar="IMAGE[,ro]", action="append", default=[],
                    help="a raw disk image or block device for the guest: xvda, xvdb, ... in order; "
                         "',ro' attaches it read-only (repeat for more disks)")
+    p.add_argument("--net", metavar="tap=NAME[,mac=MAC]", action="append", default=[],
+                   help="a network interface (eth0, eth1, ... in order) on the host TAP device NAME "
+                        "(created if missing; configure its address on the host); MAC defaults to "
+                        "a stable 00:16:3e address from the guest name")
     p.add_argument("--escape", metavar="KEY", default="^]", help="console escape key, ^X notation (default ^])")
     p.add_argument(
         "--on-reboot",
@@ -139,6 +143,12 @@ def _run(args: argparse.Namespace) -> int:
     initrd = initrd_path.read_bytes() if initrd_path else None
 
     disks = _open_disks(args.disk)
+    try:
+        nets = _open_nets(args.net, name)
+    except BaseException:
+        for d in disks:
+            d.close()
+        raise
     from pyvmm.launch import launch
 
     try:
@@ -150,6 +160,7 @@ def _run(args: argparse.Namespace) -> int:
             memory=memory,
             name=name,
             disks=disks,
+            nets=nets,
             escape=args.escape,
             on_reboot=args.on_reboot,
             verbose=args.verbose,
@@ -157,9 +168,12 @@ def _run(args: argparse.Namespace) -> int:
     finally:
         for d in disks:
             d.close()
+        for link, _mac in nets:
+            link.close()
 
 
 MAX_DISKS = 16
+MAX_NICS = 8
 
 
 def _open_disks(specs: list[str]) -> list:
@@ -189,3 +203,32 @@ def _open_disks(specs: list[str]) -> list:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+def _open_nets(specs: list[str], guest_name: str) -> list:
+    """Open each --net tap=NAME[,mac=MAC]: [(link, mac)]; one line for any that cannot be used."""
+    from pyvmm.backends.netback import NetError, TapDevice, default_mac, parse_mac
+
+    if len(specs) > MAX_NICS:
+        raise UserError(f"{len(specs)} network interfaces: pyvmm attaches at most {MAX_NICS}")
+    nets = []
+    try:
+        for index, spec in enumerate(specs):
+            opts = {}
+            for item in spec.split(","):
+                key, eq, value = item.partition("=")
+                if not eq or key not in ("tap", "mac") or key in opts:
+                    raise UserError(f"--net {spec!r}: use tap=NAME with an optional ,mac=MAC")
+                opts[key] = value
+            if "tap" not in opts:
+                raise UserError(f"--net {spec!r}: name the host TAP device, e.g. --net tap=pyvmm0")
+            try:
+                mac = parse_mac(opts["mac"]) if "mac" in opts else default_mac(guest_name, index)
+                nets.append((TapDevice(opts["tap"]), mac))
+            except NetError as e:
+                raise UserError(str(e)) from None
+    except BaseException:
+        for link, _mac in nets:
+            link.close()
+        raise
+    return nets

@@ -56,8 +56,9 @@ class _MilestoneWatch:
 
 
 def launch(*, kernel, kernel_path, initrd, cmdline, memory, name, escape, on_reboot, verbose,
-           disks=()) -> int:
+           disks=(), nets=()) -> int:
     from pyvmm.backends.blkback import BlockBackend, xvd_name
+    from pyvmm.backends.netback import NetBackend
     from pyvmm.backends.console import Terminal
     from pyvmm.vmm.kvm import KvmUnavailable
     from pyvmm.xen_abi.abi import ShutdownReason
@@ -94,9 +95,12 @@ def launch(*, kernel, kernel_path, initrd, cmdline, memory, name, escape, on_reb
             raise UserError(f"{kernel_path}: {e}; give more with --memory") from None
         for index, image in enumerate(disks):
             dom.attach(BlockBackend(dom, index, image))
+        for index, (link, mac) in enumerate(nets):
+            dom.attach(NetBackend(dom, index, link, mac))
         _say(f"booting {name}: {kernel_path} ({memory >> 20} MiB, cmdline {cmdline!r})"
              + "".join(f", {xvd_name(i)}={d.path}{' (ro)' if d.readonly else ''}"
                        for i, d in enumerate(disks))
+             + "".join(f", eth{i}={link.name} ({mac})" for i, (link, mac) in enumerate(nets))
              + (f", boot #{boots}" if boots > 1 else ""))
 
         detached = threading.Event()

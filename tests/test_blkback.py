@@ -5,15 +5,12 @@ an error status, the image and other memory stay untouched; a bogus ring
 index loses that one device)."""
 from __future__ import annotations
 
-import ctypes
 import os
-import time
 
 import pytest
 
+from fakefront import VMM_GPA, FrontRing, backend_host, wait_for
 from pyvmm.backends.blkback import BlockBackend, DiskError, DiskImage, xvd_devid
-from pyvmm.backends.xenbus import BackendHost
-from pyvmm.vmm.memory import GuestMemory
 from pyvmm.xen_abi.abi import (
     BLKIF_RING_ENTRY_SIZE,
     BLKIF_RING_SIZE,
@@ -21,33 +18,17 @@ from pyvmm.xen_abi.abi import (
     GTF_permit_access,
     GTF_readonly,
     PAGE_SIZE,
-    SRING_HEADER_SIZE,
     BlkifOp,
     BlkifRequest,
     BlkifRequestDiscard,
     BlkifResponse,
     BlkifStatus,
-    SharedRingHeader,
     XenbusState,
 )
-from pyvmm.xen_abi.evtchn import EventChannels
-from pyvmm.xen_abi.grant_table import GrantTable
-from pyvmm.xen_abi.physmem import PhysicalMemory
-from pyvmm.xen_abi.xenstore import XenstoreStore
 
 DOMID = 1
-RAM = 4 << 20
-VMM_GPA = 0x1000_0000          # shared_info + grant frames, outside RAM
 DISK_SECTORS = 2048            # 1 MiB image
-WAIT_S = 10.0
-
-
-def _wait(cond, what: str, timeout: float = WAIT_S):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
+_wait = wait_for
 
 
 class FakeFrontend:
@@ -58,20 +39,12 @@ class FakeFrontend:
     DATA_PFN = 0x100            # data pages from here
     RING_REF = 8
 
-    def __init__(self, host: BackendHost, ram: GuestMemory, devid: int, ring_ref: int = RING_REF,
-                 ring_pfn: int = RING_PFN):
+    def __init__(self, host, ram, devid: int, ring_ref: int = RING_REF, ring_pfn: int = RING_PFN):
         self.host, self.ram, self.devid = host, ram, devid
         self.path = f"/local/domain/{DOMID}/device/vbd/{devid}"
-        self.ring_pfn = ring_pfn
-        self.ring = ram.view(ring_pfn * PAGE_SIZE, PAGE_SIZE)
-        self.ring[:] = bytes(PAGE_SIZE)
-        hdr = SharedRingHeader.from_buffer_copy(bytes(64))
-        hdr.req_event = hdr.rsp_event = 1            # SHARED_RING_INIT
-        self.ring[:SRING_HEADER_SIZE] = bytes(hdr)
+        self.ring = FrontRing(ram, ring_pfn, BLKIF_RING_ENTRY_SIZE, BLKIF_RING_SIZE)
         host.gnttab.write_entry(ring_ref, GTF_permit_access, 0, ring_pfn)
         self.port = host.evtchn.alloc_unbound(DOMID_SELF, 0)
-        self.req_prod = 0
-        self.rsp_cons = 0
         self.next_ref = 100
         store = host.store
         store.write(f"{self.path}/ring-ref", str(ring_ref))
@@ -102,31 +75,14 @@ class FakeFrontend:
                                      pfn if frame is None else frame)
         return ref
 
-    def _hdr(self) -> SharedRingHeader:
-        return SharedRingHeader.from_buffer_copy(self.ring[:SRING_HEADER_SIZE])
-
     def push(self, req, notify: bool = True, req_prod: int | None = None) -> None:
-        slot = SRING_HEADER_SIZE + (self.req_prod % BLKIF_RING_SIZE) * BLKIF_RING_ENTRY_SIZE
-        raw = bytes(req)
-        self.ring[slot:slot + len(raw)] = raw
-        self.req_prod += 1
-        hdr = self._hdr()
-        hdr.req_prod = self.req_prod if req_prod is None else req_prod
-        self.ring[:SRING_HEADER_SIZE] = bytes(hdr)
+        self.ring.put(req)
+        self.ring.publish(req_prod)
         if notify:
             self.host.evtchn.send(self.port)
 
     def responses(self, n: int) -> list[BlkifResponse]:
-        _wait(lambda: self._hdr().rsp_prod - self.rsp_cons >= n, f"{n} responses")
-        out = []
-        for _ in range(n):
-            slot = SRING_HEADER_SIZE + (self.rsp_cons % BLKIF_RING_SIZE) * BLKIF_RING_ENTRY_SIZE
-            out.append(BlkifResponse.from_buffer_copy(self.ring[slot:slot + 16]))
-            self.rsp_cons += 1
-        hdr = self._hdr()
-        hdr.rsp_event = self.rsp_cons + 1
-        self.ring[:SRING_HEADER_SIZE] = bytes(hdr)
-        return out
+        return self.ring.take_responses(n, BlkifResponse)
 
     def request(self, op, sector: int, segs, req_id: int = 0x1234) -> BlkifRequest:
         """segs: (gref, first_sect, last_sect)."""
@@ -145,22 +101,8 @@ class FakeFrontend:
 
 @pytest.fixture
 def host():
-    ram = GuestMemory(RAM, name="ram")
-    vmm = GuestMemory(64 * PAGE_SIZE, name="vmm")
-    phys = PhysicalMemory([(0, ram), (VMM_GPA, vmm)])
-    ram_frames = RAM // PAGE_SIZE
-    h = BackendHost(domid=DOMID, store=XenstoreStore(),
-                    evtchn=EventChannels(phys, VMM_GPA, 1, domid=DOMID),
-                    gnttab=GrantTable(phys, VMM_GPA + PAGE_SIZE, max_frames=4, domid=DOMID,
-                                      frame_ok=lambda f: 0 <= f < ram_frames))
-    h.ram = ram
-    backends = []
-    h.backends = backends
-    yield h
-    for b in backends:
-        b.close()
-    ram.close()
-    vmm.close()
+    with backend_host() as h:
+        yield h
 
 
 def _image(tmp_path, name="disk.img", sectors=DISK_SECTORS) -> str:

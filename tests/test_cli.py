@@ -99,6 +99,39 @@ def test_bad_name():
     assert_one_line_error(p, ExitStatus.USAGE, "--name")
 
 
+def test_disk_errors(tmp_path):
+    from pyvmm.backends.blkback import DiskImage
+    from pyvmm.guests.testguests import build_testguest
+
+    k = str(build_testguest("hello"))
+    p = pyvmm("--xen-pv", k, "--disk", str(tmp_path / "none.img"))
+    assert_one_line_error(p, ExitStatus.USAGE, "no such file", "truncate -s")
+    assert_one_line_error(pyvmm("--xen-pv", k, "--disk", str(tmp_path)), ExitStatus.USAGE, "directory")
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(1 << 20))
+    assert_one_line_error(pyvmm("--xen-pv", k, "--disk", f"{img},rx"), ExitStatus.USAGE, "',ro'")
+    held = DiskImage.open(str(img))          # another guest has it
+    try:
+        assert_one_line_error(pyvmm("--xen-pv", k, "--disk", str(img)), ExitStatus.USAGE,
+                              "in use by another guest")
+    finally:
+        held.close()
+
+
+def test_net_errors():
+    from pyvmm.guests.testguests import build_testguest
+
+    k = str(build_testguest("hello"))
+    assert_one_line_error(pyvmm("--xen-pv", k, "--net", "bridge=br0"), ExitStatus.USAGE, "tap=NAME")
+    assert_one_line_error(pyvmm("--xen-pv", k, "--net", "mac=00:16:3e:00:00:01"), ExitStatus.USAGE,
+                          "name the host TAP device")
+    assert_one_line_error(pyvmm("--xen-pv", k, "--net", "tap=a,tap=b"), ExitStatus.USAGE, "tap=NAME")
+    assert_one_line_error(pyvmm("--xen-pv", k, "--net", "tap=" + "t" * 20), ExitStatus.USAGE,
+                          "bad interface name")
+    assert_one_line_error(pyvmm("--xen-pv", k, "--net", "tap=pv0,mac=01:00:00:00:00:01"), ExitStatus.USAGE,
+                          "multicast")
+
+
 def test_parse_size():
     assert parse_size("256M") == 256 << 20
     assert parse_size("1G") == 1 << 30

@@ -263,16 +263,40 @@ def _check_images_after(rw: Path, ro: Path, rw_data: bytes, ro_data: bytes, wrot
     assert ro.read_bytes() == ro_data, "the read-only image changed"
 
 
+GUEST_IP, PEER_IP = "10.0.2.15", "10.0.2.1"
+TFTP_CONTENT = b"pyvmm tftp payload\n"
+
+
+def _net_checks(con: ConsoleSession, command_timeout: float, peer) -> None:
+    """eth0 through Linux's xen-netfront to a Python peer on the link:
+    ARP, ping (small, and large enough to span two transmit slots), and a
+    TFTP read (UDP out with the checksum the back-end fills in, UDP back)."""
+    con.command(f"ifconfig eth0 {GUEST_IP} netmask 255.255.255.0 up && echo UP",
+                re.compile(rb"^UP\r?$", re.M), command_timeout)
+    con.command(f"ping -c 3 -W 5 {PEER_IP}", re.compile(rb"3 packets transmitted, 3 packets received"),
+                command_timeout)
+    con.command(f"ping -c 2 -W 5 -s 1400 {PEER_IP}",
+                re.compile(rb"2 packets transmitted, 2 packets received"), command_timeout)
+    con.command(f"tftp -g -r hello -l /tmp/hello {PEER_IP} && cat /tmp/hello",
+                re.compile(re.escape(TFTP_CONTENT.rstrip()) + rb"\r?$", re.M), command_timeout)
+    assert peer.seen["arp"] >= 1 and peer.seen["icmp_echo"] == 5, peer.seen
+    assert peer.seen["largest"] >= 1400 and peer.seen["bad_checksum"] == 0, peer.seen
+    assert peer.tftp_requests == ["hello"], peer.tftp_requests
+
+
 @pytest.mark.slow
 @pytest.mark.faithful
 def test_default_guest_shell_on_console(tmp_path):
-    """Boot the default guest with two disks, check the boot milestones in
-    order, then use its busybox shell over the console ring: uname, sleep,
-    the timer interrupt count, pipelines, reads and writes on xvda/xvdb,
-    and `poweroff -f` ending the domain with poweroff."""
+    """Boot the default guest with two disks and a network interface, check
+    the boot milestones in order, then use its busybox shell over the
+    console ring: uname, sleep, the timer interrupt count, pipelines, reads
+    and writes on xvda/xvdb, ping and TFTP over eth0, and `poweroff -f`
+    ending the domain with poweroff."""
     import threading
 
+    from netpeer import NetPeer
     from pyvmm.backends.blkback import BlockBackend, DiskImage
+    from pyvmm.backends.netback import NetBackend, SocketLink
     from pyvmm.guests.default import BANNER, build_default_guest
     from pyvmm.xen_abi.abi import ShutdownReason
     from pyvmm.xen_abi.domain import Domain
@@ -288,6 +312,9 @@ def test_default_guest_shell_on_console(tmp_path):
                 initrd=g.initrd.read_bytes()) as dom:
         for index, image in enumerate(images):
             dom.attach(BlockBackend(dom, index, image))
+        link, peer_sock = SocketLink.pair()
+        dom.attach(NetBackend(dom, 0, link, "00:16:3e:00:00:01"))
+        peer = NetPeer(peer_sock, ip=PEER_IP, tftp_files={"hello": TFTP_CONTENT})
         tr = trace.Tracer(dom, symbols=sym, last_n=40)
         out: dict = {}
 
@@ -306,19 +333,23 @@ def test_default_guest_shell_on_console(tmp_path):
             con.expect(PROMPT, command_timeout, "first prompt")
             figures = _shell_checks(con, command_timeout)
             wrote = _disk_checks(con, command_timeout, rw_data, ro_data)
+            _net_checks(con, command_timeout, peer)
             dom.send_console_input(b"poweroff -f\n")
             th.join(command_timeout)
         finally:
             if th.is_alive():
+                out["stall"] = _stall_report(dom)
                 dom.stop()
                 th.join(30)
             report = tr.report(out.get("result"))
         text = dom.console.decode(errors="replace")
-        disk_stats = [be.stats for be in dom.backends]
+        device_stats = [dict(be.stats) for be in dom.backends]
+    peer.close()
+    link.close()
     for image in images:
         image.close()
     _check_images_after(rw, ro, rw_data, ro_data, wrote)
-    print(f"disk requests: {disk_stats}")
+    print(f"device counters: {device_stats}")
     reached = _milestones_in_order(text)
     print(f"milestones reached: {reached}")
     print(f"init after {con.seen.get(b'Run /init as init process', float('nan')):.1f} s, "
@@ -328,7 +359,20 @@ def test_default_guest_shell_on_console(tmp_path):
     assert reached[:REQUIRED] == need, f"stopped after {reached[-1] if reached else 'nothing'}\n{report}"
     assert "error" not in out, out.get("error")
     res = out["result"]
-    assert res.reason == ShutdownReason.poweroff and not res.stopped, (res.reason, res.crash_info, report)
+    assert res.reason == ShutdownReason.poweroff and not res.stopped, \
+        (res.reason, res.crash_info, report, out.get("stall"))
+
+
+def _stall_report(dom) -> str:
+    """The guest's state and every host thread's stack, for a guest that did
+    not end when it should have."""
+    import sys
+    import threading
+    import traceback
+    names = {t.ident: t.name for t in threading.enumerate()}
+    stacks = [f"--- thread {names.get(ident, ident)} ---\n" + "".join(traceback.format_stack(frame))
+              for ident, frame in sys._current_frames().items()]
+    return trace.status_report(dom) + "\n" + "\n".join(stacks)
 
 
 @pytest.mark.slow
@@ -396,3 +440,108 @@ def test_cli_default_guest_shell_and_poweroff_exit_status(tmp_path):
     assert "guest powered off" in stderr, stderr
     assert f"xvda={rw}, xvdb={ro} (ro)" in stderr, stderr
     _check_images_after(rw, ro, rw_data, ro_data, wrote)
+
+
+# ---------------------------------------------------------------------------
+# The guest on a host TAP device, in a network namespace of its own
+# ---------------------------------------------------------------------------
+TAP_HOST_IP, TAP_GUEST_IP = "10.0.3.1", "10.0.3.15"
+
+
+@pytest.fixture
+def tap_namespace(tmp_path):
+    """A network namespace with a persistent TAP device (10.0.3.1/24, up)
+    and an HTTP server on it serving tmp_path.  Needs root, /dev/net/tun
+    and iproute2 (`make setup` installs it)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun") or not shutil.which("ip"):
+        pytest.skip("needs root, /dev/net/tun and iproute2 (ip) for a TAP device in a namespace")
+    ns, tap = f"pyvmm-t{os.getpid()}", "pvtap0"
+
+    def ip(*args):
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    ip("netns", "add", ns)
+    server = None
+    try:
+        ip("-n", ns, "tuntap", "add", "dev", tap, "mode", "tap")
+        ip("-n", ns, "addr", "add", f"{TAP_HOST_IP}/24", "dev", tap)
+        ip("-n", ns, "link", "set", tap, "up")
+        ip("-n", ns, "link", "set", "lo", "up")
+        server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "http.server", "8000",
+                                   "--bind", TAP_HOST_IP, "--directory", str(tmp_path)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        yield ns, tap
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait(30)
+        subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
+
+
+@pytest.mark.slow
+def test_cli_default_guest_on_a_tap_device(tmp_path, tap_namespace):
+    """`pyvmm --default-guest --net tap=NAME` inside a namespace: the guest
+    pings the host end of the TAP and fetches a file over HTTP from it (TCP
+    through the real Linux stack: the guest's blank checksums filled in on
+    the way out, the host's segments received), md5 checked."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    from pyvmm.launch import STATUS_SIGNAL
+
+    ns, tap = tap_namespace
+    blob = os.urandom(300_000)
+    (tmp_path / "blob").write_bytes(blob)
+    prompt_timeout, command_timeout = _timeouts()
+    proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "pyvmm", "--default-guest",
+                             "--net", f"tap={tap},mac=00:16:3e:00:03:0f"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    buf, err = bytearray(), bytearray()
+
+    def pump(src, dst):
+        for chunk in iter(lambda: src.read1(4096), b""):
+            dst += chunk
+
+    readers = [threading.Thread(target=pump, args=(proc.stdout, buf), daemon=True),
+               threading.Thread(target=pump, args=(proc.stderr, err), daemon=True)]
+    for r in readers:
+        r.start()
+
+    def send(data: bytes) -> None:
+        proc.stdin.write(data)
+        proc.stdin.flush()
+
+    con = ConsoleSession(lambda: bytes(buf), send, lambda: proc.poll() is None)
+    try:
+        con.expect(PROMPT, prompt_timeout, "first prompt")
+        con.command(f"ifconfig eth0 {TAP_GUEST_IP} netmask 255.255.255.0 up && echo UP",
+                    re.compile(rb"^UP\r?$", re.M), command_timeout)
+        con.command(f"ping -c 2 -W 5 {TAP_HOST_IP}", re.compile(rb"2 packets transmitted, 2 packets received"),
+                    command_timeout)
+        got = con.command(f"wget -q -O - http://{TAP_HOST_IP}:8000/blob | md5sum", HASH, command_timeout)
+        assert got.group(1).decode() == hashlib.md5(blob).hexdigest(), "the guest received other bytes"
+        send(b"poweroff -f\n")
+        rc = proc.wait(command_timeout)
+    except AssertionError as e:
+        if proc.poll() is None:
+            proc.send_signal(STATUS_SIGNAL)
+            _wait_for(lambda: b"pyvmm: status after" in err and err.endswith(b"\n"), 10)
+        raise AssertionError(f"{e}\npyvmm exit status {proc.poll()}, stderr:\n"
+                             f"{err.decode(errors='replace')[-5000:]}") from None
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(60)
+        for r in readers:
+            r.join(5)
+    stderr = err.decode(errors="replace")
+    assert rc == 0, (rc, stderr)
+    assert f"eth0={tap} (00:16:3e:00:03:0f)" in stderr, stderr

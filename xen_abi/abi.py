@@ -956,3 +956,55 @@ class BlkifResponse(ctypes.LittleEndianStructure):
 assert ctypes.sizeof(BlkifRequest) == 112 and ctypes.sizeof(BlkifResponse) == 16
 BLKIF_RING_ENTRY_SIZE = 112           # the ring's entries are a union of request and response
 BLKIF_RING_SIZE = ring_entries(PAGE_SIZE, BLKIF_RING_ENTRY_SIZE)   # 32 for one page
+
+# ---------------------------------------------------------------------------
+# The network protocol (io/netif.h): a transmit and a receive ring
+# ---------------------------------------------------------------------------
+
+NETTXF_csum_blank = 1 << 0        # the L4 checksum is to be filled in by the back-end
+NETTXF_data_validated = 1 << 1
+NETTXF_more_data = 1 << 2         # the packet goes on in the next slot
+NETTXF_extra_info = 1 << 3        # a netif_extra_info slot follows
+NETRXF_data_validated = 1 << 0
+NETRXF_csum_blank = 1 << 1
+NETRXF_more_data = 1 << 2
+NETRXF_extra_info = 1 << 3
+XEN_NETIF_EXTRA_FLAG_MORE = 1 << 0
+
+
+class NetifStatus(enum.IntEnum):
+    dropped = -2
+    error = -1
+    okay = 0
+    null = 1          # the response of an extra-info slot
+
+
+class NetifTxRequest(ctypes.LittleEndianStructure):
+    _fields_ = [("gref", ctypes.c_uint32), ("offset", ctypes.c_uint16), ("flags", ctypes.c_uint16),
+                ("id", ctypes.c_uint16), ("size", ctypes.c_uint16)]
+
+
+class NetifExtraInfo(ctypes.LittleEndianStructure):
+    _fields_ = [("type", ctypes.c_uint8), ("flags", ctypes.c_uint8), ("u", ctypes.c_uint8 * 6)]
+
+
+class NetifTxResponse(ctypes.LittleEndianStructure):
+    _fields_ = [("id", ctypes.c_uint16), ("status", ctypes.c_int16)]
+
+
+class NetifRxRequest(ctypes.LittleEndianStructure):
+    _fields_ = [("id", ctypes.c_uint16), ("pad", ctypes.c_uint16), ("gref", ctypes.c_uint32)]
+
+
+class NetifRxResponse(ctypes.LittleEndianStructure):
+    _fields_ = [("id", ctypes.c_uint16), ("offset", ctypes.c_uint16), ("flags", ctypes.c_uint16),
+                ("status", ctypes.c_int16)]
+
+
+assert ctypes.sizeof(NetifTxRequest) == 12 and ctypes.sizeof(NetifExtraInfo) == 8
+assert ctypes.sizeof(NetifRxRequest) == 8 and ctypes.sizeof(NetifRxResponse) == 8
+NETIF_TX_ENTRY_SIZE = 12          # union of tx request (12), extra info (8) and response (4)
+NETIF_RX_ENTRY_SIZE = 8
+NET_TX_RING_SIZE = ring_entries(PAGE_SIZE, NETIF_TX_ENTRY_SIZE)   # 256
+NET_RX_RING_SIZE = ring_entries(PAGE_SIZE, NETIF_RX_ENTRY_SIZE)   # 256
+ETH_MAX_FRAME = 1514              # MTU 1500 + the Ethernet header: what fits one rx page
