@@ -124,3 +124,17 @@ def test_printk_clock_of_each_milestone_line():
                b"[   12.345678] Run /init as init process\n" + boot.banner_marker() + b": Linux\n")
     t = boot.printk_times(console, boot.banner_marker())
     assert t == {"linux": 0.0, "init": 12.345678}     # the banner line has no stamp
+
+
+def test_devices_table_ratios_and_missing_rows():
+    spec = importlib.util.spec_from_file_location(
+        "bench_devices", Path(__file__).resolve().parent.parent / "bench" / "devices.py")
+    devices = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(devices)
+    t = devices.table({"size_mb": 64, "disk_read_guest_s": 4.0, "disk_read_host_s": 0.04,
+                       "disk_write_guest_s": 8.0, "disk_write_host_s": 0.5})
+    lines = t.splitlines()
+    assert lines[0].split()[-1] == "guest/host"
+    assert lines[1].split()[-3:] == ["16.0", "1600.0", "0.010"]
+    assert lines[2].split()[-3:] == ["8.0", "128.0", "0.062"]
+    assert len(lines) == 3                     # no network row without its figures

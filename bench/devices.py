@@ -1,0 +1,229 @@
+"""Device throughput: the default guest's disk and network through pyvmm's
+back-ends, next to the host doing the same transfer itself.
+
+    python bench/devices.py [--size-mb 64] [--no-net] [--json]
+
+Boots the default guest (in process, Domain API) with one disk, a raw image
+of --size-mb random bytes in a temporary directory, and, when this runs as
+root with /dev/net/tun and iproute2, one network interface on a TAP device
+in a network namespace of its own where a Python HTTP server serves a file
+of the same size.  In the guest's shell, timed by busybox `time` (10 ms
+resolution, so sizes that take seconds):
+
+    disk read     dd if=/dev/xvda of=/dev/null bs=1M
+    disk write    dd if=/dev/zero of=/dev/xvda bs=1M count=N conv=fsync
+    net receive   wget -O /dev/null http://<host end of the TAP>/blob
+
+Baselines, run side by side on the host: the same dd commands on the image
+file (page cache warm, as the guest's read is), and wget of the same URL
+from inside the namespace (loopback, through the same Python server).
+Figures, not pass/fail; the ratio guest/host is what carries over from a
+kvm_pvm machine to real hardware.  Progress on stderr, the table (or
+--json) on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+PROMPT = re.compile(rb"pyvmm:/# ")
+REAL = re.compile(rb"real\s+(\d+)m\s*([\d.]+)s")
+GUEST_IP, HOST_IP, PORT = "10.0.3.15", "10.0.3.1", 8000
+BOOT_TIMEOUT, COMMAND_TIMEOUT = 900.0, 900.0
+
+
+def say(msg: str) -> None:
+    print(f"devices: {msg}", file=sys.stderr, flush=True)
+
+
+class Console:
+    def __init__(self, dom):
+        self.dom, self.pos = dom, 0
+
+    def expect(self, rx: re.Pattern, timeout: float, what: str) -> re.Match:
+        deadline = time.monotonic() + timeout
+        while True:
+            text = self.dom.read_console()[0]
+            m = rx.search(text, self.pos)
+            if m:
+                self.pos = m.end()
+                return m
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what}: nothing after {timeout:.0f} s; console tail:\n"
+                                   + text[-1500:].decode(errors="replace"))
+            time.sleep(0.05)
+
+    def run(self, line: str, rx: re.Pattern = None) -> re.Match | None:
+        self.dom.send_console_input((line + "\n").encode())
+        m = self.expect(rx, COMMAND_TIMEOUT, repr(line)) if rx is not None else None
+        self.expect(PROMPT, COMMAND_TIMEOUT, f"prompt after {line!r}")
+        return m
+
+    def timed(self, command: str) -> float:
+        """Seconds the guest's `time` applet reports for command."""
+        m = self.run(f"time sh -c '{command}'", REAL)
+        return int(m.group(1)) * 60 + float(m.group(2))
+
+
+def host_time(argv: list[str]) -> float:
+    t = time.monotonic()
+    subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return time.monotonic() - t
+
+
+class Namespace:
+    """A network namespace with a TAP device and an HTTP server on its host end."""
+
+    def __init__(self, directory: Path):
+        self.name, self.tap = f"pyvmm-b{os.getpid()}", "pvbench0"
+        self._ip("netns", "add", self.name)
+        self._ip("-n", self.name, "tuntap", "add", "dev", self.tap, "mode", "tap")
+        self._ip("-n", self.name, "addr", "add", f"{HOST_IP}/24", "dev", self.tap)
+        self._ip("-n", self.name, "link", "set", self.tap, "up")
+        self._ip("-n", self.name, "link", "set", "lo", "up")
+        self.server = subprocess.Popen(
+            ["ip", "netns", "exec", self.name, sys.executable, "-m", "http.server", str(PORT),
+             "--bind", HOST_IP, "--directory", str(directory)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    @staticmethod
+    def _ip(*args):
+        subprocess.run(["ip", *args], check=True, capture_output=True)
+
+    def open_tap(self):
+        """The TAP device, opened from a thread that has entered the namespace."""
+        from pyvmm.backends.netback import TapDevice
+        import ctypes
+        out = {}
+
+        def inside():
+            libc = ctypes.CDLL(None, use_errno=True)
+            fd = os.open(f"/run/netns/{self.name}", os.O_RDONLY)
+            try:
+                if libc.setns(fd, 0x40000000) != 0:        # CLONE_NEWNET, this thread only
+                    raise OSError(ctypes.get_errno(), "setns")
+            finally:
+                os.close(fd)
+            out["tap"] = TapDevice(self.tap)
+
+        t = threading.Thread(target=inside)
+        t.start()
+        t.join()
+        return out["tap"]
+
+    def close(self):
+        self.server.kill()
+        self.server.wait(30)
+        subprocess.run(["ip", "netns", "delete", self.name], capture_output=True)
+
+
+def net_available() -> bool:
+    return os.geteuid() == 0 and os.path.exists("/dev/net/tun") and shutil.which("ip") is not None
+
+
+def run(size_mb: int, with_net: bool) -> dict:
+    from pyvmm.backends.blkback import BlockBackend, DiskImage
+    from pyvmm.backends.netback import NetBackend
+    from pyvmm.guests.default import build_default_guest
+    from pyvmm.xen_abi.domain import Domain
+
+    g = build_default_guest(progress=True)
+    work = Path(tempfile.mkdtemp(prefix="pyvmm-bench-"))
+    results: dict = {"size_mb": size_mb}
+    ns = None
+    try:
+        img = work / "disk.img"
+        blob = work / "blob"
+        say(f"writing a {size_mb} MiB image")
+        data = os.urandom(size_mb << 20)
+        img.write_bytes(data)
+        blob.write_bytes(data)
+        del data
+        image = DiskImage.open(str(img))
+        tap = None
+        if with_net:
+            ns = Namespace(work)
+            tap = ns.open_tap()
+        with Domain(str(g.kernel), ram_size=256 << 20, cmdline=g.cmdline,
+                    initrd=g.initrd.read_bytes()) as dom:
+            dom.attach(BlockBackend(dom, 0, image))
+            if tap is not None:
+                dom.attach(NetBackend(dom, 0, tap, "00:16:3e:00:0b:01"))
+            box: dict = {}
+            th = threading.Thread(target=lambda: box.setdefault("r", dom.run(timeout=None)), daemon=True)
+            say("booting the default guest")
+            th.start()
+            con = Console(dom)
+            con.expect(PROMPT, BOOT_TIMEOUT, "first prompt")
+            say("disk read")
+            results["disk_read_guest_s"] = con.timed("dd if=/dev/xvda of=/dev/null bs=1M 2>/dev/null")
+            say("disk write")
+            results["disk_write_guest_s"] = con.timed(
+                f"dd if=/dev/zero of=/dev/xvda bs=1M count={size_mb} conv=fsync 2>/dev/null")
+            if tap is not None:
+                con.run(f"ifconfig eth0 {GUEST_IP} netmask 255.255.255.0 up")
+                con.run(f"ping -c 1 -W 10 {HOST_IP} >/dev/null")
+                say("net receive")
+                results["net_rx_guest_s"] = con.timed(
+                    f"wget -q -O /dev/null http://{HOST_IP}:{PORT}/blob")
+            dom.send_console_input(b"poweroff -f\n")
+            th.join(120)
+            if th.is_alive():
+                dom.stop()
+                th.join(30)
+            results["device_counters"] = [dict(be.stats) for be in dom.backends]
+        image.close()
+        if tap is not None:
+            tap.close()
+        say("host baselines")
+        results["disk_read_host_s"] = host_time(["dd", f"if={img}", "of=/dev/null", "bs=1M"])
+        results["disk_write_host_s"] = host_time(["dd", "if=/dev/zero", f"of={img}", "bs=1M",
+                                                  f"count={size_mb}", "conv=fsync,notrunc"])
+        if ns is not None:
+            results["net_rx_host_s"] = host_time(["ip", "netns", "exec", ns.name, "wget", "-q", "-O",
+                                                  "/dev/null", f"http://{HOST_IP}:{PORT}/blob"])
+    finally:
+        if ns is not None:
+            ns.close()
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+def table(r: dict) -> str:
+    mb = r["size_mb"]
+    rows = [("disk read", "disk_read"), ("disk write (fsync)", "disk_write"), ("net receive (HTTP)", "net_rx")]
+    out = [f"{'transfer of %d MiB' % mb:<22} {'guest MB/s':>11} {'host MB/s':>10} {'guest/host':>11}"]
+    for label, key in rows:
+        g, h = r.get(f"{key}_guest_s"), r.get(f"{key}_host_s")
+        if g is None or h is None:
+            continue
+        gm, hm = mb / max(g, 0.01), mb / max(h, 0.001)
+        out.append(f"{label:<22} {gm:>11.1f} {hm:>10.1f} {gm / hm:>11.3f}")
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-mb", type=int, default=64)
+    ap.add_argument("--no-net", action="store_true", help="skip the network transfer")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    with_net = not args.no_net and net_available()
+    if not args.no_net and not with_net:
+        say("no network transfer: it needs root, /dev/net/tun and iproute2")
+    r = run(args.size_mb, with_net)
+    print(json.dumps(r) if args.json else table(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
