@@ -6,9 +6,11 @@ views of guest memory, so no data is copied in Python.
 
 Advertised: read, write, flush (feature-flush-cache -> fdatasync),
 discard (feature-discard -> FALLOC_FL_PUNCH_HOLE, regular files only),
-read-only disks (mode "r": VDISK_READONLY, writes and discards refused).
-Not (yet): indirect segments, multi-page rings, multiple queues, persistent
-grants; the frontend falls back to the basic protocol for each.
+indirect segments (feature-max-indirect-segments: up to 256 segments, 1 MiB,
+per request, listed in granted pages), read-only disks (mode "r":
+VDISK_READONLY, writes and discards refused).  Not (yet): multi-page rings,
+multiple queues, persistent grants; the frontend falls back to the basic
+protocol for each.
 
 Every request is checked before any I/O: operation, segment count, sector
 bounds within a page and within the disk, the grants themselves.  A bad
@@ -27,7 +29,9 @@ import stat
 from dataclasses import dataclass
 
 from pyvmm.xen_abi.abi import (
+    BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST,
     BLKIF_MAX_SEGMENTS_PER_REQUEST,
+    BLKIF_SEGMENTS_PER_INDIRECT_PAGE,
     BLKIF_RING_ENTRY_SIZE,
     BLKIF_SECTOR_SIZE,
     BLKIF_SECTORS_PER_PAGE,
@@ -36,7 +40,9 @@ from pyvmm.xen_abi.abi import (
     BlkifOp,
     BlkifRequest,
     BlkifRequestDiscard,
+    BlkifRequestIndirect,
     BlkifResponse,
+    BlkifSegment,
     BlkifStatus,
 )
 from pyvmm.xen_abi.evtchn import BACKEND_DOMID
@@ -49,6 +55,9 @@ log = logging.getLogger(__name__)
 __all__ = ["BlockBackend", "DiskImage", "DiskError", "xvd_devid", "xvd_name"]
 
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+#: Segments per indirect request we accept (Linux's blkback offers the same).
+MAX_INDIRECT_SEGMENTS = 256
+_SEGMENT_SIZE = ctypes.sizeof(BlkifSegment)
 _PAGE = BLKIF_SECTORS_PER_PAGE * BLKIF_SECTOR_SIZE
 
 
@@ -155,7 +164,7 @@ class BlockBackend(XenbusBackend):
         f = {"params": self.image.path, "mode": "r" if self.image.readonly else "w",
              "type": "file", "dev": xvd_name(self.index), "removable": 0,
              "feature-flush-cache": 1, "feature-barrier": 0, "feature-persistent": 0,
-             "max-ring-page-order": 0}
+             "feature-max-indirect-segments": MAX_INDIRECT_SEGMENTS, "max-ring-page-order": 0}
         if self.image.is_file and not self.image.readonly:
             f.update({"feature-discard": 1, "discard-granularity": _PAGE,
                       "discard-alignment": 0, "discard-secure": 0})
@@ -195,7 +204,11 @@ class BlockBackend(XenbusBackend):
             while ring.unconsumed():
                 req = ring.take_request()
                 status = self._serve(req)
-                ring.put_response(BlkifResponse(id=req.id, operation=req.operation, status=status))
+                # an indirect request is answered with the operation it carried
+                op = req.operation
+                if op == BlkifOp.indirect:
+                    op = BlkifRequestIndirect.from_buffer_copy(req).indirect_op
+                ring.put_response(BlkifResponse(id=req.id, operation=op, status=status))
             if ring.push_responses():
                 self.notify_frontend()
             if not ring.final_check():
@@ -205,7 +218,13 @@ class BlockBackend(XenbusBackend):
         op = req.operation
         try:
             if op in (BlkifOp.read, BlkifOp.write):
-                self._rw(req, write=op == BlkifOp.write)
+                self._rw(req.sector_number, self._direct_segments(req), write=op == BlkifOp.write)
+            elif op == BlkifOp.indirect:
+                ind = BlkifRequestIndirect.from_buffer_copy(req)
+                if ind.indirect_op not in (BlkifOp.read, BlkifOp.write):
+                    raise _BadRequest(f"indirect operation {ind.indirect_op}")
+                self._rw(ind.sector_number, self._indirect_segments(ind),
+                         write=ind.indirect_op == BlkifOp.write)
             elif op == BlkifOp.flush_diskcache:
                 self._flush(req)
             elif op == BlkifOp.discard:
@@ -228,21 +247,39 @@ class BlockBackend(XenbusBackend):
         if sector + count > self.image.sectors:
             raise _BadRequest(f"sectors [{sector}, +{count}) beyond the disk's {self.image.sectors}")
 
-    def _rw(self, req: BlkifRequest, write: bool) -> None:
-        if write and self.image.readonly:
-            raise _BadRequest("write to a read-only disk")
+    @staticmethod
+    def _direct_segments(req: BlkifRequest) -> list:
         n = req.nr_segments
         if not 1 <= n <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
             raise _BadRequest(f"{n} segments")
+        return [req.seg[i] for i in range(n)]
+
+    def _indirect_segments(self, req: BlkifRequestIndirect) -> list:
+        """The segment list from the request's indirect pages (copied out:
+        the guest may rewrite them while we work)."""
+        n = req.nr_segments
+        if not 1 <= n <= MAX_INDIRECT_SEGMENTS:
+            raise _BadRequest(f"{n} indirect segments (at most {MAX_INDIRECT_SEGMENTS})")
+        pages = -(-n // BLKIF_SEGMENTS_PER_INDIRECT_PAGE)
+        assert pages <= BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST
+        raw = bytearray()
+        for i in range(pages):
+            count = min(n - i * BLKIF_SEGMENTS_PER_INDIRECT_PAGE, BLKIF_SEGMENTS_PER_INDIRECT_PAGE)
+            raw += self.host.gnttab.copy_from_guest(req.indirect_grefs[i], 0, count * _SEGMENT_SIZE,
+                                                    BACKEND_DOMID)
+        return list((BlkifSegment * n).from_buffer(raw))
+
+    def _rw(self, sector_number: int, segments: list, write: bool) -> None:
+        if write and self.image.readonly:
+            raise _BadRequest("write to a read-only disk")
         spans, total = [], 0
-        for i in range(n):
-            seg = req.seg[i]
+        for i, seg in enumerate(segments):
             if not seg.first_sect <= seg.last_sect < BLKIF_SECTORS_PER_PAGE:
                 raise _BadRequest(f"segment {i}: sectors {seg.first_sect}..{seg.last_sect} of a page")
             spans.append((seg.gref, seg.first_sect * BLKIF_SECTOR_SIZE,
                           (seg.last_sect - seg.first_sect + 1) * BLKIF_SECTOR_SIZE))
             total += spans[-1][2]
-        self._check_range(req.sector_number, total // BLKIF_SECTOR_SIZE)
+        self._check_range(sector_number, total // BLKIF_SECTOR_SIZE)
         gnttab = self.host.gnttab
         # a read fills guest pages: map them writable; a write only reads them
         maps = []
@@ -250,7 +287,7 @@ class BlockBackend(XenbusBackend):
             for gref, off, length in spans:
                 maps.append(gnttab.map(gref, BACKEND_DOMID, readonly=write))
             iov = [m.view[off:off + length] for m, (_, off, length) in zip(maps, spans)]
-            pos = req.sector_number * BLKIF_SECTOR_SIZE
+            pos = sector_number * BLKIF_SECTOR_SIZE
             done = 0
             while done < total:       # short transfers: go on from where it stopped
                 part = _skip(iov, done)

@@ -948,12 +948,27 @@ class BlkifRequestDiscard(ctypes.LittleEndianStructure):
                 ("nr_sectors", ctypes.c_uint64)]
 
 
+BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST = 8
+BLKIF_SEGMENTS_PER_INDIRECT_PAGE = PAGE_SIZE // 8      # blkif_request_segment entries
+
+
+class BlkifRequestIndirect(ctypes.LittleEndianStructure):
+    """BLKIF_OP_INDIRECT: the segments are in up to 8 granted pages."""
+    _fields_ = [("operation", ctypes.c_uint8), ("indirect_op", ctypes.c_uint8),
+                ("nr_segments", ctypes.c_uint16), ("pad", ctypes.c_uint32),
+                ("id", ctypes.c_uint64), ("sector_number", ctypes.c_uint64),
+                ("handle", ctypes.c_uint16), ("pad2", ctypes.c_uint16),
+                ("indirect_grefs", ctypes.c_uint32 * BLKIF_MAX_INDIRECT_PAGES_PER_REQUEST),
+                ("pad3", ctypes.c_uint32)]
+
+
 class BlkifResponse(ctypes.LittleEndianStructure):
     _fields_ = [("id", ctypes.c_uint64), ("operation", ctypes.c_uint8), ("pad", ctypes.c_uint8),
                 ("status", ctypes.c_int16), ("pad2", ctypes.c_uint32)]
 
 
 assert ctypes.sizeof(BlkifRequest) == 112 and ctypes.sizeof(BlkifResponse) == 16
+assert ctypes.sizeof(BlkifRequestIndirect) == 64 and BlkifRequestIndirect.indirect_grefs.offset == 28
 BLKIF_RING_ENTRY_SIZE = 112           # the ring's entries are a union of request and response
 BLKIF_RING_SIZE = ring_entries(PAGE_SIZE, BLKIF_RING_ENTRY_SIZE)   # 32 for one page
 
