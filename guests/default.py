@@ -42,7 +42,7 @@ BANNER = "pyvmm default guest ready"
 # unattended boot tests).
 POWEROFF_PARAM = "pyvmm.poweroff"
 # Bump when the image layout or init script changes: it is part of the key.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2       # 2: PID 1 turns busybox's shutdown signals into poweroff/reboot
 _INIT_MODE = 0o755
 
 
@@ -91,9 +91,19 @@ case " $(cat /proc/cmdline) " in
     *" {POWEROFF_PARAM} "*) echo "pyvmm-init: powering off"; poweroff -f ;;
 esac
 
-# PID 1 must never exit (that panics the kernel): respawn the shell.
+# `pyvmm shutdown` (xenstore control/shutdown) makes the kernel run
+# /sbin/poweroff (or reboot), which signals PID 1 as busybox init expects:
+# USR2 poweroff, TERM reboot, USR1 halt.
+trap 'echo "pyvmm-init: powering off"; sync; poweroff -f' USR2
+trap 'echo "pyvmm-init: rebooting"; sync; reboot -f' TERM
+trap 'echo "pyvmm-init: halting"; sync; poweroff -f' USR1
+
+# PID 1 must never exit (that panics the kernel): respawn the shell.  It
+# runs in the background so that `wait` (unlike a foreground command) lets
+# the traps above run as soon as a signal arrives.
 while true; do
-    setsid cttyhack sh -l
+    setsid cttyhack sh -l </dev/console >/dev/console 2>&1 &
+    wait $!
     echo "pyvmm-init: shell exited, restarting (poweroff -f to stop)"
 done
 """

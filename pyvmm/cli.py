@@ -3,6 +3,8 @@
     pyvmm --xen-pv KERNEL [--initrd FILE] [--cmdline STR] [--memory SIZE] [--name NAME]
           [--disk IMAGE[,ro]]... [--net tap=NAME[,mac=MAC]]...
     pyvmm --default-guest          fetch and build the Debian guest, then boot it
+    pyvmm ... --detach             boot it in the background
+    pyvmm list | console NAME | shutdown NAME | destroy NAME     (pyvmm/manage.py)
 
 Every user mistake ends in one line on stderr saying what is wrong and what to
 do, and a non-zero exit status (EXIT_USAGE); the guest's own fate maps to the
@@ -31,7 +33,7 @@ class ExitStatus(enum.IntEnum):
     CRASH = 1  # the guest crashed (SHUTDOWN_crash, a fatal fault, a shim error)
     USAGE = 2  # bad command line or input files: nothing was started
     REBOOT = 3  # the guest asked to reboot and --on-reboot=exit was given
-    DETACHED = 4  # the user left with the escape key; the guest was destroyed
+    DETACHED = 4  # the guest was destroyed: the escape key, or `pyvmm destroy`
     HOST_ERROR = 5  # the host could not run the guest (/dev/kvm, resources)
 
 
@@ -79,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="restart",
         help="when the guest reboots: rebuild and boot it again, or exit with status 3",
     )
+    p.add_argument("--detach", "-d", action="store_true",
+                   help="run the guest in the background once it has started; 'pyvmm console NAME' "
+                        "attaches, 'pyvmm list' shows it (its log: <runtime dir>/NAME.log)")
     p.add_argument("--verbose", "-v", action="count", default=0, help="log hypercalls and exits (repeat for more)")
     return p
 
@@ -95,6 +100,10 @@ def _check_readable(path: str, what: str) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    from pyvmm import manage
+    if argv and argv[0] in manage.COMMANDS:
+        return manage.main(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
@@ -151,7 +160,7 @@ def _run(args: argparse.Namespace) -> int:
         raise
     from pyvmm.launch import launch
 
-    try:
+    def start(ready=None) -> int:
         return launch(
             kernel=kernel,
             kernel_path=kernel_path,
@@ -164,7 +173,11 @@ def _run(args: argparse.Namespace) -> int:
             escape=args.escape,
             on_reboot=args.on_reboot,
             verbose=args.verbose,
+            ready=ready,
         )
+
+    try:
+        return _detached(name, start) if args.detach else start()
     finally:
         for d in disks:
             d.close()
@@ -232,3 +245,62 @@ def _open_nets(specs: list[str], guest_name: str) -> list:
             link.close()
         raise
     return nets
+
+
+def _detached(name: str, start) -> int:
+    """Run start() in a background process (its own session, stdio on a log
+    file); return once the guest has started, or with its one-line error."""
+    from pyvmm.control import runtime_dir
+
+    log = runtime_dir() / f"{name}.log"
+    r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            msg = f.read().decode(errors="replace").strip()
+        if msg == "ok":
+            print(f"pyvmm: guest {name} started in the background (pid {pid}); "
+                  f"'pyvmm console {name}' attaches, 'pyvmm shutdown {name}' stops it; log: {log}",
+                  file=sys.stderr)
+            return 0
+        print(f"pyvmm: error: {msg or f'the guest did not start; see {log}'}", file=sys.stderr)
+        return ExitStatus.USAGE
+    # the child: no terminal, stdio on the log, its own session
+    os.close(r)
+    rc = ExitStatus.HOST_ERROR
+    try:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDONLY)
+        out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(null, 0)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        os.close(null)
+        os.close(out)
+        answered = False
+
+        def ready(error: str | None) -> None:
+            nonlocal answered
+            if not answered:
+                answered = True
+                os.write(w, b"ok" if error is None else error.encode())
+                os.close(w)
+
+        try:
+            rc = start(ready)
+        except UserError as e:
+            ready(str(e))
+            print(f"pyvmm: error: {e}", file=sys.stderr)
+            rc = ExitStatus.USAGE
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            raise
+        ready("the guest ended before it started")
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(rc))

@@ -55,8 +55,58 @@ class _MilestoneWatch:
         return hits
 
 
-def launch(*, kernel, kernel_path, initrd, cmdline, memory, name, escape, on_reboot, verbose,
-           disks=(), nets=()) -> int:
+class _GuestControl:
+    """What `pyvmm list|shutdown|destroy|console` reach through the control
+    socket (pyvmm/control.py): the current boot's domain."""
+
+    def __init__(self, name, memory, kernel_path, disks, nets):
+        self.dom = None
+        self.boots = 0
+        self.destroy_requested = False
+        self._static = {"memory_mib": memory >> 20, "kernel": str(kernel_path),
+                        "disks": [d.path + (",ro" if d.readonly else "") for d in disks],
+                        "nets": [f"{link.name} {mac}" for link, mac in nets]}
+
+    def info(self) -> dict:
+        return dict(self._static, boots=self.boots, state="running" if self.dom else "starting")
+
+    def shutdown(self, reason: str) -> None:
+        # what `xl shutdown` does: the guest's xenbus watches control/shutdown
+        dom = self.dom
+        if dom is not None:
+            dom.store.write(f"{dom.events.dom_path}/control/shutdown", reason)
+
+    def destroy(self) -> None:
+        self.destroy_requested = True
+        if self.dom is not None:
+            self.dom.stop()
+
+    def send_console_input(self, data: bytes) -> None:
+        if self.dom is not None:
+            self.dom.send_console_input(data)
+
+
+def launch(*, name, memory, kernel_path, disks=(), nets=(), ready=None, **kw) -> int:
+    """Boot the guest under a control socket named after it; `ready(None)`
+    is called once the first boot has started (`ready(message)` if it
+    could not), for --detach to release the waiting parent."""
+    from pyvmm.control import ControlServer, NameInUse
+
+    guest = _GuestControl(name, memory, kernel_path, disks, nets)
+    try:
+        control = ControlServer(name, guest)
+    except NameInUse:
+        raise UserError(f"a guest named {name!r} is already running (pyvmm list): pick another "
+                        f"--name, or stop it with 'pyvmm shutdown {name}'") from None
+    try:
+        return _boot_loop(name=name, memory=memory, kernel_path=kernel_path, disks=disks, nets=nets,
+                          guest=guest, control=control, ready=ready, **kw)
+    finally:
+        control.close()
+
+
+def _boot_loop(*, kernel, kernel_path, initrd, cmdline, memory, name, escape, on_reboot, verbose,
+               disks, nets, guest, control, ready) -> int:
     from pyvmm.backends.blkback import BlockBackend, xvd_name
     from pyvmm.backends.netback import NetBackend
     from pyvmm.backends.console import Terminal
@@ -74,10 +124,13 @@ def launch(*, kernel, kernel_path, initrd, cmdline, memory, name, escape, on_reb
         kvm = Kvm(os.environ.get("PYVMM_KVM_DEVICE", "/dev/kvm"))
     except KvmUnavailable as e:
         _say(f"error: {e}")
+        if ready is not None:
+            ready(str(e))
         return ExitStatus.HOST_ERROR
     boots = 0
     while True:
         boots += 1
+        guest.boots = boots
         t0 = time.monotonic()
         watch = _MilestoneWatch(t0)
 
@@ -86,6 +139,7 @@ def launch(*, kernel, kernel_path, initrd, cmdline, memory, name, escape, on_reb
                 super().console_write(data)
                 sys.stdout.buffer.write(data)
                 sys.stdout.flush()
+                control.console_output(data)
                 for label, t in watch.feed(data):
                     _say(f"{label} after {t:.2f} s")
 
@@ -103,6 +157,11 @@ def launch(*, kernel, kernel_path, initrd, cmdline, memory, name, escape, on_reb
              + "".join(f", eth{i}={link.name} ({mac})" for i, (link, mac) in enumerate(nets))
              + (f", boot #{boots}" if boots > 1 else ""))
 
+        guest.dom = dom
+        if guest.destroy_requested:            # asked for while the domain was being built
+            dom.stop()
+        if ready is not None and boots == 1:
+            ready(None)
         detached = threading.Event()
         term = Terminal(escape=escape_byte)
 
@@ -121,8 +180,12 @@ def launch(*, kernel, kernel_path, initrd, cmdline, memory, name, escape, on_reb
             finally:
                 signal.signal(STATUS_SIGNAL, previous)
                 term.stop()
+                guest.dom = None
         if detached.is_set():
             _say("left the console (escape key); guest destroyed")
+            return ExitStatus.DETACHED
+        if guest.destroy_requested:
+            _say("guest destroyed (pyvmm destroy)")
             return ExitStatus.DETACHED
 
         elapsed = time.monotonic() - t0

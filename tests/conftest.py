@@ -46,6 +46,14 @@ def inside_faithful_l1() -> bool:
     return os.environ.get(LANE_ENV) == LANE_NAME and not on_kvm_pvm()
 
 
+def pytest_configure(config):
+    # guests the tests start get control sockets of their own, apart from
+    # any the user runs meanwhile (pyvmm/control.py)
+    if "PYVMM_RUNTIME_DIR" not in os.environ:
+        import tempfile
+        os.environ["PYVMM_RUNTIME_DIR"] = tempfile.mkdtemp(prefix="pyvmm-test-run-")
+
+
 def pytest_addoption(parser):
     group = parser.getgroup("pyvmm lanes")
     group.addoption("--lane", choices=LANES, default="host",

@@ -275,3 +275,58 @@ def test_status_signal_reports_a_halted_guest_and_leaves_it_running():
         proc.wait()
         for r in readers:
             r.join(5)
+
+
+def _manage_env(tmp_path) -> dict:
+    return {"PYVMM_RUNTIME_DIR": str(tmp_path / "run")}
+
+
+@pytest.mark.faithful
+def test_detach_list_console_destroy(tmp_path):
+    """--detach returns once the guest runs; list shows it; a second guest
+    of that name is refused; console replays its output; destroy ends it;
+    a socket left by a dead pyvmm is cleaned up, not reported."""
+    import socket
+    import time
+
+    from pyvmm.guests.testguests import build_testguest
+
+    env = _manage_env(tmp_path)
+    idle = str(build_testguest("idle"))
+    p = pyvmm("--xen-pv", idle, "--memory", "32M", "--name", "bg1", "--detach", env=env)
+    assert p.returncode == 0, p.stderr
+    assert "started in the background" in p.stderr and "pyvmm console bg1" in p.stderr
+    try:
+        again = pyvmm("--xen-pv", idle, "--memory", "32M", "--name", "bg1", "--detach", env=env)
+        assert_one_line_error(again, ExitStatus.USAGE, "already running", "bg1")
+        # a stale socket (its pyvmm died) next to the live guest
+        stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        stale.bind(str(tmp_path / "run" / "ghost.sock"))
+        stale.close()
+        listing = pyvmm("list", env=env)
+        assert listing.returncode == 0, listing.stderr
+        lines = listing.stdout.splitlines()
+        assert lines[0].split()[:3] == ["NAME", "PID", "MEM(MiB)"]
+        assert len(lines) == 2 and lines[1].split()[0] == "bg1" and lines[1].split()[2] == "32", lines
+        assert not (tmp_path / "run" / "ghost.sock").exists()
+        # console: the guest's earlier output, then stays attached until the guest ends
+        con = subprocess.Popen([sys.executable, "-m", "pyvmm", "console", "bg1"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, **env))
+        time.sleep(2)
+        assert con.poll() is None
+        d = pyvmm("destroy", "bg1", env=env)
+        assert d.returncode == 0 and "bg1 destroyed" in d.stderr, d.stderr
+        out, err = con.communicate(timeout=30)
+        assert b"idle guest: waiting forever" in out
+        assert b"console closed (the guest ended)" in err, err
+        assert pyvmm("list", env=env).stdout.splitlines()[1:] == []
+        assert "guest destroyed (pyvmm destroy)" in (tmp_path / "run" / "bg1.log").read_text()
+    finally:
+        pyvmm("destroy", "bg1", env=env)
+
+
+def test_manage_errors(tmp_path):
+    env = _manage_env(tmp_path)
+    for cmd in (["destroy", "nope"], ["shutdown", "nope"], ["console", "nope"]):
+        assert_one_line_error(pyvmm(*cmd, env=env), ExitStatus.USAGE, "no guest named nope")
+    assert pyvmm("list", env=env).stdout.strip().split()[0] == "NAME"

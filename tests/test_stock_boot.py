@@ -545,3 +545,65 @@ def test_cli_default_guest_on_a_tap_device(tmp_path, tap_namespace):
     stderr = err.decode(errors="replace")
     assert rc == 0, (rc, stderr)
     assert f"eth0={tap} (00:16:3e:00:03:0f)" in stderr, stderr
+
+
+@pytest.mark.slow
+@pytest.mark.faithful
+def test_detached_default_guest_console_and_xenstore_shutdown(tmp_path):
+    """xl's workflow: `pyvmm --default-guest --detach`, `pyvmm console`
+    (the shell answers through the control socket), then `pyvmm shutdown
+    --wait`: the guest's kernel sees control/shutdown in xenstore, runs
+    /sbin/poweroff, /init powers off and pyvmm goes away."""
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    from pyvmm.guests.default import build_default_guest
+
+    prompt_timeout, command_timeout = _timeouts()
+    build_default_guest(progress=False)
+    env = dict(os.environ, PYVMM_RUNTIME_DIR=str(tmp_path / "run"))
+
+    def pyvmm(*args, timeout=prompt_timeout):
+        return subprocess.run([sys.executable, "-m", "pyvmm", *args], capture_output=True, text=True,
+                              env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+
+    p = pyvmm("--default-guest", "--name", "deb1", "--detach")
+    assert p.returncode == 0, p.stderr
+    con = None
+    try:
+        con = subprocess.Popen([sys.executable, "-m", "pyvmm", "console", "deb1"], stdin=subprocess.PIPE,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+        buf = bytearray()
+
+        def pump():
+            for chunk in iter(lambda: con.stdout.read1(4096), b""):
+                buf.extend(chunk)
+
+        threading.Thread(target=pump, daemon=True).start()
+
+        def send(data: bytes) -> None:
+            con.stdin.write(data)
+            con.stdin.flush()
+
+        session = ConsoleSession(lambda: bytes(buf), send, lambda: con.poll() is None)
+        session.expect(PROMPT, prompt_timeout, "first prompt (through pyvmm console)")
+        m = session.command("uname -r", re.compile(rb"^(6\.1\.0-\S+)\r?$", re.M), command_timeout)
+        assert m.group(1).endswith(b"-cloud-amd64")
+        listing = pyvmm("list", timeout=30)
+        assert "deb1" in listing.stdout and " 256 " in listing.stdout, listing.stdout
+        s = pyvmm("shutdown", "deb1", "--wait", str(int(command_timeout)), timeout=command_timeout + 30)
+        assert s.returncode == 0, (s.stderr, bytes(buf[-2000:]))
+        assert "deb1 is off" in s.stderr
+        _wait_for(lambda: b"pyvmm-init: powering off" in buf, 10)
+        assert b"pyvmm-init: powering off" in buf, bytes(buf[-2000:])
+        con.stdin.close()
+        assert con.wait(30) == 0
+        log = (tmp_path / "run" / "deb1.log").read_text()
+        assert "guest powered off" in log, log[-2000:]
+    finally:
+        if con is not None and con.poll() is None:
+            con.kill()
+            con.wait(30)
+        pyvmm("destroy", "deb1", timeout=60)

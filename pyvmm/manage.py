@@ -1,0 +1,161 @@
+"""`pyvmm list | console NAME | shutdown NAME | destroy NAME`: the running
+guests, through their control sockets (pyvmm/control.py), as `xl` manages
+domains."""
+from __future__ import annotations
+
+import argparse
+import os
+import select
+import socket
+import sys
+import time
+
+from pyvmm.cli import ExitStatus, UserError
+from pyvmm.control import GuestNotFound, list_guests, request
+
+COMMANDS = ("list", "console", "shutdown", "destroy")
+DEFAULT_SHUTDOWN_WAIT_S = 60.0
+DESTROY_WAIT_S = 10.0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pyvmm", description="Manage running pyvmm guests.")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="the running guests")
+    c = sub.add_parser("console", help="attach to a guest's console (Ctrl-] leaves it running)")
+    c.add_argument("name")
+    c.add_argument("--escape", metavar="KEY", default="^]", help="key that leaves the console (default ^])")
+    s = sub.add_parser("shutdown", help="ask a guest to power off (or reboot), as xl shutdown does")
+    s.add_argument("name")
+    s.add_argument("--reboot", "-r", action="store_true", help="ask it to reboot instead")
+    s.add_argument("--wait", "-w", type=float, nargs="?", const=DEFAULT_SHUTDOWN_WAIT_S, default=None,
+                   metavar="SECONDS", help=f"wait until it is gone (default {DEFAULT_SHUTDOWN_WAIT_S:.0f} s)")
+    d = sub.add_parser("destroy", help="stop a guest at once (no shutdown inside it)")
+    d.add_argument("name")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return {"list": _list, "console": _console, "shutdown": _shutdown, "destroy": _destroy}[args.command](args)
+    except GuestNotFound as e:
+        print(f"pyvmm: error: no guest named {e} is running ('pyvmm list' shows those that are)",
+              file=sys.stderr)
+        return ExitStatus.USAGE
+    except UserError as e:
+        print(f"pyvmm: error: {e}", file=sys.stderr)
+        return ExitStatus.USAGE
+
+
+def _list(args) -> int:
+    guests = list_guests()
+    rows = [("NAME", "PID", "MEM(MiB)", "UPTIME", "BOOTS", "CONSOLES", "DEVICES")]
+    for g in guests:
+        devices = ", ".join([f"disk {d}" for d in g.get("disks", [])] + [f"net {n}" for n in g.get("nets", [])])
+        rows.append((g["name"], str(g["pid"]), str(g.get("memory_mib", "?")), _duration(g.get("uptime_s", 0)),
+                     str(g.get("boots", "?")), str(g.get("console_clients", 0)), devices or "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    return 0
+
+
+def _duration(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _gone(name: str) -> bool:
+    try:
+        _, s = request(name, "info")
+    except GuestNotFound:
+        return True
+    except (OSError, ValueError):
+        return False
+    s.close()
+    return False
+
+
+def _wait_gone(name: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not _gone(name):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.2)
+    return True
+
+
+def _check(reply: dict) -> None:
+    if not reply.get("ok"):
+        raise UserError(reply.get("error", "the guest's pyvmm refused"))
+
+
+def _shutdown(args) -> int:
+    reason = "reboot" if args.reboot else "poweroff"
+    reply, s = request(args.name, "shutdown", reason=reason)
+    s.close()
+    _check(reply)
+    if args.wait is None or args.reboot:
+        print(f"pyvmm: asked {args.name} to {reason}", file=sys.stderr)
+        return 0
+    print(f"pyvmm: asked {args.name} to power off; waiting up to {args.wait:.0f} s", file=sys.stderr)
+    if _wait_gone(args.name, args.wait):
+        print(f"pyvmm: {args.name} is off", file=sys.stderr)
+        return 0
+    print(f"pyvmm: {args.name} is still running after {args.wait:.0f} s (its kernel may not handle "
+          f"xenstore shutdown requests); 'pyvmm destroy {args.name}' stops it at once", file=sys.stderr)
+    return ExitStatus.CRASH
+
+
+def _destroy(args) -> int:
+    reply, s = request(args.name, "destroy")
+    s.close()
+    _check(reply)
+    if not _wait_gone(args.name, DESTROY_WAIT_S):
+        print(f"pyvmm: {args.name} did not stop within {DESTROY_WAIT_S:.0f} s", file=sys.stderr)
+        return ExitStatus.CRASH
+    print(f"pyvmm: {args.name} destroyed", file=sys.stderr)
+    return 0
+
+
+def _console(args) -> int:
+    from pyvmm.backends.console import Terminal
+    from pyvmm.launch import _parse_escape
+
+    escape = _parse_escape(args.escape)
+    reply, sock = request(args.name, "console")
+    _check(reply)
+    sock.settimeout(None)
+    print(f"pyvmm: attached to {args.name}'s console; {args.escape} leaves it running", file=sys.stderr)
+    how = "closed"
+    with sock, Terminal(escape=escape) as term:
+        import threading
+
+        def guest_to_terminal():
+            nonlocal how
+            while True:
+                try:
+                    data = sock.recv(65536)
+                except OSError:
+                    data = b""
+                if not data:
+                    term.stop()
+                    return
+                term.write(data)
+
+        reader = threading.Thread(target=guest_to_terminal, name="console-output", daemon=True)
+        reader.start()
+        how = term.run(sock.sendall)
+        if how == "eof":               # input ended (a pipe): keep showing output until the guest ends
+            reader.join()
+            how = "closed"
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+    if how == "escape":
+        print(f"\r\npyvmm: left {args.name}'s console; it keeps running", file=sys.stderr)
+    else:
+        print(f"\r\npyvmm: {args.name}'s console closed (the guest ended)", file=sys.stderr)
+    return 0
