@@ -233,48 +233,25 @@ def test_status_signal_reports_a_halted_guest_and_leaves_it_running():
     """`kill -USR2` on pyvmm prints the guest's state on stderr even while
     the vCPU sits halted inside KVM_RUN (the idle guest blocks forever with
     nothing pending); the guest keeps running afterwards."""
-    import threading
     import time
 
+    from spawned import Spawned
     from pyvmm.guests.testguests import build_testguest
     from pyvmm.launch import STATUS_SIGNAL
 
-    proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "--xen-pv", str(build_testguest("idle")),
-                             "--memory", "32M"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            stdin=subprocess.PIPE)
-    out, err = bytearray(), bytearray()
-
-    def pump(src, dst):
-        for chunk in iter(lambda: src.read1(4096), b""):
-            dst += chunk
-
-    readers = [threading.Thread(target=pump, args=(proc.stdout, out), daemon=True),
-               threading.Thread(target=pump, args=(proc.stderr, err), daemon=True)]
-    for r in readers:
-        r.start()
-
-    def wait_for(cond, timeout):
-        deadline = time.monotonic() + timeout
-        while not cond() and time.monotonic() < deadline and proc.poll() is None:
-            time.sleep(0.05)
-        return cond()
-
+    run = Spawned([sys.executable, "-m", "pyvmm", "--xen-pv", str(build_testguest("idle")), "--memory", "32M"])
     try:
-        assert wait_for(lambda: b"waiting forever" in out, 120), (bytes(out), bytes(err))
+        assert run.wait_for(lambda: b"waiting forever" in run.out, 120), (bytes(run.out), run.stderr)
         time.sleep(0.5)                       # let it reach the halt
-        proc.send_signal(STATUS_SIGNAL)
-        assert wait_for(lambda: b"vcpu_info:" in err, 60), bytes(err)
-        report = err.decode(errors="replace")
-        assert "pyvmm: status after" in report, report
+        run.ask_status(STATUS_SIGNAL, timeout=60)
+        report = run.stderr
+        assert "pyvmm: status after" in report and "vcpu_info:" in report, report
         assert re.search(r"shim events: .*hypercall sched_op=\d+", report), report
         assert re.search(r"RIP e033:0x[0-9a-f]{16}", report), report
         time.sleep(0.5)
-        assert proc.poll() is None, ("the status request ended the guest", report)
+        assert run.alive(), ("the status request ended the guest", report)
     finally:
-        proc.kill()
-        proc.wait()
-        for r in readers:
-            r.join(5)
+        run.finish()
 
 
 def _manage_env(tmp_path) -> dict:

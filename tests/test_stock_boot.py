@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from spawned import Spawned
 from pyvmm.xen_abi import priv, trace
 
 RAM_MB = 256
@@ -381,9 +382,7 @@ def test_cli_default_guest_shell_and_poweroff_exit_status(tmp_path):
     """`python -m pyvmm --default-guest --disk A --disk B,ro` with stdin a
     pipe: the shell answers over hvc0, the disks work, `poweroff -f` ends
     pyvmm with status 0, and pyvmm reported the init milestone on stderr."""
-    import subprocess
     import sys
-    import threading
 
     from pyvmm.cli import ExitStatus
     from pyvmm.guests.default import build_default_guest
@@ -392,50 +391,26 @@ def test_cli_default_guest_shell_and_poweroff_exit_status(tmp_path):
     prompt_timeout, command_timeout = _timeouts()
     build_default_guest(progress=False)           # fetch/build outside the timed part
     rw, ro, rw_data, ro_data = _disk_images(tmp_path)
-    proc = subprocess.Popen([sys.executable, "-m", "pyvmm", "--default-guest",
-                             "--disk", str(rw), "--disk", f"{ro},ro"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    buf, err = bytearray(), bytearray()
-
-    def pump(src, dst):
-        for chunk in iter(lambda: src.read1(4096), b""):
-            dst += chunk
-
-    readers = [threading.Thread(target=pump, args=(proc.stdout, buf), daemon=True),
-               threading.Thread(target=pump, args=(proc.stderr, err), daemon=True)]
-    for r in readers:
-        r.start()
-
-    def send(data: bytes) -> None:
-        proc.stdin.write(data)
-        proc.stdin.flush()
-
-    con = ConsoleSession(lambda: bytes(buf), send, lambda: proc.poll() is None)
+    run = Spawned([sys.executable, "-m", "pyvmm", "--default-guest",
+                   "--disk", str(rw), "--disk", f"{ro},ro"])
+    con = ConsoleSession(lambda: bytes(run.out), run.send, run.alive)
     try:
         con.expect(PROMPT, prompt_timeout, "first prompt")
         m = con.command("uname -r", re.compile(rb"^(6\.1\.0-\S+)\r?$", re.M), command_timeout)
         assert m.group(1).endswith(b"-cloud-amd64")
         wrote = _disk_checks(con, command_timeout, rw_data, ro_data)
-        send(b"poweroff -f\n")
-        rc = proc.wait(command_timeout)
+        run.send(b"poweroff -f\n")
+        rc = run.proc.wait(command_timeout)
     except AssertionError as e:    # add pyvmm's own account of why it stopped
-        if proc.poll() is None:       # stalled: ask it where the guest is
-            proc.send_signal(STATUS_SIGNAL)
-            _wait_for(lambda: b"pyvmm: status after" in err and err.endswith(b"\n"), 10)
-        else:
-            for r in readers:
-                r.join(5)
-        raise AssertionError(f"{e}\npyvmm exit status {proc.poll()}, stderr:\n"
-                             f"{err.decode(errors='replace')[-5000:]}") from None
+        run.ask_status(STATUS_SIGNAL)     # stalled: ask it where the guest is
+        run.finish()
+        raise AssertionError(f"{e}\npyvmm exit status {run.proc.returncode}, stderr:\n"
+                             f"{run.stderr[-5000:]}") from None
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(60)
-        for r in readers:
-            r.join(5)
-    stderr = err.decode(errors="replace")
+        run.finish()
+    stderr = run.stderr
     print(stderr)
-    assert rc == ExitStatus.POWEROFF == 0, (rc, stderr, bytes(buf[-1500:]))
+    assert rc == ExitStatus.POWEROFF == 0, (rc, stderr, bytes(run.out[-1500:]))
     assert re.search(r"pyvmm: init started after [\d.]+ s", stderr), stderr
     assert "guest powered off" in stderr, stderr
     assert f"xvda={rw}, xvdb={ro} (ro)" in stderr, stderr
@@ -491,9 +466,7 @@ def test_cli_default_guest_on_a_tap_device(tmp_path, tap_namespace):
     the way out, the host's segments received), md5 checked."""
     import hashlib
     import os
-    import subprocess
     import sys
-    import threading
 
     from pyvmm.launch import STATUS_SIGNAL
 
@@ -501,25 +474,9 @@ def test_cli_default_guest_on_a_tap_device(tmp_path, tap_namespace):
     blob = os.urandom(300_000)
     (tmp_path / "blob").write_bytes(blob)
     prompt_timeout, command_timeout = _timeouts()
-    proc = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m", "pyvmm", "--default-guest",
-                             "--net", f"tap={tap},mac=00:16:3e:00:03:0f"],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    buf, err = bytearray(), bytearray()
-
-    def pump(src, dst):
-        for chunk in iter(lambda: src.read1(4096), b""):
-            dst += chunk
-
-    readers = [threading.Thread(target=pump, args=(proc.stdout, buf), daemon=True),
-               threading.Thread(target=pump, args=(proc.stderr, err), daemon=True)]
-    for r in readers:
-        r.start()
-
-    def send(data: bytes) -> None:
-        proc.stdin.write(data)
-        proc.stdin.flush()
-
-    con = ConsoleSession(lambda: bytes(buf), send, lambda: proc.poll() is None)
+    run = Spawned(["ip", "netns", "exec", ns, sys.executable, "-m", "pyvmm", "--default-guest",
+                   "--net", f"tap={tap},mac=00:16:3e:00:03:0f"])
+    con = ConsoleSession(lambda: bytes(run.out), run.send, run.alive)
     try:
         con.expect(PROMPT, prompt_timeout, "first prompt")
         con.command(f"ifconfig eth0 {TAP_GUEST_IP} netmask 255.255.255.0 up && echo UP",
@@ -528,21 +485,16 @@ def test_cli_default_guest_on_a_tap_device(tmp_path, tap_namespace):
                     command_timeout)
         got = con.command(f"wget -q -O - http://{TAP_HOST_IP}:8000/blob | md5sum", HASH, command_timeout)
         assert got.group(1).decode() == hashlib.md5(blob).hexdigest(), "the guest received other bytes"
-        send(b"poweroff -f\n")
-        rc = proc.wait(command_timeout)
+        run.send(b"poweroff -f\n")
+        rc = run.proc.wait(command_timeout)
     except AssertionError as e:
-        if proc.poll() is None:
-            proc.send_signal(STATUS_SIGNAL)
-            _wait_for(lambda: b"pyvmm: status after" in err and err.endswith(b"\n"), 10)
-        raise AssertionError(f"{e}\npyvmm exit status {proc.poll()}, stderr:\n"
-                             f"{err.decode(errors='replace')[-5000:]}") from None
+        run.ask_status(STATUS_SIGNAL)
+        run.finish()
+        raise AssertionError(f"{e}\npyvmm exit status {run.proc.returncode}, stderr:\n"
+                             f"{run.stderr[-5000:]}") from None
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(60)
-        for r in readers:
-            r.join(5)
-    stderr = err.decode(errors="replace")
+        run.finish()
+    stderr = run.stderr
     assert rc == 0, (rc, stderr)
     assert f"eth0={tap} (00:16:3e:00:03:0f)" in stderr, stderr
 
@@ -557,7 +509,6 @@ def test_detached_default_guest_console_and_xenstore_shutdown(tmp_path):
     import os
     import subprocess
     import sys
-    import threading
 
     from pyvmm.guests.default import build_default_guest
 
@@ -573,21 +524,9 @@ def test_detached_default_guest_console_and_xenstore_shutdown(tmp_path):
     assert p.returncode == 0, p.stderr
     con = None
     try:
-        con = subprocess.Popen([sys.executable, "-m", "pyvmm", "console", "deb1"], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-        buf = bytearray()
-
-        def pump():
-            for chunk in iter(lambda: con.stdout.read1(4096), b""):
-                buf.extend(chunk)
-
-        threading.Thread(target=pump, daemon=True).start()
-
-        def send(data: bytes) -> None:
-            con.stdin.write(data)
-            con.stdin.flush()
-
-        session = ConsoleSession(lambda: bytes(buf), send, lambda: con.poll() is None)
+        con = Spawned([sys.executable, "-m", "pyvmm", "console", "deb1"], env=env)
+        buf = con.out
+        session = ConsoleSession(lambda: bytes(buf), con.send, con.alive)
         session.expect(PROMPT, prompt_timeout, "first prompt (through pyvmm console)")
         m = session.command("uname -r", re.compile(rb"^(6\.1\.0-\S+)\r?$", re.M), command_timeout)
         assert m.group(1).endswith(b"-cloud-amd64")
@@ -598,12 +537,11 @@ def test_detached_default_guest_console_and_xenstore_shutdown(tmp_path):
         assert "deb1 is off" in s.stderr
         _wait_for(lambda: b"pyvmm-init: powering off" in buf, 10)
         assert b"pyvmm-init: powering off" in buf, bytes(buf[-2000:])
-        con.stdin.close()
-        assert con.wait(30) == 0
+        con.proc.stdin.close()
+        assert con.proc.wait(30) == 0
         log = (tmp_path / "run" / "deb1.log").read_text()
         assert "guest powered off" in log, log[-2000:]
     finally:
-        if con is not None and con.poll() is None:
-            con.kill()
-            con.wait(30)
+        if con is not None:
+            con.finish()
         pyvmm("destroy", "deb1", timeout=60)
