@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 __all__ = ["ControlServer", "runtime_dir", "request", "list_guests", "GuestNotFound",
-           "NameInUse", "CONSOLE_BACKLOG"]
+           "NameInUse", "ControlError", "CONSOLE_BACKLOG"]
 
 CONSOLE_BACKLOG = 64 * 1024
 MAX_REQUEST = 4096
@@ -38,6 +38,14 @@ class GuestNotFound(Exception):
 
 class NameInUse(Exception):
     pass
+
+
+class ControlError(Exception):
+    """The control socket cannot be made; str() is one line for the user."""
+
+
+#: sockaddr_un's sun_path holds 108 bytes, the terminating NUL included
+MAX_SOCKET_PATH = 107
 
 
 def runtime_dir() -> Path:
@@ -153,8 +161,15 @@ class ControlServer:
             else:
                 s.close()
                 raise NameInUse(name)
+        if len(os.fsencode(self.path)) > MAX_SOCKET_PATH:
+            raise ControlError(f"control socket path {self.path} is longer than {MAX_SOCKET_PATH} bytes; "
+                               f"set PYVMM_RUNTIME_DIR to a shorter directory")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(str(self.path))
+        try:
+            self.sock.bind(str(self.path))
+        except OSError as e:
+            self.sock.close()
+            raise ControlError(f"cannot make the control socket {self.path}: {e.strerror}") from None
         os.chmod(self.path, 0o600)
         self.sock.listen(8)
         self.started = time.time()

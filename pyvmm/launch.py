@@ -90,7 +90,7 @@ def launch(*, name, memory, kernel_path, disks=(), nets=(), ready=None, **kw) ->
     """Boot the guest under a control socket named after it; `ready(None)`
     is called once the first boot has started (`ready(message)` if it
     could not), for --detach to release the waiting parent."""
-    from pyvmm.control import ControlServer, NameInUse
+    from pyvmm.control import ControlError, ControlServer, NameInUse
 
     guest = _GuestControl(name, memory, kernel_path, disks, nets)
     try:
@@ -98,6 +98,8 @@ def launch(*, name, memory, kernel_path, disks=(), nets=(), ready=None, **kw) ->
     except NameInUse:
         raise UserError(f"a guest named {name!r} is already running (pyvmm list): pick another "
                         f"--name, or stop it with 'pyvmm shutdown {name}'") from None
+    except ControlError as e:
+        raise UserError(str(e)) from None
     try:
         return _boot_loop(name=name, memory=memory, kernel_path=kernel_path, disks=disks, nets=nets,
                           guest=guest, control=control, ready=ready, **kw)

@@ -303,7 +303,13 @@ def test_detach_list_console_destroy(tmp_path):
 
 
 def test_manage_errors(tmp_path):
+    from pyvmm.guests.testguests import build_testguest
+
     env = _manage_env(tmp_path)
     for cmd in (["destroy", "nope"], ["shutdown", "nope"], ["console", "nope"]):
         assert_one_line_error(pyvmm(*cmd, env=env), ExitStatus.USAGE, "no guest named nope")
     assert pyvmm("list", env=env).stdout.strip().split()[0] == "NAME"
+    deep = tmp_path / ("d" * 100)
+    p = pyvmm("--xen-pv", str(build_testguest("hello")), "--memory", "32M",
+              env={"PYVMM_RUNTIME_DIR": str(deep)})
+    assert_one_line_error(p, ExitStatus.USAGE, "longer than 107 bytes", "PYVMM_RUNTIME_DIR")
