@@ -22,6 +22,7 @@ usually `features`); see backends/blkback.py.
 """
 from __future__ import annotations
 
+import ctypes
 import logging
 import struct
 import threading
@@ -31,6 +32,7 @@ from pyvmm.xen_abi.abi import SRING_REQ_EVENT, SRING_REQ_PROD, SRING_RSP_EVENT, 
 from pyvmm.xen_abi.abi import SRING_HEADER_SIZE, XenbusState, ring_entries
 from pyvmm.xen_abi.evtchn import BACKEND_DOMID, BackendPort
 from pyvmm.xen_abi.grant_table import GrantError, GrantMapping
+from pyvmm.xen_abi.physmem import SEQ_CST, atomics
 from pyvmm.xen_abi.xenstore import XenstoreError, add_device
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,9 @@ class BackRing:
 
     def __init__(self, page: memoryview, entry_size: int, request_type, response_type):
         self.page = page
+        # host address of the page, for the fenced index stores below
+        self._anchor = ctypes.c_char.from_buffer(page)
+        self._base = ctypes.addressof(self._anchor)
         self.entry_size = entry_size
         self.size = ring_entries(len(page), entry_size)
         self.request_type, self.response_type = request_type, response_type
@@ -73,8 +78,14 @@ class BackRing:
     def _get(self, off: int) -> int:
         return _U32.unpack_from(self.page, off)[0]
 
-    def _set(self, off: int, value: int) -> None:
-        _U32.pack_into(self.page, off, value & _MASK32)
+    def _set_fenced(self, off: int, value: int) -> None:
+        """Store an index with a full barrier (xchg), so that the load of
+        the other side's event index that follows cannot be done before the
+        store is visible: the xen_mb() of RING_PUSH_RESPONSES_AND_CHECK_NOTIFY
+        and RING_FINAL_CHECK_FOR_REQUESTS.  x86 may otherwise move a load
+        ahead of an earlier store, and the guest (which orders its side)
+        would sleep on a response we decided not to tell it about."""
+        atomics.exchange_4(self._base + off, value & _MASK32, SEQ_CST)
 
     def _slot(self, index: int) -> int:
         return SRING_HEADER_SIZE + (index % self.size) * self.entry_size
@@ -106,7 +117,7 @@ class BackRing:
         to be notified (RING_PUSH_RESPONSES_AND_CHECK_NOTIFY)."""
         old = self._get(SRING_RSP_PROD)
         new = self.rsp_prod_pvt
-        self._set(SRING_RSP_PROD, new)
+        self._set_fenced(SRING_RSP_PROD, new)
         event = self._get(SRING_RSP_EVENT)
         return ((new - event) & _MASK32) < ((new - old) & _MASK32)
 
@@ -115,7 +126,7 @@ class BackRing:
         (RING_FINAL_CHECK_FOR_REQUESTS): True if requests arrived meanwhile."""
         if self.unconsumed():
             return True
-        self._set(SRING_REQ_EVENT, self.req_cons + 1)
+        self._set_fenced(SRING_REQ_EVENT, self.req_cons + 1)
         return self.unconsumed() > 0
 
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 __all__ = ["PhysicalMemory", "GuestPhysicalFault", "Slot", "atomics"]
 
-_SEQ_CST = 5  # __ATOMIC_SEQ_CST
+SEQ_CST = 5  # __ATOMIC_SEQ_CST (the memory order the atomics below use)
 _U64_MASK = (1 << 64) - 1
 
 
@@ -56,6 +56,7 @@ class _Atomics:
         self.fetch_and_2 = fn("__atomic_fetch_and_2", u16, vp, u16, i)
         self.load_8 = fn("__atomic_load_8", u64, vp, i)
         self.exchange_8 = fn("__atomic_exchange_8", u64, vp, u64, i)
+        self.exchange_4 = fn("__atomic_exchange_4", u32, vp, u32, i)
         self.cmpxchg_2 = fn("__atomic_compare_exchange_2", ctypes.c_bool, vp,
                             ctypes.POINTER(u16), u16, i, i)
         self.cmpxchg_4 = fn("__atomic_compare_exchange_4", ctypes.c_bool, vp,
@@ -194,36 +195,36 @@ class PhysicalMemory:
 
     def atomic_or_u64(self, gpa: int, bits: int) -> int:
         """LOCK OR; returns the old value."""
-        return atomics.fetch_or_8(self.host_address(gpa, 8, 8), bits & _U64_MASK, _SEQ_CST)
+        return atomics.fetch_or_8(self.host_address(gpa, 8, 8), bits & _U64_MASK, SEQ_CST)
 
     def atomic_and_u64(self, gpa: int, bits: int) -> int:
         """LOCK AND; returns the old value."""
-        return atomics.fetch_and_8(self.host_address(gpa, 8, 8), bits & _U64_MASK, _SEQ_CST)
+        return atomics.fetch_and_8(self.host_address(gpa, 8, 8), bits & _U64_MASK, SEQ_CST)
 
     def atomic_xchg_u64(self, gpa: int, v: int) -> int:
-        return atomics.exchange_8(self.host_address(gpa, 8, 8), v & _U64_MASK, _SEQ_CST)
+        return atomics.exchange_8(self.host_address(gpa, 8, 8), v & _U64_MASK, SEQ_CST)
 
     def atomic_load_u64(self, gpa: int) -> int:
-        return atomics.load_8(self.host_address(gpa, 8, 8), _SEQ_CST)
+        return atomics.load_8(self.host_address(gpa, 8, 8), SEQ_CST)
 
     def atomic_or_u8(self, gpa: int, bits: int) -> int:
-        return atomics.fetch_or_1(self.host_address(gpa, 1), bits & 0xFF, _SEQ_CST)
+        return atomics.fetch_or_1(self.host_address(gpa, 1), bits & 0xFF, SEQ_CST)
 
     def atomic_xchg_u8(self, gpa: int, v: int) -> int:
-        return atomics.exchange_1(self.host_address(gpa, 1), v & 0xFF, _SEQ_CST)
+        return atomics.exchange_1(self.host_address(gpa, 1), v & 0xFF, SEQ_CST)
 
     def atomic_and_u16(self, gpa: int, bits: int) -> int:
-        return atomics.fetch_and_2(self.host_address(gpa, 2, 2), bits & 0xFFFF, _SEQ_CST)
+        return atomics.fetch_and_2(self.host_address(gpa, 2, 2), bits & 0xFFFF, SEQ_CST)
 
     def cmpxchg_u16(self, gpa: int, expected: int, new: int) -> tuple[bool, int]:
         """LOCK CMPXCHG; returns (swapped, value seen)."""
         exp = ctypes.c_uint16(expected & 0xFFFF)
         ok = atomics.cmpxchg_2(self.host_address(gpa, 2, 2), ctypes.byref(exp), new & 0xFFFF,
-                               _SEQ_CST, _SEQ_CST)
+                               SEQ_CST, SEQ_CST)
         return bool(ok), exp.value
 
     def cmpxchg_u32(self, gpa: int, expected: int, new: int) -> tuple[bool, int]:
         exp = ctypes.c_uint32(expected & 0xFFFFFFFF)
         ok = atomics.cmpxchg_4(self.host_address(gpa, 4, 4), ctypes.byref(exp), new & 0xFFFFFFFF,
-                               _SEQ_CST, _SEQ_CST)
+                               SEQ_CST, SEQ_CST)
         return bool(ok), exp.value
