@@ -46,6 +46,9 @@ def inside_faithful_l1() -> bool:
     return os.environ.get(LANE_ENV) == LANE_NAME and not on_kvm_pvm()
 
 
+pytest_plugins = ["pytester"]
+
+
 def pytest_configure(config):
     # guests the tests start get control sockets of their own, apart from
     # any the user runs meanwhile (pyvmm/control.py)

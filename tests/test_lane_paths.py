@@ -57,3 +57,27 @@ def test_syscalls_take_the_lanes_path(usermode_run):
         # the CPU delivered them to LSTAR at CPL0; nothing faulted
         assert counters.get("syscall entries", 0) >= hypercalls, counters
         assert GP not in counters, counters
+
+
+@pytest.mark.faithful
+def test_a_test_hung_in_kvm_run_fails_alone(pytester):
+    """The suite's safety net (pytest-timeout, pyproject.toml): a test whose
+    vCPU sits in KVM_RUN forever (a halted guest, nothing pending) fails
+    with a Timeout and the thread stacks, and the next test still runs."""
+    pytester.makepyfile(test_hang='''
+        import pytest
+        from pyvmm.guests.testguests import build_testguest
+        from pyvmm.xen_abi.domain import Domain
+
+        @pytest.mark.timeout(5)
+        def test_hangs_in_kvm_run():
+            with Domain(str(build_testguest("idle")), ram_size=32 << 20) as dom:
+                dom.run(timeout=None)
+
+        def test_after():
+            pass
+    ''')
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q", timeout=300)
+    result.assert_outcomes(failed=1, passed=1)
+    out = result.stdout.str()
+    assert "Timeout (>5.0s)" in out and "Stack of" in out, out[-3000:]
