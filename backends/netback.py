@@ -125,9 +125,6 @@ class TapDevice:
             os.write(self.fd, frame)
         except BlockingIOError:
             pass                      # the host side is not keeping up: drop, as a NIC would
-        except OSError as e:
-            if e.errno not in (5,):    # EIO: the interface is down
-                raise
 
     def recv(self) -> bytes | None:
         try:
@@ -164,8 +161,8 @@ class SocketLink:
     def send(self, frame: bytes) -> None:
         try:
             self.sock.send(frame)
-        except (BlockingIOError, ConnectionError):
-            pass
+        except BlockingIOError:
+            pass                      # the peer is not keeping up: drop
 
     def recv(self) -> bytes | None:
         try:
@@ -353,9 +350,14 @@ class NetBackend(XenbusBackend):
                 frame = self._gather(slots)
                 if first.flags & NETTXF_csum_blank:
                     fill_blank_checksum(frame)
-                self.link.send(bytes(frame))
-                self.stats["tx_packets"] += 1
-                self.stats["tx_bytes"] += len(frame)
+                try:
+                    self.link.send(bytes(frame))
+                except OSError as e:   # the link refused it (down, closed, too big): drop it
+                    self.stats["tx_link_errors"] += 1
+                    log.info("%s of domain %d: link refused a frame: %s", self.name, self.domid, e)
+                else:
+                    self.stats["tx_packets"] += 1
+                    self.stats["tx_bytes"] += len(frame)
             except (_DropPacket, GrantError) as e:
                 log.info("%s of domain %d: transmit dropped: %s", self.name, self.domid, e)
                 self.stats["tx_errors"] += 1

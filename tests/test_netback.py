@@ -280,3 +280,16 @@ def test_tap_errors_are_one_line():
     for bad in ("", "x" * 16, "a/b"):
         with pytest.raises(NetError, match="bad interface name"):
             TapDevice(bad)
+
+
+def test_a_closed_link_drops_frames_not_the_device(net):
+    """The far end goes away: transmits are answered OKAY (as a NIC with no
+    carrier would) and counted, the device stays connected."""
+    host, be, fe, peer = net
+    peer.close()
+    frame = _ping(mac_bytes(GUEST_MAC), mac_bytes(PEER_MAC), 1, b"y" * 32)
+    for _ in range(3):
+        fe.send(frame)
+        assert [r.status for r in fe.tx_responses(1)] == [NetifStatus.okay]
+    assert be.stats["tx_link_errors"] == 3 and be.stats["tx_packets"] == 0
+    assert be.connected and be.failed is None
