@@ -4,10 +4,9 @@ domains."""
 from __future__ import annotations
 
 import argparse
-import os
-import select
 import socket
 import sys
+import threading
 import time
 
 from pyvmm.cli import ExitStatus, UserError
@@ -128,12 +127,9 @@ def _console(args) -> int:
     _check(reply)
     sock.settimeout(None)
     print(f"pyvmm: attached to {args.name}'s console; {args.escape} leaves it running", file=sys.stderr)
-    how = "closed"
     with sock, Terminal(escape=escape) as term:
-        import threading
 
         def guest_to_terminal():
-            nonlocal how
             while True:
                 try:
                     data = sock.recv(65536)

@@ -5,7 +5,6 @@ ping through both rings, multi-slot transmits, blank checksums filled in,
 received frames over a page, and the bad input a guest can give."""
 from __future__ import annotations
 
-import socket
 import struct
 
 import pytest

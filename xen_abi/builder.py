@@ -22,7 +22,7 @@ import struct
 
 import numpy as np
 
-from pyvmm.vmm.x86 import PT_ENTRIES, PTE_A, PTE_ADDR_MASK, PTE_D, PTE_P, PTE_RW, PTE_US
+from pyvmm.vmm.x86 import PT_ENTRIES, PTE_A, PTE_D, PTE_P, PTE_RW, PTE_US
 
 from .abi import (
     E820_RAM,
