@@ -197,6 +197,9 @@ class BlockBackend(XenbusBackend):
     def disconnect(self) -> None:
         self.ring = None
 
+    def rings(self) -> dict:
+        return {"blk": self.ring} if self.ring is not None else {}
+
     # ---- the ring ----
     def process(self) -> None:
         ring = self.ring

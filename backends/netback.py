@@ -272,6 +272,9 @@ class NetBackend(XenbusBackend):
         super().close()
         self._stop_reader()
 
+    def rings(self) -> dict:
+        return {k: r for k, r in (("tx", self.tx), ("rx", self.rx)) if r is not None}
+
     # ---- packets from the link ----
     def _start_reader(self) -> None:
         self._stop_r, self._stop_w = os.pipe()

@@ -121,6 +121,12 @@ class BackRing:
         event = self._get(SRING_RSP_EVENT)
         return ((new - event) & _MASK32) < ((new - old) & _MASK32)
 
+    def state(self) -> str:
+        """The indices, for a human looking at a stalled device."""
+        return (f"req_prod {self._get(SRING_REQ_PROD)} req_event {self._get(SRING_REQ_EVENT)} "
+                f"req_cons {self.req_cons} | rsp_prod {self._get(SRING_RSP_PROD)} "
+                f"rsp_event {self._get(SRING_RSP_EVENT)} rsp_prod_pvt {self.rsp_prod_pvt}")
+
     def final_check(self) -> bool:
         """Ask for a notification on the next request, then look once more
         (RING_FINAL_CHECK_FOR_REQUESTS): True if requests arrived meanwhile."""
@@ -181,6 +187,30 @@ class XenbusBackend:
 
     def disconnect(self) -> None:
         pass
+
+    def rings(self) -> dict:
+        """name -> BackRing of the connected rings (for status reports)."""
+        return {}
+
+    def describe(self) -> str:
+        """One line on the device's state: xenbus states, the event
+        channel's pending/mask bits, each ring's indices, counters."""
+        parts = [f"{self.name}: backend {self.backend_state().name} frontend {self.frontend_state().name}"]
+        if self.failed:
+            parts.append(f"failed: {self.failed}")
+        port = self._port
+        if port is not None and port.guest_port is not None:
+            ev = self.host.evtchn
+            gp = port.guest_port
+            parts.append(f"port {gp} pending {int(ev.is_pending(gp))} masked {int(ev.is_masked(gp))}")
+        for name, ring in self.rings().items():
+            parts.append(f"{name} ring: {ring.state()}")
+        stats = getattr(self, "stats", None)
+        if stats:
+            parts.append(", ".join(f"{k}={v}" for k, v in dict(stats).items()))
+        with self._cond:
+            parts.append(f"worker kicked {int(self._kicked)} state_seen {int(self._state_seen)}")
+        return "; ".join(parts)
 
     # ---- helpers for subclasses ----
     def map_grant(self, ref: int, readonly: bool = False) -> memoryview:

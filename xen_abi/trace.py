@@ -295,6 +295,11 @@ def status_report(domain, *, symbols: Symbolizer | None = None) -> str:
     except Exception as e:     # a shim without counters
         lines.append(f"shim events: unavailable ({e})")
     lines += crash_report(domain, symbols=symbols, console_lines=0).splitlines()
+    for be in getattr(domain, "backends", []):
+        try:
+            lines.append("device " + be.describe())
+        except Exception as e:      # a report must not fail on one device
+            lines.append(f"device {getattr(be, 'name', be)}: no state ({e})")
     return "\n".join(lines)
 
 
