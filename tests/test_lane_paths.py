@@ -60,16 +60,26 @@ def test_syscalls_take_the_lanes_path(usermode_run):
 
 
 @pytest.mark.faithful
-def test_a_test_hung_in_kvm_run_fails_alone(pytester):
+def test_a_test_hung_in_kvm_run_fails_alone(pytester, monkeypatch):
     """The suite's safety net (pytest-timeout, pyproject.toml): a test whose
     vCPU sits in KVM_RUN forever (a halted guest, nothing pending) fails
     with a Timeout and the thread stacks, and the next test still runs."""
+    from pyvmm.cache import cache_root
+    from pyvmm.guests.testguests import build_testguest
+    from pyvmm.xen_abi.shim import build_shim
+
+    # pytester gives the inner run a HOME of its own: point it at this
+    # cache, with the shim and the guest built, so that the timeout hits
+    # the halted vCPU and not a gcc run
+    monkeypatch.setenv("PYVMM_CACHE", str(cache_root()))
+    build_shim()
+    build_testguest("idle")
     pytester.makepyfile(test_hang='''
         import pytest
         from pyvmm.guests.testguests import build_testguest
         from pyvmm.xen_abi.domain import Domain
 
-        @pytest.mark.timeout(5)
+        @pytest.mark.timeout(10)
         def test_hangs_in_kvm_run():
             with Domain(str(build_testguest("idle")), ram_size=32 << 20) as dom:
                 dom.run(timeout=None)
@@ -80,4 +90,5 @@ def test_a_test_hung_in_kvm_run_fails_alone(pytester):
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-q", timeout=300)
     result.assert_outcomes(failed=1, passed=1)
     out = result.stdout.str()
-    assert "Timeout (>5.0s)" in out and "Stack of" in out, out[-3000:]
+    assert "Timeout (>10.0s)" in out and "Stack of" in out, out[-3000:]
+    assert "in run" in out, out[-3000:]          # it was waiting in the vCPU run, not elsewhere
