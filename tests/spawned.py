@@ -43,7 +43,15 @@ class Spawned:
             self.proc.send_signal(signum)
             self.wait_for(lambda: b"vcpu_info:" in self.err, timeout)
 
-    def finish(self, kill_after: float = 0) -> int | None:
+    def stalled(self, error: AssertionError, status_signal) -> AssertionError:
+        """The error with pyvmm's own account added: its status report if it
+        is still running, its exit status and stderr."""
+        self.ask_status(status_signal)
+        self.finish()
+        return AssertionError(f"{error}\npyvmm exit status {self.proc.returncode}, stderr:\n"
+                              f"{self.stderr[-5000:]}")
+
+    def finish(self) -> int | None:
         """Kill it if still running, collect what it wrote; its exit status."""
         if self.alive():
             self.proc.kill()

@@ -429,10 +429,7 @@ def test_cli_default_guest_shell_and_poweroff_exit_status(tmp_path):
         run.send(b"poweroff -f\n")
         rc = run.proc.wait(command_timeout)
     except AssertionError as e:    # add pyvmm's own account of why it stopped
-        run.ask_status(STATUS_SIGNAL)     # stalled: ask it where the guest is
-        run.finish()
-        raise AssertionError(f"{e}\npyvmm exit status {run.proc.returncode}, stderr:\n"
-                             f"{run.stderr[-5000:]}") from None
+        raise run.stalled(e, STATUS_SIGNAL) from None
     finally:
         run.finish()
     stderr = run.stderr
@@ -515,11 +512,8 @@ def test_cli_default_guest_on_a_tap_device(tmp_path, tap_namespace):
         wrote = _disk_checks(con, command_timeout, rw_data, ro_data)
         run.send(b"poweroff -f\n")
         rc = run.proc.wait(command_timeout)
-    except AssertionError as e:
-        run.ask_status(STATUS_SIGNAL)
-        run.finish()
-        raise AssertionError(f"{e}\npyvmm exit status {run.proc.returncode}, stderr:\n"
-                             f"{run.stderr[-5000:]}") from None
+    except AssertionError as e:    # add pyvmm's own account of why it stopped
+        raise run.stalled(e, STATUS_SIGNAL) from None
     finally:
         run.finish()
     stderr = run.stderr
