@@ -45,8 +45,8 @@ from pyvmm.xen_abi.abi import (
     BlkifSegment,
     BlkifStatus,
 )
-from pyvmm.xen_abi.evtchn import BACKEND_DOMID
-from pyvmm.xen_abi.grant_table import GrantError
+from pyvmm.xen_abi.hypervisor.evtchn import BACKEND_DOMID
+from pyvmm.xen_abi.hypervisor.grant_table import GrantError
 
 from .xenbus import BackRing, ProtocolError, XenbusBackend
 

@@ -1,5 +1,5 @@
 """The user's side of a guest console (the ring itself is served by
-pyvmm.xen_abi.console_ring.ConsoleRingServer).
+pyvmm.xen_abi.hypervisor.console_ring.ConsoleRingServer).
 
 `Terminal`: stdin in raw mode when it is a TTY (always
 restored: context manager, atexit and SIGTERM/SIGHUP/SIGQUIT handlers), an

@@ -30,10 +30,11 @@ from dataclasses import dataclass
 
 from pyvmm.xen_abi.abi import SRING_REQ_EVENT, SRING_REQ_PROD, SRING_RSP_EVENT, SRING_RSP_PROD
 from pyvmm.xen_abi.abi import SRING_HEADER_SIZE, XenbusState, ring_entries
-from pyvmm.xen_abi.evtchn import BACKEND_DOMID, BackendPort
-from pyvmm.xen_abi.grant_table import GrantError, GrantMapping
-from pyvmm.xen_abi.physmem import SEQ_CST, atomics
-from pyvmm.xen_abi.xenstore import XenstoreError, add_device
+from pyvmm.xen_abi.hypervisor.evtchn import BACKEND_DOMID, BackendPort
+from pyvmm.xen_abi.hypervisor.grant_table import GrantError, GrantMapping
+from pyvmm.xen_abi.memory.physmem import SEQ_CST, atomics
+from pyvmm.xen_abi.xenstore.store import XenstoreError
+from pyvmm.xen_abi.xenstore.toolstack import add_device
 
 log = logging.getLogger(__name__)
 

@@ -144,7 +144,7 @@ def one_pyvmm_boot(args) -> dict:
     """Boot once in this process; milestones as absolute monotonic times."""
     from pyvmm.cli import parse_size
     from pyvmm.xen_abi.abi import ShutdownReason
-    from pyvmm.xen_abi.domain import Domain, DomainTimeout
+    from pyvmm.xen_abi.hypervisor.domain import Domain, DomainTimeout
 
     watch = MilestoneWatch(banner_marker())
     out: dict = {"system": "pyvmm", "t_start": time.monotonic()}

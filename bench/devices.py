@@ -134,7 +134,7 @@ def run(size_mb: int, with_net: bool) -> dict:
     from pyvmm.backends.blkback import BlockBackend, DiskImage
     from pyvmm.backends.netback import NetBackend
     from pyvmm.guests.default import build_default_guest
-    from pyvmm.xen_abi.domain import Domain
+    from pyvmm.xen_abi.hypervisor.domain import Domain
 
     g = build_default_guest(progress=True)
     work = Path(tempfile.mkdtemp(prefix="pyvmm-bench-"))

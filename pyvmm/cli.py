@@ -143,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
     if not NAME_RE.match(name):
         raise UserError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
 
-    from pyvmm.xen_abi.loader import LoaderError, load_kernel
+    from pyvmm.xen_abi.boot.loader import LoaderError, load_kernel
 
     try:
         kernel = load_kernel(kernel_path)

@@ -114,8 +114,8 @@ def _boot_loop(*, kernel, kernel_path, initrd, cmdline, memory, name, escape, on
     from pyvmm.backends.console import Terminal
     from pyvmm.vmm.kvm import KvmUnavailable
     from pyvmm.xen_abi.abi import ShutdownReason
-    from pyvmm.xen_abi.builder import BuildError
-    from pyvmm.xen_abi.domain import Domain
+    from pyvmm.xen_abi.boot.builder import BuildError
+    from pyvmm.xen_abi.hypervisor.domain import Domain
 
     from pyvmm.vmm.kvm import Kvm
 
@@ -212,7 +212,7 @@ def _boot_loop(*, kernel, kernel_path, initrd, cmdline, memory, name, escape, on
 
 
 def _status(dom, t0: float) -> None:
-    from pyvmm.xen_abi import trace
+    from pyvmm.xen_abi.hypervisor import trace
     try:
         text = trace.status_report(dom)
     except Exception as e:             # never let a status request hurt the guest

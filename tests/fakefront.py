@@ -9,10 +9,10 @@ import time
 from pyvmm.backends.xenbus import BackendHost
 from pyvmm.vmm.memory import GuestMemory
 from pyvmm.xen_abi.abi import PAGE_SIZE, SRING_HEADER_SIZE, SharedRingHeader
-from pyvmm.xen_abi.evtchn import EventChannels
-from pyvmm.xen_abi.grant_table import GrantTable
-from pyvmm.xen_abi.physmem import PhysicalMemory
-from pyvmm.xen_abi.xenstore import XenstoreStore
+from pyvmm.xen_abi.hypervisor.evtchn import EventChannels
+from pyvmm.xen_abi.hypervisor.grant_table import GrantTable
+from pyvmm.xen_abi.memory.physmem import PhysicalMemory
+from pyvmm.xen_abi.xenstore.store import XenstoreStore
 
 DOMID = 1
 RAM = 4 << 20

@@ -1,7 +1,7 @@
 """Test helpers that synthesise small Xen PV kernels: ELF64 files with Xen
 notes, wrapped into bzImages with each of the compressions Linux uses.
 
-The ELF structures come from pyvmm.xen_abi.loader (declared once there).
+The ELF structures come from pyvmm.xen_abi.boot.loader (declared once there).
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import lz4.block
 
 from pyvmm.xen_abi.abi import ElfNote
-from pyvmm.xen_abi.loader import (
+from pyvmm.xen_abi.boot.loader import (
     BZ_HDRS_MAGIC,
     BZ_SECTOR,
     BZ_SETUP_HEADER_OFFSET,

@@ -6,11 +6,11 @@ from __future__ import annotations
 from pyvmm.vmm import x86
 from pyvmm.vmm.memory import GuestMemory
 from pyvmm.xen_abi.abi import E820_RAM, PAGE_SIZE
-from pyvmm.xen_abi.evtchn import EventChannels
-from pyvmm.xen_abi.grant_table import GrantTable
-from pyvmm.xen_abi.guest_va import GuestVirtualMemory
-from pyvmm.xen_abi.hypercalls import HypercallContext, HypercallDispatcher, PvDomainBase
-from pyvmm.xen_abi.physmem import PhysicalMemory
+from pyvmm.xen_abi.hypervisor.evtchn import EventChannels
+from pyvmm.xen_abi.hypervisor.grant_table import GrantTable
+from pyvmm.xen_abi.memory.guest_va import GuestVirtualMemory
+from pyvmm.xen_abi.hypervisor.hypercalls import HypercallContext, HypercallDispatcher, PvDomainBase
+from pyvmm.xen_abi.memory.physmem import PhysicalMemory
 
 RAM_SIZE = 16 << 20
 VMM_GPA = 0x1000_0000  # VMM region above RAM (shared_info, grant frames)

@@ -11,8 +11,8 @@ from pyvmm.vmm.memory import GuestMemory
 from pyvmm.xen_abi.abi import (
     MAX_GUEST_CMDLINE, SIF_MOD_START_PFN, SIF_VIRT_P2M_4TOOLS, START_INFO_MAGIC, Hypercall, StartInfo,
 )
-from pyvmm.xen_abi.builder import BuildError, PvLayout, build_pv_domain, hypercall_stub
-from pyvmm.xen_abi.loader import load_kernel
+from pyvmm.xen_abi.boot.builder import BuildError, PvLayout, build_pv_domain, hypercall_stub
+from pyvmm.xen_abi.boot.loader import load_kernel
 
 try:
     from kernels import LINUX_INIT_P2M, LINUX_PHYS_START, LINUX_VIRT_BASE, Seg, debian_cloud_kernel, linux_notes, make_elf, make_linux_like, pattern

@@ -17,7 +17,7 @@ import time
 import pytest
 
 from pyvmm.backends.console import Terminal
-from pyvmm.xen_abi.console_ring import ConsoleRingServer
+from pyvmm.xen_abi.hypervisor.console_ring import ConsoleRingServer
 from pyvmm.xen_abi.abi import (
     CONS_RING_IN,
     CONS_RING_IN_CONS,

@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from pyvmm.xen_abi.cpuid import (
+from pyvmm.xen_abi.boot.cpuid import (
     ANY_SUBLEAF,
     E1_EDX,
     L1_ECX,

@@ -20,7 +20,7 @@ from pyvmm.xen_abi.abi import (
     Virq,
     XenErrno,
 )
-from pyvmm.xen_abi.evtchn import EventChannels
+from pyvmm.xen_abi.hypervisor.evtchn import EventChannels
 
 PENDING = SHARED_INFO_GPA + SHARED_INFO_EVTCHN_PENDING
 MASK = SHARED_INFO_GPA + SHARED_INFO_EVTCHN_MASK

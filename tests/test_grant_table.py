@@ -16,7 +16,7 @@ from pyvmm.xen_abi.abi import (
     GTF_writing,
     PAGE_SIZE,
 )
-from pyvmm.xen_abi.grant_table import GrantError, GrantTable
+from pyvmm.xen_abi.hypervisor.grant_table import GrantError, GrantTable
 
 FRAME = 0x300  # a guest RAM frame used as granted page
 

@@ -8,8 +8,8 @@ from pvfake import (KBASE, RAM_SIZE, SCRATCH, SCRATCH_GPA, SIZE_1G, SIZE_4K, VMM
 from pyvmm.vmm import x86
 from pyvmm.vmm.memory import GuestMemory
 from pyvmm.xen_abi.abi import HYPERVISOR_VIRT_START, EvtchnBindVirq
-from pyvmm.xen_abi.guest_va import GuestPageFault, GuestVirtualMemory
-from pyvmm.xen_abi.physmem import GuestPhysicalFault, PhysicalMemory
+from pyvmm.xen_abi.memory.guest_va import GuestPageFault, GuestVirtualMemory
+from pyvmm.xen_abi.memory.physmem import GuestPhysicalFault, PhysicalMemory
 
 
 @pytest.fixture

@@ -61,7 +61,7 @@ from pyvmm.xen_abi.abi import (
     XenMemoryMap,
     XenVer,
 )
-from pyvmm.xen_abi.hypercalls import CONSOLE_IO_MAX, DomainShutdown, HypercallContext
+from pyvmm.xen_abi.hypervisor.hypercalls import CONSOLE_IO_MAX, DomainShutdown, HypercallContext
 
 E = XenErrno
 UNMAPPED = 0x0000_1234_5678_0000  # a canonical VA with nothing mapped
@@ -88,7 +88,7 @@ def get(d, struct, va):
 # ---------------------------------------------------------------- generic
 
 def test_unknown_and_unsupported_hypercalls(dom, caplog):
-    caplog.set_level(logging.INFO, logger="pyvmm.xen_abi.hypercalls")
+    caplog.set_level(logging.INFO, logger="pyvmm.xen_abi.hypervisor.hypercalls")
     for nr in (Hypercall.mmu_update, Hypercall.xenpmu_op, Hypercall.hvm_op, 11, 47, 1000):
         assert dom.call(nr, 1, 2, 3) == -E.ENOSYS
     assert "hvm_op" in caplog.text and "#1000" in caplog.text
@@ -365,7 +365,7 @@ def test_sched_yield_block_poll(dom):
 def test_default_block_waits_for_an_event(dom):
     """PvDomainBase.block returns once an event is raised from another thread."""
     import threading
-    from pyvmm.xen_abi.hypercalls import PvDomainBase
+    from pyvmm.xen_abi.hypervisor.hypercalls import PvDomainBase
     p = dom.evtchn.bind_ipi(0)
     dom.evtchn.kick = lambda v: PvDomainBase.kick(dom, v)
     t = threading.Timer(0.1, dom.evtchn.raise_port, args=(p,))
@@ -615,7 +615,7 @@ def test_default_oneshot_timers_raise_virq_timer(dom):
     """OneShotTimers (the default timer back-end) raises the vCPU's VIRQ_TIMER
     port at the deadline, and a cancelled/replaced deadline does not fire."""
     import time
-    from pyvmm.xen_abi.hypercalls import OneShotTimers
+    from pyvmm.xen_abi.hypervisor.hypercalls import OneShotTimers
     ev = dom.evtchn
     port = ev.bind_virq(Virq.TIMER, 1)
     clock = time.monotonic_ns

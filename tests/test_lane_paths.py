@@ -11,9 +11,10 @@ import pytest
 
 from pyvmm.guests.testguests import build_testguest
 from pyvmm.vmm import x86
-from pyvmm.xen_abi import abi, priv
-from pyvmm.xen_abi import vmm_region as R
-from pyvmm.xen_abi.domain import Domain
+from pyvmm.xen_abi import abi
+from pyvmm.xen_abi.shim import priv
+from pyvmm.xen_abi.memory import vmm_region as R
+from pyvmm.xen_abi.hypervisor.domain import Domain
 
 ON_KVM_PVM = os.path.exists("/sys/module/kvm_pvm")
 GP = f"trap {x86.VEC_GP}"
@@ -66,7 +67,7 @@ def test_a_test_hung_in_kvm_run_fails_alone(pytester, monkeypatch):
     with a Timeout and the thread stacks, and the next test still runs."""
     from pyvmm.cache import cache_root
     from pyvmm.guests.testguests import build_testguest
-    from pyvmm.xen_abi.shim import build_shim
+    from pyvmm.xen_abi.shim.build import build_shim
 
     # pytester gives the inner run a HOME of its own: point it at this
     # cache, with the shim and the guest built, so that the timeout hits
@@ -77,7 +78,7 @@ def test_a_test_hung_in_kvm_run_fails_alone(pytester, monkeypatch):
     pytester.makepyfile(test_hang='''
         import pytest
         from pyvmm.guests.testguests import build_testguest
-        from pyvmm.xen_abi.domain import Domain
+        from pyvmm.xen_abi.hypervisor.domain import Domain
 
         @pytest.mark.timeout(10)
         def test_hangs_in_kvm_run():

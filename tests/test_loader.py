@@ -6,7 +6,7 @@ import struct
 import pytest
 
 from pyvmm.xen_abi.abi import ElfNote, XenFeat
-from pyvmm.xen_abi.loader import ELFCLASS32, LoaderError, load_kernel
+from pyvmm.xen_abi.boot.loader import ELFCLASS32, LoaderError, load_kernel
 
 try:
     from kernels import (

@@ -9,8 +9,8 @@ import pytest
 
 from pyvmm.vmm import x86
 from pyvmm.xen_abi import abi
-from pyvmm.xen_abi import vmm_region as R
-from pyvmm.xen_abi.shim import SHIM_DIR, build_shim
+from pyvmm.xen_abi.memory import vmm_region as R
+from pyvmm.xen_abi.shim.build import SHIM_DIR, build_shim
 
 
 def header_defines() -> dict[str, int]:
@@ -145,7 +145,7 @@ def test_region_trampoline_supervisor_on_real_kvm():
 
 
 def test_syscall_trampoline_encoding():
-    from pyvmm.xen_abi.domain import syscall_trampoline
+    from pyvmm.xen_abi.hypervisor.domain import syscall_trampoline
     va, slot, top, entry = 0xFFFF808000021000, 0xFFFF80800008E048, 0xFFFF80800008E000, 0xFFFF808000040FF9
     code = syscall_trampoline(va, slot, top, entry)
     assert code[:6] == b"\x0f\x01\xf8" * 2                      # swapgs; swapgs

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 
 from spawned import Spawned
-from pyvmm.xen_abi import priv, trace
+from pyvmm.xen_abi.hypervisor import trace
+from pyvmm.xen_abi.shim import priv
 
 RAM_MB = 256
 
@@ -69,8 +70,8 @@ def test_milestone_order_checker():
 
 
 def test_priv_header_matches():
-    """xen_abi/priv.py mirrors shim/priv.h."""
-    hdr = (Path(priv.__file__).parent / "shim" / "priv.h").read_text()
+    """xen_abi/shim/priv.py mirrors shim/priv.h."""
+    hdr = (Path(priv.__file__).parent / "priv.h").read_text()
     defs = {m.group(1): int(m.group(2), 0)
             for m in re.finditer(r"#define (PRIV_\w+)\s+(0x[0-9a-fA-F]+|\d+)\b", hdr)}
     assert defs, "no PRIV_* numbers in priv.h"
@@ -127,7 +128,7 @@ TIMER_LINE = re.compile(rb"^\s*\d+:\s+(\d+)\s+xen-percpu\s*-virq\s+timer0\s*$", 
 
 
 def _timeouts() -> tuple[float, float]:
-    from pyvmm.xen_abi.domain import is_kvm_pvm
+    from pyvmm.xen_abi.hypervisor.domain import is_kvm_pvm
     if is_kvm_pvm():
         return PROMPT_TIMEOUT_PVM, COMMAND_TIMEOUT_PVM
     return PROMPT_TIMEOUT_FAITHFUL, COMMAND_TIMEOUT_FAITHFUL
@@ -319,7 +320,7 @@ def _boot_in_process(tmp_path, with_devices: bool) -> None:
     from pyvmm.backends.netback import NetBackend, SocketLink
     from pyvmm.guests.default import BANNER, build_default_guest
     from pyvmm.xen_abi.abi import ShutdownReason
-    from pyvmm.xen_abi.domain import Domain
+    from pyvmm.xen_abi.hypervisor.domain import Domain
 
     prompt_timeout, command_timeout = _timeouts()
     g = build_default_guest(progress=False)

@@ -1,5 +1,5 @@
 """Time, timers, event delivery, blocking, xenstore and console through the
-shim (shim/events.c, xen_abi/shim_events.py, xen_abi/domain_events.py).
+shim (shim/events.c, xen_abi/hypervisor/time.py, xen_abi/hypervisor/domain_events.py).
 
 Each test guest ends with "TESTGUEST <name>: PASS"; the host side checks
 what only it can see (its own clock, the xenstore tree, the console text,
@@ -15,9 +15,9 @@ import pytest
 
 from pyvmm.guests.testguests import build_testguest
 from pyvmm.xen_abi import abi
-from pyvmm.xen_abi import shim_events as E
-from pyvmm.xen_abi.domain import Domain, DomainTimeout
-from pyvmm.xen_abi.shim import SHIM_DIR
+from pyvmm.xen_abi.hypervisor import time as E
+from pyvmm.xen_abi.hypervisor.domain import Domain, DomainTimeout
+from pyvmm.xen_abi.shim.build import SHIM_DIR
 
 
 def header_defines(name: str) -> dict[str, int]:

@@ -10,7 +10,7 @@ import pytest
 
 from pyvmm.guests.testguests import build_testguest
 from pyvmm.xen_abi import abi
-from pyvmm.xen_abi.domain import Domain
+from pyvmm.xen_abi.hypervisor.domain import Domain
 
 
 pytestmark = pytest.mark.faithful

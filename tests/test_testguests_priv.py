@@ -9,8 +9,9 @@ import re
 import pytest
 
 from pyvmm.guests.testguests import build_testguest
-from pyvmm.xen_abi import abi, priv
-from pyvmm.xen_abi.domain import Domain
+from pyvmm.xen_abi import abi
+from pyvmm.xen_abi.shim import priv
+from pyvmm.xen_abi.hypervisor.domain import Domain
 
 pytestmark = pytest.mark.faithful
 
@@ -40,7 +41,7 @@ def test_xsave_xcr0_reaches_the_cpu():
     so XSAVE/XRSTOR of a Linux-style signal frame (header forced to x87|SSE)
     works at CPL3.  Where the PV CPUID hides XSAVE the guest says so and
     only checks nothing breaks (kvm_pvm offers it: see test_xcr0_...)."""
-    from pyvmm.xen_abi.domain import is_kvm_pvm
+    from pyvmm.xen_abi.hypervisor.domain import is_kvm_pvm
     with Domain(str(build_testguest("xsave"))) as dom:
         res = dom.run(timeout=60)
         state = priv.read_state(dom.region.mem, dom.region.vcpus[0].percpu_off)
@@ -65,7 +66,7 @@ def test_xcr0_in_force_is_what_the_guest_kernel_saves():
     Off kvm_pvm the value is Xen's x87|SSE until the guest's xsetbv."""
     from pyvmm.vmm import hostcpu
     from pyvmm.vmm.quirks import detect_quirks
-    from pyvmm.xen_abi.domain import XSTATE_FP_SSE
+    from pyvmm.xen_abi.hypervisor.domain import XSTATE_FP_SSE
     with Domain(str(build_testguest("xcr0"))) as dom:
         res = dom.run(timeout=60)
     lines = res.text.strip().splitlines()

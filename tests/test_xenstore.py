@@ -37,13 +37,9 @@ from pyvmm.xen_abi.abi import (
     XsdSockmsg,
     XsType,
 )
-from pyvmm.xen_abi.xenstore import (
-    XenstoreError,
-    XenstoreRingServer,
-    XenstoreStore,
-    add_device,
-    populate_domain,
-)
+from pyvmm.xen_abi.xenstore.ring import XenstoreRingServer
+from pyvmm.xen_abi.xenstore.store import XenstoreError, XenstoreStore
+from pyvmm.xen_abi.xenstore.toolstack import add_device, populate_domain
 
 U32 = struct.Struct("<I")
 MASK = XENSTORE_RING_SIZE - 1

@@ -1,6 +1,6 @@
 /* Time, timers, event delivery and blocking in the shim (events.c): the
  * per-vCPU events block Python fills, the vectors and the Xen numbers only
- * these paths need.  Mirrored in xen_abi/shim_events.py; the test
+ * these paths need.  Mirrored in xen_abi/hypervisor/time.py; the test
  * tests/test_testguests_events.py parses this header and compares. */
 #ifndef SHIM_EVENTS_H
 #define SHIM_EVENTS_H

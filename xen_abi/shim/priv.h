@@ -1,6 +1,6 @@
 /* Privileged-instruction emulation, CPUID and MSRs for the PV guest
  * (priv.c): what Xen's pv/emul-priv-op.c and pv/emul-inv-op.c do.
- * Mirrored in xen_abi/priv.py (tests compare). */
+ * Mirrored in xen_abi/shim/priv.py (tests compare). */
 #ifndef SHIM_PRIV_H
 #define SHIM_PRIV_H
 
@@ -26,7 +26,7 @@
 #define PRIV_FAST_IO       136   /* counters: in/out and iretq done by entry.S's */
 #define PRIV_FAST_IRET     144   /* #GP fast paths */
 #define PRIV_SIZE          152
-/* u32 event counters for tracing (xen_abi/trace.py reads them): one per
+/* u32 event counters for tracing (xen_abi/hypervisor/trace.py reads them): one per
  * exception vector 0..31, one per hypercall number 0..47, "other" slots */
 #define PRIV_CNT_OFF       0x98  /* after the state above */
 #define PRIV_CNT_TRAPS        0  /* index of vector 0 */

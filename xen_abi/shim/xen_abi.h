@@ -3,7 +3,7 @@
  * mirror xen_abi/abi.py (tests/test_shim_build.py parses this header and
  * compares every XEN_* / HC_* / VI_* value with abi.py).  Region layout
  * constants (REGION_VA, ...) are NOT here: Python passes them with -D so the
- * layout lives in exactly one place (xen_abi/vmm_region.py). */
+ * layout lives in exactly one place (xen_abi/memory/vmm_region.py). */
 #ifndef SHIM_XEN_ABI_H
 #define SHIM_XEN_ABI_H
 
@@ -129,7 +129,7 @@
 #define SG_SIZE      200
 #define SGF_PVM        1     /* kvm_pvm: CPL3 syscall arrives as #GP at LSTAR */
 
-/* CPUID policy entry (xen_abi/cpuid.py pack_table): u32 leaf, subleaf
+/* CPUID policy entry (xen_abi/boot/cpuid.py pack_table): u32 leaf, subleaf
  * (CPUID_ANY_SUBLEAF = not significant), eax, ebx, ecx, edx */
 #define CPUID_ENT_SIZE   24
 #define CPUID_ANY_SUBLEAF 0xffffffffu

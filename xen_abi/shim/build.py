@@ -22,9 +22,8 @@ from pathlib import Path
 
 from pyvmm.cache import cache_root
 
-from . import vmm_region as layout
-
-SHIM_DIR = Path(__file__).resolve().parent / "shim"
+from pyvmm.xen_abi.memory import vmm_region as layout
+SHIM_DIR = Path(__file__).resolve().parent
 SOURCES = ("shim.c", "entry.S", "events.c", "mmu.c", "priv.c")
 HEADERS = ("xen_abi.h", "shim.ld", "events.h", "shim.h", "priv.h")
 CFLAGS = [

@@ -21,18 +21,18 @@ from pyvmm.vmm import x86
 from pyvmm.vmm.kvm import ExitReason, Kvm, KvmError, KvmSegment, KvmXcrs
 from pyvmm.vmm.memory import GuestMemory
 
-from . import abi
-from . import vmm_region as R
-from . import priv
-from .builder import build_pv_domain
-from .domain_events import DomainEvents
-from .evtchn import EventChannels
-from .grant_table import GrantTable
-from .guest_va import GuestVirtualMemory
-from .hypercalls import DomainShutdown, HypercallContext, HypercallDispatcher, PvDomainBase
-from .loader import KernelImage, load_kernel
-from .physmem import PhysicalMemory
-from .shim import build_shim
+from pyvmm.xen_abi import abi
+from pyvmm.xen_abi.memory import vmm_region as R
+from pyvmm.xen_abi.shim import priv
+from pyvmm.xen_abi.boot.builder import build_pv_domain
+from pyvmm.xen_abi.hypervisor.domain_events import DomainEvents
+from pyvmm.xen_abi.hypervisor.evtchn import EventChannels
+from pyvmm.xen_abi.hypervisor.grant_table import GrantTable
+from pyvmm.xen_abi.memory.guest_va import GuestVirtualMemory
+from pyvmm.xen_abi.hypervisor.hypercalls import DomainShutdown, HypercallContext, HypercallDispatcher, PvDomainBase
+from pyvmm.xen_abi.boot.loader import KernelImage, load_kernel
+from pyvmm.xen_abi.memory.physmem import PhysicalMemory
+from pyvmm.xen_abi.shim.build import build_shim
 
 MASK64 = (1 << 64) - 1
 
@@ -207,7 +207,7 @@ class Domain(PvDomainBase):
         priv.init_vcpu(m, pc, len(reg.vcpus))   # emulator state + counters (shim/priv.c)
 
     def _cpuid_policy(self):
-        from .cpuid import build_pv_cpuid, with_native_feature_leaves
+        from pyvmm.xen_abi.boot.cpuid import build_pv_cpuid, with_native_feature_leaves
         host = self.kvm.supported_cpuid()
         if self.is_pvm:
             # guest code sees the host's leaves 1/7 and runs with the host's

@@ -1,4 +1,4 @@
-"""The event, time and device-channel side of a Domain (xen_abi/domain.py):
+"""The event, time and device-channel side of a Domain (xen_abi/hypervisor/domain.py):
 
 * the vCPU LAPIC set up for the shim's timer, the pvclock snapshot written
   into vcpu_info.time (again whenever vcpu_info moves), the wallclock;
@@ -24,13 +24,15 @@ import time
 
 from pyvmm.vmm import x86
 
-from . import abi
-from . import shim_events as E
-from .abi import DOMID_SELF, Virq
-from .console_ring import ConsoleRingServer
-from .evtchn import BACKEND_DOMID
-from .hypercalls import XEN_VERSION
-from .xenstore import XenstoreRingServer, XenstoreStore, populate_domain
+from pyvmm.xen_abi import abi
+from pyvmm.xen_abi.hypervisor import time as E
+from pyvmm.xen_abi.abi import DOMID_SELF, Virq
+from pyvmm.xen_abi.hypervisor.console_ring import ConsoleRingServer
+from pyvmm.xen_abi.hypervisor.evtchn import BACKEND_DOMID
+from pyvmm.xen_abi.hypervisor.hypercalls import XEN_VERSION
+from pyvmm.xen_abi.xenstore.ring import XenstoreRingServer
+from pyvmm.xen_abi.xenstore.store import XenstoreStore
+from pyvmm.xen_abi.xenstore.toolstack import populate_domain
 
 log = logging.getLogger(__name__)
 

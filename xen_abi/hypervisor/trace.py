@@ -33,9 +33,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import abi
-from . import vmm_region as R
-
+from pyvmm.xen_abi import abi
+from pyvmm.xen_abi.memory import vmm_region as R
 log = logging.getLogger(__name__)
 
 # The stub Debian ships in linux-image-*/boot/System.map-*.
@@ -254,7 +253,7 @@ class Tracer:
 
 
 def shim_counters(domain, vcpu: int = 0) -> dict[str, int]:
-    from . import priv
+    from pyvmm.xen_abi.shim import priv
     return priv.read_counters(domain.region.mem, domain.region.vcpus[vcpu].percpu_off)
 
 
@@ -265,7 +264,7 @@ def guest_frame(domain, vcpu: int = 0) -> dict:
 
 
 def _stack_scan(domain, frame: dict, symbols: Symbolizer | None, words: int) -> list[str]:
-    from .guest_va import GuestVirtualMemory
+    from pyvmm.xen_abi.memory.guest_va import GuestVirtualMemory
     mb = domain.region.mailbox_gpa(0)
     cr3 = domain.phys.read_u64(mb + R.MB_CR3 * 8) or getattr(domain.layout, "l4_pfn", 0) << 12
     vm = GuestVirtualMemory(domain.phys, cr3)

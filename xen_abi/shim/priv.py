@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import struct
 
-from . import abi
+from pyvmm.xen_abi import abi
 
 PRIV_OFF = 0x1E00
 PRIV_VCR4, PRIV_IOPL, PRIV_DR, PRIV_TSC_AUX, PRIV_XCR0 = 0, 8, 16, 80, 88

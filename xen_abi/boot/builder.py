@@ -24,7 +24,7 @@ import numpy as np
 
 from pyvmm.vmm.x86 import PT_ENTRIES, PTE_A, PTE_D, PTE_P, PTE_RW, PTE_US
 
-from .abi import (
+from pyvmm.xen_abi.abi import (
     E820_RAM,
     HYPERCALL_PAGE_SLOT_SIZE,
     HYPERVISOR_L4_FIRST_SLOT,
@@ -38,7 +38,7 @@ from .abi import (
     Hypercall,
     StartInfo,
 )
-from .loader import KernelImage
+from pyvmm.xen_abi.boot.loader import KernelImage
 
 __all__ = ["build_pv_domain", "PvLayout", "BuildError", "write_hypercall_page"]
 

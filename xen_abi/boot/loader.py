@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 from construct import Bytes, Const, Int8ul, Int16ul, Int32ul, Int64ul, Padding, Struct
 
-from .abi import XEN_ELFNOTE_OWNER, ElfNote, XenFeat
+from pyvmm.xen_abi.abi import XEN_ELFNOTE_OWNER, ElfNote, XenFeat
 
 
 class LoaderError(Exception):

@@ -108,9 +108,9 @@ from pyvmm.xen_abi.abi import (
     XenPlatformParameters,
     XenVer,
 )
-from pyvmm.xen_abi.grant_table import GrantError
-from pyvmm.xen_abi.guest_va import GuestPageFault, is_canonical
-from pyvmm.xen_abi.physmem import GuestPhysicalFault
+from pyvmm.xen_abi.hypervisor.grant_table import GrantError
+from pyvmm.xen_abi.memory.guest_va import GuestPageFault, is_canonical
+from pyvmm.xen_abi.memory.physmem import GuestPhysicalFault
 
 __all__ = ["HypercallDispatcher", "HypercallContext", "DomainShutdown", "PvDomainBase",
            "PvVcpuState", "OneShotTimers", "XEN_VERSION", "XEN_EXTRAVERSION",

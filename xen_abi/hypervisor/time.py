@@ -18,7 +18,7 @@ from pathlib import Path
 from pyvmm.vmm import x86
 from pyvmm.vmm.kvm import Cap
 
-from . import abi
+from pyvmm.xen_abi import abi
 
 # ---- mirrors of shim/events.h (tests compare) ----
 HC_set_timer_op = 15

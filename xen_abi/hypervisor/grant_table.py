@@ -37,7 +37,7 @@ from pyvmm.xen_abi.abi import (
     PAGE_SIZE,
     GrantEntryV1,
 )
-from pyvmm.xen_abi.physmem import GuestPhysicalFault
+from pyvmm.xen_abi.memory.physmem import GuestPhysicalFault
 
 __all__ = ["GrantTable", "GrantMapping", "GrantError", "ENTRIES_PER_FRAME",
            "DEFAULT_MAX_FRAMES"]

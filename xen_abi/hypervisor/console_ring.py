@@ -14,7 +14,7 @@ import struct
 import threading
 from typing import Callable
 
-from .abi import (
+from pyvmm.xen_abi.abi import (
     CONS_RING_IN,
     CONS_RING_IN_CONS,
     CONS_RING_IN_PROD,

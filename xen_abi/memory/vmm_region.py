@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pyvmm.vmm import x86
 from pyvmm.vmm.memory import GuestMemory
 
-from . import abi
+from pyvmm.xen_abi import abi
 
 PAGE = abi.PAGE_SIZE
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from pyvmm.vmm import x86
 from pyvmm.xen_abi.abi import HYPERVISOR_VIRT_END, HYPERVISOR_VIRT_START, PAGE_SIZE
-from pyvmm.xen_abi.physmem import GuestPhysicalFault
+from pyvmm.xen_abi.memory.physmem import GuestPhysicalFault
 
 __all__ = ["GuestVirtualMemory", "GuestPageFault"]
 
