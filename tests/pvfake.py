@@ -9,7 +9,8 @@ from pyvmm.xen_abi.abi import E820_RAM, PAGE_SIZE
 from pyvmm.xen_abi.hypervisor.evtchn import EventChannels
 from pyvmm.xen_abi.hypervisor.grant_table import GrantTable
 from pyvmm.xen_abi.memory.guest_va import GuestVirtualMemory
-from pyvmm.xen_abi.hypervisor.hypercalls import HypercallContext, HypercallDispatcher, PvDomainBase
+from pyvmm.xen_abi.hypervisor.hypercalls.context import HypercallContext, PvDomainBase
+from pyvmm.xen_abi.hypervisor.hypercalls.dispatch import HypercallDispatcher
 from pyvmm.xen_abi.memory.physmem import PhysicalMemory
 
 RAM_SIZE = 16 << 20
@@ -68,20 +69,6 @@ class PageTables:
             table = self.phys.read_u64(slot) & x86.PTE_ADDR_MASK
 
 
-class FakeTimers:
-    def __init__(self):
-        self.oneshot = {}
-        self.calls = []
-
-    def set_oneshot(self, vcpu, abs_ns):
-        self.oneshot[vcpu] = abs_ns
-        self.calls.append(("set", vcpu, abs_ns))
-
-    def cancel_oneshot(self, vcpu):
-        self.oneshot.pop(vcpu, None)
-        self.calls.append(("cancel", vcpu))
-
-
 class FakeDomain(PvDomainBase):
     def __init__(self, nr_vcpus: int = 2, now: int = 1_000_000_000):
         self.ram = GuestMemory(RAM_SIZE, name="test-ram")
@@ -93,13 +80,11 @@ class FakeDomain(PvDomainBase):
                             frame_ok=lambda f: 0 <= f < RAM_SIZE // PAGE_SIZE)
         super().__init__(phys=phys, nr_vcpus=nr_vcpus, e820=[(0, RAM_SIZE, E820_RAM)],
                          shared_info_gpa=SHARED_INFO_GPA, evtchn=evtchn, gnttab=gnttab,
-                         domid=1, timers=FakeTimers(), handle=bytes(range(16)))
+                         domid=1, handle=bytes(range(16)))
         self.now = now
         self.console = bytearray()
-        self.blocked = []
         self.yields = 0
         self.moved = []
-        self.cb_changes = []
         self.initialised = {}
         self.ups = []
         self.downs = []
@@ -119,17 +104,11 @@ class FakeDomain(PvDomainBase):
     def console_write(self, data):
         self.console += data
 
-    def block(self, vcpu_id):
-        self.blocked.append(vcpu_id)
-
     def yield_vcpu(self, vcpu_id):
         self.yields += 1
 
     def vcpu_info_moved(self, vcpu_id, gpa):
         self.moved.append((vcpu_id, gpa))
-
-    def callbacks_changed(self, vcpu_id, state):
-        self.cb_changes.append((vcpu_id, dict(state.callbacks)))
 
     def vcpu_initialise(self, vcpu_id, ctx):
         self.initialised[vcpu_id] = ctx

@@ -859,7 +859,7 @@ XENSTORE_ERROR_RINGIDX = 2
 XENSTORE_ERROR_PROTO = 3
 
 # ---------------------------------------------------------------------------
-# Appended for the hypercall layer (xen_abi/hypervisor/hypercalls.py)
+# Appended for the hypercall layer (xen_abi/hypervisor/hypercalls/)
 # ---------------------------------------------------------------------------
 
 XENMEM_maximum_gpfn = 14

@@ -29,7 +29,8 @@ from pyvmm.xen_abi.hypervisor.domain_events import DomainEvents
 from pyvmm.xen_abi.hypervisor.evtchn import EventChannels
 from pyvmm.xen_abi.hypervisor.grant_table import GrantTable
 from pyvmm.xen_abi.memory.guest_va import GuestVirtualMemory
-from pyvmm.xen_abi.hypervisor.hypercalls import DomainShutdown, HypercallContext, HypercallDispatcher, PvDomainBase
+from pyvmm.xen_abi.hypervisor.hypercalls.context import DomainShutdown, HypercallContext, PvDomainBase
+from pyvmm.xen_abi.hypervisor.hypercalls.dispatch import HypercallDispatcher
 from pyvmm.xen_abi.boot.loader import KernelImage, load_kernel
 from pyvmm.xen_abi.memory.physmem import PhysicalMemory
 from pyvmm.xen_abi.shim.build import build_shim

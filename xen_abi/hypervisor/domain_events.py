@@ -29,7 +29,7 @@ from pyvmm.xen_abi.hypervisor import time as E
 from pyvmm.xen_abi.abi import DOMID_SELF, Virq
 from pyvmm.xen_abi.hypervisor.console_ring import ConsoleRingServer
 from pyvmm.xen_abi.hypervisor.evtchn import BACKEND_DOMID
-from pyvmm.xen_abi.hypervisor.hypercalls import XEN_VERSION
+from pyvmm.xen_abi.hypervisor.hypercalls.xen_version import XEN_VERSION
 from pyvmm.xen_abi.xenstore.ring import XenstoreRingServer
 from pyvmm.xen_abi.xenstore.store import XenstoreStore
 from pyvmm.xen_abi.xenstore.toolstack import populate_domain
