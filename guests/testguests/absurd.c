@@ -15,6 +15,9 @@ const char tg_name[] = "absurd";
 #define HC_grant_table_op 20
 #define XENMEM_memory_map 9
 #define GNTTABOP_setup_table 2
+#define XEN_ENOENT 2
+#define VCPUOP_is_up 3
+#define CALLBACKTYPE_sysenter 3
 
 static const u64 wild[] = {
 	0x00000000dead0000UL,   /* unmapped user address */
@@ -49,6 +52,9 @@ void tg_main(struct start_info *si)
 		expect_err(HC4(HC_mmuext_op, p, 1, 0, 0x7ff0), XEN_EFAULT, "mmuext_op wild pointer");
 		expect_err(HC2(HC_multicall, p, 1), XEN_EFAULT, "multicall wild pointer");
 		expect_err(HC1(HC_set_trap_table, p), XEN_EFAULT, "set_trap_table wild pointer");
+		expect_err(HC2(HC_callback_op, CALLBACKOP_register, p), XEN_EFAULT, "callback_op wild pointer");
+		expect_err(HC3(HC_vcpu_op, VCPUOP_set_singleshot_timer, 0, p), XEN_EFAULT,
+			   "set_singleshot_timer wild pointer");
 	}
 
 	/* huge counts with a valid (small) buffer */
@@ -69,6 +75,10 @@ void tg_main(struct start_info *si)
 	expect_err(tg_syscall_hc(-1L, 0, 0, 0, 0, 0), XEN_ENOSYS, "hypercall -1");
 	expect_err(HC2(HC_memory_op, 0x7fff, buf), XEN_ENOSYS, "memory_op unknown sub-op");
 	expect_err(HC2(HC_event_channel_op, 0x7fff, buf), XEN_ENOSYS, "evtchn unknown sub-op");
+	expect_err(HC2(HC_callback_op, 0x7fff, buf), XEN_ENOSYS, "callback_op unknown sub-op");
+	struct callback_register sysenter_cb = { CALLBACKTYPE_sysenter, 0, 0, 0 };
+	expect_err(HC2(HC_callback_op, CALLBACKOP_register, &sysenter_cb), XEN_EINVAL,
+		   "callback_op sysenter (no 32-bit entry)");
 
 	/* out-of-range ports, vCPUs and frames */
 	u32 port = 100000;
@@ -77,6 +87,7 @@ void tg_main(struct start_info *si)
 	expect_err(HC2(HC_event_channel_op, EVTCHNOP_send, &port), 0, "send to an unbound port");
 	u32 bind_virq[3] = { VIRQ_TIMER, 1000000, 0 };
 	expect_err(HC2(HC_event_channel_op, EVTCHNOP_bind_virq, bind_virq), 0, "bind_virq on vCPU 1000000");
+	expect_err(HC3(HC_vcpu_op, VCPUOP_is_up, 1, 0), XEN_ENOENT, "is_up of vCPU 1 (there is one)");
 	struct { u64 mfn; u32 offset, rsvd; } vi = { 1UL << 40, 0, 0 };
 	expect_err(HC3(HC_vcpu_op, VCPUOP_register_vcpu_info, 0, &vi), XEN_EINVAL,
 		   "register_vcpu_info frame outside RAM");

@@ -1,11 +1,14 @@
 /* Time and the one-shot timer: pvclock monotonic and consistent with
  * rdtsc, VIRQ_TIMER + set_singleshot_timer + SCHEDOP_block -> upcall, never
  * early; -ETIME with VCPU_SSHOTTMR_future; past deadlines fire at once;
- * set_timer_op; stop_singleshot_timer; everything again after
+ * set_timer_op, cancelled by 0, negative deadlines -> now + 100 ms;
+ * stop_singleshot_timer; SCHEDOP_yield; everything again after
  * VCPUOP_register_vcpu_info moved vcpu_info. */
 #include "tg_events.h"
 
 const char tg_name[] = "timer";
+
+#define SCHEDOP_yield 0
 
 static u32 timer_port;
 static int timer_fired(void) { return ev_hits[timer_port] != 0; }
@@ -68,6 +71,27 @@ void tg_main(struct start_info *s)
 
 	/* set_timer_op, 2 ms */
 	wait_timer(now_ns() + 2000000, 1, "set_timer_op 2ms");
+
+	/* set_timer_op(0) cancels: a timer armed 50 ms ahead stays silent */
+	ev_hits[timer_port] = 0;
+	t0 = now_ns();
+	singleshot(t0 + 50000000, 0);
+	rc = HC1(HC_set_timer_op, 0);
+	tg_check(rc == 0, "set_timer_op(0)", rc, 0);
+	while (now_ns() < t0 + 100000000)
+		;
+	tg_check(ev_hits[timer_port] == 0, "set_timer_op(0) cancelled", ev_hits[timer_port], 0);
+
+	/* Xen's workaround for Linux's bogus deadlines: negative is now + 100 ms */
+	t0 = now_ns();
+	rc = HC1(HC_set_timer_op, (u64)-5);
+	tg_check(rc == 0, "set_timer_op(negative)", rc, 0);
+	tg_check(ev_wait(timer_fired, 1000), "negative deadline fires", ev_hits[timer_port], 1);
+	seen = now_ns();
+	tg_check(seen >= t0 + 100000000, "negative deadline: now + 100 ms", seen - t0, 100000000);
+
+	rc = HC2(HC_sched_op, SCHEDOP_yield, 0);
+	tg_check(rc == 0, "SCHEDOP_yield", rc, 0);
 
 	/* stop: an armed 1 ms timer is cancelled; a later one still works */
 	t0 = now_ns();
