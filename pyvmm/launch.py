@@ -74,7 +74,7 @@ class _GuestControl:
         # what `xl shutdown` does: the guest's xenbus watches control/shutdown
         dom = self.dom
         if dom is not None:
-            dom.store.write(f"{dom.events.dom_path}/control/shutdown", reason)
+            dom.store.write(f"{dom.channels.dom_path}/control/shutdown", reason)
 
     def destroy(self) -> None:
         self.destroy_requested = True
