@@ -30,6 +30,7 @@ from pyvmm.xen_abi.hypervisor.evtchn import EventChannels
 from pyvmm.xen_abi.hypervisor.grant_table import GrantTable
 from pyvmm.xen_abi.memory.guest_va import GuestVirtualMemory
 from pyvmm.xen_abi.hypervisor.hypercalls import DomainShutdown, HypercallContext, HypercallDispatcher, PvDomainBase
+from pyvmm.xen_abi.hypervisor.listeners import Listeners, SlowHypercall
 from pyvmm.xen_abi.hypervisor.notify import EventNotifier
 from pyvmm.xen_abi.hypervisor.time import DomainClock
 from pyvmm.xen_abi.boot.loader import KernelImage, load_kernel
@@ -102,6 +103,10 @@ class Domain(PvDomainBase):
         self.vm = self.kvm.create_vm()
         self.vm.create_irqchip()          # LAPIC: the shim's timer and event-check vectors
         self.notifier = None              # kicks before it exists find nothing to wake
+        # observers (listeners.py): trace.py, the CLI's terminal, benchmarks
+        self.on_vcpu_exit = Listeners("vCPU exit")
+        self.on_hypercall = Listeners("hypercall")
+        self.on_console_output = Listeners("console output")
         self._console_lock = threading.Lock()
         self.ram = GuestMemory(ram_size, name="ram")
         self.region = R.VmmRegion(ram_size, nr_vcpus=1, is_pvm=self.is_pvm)
@@ -280,11 +285,13 @@ class Domain(PvDomainBase):
     def console_write(self, data: bytes) -> None:
         # console_io and the ring back-end: a ring drain in progress (other
         # thread) lands first, so a guest that waited for it sees its order
-        with self.notifier.backend_lock if self.notifier else contextlib.nullcontext(), self._console_lock:
-            self.console += data
-            if self.echo:
-                sys.stdout.buffer.write(data)
-                sys.stdout.flush()
+        with self.notifier.backend_lock if self.notifier else contextlib.nullcontext():
+            with self._console_lock:
+                self.console += data
+                if self.echo:
+                    sys.stdout.buffer.write(data)
+                    sys.stdout.flush()
+            self.on_console_output(data)      # outside _console_lock: it may read_console()
 
     def read_console(self, offset: int = 0) -> tuple[bytes, int]:
         """Console output from `offset` on, and the offset to continue from."""
@@ -314,13 +321,18 @@ class Domain(PvDomainBase):
             cr3 = p.read_u64(mb + R.MB_CR3 * 8)
             ctx = HypercallContext(vcpu_id=index, vm=GuestVirtualMemory(p, cr3), phys=p,
                                    in_kernel_mode=bool(p.read_u64(mb + R.MB_KMODE * 8)))
+            rip = p.read_u64(mb + R.MB_RIP * 8)
             self.notifier.enter_exit(True)
             try:
                 rc = self.dispatcher.dispatch(ctx, nr, args)
-            except DomainShutdown as e:
-                return e.reason, None
+            except BaseException as e:
+                self.on_hypercall(SlowHypercall(index, nr, args, rip, error=e))
+                if isinstance(e, DomainShutdown):
+                    return e.reason, None
+                raise
             finally:
                 self.notifier.enter_exit(False)
+            self.on_hypercall(SlowHypercall(index, nr, args, rip, result=rc))
             self.clock.after_hypercall(nr, self.evtchn)
             p.write_u64(mb + R.MB_RESULT * 8, rc & MASK64)
             return None, None
@@ -410,6 +422,7 @@ class Domain(PvDomainBase):
                                      self.slow_exits, time.monotonic() - t0, dict(self.exit_counts),
                                      stopped=True)
                 ex = self.vcpu.run()
+                self.on_vcpu_exit(ex)
                 self.exit_counts[self._exit_key(ex)] += 1
                 if ex.reason == ExitReason.IO and ex.port == R.SHIM_EXIT_PORT:
                     self.slow_exits += 1

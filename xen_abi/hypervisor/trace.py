@@ -177,7 +177,8 @@ def _hc_name(nr: int) -> str:
 
 @dataclass
 class Tracer:
-    """Attach to a Domain before run(): slow hypercalls, exits, crash dump."""
+    """Attach to a Domain before run(): slow hypercalls, exits, crash dump.
+    Listens through the domain's on_vcpu_exit and on_hypercall (listeners.py)."""
     domain: object
     symbols: Symbolizer | None = None
     log_slow: bool = False
@@ -190,11 +191,8 @@ class Tracer:
     def __post_init__(self):
         self.events = collections.deque(maxlen=self.last_n)
         self.t0 = time.monotonic()
-        d = self.domain
-        self._dispatch = d.dispatcher.dispatch
-        d.dispatcher.dispatch = self._traced_dispatch
-        self._run = d.vcpu.run
-        d.vcpu.run = self._traced_run
+        self.domain.on_vcpu_exit.add(self._on_vcpu_exit)
+        self.domain.on_hypercall.add(self._on_hypercall)
 
     def sym(self, addr: int) -> str:
         return self.symbols(addr) if self.symbols else f"{addr:#x}"
@@ -205,29 +203,23 @@ class Tracer:
         if self.log_slow and kind == "hcall":
             print(f"[{ev.t:9.4f}] {text}", file=self.out or sys.stderr, flush=True)
 
-    def _traced_run(self, *a, **kw):
-        ex = self._run(*a, **kw)
+    def _on_vcpu_exit(self, ex) -> None:
         try:
             name = ex.reason.name
         except AttributeError:
             name = str(ex.reason)
         self.exit_counts[name] += 1
-        return ex
 
-    def _traced_dispatch(self, ctx, nr, args=()):
-        rip = self.domain.phys.read_u64(self.domain.region.mailbox_gpa(ctx.vcpu_id) + R.MB_RIP * 8)
-        sub = args[0] & 0xFFFFFFFF if args else None
-        self.hcall_counts[(_hc_name(nr), sub)] += 1
-        try:
-            rc = self._dispatch(ctx, nr, args)
-        except BaseException as e:
-            self._emit("hcall", f"{_hc_name(nr)}({', '.join(hex(a) for a in args[:4])}) "
-                                f"from {self.sym(rip)} -> {type(e).__name__}: {e}")
-            raise
-        rcs = rc - (1 << 64) if rc >= 1 << 63 else rc
-        self._emit("hcall", f"{_hc_name(nr)}({', '.join(hex(a) for a in args[:4])}) "
-                            f"from {self.sym(rip)} -> {rcs}")
-        return rc
+    def _on_hypercall(self, call) -> None:
+        name = _hc_name(call.nr)
+        sub = call.args[0] & 0xFFFFFFFF if call.args else None
+        self.hcall_counts[(name, sub)] += 1
+        if call.error is not None:
+            outcome = f"{type(call.error).__name__}: {call.error}"
+        else:
+            outcome = call.result - (1 << 64) if call.result >= 1 << 63 else call.result
+        self._emit("hcall", f"{name}({', '.join(hex(a) for a in call.args[:4])}) "
+                            f"from {self.sym(call.rip)} -> {outcome}")
 
     # ---- post-mortem ----
     def guest_frame(self, vcpu: int = 0) -> dict:
