@@ -149,16 +149,15 @@ def one_pyvmm_boot(args) -> dict:
     watch = MilestoneWatch(banner_marker())
     out: dict = {"system": "pyvmm", "t_start": time.monotonic()}
 
-    class BenchDomain(Domain):
-        def console_write(self, data: bytes) -> None:
-            super().console_write(data)
-            for key in watch.feed(data):
-                say(f"pyvmm: {HEADINGS[key]} after {watch.seen[key] - args.t0:.2f} s")
+    def watch_console(data: bytes) -> None:
+        for key in watch.feed(data):
+            say(f"pyvmm: {HEADINGS[key]} after {watch.seen[key] - args.t0:.2f} s")
 
     kernel = Path(args.kernel).read_bytes()
     initrd = Path(args.initrd).read_bytes() if args.initrd else None
-    dom = BenchDomain(kernel, ram_size=parse_size(args.memory), cmdline=args.cmdline,
-                      initrd=initrd)
+    dom = Domain(kernel, ram_size=parse_size(args.memory), cmdline=args.cmdline,
+                 initrd=initrd)
+    dom.on_console_output.add(watch_console)
     out["t_built"] = time.monotonic()
     try:
         try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 import re
 import shutil
@@ -27,6 +28,8 @@ from pathlib import Path
 
 from pyvmm.cache import cache_root
 
+log = logging.getLogger(__name__)
+
 __all__ = [
     "DebianError",
     "KernelFiles",
@@ -38,6 +41,7 @@ __all__ = [
     "cloud_kernel",
     "generic_kernel",
     "busybox_static",
+    "find_system_map",
 ]
 
 # Metapackages that always depend on the newest kernel ABI of their flavour.
@@ -369,3 +373,55 @@ def busybox_static(progress: bool = True) -> Path:
         if (root / rel).is_file():
             return root / rel
     raise DebianError(f"{BUSYBOX_STATIC} contains no busybox binary")
+
+
+# --------------------------------------------------------------------------
+# symbols (for xen_abi/hypervisor/trace.py's Symbolizer)
+
+#: Debian's linux-image-* packages ship a stub boot/System.map-* holding this
+#: line; the real map is in the matching -dbg package.
+SYSTEM_MAP_STUB = b"The real System.map is in"
+
+
+def _is_stub(path: Path) -> bool:
+    return SYSTEM_MAP_STUB in path.read_bytes()[:4096]
+
+
+def find_system_map(kernel: KernelFiles | None = None, *, version: str | None = None,
+                    fetch: bool = True, progress: bool = True) -> Path | None:
+    """The real System.map of a Debian kernel, or None if there is none.
+
+    kernel: the unpacked package (or None with version=...).  Uses the
+    package's own map unless it is the stub; then the -dbg package's,
+    extracted once into the cache (fetch=False: only look there)."""
+    if kernel is not None:
+        version = kernel.version
+        own = kernel.vmlinuz.parent / f"System.map-{version}"
+        if own.exists() and not _is_stub(own):
+            return own
+    if not version:
+        return None
+    base = debian_cache()
+    dest = base / f"System.map-{version}"
+    if dest.exists():
+        return dest
+    if not fetch:
+        return None
+    package = f"linux-image-{version}-dbg"
+    member = f"./usr/lib/debug/boot/System.map-{version}"
+    try:
+        _check_name(package)
+        base.mkdir(parents=True, exist_ok=True)
+        say(f"fetching {package} for its System.map", progress)
+        with tempfile.TemporaryDirectory(prefix=f".{package}.", dir=base) as tmp:
+            tmp = Path(tmp)
+            deb = _download(package, tmp, 0, progress)
+            # only the one member: the package unpacks to ~1.7 GB
+            tar = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
+            subprocess.run(["tar", "-x", "-C", str(tmp), member], stdin=tar.stdout, check=True)
+            tar.wait()
+            os.replace(tmp / member, dest)
+    except (DebianError, subprocess.CalledProcessError, OSError) as e:
+        log.warning("could not get the real System.map for %s: %s", version, e)
+        return None
+    return dest

@@ -74,7 +74,7 @@ class _GuestControl:
         # what `xl shutdown` does: the guest's xenbus watches control/shutdown
         dom = self.dom
         if dom is not None:
-            dom.store.write(f"{dom.events.dom_path}/control/shutdown", reason)
+            dom.store.write(f"{dom.channels.dom_path}/control/shutdown", reason)
 
     def destroy(self) -> None:
         self.destroy_requested = True
@@ -136,19 +136,18 @@ def _boot_loop(*, kernel, kernel_path, initrd, cmdline, memory, name, escape, on
         t0 = time.monotonic()
         watch = _MilestoneWatch(t0)
 
-        class CliDomain(Domain):
-            def console_write(self, data: bytes) -> None:
-                super().console_write(data)
-                sys.stdout.buffer.write(data)
-                sys.stdout.flush()
-                control.console_output(data)
-                for label, t in watch.feed(data):
-                    _say(f"{label} after {t:.2f} s")
+        def show_console(data: bytes) -> None:
+            sys.stdout.buffer.write(data)
+            sys.stdout.flush()
+            control.console_output(data)
+            for label, t in watch.feed(data):
+                _say(f"{label} after {t:.2f} s")
 
         try:
-            dom = CliDomain(kernel, ram_size=memory, cmdline=cmdline, initrd=initrd, kvm=kvm, name=name)
+            dom = Domain(kernel, ram_size=memory, cmdline=cmdline, initrd=initrd, kvm=kvm, name=name)
         except BuildError as e:
             raise UserError(f"{kernel_path}: {e}; give more with --memory") from None
+        dom.on_console_output.add(show_console)
         for index, image in enumerate(disks):
             dom.attach(BlockBackend(dom, index, image))
         for index, (link, mac) in enumerate(nets):

@@ -236,6 +236,31 @@ def test_failed_download_retried_after_update(tmp_path, monkeypatch):
         debian.fetch_deb("busybox-static", progress=False)
 
 
+def test_find_system_map_skips_debians_stub(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("PYVMM_CACHE", str(tmp_path / "cache"))
+    version = "6.1.0-99-cloud-amd64"
+    boot = tmp_path / "boot"
+    boot.mkdir()
+    kernel = debian.KernelFiles(vmlinuz=boot / f"vmlinuz-{version}", modules_dir=tmp_path,
+                                version=version, config=boot / f"config-{version}")
+    own = boot / f"System.map-{version}"
+    own.write_text("ffffffff81000000 T _stext\n")
+    assert debian.find_system_map(kernel, fetch=False) == own
+    own.write_text("ffffffffffffffff B The real System.map is in the linux-image-x-dbg package\n")
+    assert debian.find_system_map(kernel, fetch=False) is None
+    cached = debian.debian_cache() / f"System.map-{version}"
+    cached.parent.mkdir(parents=True)
+    cached.write_text("ffffffff81000000 T _stext\n")
+    assert debian.find_system_map(kernel, fetch=False) == cached
+    assert debian.find_system_map(version=version, fetch=False) == cached
+    # a -dbg package that cannot be had: a warning and no map, no leftovers
+    cached.unlink()
+    monkeypatch.setattr(debian, "_download", lambda *a: (_ for _ in ()).throw(
+        debian.DebianError("download of x failed: 404")))
+    assert debian.find_system_map(kernel, progress=False) is None
+    assert "404" in caplog.text and list(debian.debian_cache().iterdir()) == []
+
+
 def test_no_disk_space_reported(tmp_path, monkeypatch):
     monkeypatch.setenv("PYVMM_CACHE", str(tmp_path))
     Free = type("U", (), {"free": 1000})

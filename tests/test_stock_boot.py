@@ -318,13 +318,14 @@ def _boot_in_process(tmp_path, with_devices: bool) -> None:
     from netpeer import NetPeer
     from pyvmm.backends.blkback import BlockBackend, DiskImage
     from pyvmm.backends.netback import NetBackend, SocketLink
+    from pyvmm.guests.debian import find_system_map
     from pyvmm.guests.default import BANNER, build_default_guest
     from pyvmm.xen_abi.abi import ShutdownReason
     from pyvmm.xen_abi.hypervisor.domain import Domain
 
     prompt_timeout, command_timeout = _timeouts()
     g = build_default_guest(progress=False)
-    smap = trace.find_system_map(version=g.kernel_version, fetch=False)
+    smap = find_system_map(version=g.kernel_version, fetch=False)
     sym = trace.Symbolizer.from_file(smap) if smap else None
     images, link, peer, wrote = [], None, None, None
     if with_devices:

@@ -1,5 +1,5 @@
 """Time, timers, event delivery, blocking, xenstore and console through the
-shim (shim/events.c, xen_abi/hypervisor/time.py, xen_abi/hypervisor/domain_events.py).
+shim (shim/events.c, xen_abi/hypervisor/time.py, notify.py, channels.py).
 
 Each test guest ends with "TESTGUEST <name>: PASS"; the host side checks
 what only it can see (its own clock, the xenstore tree, the console text,
@@ -97,10 +97,10 @@ def run(guest, timeout=20.0, during=None, **kw):
             th.start()
         res = dom.run(timeout=timeout)
         after = dom.now_ns()
-        counters = dom.events.counters()
-        khz = dom.events.clock.tsc_khz
-        store = dom.events.store
-        mode = (dom.events.tsc_deadline, E.want_tsc_deadline(dom.kvm))
+        counters = dom.clock.counters()
+        khz = dom.clock.pvclock.tsc_khz
+        store = dom.store
+        mode = (dom.clock.tsc_deadline, E.want_tsc_deadline(dom.kvm))
         if th is not None:
             th.join(timeout=5)
     return res, dict(after_ns=after, counters=counters, khz=khz, store=store, tsc_deadline=mode)

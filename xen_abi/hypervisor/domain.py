@@ -25,12 +25,15 @@ from pyvmm.xen_abi import abi
 from pyvmm.xen_abi.memory import vmm_region as R
 from pyvmm.xen_abi.shim import priv
 from pyvmm.xen_abi.boot.builder import build_pv_domain
-from pyvmm.xen_abi.hypervisor.domain_events import DomainEvents
+from pyvmm.xen_abi.hypervisor.channels import DomainChannels
 from pyvmm.xen_abi.hypervisor.evtchn import EventChannels
 from pyvmm.xen_abi.hypervisor.grant_table import GrantTable
 from pyvmm.xen_abi.memory.guest_va import GuestVirtualMemory
 from pyvmm.xen_abi.hypervisor.hypercalls.context import DomainShutdown, HypercallContext, PvDomainBase
 from pyvmm.xen_abi.hypervisor.hypercalls.dispatch import HypercallDispatcher
+from pyvmm.xen_abi.hypervisor.listeners import Listeners, SlowHypercall
+from pyvmm.xen_abi.hypervisor.notify import EventNotifier
+from pyvmm.xen_abi.hypervisor.time import DomainClock
 from pyvmm.xen_abi.boot.loader import KernelImage, load_kernel
 from pyvmm.xen_abi.memory.physmem import PhysicalMemory
 from pyvmm.xen_abi.shim.build import build_shim
@@ -100,7 +103,11 @@ class Domain(PvDomainBase):
         self._own_kvm = kvm is None
         self.vm = self.kvm.create_vm()
         self.vm.create_irqchip()          # LAPIC: the shim's timer and event-check vectors
-        self.events = None
+        self.notifier = None              # kicks before it exists find nothing to wake
+        # observers (listeners.py): trace.py, the CLI's terminal, benchmarks
+        self.on_vcpu_exit = Listeners("vCPU exit")
+        self.on_hypercall = Listeners("hypercall")
+        self.on_console_output = Listeners("console output")
         self._console_lock = threading.Lock()
         self.ram = GuestMemory(ram_size, name="ram")
         self.region = R.VmmRegion(ram_size, nr_vcpus=1, is_pvm=self.is_pvm)
@@ -131,14 +138,18 @@ class Domain(PvDomainBase):
         self.vcpu = self.vm.create_vcpu(0)
         self._setup_vcpu(0)
         self.name = name
-        self.events = DomainEvents(self, name=name)   # LAPIC, pvclock, store + console channels
+        self.notifier = EventNotifier(self.vm, self.region, self.evtchn)
+        self.clock = DomainClock(self.kvm, self.vcpu, self.region, self.phys)   # LAPIC timer, pvclock
+        self.channels = DomainChannels(self.evtchn, self.gnttab, self.ram, self.layout, domid=self.domid,
+                                       name=name, nr_vcpus=len(self.region.vcpus),
+                                       console_write=self.console_write)
         self.backends: list = []                      # split-driver back-ends (attach())
 
     # ---- devices ----
     @property
     def store(self):
         """The domain's xenstore (what back-ends and tools read and write)."""
-        return self.events.store
+        return self.channels.store
 
     def attach(self, backend):
         """Keep a back-end (backends/xenbus.py) for the domain's lifetime:
@@ -275,11 +286,13 @@ class Domain(PvDomainBase):
     def console_write(self, data: bytes) -> None:
         # console_io and the ring back-end: a ring drain in progress (other
         # thread) lands first, so a guest that waited for it sees its order
-        with self.events.backend_lock if self.events else contextlib.nullcontext(), self._console_lock:
-            self.console += data
-            if self.echo:
-                sys.stdout.buffer.write(data)
-                sys.stdout.flush()
+        with self.notifier.backend_lock if self.notifier else contextlib.nullcontext():
+            with self._console_lock:
+                self.console += data
+                if self.echo:
+                    sys.stdout.buffer.write(data)
+                    sys.stdout.flush()
+            self.on_console_output(data)      # outside _console_lock: it may read_console()
 
     def read_console(self, offset: int = 0) -> tuple[bytes, int]:
         """Console output from `offset` on, and the offset to continue from."""
@@ -288,12 +301,12 @@ class Domain(PvDomainBase):
 
     def send_console_input(self, data: bytes) -> int:
         """Queue input for the guest's console ring (raises its console port)."""
-        return self.events.send_console_input(data)
+        return self.channels.send_console_input(data)
 
     def kick(self, vcpu_id: int) -> None:
         """A port of vcpu_id was raised from Python: event-check interrupt."""
-        if self.events is not None:
-            self.events.kick(vcpu_id)
+        if self.notifier is not None:
+            self.notifier.kick(vcpu_id)
 
     def _mailbox(self, index: int = 0):
         return self.region.mailbox_gpa(index)
@@ -309,14 +322,19 @@ class Domain(PvDomainBase):
             cr3 = p.read_u64(mb + R.MB_CR3 * 8)
             ctx = HypercallContext(vcpu_id=index, vm=GuestVirtualMemory(p, cr3), phys=p,
                                    in_kernel_mode=bool(p.read_u64(mb + R.MB_KMODE * 8)))
-            self.events.enter_exit(True)
+            rip = p.read_u64(mb + R.MB_RIP * 8)
+            self.notifier.enter_exit(True)
             try:
                 rc = self.dispatcher.dispatch(ctx, nr, args)
-            except DomainShutdown as e:
-                return e.reason, None
+            except BaseException as e:
+                self.on_hypercall(SlowHypercall(index, nr, args, rip, error=e))
+                if isinstance(e, DomainShutdown):
+                    return e.reason, None
+                raise
             finally:
-                self.events.enter_exit(False)
-            self.events.after_hypercall(index, nr)
+                self.notifier.enter_exit(False)
+            self.on_hypercall(SlowHypercall(index, nr, args, rip, result=rc))
+            self.clock.after_hypercall(nr, self.evtchn)
             p.write_u64(mb + R.MB_RESULT * 8, rc & MASK64)
             return None, None
         if op == R.MBOP_SET_XCR0:      # the shim's xsetbv (validated there)
@@ -351,7 +369,11 @@ class Domain(PvDomainBase):
         else:
             va = R.REGION_VA + (gpa - self.region.gpa)
         self.region.mem.write_u64(self.region.vcpus[vcpu_id].percpu_off + R.PC_VCPU_INFO, va)
-        self.events.vcpu_info_moved(vcpu_id, gpa)
+        self.clock.vcpu_info_moved(gpa)
+
+    def now_ns(self) -> int:
+        """Guest system time (ns): the pvclock's origin (time.py)."""
+        return self.clock.now_ns()
 
     def _exit_key(self, ex) -> str:
         """Name of one exit for exit_counts: "sched_op:yield" for a slow
@@ -396,17 +418,18 @@ class Domain(PvDomainBase):
         try:
             while True:
                 if self._stop_requested:
-                    self.events.quiesce()
+                    self._quiesce()
                     return RunResult(abi.ShutdownReason.poweroff, bytes(self.console), None,
                                      self.slow_exits, time.monotonic() - t0, dict(self.exit_counts),
                                      stopped=True)
                 ex = self.vcpu.run()
+                self.on_vcpu_exit(ex)
                 self.exit_counts[self._exit_key(ex)] += 1
                 if ex.reason == ExitReason.IO and ex.port == R.SHIM_EXIT_PORT:
                     self.slow_exits += 1
                     reason, info = self._handle_shim_exit(0)
                     if reason is not None:
-                        self.events.quiesce()
+                        self._quiesce()
                         return RunResult(reason, bytes(self.console), info, self.slow_exits,
                                          time.monotonic() - t0, dict(self.exit_counts))
                     continue
@@ -415,7 +438,7 @@ class Domain(PvDomainBase):
                         raise DomainTimeout(f"guest still running after {timeout} s; "
                                             f"console so far: {bytes(self.console)[-500:]!r}")
                     continue
-                if ex.reason == ExitReason.IO and self.events.handle_io(ex):
+                if ex.reason == ExitReason.IO and self.notifier.handle_io(ex):
                     continue
                 if ex.reason == ExitReason.IO:
                     if not ex.is_out:
@@ -427,11 +450,17 @@ class Domain(PvDomainBase):
             if timer is not None:
                 timer.cancel()
 
+    def _quiesce(self) -> None:
+        """Wait for an in-flight back-end notification, then drain the
+        console ring once more (the guest may stop right after writing)."""
+        with self.notifier.backend_lock:
+            self.channels.console_server.process()
+
     def close(self):
         for be in reversed(getattr(self, "backends", [])):
             be.close()
-        if getattr(self, "events", None) is not None:
-            self.events.close()
+        if getattr(self, "notifier", None) is not None:
+            self.notifier.close()
         for obj in (getattr(self, "vcpu", None), self.vm):
             if obj is not None:
                 obj.close()

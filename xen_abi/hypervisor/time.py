@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from pyvmm.vmm import x86
 from pyvmm.vmm.kvm import Cap
 
 from pyvmm.xen_abi import abi
+from pyvmm.xen_abi.hypervisor.hypercalls.xen_version import XEN_VERSION
 
 # ---- mirrors of shim/events.h (tests compare) ----
 HC_set_timer_op = 15
@@ -228,3 +230,81 @@ def setup_lapic(vcpu, apic_id: int, *, tsc_deadline: bool) -> bool:
 
 def msi_address(apic_id: int) -> int:
     return x86.MSI_ADDRESS_BASE | (apic_id << MSI_DEST_ID_SHIFT)
+
+
+# ---- one domain's time base ----
+CALIBRATION_S = 0.05     # TSC rate measurement when the TSC is not invariant
+
+
+class DomainClock:
+    """A domain's time: the LAPIC of each vCPU set up for the shim's timer,
+    one pvclock snapshot -- the guest TSC read at `boot_ns` (CLOCK_MONOTONIC)
+    is system time 0 -- written to every vcpu_info and events block, and the
+    wallclock.  now_ns() is the same system time seen from Python.
+
+        clock = DomainClock(kvm, vcpu, region, phys)   # after the vCPU exists, before it runs
+    """
+
+    def __init__(self, kvm, vcpu, region, phys):
+        self.vcpu = vcpu
+        self.region = region
+        self.phys = phys
+        self.tsc_deadline = want_tsc_deadline(kvm)
+        for v in region.vcpus:
+            self.tsc_deadline = setup_lapic(vcpu, v.index, tsc_deadline=self.tsc_deadline)
+        self.pvclock, self.boot_ns = self._snapshot()
+        write_wallclock(phys, region.shared_info_gpa, time.time_ns() - (time.monotonic_ns() - self.boot_ns))
+        for v in region.vcpus:
+            write_vcpu_time(phys, region.shared_info_gpa + v.index * abi.VCPU_INFO_SIZE, self.pvclock)
+            # guest sends to back-end ports go out through EV_SEND_PORT (notify.py)
+            write_events_block(region.mem, v.events_off, self.pvclock,
+                               xen_version=(XEN_VERSION[0] << 16) | XEN_VERSION[1],
+                               tsc_deadline=self.tsc_deadline, send_port=True)
+
+    def now_ns(self) -> int:
+        """Guest system time (ns)."""
+        return time.monotonic_ns() - self.boot_ns
+
+    def _snapshot(self) -> tuple[PvClock, int]:
+        """The pvclock record and the monotonic time its TSC was read at."""
+        khz = get_tsc_khz(self.vcpu)
+        stable = tsc_is_stable()
+        tsc, mid = self._read_tsc()
+        if not stable:
+            # no invariant TSC (e.g. the faithful lane's TCG): KVM's tsc_khz
+            # can be far off; measure the rate against CLOCK_MONOTONIC, as
+            # Xen calibrates against its platform timer
+            time.sleep(CALIBRATION_S)
+            tsc2, mid2 = self._read_tsc()
+            measured = (tsc2 - tsc) * 1_000_000 // max(1, mid2 - mid)
+            # nested KVM may not advance a never-run vCPU's TSC: keep KVM's
+            # figure unless the measurement is plausible
+            if khz // 2 < measured < khz * 2:
+                khz = measured
+        mul, shift = time_scale(khz * 1000)
+        flags = abi.XEN_PVCLOCK_TSC_STABLE_BIT if stable else 0
+        return PvClock(tsc, 0, mul, shift, flags, khz), mid
+
+    def _read_tsc(self) -> tuple[int, int]:
+        """Guest TSC and the monotonic time it was read at (bracketed)."""
+        m0 = time.monotonic_ns()
+        tsc = self.vcpu.get_msrs([x86.MSR_TSC])[x86.MSR_TSC]
+        m1 = time.monotonic_ns()
+        return tsc, (m0 + m1) // 2
+
+    def vcpu_info_moved(self, gpa: int) -> None:
+        """The guest registered vcpu_info at gpa: the time record goes there."""
+        write_vcpu_time(self.phys, gpa, self.pvclock)
+
+    def after_hypercall(self, nr: int, evtchn) -> None:
+        """Keep the shim's copy of each vCPU's VIRQ_TIMER port current."""
+        if nr != abi.Hypercall.event_channel_op:
+            return
+        for v in self.region.vcpus:
+            port = evtchn.virq_to_port[v.index].get(int(abi.Virq.TIMER), 0)
+            self.region.mem.write_u64(v.events_off + EVB_TIMER_PORT, port)
+
+    def counters(self, vcpu_id: int = 0) -> dict[str, int]:
+        """What the shim counted in the vCPU's events block (timer and
+        event-check interrupts, blocks, back-end sends)."""
+        return read_counters(self.region.mem, self.region.vcpus[vcpu_id].events_off)

@@ -1,6 +1,6 @@
 """Tracing and post-mortem for PV guests: where a guest died and why.
 
-    sym = Symbolizer.from_file(find_system_map(kernel_files))
+    sym = Symbolizer.from_file(system_map)   # the kernel's System.map, found by the caller
     tr = Tracer(dom, symbols=sym, log_slow=True)   # attach before dom.run()
     result = dom.run(timeout=60)
     print(tr.report(result))        # last console lines, registers, stack, events
@@ -16,18 +16,15 @@ guest kernel stack is scanned for kernel text addresses (Debian kernels
 use the ORC unwinder, not frame pointers, so like Linux's own "? sym"
 lines this is a scan, not an unwind).
 
-Debian's kernel packages ship a stub System.map; the real one is in the
-matching ``-dbg`` package.  ``find_system_map`` falls back to extracting
-just that file from the -dbg package (cached next to the other packages).
+For Debian's kernels, guests/debian.py's ``find_system_map`` finds the real
+System.map (their packages ship a stub).
 """
 from __future__ import annotations
 
 import bisect
 import collections
-import logging
 import os
 import struct
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,10 +32,7 @@ from pathlib import Path
 
 from pyvmm.xen_abi import abi
 from pyvmm.xen_abi.memory import vmm_region as R
-log = logging.getLogger(__name__)
 
-# The stub Debian ships in linux-image-*/boot/System.map-*.
-STUB_MARKER = b"The real System.map is in"
 # Frame the shim's common entry path pushes (struct frame in shim.c),
 # lowest address first.
 FRAME_FIELDS = ("r15", "r14", "r13", "r12", "r11", "r10", "r9", "r8", "rbp", "rdi", "rsi",
@@ -86,8 +80,6 @@ class Symbolizer:
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "Symbolizer":
         data = Path(path).read_bytes()
-        if STUB_MARKER in data[:4096]:
-            raise ValueError(f"{path} is Debian's stub System.map (see find_system_map)")
         entries = []
         for line in data.decode(errors="replace").splitlines():
             parts = line.split()
@@ -97,7 +89,7 @@ class Symbolizer:
                 except ValueError:
                     continue
         if not entries:
-            raise ValueError(f"{path}: no text symbols")
+            raise ValueError(f"{path}: no text symbols (a stub System.map?)")
         return cls(entries)
 
     def is_text(self, addr: int) -> bool:
@@ -117,49 +109,6 @@ class Symbolizer:
         return f"{name}+{off:#x}" if off else name
 
 
-def find_system_map(kernel=None, *, version: str | None = None, fetch: bool = True,
-                    progress: bool = True) -> Path | None:
-    """The real System.map of a Debian kernel.
-
-    kernel: a guests.debian.KernelFiles (or None with version=...).  Uses the
-    package's own map unless it is Debian's stub; then the -dbg package's
-    (extracted once into the pyvmm cache; fetch=False: only look)."""
-    if kernel is not None:
-        version = kernel.version
-        own = Path(kernel.vmlinuz).parent / f"System.map-{version}"
-        if own.exists() and STUB_MARKER not in own.read_bytes()[:4096]:
-            return own
-    if not version:
-        return None
-    from pyvmm.guests.debian import debian_cache
-    dest = debian_cache() / f"System.map-{version}"
-    if dest.exists():
-        return dest
-    if not fetch:
-        return None
-    pkg = f"linux-image-{version}-dbg"
-    member = f"./usr/lib/debug/boot/System.map-{version}"
-    workdir = debian_cache() / f".{pkg}.tmp"
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        if progress:
-            print(f"pyvmm: fetching {pkg} for its System.map", file=sys.stderr, flush=True)
-        subprocess.run(["apt-get", "-q", "-o", "APT::Sandbox::User=root", "download", pkg],
-                       cwd=workdir, check=True, capture_output=True)
-        deb = next(workdir.glob(f"{pkg}_*.deb"))
-        # only the one member: the package unpacks to ~1.7 GB
-        tar = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
-        subprocess.run(["tar", "-x", "-C", str(workdir), member], stdin=tar.stdout, check=True)
-        tar.wait()
-        os.replace(workdir / member, dest)
-    except (subprocess.CalledProcessError, StopIteration, OSError) as e:
-        log.warning("could not get the real System.map for %s: %s", version, e)
-        return None
-    finally:
-        subprocess.run(["rm", "-rf", str(workdir)])
-    return dest
-
-
 # ---------------------------------------------------------------- tracing
 @dataclass
 class TraceEvent:
@@ -177,7 +126,8 @@ def _hc_name(nr: int) -> str:
 
 @dataclass
 class Tracer:
-    """Attach to a Domain before run(): slow hypercalls, exits, crash dump."""
+    """Attach to a Domain before run(): slow hypercalls, exits, crash dump.
+    Listens through the domain's on_vcpu_exit and on_hypercall (listeners.py)."""
     domain: object
     symbols: Symbolizer | None = None
     log_slow: bool = False
@@ -190,11 +140,8 @@ class Tracer:
     def __post_init__(self):
         self.events = collections.deque(maxlen=self.last_n)
         self.t0 = time.monotonic()
-        d = self.domain
-        self._dispatch = d.dispatcher.dispatch
-        d.dispatcher.dispatch = self._traced_dispatch
-        self._run = d.vcpu.run
-        d.vcpu.run = self._traced_run
+        self.domain.on_vcpu_exit.add(self._on_vcpu_exit)
+        self.domain.on_hypercall.add(self._on_hypercall)
 
     def sym(self, addr: int) -> str:
         return self.symbols(addr) if self.symbols else f"{addr:#x}"
@@ -205,29 +152,23 @@ class Tracer:
         if self.log_slow and kind == "hcall":
             print(f"[{ev.t:9.4f}] {text}", file=self.out or sys.stderr, flush=True)
 
-    def _traced_run(self, *a, **kw):
-        ex = self._run(*a, **kw)
+    def _on_vcpu_exit(self, ex) -> None:
         try:
             name = ex.reason.name
         except AttributeError:
             name = str(ex.reason)
         self.exit_counts[name] += 1
-        return ex
 
-    def _traced_dispatch(self, ctx, nr, args=()):
-        rip = self.domain.phys.read_u64(self.domain.region.mailbox_gpa(ctx.vcpu_id) + R.MB_RIP * 8)
-        sub = args[0] & 0xFFFFFFFF if args else None
-        self.hcall_counts[(_hc_name(nr), sub)] += 1
-        try:
-            rc = self._dispatch(ctx, nr, args)
-        except BaseException as e:
-            self._emit("hcall", f"{_hc_name(nr)}({', '.join(hex(a) for a in args[:4])}) "
-                                f"from {self.sym(rip)} -> {type(e).__name__}: {e}")
-            raise
-        rcs = rc - (1 << 64) if rc >= 1 << 63 else rc
-        self._emit("hcall", f"{_hc_name(nr)}({', '.join(hex(a) for a in args[:4])}) "
-                            f"from {self.sym(rip)} -> {rcs}")
-        return rc
+    def _on_hypercall(self, call) -> None:
+        name = _hc_name(call.nr)
+        sub = call.args[0] & 0xFFFFFFFF if call.args else None
+        self.hcall_counts[(name, sub)] += 1
+        if call.error is not None:
+            outcome = f"{type(call.error).__name__}: {call.error}"
+        else:
+            outcome = call.result - (1 << 64) if call.result >= 1 << 63 else call.result
+        self._emit("hcall", f"{name}({', '.join(hex(a) for a in call.args[:4])}) "
+                            f"from {self.sym(call.rip)} -> {outcome}")
 
     # ---- post-mortem ----
     def guest_frame(self, vcpu: int = 0) -> dict:

@@ -1,0 +1,127 @@
+"""Event notifications between Python and a running Domain
+(xen_abi/hypervisor/domain.py), both ways:
+
+* kicks: a port raised from Python becomes an "event check" MSI to the
+  target vCPU, so the shim re-checks events even while the guest spins at
+  CPL3 or is halted in SCHEDOP_block;
+* guest -> back-end EVTCHNOP_send without an exit: the shim writes the port
+  number to EV_SEND_PORT, where an ioeventfd per back-end port (datamatch)
+  absorbs it; a thread waits on those eventfds and runs the back-end, one
+  notification at a time (backend_lock).
+
+    notifier = EventNotifier(vm, region, evtchn)   # before any back-end port is bound
+"""
+from __future__ import annotations
+
+import logging
+import os
+import select
+import threading
+
+from pyvmm.xen_abi import abi
+from pyvmm.xen_abi.hypervisor import time as E
+
+log = logging.getLogger(__name__)
+
+__all__ = ["EventNotifier"]
+
+
+class EventNotifier:
+    def __init__(self, vm, region, evtchn):
+        self.vm = vm
+        self.region = region
+        self.evtchn = evtchn
+        self._in_exit = threading.local()
+        self._efds: dict[int, int] = {}       # guest port -> eventfd
+        self._efd_lock = threading.Lock()
+        self.backend_lock = threading.RLock()   # one back-end notification at a time
+        self._wake_r, self._wake_w = os.pipe()
+        self._closed = False
+        evtchn.listeners.append(self._on_port_event)
+        self._thread = threading.Thread(target=self._backend_loop, name="pyvmm-evtchn-io", daemon=True)
+        self._thread.start()
+
+    # ---- Python -> guest ----
+    def kick(self, vcpu_id: int) -> None:
+        """Make vcpu_id re-check events: an MSI on the event-check vector.
+        From the vCPU's own thread inside a shim exit nothing is needed:
+        check_events runs before the shim returns to the guest."""
+        if getattr(self._in_exit, "active", False):
+            return
+        if 0 <= vcpu_id < len(self.region.vcpus):
+            self.vm.signal_msi(E.msi_address(vcpu_id), E.EV_CHECK_VECTOR)
+
+    def enter_exit(self, active: bool) -> None:
+        """The calling (vCPU) thread is inside a shim exit, or left it."""
+        self._in_exit.active = active
+
+    # ---- guest -> back-end ----
+    def _on_port_event(self, event: str, guest_port: int, be) -> None:
+        for v in self.region.vcpus:
+            E.set_backend_port(self.region.mem, v.events_off, guest_port, event == "bind")
+        with self._efd_lock:
+            if event == "bind" and guest_port not in self._efds:
+                efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+                self.vm.ioeventfd(efd, E.EV_SEND_PORT, length=4, datamatch=guest_port, pio=True)
+                self._efds[guest_port] = efd
+            elif event == "close" and guest_port in self._efds:
+                efd = self._efds.pop(guest_port)
+                self.vm.ioeventfd(efd, E.EV_SEND_PORT, length=4, datamatch=guest_port, pio=True,
+                                  deassign=True)
+                os.close(efd)
+        os.write(self._wake_w, b"\0")     # re-read the eventfd set
+
+    def _backend_loop(self) -> None:
+        while not self._closed:
+            with self._efd_lock:
+                fds = {efd: port for port, efd in self._efds.items()}
+            try:
+                ready, _, _ = select.select([self._wake_r, *fds], [], [])
+            except (OSError, ValueError):
+                if self._closed:
+                    return
+                continue
+            for fd in ready:
+                if fd == self._wake_r:
+                    os.read(self._wake_r, 4096)
+                    continue
+                try:
+                    os.eventfd_read(fd)
+                except (BlockingIOError, OSError):
+                    continue
+                self.backend_send(fds[fd])
+
+    def backend_send(self, port: int) -> None:
+        """The guest sent on a back-end port (ioeventfd thread or exit)."""
+        try:
+            with self.backend_lock:
+                self.evtchn.send(port)
+        except abi.HypercallError:
+            pass                       # closed meanwhile
+        except Exception:
+            log.exception("back-end send on port %d failed", port)
+
+    def handle_io(self, ex) -> bool:
+        """An `out` to EV_SEND_PORT no ioeventfd matched: send from here."""
+        if ex.port != E.EV_SEND_PORT or not ex.is_out:
+            return False
+        port = int.from_bytes(bytes(ex.data[:4]), "little")
+        self.enter_exit(True)
+        try:
+            self.backend_send(port)
+        finally:
+            self.enter_exit(False)
+        return True
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        os.write(self._wake_w, b"\0")
+        self._thread.join(timeout=2)
+        with self._efd_lock:
+            for efd in self._efds.values():
+                os.close(efd)
+            self._efds.clear()
+        os.close(self._wake_r)
+        os.close(self._wake_w)
