@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from pyvmm.cli import ExitStatus, parse_size, UserError
+from pyvmm.cli import parse_size
+from pyvmm.errors import ExitStatus, UserError
 from kernels import bzimage_of, make_linux_like
 
 

@@ -16,7 +16,8 @@ import time
 
 import pytest
 
-from pyvmm.backends.console import Terminal
+from pyvmm.errors import UserError
+from pyvmm.terminal import Terminal, parse_escape
 from pyvmm.xen_abi.hypervisor.console_ring import ConsoleRingServer
 from pyvmm.xen_abi.abi import (
     CONS_RING_IN,
@@ -214,7 +215,7 @@ def test_terminal_signal_handlers_restored(pty_pair):
 
 _CHILD = textwrap.dedent("""
     import sys, time
-    from pyvmm.backends.console import Terminal
+    from pyvmm.terminal import Terminal
     t = Terminal(stdin=0, stdout=1)
     t.enter()
     sys.stderr.write("ready\\n"); sys.stderr.flush()
@@ -263,6 +264,15 @@ def test_escape_key_ends_session(pty_pair):
         assert term.detached
     # Everything before Ctrl-] (including Ctrl-C, raw) reached the guest, nothing after.
     assert bytes(got) == b"ls -l\r\x03more"
+
+
+def test_escape_key_as_the_command_line_spells_it():
+    assert parse_escape("^]") == b"\x1d"
+    assert parse_escape("^a") == parse_escape("^A") == b"\x01"
+    assert parse_escape("q") == b"q"
+    for bad in ("^1", "ab", ""):
+        with pytest.raises(UserError):
+            parse_escape(bad)
 
 
 def test_escape_can_be_disabled_or_changed(pty_pair):

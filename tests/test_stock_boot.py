@@ -415,7 +415,7 @@ def test_cli_default_guest_shell_and_poweroff_exit_status(tmp_path):
     the init milestone on stderr."""
     import sys
 
-    from pyvmm.cli import ExitStatus
+    from pyvmm.errors import ExitStatus
     from pyvmm.guests.default import build_default_guest
     from pyvmm.launch import STATUS_SIGNAL
 
