@@ -12,7 +12,6 @@ import sys
 import termios
 import textwrap
 import threading
-import time
 
 import pytest
 
@@ -214,14 +213,14 @@ def test_terminal_signal_handlers_restored(pty_pair):
 
 
 _CHILD = textwrap.dedent("""
-    import sys, time
+    import signal, sys
     from pyvmm.terminal import Terminal
     t = Terminal(stdin=0, stdout=1)
     t.enter()
     sys.stderr.write("ready\\n"); sys.stderr.flush()
     if sys.argv[1] == "exit":
         sys.exit(3)        # no explicit restore: atexit must do it
-    time.sleep(30)
+    signal.pause()         # until the test's signal ends us
 """)
 
 
@@ -326,9 +325,11 @@ def test_stop_wakes_run(pty_pair):
     master, slave = pty_pair
     term = Terminal(stdin=slave, stdout=slave)
     result = []
-    th = threading.Thread(target=lambda: result.append(term.run(lambda d: None)))
+    in_loop = threading.Event()
+    th = threading.Thread(target=lambda: result.append(term.run(lambda d: in_loop.set())))
     th.start()
-    time.sleep(0.1)
+    os.write(master, b"x\n")          # cooked mode: a line reaches run()
+    assert in_loop.wait(5), "run() did not forward input"
     term.stop()
     th.join(timeout=5)
     assert result == ["stopped"]
