@@ -43,6 +43,8 @@ import threading
 import time
 from pathlib import Path
 
+from pyvmm.vmm.quirks import on_kvm_pvm
+
 #: Console markers, in boot order: (key, bytes to look for, table heading).
 MILESTONES = (
     ("linux", b"Linux version ", "Linux version"),
@@ -222,7 +224,7 @@ QEMU_CPU_PVM = "host,-arch-capabilities"
 
 
 def qemu_command(qemu: str, args) -> list[str]:
-    cpu = args.qemu_cpu or (QEMU_CPU_PVM if kvm_kind() == "kvm_pvm" else "host")
+    cpu = args.qemu_cpu or (QEMU_CPU_PVM if on_kvm_pvm() else "host")
     return [qemu, "-accel", "kvm", "-cpu", cpu, "-m", args.memory, "-smp", "1",
             "-nodefaults", "-no-reboot", "-display", "none", "-monitor", "none",
             "-serial", "stdio", "-net", "none",
@@ -273,13 +275,13 @@ def qemu_boot(cmd: list[str], timeout: float) -> dict:
 
 def lane_name() -> str:
     from pyvmm.guests.faithful import LANE_ENV, LANE_NAME
-    if os.path.exists("/sys/module/kvm_pvm"):
+    if on_kvm_pvm():
         return "host"
     return "faithful" if os.environ.get(LANE_ENV) == LANE_NAME else "host"
 
 
 def kvm_kind() -> str:
-    if os.path.exists("/sys/module/kvm_pvm"):
+    if on_kvm_pvm():
         return "kvm_pvm"
     for mod in ("kvm_amd", "kvm_intel"):
         if os.path.exists(f"/sys/module/{mod}"):

@@ -7,38 +7,25 @@
     pyvmm list | console NAME | shutdown NAME | destroy NAME     (pyvmm/manage.py)
 
 Every user mistake ends in one line on stderr saying what is wrong and what to
-do, and a non-zero exit status (EXIT_USAGE); the guest's own fate maps to the
-exit status as documented in `ExitStatus`.
+do, and exit status ExitStatus.USAGE (pyvmm/errors.py); the guest's own fate
+maps to the exit status as documented in `ExitStatus`.
 """
 from __future__ import annotations
 
 import argparse
-import enum
 import os
 import re
 import sys
 from pathlib import Path
+
+from pyvmm import manage
+from pyvmm.errors import ExitStatus, UserError, print_error
 
 DEFAULT_MEMORY = 256 << 20
 DEFAULT_CMDLINE = "console=hvc0"
 MIN_MEMORY = 16 << 20
 MAX_MEMORY = 64 << 30
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
-
-class ExitStatus(enum.IntEnum):
-    """pyvmm's exit status tells how the guest ended."""
-
-    POWEROFF = 0  # the guest powered off (SCHEDOP_shutdown poweroff)
-    CRASH = 1  # the guest crashed (SHUTDOWN_crash, a fatal fault, a shim error)
-    USAGE = 2  # bad command line or input files: nothing was started
-    REBOOT = 3  # the guest asked to reboot and --on-reboot=exit was given
-    DETACHED = 4  # the guest was destroyed: the escape key, or `pyvmm destroy`
-    HOST_ERROR = 5  # the host could not run the guest (/dev/kvm, resources)
-
-
-class UserError(Exception):
-    """A mistake the user can fix; printed as one line."""
 
 
 def parse_size(text: str) -> int:
@@ -101,7 +88,6 @@ def _check_readable(path: str, what: str) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    from pyvmm import manage
     if argv and argv[0] in manage.COMMANDS:
         return manage.main(argv)
     parser = build_parser()
@@ -109,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except UserError as e:
-        print(f"pyvmm: error: {e}", file=sys.stderr)
+        print_error(str(e))
         return ExitStatus.USAGE
     except KeyboardInterrupt:
         print("pyvmm: interrupted", file=sys.stderr)
@@ -214,10 +200,6 @@ def _open_disks(specs: list[str]) -> list:
     return disks
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
-
-
 def _open_nets(specs: list[str], guest_name: str) -> list:
     """Open each --net tap=NAME[,mac=MAC]: [(link, mac)]; one line for any that cannot be used."""
     from pyvmm.backends.netback import NetError, TapDevice, default_mac, parse_mac
@@ -266,7 +248,7 @@ def _detached(name: str, start) -> int:
                   f"'pyvmm console {name}' attaches, 'pyvmm shutdown {name}' stops it; log: {log}",
                   file=sys.stderr)
             return 0
-        print(f"pyvmm: error: {msg or f'the guest did not start; see {log}'}", file=sys.stderr)
+        print_error(msg or f"the guest did not start; see {log}")
         return ExitStatus.USAGE
     # the child: no terminal, stdio on the log, its own session
     os.close(r)
@@ -293,7 +275,7 @@ def _detached(name: str, start) -> int:
             rc = start(ready)
         except UserError as e:
             ready(str(e))
-            print(f"pyvmm: error: {e}", file=sys.stderr)
+            print_error(str(e))
             rc = ExitStatus.USAGE
         except BaseException:
             import traceback

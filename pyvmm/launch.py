@@ -14,7 +14,8 @@ import sys
 import threading
 import time
 
-from pyvmm.cli import ExitStatus, UserError
+from pyvmm.errors import ExitStatus, UserError
+from pyvmm.terminal import Terminal, parse_escape
 
 #: `kill -USR2 <pyvmm pid>` prints the guest's state on stderr (the README's
 #: "is it alive?" answer); the signal reaches the main thread, which runs the
@@ -111,7 +112,6 @@ def _boot_loop(*, kernel, kernel_path, initrd, cmdline, memory, name, escape, on
                disks, nets, guest, control, ready) -> int:
     from pyvmm.backends.blkback import BlockBackend, xvd_name
     from pyvmm.backends.netback import NetBackend
-    from pyvmm.backends.console import Terminal
     from pyvmm.vmm.kvm import KvmUnavailable
     from pyvmm.xen_abi.abi import ShutdownReason
     from pyvmm.xen_abi.boot.builder import BuildError
@@ -121,7 +121,7 @@ def _boot_loop(*, kernel, kernel_path, initrd, cmdline, memory, name, escape, on
 
     logging.basicConfig(format="pyvmm: %(name)s: %(message)s",
                         level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)])
-    escape_byte = _parse_escape(escape)
+    escape_byte = parse_escape(escape)
     try:
         kvm = Kvm(os.environ.get("PYVMM_KVM_DEVICE", "/dev/kvm"))
     except KvmUnavailable as e:
@@ -218,14 +218,3 @@ def _status(dom, t0: float) -> None:
         text = f"(no status: {e})"
     _say(f"status after {time.monotonic() - t0:.1f} s ({STATUS_SIGNAL.name}):")
     print(text, file=sys.stderr, flush=True)
-
-
-def _parse_escape(text: str) -> bytes:
-    """'^]' -> b'\\x1d'; a single character stands for itself."""
-    if len(text) == 2 and text[0] == "^":
-        c = text[1].upper()
-        if "@" <= c <= "_":
-            return bytes([ord(c) - 0x40])
-    if len(text) == 1:
-        return text.encode()
-    raise UserError(f"--escape {text!r}: use ^X notation, e.g. ^] or ^A")

@@ -9,8 +9,9 @@ import sys
 import threading
 import time
 
-from pyvmm.cli import ExitStatus, UserError
 from pyvmm.control import GuestNotFound, list_guests, request
+from pyvmm.errors import ExitStatus, UserError, print_error
+from pyvmm.terminal import Terminal, parse_escape
 
 COMMANDS = ("list", "console", "shutdown", "destroy")
 DEFAULT_SHUTDOWN_WAIT_S = 60.0
@@ -39,11 +40,10 @@ def main(argv: list[str]) -> int:
     try:
         return {"list": _list, "console": _console, "shutdown": _shutdown, "destroy": _destroy}[args.command](args)
     except GuestNotFound as e:
-        print(f"pyvmm: error: no guest named {e} is running ('pyvmm list' shows those that are)",
-              file=sys.stderr)
+        print_error(f"no guest named {e} is running ('pyvmm list' shows those that are)")
         return ExitStatus.USAGE
     except UserError as e:
-        print(f"pyvmm: error: {e}", file=sys.stderr)
+        print_error(str(e))
         return ExitStatus.USAGE
 
 
@@ -119,10 +119,7 @@ def _destroy(args) -> int:
 
 
 def _console(args) -> int:
-    from pyvmm.backends.console import Terminal
-    from pyvmm.launch import _parse_escape
-
-    escape = _parse_escape(args.escape)
+    escape = parse_escape(args.escape)
     reply, sock = request(args.name, "console")
     _check(reply)
     sock.settimeout(None)

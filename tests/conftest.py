@@ -1,7 +1,7 @@
 """Test lanes.
 
 ``pytest`` (``--lane host``, the default) runs the suite on this machine's
-KVM.  When that KVM is ``kvm_pvm`` (``/sys/module/kvm_pvm`` exists), tests
+KVM.  When that KVM is ``kvm_pvm`` (``pyvmm.vmm.quirks.on_kvm_pvm()``), tests
 marked ``faithful_only`` are skipped and ``pvm_only`` ones run; elsewhere
 (real KVM, or inside the faithful L1) the reverse.
 
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-KVM_PVM = Path("/sys/module/kvm_pvm")
+from pyvmm.vmm.quirks import on_kvm_pvm
+
 LANES = ("host", "faithful")
 #: Upper bound of one inner run (boot included), unless --faithful-timeout.
 DEFAULT_FAITHFUL_TIMEOUT = 2400.0
@@ -33,10 +34,6 @@ _COUNTS_KEY = pytest.StashKey[dict]()
 #: Outcome words of pytest's closing line ("3 passed, 1 skipped in 4.2s").
 _OUTCOME = re.compile(r"(\d+) (passed|failed|skipped|errors?|xfailed|xpassed)\b")
 _CLOSING = re.compile(r"^\W*(\d+ \w+.*|no tests ran) in [\d.]+s")
-
-
-def on_kvm_pvm() -> bool:
-    return KVM_PVM.exists()
 
 
 def inside_faithful_l1() -> bool:

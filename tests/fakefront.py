@@ -4,8 +4,8 @@ and the grant table), and the frontend's end of a shared ring."""
 from __future__ import annotations
 
 import contextlib
-import time
 
+from waiting import DEFAULT_TIMEOUT_S, wait_for
 from pyvmm.backends.xenbus import BackendHost
 from pyvmm.vmm.memory import GuestMemory
 from pyvmm.xen_abi.abi import PAGE_SIZE, SRING_HEADER_SIZE, SharedRingHeader
@@ -17,15 +17,6 @@ from pyvmm.xen_abi.xenstore.store import XenstoreStore
 DOMID = 1
 RAM = 4 << 20
 VMM_GPA = 0x1000_0000          # shared_info + grant frames, outside RAM
-WAIT_S = 10.0
-
-
-def wait_for(cond, what: str, timeout: float = WAIT_S):
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.005)
 
 
 @contextlib.contextmanager
@@ -87,7 +78,7 @@ class FrontRing:
     def responses_ready(self) -> int:
         return (self.header().rsp_prod - self.rsp_cons) & 0xFFFFFFFF
 
-    def take_responses(self, n: int, rsp_type, timeout: float = WAIT_S) -> list:
+    def take_responses(self, n: int, rsp_type, timeout: float = DEFAULT_TIMEOUT_S) -> list:
         wait_for(lambda: self.responses_ready() >= n, f"{n} responses", timeout)
         out = []
         for _ in range(n):

@@ -9,7 +9,8 @@ import os
 
 import pytest
 
-from fakefront import VMM_GPA, FrontRing, backend_host, wait_for
+from fakefront import VMM_GPA, FrontRing, backend_host
+from waiting import wait_for
 from pyvmm.backends.blkback import BlockBackend, DiskError, DiskImage, xvd_devid
 from pyvmm.xen_abi.abi import (
     BLKIF_RING_ENTRY_SIZE,

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from pyvmm.cli import ExitStatus, parse_size, UserError
+from pyvmm.cli import parse_size
+from pyvmm.errors import ExitStatus, UserError
 from kernels import bzimage_of, make_linux_like
 
 
@@ -233,23 +234,32 @@ def test_status_signal_reports_a_halted_guest_and_leaves_it_running():
     """`kill -USR2` on pyvmm prints the guest's state on stderr even while
     the vCPU sits halted inside KVM_RUN (the idle guest blocks forever with
     nothing pending); the guest keeps running afterwards."""
-    import time
-
     from spawned import Spawned
+    from waiting import wait_for
     from pyvmm.guests.testguests import build_testguest
     from pyvmm.launch import STATUS_SIGNAL
 
     run = Spawned([sys.executable, "-m", "pyvmm", "--xen-pv", str(build_testguest("idle")), "--memory", "32M"])
     try:
         assert run.wait_for(lambda: b"waiting forever" in run.out, 120), (bytes(run.out), run.stderr)
-        time.sleep(0.5)                       # let it reach the halt
-        run.ask_status(STATUS_SIGNAL, timeout=60)
-        report = run.stderr
-        assert "pyvmm: status after" in report and "vcpu_info:" in report, report
-        assert re.search(r"shim events: .*hypercall sched_op=\d+", report), report
-        assert re.search(r"RIP e033:0x[0-9a-f]{16}", report), report
-        time.sleep(0.5)
-        assert run.alive(), ("the status request ended the guest", report)
+        report = ""
+
+        def halted_report() -> bool:
+            # the shim counts SCHEDOP_block on entry, and the idle guest never
+            # leaves it: a report that counts one was taken with the vCPU halted
+            nonlocal report
+            report = run.ask_status(STATUS_SIGNAL, timeout=60)
+            return "hypercall sched_op=" in report or not run.alive()
+
+        wait_for(halted_report, "a status report of the halted guest", 120)
+        assert "pyvmm: status after" in report and "vcpu_info:" in report, run.stderr
+        assert re.search(r"shim events: .*hypercall sched_op=\d+", report), run.stderr
+        assert re.search(r"RIP e033:0x[0-9a-f]{16}", report), run.stderr
+        # the handler is pyvmm's only while the guest runs (SIGUSR2 kills by
+        # default): a second report means the first one left the guest running
+        assert "vcpu_info:" in run.ask_status(STATUS_SIGNAL, timeout=60), \
+            ("the status request ended the guest", run.stderr)
+        assert run.alive(), ("the status request ended the guest", run.stderr)
     finally:
         run.finish()
 
@@ -264,8 +274,8 @@ def test_detach_list_console_destroy(tmp_path):
     of that name is refused; console replays its output; destroy ends it;
     a socket left by a dead pyvmm is cleaned up, not reported."""
     import socket
-    import time
 
+    from spawned import Spawned
     from pyvmm.guests.testguests import build_testguest
 
     env = _manage_env(tmp_path)
@@ -287,15 +297,19 @@ def test_detach_list_console_destroy(tmp_path):
         assert len(lines) == 2 and lines[1].split()[0] == "bg1" and lines[1].split()[2] == "32", lines
         assert not (tmp_path / "run" / "ghost.sock").exists()
         # console: the guest's earlier output, then stays attached until the guest ends
-        con = subprocess.Popen([sys.executable, "-m", "pyvmm", "console", "bg1"], stdin=subprocess.PIPE,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, **env))
-        time.sleep(2)
-        assert con.poll() is None
-        d = pyvmm("destroy", "bg1", env=env)
-        assert d.returncode == 0 and "bg1 destroyed" in d.stderr, d.stderr
-        out, err = con.communicate(timeout=30)
-        assert b"idle guest: waiting forever" in out
-        assert b"console closed (the guest ended)" in err, err
+        con = Spawned([sys.executable, "-m", "pyvmm", "console", "bg1"], env=dict(os.environ, **env))
+        try:
+            assert con.wait_for(lambda: b"idle guest: waiting forever" in con.out, 60), \
+                (bytes(con.out), con.stderr)
+            listing = pyvmm("list", env=env)
+            assert listing.stdout.splitlines()[1].split()[5] == "1", listing.stdout    # CONSOLES
+            assert con.alive(), con.stderr
+            d = pyvmm("destroy", "bg1", env=env)
+            assert d.returncode == 0 and "bg1 destroyed" in d.stderr, d.stderr
+            con.proc.wait(timeout=30)
+        finally:
+            con.finish()
+        assert "console closed (the guest ended)" in con.stderr, con.stderr
         assert pyvmm("list", env=env).stdout.splitlines()[1:] == []
         assert "guest destroyed (pyvmm destroy)" in (tmp_path / "run" / "bg1.log").read_text()
     finally:

@@ -12,11 +12,11 @@ import sys
 import termios
 import textwrap
 import threading
-import time
 
 import pytest
 
-from pyvmm.backends.console import Terminal
+from pyvmm.errors import UserError
+from pyvmm.terminal import Terminal, parse_escape
 from pyvmm.xen_abi.hypervisor.console_ring import ConsoleRingServer
 from pyvmm.xen_abi.abi import (
     CONS_RING_IN,
@@ -213,14 +213,14 @@ def test_terminal_signal_handlers_restored(pty_pair):
 
 
 _CHILD = textwrap.dedent("""
-    import sys, time
-    from pyvmm.backends.console import Terminal
+    import signal, sys
+    from pyvmm.terminal import Terminal
     t = Terminal(stdin=0, stdout=1)
     t.enter()
     sys.stderr.write("ready\\n"); sys.stderr.flush()
     if sys.argv[1] == "exit":
         sys.exit(3)        # no explicit restore: atexit must do it
-    time.sleep(30)
+    signal.pause()         # until the test's signal ends us
 """)
 
 
@@ -263,6 +263,15 @@ def test_escape_key_ends_session(pty_pair):
         assert term.detached
     # Everything before Ctrl-] (including Ctrl-C, raw) reached the guest, nothing after.
     assert bytes(got) == b"ls -l\r\x03more"
+
+
+def test_escape_key_as_the_command_line_spells_it():
+    assert parse_escape("^]") == b"\x1d"
+    assert parse_escape("^a") == parse_escape("^A") == b"\x01"
+    assert parse_escape("q") == b"q"
+    for bad in ("^1", "ab", ""):
+        with pytest.raises(UserError):
+            parse_escape(bad)
 
 
 def test_escape_can_be_disabled_or_changed(pty_pair):
@@ -316,9 +325,11 @@ def test_stop_wakes_run(pty_pair):
     master, slave = pty_pair
     term = Terminal(stdin=slave, stdout=slave)
     result = []
-    th = threading.Thread(target=lambda: result.append(term.run(lambda d: None)))
+    in_loop = threading.Event()
+    th = threading.Thread(target=lambda: result.append(term.run(lambda d: in_loop.set())))
     th.start()
-    time.sleep(0.1)
+    os.write(master, b"x\n")          # cooked mode: a line reaches run()
+    assert in_loop.wait(5), "run() did not forward input"
     term.stop()
     th.join(timeout=5)
     assert result == ["stopped"]

@@ -15,10 +15,11 @@ import pytest
 
 from pyvmm.guests import faithful
 from pyvmm.guests.faithful import FaithfulLaneError, run_in_faithful_lane
+from pyvmm.vmm.quirks import PVM_MODULE_PATH, on_kvm_pvm
 
 REPO = Path(__file__).resolve().parent.parent
 CONFTEST = Path(__file__).with_name("conftest.py")
-ON_PVM = Path("/sys/module/kvm_pvm").exists()
+ON_PVM = on_kvm_pvm()
 INSIDE_L1 = os.environ.get(faithful.LANE_ENV) == faithful.LANE_NAME and not ON_PVM
 #: Set by test_pytest_lane_propagates_failure to make the probe below fail.
 FORCE_FAIL = "PYVMM_SELFTEST_FORCE_FAIL"
@@ -173,7 +174,7 @@ def test_lane_probe():
     assert not os.environ.get(FORCE_FAIL), "forced failure (exit-status propagation test)"
     if INSIDE_L1:
         assert Path("/dev/kvm").exists()
-        assert not Path("/sys/module/kvm_pvm").exists()
+        assert not on_kvm_pvm()
         assert Path("/sys/module/kvm_amd").exists()
 
 
@@ -192,7 +193,7 @@ def test_exit_status_comes_back(cmd, rc):
 @pytest.mark.skipif(INSIDE_L1, reason="boots an L1: runs on the host only")
 def test_python_sees_a_real_kvm_inside(tmp_path):
     code = ("import os, sys; print(os.path.exists('/dev/kvm'), "
-            "os.path.exists('/sys/module/kvm_pvm'), os.getcwd(), os.environ['MARKER']); "
+            f"os.path.exists({PVM_MODULE_PATH!r}), os.getcwd(), os.environ['MARKER']); "
             "open('made-inside', 'w').write('x'); sys.stderr.write('err-line\\n')")
     chunks = []
     work = REPO / ".pytest-faithful-tmp"   # inside the repo share (read-write)

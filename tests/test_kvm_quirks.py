@@ -15,7 +15,7 @@ from pyvmm.vmm import x86
 from pyvmm.vmm.flatvm import KERNEL_CS, USER_CS, FlatVm, assemble, cpl
 from pyvmm.vmm.kvm import Kvm, KvmError
 from pyvmm.vmm.quirks import (
-    HostQuirks, detect_quirks, probe_int80_behaviour, probe_syscall_behaviour,
+    HostQuirks, detect_quirks, on_kvm_pvm, probe_int80_behaviour, probe_syscall_behaviour,
 )
 
 
@@ -145,7 +145,12 @@ def test_detection_matches_the_int80_probe(int80_probe):
     assert q.int_n_from_cpl3_dropped == (int80_probe.outcome != "delivered")
 
 
+def test_detection_and_the_kvm_pvm_check_agree():
+    assert detect_quirks().is_pvm is on_kvm_pvm()
+
+
 def test_detect_quirks_without_pvm_module(tmp_path):
+    assert not on_kvm_pvm(str(tmp_path / "absent")) and on_kvm_pvm(str(tmp_path))
     q = detect_quirks(str(tmp_path / "absent"))
     assert not q.is_pvm and not q.syscall_from_cpl3_stays_cpl3
     assert not q.int_n_from_cpl3_dropped and q.cpl0_unsupported == ()

@@ -5,18 +5,17 @@ on a faithful KVM the `syscall` reaches the shim at CPL0 (SMEP on, no
 #GP at all).  Runs in both lanes; each lane asserts its own behaviour."""
 from __future__ import annotations
 
-import os
-
 import pytest
 
 from pyvmm.guests.testguests import build_testguest
 from pyvmm.vmm import x86
+from pyvmm.vmm.quirks import on_kvm_pvm
 from pyvmm.xen_abi import abi
 from pyvmm.xen_abi.shim import priv
 from pyvmm.xen_abi.memory import vmm_region as R
 from pyvmm.xen_abi.hypervisor.domain import Domain
 
-ON_KVM_PVM = os.path.exists("/sys/module/kvm_pvm")
+ON_KVM_PVM = on_kvm_pvm()
 GP = f"trap {x86.VEC_GP}"
 
 

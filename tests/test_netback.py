@@ -9,8 +9,9 @@ import struct
 
 import pytest
 
-from fakefront import FrontRing, backend_host, wait_for
+from fakefront import FrontRing, backend_host
 from netpeer import ETH_P_ARP, ETH_P_IP, IPPROTO_ICMP, IPPROTO_UDP, NetPeer, checksum, ip_bytes, ipv4, mac_bytes
+from waiting import wait_for
 from pyvmm.backends.netback import (
     NetBackend,
     NetError,

@@ -128,8 +128,8 @@ TIMER_LINE = re.compile(rb"^\s*\d+:\s+(\d+)\s+xen-percpu\s*-virq\s+timer0\s*$", 
 
 
 def _timeouts() -> tuple[float, float]:
-    from pyvmm.xen_abi.hypervisor.domain import is_kvm_pvm
-    if is_kvm_pvm():
+    from pyvmm.vmm.quirks import on_kvm_pvm
+    if on_kvm_pvm():
         return PROMPT_TIMEOUT_PVM, COMMAND_TIMEOUT_PVM
     return PROMPT_TIMEOUT_FAITHFUL, COMMAND_TIMEOUT_FAITHFUL
 
@@ -416,7 +416,7 @@ def test_cli_default_guest_shell_and_poweroff_exit_status(tmp_path):
     the init milestone on stderr."""
     import sys
 
-    from pyvmm.cli import ExitStatus
+    from pyvmm.errors import ExitStatus
     from pyvmm.guests.default import build_default_guest
     from pyvmm.launch import STATUS_SIGNAL
 

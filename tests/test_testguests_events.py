@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from waiting import wait_for
 from pyvmm.guests.testguests import build_testguest
 from pyvmm.xen_abi import abi
 from pyvmm.xen_abi.hypervisor import time as E
@@ -122,15 +123,7 @@ def report(capsys, what, values):
 
 
 def wait_console(dom, marker: bytes, timeout=15.0):
-    off, seen = 0, b""
-    end = time.monotonic() + timeout
-    while marker not in seen:
-        if time.monotonic() > end:
-            return False
-        data, off = dom.read_console(off)
-        seen += data
-        time.sleep(0.005)
-    return True
+    wait_for(lambda: marker in dom.read_console()[0], f"{marker!r} on the console", timeout)
 
 
 @pytest.mark.faithful
@@ -180,8 +173,8 @@ def test_xenstore_guest_through_the_ring(capsys):
 @pytest.mark.faithful
 def test_console_guest_output_and_input(capsys):
     def type_ping(dom):
-        if wait_console(dom, b"READY\n"):
-            dom.send_console_input(b"ping\n")
+        wait_console(dom, b"READY\n")
+        dom.send_console_input(b"ping\n")
 
     res, info = run("console", during=type_ping)
     assert_pass("console", res)
@@ -196,10 +189,12 @@ def test_block_is_woken_by_a_host_event(capsys):
     sent = []
 
     def wake(dom):
-        if wait_console(dom, b"BLOCKING\n"):
-            time.sleep(0.1)
-            sent.append(dom.now_ns())
-            dom.send_console_input(b"x")
+        wait_console(dom, b"BLOCKING\n")
+        # its first block returned at once (an event was pending); the
+        # second, counted by the shim on entry, waits for the host
+        wait_for(lambda: dom.events.counters()["blocks"] >= 2, "the guest to block")
+        sent.append(dom.now_ns())
+        dom.send_console_input(b"x")
 
     res, info = run("block", during=wake)
     assert_pass("block", res)

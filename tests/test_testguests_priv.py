@@ -41,7 +41,7 @@ def test_xsave_xcr0_reaches_the_cpu():
     so XSAVE/XRSTOR of a Linux-style signal frame (header forced to x87|SSE)
     works at CPL3.  Where the PV CPUID hides XSAVE the guest says so and
     only checks nothing breaks (kvm_pvm offers it: see test_xcr0_...)."""
-    from pyvmm.xen_abi.hypervisor.domain import is_kvm_pvm
+    from pyvmm.vmm.quirks import on_kvm_pvm
     with Domain(str(build_testguest("xsave"))) as dom:
         res = dom.run(timeout=60)
         state = priv.read_state(dom.region.mem, dom.region.vcpus[0].percpu_off)
@@ -50,7 +50,7 @@ def test_xsave_xcr0_reaches_the_cpu():
     assert res.reason == abi.ShutdownReason.poweroff, (res.reason, res.crash_info, res.text)
     assert lines and lines[-1] == "TESTGUEST xsave: PASS", res.text
     if "XSAVE absent" in res.text:
-        assert not is_kvm_pvm(), "kvm_pvm's PV CPUID must offer XSAVE (host XCR0 in force)"
+        assert not on_kvm_pvm(), "kvm_pvm's PV CPUID must offer XSAVE (host XCR0 in force)"
         return
     m = re.search(r"xcr0 (0x[0-9a-f]+)", res.text)
     assert m and int(m.group(1), 16) == state["xcr0"] == xcr0, (res.text, state, xcr0)

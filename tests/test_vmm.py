@@ -10,10 +10,11 @@ import time
 import numpy as np
 import pytest
 
+from waiting import wait_for
 from pyvmm.vmm import kvm as K
 from pyvmm.vmm import x86
 from pyvmm.vmm.flatvm import (
-    FlatVm, KERNEL_CS, KERNEL_STACK_TOP, USER_CS, assemble, cpl,
+    FlatVm, KERNEL_CS, KERNEL_STACK_TOP, USER_CS, USER_STACK_TOP, assemble, cpl,
 )
 from pyvmm.vmm.kvm import ExitReason, Kvm, KvmError, KvmUnavailable
 from pyvmm.vmm.memory import GuestMemory, GuestMemoryError
@@ -30,6 +31,7 @@ PORT_READY, PORT_IRQ = 0x510, 0x511
 TEST_VECTOR = 0x40
 LAPIC_ID, LAPIC_VERSION, LAPIC_TPR = 0x20, 0x30, 0x80     # xAPIC register offsets
 MSI_GSI = 24               # first GSI above the IOAPIC's pins
+SPIN_COUNT_GPA = USER_STACK_TOP - 8      # where cpl3.S's user_spin keeps its count (r14)
 
 
 @pytest.fixture(scope="module")
@@ -268,13 +270,16 @@ def test_kick_interrupts_cpl3_spin_from_another_thread(kvm):
     with cpl3_vm(kvm, "user_spin") as f:
         result = {}
 
+        def spins() -> int:
+            return f.mem.read_u64(SPIN_COUNT_GPA)
+
         def vcpu_thread():
             result["exit"] = f.vcpu.run()
             result["t"] = time.monotonic()
 
         t = threading.Thread(target=vcpu_thread)
         t.start()
-        time.sleep(0.2)
+        wait_for(lambda: spins() > 1000, "the guest to spin at CPL3")
         t0 = time.monotonic()
         f.vcpu.kick()
         t.join(timeout=2)
@@ -288,7 +293,14 @@ def test_kick_interrupts_cpl3_spin_from_another_thread(kvm):
         assert f.vcpu.kvm_run.immediate_exit == 0       # cleared for the next run
         # and it resumes where it was
         before = r.r14
-        threading.Timer(0.1, f.vcpu.kick).start()
+
+        def kick_once_spinning_again():
+            try:
+                wait_for(lambda: spins() > before, "the guest to spin again")
+            finally:
+                f.vcpu.kick()           # never leave run() below waiting
+
+        threading.Thread(target=kick_once_spinning_again).start()
         assert f.vcpu.run().reason == ExitReason.INTR
         assert f.vcpu.get_regs().r14 > before
 

@@ -1,9 +1,9 @@
 """Known deviations of the host's KVM from a faithful x86 machine.
 
-detect_quirks() is cheap (one stat): the development machines' /dev/kvm is
-kvm_pvm, a software hypervisor (see ARCHITECTURE.md). The probe_* functions
-run a tiny guest to *observe* a behaviour; the tests use them to keep the
-table below honest on each lane.
+on_kvm_pvm() and detect_quirks() are cheap (one stat): the development
+machines' /dev/kvm is kvm_pvm, a software hypervisor (see ARCHITECTURE.md).
+The probe_* functions run a tiny guest to *observe* a behaviour; the tests
+use them to keep the table below honest on each lane.
 """
 from __future__ import annotations
 
@@ -59,9 +59,14 @@ class HostQuirks:
     notes: dict = field(default_factory=dict)
 
 
+def on_kvm_pvm(pvm_module_path: str = PVM_MODULE_PATH) -> bool:
+    """Is the host's KVM kvm_pvm? Its module is loaded."""
+    return os.path.exists(pvm_module_path)
+
+
 def detect_quirks(pvm_module_path: str = PVM_MODULE_PATH) -> HostQuirks:
     """Decide from the loaded modules; no guest is run."""
-    if os.path.exists(pvm_module_path):
+    if on_kvm_pvm(pvm_module_path):
         return HostQuirks(
             is_pvm=True,
             syscall_from_cpl3_stays_cpl3=True,

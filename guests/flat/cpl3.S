@@ -75,6 +75,7 @@ user_hlt_insn:
 user_spin:
         mov     %cs, %r13
 1:      inc     %r14
+        mov     %r14, -8(%rsp)          /* the count, for the VMM to watch */
         jmp     1b
 
         .globl user_syscall

@@ -5,7 +5,7 @@ sink and feeds host input into `in` (host -> guest, 1024 bytes) as space
 allows, signalling the guest's console event channel.  hvc_xen spins with
 SCHEDOP_yield while `out` is full, so `process()` must run promptly on every
 kick.  Like the xenstore ring server it belongs to the start-of-day ABI the
-domain builder sets up; the user's terminal is in backends/console.py.
+domain builder sets up; the user's terminal is in pyvmm/terminal.py.
 """
 from __future__ import annotations
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import os
 import struct
 import sys
 import threading
@@ -72,11 +71,8 @@ class RunResult:
 
 
 def is_kvm_pvm() -> bool:
-    try:
-        from pyvmm.vmm.quirks import detect_quirks
-        return detect_quirks().is_pvm
-    except ImportError:
-        return os.path.exists("/sys/module/kvm_pvm")
+    from pyvmm.vmm.quirks import on_kvm_pvm
+    return on_kvm_pvm()
 
 
 def _seg(sel: int, *, code: bool, dpl: int, long: bool) -> KvmSegment:

@@ -1,4 +1,5 @@
-"""The user's side of a guest console (the ring itself is served by
+"""The user's terminal as a guest's console, for `pyvmm` and `pyvmm console`
+(the guest's end, the console ring, is served by
 pyvmm.xen_abi.hypervisor.console_ring.ConsoleRingServer).
 
 `Terminal`: stdin in raw mode when it is a TTY (always
@@ -6,11 +7,11 @@ restored: context manager, atexit and SIGTERM/SIGHUP/SIGQUIT handlers), an
 escape byte (Ctrl-] by default, like telnet and virsh) that ends the
 session, and plain reading until EOF when stdin is a pipe. Nothing here
 knows about KVM; the launcher wires the console ring to a terminal.
+`parse_escape` reads the escape key as the command line spells it.
 """
 from __future__ import annotations
 
 import atexit
-import logging
 import os
 import select
 import signal
@@ -18,9 +19,20 @@ import termios
 import threading
 from typing import Callable
 
-log = logging.getLogger(__name__)
+from pyvmm.errors import UserError
 
 ESCAPE_CTRL_RBRACKET = b"\x1d"  # Ctrl-]
+
+
+def parse_escape(text: str) -> bytes:
+    """`--escape` as the user writes it: '^]' -> b'\\x1d'; a single character stands for itself."""
+    if len(text) == 2 and text[0] == "^":
+        c = text[1].upper()
+        if "@" <= c <= "_":
+            return bytes([ord(c) - 0x40])
+    if len(text) == 1:
+        return text.encode()
+    raise UserError(f"--escape {text!r}: use ^X notation, e.g. ^] or ^A")
 
 
 def _raw_attrs(attrs: list) -> list:
