@@ -144,7 +144,7 @@ def _run(args: argparse.Namespace) -> int:
         for d in disks:
             d.close()
         raise
-    from pyvmm.launch import launch
+    from pyvmm.launch import launch, run_detached
 
     def start(ready=None) -> int:
         return launch(
@@ -163,7 +163,7 @@ def _run(args: argparse.Namespace) -> int:
         )
 
     try:
-        return _detached(name, start) if args.detach else start()
+        return run_detached(name, start) if args.detach else start()
     finally:
         for d in disks:
             d.close()
@@ -227,62 +227,3 @@ def _open_nets(specs: list[str], guest_name: str) -> list:
             link.close()
         raise
     return nets
-
-
-def _detached(name: str, start) -> int:
-    """Run start() in a background process (its own session, stdio on a log
-    file); return once the guest has started, or with its one-line error."""
-    from pyvmm.control import runtime_dir
-
-    log = runtime_dir() / f"{name}.log"
-    r, w = os.pipe()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid:
-        os.close(w)
-        with os.fdopen(r, "rb") as f:
-            msg = f.read().decode(errors="replace").strip()
-        if msg == "ok":
-            print(f"pyvmm: guest {name} started in the background (pid {pid}); "
-                  f"'pyvmm console {name}' attaches, 'pyvmm shutdown {name}' stops it; log: {log}",
-                  file=sys.stderr)
-            return 0
-        print_error(msg or f"the guest did not start; see {log}")
-        return ExitStatus.USAGE
-    # the child: no terminal, stdio on the log, its own session
-    os.close(r)
-    rc = ExitStatus.HOST_ERROR
-    try:
-        os.setsid()
-        null = os.open(os.devnull, os.O_RDONLY)
-        out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        os.dup2(null, 0)
-        os.dup2(out, 1)
-        os.dup2(out, 2)
-        os.close(null)
-        os.close(out)
-        answered = False
-
-        def ready(error: str | None) -> None:
-            nonlocal answered
-            if not answered:
-                answered = True
-                os.write(w, b"ok" if error is None else error.encode())
-                os.close(w)
-
-        try:
-            rc = start(ready)
-        except UserError as e:
-            ready(str(e))
-            print_error(str(e))
-            rc = ExitStatus.USAGE
-        except BaseException:
-            import traceback
-            traceback.print_exc()
-            raise
-        ready("the guest ended before it started")
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(int(rc))

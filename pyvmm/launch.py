@@ -14,7 +14,7 @@ import sys
 import threading
 import time
 
-from pyvmm.errors import ExitStatus, UserError
+from pyvmm.errors import ExitStatus, UserError, print_error
 from pyvmm.terminal import Terminal, parse_escape
 
 #: `kill -USR2 <pyvmm pid>` prints the guest's state on stderr (the README's
@@ -218,3 +218,62 @@ def _status(dom, t0: float) -> None:
         text = f"(no status: {e})"
     _say(f"status after {time.monotonic() - t0:.1f} s ({STATUS_SIGNAL.name}):")
     print(text, file=sys.stderr, flush=True)
+
+
+def run_detached(name: str, start) -> int:
+    """Run start() in a background process (its own session, stdio on a log
+    file); return once the guest has started, or with its one-line error."""
+    from pyvmm.control import runtime_dir
+
+    log = runtime_dir() / f"{name}.log"
+    r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            msg = f.read().decode(errors="replace").strip()
+        if msg == "ok":
+            print(f"pyvmm: guest {name} started in the background (pid {pid}); "
+                  f"'pyvmm console {name}' attaches, 'pyvmm shutdown {name}' stops it; log: {log}",
+                  file=sys.stderr)
+            return 0
+        print_error(msg or f"the guest did not start; see {log}")
+        return ExitStatus.USAGE
+    # the child: no terminal, stdio on the log, its own session
+    os.close(r)
+    rc = ExitStatus.HOST_ERROR
+    try:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDONLY)
+        out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(null, 0)
+        os.dup2(out, 1)
+        os.dup2(out, 2)
+        os.close(null)
+        os.close(out)
+        answered = False
+
+        def ready(error: str | None) -> None:
+            nonlocal answered
+            if not answered:
+                answered = True
+                os.write(w, b"ok" if error is None else error.encode())
+                os.close(w)
+
+        try:
+            rc = start(ready)
+        except UserError as e:
+            ready(str(e))
+            print_error(str(e))
+            rc = ExitStatus.USAGE
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+            raise
+        ready("the guest ended before it started")
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(rc))

@@ -31,7 +31,6 @@ from pyvmm.xen_abi.abi import (
 
 DOMID = 1
 DISK_SECTORS = 2048            # 1 MiB image
-_wait = wait_for
 
 
 class FakeFrontend:
@@ -66,9 +65,9 @@ class FakeFrontend:
         return self.host.store.read_str(f"{be}/{key}")
 
     def connect(self) -> None:
-        _wait(lambda: self.backend_state() == XenbusState.InitWait, "backend InitWait")
+        wait_for(lambda: self.backend_state() == XenbusState.InitWait, "backend InitWait")
         self.state(XenbusState.Initialised)
-        _wait(lambda: self.backend_state() == XenbusState.Connected, "backend Connected")
+        wait_for(lambda: self.backend_state() == XenbusState.Connected, "backend Connected")
         self.state(XenbusState.Connected)
 
     def grant(self, pfn: int, readonly: bool = False, frame: int | None = None) -> int:
@@ -246,7 +245,7 @@ def test_bogus_ring_index_loses_only_that_device(host, tmp_path):
     fe1.connect()
     ref = fe0.grant(FakeFrontend.DATA_PFN)
     fe0.push(fe0.request(BlkifOp.read, 0, [(ref, 0, 0)]), req_prod=BLKIF_RING_SIZE + 5)
-    _wait(lambda: fe0.backend_state() == XenbusState.Closing, "the broken device closing")
+    wait_for(lambda: fe0.backend_state() == XenbusState.Closing, "the broken device closing")
     assert "ring overflow" in fe0.backend_key("error")
     assert be0.failed and not be0.connected
     assert host.gnttab.active_mappings() == 0 + 1     # only disk 1's ring is still mapped
@@ -255,9 +254,9 @@ def test_bogus_ring_index_loses_only_that_device(host, tmp_path):
     assert fe1.do(fe1.request(BlkifOp.read, 7, [(ref1, 0, 0)])) == BlkifStatus.okay
     # the broken frontend closes and starts over: it gets a working device again
     fe0.state(XenbusState.Closed)
-    _wait(lambda: fe0.backend_state() == XenbusState.Closed, "backend Closed")
+    wait_for(lambda: fe0.backend_state() == XenbusState.Closed, "backend Closed")
     fe0.state(XenbusState.Initialising)
-    _wait(lambda: fe0.backend_state() == XenbusState.InitWait, "backend InitWait again")
+    wait_for(lambda: fe0.backend_state() == XenbusState.InitWait, "backend InitWait again")
     fe2 = FakeFrontend(host, host.ram, xvd_devid(0), ring_ref=20, ring_pfn=0x30)
     fe2.connect()
     ref2 = fe2.grant(FakeFrontend.DATA_PFN + 2)
@@ -270,9 +269,9 @@ def test_bogus_ring_index_loses_only_that_device(host, tmp_path):
 def test_missing_frontend_keys_fail_the_device(host, tmp_path):
     img, be, fe = _attach(host, _image(tmp_path))
     host.store.rm(f"{fe.path}/ring-ref")
-    _wait(lambda: fe.backend_state() == XenbusState.InitWait, "InitWait")
+    wait_for(lambda: fe.backend_state() == XenbusState.InitWait, "InitWait")
     fe.state(XenbusState.Initialised)
-    _wait(lambda: fe.backend_state() == XenbusState.Closing, "Closing")
+    wait_for(lambda: fe.backend_state() == XenbusState.Closing, "Closing")
     assert "ring-ref" in fe.backend_key("error")
     img.close()
 

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 import socket
-import time
 
 import pytest
 
 from pyvmm import control
+from waiting import wait_for
 
 
 class FakeGuest:
@@ -95,16 +95,11 @@ def test_console_backlog_and_fan_out(server):
     for s in (sa, sb):
         s.settimeout(10)
         assert s.recv(4096) == b"early boot line\n"
-    deadline = time.monotonic() + 10
-    while srv.console_clients < 2 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    wait_for(lambda: srv.console_clients == 2, "both console clients registered")
     srv.console_output(b"live\n")
     assert sa.recv(4096) == b"live\n" and sb.recv(4096) == b"live\n"
     sa.sendall(b"typed")
-    deadline = time.monotonic() + 10
-    while guest.input != b"typed" and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert guest.input == b"typed"
+    wait_for(lambda: guest.input == b"typed", "the typed input to reach the guest")
     sa.close()
     srv.console_output(b"after one left\n")           # a gone client is dropped, not fatal
     assert sb.recv(4096) == b"after one left\n"

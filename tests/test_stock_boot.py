@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from spawned import Spawned
+from waiting import wait_for
 from pyvmm.xen_abi.hypervisor import trace
 from pyvmm.xen_abi.shim import priv
 
@@ -184,15 +185,6 @@ def _shell_checks(con: ConsoleSession, command_timeout: float) -> dict:
     assert second > first, f"timer0 interrupts did not increase: {first} -> {second}"
     _pipeline_checks(con, command_timeout)
     return {"sleep_1_s": round(slept, 2), "timer0": (first, second)}
-
-
-def _wait_for(cond, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 SEGFAULT = re.compile(rb"segfault at|Segmentation fault|general protection")
@@ -561,8 +553,8 @@ def test_detached_default_guest_console_and_xenstore_shutdown(tmp_path):
         s = pyvmm("shutdown", "deb1", "--wait", str(int(command_timeout)), timeout=command_timeout + 30)
         assert s.returncode == 0, (s.stderr, bytes(buf[-2000:]))
         assert "deb1 is off" in s.stderr
-        _wait_for(lambda: b"pyvmm-init: powering off" in buf, 10)
-        assert b"pyvmm-init: powering off" in buf, bytes(buf[-2000:])
+        wait_for(lambda: b"pyvmm-init: powering off" in buf,
+                 lambda: f"pyvmm-init's poweroff line; console tail {bytes(buf[-2000:])!r}")
         con.proc.stdin.close()
         assert con.proc.wait(30) == 0
         log = (tmp_path / "run" / "deb1.log").read_text()

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pyvmm.vmm import x86
 from pyvmm.vmm.kvm import ExitReason, Kvm, KvmError, KvmSegment, KvmXcrs
 from pyvmm.vmm.memory import GuestMemory
+from pyvmm.vmm.quirks import on_kvm_pvm
 
 from pyvmm.xen_abi import abi
 from pyvmm.xen_abi.memory import vmm_region as R
@@ -70,11 +71,6 @@ class RunResult:
         return self.console.decode(errors="replace")
 
 
-def is_kvm_pvm() -> bool:
-    from pyvmm.vmm.quirks import on_kvm_pvm
-    return on_kvm_pvm()
-
-
 def _seg(sel: int, *, code: bool, dpl: int, long: bool) -> KvmSegment:
     return KvmSegment(base=0, limit=0xFFFFFFFF, selector=sel,
                       type=x86.SEG_TYPE_CODE_XR_A if code else x86.SEG_TYPE_DATA_RW_A,
@@ -94,7 +90,7 @@ class Domain(PvDomainBase):
         self.kernel = kernel
         self.echo = echo
         self.console = bytearray()
-        self.is_pvm = is_kvm_pvm() if is_pvm is None else is_pvm
+        self.is_pvm = on_kvm_pvm() if is_pvm is None else is_pvm
         self.kvm = kvm or Kvm()
         self._own_kvm = kvm is None
         self.vm = self.kvm.create_vm()
