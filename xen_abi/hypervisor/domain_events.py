@@ -30,6 +30,7 @@ from pyvmm.xen_abi.abi import DOMID_SELF, Virq
 from pyvmm.xen_abi.hypervisor.console_ring import ConsoleRingServer
 from pyvmm.xen_abi.hypervisor.evtchn import BACKEND_DOMID
 from pyvmm.xen_abi.hypervisor.hypercalls import XEN_VERSION
+from pyvmm.xen_abi.shim.layout import EV_CHECK_VECTOR, EV_SEND_PORT, EVENTS
 from pyvmm.xen_abi.xenstore.ring import XenstoreRingServer
 from pyvmm.xen_abi.xenstore.store import XenstoreStore
 from pyvmm.xen_abi.xenstore.toolstack import populate_domain
@@ -115,7 +116,7 @@ class DomainEvents:
             return
         if 0 <= vcpu_id < len(self.dom.region.vcpus):
             self.kicks += 1
-            self.dom.vm.signal_msi(E.msi_address(vcpu_id), E.EV_CHECK_VECTOR)
+            self.dom.vm.signal_msi(E.msi_address(vcpu_id), EV_CHECK_VECTOR)
 
     def enter_exit(self, active: bool) -> None:
         self._in_exit.active = active
@@ -127,7 +128,7 @@ class DomainEvents:
         d = self.dom
         for v in d.region.vcpus:
             port = d.evtchn.virq_to_port[v.index].get(int(Virq.TIMER), 0)
-            d.region.mem.write_u64(v.events_off + E.EVB_TIMER_PORT, port)
+            EVENTS.write(d.region.mem, v.events_off, timer_port=port)
 
     def counters(self, vcpu_id: int = 0) -> dict[str, int]:
         return E.read_counters(self.dom.region.mem, self.dom.region.vcpus[vcpu_id].events_off)
@@ -177,11 +178,11 @@ class DomainEvents:
         with self._efd_lock:
             if event == "bind" and guest_port not in self._efds:
                 efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-                d.vm.ioeventfd(efd, E.EV_SEND_PORT, length=4, datamatch=guest_port, pio=True)
+                d.vm.ioeventfd(efd, EV_SEND_PORT, length=4, datamatch=guest_port, pio=True)
                 self._efds[guest_port] = efd
             elif event == "close" and guest_port in self._efds:
                 efd = self._efds.pop(guest_port)
-                d.vm.ioeventfd(efd, E.EV_SEND_PORT, length=4, datamatch=guest_port, pio=True,
+                d.vm.ioeventfd(efd, EV_SEND_PORT, length=4, datamatch=guest_port, pio=True,
                                deassign=True)
                 os.close(efd)
         os.write(self._wake_w, b"\0")     # re-read the eventfd set
@@ -218,7 +219,7 @@ class DomainEvents:
 
     def handle_io(self, ex) -> bool:
         """An `out` to EV_SEND_PORT no ioeventfd matched: send from here."""
-        if ex.port != E.EV_SEND_PORT or not ex.is_out:
+        if ex.port != EV_SEND_PORT or not ex.is_out:
             return False
         port = int.from_bytes(bytes(ex.data[:4]), "little")
         self.enter_exit(True)

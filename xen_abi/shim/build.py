@@ -1,8 +1,9 @@
 """Build and load the CPL0 shim (xen_abi/shim/*.c, *.S).
 
 The shim is compiled with the system gcc (pyvmm/toolchain.py) into
-~/.cache/pyvmm/shim-<hash>/, keyed by the sources, the flags and the layout
-defines, and linked at SHIM_VA inside the VMM region's linear mapping.
+~/.cache/pyvmm/shim-<hash>/, keyed by the sources, the flags and the headers
+generated from layout.py (xen_numbers.h, shim_layout.h), and linked at
+SHIM_VA inside the VMM region's linear mapping.
 
 Deviation from the brief's suggested flags: the shim lives at
 0xffff8080_0004_0000, outside the top 2 GiB that -mcmodel=kernel requires,
@@ -16,7 +17,9 @@ from pathlib import Path
 
 from pyvmm import toolchain
 
-from pyvmm.xen_abi.memory import vmm_region as layout
+from pyvmm.xen_abi.memory import vmm_region as region
+from pyvmm.xen_abi.shim import layout
+
 SHIM_DIR = Path(__file__).resolve().parent
 SOURCES = ("shim.c", "entry.S", "events.c", "mmu.c", "priv.c")
 CFLAGS = [
@@ -45,18 +48,15 @@ class ShimImage:
             raise KeyError(f"shim has no symbol {name!r}") from None
 
 
-def build_shim(defines: dict[str, int] | None = None) -> ShimImage:
-    defs = layout.shim_defines()
-    defs.update(defines or {})
-    base = defs["SHIM_VA"]
+def build_shim() -> ShimImage:
+    base = region.REGION_VA + region.SHIM_OFF
     built = toolchain.build(
-        "shim", [SHIM_DIR / n for n in SOURCES], cflags=CFLAGS,
-        defines={k: f"{v:#x}UL" if k.endswith("_VA") else v for k, v in defs.items()},
-        include_dirs=[SHIM_DIR],
+        "shim", [SHIM_DIR / n for n in SOURCES], cflags=CFLAGS, include_dirs=[SHIM_DIR],
+        generated_headers=layout.c_headers(),
         link=toolchain.Link(script=SHIM_DIR / "shim.ld",
                             flags=("--no-dynamic-linker", f"--defsym=SHIM_VA={base:#x}")),
         flat=["-R", ".bss"])
     size = built.symbols["shim_end"] - base
-    if size > layout.SHIM_MAX:
-        raise ShimBuildError(f"shim is {size} bytes, more than the {layout.SHIM_MAX} reserved")
+    if size > region.SHIM_MAX:
+        raise ShimBuildError(f"shim is {size} bytes, more than the {region.SHIM_MAX} reserved")
     return ShimImage(built.flat, base, size, built.symbols)
