@@ -1,5 +1,6 @@
 """Tiny freestanding PV test kernels (C + a shared start-up/linker script),
-built with gcc (pyvmm/toolchain.py) into the cache on first use.
+built with gcc (pyvmm/toolchain.py) into the cache on first use.  Xen's
+numbers come from xen_numbers.h, generated from xen_abi/abi.py.
 
     path = build_testguest("hello")            # -> Path of the ELF
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pyvmm import toolchain
+from pyvmm.xen_abi.shim import layout
 
 HERE = Path(__file__).resolve().parent
 # guests that ask for a hypercall page (XEN_ELFNOTE_HYPERCALL_PAGE)
@@ -34,5 +36,6 @@ def build_testguest(name: str) -> Path:
     built = toolchain.build(
         f"testguests/{name}", [HERE / "start.S", HERE / "tg.c", src, *extra], cflags=CFLAGS,
         defines={"WITH_HYPERCALL_PAGE": 1} if name in WITH_HYPERCALL_PAGE else {},
-        include_dirs=[HERE], link=toolchain.Link(script=HERE / "tg.ld"))
+        include_dirs=[HERE], generated_headers={"xen_numbers.h": layout.xen_numbers_header()},
+        link=toolchain.Link(script=HERE / "tg.ld"))
     return built.elf

@@ -387,16 +387,21 @@ def _header(guard: str, what: str, sections, tail: str = "") -> str:
     return "\n".join(lines)
 
 
-def c_headers() -> dict[str, str]:
-    """{file name: text} of the generated headers (asm- and C-safe)."""
+def xen_numbers_header() -> str:
+    """xen_numbers.h: for the shim and the test guests (asm- and C-safe)."""
+    return _header("XEN_NUMBERS_H", "Xen's public ABI numbers (xen_abi/abi.py).", xen_numbers())
+
+
+def shim_layout_header() -> str:
+    """shim_layout.h: for the shim (asm- and C-safe)."""
     checks = "\n\n".join([PERCPU.c_layout_check(private_tail=True), GLOBALS.c_layout_check(),
                           MAILBOX.c_layout_check()])
-    return {
-        "xen_numbers.h": _header("XEN_NUMBERS_H", "Xen's public ABI numbers (xen_abi/abi.py).",
-                                 xen_numbers()),
-        "shim_layout.h": _header(
-            "SHIM_LAYOUT_H", "What Python and the shim share: blocks, operations, ports, region.",
-            shim_layout(),
-            "/* Compile-time checks that a hand-written C struct has the layout\n"
-            " * above (shim.h), for C only: */\n#ifndef __ASSEMBLER__\n" + checks + "\n#endif"),
-    }
+    return _header("SHIM_LAYOUT_H", "What Python and the shim share: blocks, operations, ports, region.",
+                   shim_layout(),
+                   "/* Compile-time checks that a hand-written C struct has the layout\n"
+                   " * above (shim.h), for C only: */\n#ifndef __ASSEMBLER__\n" + checks + "\n#endif")
+
+
+def c_headers() -> dict[str, str]:
+    """{file name: text} of the headers the shim is built with."""
+    return {"xen_numbers.h": xen_numbers_header(), "shim_layout.h": shim_layout_header()}
