@@ -5,8 +5,9 @@
  * operations are done here; everything else goes to Python through one
  * narrow exit (mailbox + `out` to SHIM_EXIT_PORT).
  *
- * Build-time constants from Python (-D): REGION_VA, GLOBALS_OFF,
- * PERCPU_BLOCK_SIZE, PERCPU_IN_BLOCK, SHIM_EXIT_PORT.
+ * What it shares with Python (REGION_VA, the percpu/globals/mailbox
+ * blocks, SHIM_EXIT_PORT, ...) is in shim_layout.h, generated at build
+ * time from xen_abi/shim/layout.py.
  *
  * On kvm_pvm every instruction here is interpreted (~1 us each): keep
  * paths short, no cmpxchg16b / rdtscp / int n. */
