@@ -1,80 +1,111 @@
-"""The shim builds, its header agrees with abi.py / vmm_region.py, and the
-VMM region layout is self-consistent."""
+"""The shim builds, the headers generated from xen_abi/shim/layout.py compile
+and hold C to the layout Python uses, and the VMM region layout is
+self-consistent."""
 from __future__ import annotations
 
-import re
 import struct
+import subprocess
 
 import pytest
 
 from pyvmm.vmm import x86
+from pyvmm.vmm.memory import GuestMemory
 from pyvmm.xen_abi import abi
 from pyvmm.xen_abi.memory import vmm_region as R
-from pyvmm.xen_abi.shim.build import SHIM_DIR, build_shim
+from pyvmm.xen_abi.shim import layout, priv
+from pyvmm.xen_abi.shim.build import build_shim
 
 
-def header_defines() -> dict[str, int]:
-    out = {}
-    for m in re.finditer(r"^#define\s+(\w+)\s+\(?([0-9a-fA-Fx]+)[uUlL]*\)?", (SHIM_DIR / "xen_abi.h").read_text(), re.M):
-        out[m.group(1)] = int(m.group(2), 0)
-    return out
+def compile_probe(tmp_path, name: str, text: str) -> subprocess.CompletedProcess:
+    """gcc -c one file against the generated headers (nothing is linked)."""
+    for header, body in layout.c_headers().items():
+        (tmp_path / header).write_text(body)
+    (tmp_path / name).write_text(text)
+    return subprocess.run(["gcc", "-Wall", "-Werror", "-I", str(tmp_path), "-c", str(tmp_path / name),
+                           "-o", str(tmp_path / (name + ".o"))], capture_output=True, text=True)
 
 
-def expected_from_python(name: str):
-    """The Python value a header name must equal (None: not mirrored)."""
-    if name.endswith("_SIZE") and name.startswith("XEN_"):
-        return {"XEN_TRAP_INFO_SIZE": abi.TrapInfo.sizeof(), "XEN_IRET_CONTEXT_SIZE": abi.IretContext.sizeof(),
-                "XEN_MMU_UPDATE_SIZE": abi.MmuUpdate.sizeof(), "XEN_MMUEXT_OP_SIZE": abi.MmuextOp.sizeof(),
-                "XEN_MULTICALL_ENTRY_SIZE": abi.MulticallEntry.sizeof()}[name]
-    groups = [("HC_", abi.Hypercall, {}), ("XEN_SEGBASE_", abi.SegBase, {}),
-              ("XEN_SCHEDOP_", abi.SchedOp, {"yield": "yield_"}),
-              ("XEN_CALLBACKTYPE_", abi.CallbackType, {}), ("XEN_MMUEXT_", abi.MmuextCmd, {}),
-              ("XEN_MMU_", abi.MmuUpdateCmd, {})]
-    for prefix, enum, rename in groups:
-        if name.startswith(prefix) and not name.endswith("_SIZE"):
-            key = name[len(prefix):]
-            key = rename.get(key, key)
-            if prefix == "XEN_CALLBACKTYPE_":
-                key = key.upper()
-            return enum[key].value
-    plain = {
-        "XEN_CALLBACKOP_register": abi.CALLBACKOP_REGISTER, "XEN_CALLBACKOP_unregister": abi.CALLBACKOP_UNREGISTER,
-        "XEN_CALLBACKF_mask_events": abi.CALLBACKF_MASK_EVENTS,
-        "XEN_UVMF_FLUSHTYPE_MASK": abi.UVMF_FLUSHTYPE_MASK, "XEN_UVMF_TLB_FLUSH": abi.UVMF_TLB_FLUSH,
-        "XEN_UVMF_INVLPG": abi.UVMF_INVLPG, "XEN_VGCF_IN_SYSCALL": abi.VGCF_IN_SYSCALL,
-        "XEN_TI_MASK_EVENTS": abi.TI_MASK_EVENTS, "XEN_TI_DPL_MASK": abi.TI_DPL_MASK,
-        "XEN_FLAT_RING3_CS32": abi.FLAT_RING3_CS32, "XEN_FLAT_RING3_SS": abi.FLAT_RING3_SS64,
-        "XEN_FLAT_RING3_CS64": abi.FLAT_RING3_CS64, "XEN_HV_VIRT_START": abi.HYPERVISOR_VIRT_START,
-        "XEN_HV_VIRT_END": abi.HYPERVISOR_VIRT_END, "XEN_HV_L4_FIRST": abi.HYPERVISOR_L4_FIRST_SLOT,
-        "XEN_HV_L4_COUNT": abi.HYPERVISOR_L4_LAST_SLOT - abi.HYPERVISOR_L4_FIRST_SLOT + 1,
-        "VI_UPCALL_PENDING": abi.VCPU_INFO_UPCALL_PENDING, "VI_UPCALL_MASK": abi.VCPU_INFO_UPCALL_MASK,
-        "VI_PENDING_SEL": abi.VCPU_INFO_PENDING_SEL, "VI_CR2": abi.VCPU_INFO_CR2, "VI_SIZE": abi.VCPU_INFO_SIZE,
-        "XEN_TRAP_INFO_SIZE": abi.TrapInfo.sizeof(), "XEN_IRET_CONTEXT_SIZE": abi.IretContext.sizeof(),
-        "XEN_MMU_UPDATE_SIZE": abi.MmuUpdate.sizeof(), "XEN_MMUEXT_OP_SIZE": abi.MmuextOp.sizeof(),
-        "XEN_MULTICALL_ENTRY_SIZE": abi.MulticallEntry.sizeof(),
-        "CPUID_ENT_SIZE": R.CPUID_ENT.size, "VEC_SYSCALL": None, "VEC_SYSCALL_GP": None,
-        "PC_BOOT_SIZE": None, "SG_SIZE": None,
-        "CPUID_ANY_SUBLEAF": 0xFFFFFFFF,
-    }
-    if name in plain:
-        return plain[name]
-    if name.startswith("XEN_E"):
-        return abi.XenErrno[name[4:]].value
-    for prefix in ("PC_", "SG_", "SGF_", "MB_", "MBOP_"):
-        if name.startswith(prefix):
-            return getattr(R, name)
-    raise KeyError(name)
+def test_generated_headers_compile_in_c_and_assembly(tmp_path):
+    c = compile_probe(tmp_path, "probe.c", """#include <stddef.h>
+#include "xen_numbers.h"
+#include "shim_layout.h"
+_Static_assert(HC_iret == 23 && SCHEDOP_block == 1 && CALLBACKTYPE_syscall == 2, "xen");
+_Static_assert(MB_ARGS == 16 && MBOP_SET_XCR0 == 5 && EVB_BACKEND_MAP == 512, "layout");
+_Static_assert(HYPERVISOR_VIRT_START == 0xffff800000000000UL && REGION_VA > HYPERVISOR_VIRT_START, "va");
+""")
+    assert c.returncode == 0, c.stderr
+    asm = compile_probe(tmp_path, "probe.S", """#include "xen_numbers.h"
+#include "shim_layout.h"
+        movabsq $HYPERVISOR_VIRT_END, %rdx
+        movq PERCPU_IN_BLOCK+PRIV_OFF+PRIV_FAST_IO(%rcx), %rax
+        pushq $VEC_SYSCALL_GP
+""")
+    assert asm.returncode == 0, asm.stderr
 
 
-def test_header_matches_python():
-    defs = header_defines()
-    assert len(defs) > 60
-    for name, value in defs.items():
-        if name == "SHIM_XEN_ABI_H":
-            continue
-        want = expected_from_python(name)
-        if want is not None:
-            assert value == want, f"shim/xen_abi.h {name} = {value:#x}, Python says {want:#x}"
+def test_layout_checks_catch_a_c_struct_that_drifted(tmp_path):
+    """shim.h's structs are checked field by field against layout.py."""
+    fields = "op, nr, args[6], cr3, kmode, result, rip, info, info2"
+    probe = """#include <stddef.h>
+#include <stdint.h>
+#include "shim_layout.h"
+struct mailbox { uint64_t %s; };
+MB_CHECK_LAYOUT(struct mailbox);
+"""
+    ok = compile_probe(tmp_path, "ok.c", probe % fields)
+    assert ok.returncode == 0, ok.stderr
+    swapped = compile_probe(tmp_path, "swapped.c", probe % fields.replace("op, nr", "nr, op"))
+    assert swapped.returncode and "MB_OP" in swapped.stderr
+
+
+def test_xen_numbers_follow_abi():
+    numbers = {name: value for _, defines in layout.xen_numbers() for name, value, _ in defines}
+    assert numbers["HC_set_timer_op"] == abi.Hypercall.set_timer_op
+    assert numbers["SCHEDOP_yield"] == abi.SchedOp.yield_
+    assert numbers["CALLBACKTYPE_event"] == abi.CallbackType.EVENT
+    assert numbers["XEN_ETIME"] == abi.XenErrno.ETIME
+    # offsets computed from abi.py's construct declarations
+    assert (numbers["VI_UPCALL_PENDING"], numbers["VI_UPCALL_MASK"], numbers["VI_PENDING_SEL"],
+            numbers["VI_CR2"], numbers["VI_SIZE"]) == (
+        abi.VCPU_INFO_UPCALL_PENDING, abi.VCPU_INFO_UPCALL_MASK, abi.VCPU_INFO_PENDING_SEL,
+        abi.VCPU_INFO_CR2, abi.VCPU_INFO_SIZE)
+    assert numbers["SI_EVTCHN_PENDING"] == abi.SHARED_INFO_EVTCHN_PENDING
+    assert numbers["SI_EVTCHN_MASK"] == abi.SHARED_INFO_EVTCHN_MASK
+
+
+def test_blocks_are_read_and_written_by_name():
+    mem = GuestMemory(2 * R.PAGE, name="layout-test")
+    try:
+        layout.PERCPU.write(mem, 0x100, kernel_sp=0x1234, kernel_ss=abi.FLAT_KERNEL_SS)
+        assert mem.read_u64(0x100 + layout.PERCPU.offset("kernel_sp")) == 0x1234
+        assert layout.PERCPU.read(mem, 0x100, "kernel_ss") == abi.FLAT_KERNEL_SS
+        mem.write_u64(layout.MAILBOX.offset("args", 5), 99)
+        assert layout.MAILBOX.read(mem, 0, "args", 5) == 99
+        assert layout.MAILBOX.offset("cr3") == layout.MAILBOX.offset("args", 5) + 8
+        with pytest.raises(IndexError):
+            layout.MAILBOX.offset("args", 6)
+        assert layout.EVENTS.offset("backend_map", 3) == layout.EVENTS.offset("backend_map") + 3
+        assert layout.EVENTS.size == 512 + abi.EVTCHN_2L_NR_CHANNELS // 8
+    finally:
+        mem.close()
+
+
+def test_priv_state_and_counters_read_back_by_name():
+    """xen_abi/shim/priv.py reads what the shim's priv.c keeps (PRIV block)."""
+    mem = GuestMemory(2 * R.PAGE, name="priv-test")
+    try:
+        priv.init_vcpu(mem, 0, nr_vcpus=2)
+        base = layout.PRIV_OFF
+        mem.write_u64(base + layout.PRIV.offset("iopl"), 1)
+        mem.write_u32(base + layout.PRIV.offset("counters", layout.PRIV_CNT_HCALL + abi.Hypercall.mmu_update), 3)
+        mem.write_u32(base + layout.PRIV.offset("counters", layout.PRIV_CNT_TRAPS + x86.VEC_PF), 4)
+        mem.write_u64(base + layout.PRIV.offset("fast_io"), 5)
+        state = priv.read_state(mem, 0)
+        assert (state["nr_vcpus"], state["iopl"], state["dr"]) == (2, 1, [0] * 8)
+        assert priv.read_counters(mem, 0) == {"hypercall mmu_update": 3, "trap 14": 4,
+                                               "fast in/out (#GP fast path)": 5}
+    finally:
+        mem.close()
 
 
 def test_shim_builds_and_fits():

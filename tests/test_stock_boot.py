@@ -25,7 +25,6 @@ import pytest
 from spawned import Spawned
 from waiting import wait_for
 from pyvmm.xen_abi.hypervisor import trace
-from pyvmm.xen_abi.shim import priv
 
 RAM_MB = 256
 
@@ -68,18 +67,6 @@ def test_milestone_order_checker():
                "Kernel command line: earlyprintk=xen\n")
     assert _milestones_in_order(swapped) == ["xen_start_kernel"]
     assert _milestones_in_order("nothing") == []
-
-
-def test_priv_header_matches():
-    """xen_abi/shim/priv.py mirrors shim/priv.h."""
-    hdr = (Path(priv.__file__).parent / "priv.h").read_text()
-    defs = {m.group(1): int(m.group(2), 0)
-            for m in re.finditer(r"#define (PRIV_\w+)\s+(0x[0-9a-fA-F]+|\d+)\b", hdr)}
-    assert defs, "no PRIV_* numbers in priv.h"
-    for name, value in defs.items():
-        assert getattr(priv, name) == value, name
-    for name in ("PRIV_CNT_N",):
-        assert getattr(priv, name) == priv.PRIV_CNT_HCALL + priv.PRIV_CNT_NR_HCALL
 
 
 def test_default_guest_without_apt_uses_the_cached_build(monkeypatch, tmp_path):

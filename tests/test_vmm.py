@@ -1,4 +1,4 @@
-"""vmm/: KVM from Python, exercised with tiny flat guests (guests/flat/*.S)."""
+"""vmm/: KVM from Python, exercised with tiny flat guests (vmm/flat/*.S)."""
 from __future__ import annotations
 
 import ctypes

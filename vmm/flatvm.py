@@ -5,21 +5,15 @@ kernel and user segments, a TSS, an IDT whose gates point at symbols of the
 binary, and the vCPU's sregs already in 64-bit mode at CPL0. Used by the
 vmm tests, the quirk probes and bench/exits.py.
 
-assemble() builds a .S file with the system gcc/ld/objcopy into a flat
-binary at a chosen origin, cached by content hash; symbols come from nm.
+assemble() builds a .S file (vmm/flat/*.S, or text) into a flat binary at a
+chosen origin with pyvmm/toolchain.py, cached by content hash.
 """
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import shutil
-import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyvmm.cache import cache_dir as pyvmm_cache_dir
+from pyvmm import toolchain
 
 from . import x86
 from .kvm import Kvm, KvmSegment, Vcpu, Vm
@@ -69,11 +63,7 @@ ASM_DEFINES = {
     "IDT_GPA": IDT_GPA, "APIC_BASE": x86.APIC_DEFAULT_BASE,
 }
 
-FLAT_DIR = Path(__file__).resolve().parent.parent / "guests" / "flat"
-
-
-def cache_dir() -> Path:
-    return pyvmm_cache_dir("flat")
+FLAT_DIR = Path(__file__).resolve().parent / "flat"
 
 
 @dataclass
@@ -90,53 +80,23 @@ class FlatBinary:
 
 
 def assemble(source: str | Path, org: int = CODE_ORG, defines: dict | None = None) -> FlatBinary:
-    """Assemble a .S (path, or source text) into a flat binary linked at `org`."""
+    """Assemble a .S (path, name in vmm/flat/, or source text) into a flat
+    binary linked at `org`."""
     if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source
                                     and source.endswith(".S")):
         p = Path(source)
         if not p.is_absolute() and not p.exists():
             p = FLAT_DIR / p
-        text = p.read_text()
+        name, text = p.stem, p.read_text()
     else:
-        text = source
+        name, text = "inline", source
     defs = dict(ASM_DEFINES)
     defs.update(defines or {})
-    key = hashlib.sha256(json.dumps([text, org, sorted(defs.items())]).encode()).hexdigest()[:24]
-    out = cache_dir() / key
-    bin_path, sym_path = out.with_suffix(".bin"), out.with_suffix(".syms")
-    if bin_path.exists() and sym_path.exists():
-        return FlatBinary(bin_path.read_bytes(), org, json.loads(sym_path.read_text()))
-    for tool in ("gcc", "ld", "objcopy", "nm"):
-        if shutil.which(tool) is None:
-            raise RuntimeError(f"assembling flat test binaries needs {tool!r}")
-    with tempfile.TemporaryDirectory() as td:
-        src = Path(td) / "guest.S"
-        src.write_text(text)
-        obj, elf, flat = (Path(td) / n for n in ("guest.o", "guest.elf", "guest.bin"))
-        dflags = [f"-D{k}={v:#x}" if isinstance(v, int) else f"-D{k}={v}" for k, v in defs.items()]
-        _run(["gcc", "-c", "-nostdlib", "-ffreestanding", *dflags, "-o", obj, src])
-        _run(["ld", "-nostdlib", "-static", "--no-warn-rwx-segments", "-Ttext", hex(org),
-              "-e", "_start", "-o", elf, obj])
-        _run(["objcopy", "-O", "binary", "-j", ".text", "-j", ".data", "-j", ".rodata", elf, flat])
-        syms = {}
-        for line in _run(["nm", elf]).splitlines():
-            parts = line.split()
-            if len(parts) == 3:
-                syms[parts[2]] = int(parts[0], 16)
-        image = flat.read_bytes()
-    tmp = bin_path.with_suffix(".tmp")
-    tmp.write_bytes(image)
-    os.replace(tmp, bin_path)
-    tmp.write_text(json.dumps(syms))
-    os.replace(tmp, sym_path)
-    return FlatBinary(image, org, syms)
-
-
-def _run(cmd) -> str:
-    r = subprocess.run([str(c) for c in cmd], capture_output=True, text=True)
-    if r.returncode:
-        raise RuntimeError(f"{cmd[0]} failed:\n{r.stderr}")
-    return r.stdout
+    built = toolchain.build(f"flat/{name}", [toolchain.Source("guest.S", text)],
+                            cflags=["-nostdlib", "-ffreestanding"], defines=defs,
+                            link=toolchain.Link(address=org, entry="_start"),
+                            flat=["-j", ".text", "-j", ".data", "-j", ".rodata"])
+    return FlatBinary(built.flat, org, built.symbols)
 
 
 def _segment(sel: int, code: bool, dpl: int) -> KvmSegment:

@@ -16,7 +16,7 @@ from .kvm import ExitReason, Kvm
 
 PVM_MODULE_PATH = "/sys/module/kvm_pvm"
 
-# Exit ports of guests/flat/cpl3.S (anything above the legacy PIC/PIT range).
+# Exit ports of vmm/flat/cpl3.S (anything above the legacy PIC/PIT range).
 PORT_GP = 0x501
 PORT_INT = 0x502
 PORT_SYSCALL = 0x503
@@ -102,7 +102,7 @@ class ProbeResult:
 
 
 def _run_cpl3_probe(kvm: Kvm, user_entry: str, msrs_from_syms=None):
-    """Run guests/flat/cpl3.S entering `user_entry`; returns (exit, regs, fv syms)."""
+    """Run vmm/flat/cpl3.S entering `user_entry`; returns (exit, regs, fv syms)."""
     from .flatvm import FlatVm, assemble     # local: only probes need gcc
     binary = assemble("cpl3.S", defines=dict(PROBE_PORTS, USER_ENTRY=user_entry))
     with FlatVm(kvm, binary) as fv:

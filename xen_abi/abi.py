@@ -2,8 +2,8 @@
 
 Values follow xen/include/public/*.h (interface version 0x040e00). Layouts are
 `construct` structs so that Python code reads and writes guest memory through
-one definition; the shim's C header (shim/xen_abi.h) mirrors the few that the
-fast paths need, and tests check the two agree.
+one definition; the C code (the shim, the test guests) gets the numbers it
+needs from a header generated from this module at build time (shim/layout.py).
 """
 from __future__ import annotations
 
@@ -622,7 +622,7 @@ VcpuInfo = Struct(
 )
 assert VcpuInfo.sizeof() == 64
 
-# Byte offsets the shim and Python poke directly (mirrored in shim/xen_abi.h).
+# Byte offsets Python pokes directly.
 VCPU_INFO_SIZE = 64
 VCPU_INFO_UPCALL_PENDING = 0
 VCPU_INFO_UPCALL_MASK = 1

@@ -8,17 +8,6 @@
 
 const char tg_name[] = "absurd";
 
-#define XEN_EFAULT 14
-#define XEN_ENOSYS 38
-
-#define HC_memory_op 12
-#define HC_grant_table_op 20
-#define XENMEM_memory_map 9
-#define GNTTABOP_setup_table 2
-#define XEN_ENOENT 2
-#define VCPUOP_is_up 3
-#define CALLBACKTYPE_sysenter 3
-
 static const u64 wild[] = {
 	0x00000000dead0000UL,   /* unmapped user address */
 	0x8000000000000000UL,   /* non-canonical */

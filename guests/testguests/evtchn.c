@@ -111,7 +111,7 @@ void tg_main(struct start_info *s)
 	tg_check(status(ipi, &st) == EVTCHNSTAT_closed, "closed status", st.status, 0);
 	rc = ev_send(ipi);
 	tg_check(rc == -XEN_EINVAL, "send on closed port", rc, -XEN_EINVAL);
-	rc = ev_send(NR_PORTS + 5);
+	rc = ev_send(EVTCHN_2L_NR_CHANNELS + 5);
 	tg_check(rc == -XEN_EINVAL, "send on out-of-range port", rc, -XEN_EINVAL);
 	st.dom = DOMID_SELF; st.port = 1u << 30;
 	rc = evtchn_op(EVTCHNOP_status, &st);

@@ -49,7 +49,7 @@ static void test_mmu_update(void)
 	tg_check(rc == 0 && !(l1a[1] & (PTE_A | PTE_D)), "NORMAL update drops A|D", l1a[1], 0);
 
 	/* MACHPHYS_UPDATE: the host checks the M2P entry after the run
-	 * (reading M2P_VA from the guest is the mmu_m2p guest's job) */
+	 * (reading MACH2PHYS_VIRT_START from the guest is the mmu_m2p guest's job) */
 	u64 pfn = va_to_pfn(d0);
 	rc = mmu_update1((pfn << 12) | MMU_MACHPHYS_UPDATE, M2P_TEST_VALUE);
 	tg_check(rc == 0, "MACHPHYS_UPDATE", rc, 0);
@@ -68,7 +68,7 @@ static void test_mmu_update(void)
 	tg_check(rc == -XEN_EINVAL, "batch with a bad ptr", rc, -XEN_EINVAL);
 	tg_check(done == 1, "done count after a failure", done, 1);
 	tg_check(l1a[2] != 0 && l1a[3] == 0, "entries before/after the failure", l1a[3], 0);
-	rc = mmu_update1((read_cr3() + HV_L4_FIRST * 8 + 8), 0);
+	rc = mmu_update1((read_cr3() + HYPERVISOR_L4_FIRST_SLOT * 8 + 8), 0);
 	tg_check(rc == -XEN_EINVAL, "write to a hypervisor L4 slot", rc, -XEN_EINVAL);
 	rc = mmu_update1(l1m + 32, (0x7ffff000UL << 12) | PTE_P);
 	tg_check(rc == -XEN_EINVAL, "L1 entry mapping a frame outside RAM", rc, -XEN_EINVAL);
@@ -124,7 +124,7 @@ static void test_update_va_mapping(void)
 	/* errors */
 	rc = uvm(TEST_VA + (2UL << 20), pte_of(d0), UVMF_INVLPG);
 	tg_check(rc == -XEN_EINVAL, "update_va_mapping without an L1", rc, -XEN_EINVAL);
-	rc = uvm(M2P_VA, pte_of(d0), UVMF_INVLPG);
+	rc = uvm(MACH2PHYS_VIRT_START, pte_of(d0), UVMF_INVLPG);
 	tg_check(rc == -XEN_EINVAL, "update_va_mapping in the hypervisor hole", rc, -XEN_EINVAL);
 	rc = uvm(TEST_VA, pte_of(d0), UVMF_INVLPG | 0x1000);
 	tg_check(rc == -XEN_EFAULT, "update_va_mapping with an unreadable vCPU mask", rc, -XEN_EFAULT);
@@ -177,15 +177,16 @@ static void test_mmuext(void)
 	 * wiped; pinning must put them back, switching must keep us alive */
 	u64 cur = read_cr3(), before = rd(TEST_VA);
 	u64 *l4 = pfn_va(cur >> 12);
+	const int hv = HYPERVISOR_L4_FIRST_SLOT;
 	for (int i = 0; i < 512; i++)
-		l4copy[i] = (i >= HV_L4_FIRST && i < HV_L4_FIRST + 16) ? 0 : l4[i];
+		l4copy[i] = (i >= hv && i < hv + HYPERVISOR_L4_SLOTS) ? 0 : l4[i];
 	u64 cpfn = va_to_pfn(l4copy);
 	rc = uvm((u64)l4copy, (cpfn << 12) | PTE_P | PTE_A, UVMF_INVLPG);
 	tg_check(rc == 0, "make the new L4 read-only", rc, 0);
 	rc = mmuext1(MMUEXT_PIN_L4_TABLE, cpfn, 0);
 	tg_check(rc == 0, "PIN_L4", rc, 0);
-	tg_check(l4copy[HV_L4_FIRST] == l4[HV_L4_FIRST] && l4copy[HV_L4_FIRST + 1] != 0,
-		 "PIN_L4 installs the hypervisor slots", l4copy[HV_L4_FIRST + 1], l4[HV_L4_FIRST + 1]);
+	tg_check(l4copy[hv] == l4[hv] && l4copy[hv + 1] != 0,
+		 "PIN_L4 installs the hypervisor slots", l4copy[hv + 1], l4[hv + 1]);
 	rc = mmuext1(MMUEXT_NEW_BASEPTR, cpfn, 0);
 	tg_check(rc == 0 && read_cr3() == cpfn << 12, "NEW_BASEPTR switches CR3", read_cr3(), cpfn << 12);
 	tg_check(rd(TEST_VA) == before, "same mappings through the new L4", rd(TEST_VA), before);

@@ -5,8 +5,6 @@
 #include "mmutest.h"
 const char tg_name[] = "mmu_m2p";
 
-#define HC_memory_op 12
-#define XENMEM_machphys_mapping 12
 struct xen_machphys_mapping { u64 v_start, v_end, max_mfn; };
 
 extern char tg_trap_14[];

@@ -1,46 +1,15 @@
 /* Shared helpers for the page-table / descriptor-table test guests
- * (mmu.c, ptwr.c, gdt.c): Xen MMU structures and numbers, and a way to
+ * (mmu.c, ptwr.c, gdt.c): Xen MMU structures, and a way to
  * hook a fresh L1 into the builder's tables. */
 #ifndef MMUTEST_H
 #define MMUTEST_H
 #include "tg.h"
 
-#define HC_set_gdt 2
-#define HC_update_descriptor 10
-
 struct mmu_update { u64 ptr, val; };
 struct mmuext_op { u32 cmd, _pad; u64 arg1, arg2; };
+_Static_assert(sizeof(struct mmu_update) == XEN_MMU_UPDATE_SIZE, "mmu_update");
+_Static_assert(sizeof(struct mmuext_op) == XEN_MMUEXT_OP_SIZE, "mmuext_op");
 
-#define MMU_NORMAL_PT_UPDATE 0
-#define MMU_MACHPHYS_UPDATE 1
-#define MMU_PT_UPDATE_PRESERVE_AD 2
-#define MMUEXT_PIN_L1_TABLE 0
-#define MMUEXT_PIN_L4_TABLE 3
-#define MMUEXT_UNPIN_TABLE 4
-#define MMUEXT_NEW_BASEPTR 5
-#define MMUEXT_INVLPG_LOCAL 7
-#define MMUEXT_TLB_FLUSH_MULTI 8
-#define MMUEXT_INVLPG_MULTI 9
-#define MMUEXT_TLB_FLUSH_ALL 10
-#define MMUEXT_INVLPG_ALL 11
-#define MMUEXT_FLUSH_CACHE 12
-#define MMUEXT_SET_LDT 13
-#define MMUEXT_CLEAR_PAGE 16
-#define MMUEXT_COPY_PAGE 17
-#define MMUEXT_FLUSH_CACHE_GLOBAL 18
-#define UVMF_NONE 0
-#define UVMF_TLB_FLUSH 1
-#define UVMF_ALL 4
-#define DOMID_SELF 0x7ff0
-
-#define XEN_ESRCH 3
-#define XEN_EFAULT 14
-#define XEN_EACCES 13
-#define XEN_EINVAL 22
-#define XEN_ENOSYS 38
-
-#define M2P_VA 0xffff800000000000UL
-#define HV_L4_FIRST 256
 #define PTE_NX (1UL << 63)
 #define PTE_ADDR 0x000ffffffffff000UL
 /* a 2 MiB slot of the kernel half with no L1 in the builder's tables */

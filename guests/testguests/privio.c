@@ -13,9 +13,6 @@
 #include "tg.h"
 const char tg_name[] = "privio";
 
-#define HC_physdev_op 33
-#define PHYSDEVOP_set_iopl 6
-
 extern char tg_trap_13[];
 u64 tg_resume_rip;
 static u64 gp_count, gp_rip, gp_err;

@@ -3,8 +3,6 @@
 #include "tg.h"
 const char tg_name[] = "reboot";
 
-#define SHUTDOWN_reboot 1
-
 void tg_main(struct start_info *si)
 {
 	(void)si;

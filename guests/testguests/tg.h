@@ -1,37 +1,14 @@
-/* Tiny freestanding PV test guests: hypercalls, console output, checks. */
+/* Tiny freestanding PV test guests: hypercalls, console output, checks.
+ * Xen's numbers (HC_*, SCHEDOP_*, XEN_E*, ...) come from xen_numbers.h,
+ * generated from xen_abi/abi.py at build time (xen_abi/shim/layout.py). */
 #ifndef TG_H
 #define TG_H
 #include <stdint.h>
 #include <stddef.h>
+#include "xen_numbers.h"
 
 typedef uint8_t u8; typedef uint16_t u16; typedef uint32_t u32; typedef uint64_t u64;
 typedef int64_t s64;
-
-#define HC_set_trap_table 0
-#define HC_mmu_update 1
-#define HC_stack_switch 3
-#define HC_fpu_taskswitch 5
-#define HC_multicall 13
-#define HC_update_va_mapping 14
-#define HC_xen_version 17
-#define HC_console_io 18
-#define HC_iret 23
-#define HC_set_segment_base 25
-#define HC_mmuext_op 26
-#define HC_sched_op 29
-#define HC_callback_op 30
-
-#define SCHEDOP_shutdown 2
-#define SHUTDOWN_poweroff 0
-#define SHUTDOWN_crash 3
-#define CONSOLEIO_write 0
-#define UVMF_INVLPG 2
-#define MMUEXT_NEW_USER_BASEPTR 15
-#define MMUEXT_TLB_FLUSH_LOCAL 6
-#define CALLBACKOP_register 0
-#define CALLBACKTYPE_syscall 2
-#define SEGBASE_GS_USER 1
-#define SEGBASE_GS_KERNEL 2
 
 #define PTE_P 1UL
 #define PTE_RW 2UL
@@ -60,6 +37,10 @@ struct vcpu_info {
 };
 
 struct trap_info { u8 vector, flags; u16 cs; u32 _pad; u64 address; };
+
+_Static_assert(sizeof(struct start_info) == XEN_START_INFO_SIZE, "start_info");
+_Static_assert(sizeof(struct vcpu_info) == VI_SIZE, "vcpu_info");
+_Static_assert(sizeof(struct trap_info) == XEN_TRAP_INFO_SIZE, "trap_info");
 
 extern int tg_use_hypercall_page;
 extern char hypercall_page[];

@@ -5,39 +5,6 @@
 #define TG_EVENTS_H
 #include "tg.h"
 
-#define HC_set_timer_op 15
-#define HC_vcpu_op 24
-#define HC_event_channel_op 32
-#define SCHEDOP_block 1
-#define CALLBACKTYPE_event 0
-#define XENVER_version 0
-
-#define EVTCHNOP_bind_interdomain 0
-#define EVTCHNOP_bind_virq 1
-#define EVTCHNOP_close 3
-#define EVTCHNOP_send 4
-#define EVTCHNOP_status 5
-#define EVTCHNOP_alloc_unbound 6
-#define EVTCHNOP_bind_ipi 7
-#define EVTCHNOP_unmask 9
-#define EVTCHNSTAT_closed 0
-#define EVTCHNSTAT_unbound 1
-#define EVTCHNSTAT_interdomain 2
-#define EVTCHNSTAT_virq 4
-#define EVTCHNSTAT_ipi 5
-#define DOMID_SELF 0x7ff0
-#define VIRQ_TIMER 0
-
-#define VCPUOP_set_singleshot_timer 8
-#define VCPUOP_stop_singleshot_timer 9
-#define VCPUOP_register_vcpu_info 10
-#define VCPUOP_stop_periodic_timer 7
-#define VCPU_SSHOTTMR_future 1
-#define XEN_ETIME 62
-#define XEN_EINVAL 22
-
-#define NR_PORTS 4096
-
 struct pvclock {
 	u32 version, pad0;
 	u64 tsc_timestamp, system_time;
@@ -52,6 +19,8 @@ struct shared_info {
 	u64 evtchn_mask[64];
 	u32 wc_version, wc_sec, wc_nsec, wc_sec_hi;
 };
+_Static_assert(offsetof(struct shared_info, evtchn_pending) == SI_EVTCHN_PENDING, "evtchn_pending");
+_Static_assert(offsetof(struct shared_info, evtchn_mask) == SI_EVTCHN_MASK, "evtchn_mask");
 
 struct evtchn_alloc_unbound { u16 dom, remote_dom; u32 port; };
 struct evtchn_bind_interdomain { u16 remote_dom, _p; u32 remote_port, local_port; };
@@ -68,7 +37,7 @@ static volatile struct vcpu_info *vi;
 static u8 si_page[4096] __attribute__((aligned(4096)));
 
 /* upcall bookkeeping */
-static volatile u32 ev_hits[NR_PORTS];
+static volatile u32 ev_hits[EVTCHN_2L_NR_CHANNELS];
 static volatile u64 ev_upcalls;
 static volatile u64 ev_last_tsc;          /* rdtsc at the last upcall */
 static void (*ev_hook)(u32 port);          /* per-port callback, optional */

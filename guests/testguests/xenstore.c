@@ -8,20 +8,11 @@
 
 const char tg_name[] = "xenstore";
 
-#define XS_DIRECTORY 1
-#define XS_READ 2
-#define XS_WATCH 4
-#define XS_TRANSACTION_START 6
-#define XS_TRANSACTION_END 7
-#define XS_WRITE 11
-#define XS_WATCH_EVENT 15
-#define XS_ERROR 16
-#define XS_RING_SIZE 1024
-#define XS_MASK(i) ((i) & (XS_RING_SIZE - 1))
+#define XS_MASK(i) ((i) & (XENSTORE_RING_SIZE - 1))
 
 struct xsd_sockmsg { u32 type, req_id, tx_id, len; };
 struct xs_ring {
-	char req[XS_RING_SIZE], rsp[XS_RING_SIZE];
+	char req[XENSTORE_RING_SIZE], rsp[XENSTORE_RING_SIZE];
 	u32 req_cons, req_prod, rsp_cons, rsp_prod;
 	u32 server_features, connection, error;
 };
@@ -33,7 +24,7 @@ static char watch_buf[256];
 static u32 watch_len, watch_events, blocks;
 
 static int rsp_avail(void) { return ring->rsp_prod != ring->rsp_cons; }
-static int req_room(void) { return ring->req_prod - ring->req_cons < XS_RING_SIZE; }
+static int req_room(void) { return ring->req_prod - ring->req_cons < XENSTORE_RING_SIZE; }
 
 static void wait_for(int (*cond)(void))
 {
@@ -49,7 +40,7 @@ static void ring_put(const void *data, u32 len)
 	while (len) {
 		wait_for(req_room);
 		u32 prod = ring->req_prod;
-		while (len && prod - ring->req_cons < XS_RING_SIZE) {
+		while (len && prod - ring->req_cons < XENSTORE_RING_SIZE) {
 			ring->req[XS_MASK(prod)] = *p++;
 			prod++;
 			len--;

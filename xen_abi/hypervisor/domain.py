@@ -24,6 +24,7 @@ from pyvmm.vmm.quirks import on_kvm_pvm
 from pyvmm.xen_abi import abi
 from pyvmm.xen_abi.memory import vmm_region as R
 from pyvmm.xen_abi.shim import priv
+from pyvmm.xen_abi.shim.layout import CPUID_ENT, GLOBALS, MAILBOX, PERCPU, SHIM_EXIT_PORT, GlobalsFlag, MailboxOp
 from pyvmm.xen_abi.boot.builder import build_pv_domain
 from pyvmm.xen_abi.hypervisor.channels import DomainChannels
 from pyvmm.xen_abi.hypervisor.evtchn import EventChannels
@@ -159,22 +160,17 @@ class Domain(PvDomainBase):
             m.write(R.SHARED_INFO_OFF + v * abi.VCPU_INFO_SIZE + abi.VCPU_INFO_UPCALL_MASK, b"\x01")
         # CPUID policy for the forced-emulation prefix
         self.cpuid_table = self._cpuid_policy()
-        packed = b"".join(R.CPUID_ENT.pack(*(x & 0xFFFFFFFF for x in e)) for e in self.cpuid_table)
+        packed = b"".join(CPUID_ENT.pack(*(x & 0xFFFFFFFF for x in e)) for e in self.cpuid_table)
         if len(packed) > R.PAGE:
             raise RuntimeError("CPUID policy does not fit its page")
         m.write(R.CPUID_OFF, packed)
-        g = R.GLOBALS_OFF
-        m.write_u64(g + R.SG_FLAGS, R.SGF_PVM if self.is_pvm else 0)
-        m.write_u64(g + R.SG_SHARED_INFO, reg.shared_info_va)
-        m.write_u64(g + R.SG_CPUID_TABLE, reg.va(R.CPUID_OFF))
-        m.write_u64(g + R.SG_NR_CPUID, len(self.cpuid_table))
-        m.write_u64(g + R.SG_DIRECTMAP, R.DIRECTMAP_VA)
-        m.write_u64(g + R.SG_RAM_PAGES, reg.ram_pages)
+        GLOBALS.write(m, R.GLOBALS_OFF, flags=GlobalsFlag.PVM if self.is_pvm else 0,
+                      shared_info=reg.shared_info_va, cpuid_table=reg.va(R.CPUID_OFF),
+                      nr_cpuid=len(self.cpuid_table), directmap=R.DIRECTMAP_VA,
+                      ram_pages=reg.ram_pages, m2p=reg.va(reg.m2p_off),
+                      ftype=reg.va(reg.ftype_off), region_gpa=reg.gpa)
         for slot, e in reg.hypervisor_l4_entries().items():
-            m.write_u64(g + R.SG_L4_SLOTS + (slot - abi.HYPERVISOR_L4_FIRST_SLOT) * 8, e)
-        m.write_u64(g + R.SG_M2P, reg.va(reg.m2p_off))
-        m.write_u64(g + R.SG_FTYPE, reg.va(reg.ftype_off))
-        m.write_u64(g + R.SG_REGION_GPA, reg.gpa)
+            m.write_u64(R.GLOBALS_OFF + GLOBALS.offset("l4_slots", slot - abi.HYPERVISOR_L4_FIRST_SLOT), e)
         # IDT (shared by all vCPUs)
         vec_base = shim.sym("shim_vectors")
         ist = {x86.VEC_DF: R.IST_DF, x86.VEC_NMI: R.IST_NMI, x86.VEC_MC: R.IST_MC}
@@ -200,15 +196,13 @@ class Domain(PvDomainBase):
         m.write(v.tss_off, x86.make_tss64(reg.va(blk + R.STACK_TOP),
                                           [reg.va(blk + R.IST_DF_TOP), reg.va(blk + R.IST_NMI_TOP),
                                            reg.va(blk + R.IST_MC_TOP)]))
-        m.write(v.tramp_off, syscall_trampoline(reg.va(v.tramp_off), reg.va(v.percpu_off + R.PC_SYSCALL_RSP),
+        m.write(v.tramp_off, syscall_trampoline(reg.va(v.tramp_off),
+                                                reg.va(v.percpu_off + PERCPU.offset("syscall_rsp")),
                                                 reg.va(blk + R.STACK_TOP), self.shim.sym("shim_syscall_entry")))
-        pc = v.percpu_off
-        m.write_u64(pc + R.PC_VCPU_ID, v.index)
-        m.write_u64(pc + R.PC_VCPU_INFO, reg.shared_info_va + v.index * abi.VCPU_INFO_SIZE)
-        m.write_u64(pc + R.PC_LSTAR, reg.va(v.tramp_off))
-        m.write_u64(pc + R.PC_KERNEL_MODE, 1)
-        m.write_u64(pc + R.PC_MAILBOX, reg.va(v.mailbox_off))
-        priv.init_vcpu(m, pc, len(reg.vcpus))   # emulator state + counters (shim/priv.c)
+        PERCPU.write(m, v.percpu_off, vcpu_id=v.index,
+                     vcpu_info=reg.shared_info_va + v.index * abi.VCPU_INFO_SIZE,
+                     lstar=reg.va(v.tramp_off), kernel_mode=1, mailbox=reg.va(v.mailbox_off))
+        priv.init_vcpu(m, v.percpu_off, len(reg.vcpus))   # emulator state + counters (shim/priv.c)
 
     def _cpuid_policy(self):
         from pyvmm.xen_abi.boot.cpuid import build_pv_cpuid, with_native_feature_leaves
@@ -235,10 +229,8 @@ class Domain(PvDomainBase):
     def _setup_vcpu(self, index: int):
         vcpu, reg, lay = self.vcpu, self.region, self.layout
         v = reg.vcpus[index]
-        m = reg.mem
-        m.write_u64(v.percpu_off + R.PC_CR3_KERNEL, lay.l4_pfn << abi.PAGE_SHIFT)
-        m.write_u64(v.percpu_off + R.PC_KERNEL_SP, lay.stack_top)
-        m.write_u64(v.percpu_off + R.PC_KERNEL_SS, abi.FLAT_KERNEL_SS)
+        PERCPU.write(reg.mem, v.percpu_off, cr3_kernel=lay.l4_pfn << abi.PAGE_SHIFT,
+                     kernel_sp=lay.stack_top, kernel_ss=abi.FLAT_KERNEL_SS)
         vcpu.set_cpuid(self.kvm.supported_cpuid())
         s = vcpu.get_sregs()
         s.cs = _seg(abi.FLAT_KERNEL_CS64, code=True, dpl=3, long=True)
@@ -307,14 +299,14 @@ class Domain(PvDomainBase):
         """One exit through the shim port.  Returns a RunResult to stop."""
         mb = self._mailbox(index)
         p = self.phys
-        op = p.read_u64(mb + R.MB_OP * 8)
-        if op == R.MBOP_HYPERCALL:
-            nr = p.read_u64(mb + R.MB_NR * 8)
-            args = tuple(p.read_u64(mb + (R.MB_ARGS + i) * 8) for i in range(6))
-            cr3 = p.read_u64(mb + R.MB_CR3 * 8)
+        op = MAILBOX.read(p, mb, "op")
+        if op == MailboxOp.HYPERCALL:
+            nr = MAILBOX.read(p, mb, "nr")
+            args = tuple(MAILBOX.read(p, mb, "args", i) for i in range(6))
+            cr3 = MAILBOX.read(p, mb, "cr3")
             ctx = HypercallContext(vcpu_id=index, vm=GuestVirtualMemory(p, cr3), phys=p,
-                                   in_kernel_mode=bool(p.read_u64(mb + R.MB_KMODE * 8)))
-            rip = p.read_u64(mb + R.MB_RIP * 8)
+                                   in_kernel_mode=bool(MAILBOX.read(p, mb, "kmode")))
+            rip = MAILBOX.read(p, mb, "rip")
             self.notifier.enter_exit(True)
             try:
                 rc = self.dispatcher.dispatch(ctx, nr, args)
@@ -327,16 +319,15 @@ class Domain(PvDomainBase):
                 self.notifier.enter_exit(False)
             self.on_hypercall(SlowHypercall(index, nr, args, rip, result=rc))
             self.clock.after_hypercall(nr, self.evtchn)
-            p.write_u64(mb + R.MB_RESULT * 8, rc & MASK64)
+            MAILBOX.write(p, mb, result=rc & MASK64)
             return None, None
-        if op == R.MBOP_SET_XCR0:      # the shim's xsetbv (validated there)
-            p.write_u64(mb + R.MB_RESULT * 8, 0 if self._set_xcr0(p.read_u64(mb + R.MB_ARGS * 8)) else 1)
+        if op == MailboxOp.SET_XCR0:      # the shim's xsetbv (validated there)
+            MAILBOX.write(p, mb, result=0 if self._set_xcr0(MAILBOX.read(p, mb, "args", 0)) else 1)
             return None, None
-        info = {k: p.read_u64(mb + i * 8) for k, i in
-                (("info", R.MB_INFO), ("rip", R.MB_RIP), ("info2", R.MB_INFO2))}
-        if op == R.MBOP_CRASH:
+        info = {k: MAILBOX.read(p, mb, k) for k in ("info", "rip", "info2")}
+        if op == MailboxOp.CRASH:
             return abi.ShutdownReason.crash, info
-        if op == R.MBOP_PANIC:
+        if op == MailboxOp.PANIC:
             raise ShimPanic(f"shim fault: vector {info['info']:#x} at {info['rip']:#x} "
                             f"(cr2/err {info['info2']:#x})")
         raise ShimPanic(f"unknown shim exit op {op}")
@@ -360,7 +351,7 @@ class Domain(PvDomainBase):
             va = R.DIRECTMAP_VA + gpa
         else:
             va = R.REGION_VA + (gpa - self.region.gpa)
-        self.region.mem.write_u64(self.region.vcpus[vcpu_id].percpu_off + R.PC_VCPU_INFO, va)
+        PERCPU.write(self.region.mem, self.region.vcpus[vcpu_id].percpu_off, vcpu_info=va)
         self.clock.vcpu_info_moved(gpa)
 
     def now_ns(self) -> int:
@@ -373,13 +364,13 @@ class Domain(PvDomainBase):
         exit reason ("intr", "hlt", ...)."""
         if ex.reason != ExitReason.IO:
             return getattr(ex.reason, "name", str(ex.reason)).lower()
-        if ex.port != R.SHIM_EXIT_PORT:
+        if ex.port != SHIM_EXIT_PORT:
             return f"io:{ex.port:#x}"
         mb, p = self._mailbox(0), self.phys
-        op = p.read_u64(mb + R.MB_OP * 8)
-        if op != R.MBOP_HYPERCALL:
+        op = MAILBOX.read(p, mb, "op")
+        if op != MailboxOp.HYPERCALL:
             return f"shim:{_MBOP_NAMES.get(op, op)}"
-        nr, a0 = p.read_u64(mb + R.MB_NR * 8), p.read_u64(mb + R.MB_ARGS * 8)
+        nr, a0 = MAILBOX.read(p, mb, "nr"), MAILBOX.read(p, mb, "args", 0)
         try:
             name = abi.Hypercall(nr).name
         except ValueError:
@@ -417,7 +408,7 @@ class Domain(PvDomainBase):
                 ex = self.vcpu.run()
                 self.on_vcpu_exit(ex)
                 self.exit_counts[self._exit_key(ex)] += 1
-                if ex.reason == ExitReason.IO and ex.port == R.SHIM_EXIT_PORT:
+                if ex.reason == ExitReason.IO and ex.port == SHIM_EXIT_PORT:
                     self.slow_exits += 1
                     reason, info = self._handle_shim_exit(0)
                     if reason is not None:
@@ -476,8 +467,7 @@ _HYPERCALL_SUBOPS = {
     abi.Hypercall.xen_version: abi.XenVer, abi.Hypercall.console_io: abi.ConsoleIoCmd,
     abi.Hypercall.physdev_op: abi.PhysdevOp, abi.Hypercall.xenpmu_op: abi.XenPmuOp,
 }
-_MBOP_NAMES = {R.MBOP_PANIC: "panic", R.MBOP_CRASH: "crash", R.MBOP_BLOCK: "block",
-               R.MBOP_SET_XCR0: "set_xcr0"}
+_MBOP_NAMES = {op: op.name.lower() for op in MailboxOp if op != MailboxOp.HYPERCALL}
 
 TSS_BUSY = 0xB   # 64-bit TSS, busy (TR is loaded through KVM_SET_SREGS)
 

@@ -20,6 +20,7 @@ import threading
 
 from pyvmm.xen_abi import abi
 from pyvmm.xen_abi.hypervisor import time as E
+from pyvmm.xen_abi.shim.layout import EV_CHECK_VECTOR, EV_SEND_PORT
 
 log = logging.getLogger(__name__)
 
@@ -49,7 +50,7 @@ class EventNotifier:
         if getattr(self._in_exit, "active", False):
             return
         if 0 <= vcpu_id < len(self.region.vcpus):
-            self.vm.signal_msi(E.msi_address(vcpu_id), E.EV_CHECK_VECTOR)
+            self.vm.signal_msi(E.msi_address(vcpu_id), EV_CHECK_VECTOR)
 
     def enter_exit(self, active: bool) -> None:
         """The calling (vCPU) thread is inside a shim exit, or left it."""
@@ -62,11 +63,11 @@ class EventNotifier:
         with self._efd_lock:
             if event == "bind" and guest_port not in self._efds:
                 efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-                self.vm.ioeventfd(efd, E.EV_SEND_PORT, length=4, datamatch=guest_port, pio=True)
+                self.vm.ioeventfd(efd, EV_SEND_PORT, length=4, datamatch=guest_port, pio=True)
                 self._efds[guest_port] = efd
             elif event == "close" and guest_port in self._efds:
                 efd = self._efds.pop(guest_port)
-                self.vm.ioeventfd(efd, E.EV_SEND_PORT, length=4, datamatch=guest_port, pio=True,
+                self.vm.ioeventfd(efd, EV_SEND_PORT, length=4, datamatch=guest_port, pio=True,
                                   deassign=True)
                 os.close(efd)
         os.write(self._wake_w, b"\0")     # re-read the eventfd set
@@ -103,7 +104,7 @@ class EventNotifier:
 
     def handle_io(self, ex) -> bool:
         """An `out` to EV_SEND_PORT no ioeventfd matched: send from here."""
-        if ex.port != E.EV_SEND_PORT or not ex.is_out:
+        if ex.port != EV_SEND_PORT or not ex.is_out:
             return False
         port = int.from_bytes(bytes(ex.data[:4]), "little")
         self.enter_exit(True)

@@ -4,7 +4,7 @@
   writing), computed from one TSC snapshot -- with a constant TSC one
   suffices -- and Xen's set_time_scale();
 * the shared_info wallclock (wall time at system time 0);
-* the per-vCPU events block the shim reads (EVB_* in shim/events.h);
+* the per-vCPU events block the shim reads (EVENTS in shim/layout.py);
 * the vCPU's LAPIC set up for the shim's timer (x2APIC, TSC-deadline mode
   when KVM offers it, else one-shot) and the "event check" MSI that kicks
   a vCPU after Python raised one of its ports.
@@ -21,45 +21,7 @@ from pyvmm.vmm.kvm import Cap
 
 from pyvmm.xen_abi import abi
 from pyvmm.xen_abi.hypervisor.hypercalls.xen_version import XEN_VERSION
-
-# ---- mirrors of shim/events.h (tests compare) ----
-HC_set_timer_op = 15
-XEN_VCPUOP_stop_periodic_timer = 7
-XEN_VCPUOP_set_singleshot_timer = 8
-XEN_VCPUOP_stop_singleshot_timer = 9
-XEN_VCPU_SSHOTTMR_future = 1
-XEN_EVTCHNOP_send = 4
-XEN_ETIME = 62
-XEN_NR_EVENT_CHANNELS = 4096
-SI_EVTCHN_PENDING = 2048
-SI_EVTCHN_MASK = 2560
-EVB_TIMER_PORT = 0
-EVB_TSC_TIMESTAMP = 8
-EVB_SYSTEM_TIME = 16
-EVB_TSC_MUL = 24
-EVB_TSC_SHIFT = 32
-EVB_NS_TO_TSC_MUL = 40
-EVB_XEN_VERSION = 48
-EVB_FLAGS = 56
-EVB_DEADLINE_NS = 64
-EVB_ARMED = 72
-EVB_TIMER_IRQS = 80
-EVB_CHECK_IRQS = 88
-EVB_BLOCKS = 96
-EVB_BACKEND_SENDS = 104
-EVB_BACKEND_MAP = 512
-EVB_SIZE = 512 + 4096 // 8
-EVF_TSC_DEADLINE = 1
-EVF_SEND_PORT = 2
-EV_TIMER_VECTOR = 0xF0
-EV_CHECK_VECTOR = 0xF1
-EV_SPURIOUS_VECTOR = 0xFF
-MSR_X2APIC_EOI = 0x80B
-MSR_X2APIC_TMICT = 0x838
-MSR_TSC_DEADLINE = 0x6E0
-APIC_BUS_NS = 1
-ONESHOT_MAX_COUNT = 0xFFFFFFFF
-EV_SEND_PORT = 0x0704
+from pyvmm.xen_abi.shim.layout import EV_SPURIOUS_VECTOR, EV_TIMER_VECTOR, EVENTS, EventsFlag
 
 # ---- KVM / LAPIC ----
 APIC_REG_SVR = 0xF0
@@ -77,7 +39,6 @@ MSI_DEST_ID_SHIFT = 12               # MSI address bits 19:12: destination APIC 
 
 NS_PER_SEC = 1_000_000_000
 U64 = (1 << 64) - 1
-_SLOT = struct.Struct("<Q")
 
 
 def time_scale(tsc_hz: int) -> tuple[int, int]:
@@ -166,24 +127,21 @@ def get_tsc_khz(vcpu) -> int:
 def write_events_block(mem, off: int, clock: PvClock, *, xen_version: int, tsc_deadline: bool,
                        send_port: bool) -> None:
     """The shim's inputs in one vCPU's events block (mem: the region's GuestMemory)."""
-    for slot, value in ((EVB_TSC_TIMESTAMP, clock.tsc_timestamp), (EVB_SYSTEM_TIME, clock.system_time),
-                        (EVB_TSC_MUL, clock.tsc_to_system_mul), (EVB_TSC_SHIFT, clock.tsc_shift & U64),
-                        (EVB_NS_TO_TSC_MUL, clock.ns_to_tsc_mul), (EVB_XEN_VERSION, xen_version),
-                        (EVB_FLAGS, (EVF_TSC_DEADLINE if tsc_deadline else 0)
-                         | (EVF_SEND_PORT if send_port else 0))):
-        mem.write_u64(off + slot, value & U64)
+    flags = (EventsFlag.TSC_DEADLINE if tsc_deadline else 0) | (EventsFlag.SEND_PORT if send_port else 0)
+    EVENTS.write(mem, off, tsc_timestamp=clock.tsc_timestamp & U64, system_time=clock.system_time & U64,
+                 tsc_mul=clock.tsc_to_system_mul, tsc_shift=clock.tsc_shift & U64,
+                 ns_to_tsc_mul=clock.ns_to_tsc_mul & U64, xen_version=xen_version, flags=flags)
 
 
 def read_counters(mem, off: int) -> dict[str, int]:
-    return {name: mem.read_u64(off + slot) for name, slot in
-            (("timer_irqs", EVB_TIMER_IRQS), ("check_irqs", EVB_CHECK_IRQS),
-             ("blocks", EVB_BLOCKS), ("backend_sends", EVB_BACKEND_SENDS))}
+    return {name: EVENTS.read(mem, off, name)
+            for name in ("timer_irqs", "check_irqs", "blocks", "backend_sends")}
 
 
 def set_backend_port(mem, off: int, port: int, on: bool) -> None:
-    if not 0 <= port < XEN_NR_EVENT_CHANNELS:
+    if not 0 <= port < abi.EVTCHN_2L_NR_CHANNELS:
         raise ValueError(f"port {port} out of range")
-    byte = off + EVB_BACKEND_MAP + port // 8
+    byte = off + EVENTS.offset("backend_map", port // 8)
     b = mem.read(byte, 1)[0]
     b = b | (1 << port % 8) if on else b & ~(1 << port % 8)
     mem.write(byte, bytes([b]))
@@ -302,7 +260,7 @@ class DomainClock:
             return
         for v in self.region.vcpus:
             port = evtchn.virq_to_port[v.index].get(int(abi.Virq.TIMER), 0)
-            self.region.mem.write_u64(v.events_off + EVB_TIMER_PORT, port)
+            EVENTS.write(self.region.mem, v.events_off, timer_port=port)
 
     def counters(self, vcpu_id: int = 0) -> dict[str, int]:
         """What the shim counted in the vCPU's events block (timer and

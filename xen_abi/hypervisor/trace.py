@@ -32,6 +32,7 @@ from pathlib import Path
 
 from pyvmm.xen_abi import abi
 from pyvmm.xen_abi.memory import vmm_region as R
+from pyvmm.xen_abi.shim.layout import MAILBOX
 
 # Frame the shim's common entry path pushes (struct frame in shim.c),
 # lowest address first.
@@ -40,7 +41,7 @@ FRAME_FIELDS = ("r15", "r14", "r13", "r12", "r11", "r10", "r9", "r8", "rbp", "rd
 FRAME = struct.Struct(f"<{len(FRAME_FIELDS)}Q")
 # How many stack words a crash report scans for return addresses.
 STACK_SCAN_WORDS = 256
-# Crash "why" codes the shim reports (MB_INFO of MBOP_CRASH); see shim.c.
+# Crash "why" codes the shim reports (mailbox info of MailboxOp.CRASH); see shim.c.
 CRASH_KINDS = {0x100: "no handler for vector", 0x200: "bounce frame unwritable for vector",
                0x300: "HYPERVISOR_iret frame unreadable", 0x301: "iret to user without user L4",
                0x400: "bad iret frame, fault vector"}
@@ -207,7 +208,7 @@ def guest_frame(domain, vcpu: int = 0) -> dict:
 def _stack_scan(domain, frame: dict, symbols: Symbolizer | None, words: int) -> list[str]:
     from pyvmm.xen_abi.memory.guest_va import GuestVirtualMemory
     mb = domain.region.mailbox_gpa(0)
-    cr3 = domain.phys.read_u64(mb + R.MB_CR3 * 8) or getattr(domain.layout, "l4_pfn", 0) << 12
+    cr3 = MAILBOX.read(domain.phys, mb, "cr3") or getattr(domain.layout, "l4_pfn", 0) << 12
     vm = GuestVirtualMemory(domain.phys, cr3)
     out = []
     sp = frame["rsp"]

@@ -10,13 +10,12 @@ mapped 1:1 at DIRECTMAP_VA (slot 258, 2 MiB pages, supervisor only) so the
 shim can write page tables by machine address, and the M2P is mapped
 read-only and guest-readable at MACH2PHYS_VIRT_START (slot 256).
 
-This module is the single definition of the layout: the shim gets the
-numbers it needs as -D flags (see `shim_defines`), the per-vCPU/global
-block offsets are in shim/xen_abi.h and checked by tests.
+This module is the single definition of the region's layout; the shim
+gets the numbers it needs from the header shim/layout.py generates, which
+also declares the blocks inside it that Python and the shim share.
 """
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass, field
 
 from pyvmm.vmm import x86
@@ -61,7 +60,7 @@ GDT_PAGES = 16
 VCPU_TSS_OFF = 0x20000
 VCPU_TRAMP_OFF = 0x21000
 VCPU_MAILBOX_OFF = 0x22000
-VCPU_EVENTS_OFF = 0x23000           # time/timer/event block (shim/events.h)
+VCPU_EVENTS_OFF = 0x23000           # time/timer/event block (shim/layout.py EVENTS)
 VCPU_LDT_OFF = 0x30000              # 16 pages: the guest's validated LDT copy (shim/mmu.c)
 VCPU_STRIDE = 0x40000
 PT_OFF = VCPU_OFF + MAX_VCPUS * VCPU_STRIDE            # 0x280000
@@ -73,40 +72,11 @@ SHIM_TSS = 0xE050
 SHIM_LDT = 0xE060      # 16-byte LDT descriptor the shim fills on MMUEXT_SET_LDT
 IST_DF, IST_NMI, IST_MC = 1, 2, 3
 
-# The one narrow exit to Python: `out` here (not a PIC port: the in-kernel
-# irqchip would swallow 0x20/0x21/0xa0/0xa1).
-SHIM_EXIT_PORT = 0x0700
-
-# ---- shared blocks (mirrors of shim/xen_abi.h; tests compare) ----
-PC_VCPU_ID, PC_VCPU_INFO, PC_LSTAR, PC_KERNEL_SP, PC_KERNEL_SS = 0, 8, 16, 24, 32
-PC_KERNEL_MODE, PC_CR3_KERNEL, PC_CR3_USER, PC_MAILBOX, PC_SYSCALL_RSP = 40, 48, 56, 64, 72
-SG_FLAGS, SG_SHARED_INFO, SG_CPUID_TABLE, SG_NR_CPUID = 0, 8, 16, 24
-SG_DIRECTMAP, SG_RAM_PAGES, SG_L4_SLOTS, SG_M2P = 32, 40, 48, 176
-SG_FTYPE, SG_REGION_GPA = 184, 192   # frame-type map VA (shim mmu.c), region GPA
-SGF_PVM = 1
-CPUID_ENT = struct.Struct("<6I")   # leaf, subleaf (ANY = 0xffffffff), eax, ebx, ecx, edx
-CPUID_MAX_ENTRIES = PAGE // CPUID_ENT.size
-MB_OP, MB_NR, MB_ARGS, MB_CR3, MB_KMODE, MB_RESULT, MB_RIP, MB_INFO, MB_INFO2 = 0, 1, 2, 8, 9, 10, 11, 12, 13
-MBOP_HYPERCALL, MBOP_PANIC, MBOP_CRASH, MBOP_BLOCK, MBOP_SET_XCR0 = 1, 2, 3, 4, 5
-
 # Vectors whose IDT gate is DPL 3 (Xen: int3, into, 0x80); all others are
 # DPL 0 so a guest `int n` raises #GP((n<<3)|2) and the shim checks vDPL.
 USER_GATES = (x86.VEC_BP, x86.VEC_OF, 0x80)
 
 TABLE_FLAGS = x86.PTE_P | x86.PTE_RW | x86.PTE_US | x86.PTE_A   # upper levels: leaves decide
-
-
-def shim_defines() -> dict[str, int]:
-    """The layout constants the shim is compiled with."""
-    return {
-        "REGION_VA": REGION_VA, "GLOBALS_OFF": GLOBALS_OFF,
-        "PERCPU_BLOCK_SIZE": PERCPU_BLOCK_SIZE, "PERCPU_IN_BLOCK": PERCPU_IN_BLOCK,
-        "SHIM_EXIT_PORT": SHIM_EXIT_PORT, "SHIM_VA": REGION_VA + SHIM_OFF,
-        # region frames a guest may map: shared_info + the grant frames (mmu.c)
-        "GUEST_REGION_FRAMES": (GRANT_OFF + MAX_GRANT_FRAMES * PAGE) // PAGE,
-        "VCPU_EVENTS_OFF": VCPU_EVENTS_OFF,
-        "VCPU_LDT_FROM_GDT": VCPU_LDT_OFF - VCPU_GDT_OFF, "SHIM_LDT_SEL": SHIM_LDT,
-    }
 
 
 def _up(x: int, a: int) -> int:

@@ -2,7 +2,8 @@
  * save/restore path and the fault-tolerant guest-memory copy.
  * Every CPL0 instruction costs ~1 us on kvm_pvm (interpreted), so these
  * paths are kept as short as possible. */
-#include "xen_abi.h"
+#include "xen_numbers.h"
+#include "shim_layout.h"
 #include "priv.h"
 
         .section .text.entry, "ax"
@@ -85,14 +86,14 @@ shim_fast_start:
 2:      incq PERCPU_IN_BLOCK+PRIV_OFF+PRIV_FAST_IO(%rcx)
         jmp 5f
 6:      movq 56(%rsp), %rax     /* guest rsp: the iretq frame rip cs rflags rsp ss */
-        movabsq $XEN_HV_VIRT_END, %rdx
+        movabsq $HYPERVISOR_VIRT_END, %rdx
         cmpq %rdx, %rax         /* kernel stacks lie above the hypervisor hole */
         jb shim_fast_fault
         cmpq $-48, %rax
         ja shim_fast_fault
-        cmpq $XEN_FLAT_RING3_CS64, 8(%rax)
+        cmpq $FLAT_RING3_CS64, 8(%rax)
         jne shim_fast_fault
-        cmpq $XEN_FLAT_RING3_SS, 32(%rax)
+        cmpq $FLAT_RING3_SS64, 32(%rax)
         jne shim_fast_fault
         movq (%rax), %rdx
         movq %rdx, %rcx         /* rip must be canonical */
@@ -107,8 +108,8 @@ shim_fast_start:
         movq %rdx, 48(%rsp)
         movq 24(%rax), %rdx
         movq %rdx, 56(%rsp)
-        movq $XEN_FLAT_RING3_CS64, 40(%rsp)
-        movq $XEN_FLAT_RING3_SS, 64(%rsp)
+        movq $FLAT_RING3_CS64, 40(%rsp)
+        movq $FLAT_RING3_SS64, 64(%rsp)
         movq %rsp, %rcx
         andq $-PERCPU_BLOCK_SIZE, %rcx
         incq PERCPU_IN_BLOCK+PRIV_OFF+PRIV_FAST_IRET(%rcx)

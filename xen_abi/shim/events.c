@@ -16,7 +16,8 @@
  * On kvm_pvm every instruction here is interpreted (~1 us): keep it short. */
 #include <stddef.h>
 #include <stdint.h>
-#include "xen_abi.h"
+#include "xen_numbers.h"
+#include "shim_layout.h"
 #include "events.h"
 
 typedef uint8_t u8;
@@ -110,7 +111,7 @@ static void raise_local(u64 port)
 {
 	u8 *si = shared_info(), *vi = vcpu_info();
 	u64 w = port / 64, b = port % 64;
-	if (port >= XEN_NR_EVENT_CHANNELS)
+	if (port >= EVTCHN_2L_NR_CHANNELS)
 		return;
 	if (test_and_set((volatile u64 *)(si + SI_EVTCHN_PENDING) + w, b))
 		return;
@@ -153,7 +154,7 @@ static int read_guest(void *dst, u64 va, u64 n)
 	u64 end = va + n;
 	if (end < va || (u64)((s64)(va << 16) >> 16) != va || (u64)((s64)((end - 1) << 16) >> 16) != end - 1)
 		return -XEN_EFAULT;
-	if (end > XEN_HV_VIRT_START && va < XEN_HV_VIRT_END)
+	if (end > HYPERVISOR_VIRT_START && va < HYPERVISOR_VIRT_END)
 		return -XEN_EFAULT;
 	return (int)guest_copy(dst, (const void *)va, n);
 }
@@ -181,7 +182,7 @@ static long set_singleshot(u8 *ev, u64 arg)
 	u64 t[2];   /* timeout_abs_ns, flags (u32) */
 	if (read_guest(t, arg, 12))
 		return -XEN_EFAULT;
-	if ((t[1] & XEN_VCPU_SSHOTTMR_future) && (s64)t[0] < now_ns(ev))
+	if ((t[1] & VCPU_SSHOTTMR_future) && (s64)t[0] < now_ns(ev))
 		return -XEN_ETIME;
 	arm(ev, (s64)t[0]);
 	return 0;
@@ -207,7 +208,7 @@ static int send_to_backend(u8 *ev, u64 arg, long *ret)
 	u32 port;
 	if (!(SLOT(ev, EVB_FLAGS) & EVF_SEND_PORT) || read_guest(&port, arg, 4))
 		return 0;
-	if (port >= XEN_NR_EVENT_CHANNELS || !(ev[EVB_BACKEND_MAP + port / 8] >> (port % 8) & 1))
+	if (port >= EVTCHN_2L_NR_CHANNELS || !(ev[EVB_BACKEND_MAP + port / 8] >> (port % 8) & 1))
 		return 0;
 	SLOT(ev, EVB_BACKEND_SENDS)++;
 	__asm__ volatile("outl %%eax, %%dx" :: "a"(port), "d"(EV_SEND_PORT) : "memory");
@@ -234,19 +235,19 @@ int ev_hypercall(unsigned long nr, const unsigned long *a, long *ret)
 		if (a[1] != *(u64 *)(percpu() + PC_VCPU_ID))
 			return 0;   /* another vCPU's timer: Python answers */
 		switch (a[0]) {
-		case XEN_VCPUOP_set_singleshot_timer: *ret = set_singleshot(ev, a[2]); return 1;
-		case XEN_VCPUOP_stop_singleshot_timer: disarm(ev); *ret = 0; return 1;
-		case XEN_VCPUOP_stop_periodic_timer: *ret = 0; return 1;
+		case VCPUOP_set_singleshot_timer: *ret = set_singleshot(ev, a[2]); return 1;
+		case VCPUOP_stop_singleshot_timer: disarm(ev); *ret = 0; return 1;
+		case VCPUOP_stop_periodic_timer: *ret = 0; return 1;
 		}
 		return 0;
 	case HC_sched_op:
-		if (a[0] == XEN_SCHEDOP_block) {
+		if (a[0] == SCHEDOP_block) {
 			*ret = block(ev);
 			return 1;
 		}
 		return 0;
 	case HC_event_channel_op:
-		if (a[0] == XEN_EVTCHNOP_send)
+		if (a[0] == EVTCHNOP_send)
 			return send_to_backend(ev, a[1], ret);
 		return 0;
 	}

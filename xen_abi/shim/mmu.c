@@ -41,10 +41,8 @@
 
 #define PAGE_SIZE       4096UL
 #define ENTRIES         512
-#define DOMID_SELF      0x7ff0
 #define MMU_CMD_MASK    7UL              /* low bits of mmu_update.ptr */
 #define MMU_UPDATE_PREEMPTED (1UL << 31)
-#define UVMF_ALL        4UL
 #define UVMF_CMD_MASK   7UL              /* flush type + ALL; the rest is a mask pointer */
 #define PTE_A           0x20UL
 #define PTE_D           0x40UL
@@ -61,7 +59,6 @@
 #define SEG_TYPE        (0xfU << 8)
 #define SEG_TYPE_CALLGATE64 (0xcU << 8)
 #define GUEST_KERNEL_RPL 3                /* 64-bit PV kernels run in ring 3 */
-#define FIRST_RESERVED_GDT_ENTRY (14 * 512)
 #define DESCS_PER_PAGE  512
 
 static int booted;   /* bss: the builder's tables have been typed */
@@ -115,13 +112,16 @@ static void flush_tlb(void) { write_cr3(read_cr3()); }
 static void install_hv_slots(u64 *l4)
 {
 	/* cheap test first: this runs on every context switch */
-	if (l4[XEN_HV_L4_FIRST + 1] == G->l4_slots[1] && l4[XEN_HV_L4_FIRST] == G->l4_slots[0])
+	if (l4[HYPERVISOR_L4_FIRST_SLOT + 1] == G->l4_slots[1] && l4[HYPERVISOR_L4_FIRST_SLOT] == G->l4_slots[0])
 		return;
-	for (int i = 0; i < XEN_HV_L4_COUNT; i++)
-		l4[XEN_HV_L4_FIRST + i] = G->l4_slots[i];
+	for (int i = 0; i < HYPERVISOR_L4_SLOTS; i++)
+		l4[HYPERVISOR_L4_FIRST_SLOT + i] = G->l4_slots[i];
 }
 
-static inline int hv_slot(int idx) { return idx >= XEN_HV_L4_FIRST && idx < XEN_HV_L4_FIRST + XEN_HV_L4_COUNT; }
+static inline int hv_slot(int idx)
+{
+	return idx >= HYPERVISOR_L4_FIRST_SLOT && idx < HYPERVISOR_L4_FIRST_SLOT + HYPERVISOR_L4_SLOTS;
+}
 
 /* Give frame `mfn` the type "level" (1..4), validating and adjusting its
  * entries and typing the tables below it.  Returns 0 or -EINVAL.  A frame
@@ -272,9 +272,9 @@ long do_mmu_update(struct percpu *pc, u64 reqs, u64 count, u64 done_ptr, u64 dom
 			break;
 		}
 		u64 cmd = r[0] & MMU_CMD_MASK, pa = r[0] & ~MMU_CMD_MASK;
-		if (cmd == XEN_MMU_NORMAL_PT_UPDATE || cmd == XEN_MMU_PT_UPDATE_PRESERVE_AD) {
-			rc = pt_update(pa, r[1], cmd == XEN_MMU_PT_UPDATE_PRESERVE_AD);
-		} else if (cmd == XEN_MMU_MACHPHYS_UPDATE) {
+		if (cmd == MMU_NORMAL_PT_UPDATE || cmd == MMU_PT_UPDATE_PRESERVE_AD) {
+			rc = pt_update(pa, r[1], cmd == MMU_PT_UPDATE_PRESERVE_AD);
+		} else if (cmd == MMU_MACHPHYS_UPDATE) {
 			if ((pa >> 12) < G->ram_pages)
 				G->m2p[pa >> 12] = r[1];
 			else
@@ -317,11 +317,11 @@ long do_update_va_mapping(struct percpu *pc, u64 va, u64 val, u64 flags)
 		return -XEN_EINVAL;
 	*e = nv;
 	u64 mask_ptr = flags & ~UVMF_CMD_MASK;
-	if (!(flags & UVMF_ALL) && mask_ptr && (flags & XEN_UVMF_FLUSHTYPE_MASK) && read_vcpumask(mask_ptr))
+	if (!(flags & UVMF_ALL) && mask_ptr && (flags & UVMF_FLUSHTYPE_MASK) && read_vcpumask(mask_ptr))
 		return -XEN_EFAULT;
-	switch (flags & XEN_UVMF_FLUSHTYPE_MASK) {
-	case XEN_UVMF_INVLPG: invlpg(va); break;
-	case XEN_UVMF_TLB_FLUSH: flush_tlb(); break;
+	switch (flags & UVMF_FLUSHTYPE_MASK) {
+	case UVMF_INVLPG: invlpg(va); break;
+	case UVMF_TLB_FLUSH: flush_tlb(); break;
 	}
 	return 0;
 }
@@ -430,42 +430,42 @@ long do_mmuext_op(struct percpu *pc, u64 ops, u64 count, u64 done_ptr, u64 domid
 		}
 		u64 cmd = op[0] & 0xffffffff, mfn = op[1];
 		switch (cmd) {
-		case XEN_MMUEXT_PIN_L1_TABLE: case XEN_MMUEXT_PIN_L2_TABLE:
-		case XEN_MMUEXT_PIN_L3_TABLE: case XEN_MMUEXT_PIN_L4_TABLE:
-			rc = pin(mfn, (int)(cmd - XEN_MMUEXT_PIN_L1_TABLE) + 1);
+		case MMUEXT_PIN_L1_TABLE: case MMUEXT_PIN_L2_TABLE:
+		case MMUEXT_PIN_L3_TABLE: case MMUEXT_PIN_L4_TABLE:
+			rc = pin(mfn, (int)(cmd - MMUEXT_PIN_L1_TABLE) + 1);
 			break;
-		case XEN_MMUEXT_UNPIN_TABLE:
+		case MMUEXT_UNPIN_TABLE:
 			if (!frame_ptr(mfn) || !(G->ftype[mfn] & FT_PINNED))
 				rc = -XEN_EINVAL;
 			else
 				G->ftype[mfn] = 0;
 			break;
-		case XEN_MMUEXT_NEW_BASEPTR:
-		case XEN_MMUEXT_NEW_USER_BASEPTR:
-			rc = new_baseptr(pc, mfn, cmd == XEN_MMUEXT_NEW_USER_BASEPTR);
+		case MMUEXT_NEW_BASEPTR:
+		case MMUEXT_NEW_USER_BASEPTR:
+			rc = new_baseptr(pc, mfn, cmd == MMUEXT_NEW_USER_BASEPTR);
 			break;
-		case XEN_MMUEXT_TLB_FLUSH_LOCAL: case XEN_MMUEXT_TLB_FLUSH_ALL:
+		case MMUEXT_TLB_FLUSH_LOCAL: case MMUEXT_TLB_FLUSH_ALL:
 			flush_tlb();
 			break;
-		case XEN_MMUEXT_INVLPG_LOCAL: case XEN_MMUEXT_INVLPG_ALL:
+		case MMUEXT_INVLPG_LOCAL: case MMUEXT_INVLPG_ALL:
 			if (range_ok(op[1], 1))
 				invlpg(op[1]);
 			break;
-		case XEN_MMUEXT_TLB_FLUSH_MULTI: case XEN_MMUEXT_INVLPG_MULTI:
+		case MMUEXT_TLB_FLUSH_MULTI: case MMUEXT_INVLPG_MULTI:
 			if (read_vcpumask(op[2]))
 				rc = -XEN_EINVAL;
-			else if (cmd == XEN_MMUEXT_TLB_FLUSH_MULTI)
+			else if (cmd == MMUEXT_TLB_FLUSH_MULTI)
 				flush_tlb();
 			else if (range_ok(op[1], 1))
 				invlpg(op[1]);
 			break;
-		case XEN_MMUEXT_FLUSH_CACHE:
+		case MMUEXT_FLUSH_CACHE:
 			rc = -XEN_EACCES;    /* a domU has no cache-flush permission */
 			break;
-		case XEN_MMUEXT_FLUSH_CACHE_GLOBAL:
+		case MMUEXT_FLUSH_CACHE_GLOBAL:
 			rc = -XEN_EINVAL;
 			break;
-		case XEN_MMUEXT_SET_LDT: {
+		case MMUEXT_SET_LDT: {
 			u64 ents = op[2] & 0xffffffff, base = ents ? op[1] : 0;
 			if ((base & (PAGE_SIZE - 1)) || !range_ok(base, ents * 8) || ents > MAX_LDT_ENTS)
 				rc = -XEN_EINVAL;
@@ -473,13 +473,13 @@ long do_mmuext_op(struct percpu *pc, u64 ops, u64 count, u64 done_ptr, u64 domid
 				rc = set_ldt(pc, base, ents);
 			break;
 		}
-		case XEN_MMUEXT_CLEAR_PAGE:
+		case MMUEXT_CLEAR_PAGE:
 			if (!frame_ptr(mfn) || (G->ftype[mfn] & FT_LEVEL))
 				rc = -XEN_EINVAL;
 			else
 				rep_stosq(frame_ptr(mfn), PAGE_SIZE / 8);
 			break;
-		case XEN_MMUEXT_COPY_PAGE:
+		case MMUEXT_COPY_PAGE:
 			if (!frame_ptr(mfn) || (G->ftype[mfn] & FT_LEVEL) || !frame_ptr(op[2]))
 				rc = -XEN_EINVAL;
 			else
@@ -663,7 +663,7 @@ static int ptwr_emulate(struct percpu *pc, struct frame *f, u64 cr2)
 	int level = 0, ch = 0;
 	/* Linux writes PTEs through kernel mappings only; a kernel write
 	 * fault on a user address is copy-on-write etc.: the guest's own */
-	if (cr2 < XEN_HV_VIRT_START)
+	if (cr2 < HYPERVISOR_VIRT_START)
 		return 0;
 	u64 *leaf = walk(pc->cr3_kernel, cr2, 0, &ch, &level);
 	if (!leaf || level != 1 || !(*leaf & PTE_P) || (*leaf & PTE_RW))
@@ -738,7 +738,7 @@ static int ptwr_emulate(struct percpu *pc, struct frame *f, u64 cr2)
 
 int mmu_page_fault(struct percpu *pc, struct frame *f, u64 cr2)
 {
-	if (!pc->kernel_mode || (cr2 >= XEN_HV_VIRT_START && cr2 < XEN_HV_VIRT_END))
+	if (!pc->kernel_mode || (cr2 >= HYPERVISOR_VIRT_START && cr2 < HYPERVISOR_VIRT_END))
 		return 0;
 	if (!booted) {
 		/* typing the bootstrap tables may itself have made this access
@@ -784,7 +784,7 @@ static int check_descriptor(u64 *d)
 			return 0;   /* TSS, LDT, interrupt/trap gates: refused */
 		u32 cs = a >> 16;
 		/* target: a guest GDT entry, the flat kernel CS, or an LDT selector */
-		if (!((cs >> 3) < FIRST_RESERVED_GDT_ENTRY || cs == XEN_FLAT_RING3_CS64 || (cs & 4)))
+		if (!((cs >> 3) < FIRST_RESERVED_GDT_ENTRY || cs == FLAT_RING3_CS64 || (cs & 4)))
 			return 0;
 		/* DPL 0 so its use faults and can be emulated; old DPL in the RPL */
 		b &= ~SEG_DPL;

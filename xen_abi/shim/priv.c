@@ -56,8 +56,7 @@
 #define PRIV(pc, off) (*(u64 *)((u8 *)(pc) + PRIV_OFF + (off)))
 
 _Static_assert(sizeof(struct percpu) <= PRIV_OFF, "priv state overlaps struct percpu");
-_Static_assert(PRIV_SIZE <= PRIV_CNT_OFF, "counters after the priv state");
-_Static_assert(PRIV_OFF + PRIV_CNT_OFF + 4 * PRIV_CNT_N <= 2 * 4096, "priv state inside the percpu pages");
+_Static_assert(PRIV_OFF + PRIV_SIZE <= 2 * 4096, "priv state inside the percpu pages");
 
 static inline u64 read_cr4(void) { u64 v; __asm__ volatile("mov %%cr4, %0" : "=r"(v)); return v; }
 static inline void write_cr4(u64 v) { __asm__ volatile("mov %0, %%cr4" :: "r"(v) : "memory"); }
@@ -399,12 +398,12 @@ static int decode(struct percpu *pc, struct frame *f)
 			 * which QEMU/TCG's nested SVM (the faithful lane) lacks, so
 			 * the value was lost at the next exit (XRSTOR of Linux's
 			 * signal frames then #GPs).  Once per boot. */
-			u64 *mb = pc->mailbox;
-			mb[MB_OP] = MBOP_SET_XCR0;
-			mb[MB_ARGS] = v;
-			mb[MB_RESULT] = 1;
+			struct mailbox *mb = pc->mailbox;
+			mb->op = MBOP_SET_XCR0;
+			mb->args[0] = v;
+			mb->result = 1;
 			exit_to_python();
-			if (mb[MB_RESULT])
+			if (mb->result)
 				return 0;
 			PRIV(pc, PRIV_XCR0) = v;
 			f->rip += len + 1;

@@ -1,40 +1,10 @@
 /* Privileged-instruction emulation, CPUID and MSRs for the PV guest
- * (priv.c): what Xen's pv/emul-priv-op.c and pv/emul-inv-op.c do.
- * Mirrored in xen_abi/shim/priv.py (tests compare). */
+ * (priv.c): what Xen's pv/emul-priv-op.c and pv/emul-inv-op.c do.  Its
+ * per-vCPU state and counters (PRIV_*, PRIV_CNT_*) are laid out in the
+ * generated shim_layout.h (xen_abi/shim/layout.py); Python reads them
+ * through xen_abi/shim/priv.py. */
 #ifndef SHIM_PRIV_H
 #define SHIM_PRIV_H
-
-#define HC_set_debugreg       8
-#define HC_get_debugreg       9
-#define HC_physdev_op        33
-#define XEN_PHYSDEVOP_set_iopl 6
-
-/* Per-vCPU emulation state: PRIV_OFF bytes into the percpu block (its
- * second page, past struct percpu; priv.c asserts they do not overlap).
- * u64 slots, byte offsets. */
-#define PRIV_OFF          0x1e00
-#define PRIV_VCR4            0   /* the CR4 the guest sees */
-#define PRIV_IOPL            8   /* virtual IOPL (PHYSDEVOP_set_iopl), 0..3 */
-#define PRIV_DR             16   /* dr0..dr7 (4, 5 unused) */
-#define PRIV_TSC_AUX        80
-#define PRIV_XCR0           88
-#define PRIV_EMULATED       96   /* counters: instructions emulated */
-#define PRIV_MSR_UNKNOWN   104   /* rdmsr/wrmsr of MSRs Xen refuses (#GP) */
-#define PRIV_LAST_MSR      112   /* the last such MSR | 1<<32 for a write */
-#define PRIV_CPUIDS        120   /* forced-emulation CPUIDs */
-#define PRIV_NR_VCPUS      128   /* written by Python: vCPUs of the domain */
-#define PRIV_FAST_IO       136   /* counters: in/out and iretq done by entry.S's */
-#define PRIV_FAST_IRET     144   /* #GP fast paths */
-#define PRIV_SIZE          152
-/* u32 event counters for tracing (xen_abi/hypervisor/trace.py reads them): one per
- * exception vector 0..31, one per hypercall number 0..47, "other" slots */
-#define PRIV_CNT_OFF       0x98  /* after the state above */
-#define PRIV_CNT_TRAPS        0  /* index of vector 0 */
-#define PRIV_CNT_IRQ         32  /* vectors >= 32 */
-#define PRIV_CNT_SYSCALL     33  /* guest syscalls (hypercalls + user syscalls) */
-#define PRIV_CNT_HCALL       34  /* index of hypercall 0 */
-#define PRIV_CNT_NR_HCALL    48
-#define PRIV_CNT_N         (PRIV_CNT_HCALL + PRIV_CNT_NR_HCALL)
 
 /* Xen's CR4 split for PV guests (asm-x86/domain.h) */
 #define CR4_TSD        (1UL << 2)
@@ -56,7 +26,7 @@
 static inline void priv_count(void *pc, u64 idx)
 {
 	if (idx < PRIV_CNT_N)
-		((u32 *)((u8 *)pc + PRIV_OFF + PRIV_CNT_OFF))[idx]++;
+		((u32 *)((u8 *)pc + PRIV_OFF + PRIV_COUNTERS))[idx]++;
 }
 struct percpu;
 struct frame;

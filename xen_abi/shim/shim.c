@@ -5,8 +5,9 @@
  * operations are done here; everything else goes to Python through one
  * narrow exit (mailbox + `out` to SHIM_EXIT_PORT).
  *
- * Build-time constants from Python (-D): REGION_VA, GLOBALS_OFF,
- * PERCPU_BLOCK_SIZE, PERCPU_IN_BLOCK, SHIM_EXIT_PORT.
+ * What it shares with Python (REGION_VA, the percpu/globals/mailbox
+ * blocks, SHIM_EXIT_PORT, ...) is in shim_layout.h, generated at build
+ * time from xen_abi/shim/layout.py.
  *
  * On kvm_pvm every instruction here is interpreted (~1 us each): keep
  * paths short, no cmpxchg16b / rdtscp / int n. */
@@ -16,22 +17,22 @@
 
 static __attribute__((noreturn)) void panic(struct percpu *pc, struct frame *f, u64 code)
 {
-	u64 *mb = pc->mailbox;
-	mb[MB_OP] = MBOP_PANIC;
-	mb[MB_INFO] = code;
-	mb[MB_RIP] = f->rip;
-	mb[MB_INFO2] = f->vec == VEC_PF ? read_cr2() : f->err;
+	struct mailbox *mb = pc->mailbox;
+	mb->op = MBOP_PANIC;
+	mb->info = code;
+	mb->rip = f->rip;
+	mb->info2 = f->vec == VEC_PF ? read_cr2() : f->err;
 	exit_to_python();
 	stop_here();
 }
 
 static __attribute__((noreturn)) void guest_crash(struct percpu *pc, struct frame *f, u64 why)
 {
-	u64 *mb = pc->mailbox;
-	mb[MB_OP] = MBOP_CRASH;
-	mb[MB_INFO] = why;
-	mb[MB_RIP] = f->rip;
-	mb[MB_INFO2] = f->err;
+	struct mailbox *mb = pc->mailbox;
+	mb->op = MBOP_CRASH;
+	mb->info = why;
+	mb->rip = f->rip;
+	mb->info2 = f->err;
 	exit_to_python();
 	stop_here();
 }
@@ -78,8 +79,8 @@ static void bounce(struct percpu *pc, struct frame *f, u64 handler, int has_err,
 	if (to_guest(sp, fr, n * 8))
 		guest_crash(pc, f, 0x200 + f->vec);
 	f->rip = handler;
-	f->cs = XEN_FLAT_RING3_CS64;
-	f->ss = XEN_FLAT_RING3_SS;
+	f->cs = FLAT_RING3_CS64;
+	f->ss = FLAT_RING3_SS64;
 	f->rsp = sp;
 	f->rflags = (f->rflags & ~(RFLAGS_TF | RFLAGS_NT | RFLAGS_RF | RFLAGS_VM | RFLAGS_AC | RFLAGS_IOPL))
 		    | RFLAGS_IF | RFLAGS_FIXED;
@@ -95,7 +96,7 @@ static int has_error_code(u64 vec)
 static void bounce_trap(struct percpu *pc, struct frame *f, u64 vec)
 {
 	struct trap_ent *t = &pc->traps[vec];
-	bounce(pc, f, t->addr, has_error_code(vec), f->err, (t->flags & XEN_TI_MASK_EVENTS) != 0);
+	bounce(pc, f, t->addr, has_error_code(vec), f->err, (t->flags & TI_MASK_EVENTS) != 0);
 }
 
 static void check_events(struct percpu *pc, struct frame *f)
@@ -111,17 +112,17 @@ static void check_events(struct percpu *pc, struct frame *f)
 
 static long slow_hypercall(struct percpu *pc, struct frame *f, u64 nr, const u64 *a)
 {
-	u64 *mb = pc->mailbox;
-	mb[MB_OP] = MBOP_HYPERCALL;
-	mb[MB_NR] = nr;
+	struct mailbox *mb = pc->mailbox;
+	mb->op = MBOP_HYPERCALL;
+	mb->nr = nr;
 	for (int i = 0; i < 6; i++)
-		mb[MB_ARGS + i] = a[i];
-	mb[MB_CR3] = read_cr3();
-	mb[MB_KMODE] = pc->kernel_mode;
-	mb[MB_RIP] = f->rip;
-	mb[MB_RESULT] = (u64)-XEN_ENOSYS;
+		mb->args[i] = a[i];
+	mb->cr3 = read_cr3();
+	mb->kmode = pc->kernel_mode;
+	mb->rip = f->rip;
+	mb->result = (u64)-XEN_ENOSYS;
 	exit_to_python();
-	return (long)mb[MB_RESULT];
+	return (long)mb->result;
 }
 
 /* ---------------- hypercalls ---------------- */
@@ -137,7 +138,7 @@ static void do_iret(struct percpu *pc, struct frame *f)
 		toggle_mode(pc);
 	}
 	f->rax = c[0];
-	if (!(c[3] & XEN_VGCF_IN_SYSCALL)) {
+	if (!(c[3] & VGCF_IN_SYSCALL)) {
 		f->r11 = c[1];
 		f->rcx = c[2];
 	}
@@ -171,22 +172,22 @@ static long do_set_trap_table(struct percpu *pc, u64 ptr)
 static long do_callback_op(struct percpu *pc, u64 cmd, u64 ptr)
 {
 	u64 cb[2];  /* type:16 flags:16 pad:32, address */
-	if (cmd != XEN_CALLBACKOP_register && cmd != XEN_CALLBACKOP_unregister)
+	if (cmd != CALLBACKOP_register && cmd != CALLBACKOP_unregister)
 		return -XEN_ENOSYS;
-	if (from_guest(cb, ptr, cmd == XEN_CALLBACKOP_register ? 16 : 2))
+	if (from_guest(cb, ptr, cmd == CALLBACKOP_register ? 16 : 2))
 		return -XEN_EFAULT;
 	u64 type = cb[0] & 0xffff, flags = (cb[0] >> 16) & 0xffff;
-	u64 addr = cmd == XEN_CALLBACKOP_register ? cb[1] : 0;
+	u64 addr = cmd == CALLBACKOP_register ? cb[1] : 0;
 	u64 *slot;
 	switch (type) {
-	case XEN_CALLBACKTYPE_event: slot = &pc->event_cb; break;
-	case XEN_CALLBACKTYPE_failsafe: slot = &pc->failsafe_cb; break;
-	case XEN_CALLBACKTYPE_syscall: slot = &pc->syscall_cb; break;
-	case XEN_CALLBACKTYPE_nmi: slot = &pc->nmi_cb; break;
+	case CALLBACKTYPE_event: slot = &pc->event_cb; break;
+	case CALLBACKTYPE_failsafe: slot = &pc->failsafe_cb; break;
+	case CALLBACKTYPE_syscall: slot = &pc->syscall_cb; break;
+	case CALLBACKTYPE_nmi: slot = &pc->nmi_cb; break;
 	default: return -XEN_EINVAL;   /* sysenter/syscall32: no 32-bit support */
 	}
 	*slot = addr;
-	if (flags & XEN_CALLBACKF_mask_events)
+	if (flags & CALLBACKF_mask_events)
 		pc->cb_mask |= 1UL << type;
 	else
 		pc->cb_mask &= ~(1UL << type);
@@ -196,19 +197,19 @@ static long do_callback_op(struct percpu *pc, u64 cmd, u64 ptr)
 static long do_set_segment_base(struct percpu *pc, u64 which, u64 val)
 {
 	switch (which) {
-	case XEN_SEGBASE_FS:
+	case SEGBASE_FS:
 		if (!canonical(val)) return -XEN_EINVAL;
 		wrmsr(MSR_FS_BASE, val);
 		return 0;
-	case XEN_SEGBASE_GS_USER:  /* hypercalls come from kernel mode: user base is the shadow */
+	case SEGBASE_GS_USER:  /* hypercalls come from kernel mode: user base is the shadow */
 		if (!canonical(val)) return -XEN_EINVAL;
 		wrmsr(MSR_KERNEL_GS_BASE, val);
 		return 0;
-	case XEN_SEGBASE_GS_KERNEL:
+	case SEGBASE_GS_KERNEL:
 		if (!canonical(val)) return -XEN_EINVAL;
 		wrmsr(MSR_GS_BASE, val);
 		return 0;
-	case XEN_SEGBASE_GS_USER_SEL: {
+	case SEGBASE_GS_USER_SEL: {
 		long rc;
 		swapgs();
 		rc = guest_load_gs((u16)(val | 3));
@@ -262,13 +263,13 @@ static long hypercall(struct percpu *pc, struct frame *f, u64 nr, const u64 *a)
 	case HC_mmuext_op: return do_mmuext_op(pc, a[0], a[1], a[2], a[3]);
 	case HC_callback_op: return do_callback_op(pc, a[0], a[1]);
 	case HC_sched_op:
-		if (a[0] == XEN_SCHEDOP_yield)
+		if (a[0] == SCHEDOP_yield)
 			return 0;
 		break;
 	case HC_set_debugreg: return do_set_debugreg(pc, a[0], a[1]);
 	case HC_get_debugreg: return do_get_debugreg(pc, a[0]);
 	case HC_physdev_op:
-		if (a[0] == XEN_PHYSDEVOP_set_iopl) {   /* Python validates, priv.c remembers */
+		if (a[0] == PHYSDEVOP_set_iopl) {   /* Python validates, priv.c remembers */
 			long r = slow_hypercall(pc, f, nr, a);
 			if (!r)
 				priv_set_iopl(pc, a[1]);
@@ -288,8 +289,8 @@ static void do_syscall(struct percpu *pc, struct frame *f)
 	if (!pc->kernel_mode) {
 		/* user syscall: Xen's switch_to_kernel + bounce to the syscall
 		 * callback, frame CS/SS the flat kernel ones (ABI §5.6) */
-		f->cs = XEN_FLAT_RING3_CS64;
-		f->ss = XEN_FLAT_RING3_SS;
+		f->cs = FLAT_RING3_CS64;
+		f->ss = FLAT_RING3_SS64;
 		if (!pc->syscall_cb) {
 			/* Xen injects #UD at the syscall instruction */
 			f->rip -= 2;
@@ -298,7 +299,7 @@ static void do_syscall(struct percpu *pc, struct frame *f)
 			return;
 		}
 		f->rflags &= ~RFLAGS_DF;
-		bounce(pc, f, pc->syscall_cb, 0, 0, (pc->cb_mask >> XEN_CALLBACKTYPE_syscall) & 1);
+		bounce(pc, f, pc->syscall_cb, 0, 0, (pc->cb_mask >> CALLBACKTYPE_syscall) & 1);
 		return;
 	}
 	if (f->rax == HC_iret) {
@@ -310,8 +311,8 @@ static void do_syscall(struct percpu *pc, struct frame *f)
 	/* return like sysretq: to rcx with rflags from r11 */
 	f->rip = f->rcx;
 	f->rflags = (f->r11 & RFLAGS_GUEST_MASK) | RFLAGS_IF | RFLAGS_FIXED;
-	f->cs = XEN_FLAT_RING3_CS64;
-	f->ss = XEN_FLAT_RING3_SS;
+	f->cs = FLAT_RING3_CS64;
+	f->ss = FLAT_RING3_SS64;
 }
 
 /* ---------------- exceptions ---------------- */
@@ -324,10 +325,10 @@ static void do_gp(struct percpu *pc, struct frame *f)
 		u64 v = (f->err >> 3) & 0xff;
 		struct trap_ent *t = &pc->traps[v];
 		u64 cpl = pc->kernel_mode ? 1 : 3;
-		if (t->addr && (t->flags & XEN_TI_DPL_MASK) >= cpl) {
+		if (t->addr && (t->flags & TI_DPL_MASK) >= cpl) {
 			f->rip += 2;
 			f->vec = v;
-			bounce(pc, f, t->addr, 0, 0, (t->flags & XEN_TI_MASK_EVENTS) != 0);
+			bounce(pc, f, t->addr, 0, 0, (t->flags & TI_MASK_EVENTS) != 0);
 			return;
 		}
 	} else if (f->err == 0 && emulate_priv(pc, f)) {
@@ -386,8 +387,8 @@ void shim_trap(struct frame *f)
 		if (f->vec == VEC_SYSCALL)   /* from the trampoline; #GP: CPU frame */
 			f->rsp = pc->syscall_rsp;
 		f->vec = VEC_SYSCALL;
-		f->cs = XEN_FLAT_RING3_CS64;
-		f->ss = XEN_FLAT_RING3_SS;
+		f->cs = FLAT_RING3_CS64;
+		f->ss = FLAT_RING3_SS64;
 		do_syscall(pc, f);
 		check_events(pc, f);
 		return;

@@ -3,13 +3,15 @@
  * the fault-tolerant guest-memory accessors.  Everything here is static
  * inline or a type, so each C file that includes it stays self-contained.
  *
- * Build-time constants from Python (-D): REGION_VA, GLOBALS_OFF,
- * PERCPU_BLOCK_SIZE, PERCPU_IN_BLOCK, SHIM_EXIT_PORT. */
+ * The numbers come from the headers generated at build time from
+ * xen_abi/shim/layout.py: xen_numbers.h (Xen's) and shim_layout.h (what
+ * Python and the shim share: REGION_VA, the blocks, the mailbox, ...). */
 #ifndef SHIM_SHIM_H
 #define SHIM_SHIM_H
 #include <stddef.h>
 #include <stdint.h>
-#include "xen_abi.h"
+#include "xen_numbers.h"
+#include "shim_layout.h"
 
 typedef uint8_t u8;
 typedef uint16_t u16;
@@ -80,8 +82,21 @@ struct desc_state {
 	u64 ldt_frames[SHIM_MAX_LDT_FRAMES];
 };
 
+/* The mailbox page of the exit to Python (MB_*, MBOP_* in shim_layout.h). */
+struct mailbox {
+	u64 op;
+	u64 nr;
+	u64 args[6];
+	u64 cr3;
+	u64 kmode;
+	u64 result;
+	u64 rip;
+	u64 info;
+	u64 info2;
+};
+
 struct percpu {
-	/* boot block, written by Python (PC_* offsets) */
+	/* boot block, written by Python (PC_* in shim_layout.h) */
 	u64 vcpu_id;
 	u8 *vcpu_info;
 	u64 lstar;
@@ -90,7 +105,7 @@ struct percpu {
 	u64 kernel_mode;
 	u64 cr3_kernel;
 	u64 cr3_user;
-	u64 *mailbox;
+	struct mailbox *mailbox;
 	u64 syscall_rsp;
 	/* shim-private */
 	u64 event_cb, failsafe_cb, syscall_cb, nmi_cb;
@@ -100,6 +115,7 @@ struct percpu {
 	struct desc_state desc;
 };
 
+/* The globals page, written by Python (SG_* in shim_layout.h). */
 struct globals {
 	u64 flags;
 	u8 *shared_info;
@@ -107,32 +123,16 @@ struct globals {
 	u64 nr_cpuid;
 	u8 *directmap;
 	u64 ram_pages;
-	u64 l4_slots[XEN_HV_L4_COUNT];
+	u64 l4_slots[HYPERVISOR_L4_SLOTS];
 	u64 *m2p;
 	u8 *ftype;             /* one byte per RAM frame: page-table type (mmu.c) */
 	u64 region_gpa;        /* guest-physical base of the VMM region */
 };
 
-_Static_assert(offsetof(struct percpu, vcpu_info) == PC_VCPU_INFO, "pc");
-_Static_assert(offsetof(struct percpu, lstar) == PC_LSTAR, "pc");
-_Static_assert(offsetof(struct percpu, kernel_sp) == PC_KERNEL_SP, "pc");
-_Static_assert(offsetof(struct percpu, kernel_ss) == PC_KERNEL_SS, "pc");
-_Static_assert(offsetof(struct percpu, kernel_mode) == PC_KERNEL_MODE, "pc");
-_Static_assert(offsetof(struct percpu, cr3_kernel) == PC_CR3_KERNEL, "pc");
-_Static_assert(offsetof(struct percpu, cr3_user) == PC_CR3_USER, "pc");
-_Static_assert(offsetof(struct percpu, mailbox) == PC_MAILBOX, "pc");
-_Static_assert(offsetof(struct percpu, syscall_rsp) == PC_SYSCALL_RSP, "pc");
+MB_CHECK_LAYOUT(struct mailbox);
+PC_CHECK_LAYOUT(struct percpu);
+SG_CHECK_LAYOUT(struct globals);
 _Static_assert(sizeof(struct percpu) <= 2 * 4096, "percpu fits its 2 pages");
-_Static_assert(offsetof(struct globals, shared_info) == SG_SHARED_INFO, "sg");
-_Static_assert(offsetof(struct globals, cpuid_table) == SG_CPUID_TABLE, "sg");
-_Static_assert(offsetof(struct globals, nr_cpuid) == SG_NR_CPUID, "sg");
-_Static_assert(offsetof(struct globals, directmap) == SG_DIRECTMAP, "sg");
-_Static_assert(offsetof(struct globals, ram_pages) == SG_RAM_PAGES, "sg");
-_Static_assert(offsetof(struct globals, l4_slots) == SG_L4_SLOTS, "sg");
-_Static_assert(offsetof(struct globals, m2p) == SG_M2P, "sg");
-_Static_assert(offsetof(struct globals, ftype) == SG_FTYPE, "sg");
-_Static_assert(offsetof(struct globals, region_gpa) == SG_REGION_GPA, "sg");
-_Static_assert(sizeof(struct globals) == SG_SIZE, "sg");
 
 #define G ((struct globals *)(REGION_VA + GLOBALS_OFF))
 
@@ -175,7 +175,7 @@ static inline int range_ok(u64 va, u64 n)
 	u64 end = va + n;
 	if (end < va || !canonical(va) || (n && !canonical(end - 1)))
 		return 0;
-	if (end > XEN_HV_VIRT_START && va < XEN_HV_VIRT_END)
+	if (end > HYPERVISOR_VIRT_START && va < HYPERVISOR_VIRT_END)
 		return 0;
 	return 1;
 }
