@@ -10,7 +10,7 @@ owned by
   split        some sub-ops in the shim, the rest in Python (`note` says which)
   unsupported  nobody: the dispatcher answers -ENOSYS (`note` says why)
 
-The dispatcher's handler map is built from OWNERS; tests/test_hypercall_table.py
+The dispatcher's handler map is built from OWNERS; tests/xen_abi/hypervisor/test_hypercall_table.py
 checks OWNERS against the shim's C switches and against README.md's table,
 which `python -m pyvmm.xen_abi.hypervisor.hypercalls.table` prints.
 """

@@ -8,13 +8,13 @@ import json
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 from pyvmm.guests.testguests import build_testguest
+from repo import REPO
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "boot.py"
+BENCH = REPO / "bench" / "boot.py"
 
 
 def _load_bench():
@@ -128,7 +128,7 @@ def test_printk_clock_of_each_milestone_line():
 
 def test_devices_table_ratios_and_missing_rows():
     spec = importlib.util.spec_from_file_location(
-        "bench_devices", Path(__file__).resolve().parent.parent / "bench" / "devices.py")
+        "bench_devices", REPO / "bench" / "devices.py")
     devices = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(devices)
     t = devices.table({"size_mb": 64, "disk_read_guest_s": 4.0, "disk_read_host_s": 0.04,

@@ -11,8 +11,8 @@ the previous one in the console output.
 The boot is slow on kvm_pvm (every shim instruction is interpreted, a
 hypercall costs ~0.2 ms) and slower still in the faithful lane, hence the
 generous timeouts.  Run alone with:
-    python -m pytest -q -s -m slow tests/test_stock_boot.py
-    python -m pytest -q -s --lane faithful tests/test_stock_boot.py
+    python -m pytest -q -s -m slow tests/guests/test_stock_boot.py
+    python -m pytest -q -s --lane faithful tests/guests/test_stock_boot.py
 """
 from __future__ import annotations
 
@@ -270,7 +270,7 @@ def _net_checks(con: ConsoleSession, command_timeout: float, peer) -> None:
 # never returned, once a boot milestone was missing from the console), not
 # yet diagnosed; the L1 itself has been seen to wedge in unrelated tests
 # (guests/faithful.py DEFAULT_SMP), so these may not be pyvmm's.  There the
-# back-ends are covered by tests/test_blkback.py and tests/test_netback.py,
+# back-ends are covered by tests/backends/test_blkback.py and test_netback.py,
 # which do not depend on the lane.
 @pytest.mark.slow
 @pytest.mark.faithful

@@ -8,14 +8,7 @@ import pytest
 from pyvmm.xen_abi.abi import ElfNote, XenFeat
 from pyvmm.xen_abi.boot.loader import ELFCLASS32, LoaderError, load_kernel
 
-try:
-    from kernels import (
-        COMPRESSIONS, LINUX_INIT_P2M, LINUX_PHYS_START, LINUX_VIRT_BASE, Seg, bzimage_of, compress,
-        debian_cloud_kernel, have_tool, linux_notes, lz4_legacy, make_bzimage, make_elf, make_linux_like,
-        pattern, xen_note,
-    )
-except ImportError:  # tests/ imported as a package
-    from tests.kernels import (  # type: ignore
+from kernels import (
         COMPRESSIONS, LINUX_INIT_P2M, LINUX_PHYS_START, LINUX_VIRT_BASE, Seg, bzimage_of, compress,
         debian_cloud_kernel, have_tool, linux_notes, lz4_legacy, make_bzimage, make_elf, make_linux_like,
         pattern, xen_note,

@@ -1,6 +1,6 @@
 """Every Python-side hypercall through HypercallDispatcher on a fake domain whose
 arguments live in guest memory behind real page tables, including hostile input.
-(What the shim finishes itself is tested by the test guests: tests/test_testguests*.py.)"""
+(What the shim finishes itself is tested by the test guests: tests/xen_abi/shim/test_testguests*.py.)"""
 from __future__ import annotations
 
 import logging

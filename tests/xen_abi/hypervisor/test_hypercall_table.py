@@ -12,7 +12,7 @@ from pvfake import FakeDomain
 from pyvmm.xen_abi.abi import Hypercall
 from pyvmm.xen_abi.hypervisor.hypercalls.table import OWNERS, Owner, readme_rows
 
-REPO = Path(__file__).resolve().parents[1]
+from repo import REPO
 SHIM = REPO / "xen_abi" / "shim"
 README = REPO / "README.md"
 README_SECTION = "## Hypercalls: who handles each"

@@ -17,8 +17,10 @@ from pyvmm.guests import faithful
 from pyvmm.guests.faithful import FaithfulLaneError, run_in_faithful_lane
 from pyvmm.vmm.quirks import PVM_MODULE_PATH, on_kvm_pvm
 
-REPO = Path(__file__).resolve().parent.parent
-CONFTEST = Path(__file__).with_name("conftest.py")
+from repo import REPO, TESTS
+
+CONFTEST = TESTS / "conftest.py"
+THIS_FILE = str(Path(__file__).resolve().relative_to(REPO))
 ON_PVM = on_kvm_pvm()
 INSIDE_L1 = os.environ.get(faithful.LANE_ENV) == faithful.LANE_NAME and not ON_PVM
 #: Set by test_pytest_lane_propagates_failure to make the probe below fail.
@@ -56,7 +58,7 @@ def test_pytest_lane_boot_failure_fails_the_session():
     env = dict(os.environ, **{faithful.QEMU_ENV: "/nonexistent/qemu"})
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", "--lane", "faithful", "-p", "no:cacheprovider",
-         "tests/test_faithful_lane.py", "-q"],
+         THIS_FILE, "-q"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == pytest.ExitCode.INTERNAL_ERROR, proc.stdout + proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == \
@@ -238,7 +240,7 @@ def _pytest_in_lane(extra_env=None):
     env = dict(os.environ, **(extra_env or {}))
     return subprocess.run(
         [sys.executable, "-m", "pytest", "--lane", "faithful", "-p", "no:cacheprovider",
-         "tests/test_faithful_lane.py", "-q"],
+         THIS_FILE, "-q"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
 
 

@@ -14,13 +14,7 @@ from pyvmm.xen_abi.abi import (
 from pyvmm.xen_abi.boot.builder import BuildError, PvLayout, build_pv_domain, hypercall_stub
 from pyvmm.xen_abi.boot.loader import load_kernel
 
-try:
-    from kernels import LINUX_INIT_P2M, LINUX_PHYS_START, LINUX_VIRT_BASE, Seg, debian_cloud_kernel, linux_notes, make_elf, make_linux_like, pattern
-except ImportError:  # tests/ imported as a package
-    from tests.kernels import (  # type: ignore
-        LINUX_INIT_P2M, LINUX_PHYS_START, LINUX_VIRT_BASE, Seg, debian_cloud_kernel, linux_notes, make_elf,
-        make_linux_like, pattern,
-    )
+from kernels import LINUX_INIT_P2M, LINUX_PHYS_START, LINUX_VIRT_BASE, Seg, debian_cloud_kernel, linux_notes, make_elf, make_linux_like, pattern
 
 PAGE = 4096
 MiB = 1 << 20

@@ -4,9 +4,8 @@ in an editable checkout and breaks a real install."""
 from __future__ import annotations
 
 import tomllib
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from repo import REPO
 
 
 def _setuptools():
