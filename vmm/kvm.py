@@ -22,6 +22,8 @@ from ctypes import (
     Structure, Union, c_uint8, c_uint16, c_uint32, c_uint64, c_char, sizeof,
 )
 
+from .handles import FdHandle, unmap
+
 __all__ = [
     "Kvm", "Vm", "Vcpu", "VcpuExit", "ExitReason", "KvmError", "KvmUnavailable",
     "CpuidEntry", "KvmRegs", "KvmSregs", "KvmSegment", "KvmDtable", "KvmFpu",
@@ -561,6 +563,37 @@ def _ioctl(fd: int, request: int, arg, what: str):
         raise KvmError(what, e.errno) from None
 
 
+def _whole_state_ioctls(name: str, struct_type, get_request: int, set_request: int):
+    """The Vcpu methods get_<name> and set_<name> for a state structure that
+    KVM_GET_<NAME> fills and KVM_SET_<NAME> takes: one body for all of them,
+    which differ only in the ioctl numbers and the structure."""
+    get_what, set_what = f"KVM_GET_{name.upper()}", f"KVM_SET_{name.upper()}"
+
+    def get(self):
+        state = struct_type()
+        _ioctl(self.fd, get_request, state, get_what)
+        return state
+
+    def set_(self, state):
+        _ioctl(self.fd, set_request, state, set_what)
+
+    # what a hand-written method would show to help(), inspect and tracebacks
+    get.__annotations__ = {"return": struct_type}
+    set_.__annotations__ = {"state": struct_type}
+    for method, prefix in ((get, "get_"), (set_, "set_")):
+        method.__name__ = prefix + name
+        method.__qualname__ = "Vcpu." + method.__name__
+    return get, set_
+
+
+def _read_cpuid(fd: int, request: int, what: str) -> list[CpuidEntry]:
+    """A CPUID table from KVM_GET_SUPPORTED_CPUID (system) or KVM_GET_CPUID2 (vCPU)."""
+    buf = _cpuid2_struct(KVM_MAX_CPUID_ENTRIES)()
+    buf.nent = KVM_MAX_CPUID_ENTRIES
+    _ioctl(fd, request, buf, what)
+    return [CpuidEntry.from_buffer_copy(buf.entries[i]) for i in range(buf.nent)]
+
+
 # --------------------------------------------------------------------------
 # Kick signal: KVM_RUN returns EINTR when a signal with a handler hits the
 # thread running it. Python's signal.signal installs without SA_RESTART.
@@ -596,7 +629,7 @@ def install_kick_handler() -> bool:
 # --------------------------------------------------------------------------
 
 
-class Kvm:
+class Kvm(FdHandle):
     """The KVM system handle (/dev/kvm)."""
 
     def __init__(self, path: str = "/dev/kvm"):
@@ -631,11 +664,7 @@ class Kvm:
         return _ioctl(self.fd, KVM_CHECK_EXTENSION, int(cap), "KVM_CHECK_EXTENSION")
 
     def supported_cpuid(self) -> list[CpuidEntry]:
-        n = KVM_MAX_CPUID_ENTRIES
-        buf = _cpuid2_struct(n)()
-        buf.nent = n
-        _ioctl(self.fd, KVM_GET_SUPPORTED_CPUID, buf, "KVM_GET_SUPPORTED_CPUID")
-        return [CpuidEntry.from_buffer_copy(buf.entries[i]) for i in range(buf.nent)]
+        return _read_cpuid(self.fd, KVM_GET_SUPPORTED_CPUID, "KVM_GET_SUPPORTED_CPUID")
 
     def msr_index_list(self) -> list[int]:
         n = 1024
@@ -650,19 +679,9 @@ class Kvm:
         fd = _ioctl(self.fd, KVM_CREATE_VM, 0, "KVM_CREATE_VM")
         return Vm(self, fd)
 
-    def close(self):
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
-class Vm:
+class Vm(FdHandle):
     """A VM handle: memory slots, irqchip, eventfds, vCPUs."""
 
     def __init__(self, kvm: Kvm, fd: int):
@@ -789,15 +808,7 @@ class Vm:
         for v in self.vcpus:
             v.close()
         self.vcpus.clear()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        super().close()
 
 
 class VcpuExit:
@@ -851,7 +862,7 @@ class VcpuExit:
         return f"VcpuExit({r.name})"
 
 
-class Vcpu:
+class Vcpu(FdHandle):
     """A vCPU handle. Use each Vcpu from one thread; kick() from any thread."""
 
     def __init__(self, vm: Vm, fd: int, index: int):
@@ -934,62 +945,16 @@ class Vcpu:
                 except (ProcessLookupError, OSError):
                     pass
 
-    # ---- registers ----
-    def get_regs(self) -> KvmRegs:
-        r = KvmRegs()
-        _ioctl(self.fd, KVM_GET_REGS, r, "KVM_GET_REGS")
-        return r
-
-    def set_regs(self, r: KvmRegs):
-        _ioctl(self.fd, KVM_SET_REGS, r, "KVM_SET_REGS")
-
-    def get_sregs(self) -> KvmSregs:
-        s = KvmSregs()
-        _ioctl(self.fd, KVM_GET_SREGS, s, "KVM_GET_SREGS")
-        return s
-
-    def set_sregs(self, s: KvmSregs):
-        _ioctl(self.fd, KVM_SET_SREGS, s, "KVM_SET_SREGS")
-
-    def get_fpu(self) -> KvmFpu:
-        f = KvmFpu()
-        _ioctl(self.fd, KVM_GET_FPU, f, "KVM_GET_FPU")
-        return f
-
-    def set_fpu(self, f: KvmFpu):
-        _ioctl(self.fd, KVM_SET_FPU, f, "KVM_SET_FPU")
-
-    def get_xsave(self) -> KvmXsave:
-        x = KvmXsave()
-        _ioctl(self.fd, KVM_GET_XSAVE, x, "KVM_GET_XSAVE")
-        return x
-
-    def set_xsave(self, x: KvmXsave):
-        _ioctl(self.fd, KVM_SET_XSAVE, x, "KVM_SET_XSAVE")
-
-    def get_xcrs(self) -> KvmXcrs:
-        x = KvmXcrs()
-        _ioctl(self.fd, KVM_GET_XCRS, x, "KVM_GET_XCRS")
-        return x
-
-    def set_xcrs(self, x: KvmXcrs):
-        _ioctl(self.fd, KVM_SET_XCRS, x, "KVM_SET_XCRS")
-
-    def get_lapic(self) -> KvmLapicState:
-        s = KvmLapicState()
-        _ioctl(self.fd, KVM_GET_LAPIC, s, "KVM_GET_LAPIC")
-        return s
-
-    def set_lapic(self, s: KvmLapicState):
-        _ioctl(self.fd, KVM_SET_LAPIC, s, "KVM_SET_LAPIC")
-
-    def get_vcpu_events(self) -> KvmVcpuEvents:
-        e = KvmVcpuEvents()
-        _ioctl(self.fd, KVM_GET_VCPU_EVENTS, e, "KVM_GET_VCPU_EVENTS")
-        return e
-
-    def set_vcpu_events(self, e: KvmVcpuEvents):
-        _ioctl(self.fd, KVM_SET_VCPU_EVENTS, e, "KVM_SET_VCPU_EVENTS")
+    # ---- registers and other state KVM reads and writes whole ----
+    get_regs, set_regs = _whole_state_ioctls("regs", KvmRegs, KVM_GET_REGS, KVM_SET_REGS)
+    get_sregs, set_sregs = _whole_state_ioctls("sregs", KvmSregs, KVM_GET_SREGS, KVM_SET_SREGS)
+    get_fpu, set_fpu = _whole_state_ioctls("fpu", KvmFpu, KVM_GET_FPU, KVM_SET_FPU)
+    get_xsave, set_xsave = _whole_state_ioctls("xsave", KvmXsave, KVM_GET_XSAVE, KVM_SET_XSAVE)
+    get_xcrs, set_xcrs = _whole_state_ioctls("xcrs", KvmXcrs, KVM_GET_XCRS, KVM_SET_XCRS)
+    get_lapic, set_lapic = _whole_state_ioctls("lapic", KvmLapicState,
+                                               KVM_GET_LAPIC, KVM_SET_LAPIC)
+    get_vcpu_events, set_vcpu_events = _whole_state_ioctls(
+        "vcpu_events", KvmVcpuEvents, KVM_GET_VCPU_EVENTS, KVM_SET_VCPU_EVENTS)
 
     def get_tsc_khz(self) -> int:
         """The guest TSC frequency KVM gives this vCPU, in kHz."""
@@ -1038,23 +1003,12 @@ class Vcpu:
         _ioctl(self.fd, KVM_SET_CPUID2, buf, "KVM_SET_CPUID2")
 
     def get_cpuid(self) -> list[CpuidEntry]:
-        n = KVM_MAX_CPUID_ENTRIES
-        buf = _cpuid2_struct(n)()
-        buf.nent = n
-        _ioctl(self.fd, KVM_GET_CPUID2, buf, "KVM_GET_CPUID2")
-        return [CpuidEntry.from_buffer_copy(buf.entries[i]) for i in range(buf.nent)]
+        return _read_cpuid(self.fd, KVM_GET_CPUID2, "KVM_GET_CPUID2")
 
     def close(self):
         if self.fd >= 0:
             # kvm_run is a ctypes view over the mapping; drop views before unmapping
+            # (a VcpuExit.data view still alive keeps the mapping until the GC)
             self.kvm_run = None
-            try:
-                self._mv.release()
-            except BufferError:
-                pass
-            try:
-                self._mmap.close()
-            except BufferError:
-                pass   # a VcpuExit.data view is still alive; the GC unmaps later
-            os.close(self.fd)
-            self.fd = -1
+            unmap(self._mmap, self._mv)
+        super().close()

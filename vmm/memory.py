@@ -13,6 +13,8 @@ import os
 
 import numpy as np
 
+from .handles import FdHandle, unmap
+
 __all__ = ["GuestMemory", "GuestMemoryError"]
 
 PAGE_SIZE = mmap.PAGESIZE
@@ -23,7 +25,7 @@ class GuestMemoryError(ValueError):
     """An access outside the mapping (typically a bad guest-supplied address)."""
 
 
-class GuestMemory:
+class GuestMemory(FdHandle):
     def __init__(self, size: int, name: str = "ram"):
         if size <= 0 or size % PAGE_SIZE:
             raise ValueError(f"guest memory size {size:#x} must be a positive multiple of "
@@ -90,26 +92,11 @@ class GuestMemory:
 
     def close(self) -> None:
         """Unmap and close. Views handed out earlier must be dropped first."""
-        if self.fd < 0:
-            return
-        self.u8 = self.u64 = None
-        self._anchor = None
-        try:
-            self.buf.release()
-        except BufferError:
-            pass
-        try:
-            self.mmap.close()
-        except BufferError:
-            pass   # someone still holds a view; the mapping goes with it
-        os.close(self.fd)
-        self.fd = -1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        if self.fd >= 0:
+            self.u8 = self.u64 = None
+            self._anchor = None
+            unmap(self.mmap, self.buf)
+        super().close()
 
     def __repr__(self):
         return f"GuestMemory({self.name!r}, size={self.size:#x}, address={self.address:#x})"
