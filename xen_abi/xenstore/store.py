@@ -286,6 +286,18 @@ class XenstoreStore:
             tx.accessed.add(path)
             tx.changed.add(path)
 
+    @contextlib.contextmanager
+    def _changes(self) -> Iterator[list]:
+        """Hold the lock for one change, which collects its watch events in the
+        list yielded; fire them once the lock is released (also the ones
+        collected before a failure)."""
+        events = []
+        try:
+            with self._lock:
+                yield events
+        finally:
+            self._dispatch(events)
+
     def _event(self, events: list, tx, path: str, *perms: Perms, exact: bool = True) -> None:
         """Record a change; watchers get it if any of `perms` lets them read the node."""
         ev = (path, perms, exact)
@@ -325,76 +337,64 @@ class XenstoreStore:
             return self._checked(conn, nodes, tx, conn.canonical(path), PERM_READ).value
 
     def op_write(self, conn, tx_id, path, value: bytes) -> None:
-        events = []
-        try:
-            with self._lock:
-                nodes, tx = self._view(conn, tx_id)
-                full = conn.canonical(path)
-                node = self._get(nodes, tx, full)
-                if node is None:
-                    self._create(conn, nodes, tx, full, bytes(value))
-                    node = nodes[full]
-                else:
-                    if conn.perm_for(node.perms) & PERM_WRITE == 0:
-                        raise xs_error(XenErrno.EACCES, full)
-                    node = Node(bytes(value), node.perms, node.children, next(self._gen))
-                    self._put(nodes, tx, full, node)
-                self._event(events, tx, full, node.perms)
-        finally:
-            self._dispatch(events)
-
-    def op_mkdir(self, conn, tx_id, path) -> None:
-        events = []
-        try:
-            with self._lock:
-                nodes, tx = self._view(conn, tx_id)
-                full = conn.canonical(path)
-                node = self._get(nodes, tx, full)
-                if node is not None:
-                    if conn.perm_for(node.perms) & PERM_WRITE == 0:
-                        raise xs_error(XenErrno.EACCES, full)
-                    return
-                self._create(conn, nodes, tx, full, b"")
-                self._event(events, tx, full, nodes[full].perms)
-        finally:
-            self._dispatch(events)
-
-    def op_rm(self, conn, tx_id, path) -> None:
-        events = []
-        try:
-            with self._lock:
-                nodes, tx = self._view(conn, tx_id)
-                full = conn.canonical(path)
-                node = self._get(nodes, tx, full)
-                parent_path = _parent(full)
-                if node is None:
-                    # Not an error if the parent exists (xenstore.txt).
-                    if full != "/" and self._get(nodes, tx, parent_path) is not None:
-                        return
-                    raise xs_error(XenErrno.ENOENT, full)
+        with self._changes() as events:
+            nodes, tx = self._view(conn, tx_id)
+            full = conn.canonical(path)
+            node = self._get(nodes, tx, full)
+            if node is None:
+                self._create(conn, nodes, tx, full, bytes(value))
+                node = nodes[full]
+            else:
                 if conn.perm_for(node.perms) & PERM_WRITE == 0:
                     raise xs_error(XenErrno.EACCES, full)
-                if full == "/":
-                    raise xs_error(XenErrno.EINVAL, "cannot remove the root")
-                # Post-order walk: children's events first, each with its own perms.
-                stack = [(full, False)]
-                while stack:
-                    p, visited = stack.pop()
-                    n = nodes[p]
-                    if not visited:
-                        stack.append((p, True))
-                        stack.extend((_join(p, c), False) for c in n.children)
-                        continue
-                    self._put(nodes, tx, p, None)
-                    # Watches below a removed parent fire with their own path.
-                    self._event(events, tx, p, n.perms, exact=(p != full))
-                parent = self._get(nodes, tx, parent_path)
-                leaf = full.rsplit("/", 1)[1]
-                self._put(nodes, tx, parent_path, Node(
-                    parent.value, parent.perms,
-                    tuple(c for c in parent.children if c != leaf), next(self._gen)))
-        finally:
-            self._dispatch(events)
+                node = Node(bytes(value), node.perms, node.children, next(self._gen))
+                self._put(nodes, tx, full, node)
+            self._event(events, tx, full, node.perms)
+
+    def op_mkdir(self, conn, tx_id, path) -> None:
+        with self._changes() as events:
+            nodes, tx = self._view(conn, tx_id)
+            full = conn.canonical(path)
+            node = self._get(nodes, tx, full)
+            if node is not None:
+                if conn.perm_for(node.perms) & PERM_WRITE == 0:
+                    raise xs_error(XenErrno.EACCES, full)
+                return
+            self._create(conn, nodes, tx, full, b"")
+            self._event(events, tx, full, nodes[full].perms)
+
+    def op_rm(self, conn, tx_id, path) -> None:
+        with self._changes() as events:
+            nodes, tx = self._view(conn, tx_id)
+            full = conn.canonical(path)
+            node = self._get(nodes, tx, full)
+            parent_path = _parent(full)
+            if node is None:
+                # Not an error if the parent exists (xenstore.txt).
+                if full != "/" and self._get(nodes, tx, parent_path) is not None:
+                    return
+                raise xs_error(XenErrno.ENOENT, full)
+            if conn.perm_for(node.perms) & PERM_WRITE == 0:
+                raise xs_error(XenErrno.EACCES, full)
+            if full == "/":
+                raise xs_error(XenErrno.EINVAL, "cannot remove the root")
+            # Post-order walk: children's events first, each with its own perms.
+            stack = [(full, False)]
+            while stack:
+                p, visited = stack.pop()
+                n = nodes[p]
+                if not visited:
+                    stack.append((p, True))
+                    stack.extend((_join(p, c), False) for c in n.children)
+                    continue
+                self._put(nodes, tx, p, None)
+                # Watches below a removed parent fire with their own path.
+                self._event(events, tx, p, n.perms, exact=(p != full))
+            parent = self._get(nodes, tx, parent_path)
+            leaf = full.rsplit("/", 1)[1]
+            self._put(nodes, tx, parent_path, Node(
+                parent.value, parent.perms,
+                tuple(c for c in parent.children if c != leaf), next(self._gen)))
 
     def op_directory(self, conn, tx_id, path) -> list[str]:
         with self._lock:
@@ -428,25 +428,21 @@ class XenstoreStore:
             return format_perms(self._checked(conn, nodes, tx, conn.canonical(path), PERM_READ).perms)
 
     def op_set_perms(self, conn, tx_id, path, perm_strings: list[str]) -> None:
-        events = []
-        try:
-            with self._lock:
-                perms = parse_perms(perm_strings)
-                if not conn.privileged and len(perms) > MAX_PERMS_PER_NODE:
-                    raise xs_error(XenErrno.ENOSPC, "too many permissions")
-                nodes, tx = self._view(conn, tx_id)
-                full = conn.canonical(path)
-                node = self._checked(conn, nodes, tx, full, PERM_WRITE)
-                if not conn.perm_for(node.perms) & PERM_OWNER:
-                    raise xs_error(XenErrno.EACCES, "only the owner may set permissions")
-                if not conn.privileged and perms[0][0] != node.perms[0][0]:
-                    raise xs_error(XenErrno.EPERM, "unprivileged domains may not change the owner")
-                new = Node(node.value, perms, node.children, next(self._gen))
-                self._put(nodes, tx, full, new)
-                # Fire once, for watchers that could read before or after the change.
-                self._event(events, tx, full, node.perms, perms)
-        finally:
-            self._dispatch(events)
+        with self._changes() as events:
+            perms = parse_perms(perm_strings)
+            if not conn.privileged and len(perms) > MAX_PERMS_PER_NODE:
+                raise xs_error(XenErrno.ENOSPC, "too many permissions")
+            nodes, tx = self._view(conn, tx_id)
+            full = conn.canonical(path)
+            node = self._checked(conn, nodes, tx, full, PERM_WRITE)
+            if not conn.perm_for(node.perms) & PERM_OWNER:
+                raise xs_error(XenErrno.EACCES, "only the owner may set permissions")
+            if not conn.privileged and perms[0][0] != node.perms[0][0]:
+                raise xs_error(XenErrno.EPERM, "unprivileged domains may not change the owner")
+            new = Node(node.value, perms, node.children, next(self._gen))
+            self._put(nodes, tx, full, new)
+            # Fire once, for watchers that could read before or after the change.
+            self._event(events, tx, full, node.perms, perms)
 
     def op_watch(self, conn, path, token, deliver=None, fire_initial: bool = True) -> Watch:
         events = []
@@ -489,27 +485,23 @@ class XenstoreStore:
             return tx_id
 
     def op_transaction_end(self, conn, tx_id, commit: bool) -> None:
-        events = []
-        try:
-            with self._lock:
-                tx = conn.transactions.pop(tx_id, None)
-                if tx is None:
-                    raise xs_error(XenErrno.ENOENT, f"no transaction {tx_id}")
-                if not commit:
-                    return
-                for p in tx.accessed:
-                    if self._nodes.get(p) is not tx.base.get(p):
-                        raise xs_error(XenErrno.EAGAIN, f"conflict on {p}")
-                if len(self._nodes) - len(tx.base) + len(tx.nodes) > MAX_NODES:
-                    raise xs_error(XenErrno.ENOSPC, "store is full")
-                for p in tx.changed:
-                    if p in tx.nodes:
-                        self._nodes[p] = tx.nodes[p]
-                    else:
-                        self._nodes.pop(p, None)
-                events.extend(tx.events)
-        finally:
-            self._dispatch(events)
+        with self._changes() as events:
+            tx = conn.transactions.pop(tx_id, None)
+            if tx is None:
+                raise xs_error(XenErrno.ENOENT, f"no transaction {tx_id}")
+            if not commit:
+                return
+            for p in tx.accessed:
+                if self._nodes.get(p) is not tx.base.get(p):
+                    raise xs_error(XenErrno.EAGAIN, f"conflict on {p}")
+            if len(self._nodes) - len(tx.base) + len(tx.nodes) > MAX_NODES:
+                raise xs_error(XenErrno.ENOSPC, "store is full")
+            for p in tx.changed:
+                if p in tx.nodes:
+                    self._nodes[p] = tx.nodes[p]
+                else:
+                    self._nodes.pop(p, None)
+            events.extend(tx.events)
 
     def domain_introduced(self, domid: int) -> bool:
         with self._lock:
