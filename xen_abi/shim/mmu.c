@@ -257,7 +257,15 @@ static long check_domid(u64 domid)
 	return (domid & 0xffff) == DOMID_SELF && !(domid >> 16) ? 0 : -XEN_ESRCH;
 }
 
-long do_mmu_update(struct percpu *pc, u64 reqs, u64 count, u64 done_ptr, u64 domid)
+#define BATCH_REQ_WORDS 3   /* the larger request: mmuext_op's cmd, arg1, arg2 */
+_Static_assert(XEN_MMU_UPDATE_SIZE <= BATCH_REQ_WORDS * 8, "mmu_update request fits");
+_Static_assert(XEN_MMUEXT_OP_SIZE <= BATCH_REQ_WORDS * 8, "mmuext_op request fits");
+
+/* mmu_update and mmuext_op share Xen's batch protocol: `count` requests of
+ * `size` bytes at guest VA `reqs`, applied in order up to the first that
+ * fails; *done_ptr (when given) learns how many were applied. */
+static long run_batch(struct percpu *pc, u64 reqs, u64 size, u64 count, u64 done_ptr,
+		      u64 domid, long (*apply)(struct percpu *pc, const u64 *req))
 {
 	u64 i;
 	long rc = 0;
@@ -266,22 +274,12 @@ long do_mmu_update(struct percpu *pc, u64 reqs, u64 count, u64 done_ptr, u64 dom
 	if (check_domid(domid))
 		return -XEN_ESRCH;
 	for (i = 0; i < count; i++) {
-		u64 r[2];
-		if (from_guest(r, reqs + i * XEN_MMU_UPDATE_SIZE, sizeof(r))) {
+		u64 req[BATCH_REQ_WORDS];
+		if (from_guest(req, reqs + i * size, size)) {
 			rc = -XEN_EFAULT;
 			break;
 		}
-		u64 cmd = r[0] & MMU_CMD_MASK, pa = r[0] & ~MMU_CMD_MASK;
-		if (cmd == MMU_NORMAL_PT_UPDATE || cmd == MMU_PT_UPDATE_PRESERVE_AD) {
-			rc = pt_update(pa, r[1], cmd == MMU_PT_UPDATE_PRESERVE_AD);
-		} else if (cmd == MMU_MACHPHYS_UPDATE) {
-			if ((pa >> 12) < G->ram_pages)
-				G->m2p[pa >> 12] = r[1];
-			else
-				rc = -XEN_EINVAL;
-		} else {
-			rc = -XEN_ENOSYS;
-		}
+		rc = apply(pc, req);
 		if (rc)
 			break;
 	}
@@ -290,6 +288,26 @@ long do_mmu_update(struct percpu *pc, u64 reqs, u64 count, u64 done_ptr, u64 dom
 		to_guest(done_ptr, &done, sizeof(done));
 	}
 	return rc;
+}
+
+/* One mmu_update request: ptr (command in the low bits), val. */
+static long mmu_update_one(struct percpu *pc, const u64 *r)
+{
+	u64 cmd = r[0] & MMU_CMD_MASK, pa = r[0] & ~MMU_CMD_MASK;
+	if (cmd == MMU_NORMAL_PT_UPDATE || cmd == MMU_PT_UPDATE_PRESERVE_AD)
+		return pt_update(pa, r[1], cmd == MMU_PT_UPDATE_PRESERVE_AD);
+	if (cmd == MMU_MACHPHYS_UPDATE) {
+		if ((pa >> 12) >= G->ram_pages)
+			return -XEN_EINVAL;
+		G->m2p[pa >> 12] = r[1];
+		return 0;
+	}
+	return -XEN_ENOSYS;
+}
+
+long do_mmu_update(struct percpu *pc, u64 reqs, u64 count, u64 done_ptr, u64 domid)
+{
+	return run_batch(pc, reqs, XEN_MMU_UPDATE_SIZE, count, done_ptr, domid, mmu_update_one);
 }
 
 /* ---------------- update_va_mapping ---------------- */
@@ -414,88 +432,76 @@ static inline void rep_movsq(void *d, const void *s, u64 n)
 	__asm__ volatile("rep movsq" : "+D"(d), "+S"(s), "+c"(n) :: "memory");
 }
 
-long do_mmuext_op(struct percpu *pc, u64 ops, u64 count, u64 done_ptr, u64 domid)
+/* One mmuext_op request: cmd (u32 + pad), arg1, arg2. */
+static long mmuext_one(struct percpu *pc, const u64 *op)
 {
-	u64 i;
 	long rc = 0;
-	boot_types(pc);
-	count &= ~MMU_UPDATE_PREEMPTED;
-	if (check_domid(domid))
-		return -XEN_ESRCH;
-	for (i = 0; i < count; i++) {
-		u64 op[3];   /* cmd (u32 + pad), arg1, arg2 */
-		if (from_guest(op, ops + i * XEN_MMUEXT_OP_SIZE, sizeof(op))) {
-			rc = -XEN_EFAULT;
-			break;
-		}
-		u64 cmd = op[0] & 0xffffffff, mfn = op[1];
-		switch (cmd) {
-		case MMUEXT_PIN_L1_TABLE: case MMUEXT_PIN_L2_TABLE:
-		case MMUEXT_PIN_L3_TABLE: case MMUEXT_PIN_L4_TABLE:
-			rc = pin(mfn, (int)(cmd - MMUEXT_PIN_L1_TABLE) + 1);
-			break;
-		case MMUEXT_UNPIN_TABLE:
-			if (!frame_ptr(mfn) || !(G->ftype[mfn] & FT_PINNED))
-				rc = -XEN_EINVAL;
-			else
-				G->ftype[mfn] = 0;
-			break;
-		case MMUEXT_NEW_BASEPTR:
-		case MMUEXT_NEW_USER_BASEPTR:
-			rc = new_baseptr(pc, mfn, cmd == MMUEXT_NEW_USER_BASEPTR);
-			break;
-		case MMUEXT_TLB_FLUSH_LOCAL: case MMUEXT_TLB_FLUSH_ALL:
-			flush_tlb();
-			break;
-		case MMUEXT_INVLPG_LOCAL: case MMUEXT_INVLPG_ALL:
-			if (range_ok(op[1], 1))
-				invlpg(op[1]);
-			break;
-		case MMUEXT_TLB_FLUSH_MULTI: case MMUEXT_INVLPG_MULTI:
-			if (read_vcpumask(op[2]))
-				rc = -XEN_EINVAL;
-			else if (cmd == MMUEXT_TLB_FLUSH_MULTI)
-				flush_tlb();
-			else if (range_ok(op[1], 1))
-				invlpg(op[1]);
-			break;
-		case MMUEXT_FLUSH_CACHE:
-			rc = -XEN_EACCES;    /* a domU has no cache-flush permission */
-			break;
-		case MMUEXT_FLUSH_CACHE_GLOBAL:
+	u64 cmd = op[0] & 0xffffffff, mfn = op[1];
+	switch (cmd) {
+	case MMUEXT_PIN_L1_TABLE: case MMUEXT_PIN_L2_TABLE:
+	case MMUEXT_PIN_L3_TABLE: case MMUEXT_PIN_L4_TABLE:
+		rc = pin(mfn, (int)(cmd - MMUEXT_PIN_L1_TABLE) + 1);
+		break;
+	case MMUEXT_UNPIN_TABLE:
+		if (!frame_ptr(mfn) || !(G->ftype[mfn] & FT_PINNED))
 			rc = -XEN_EINVAL;
-			break;
-		case MMUEXT_SET_LDT: {
-			u64 ents = op[2] & 0xffffffff, base = ents ? op[1] : 0;
-			if ((base & (PAGE_SIZE - 1)) || !range_ok(base, ents * 8) || ents > MAX_LDT_ENTS)
-				rc = -XEN_EINVAL;
-			else
-				rc = set_ldt(pc, base, ents);
-			break;
-		}
-		case MMUEXT_CLEAR_PAGE:
-			if (!frame_ptr(mfn) || (G->ftype[mfn] & FT_LEVEL))
-				rc = -XEN_EINVAL;
-			else
-				rep_stosq(frame_ptr(mfn), PAGE_SIZE / 8);
-			break;
-		case MMUEXT_COPY_PAGE:
-			if (!frame_ptr(mfn) || (G->ftype[mfn] & FT_LEVEL) || !frame_ptr(op[2]))
-				rc = -XEN_EINVAL;
-			else
-				rep_movsq(frame_ptr(mfn), frame_ptr(op[2]), PAGE_SIZE / 8);
-			break;
-		default:
-			rc = -XEN_ENOSYS;
-		}
-		if (rc)
-			break;
+		else
+			G->ftype[mfn] = 0;
+		break;
+	case MMUEXT_NEW_BASEPTR:
+	case MMUEXT_NEW_USER_BASEPTR:
+		rc = new_baseptr(pc, mfn, cmd == MMUEXT_NEW_USER_BASEPTR);
+		break;
+	case MMUEXT_TLB_FLUSH_LOCAL: case MMUEXT_TLB_FLUSH_ALL:
+		flush_tlb();
+		break;
+	case MMUEXT_INVLPG_LOCAL: case MMUEXT_INVLPG_ALL:
+		if (range_ok(op[1], 1))
+			invlpg(op[1]);
+		break;
+	case MMUEXT_TLB_FLUSH_MULTI: case MMUEXT_INVLPG_MULTI:
+		if (read_vcpumask(op[2]))
+			rc = -XEN_EINVAL;
+		else if (cmd == MMUEXT_TLB_FLUSH_MULTI)
+			flush_tlb();
+		else if (range_ok(op[1], 1))
+			invlpg(op[1]);
+		break;
+	case MMUEXT_FLUSH_CACHE:
+		rc = -XEN_EACCES;    /* a domU has no cache-flush permission */
+		break;
+	case MMUEXT_FLUSH_CACHE_GLOBAL:
+		rc = -XEN_EINVAL;
+		break;
+	case MMUEXT_SET_LDT: {
+		u64 ents = op[2] & 0xffffffff, base = ents ? op[1] : 0;
+		if ((base & (PAGE_SIZE - 1)) || !range_ok(base, ents * 8) || ents > MAX_LDT_ENTS)
+			rc = -XEN_EINVAL;
+		else
+			rc = set_ldt(pc, base, ents);
+		break;
 	}
-	if (done_ptr) {
-		u32 done = (u32)i;
-		to_guest(done_ptr, &done, sizeof(done));
+	case MMUEXT_CLEAR_PAGE:
+		if (!frame_ptr(mfn) || (G->ftype[mfn] & FT_LEVEL))
+			rc = -XEN_EINVAL;
+		else
+			rep_stosq(frame_ptr(mfn), PAGE_SIZE / 8);
+		break;
+	case MMUEXT_COPY_PAGE:
+		if (!frame_ptr(mfn) || (G->ftype[mfn] & FT_LEVEL) || !frame_ptr(op[2]))
+			rc = -XEN_EINVAL;
+		else
+			rep_movsq(frame_ptr(mfn), frame_ptr(op[2]), PAGE_SIZE / 8);
+		break;
+	default:
+		rc = -XEN_ENOSYS;
 	}
 	return rc;
+}
+
+long do_mmuext_op(struct percpu *pc, u64 ops, u64 count, u64 done_ptr, u64 domid)
+{
+	return run_batch(pc, ops, XEN_MMUEXT_OP_SIZE, count, done_ptr, domid, mmuext_one);
 }
 
 /* ---------------- writable page tables ---------------- */
