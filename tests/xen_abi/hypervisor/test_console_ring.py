@@ -2,10 +2,10 @@
 from __future__ import annotations
 
 import random
-import struct
 
 import pytest
 
+from byte_rings import U32, ByteRing, GuestRingPage
 from pyvmm.xen_abi.hypervisor.console_ring import ConsoleRingServer
 from pyvmm.xen_abi.abi import (
     CONS_RING_IN,
@@ -19,45 +19,23 @@ from pyvmm.xen_abi.abi import (
     PAGE_SIZE,
 )
 
-U32 = struct.Struct("<I")
+OUT = ByteRing(CONS_RING_OUT, CONS_RING_OUT_CONS, CONS_RING_OUT_PROD, CONSOLE_OUT_SIZE)
+IN = ByteRing(CONS_RING_IN, CONS_RING_IN_CONS, CONS_RING_IN_PROD, CONSOLE_IN_SIZE)
 
 
-class GuestConsole:
+class GuestConsole(GuestRingPage):
     """The hvc_xen side of the ring."""
 
     def __init__(self, start=0):
-        self.page = bytearray(PAGE_SIZE)
-        for off in (CONS_RING_IN_CONS, CONS_RING_IN_PROD, CONS_RING_OUT_CONS, CONS_RING_OUT_PROD):
-            self.set(off, start)
-        self.kicks = 0
+        super().__init__((IN, OUT), start)
         self.output = bytearray()
-        self.be = ConsoleRingServer(memoryview(self.page), self._notify, self.output.extend)
-
-    def _notify(self):
-        self.kicks += 1
-
-    def get(self, off):
-        return U32.unpack_from(self.page, off)[0]
-
-    def set(self, off, v):
-        U32.pack_into(self.page, off, v & 0xFFFFFFFF)
+        self.be = ConsoleRingServer(memoryview(self.page), self.notify, self.output.extend)
 
     def put_out(self, data: bytes) -> int:
-        cons, prod = self.get(CONS_RING_OUT_CONS), self.get(CONS_RING_OUT_PROD)
-        n = min(CONSOLE_OUT_SIZE - ((prod - cons) & 0xFFFFFFFF), len(data))
-        for i in range(n):
-            self.page[CONS_RING_OUT + ((prod + i) % CONSOLE_OUT_SIZE)] = data[i]
-        self.set(CONS_RING_OUT_PROD, prod + n)
-        return n
+        return self.put(OUT, data)
 
     def take_in(self, limit=None) -> bytes:
-        cons, prod = self.get(CONS_RING_IN_CONS), self.get(CONS_RING_IN_PROD)
-        used = (prod - cons) & 0xFFFFFFFF
-        assert used <= CONSOLE_IN_SIZE, "back-end overran the input ring"
-        n = used if limit is None else min(used, limit)
-        data = bytes(self.page[CONS_RING_IN + ((cons + i) % CONSOLE_IN_SIZE)] for i in range(n))
-        self.set(CONS_RING_IN_CONS, cons + n)
-        return data
+        return self.take(IN, limit)
 
 
 @pytest.mark.parametrize("start", [0, CONSOLE_OUT_SIZE - 7, 0xFFFFFF00])

@@ -6,11 +6,11 @@ bytearray-backed page with a counting notify.
 """
 from __future__ import annotations
 
-import struct
 import threading
 
 import pytest
 
+from byte_rings import ByteRing, GuestRingPage
 from pyvmm.xen_abi.abi import (
     XENSTORE_ABS_PATH_MAX,
     XENSTORE_CONNECTED,
@@ -32,7 +32,6 @@ from pyvmm.xen_abi.abi import (
     XS_RING_RSP_PROD,
     XS_RING_SERVER_FEATURES,
     XSD_SOCKMSG_SIZE,
-    PAGE_SIZE,
     XenErrno,
     XsdSockmsg,
     XsType,
@@ -41,58 +40,36 @@ from pyvmm.xen_abi.xenstore.ring import XenstoreRingServer
 from pyvmm.xen_abi.xenstore.store import XenstoreError, XenstoreStore
 from pyvmm.xen_abi.xenstore.toolstack import add_device, populate_domain
 
-U32 = struct.Struct("<I")
-MASK = XENSTORE_RING_SIZE - 1
+REQ = ByteRing(XS_RING_REQ, XS_RING_REQ_CONS, XS_RING_REQ_PROD, XENSTORE_RING_SIZE)
+RSP = ByteRing(XS_RING_RSP, XS_RING_RSP_CONS, XS_RING_RSP_PROD, XENSTORE_RING_SIZE)
 
 
-class GuestClient:
+class GuestClient(GuestRingPage):
     """A minimal xenbus: one outstanding request at a time, events collected aside."""
 
     def __init__(self, store: XenstoreStore, domid: int, start_index: int = 0):
-        self.page = bytearray(PAGE_SIZE)
+        super().__init__((REQ, RSP), start_index)
         self.mv = memoryview(self.page)
-        for off in (XS_RING_REQ_CONS, XS_RING_REQ_PROD, XS_RING_RSP_CONS, XS_RING_RSP_PROD):
-            self.set(off, start_index)
-        self.kicks = 0
         self.store = store
         self.domid = domid
-        self.server = XenstoreRingServer(self.mv, self._notify, store, domid)
+        self.server = XenstoreRingServer(self.mv, self.notify, store, domid)
         self.rx = bytearray()
         self.events: list[tuple[str, str]] = []
         self.replies: list[tuple[int, int, int, bytes]] = []
         self.req_id = 0
         self.max_outstanding_rsp = 0
 
-    def _notify(self):
-        self.kicks += 1
-
-    def get(self, off):
-        return U32.unpack_from(self.page, off)[0]
-
-    def set(self, off, v):
-        U32.pack_into(self.page, off, v & 0xFFFFFFFF)
-
     # -- raw ring I/O ------------------------------------------------------
 
     def push(self, data: bytes) -> int:
         """Write as much of data into req as fits; returns bytes written."""
-        cons, prod = self.get(XS_RING_REQ_CONS), self.get(XS_RING_REQ_PROD)
-        space = XENSTORE_RING_SIZE - ((prod - cons) & 0xFFFFFFFF)
-        n = min(space, len(data))
-        for i in range(n):
-            self.page[XS_RING_REQ + ((prod + i) & MASK)] = data[i]
-        self.set(XS_RING_REQ_PROD, prod + n)
-        return n
+        return self.put(REQ, data)
 
     def pull(self) -> None:
         """Drain rsp into rx and split complete messages into replies/events."""
-        cons, prod = self.get(XS_RING_RSP_CONS), self.get(XS_RING_RSP_PROD)
-        used = (prod - cons) & 0xFFFFFFFF
-        assert used <= XENSTORE_RING_SIZE, "server overran the response ring"
-        self.max_outstanding_rsp = max(self.max_outstanding_rsp, used)
-        for i in range(used):
-            self.rx.append(self.page[XS_RING_RSP + ((cons + i) & MASK)])
-        self.set(XS_RING_RSP_CONS, prod)
+        data = self.take(RSP)
+        self.max_outstanding_rsp = max(self.max_outstanding_rsp, len(data))
+        self.rx += data
         while len(self.rx) >= XSD_SOCKMSG_SIZE:
             h = XsdSockmsg.parse(bytes(self.rx[:XSD_SOCKMSG_SIZE]))
             if len(self.rx) < XSD_SOCKMSG_SIZE + h.len:
