@@ -195,38 +195,39 @@ def test_run_loop_sees_every_exit(kvm):
 # ---------------------------------------------------------------- eventfds / MSI
 
 
-def test_ioeventfd_datamatch_write_does_not_exit(kvm):
+@pytest.fixture
+def io_vm(kvm):
+    """The io.S guest (writes 7, then 8, to PORT_EVT, then one to PORT_DONE)
+    with a non-blocking eventfd that an ioeventfd signals for writes of 7."""
     b = assemble("io.S", defines=dict(PORT_EVT=PORT_EVT, PORT_DONE=PORT_DONE,
                                       VALUE1=7, VALUE2=8))
     efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
     try:
         with FlatVm(kvm, b) as f:
             f.vm.ioeventfd(efd, PORT_EVT, length=4, datamatch=7)
-            ex = f.vcpu.run()
-            # the matching write (7) was absorbed by the kernel; the other one exits
-            assert ex.reason == ExitReason.IO and ex.port == PORT_EVT and ex.value == 8
-            assert select.select([efd], [], [], 0)[0] == [efd]
-            assert os.eventfd_read(efd) == 1
-            ex = f.vcpu.run()
-            assert ex.reason == ExitReason.IO and ex.port == PORT_DONE
-            with pytest.raises(BlockingIOError):
-                os.eventfd_read(efd)
+            yield f, efd
     finally:
         os.close(efd)
 
 
-def test_ioeventfd_deassign_restores_exits(kvm):
-    b = assemble("io.S", defines=dict(PORT_EVT=PORT_EVT, PORT_DONE=PORT_DONE,
-                                      VALUE1=7, VALUE2=8))
-    efd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-    try:
-        with FlatVm(kvm, b) as f:
-            f.vm.ioeventfd(efd, PORT_EVT, length=4, datamatch=7)
-            f.vm.ioeventfd(efd, PORT_EVT, length=4, datamatch=7, deassign=True)
-            ex = f.vcpu.run()
-            assert ex.reason == ExitReason.IO and ex.port == PORT_EVT and ex.value == 7
-    finally:
-        os.close(efd)
+def test_ioeventfd_datamatch_write_does_not_exit(io_vm):
+    f, efd = io_vm
+    ex = f.vcpu.run()
+    # the matching write (7) was absorbed by the kernel; the other one exits
+    assert ex.reason == ExitReason.IO and ex.port == PORT_EVT and ex.value == 8
+    assert select.select([efd], [], [], 0)[0] == [efd]
+    assert os.eventfd_read(efd) == 1
+    ex = f.vcpu.run()
+    assert ex.reason == ExitReason.IO and ex.port == PORT_DONE
+    with pytest.raises(BlockingIOError):
+        os.eventfd_read(efd)
+
+
+def test_ioeventfd_deassign_restores_exits(io_vm):
+    f, efd = io_vm
+    f.vm.ioeventfd(efd, PORT_EVT, length=4, datamatch=7, deassign=True)
+    ex = f.vcpu.run()
+    assert ex.reason == ExitReason.IO and ex.port == PORT_EVT and ex.value == 7
 
 
 def _irq_vm(kvm):
