@@ -5,6 +5,7 @@ ping through both rings, multi-slot transmits, blank checksums filled in,
 received frames over a page, and the bad input a guest can give."""
 from __future__ import annotations
 
+import contextlib
 import struct
 
 import pytest
@@ -130,35 +131,39 @@ def _ping(src_mac: bytes, dst_mac: bytes, seq: int, payload: bytes) -> bytes:
     return dst_mac + src_mac + struct.pack("!H", ETH_P_IP) + ipv4(ip_bytes(GUEST_IP), ip_bytes(PEER_IP), IPPROTO_ICMP, icmp)
 
 
+@contextlib.contextmanager
+def _interface(mac: str = GUEST_MAC):
+    """(host, backend, frontend, far end of the link): one interface whose
+    frontend has not connected yet."""
+    with backend_host() as host:
+        link, far_end = SocketLink.pair()
+        be = NetBackend(host, 0, link, mac)
+        host.backends.append(be)
+        try:
+            yield host, be, FakeNetfront(host), far_end
+        finally:
+            link.close()
+            far_end.close()
+
+
 @pytest.fixture
 def net():
     """(host, backend, frontend, peer): a connected interface with a NetPeer on the link."""
-    with backend_host() as host:
-        link, peer_sock = SocketLink.pair()
-        be = NetBackend(host, 0, link, GUEST_MAC)
-        host.backends.append(be)
-        fe = FakeNetfront(host)
+    with _interface() as (host, be, fe, peer_sock):
         fe.connect()
         peer = NetPeer(peer_sock, mac=PEER_MAC, ip=PEER_IP)
         yield host, be, fe, peer
         be.close()
         peer.close()
-        link.close()
 
 
 def test_nodes_features_and_mac():
-    with backend_host() as host:
-        link, other = SocketLink.pair()
-        be = NetBackend(host, 0, link, "00:16:3E:AA:bb:01")
-        host.backends.append(be)
-        fe = FakeNetfront(host)
+    with _interface("00:16:3E:AA:bb:01") as (host, be, fe, _):
         assert host.store.read_str(f"{fe.path}/mac") == "00:16:3e:aa:bb:01"
         assert host.store.read_str(f"{fe.path}/handle") == "0"
         assert fe.backend_key("feature-rx-copy") == "1"
         assert fe.backend_key("feature-sg") == "1"
         fe.connect()
-        link.close()
-        other.close()
     assert default_mac("debian", 0).startswith("00:16:3e:") and default_mac("a", 0) != default_mac("b", 0)
     for bad in ("00:16:3e:00:00", "01:00:00:00:00:01", "zz:00:00:00:00:00", "0016.3e00.0001"):
         with pytest.raises(NetError):
@@ -212,11 +217,7 @@ def test_blank_udp_checksum_is_filled_in(net):
 
 
 def test_frames_wait_for_buffers_and_big_ones_span_pages():
-    with backend_host() as host:
-        link, raw = SocketLink.pair()
-        be = NetBackend(host, 0, link, GUEST_MAC)
-        host.backends.append(be)
-        fe = FakeNetfront(host)
+    with _interface() as (host, be, fe, raw):
         fe.connect()
         big = bytes(range(256)) * 36                     # 9216 bytes: three pages
         raw.send(b"\x11" * 60)
@@ -228,8 +229,6 @@ def test_frames_wait_for_buffers_and_big_ones_span_pages():
         assert got[0][1] == b"\x11" * 60
         assert [r.flags & NETRXF_more_data for r, _ in got[1:]] == [NETRXF_more_data, NETRXF_more_data, 0]
         assert b"".join(d for _, d in got[1:]) == big
-        link.close()
-        raw.close()
 
 
 def test_bad_transmits_get_errors_and_nothing_leaves(net):
