@@ -131,6 +131,16 @@ def _attach(host, path: str, index: int = 0, readonly: bool = False):
     return img, be, fe
 
 
+@pytest.fixture
+def disk(host, tmp_path):
+    """(image path, backend, frontend): a fresh image attached as xvda, connected."""
+    path = _image(tmp_path)
+    img, be, fe = _attach(host, path)
+    fe.connect()
+    yield path, be, fe
+    img.close()
+
+
 def test_handshake_nodes_and_features(host, tmp_path):
     img, be, fe = _attach(host, _image(tmp_path))
     assert xvd_devid(0) == 51712 and xvd_devid(1) == 51728
@@ -147,10 +157,8 @@ def test_handshake_nodes_and_features(host, tmp_path):
     img.close()
 
 
-def test_write_then_read_back_through_granted_pages(host, tmp_path):
-    path = _image(tmp_path)
-    img, be, fe = _attach(host, path)
-    fe.connect()
+def test_write_then_read_back_through_granted_pages(host, disk):
+    path, be, fe = disk
     ram = host.ram
     # two pages of data: page A sectors 2..7 (3 KiB), page B sectors 0..1 (1 KiB)
     a, b = FakeFrontend.DATA_PFN, FakeFrontend.DATA_PFN + 1
@@ -177,13 +185,10 @@ def test_write_then_read_back_through_granted_pages(host, tmp_path):
     assert host.evtchn.is_pending(fe.port)
     assert host.gnttab.active_mappings() == 1          # the ring page only
     assert fe.do(fe.request(BlkifOp.flush_diskcache, 0, [])) == BlkifStatus.okay
-    img.close()
 
 
-def test_many_requests_wrap_the_ring(host, tmp_path):
-    path = _image(tmp_path)
-    img, be, fe = _attach(host, path)
-    fe.connect()
+def test_many_requests_wrap_the_ring(host, disk):
+    _, _, fe = disk
     pfn = FakeFrontend.DATA_PFN
     ref = fe.grant(pfn)
     for batch in range(5):                       # 5 x 20 requests: wraps the 32-slot ring
@@ -195,14 +200,11 @@ def test_many_requests_wrap_the_ring(host, tmp_path):
         assert all(r.status == BlkifStatus.okay for r in rsps)
     last = 4 * 20 + 19
     assert host.ram.read(pfn * PAGE_SIZE + 19 % 8 * 512, 8) == last.to_bytes(8, "little")
-    img.close()
 
 
-def test_bad_requests_get_errors_and_change_nothing(host, tmp_path):
-    path = _image(tmp_path)
+def test_bad_requests_get_errors_and_change_nothing(host, disk):
+    path, be, fe = disk
     before = open(path, "rb").read()
-    img, be, fe = _attach(host, path)
-    fe.connect()
     ram = host.ram
     pfn = FakeFrontend.DATA_PFN
     ram.fill(pfn * PAGE_SIZE, PAGE_SIZE, 0x55)
@@ -234,7 +236,6 @@ def test_bad_requests_get_errors_and_change_nothing(host, tmp_path):
     # and the device still works
     assert fe.do(fe.request(BlkifOp.read, 3, [(good, 0, 0)])) == BlkifStatus.okay
     assert ram.read(pfn * PAGE_SIZE, 8) == (3).to_bytes(8, "little")
-    img.close()
 
 
 def test_bogus_ring_index_loses_only_that_device(host, tmp_path):
