@@ -19,6 +19,18 @@ from pyvmm.xen_abi.hypervisor.hypercalls.context import U32
 from pyvmm.xen_abi.memory.guest_va import GuestPageFault
 
 
+# The operations that make a port: their argument, the field Xen writes the
+# new port into, and the binding made from the argument's fields.
+_BINDS = {
+    EvtchnOp.alloc_unbound: (EvtchnAllocUnbound, "port",
+                             lambda ev, a: ev.alloc_unbound(a.dom, a.remote_dom)),
+    EvtchnOp.bind_interdomain: (EvtchnBindInterdomain, "local_port",
+                                lambda ev, a: ev.bind_interdomain(a.remote_dom, a.remote_port)),
+    EvtchnOp.bind_virq: (EvtchnBindVirq, "port", lambda ev, a: ev.bind_virq(a.virq, a.vcpu)),
+    EvtchnOp.bind_ipi: (EvtchnBindIpi, "port", lambda ev, a: ev.bind_ipi(a.vcpu)),
+}
+
+
 def event_channel_op(dispatcher, ctx, cmd, arg, *_):
     cmd &= U32
     ev = dispatcher.domain.evtchn
@@ -29,22 +41,8 @@ def event_channel_op(dispatcher, ctx, cmd, arg, *_):
     if cmd == EvtchnOp.unmask:
         ev.unmask(vm.read_u32(arg))  # evtchn_unmask: one u32 (EvtchnPort)
         return 0
-    if cmd == EvtchnOp.alloc_unbound:
-        a = vm.read_struct(EvtchnAllocUnbound, arg)
-        port = ev.alloc_unbound(a.dom, a.remote_dom)
-        return _write_back(vm, EvtchnAllocUnbound, arg, dict(a, port=port), ev, port)
-    if cmd == EvtchnOp.bind_interdomain:
-        a = vm.read_struct(EvtchnBindInterdomain, arg)
-        port = ev.bind_interdomain(a.remote_dom, a.remote_port)
-        return _write_back(vm, EvtchnBindInterdomain, arg, dict(a, local_port=port), ev, port)
-    if cmd == EvtchnOp.bind_virq:
-        a = vm.read_struct(EvtchnBindVirq, arg)
-        port = ev.bind_virq(a.virq, a.vcpu)
-        return _write_back(vm, EvtchnBindVirq, arg, dict(a, port=port), ev, port)
-    if cmd == EvtchnOp.bind_ipi:
-        a = vm.read_struct(EvtchnBindIpi, arg)
-        port = ev.bind_ipi(a.vcpu)
-        return _write_back(vm, EvtchnBindIpi, arg, dict(a, port=port), ev, port)
+    if cmd in _BINDS:
+        return _bind(vm, ev, arg, *_BINDS[cmd])
     if cmd == EvtchnOp.close:
         ev.close(vm.read_u32(arg))  # evtchn_close: one u32 (EvtchnPort)
         return 0
@@ -73,10 +71,13 @@ def event_channel_op(dispatcher, ctx, cmd, arg, *_):
     return dispatcher.unsupported(Hypercall.event_channel_op, cmd)
 
 
-def _write_back(vm, struct, arg, value, ev, port) -> int:
-    """Copy the result out; if the guest buffer vanished, undo the binding (as Xen)."""
+def _bind(vm, ev, arg, struct, port_field: str, bind) -> int:
+    """Read the argument, bind, copy the new port out; if the guest buffer
+    vanished meanwhile, undo the binding (as Xen)."""
+    a = vm.read_struct(struct, arg)
+    port = bind(ev, a)
     try:
-        vm.write_struct(struct, arg, value)
+        vm.write_struct(struct, arg, dict(a, **{port_field: port}))
     except GuestPageFault:
         try:
             ev.close(port)
