@@ -16,6 +16,7 @@ generous timeouts.  Run alone with:
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from pathlib import Path
@@ -387,6 +388,24 @@ def _stall_report(dom) -> str:
     return trace.status_report(dom) + "\n" + "\n".join(stacks)
 
 
+@contextlib.contextmanager
+def _pyvmm_at_prompt(argv: list[str], prompt_timeout: float):
+    """(run, console): the `pyvmm` command `argv` with its console at the first
+    prompt. A failed assertion in the block gets pyvmm's own account of why it
+    stopped; pyvmm is gone (killed if need be) when the block ends."""
+    from pyvmm.launch import STATUS_SIGNAL
+
+    run = Spawned(argv)
+    con = ConsoleSession(lambda: bytes(run.out), run.send, run.alive)
+    try:
+        con.expect(PROMPT, prompt_timeout, "first prompt")
+        yield run, con
+    except AssertionError as e:
+        raise run.stalled(e, STATUS_SIGNAL) from None
+    finally:
+        run.finish()
+
+
 @pytest.mark.slow
 @pytest.mark.faithful
 def test_cli_default_guest_shell_and_poweroff_exit_status(tmp_path):
@@ -397,22 +416,15 @@ def test_cli_default_guest_shell_and_poweroff_exit_status(tmp_path):
 
     from pyvmm.errors import ExitStatus
     from pyvmm.guests.default import build_default_guest
-    from pyvmm.launch import STATUS_SIGNAL
 
     prompt_timeout, command_timeout = _timeouts()
     build_default_guest(progress=False)           # fetch/build outside the timed part
-    run = Spawned([sys.executable, "-m", "pyvmm", "--default-guest"])
-    con = ConsoleSession(lambda: bytes(run.out), run.send, run.alive)
-    try:
-        con.expect(PROMPT, prompt_timeout, "first prompt")
+    with _pyvmm_at_prompt([sys.executable, "-m", "pyvmm", "--default-guest"],
+                          prompt_timeout) as (run, con):
         m = con.command("uname -r", re.compile(rb"^(6\.1\.0-\S+)\r?$", re.M), command_timeout)
         assert m.group(1).endswith(b"-cloud-amd64")
         run.send(b"poweroff -f\n")
         rc = run.proc.wait(command_timeout)
-    except AssertionError as e:    # add pyvmm's own account of why it stopped
-        raise run.stalled(e, STATUS_SIGNAL) from None
-    finally:
-        run.finish()
     stderr = run.stderr
     print(stderr)
     assert rc == ExitStatus.POWEROFF == 0, (rc, stderr, bytes(run.out[-1500:]))
@@ -472,18 +484,14 @@ def test_cli_default_guest_on_a_tap_device(tmp_path, tap_namespace):
     import os
     import sys
 
-    from pyvmm.launch import STATUS_SIGNAL
-
     ns, tap = tap_namespace
     blob = os.urandom(300_000)
     (tmp_path / "blob").write_bytes(blob)
     prompt_timeout, command_timeout = _timeouts()
     rw, ro, rw_data, ro_data = _disk_images(tmp_path)
-    run = Spawned(["ip", "netns", "exec", ns, sys.executable, "-m", "pyvmm", "--default-guest",
-                   "--net", f"tap={tap},mac=00:16:3e:00:03:0f", "--disk", str(rw), "--disk", f"{ro},ro"])
-    con = ConsoleSession(lambda: bytes(run.out), run.send, run.alive)
-    try:
-        con.expect(PROMPT, prompt_timeout, "first prompt")
+    argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "pyvmm", "--default-guest",
+            "--net", f"tap={tap},mac=00:16:3e:00:03:0f", "--disk", str(rw), "--disk", f"{ro},ro"]
+    with _pyvmm_at_prompt(argv, prompt_timeout) as (run, con):
         con.command(f"ifconfig eth0 {TAP_GUEST_IP} netmask 255.255.255.0 up && echo UP",
                     re.compile(rb"^UP\r?$", re.M), command_timeout)
         con.command(f"ping -c 2 -W 5 {TAP_HOST_IP}", re.compile(rb"2 packets transmitted, 2 packets received"),
@@ -493,10 +501,6 @@ def test_cli_default_guest_on_a_tap_device(tmp_path, tap_namespace):
         wrote = _disk_checks(con, command_timeout, rw_data, ro_data)
         run.send(b"poweroff -f\n")
         rc = run.proc.wait(command_timeout)
-    except AssertionError as e:    # add pyvmm's own account of why it stopped
-        raise run.stalled(e, STATUS_SIGNAL) from None
-    finally:
-        run.finish()
     stderr = run.stderr
     assert rc == 0, (rc, stderr)
     assert f"eth0={tap} (00:16:3e:00:03:0f)" in stderr, stderr
