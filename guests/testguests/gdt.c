@@ -36,26 +36,18 @@ static u64 rdmsr(u32 msr)   /* emulated by the shim */
 
 extern char tg_trap_13[];
 u64 tg_expect_rip, tg_resume_rip, tg_expect_rsp;
-static volatile u64 gp_count, gp_err;
+static volatile struct faults_seen gp;
 void tg_trap(u64 vec, u64 *f, int has_err)
 {
-	if (vec != 13 || !has_err || !tg_resume_rip) {
-		tg_check(0, "unexpected trap", vec, 13);
-		tg_finish();
-	}
-	gp_count++;
-	gp_err = f[2];
-	f[3] = tg_resume_rip;
-	tg_resume_rip = 0;
+	take_expected_fault(&gp, 13, vec, f, has_err);
 }
 
 /* load %fs with sel; the FS base it produced, or ~0 if the load faulted */
 static u64 fs_base_of(u16 sel)
 {
-	u64 n = gp_count;
-	__asm__ volatile("leaq 1f(%%rip), %%rax; movq %%rax, tg_resume_rip(%%rip);"
-			 "mov %0, %%fs\n1:" :: "r"(sel) : "rax", "memory");
-	u64 b = gp_count != n ? ~0UL : rdmsr(0xc0000100);
+	u64 n = gp.count;
+	EXPECT_FAULT("mov %0, %%fs", :: "r"(sel) : "rax", "memory");
+	u64 b = gp.count != n ? ~0UL : rdmsr(0xc0000100);
 	__asm__ volatile("mov %0, %%fs" :: "r"((u16)0));
 	return b;
 }
@@ -113,7 +105,7 @@ void tg_main(struct start_info *si)
 	tg_check(((gdtp[3] >> 16) & 0xffffff) == ((TLS_BASE + 0x1000) & 0xffffff), "guest frame updated", gdtp[3], 0);
 	rc = update_desc(&gdtp[5], DESC(0, 0xfffff, ACC_DATA_DPL0, 0xc));
 	tg_check(rc == 0 && ((gdtp[5] >> 45) & 3) == 3, "update_descriptor raises DPL", gdtp[5], 3);
-	tg_check(fs_base_of(SEL(5)) == 0, "new slot usable", gp_err, 0);
+	tg_check(fs_base_of(SEL(5)) == 0, "new slot usable", gp.err, 0);
 
 	/* refused */
 	rc = HC2(HC_update_descriptor, ((va_to_pfn(gdtp) << 12) | 0x1c), 0);

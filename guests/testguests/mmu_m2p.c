@@ -9,17 +9,10 @@ struct xen_machphys_mapping { u64 v_start, v_end, max_mfn; };
 
 extern char tg_trap_14[];
 u64 tg_expect_rip, tg_resume_rip, tg_expect_rsp;
-static volatile u64 pf_count, pf_err;
+static volatile struct faults_seen pf;
 void tg_trap(u64 vec, u64 *f, int has_err)
 {
-	if (vec != 14 || !has_err || !tg_resume_rip) {
-		tg_check(0, "unexpected trap", vec, 14);
-		tg_finish();
-	}
-	pf_count++;
-	pf_err = f[2];
-	f[3] = tg_resume_rip;
-	tg_resume_rip = 0;
+	take_expected_fault(&pf, 14, vec, f, has_err);
 }
 
 void tg_main(struct start_info *si)
@@ -39,8 +32,7 @@ void tg_main(struct start_info *si)
 	tg_check(m2p[last] == last, "M2P[last RAM frame]", m2p[last], last);
 	tg_check(m2p[pfn] == pfn, "M2P[start_info frame]", m2p[pfn], pfn);
 	/* read-only for the guest */
-	__asm__ volatile("leaq 1f(%%rip), %%rax; movq %%rax, tg_resume_rip(%%rip);"
-			 "movq $0, (%0)\n1:" :: "r"(&m2p[pfn]) : "rax", "memory");
-	tg_check(pf_count == 1 && (pf_err & 3) == 3, "M2P write faults (write|present)", pf_err, 3);
+	EXPECT_FAULT("movq $0, (%0)", :: "r"(&m2p[pfn]) : "rax", "memory");
+	tg_check(pf.count == 1 && (pf.err & 3) == 3, "M2P write faults (write|present)", pf.err, 3);
 	tg_check(m2p[pfn] == pfn, "M2P unchanged", m2p[pfn], pfn);
 }

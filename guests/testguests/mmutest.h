@@ -70,6 +70,30 @@ static inline long hook_l1(u64 *page)
 			   (pfn << 12) | PTE_P | PTE_RW | PTE_A);
 }
 
+/* Guests that expect one kind of fault (gdt.c #GP; mmu_m2p.c, ptwr.c #PF)
+ * run the instruction that should fault under EXPECT_FAULT; their tg_trap
+ * hands the trap to take_expected_fault, which counts it, keeps its error
+ * code and resumes after the instruction. Any other trap ends the test. */
+#define EXPECT_FAULT(insn, ...)                                                  \
+	__asm__ volatile("leaq 1f(%%rip), %%rax; movq %%rax, tg_resume_rip(%%rip);" \
+			 insn "\n1:" __VA_ARGS__)
+
+extern u64 tg_resume_rip;   /* where the fault resumes; 0: no fault expected */
+struct faults_seen { u64 count, err; };
+
+static inline void take_expected_fault(volatile struct faults_seen *seen, u64 expected_vec,
+				       u64 vec, u64 *f, int has_err)
+{
+	if (vec != expected_vec || !has_err || !tg_resume_rip) {
+		tg_check(0, "unexpected trap", vec, expected_vec);
+		tg_finish();
+	}
+	seen->count++;
+	seen->err = f[2];
+	f[3] = tg_resume_rip;   /* skip the faulting instruction */
+	tg_resume_rip = 0;
+}
+
 /* print "name_cycles=N" (cycles per op, averaged over n) */
 static inline void report_cycles(const char *name, u64 total, u64 n)
 {

@@ -22,35 +22,23 @@ static volatile struct vcpu_info *vi;
 
 extern char tg_trap_14[];
 u64 tg_expect_rip, tg_resume_rip, tg_expect_rsp;
-static volatile u64 pf_count, pf_cr2, pf_err, pf_rip;
+static volatile struct faults_seen pf;
+static volatile u64 pf_cr2;
 
 void tg_trap(u64 vec, u64 *f, int has_err)
 {
-	if (vec != 14 || !has_err || !tg_resume_rip) {
-		tg_check(0, "unexpected trap", vec, 14);
-		tg_finish();
-	}
-	pf_count++;
-	pf_err = f[2];
-	pf_rip = f[3];
+	take_expected_fault(&pf, 14, vec, f, has_err);
 	pf_cr2 = vi->cr2;
-	f[3] = tg_resume_rip;   /* skip the faulting instruction */
-	tg_resume_rip = 0;
 }
 
 static u64 pte_of(u64 *page) { return (va_to_pfn(page) << 12) | PTE_P | PTE_RW | PTE_A; }
 static u64 rd(u64 va) { return *(volatile u64 *)va; }
 static void flush(void) { mmuext1(MMUEXT_INVLPG_LOCAL, TEST_VA, 0); }
 
-/* run one instruction that is expected to #PF; the handler resumes after it */
-#define EXPECT_FAULT(insn, ...)                                                  \
-	__asm__ volatile("leaq 1f(%%rip), %%rax; movq %%rax, tg_resume_rip(%%rip);" \
-			 insn "\n1:" __VA_ARGS__)
-
 static void test_stores(void)
 {
 	volatile u64 *e = &l1a[0];
-	u64 n0 = pf_count;
+	u64 n0 = pf.count;
 
 	*e = pte_of(d0);                                   /* mov %reg, (mem) */
 	tg_check(rd(TEST_VA) == MARK0, "mov r64: new mapping", rd(TEST_VA), MARK0);
@@ -60,8 +48,8 @@ static void test_stores(void)
 	tg_check(*e == 0, "mov imm32", *e, 0);
 	flush();
 	EXPECT_FAULT("movq (%0), %%rax", :: "r"(TEST_VA) : "rax", "memory");
-	tg_check(pf_count == n0 + 1 && pf_cr2 == TEST_VA, "cleared entry: read faults", pf_cr2, TEST_VA);
-	tg_check(!(pf_err & 1), "not-present error code", pf_err, 0);
+	tg_check(pf.count == n0 + 1 && pf_cr2 == TEST_VA, "cleared entry: read faults", pf_cr2, TEST_VA);
+	tg_check(!(pf.err & 1), "not-present error code", pf.err, 0);
 
 	__asm__ volatile("movq %1, %0" : "=m"(l1a[0]) : "r"(pte_of(d1)));
 	__asm__ volatile("movl %1, 4(%0)" :: "r"(e), "r"(0x80000000u) : "memory");   /* upper half: NX */
@@ -124,25 +112,25 @@ static void test_rmw(void)
 
 static void test_not_emulated(void)
 {
-	u64 n0 = pf_count;
+	u64 n0 = pf.count;
 	/* misaligned 8-byte store into the L1 */
 	u64 addr = (u64)&l1a[1] + 4;
 	EXPECT_FAULT("movq %1, (%0)", :: "r"(addr), "r"(0UL) : "rax", "memory");
-	tg_check(pf_count == n0 + 1 && pf_cr2 == addr, "misaligned store bounced", pf_cr2, addr);
-	tg_check((pf_err & 3) == 3, "write|present error code", pf_err, 3);
+	tg_check(pf.count == n0 + 1 && pf_cr2 == addr, "misaligned store bounced", pf_cr2, addr);
+	tg_check((pf.err & 3) == 3, "write|present error code", pf.err, 3);
 	tg_check(l1a[1] == 0 && l1a[2] == 0, "misaligned store not done", l1a[1], 0);
 
 	/* a read-only page that is not a page table */
 	long rc = uvm((u64)ro_page, (va_to_pfn(ro_page) << 12) | PTE_P | PTE_A, UVMF_INVLPG);
 	tg_check(rc == 0, "map a data page read-only", rc, 0);
 	EXPECT_FAULT("movq %1, (%0)", :: "r"(ro_page + 3), "r"(MARK1) : "rax", "memory");
-	tg_check(pf_count == n0 + 2 && pf_cr2 == (u64)(ro_page + 3), "write to a RO data page bounced",
+	tg_check(pf.count == n0 + 2 && pf_cr2 == (u64)(ro_page + 3), "write to a RO data page bounced",
 		 pf_cr2, (u64)(ro_page + 3));
 	tg_check(ro_page[3] == 0, "RO data page unchanged", ro_page[3], 0);
 
 	/* a PTE that maps a frame outside the guest's memory fails validation */
 	EXPECT_FAULT("movq %1, (%0)", :: "r"(&l1a[5]), "r"((0x7ffff000UL << 12) | PTE_P) : "rax", "memory");
-	tg_check(pf_count == n0 + 3 && pf_cr2 == (u64)&l1a[5], "invalid new PTE bounced", pf_cr2, (u64)&l1a[5]);
+	tg_check(pf.count == n0 + 3 && pf_cr2 == (u64)&l1a[5], "invalid new PTE bounced", pf_cr2, (u64)&l1a[5]);
 	tg_check(l1a[5] == 0, "invalid PTE not written", l1a[5], 0);
 }
 
@@ -150,7 +138,7 @@ static void test_not_emulated(void)
  * initial L4): write-protect d1 by a direct `lock btr` on its PTE there. */
 static void test_builder_l1(void)
 {
-	u64 va = (u64)d1, n0 = pf_count;
+	u64 va = (u64)d1, n0 = pf.count;
 	u64 *l4 = pfn_va(read_cr3() >> 12);
 	u64 *l3 = pfn_va((l4[(va >> 39) & 511] & PTE_ADDR) >> 12);
 	u64 *l2 = pfn_va((l3[(va >> 30) & 511] & PTE_ADDR) >> 12);
@@ -161,7 +149,7 @@ static void test_builder_l1(void)
 	tg_check(cf == 1 && !(*pte & PTE_RW), "lock btr on a bootstrap L1 entry", *pte, cf);
 	mmuext1(MMUEXT_INVLPG_LOCAL, va, 0);
 	EXPECT_FAULT("movq %1, (%0)", :: "r"(va), "r"(0UL) : "rax", "memory");
-	tg_check(pf_count == n0 + 1 && pf_cr2 == va, "write to the now read-only page faults", pf_cr2, va);
+	tg_check(pf.count == n0 + 1 && pf_cr2 == va, "write to the now read-only page faults", pf_cr2, va);
 	__asm__ volatile("lock btsq $1, %1; setc %0" : "=d"(cf), "+m"(*pte) :: "memory", "cc");
 	tg_check(cf == 0 && (*pte & PTE_RW), "lock bts restores RW", *pte, cf);
 	mmuext1(MMUEXT_INVLPG_LOCAL, va, 0);
