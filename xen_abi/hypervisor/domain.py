@@ -47,6 +47,9 @@ STAR = (abi.FLAT_RING3_CS32 << x86.STAR_SYSRET_CS_SHIFT) | (R.SHIM_CS << x86.STA
 SFMASK = x86.RFLAGS_TF | x86.RFLAGS_IF | x86.RFLAGS_DF | x86.RFLAGS_AC | x86.RFLAGS_NT
 INITIAL_RFLAGS = x86.RFLAGS_IF | x86.RFLAGS_FIXED
 XSTATE_FP_SSE = 0x3   # XCR0 x87|SSE: what Xen gives a PV vCPU before its xsetbv
+# Console output a domain keeps (read_console, RunResult.console): a guest
+# that writes without end must not grow the host without end.
+CONSOLE_HISTORY = 1 << 20
 
 
 class ShimPanic(RuntimeError):
@@ -60,7 +63,7 @@ class DomainTimeout(RuntimeError):
 @dataclass
 class RunResult:
     reason: abi.ShutdownReason
-    console: bytes
+    console: bytes             # its last CONSOLE_HISTORY bytes of console output
     crash_info: dict | None = None
     slow_exits: int = 0
     elapsed: float = 0.0
@@ -70,6 +73,33 @@ class RunResult:
     @property
     def text(self) -> str:
         return self.console.decode(errors="replace")
+
+
+class ConsoleHistory:
+    """The last `limit` bytes of a guest's console output, and how many it
+    wrote in all: offsets count from the guest's first byte, so a reader
+    goes on where it left off while the oldest output is let go."""
+
+    def __init__(self, limit: int = CONSOLE_HISTORY):
+        self.limit = limit
+        self.total = 0
+        self._tail = bytearray()
+
+    def append(self, data: bytes) -> None:
+        self.total += len(data)
+        self._tail += data[-self.limit:]
+        excess = len(self._tail) - self.limit
+        if excess > 0:
+            del self._tail[:excess]
+
+    @property
+    def start(self) -> int:
+        """The offset of the oldest byte kept."""
+        return self.total - len(self._tail)
+
+    def read(self, offset: int = 0) -> bytes:
+        """What is kept from `offset` on (from the oldest byte kept, if `offset` is older)."""
+        return bytes(self._tail[max(offset - self.start, 0):])
 
 
 def _seg(sel: int, *, code: bool, dpl: int, long: bool) -> KvmSegment:
@@ -90,7 +120,7 @@ class Domain(PvDomainBase):
             kernel = load_kernel(kernel)
         self.kernel = kernel
         self.echo = echo
-        self.console = bytearray()
+        self._console_history = ConsoleHistory()
         self.is_pvm = on_kvm_pvm() if is_pvm is None else is_pvm
         self.kvm = kvm or Kvm()
         self._own_kvm = kvm is None
@@ -272,16 +302,25 @@ class Domain(PvDomainBase):
         # thread) lands first, so a guest that waited for it sees its order
         with self.notifier.backend_lock if self.notifier else contextlib.nullcontext():
             with self._console_lock:
-                self.console += data
+                self._console_history.append(data)
                 if self.echo:
                     sys.stdout.buffer.write(data)
                     sys.stdout.flush()
             self.on_console_output(data)      # outside _console_lock: it may read_console()
 
+    @property
+    def console(self) -> bytes:
+        """The console output kept: the last CONSOLE_HISTORY bytes."""
+        return self.read_console()[0]
+
     def read_console(self, offset: int = 0) -> tuple[bytes, int]:
-        """Console output from `offset` on, and the offset to continue from."""
+        """Console output from `offset` on, and the offset to continue from.
+        Offsets count every byte the guest wrote; only the last
+        CONSOLE_HISTORY bytes are kept, so an older offset reads from the
+        oldest byte kept."""
         with self._console_lock:
-            return bytes(self.console[offset:]), len(self.console)
+            history = self._console_history
+            return history.read(offset), history.total
 
     def send_console_input(self, data: bytes) -> int:
         """Queue input for the guest's console ring (raises its console port)."""
@@ -402,7 +441,7 @@ class Domain(PvDomainBase):
             while True:
                 if self._stop_requested:
                     self._quiesce()
-                    return RunResult(abi.ShutdownReason.poweroff, bytes(self.console), None,
+                    return RunResult(abi.ShutdownReason.poweroff, self.console, None,
                                      self.slow_exits, time.monotonic() - t0, dict(self.exit_counts),
                                      stopped=True)
                 ex = self.vcpu.run()
@@ -413,13 +452,13 @@ class Domain(PvDomainBase):
                     reason, info = self._handle_shim_exit(0)
                     if reason is not None:
                         self._quiesce()
-                        return RunResult(reason, bytes(self.console), info, self.slow_exits,
+                        return RunResult(reason, self.console, info, self.slow_exits,
                                          time.monotonic() - t0, dict(self.exit_counts))
                     continue
                 if ex.reason == ExitReason.INTR:
                     if timeout is not None and time.monotonic() - t0 >= timeout:
                         raise DomainTimeout(f"guest still running after {timeout} s; "
-                                            f"console so far: {bytes(self.console)[-500:]!r}")
+                                            f"console so far: {self.console[-500:]!r}")
                     continue
                 if ex.reason == ExitReason.IO and self.notifier.handle_io(ex):
                     continue
