@@ -4,7 +4,9 @@ talk to it.
 
     <runtime dir>/<name>.sock      one per running guest
     runtime dir: $PYVMM_RUNTIME_DIR, else /run/pyvmm (root), else
-                 $XDG_RUNTIME_DIR/pyvmm, else /tmp/pyvmm-<uid>
+                 $XDG_RUNTIME_DIR/pyvmm, else /tmp/pyvmm-<uid>; made 0700
+                 if missing, refused if it is a symbolic link, another
+                 user's, or open to group or others
 
 Protocol: the client sends one JSON line {"op": ...}; the server answers one
 JSON line ({"ok": true, ...} or {"ok": false, "error": "..."}).  After a
@@ -20,9 +22,12 @@ from __future__ import annotations
 import json
 import os
 import socket
+import stat
 import threading
 import time
 from pathlib import Path
+
+from pyvmm.errors import UserError
 
 __all__ = ["ControlServer", "runtime_dir", "request", "list_guests", "GuestNotFound",
            "NameInUse", "ControlError", "CONSOLE_BACKLOG"]
@@ -40,15 +45,21 @@ class NameInUse(Exception):
     pass
 
 
-class ControlError(Exception):
-    """The control socket cannot be made; str() is one line for the user."""
+class ControlError(UserError):
+    """The runtime directory or a control socket cannot be used; str() is
+    one line for the user."""
 
 
 #: sockaddr_un's sun_path holds 108 bytes, the terminating NUL included
 MAX_SOCKET_PATH = 107
 
 
+_ELSEWHERE = "set PYVMM_RUNTIME_DIR to a directory of yours"
+
+
 def runtime_dir() -> Path:
+    """The directory of the control sockets and logs: made private (0700)
+    if missing; refused if another user could have put anything in it."""
     env = os.environ.get("PYVMM_RUNTIME_DIR")
     if env:
         d = Path(env)
@@ -58,12 +69,42 @@ def runtime_dir() -> Path:
         d = Path(os.environ["XDG_RUNTIME_DIR"]) / "pyvmm"
     else:
         d = Path(f"/tmp/pyvmm-{os.getuid()}")
-    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        d.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise ControlError(f"cannot make the runtime directory {d}: {e.strerror}; {_ELSEWHERE}") from None
+    _check_private(d)
     return d
 
 
+def _check_private(d: Path) -> None:
+    """Only we may create, replace or read what is in d: it is our own
+    directory (not a link to one), closed to group and others."""
+    st = d.lstat()
+    if stat.S_ISLNK(st.st_mode):
+        raise ControlError(f"runtime directory {d} is a symbolic link: remove it, or {_ELSEWHERE}")
+    if not stat.S_ISDIR(st.st_mode):
+        raise ControlError(f"runtime directory {d} is not a directory: remove it, or {_ELSEWHERE}")
+    if st.st_uid != os.geteuid():
+        raise ControlError(f"runtime directory {d} belongs to another user (uid {st.st_uid}): "
+                           f"remove it, or {_ELSEWHERE}")
+    if st.st_mode & 0o077:
+        raise ControlError(f"runtime directory {d} is open to other users (mode {stat.S_IMODE(st.st_mode):04o}): "
+                           f"chmod 700 {d}, or {_ELSEWHERE}")
+
+
 def _socket_path(name: str) -> Path:
-    return runtime_dir() / f"{name}.sock"
+    path = runtime_dir() / f"{name}.sock"
+    try:
+        mode = path.lstat().st_mode
+    except FileNotFoundError:
+        return path
+    if not stat.S_ISSOCK(mode):
+        raise ControlError(f"{path} is not a socket{' but a symbolic link' if stat.S_ISLNK(mode) else ''}: "
+                           f"remove it")
+    return path
 
 
 def _connect(path: Path) -> socket.socket:
@@ -121,8 +162,8 @@ def list_guests() -> list[dict]:
         except GuestNotFound:
             _remove_stale(path)
             continue
-        except (OSError, ValueError):
-            continue                    # busy or dying: leave it be
+        except (OSError, ValueError, ControlError):
+            continue                    # busy, dying or not a socket: leave it be
         if reply.get("ok"):
             out.append(reply["info"])
     return out

@@ -7,6 +7,7 @@ the guest's end into pyvmm's exit status.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import signal
@@ -91,7 +92,7 @@ def launch(*, name, memory, kernel_path, disks=(), nets=(), ready=None, **kw) ->
     """Boot the guest under a control socket named after it; `ready(None)`
     is called once the first boot has started (`ready(message)` if it
     could not), for --detach to release the waiting parent."""
-    from pyvmm.control import ControlError, ControlServer, NameInUse
+    from pyvmm.control import ControlServer, NameInUse
 
     guest = _GuestControl(name, memory, kernel_path, disks, nets)
     try:
@@ -99,8 +100,6 @@ def launch(*, name, memory, kernel_path, disks=(), nets=(), ready=None, **kw) ->
     except NameInUse:
         raise UserError(f"a guest named {name!r} is already running (pyvmm list): pick another "
                         f"--name, or stop it with 'pyvmm shutdown {name}'") from None
-    except ControlError as e:
-        raise UserError(str(e)) from None
     try:
         return _boot_loop(name=name, memory=memory, kernel_path=kernel_path, disks=disks, nets=nets,
                           guest=guest, control=control, ready=ready, **kw)
@@ -220,18 +219,30 @@ def _status(dom, t0: float) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+def _open_log(path) -> int:
+    """The log for appending, never through a symbolic link left in its place."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UserError(f"{path} is a symbolic link: remove it (pyvmm writes its log there)") from None
+        raise UserError(f"cannot open the log {path}: {e.strerror}") from None
+
+
 def run_detached(name: str, start) -> int:
     """Run start() in a background process (its own session, stdio on a log
     file); return once the guest has started, or with its one-line error."""
     from pyvmm.control import runtime_dir
 
     log = runtime_dir() / f"{name}.log"
+    log_fd = _open_log(log)
     r, w = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
     if pid:
         os.close(w)
+        os.close(log_fd)
         with os.fdopen(r, "rb") as f:
             msg = f.read().decode(errors="replace").strip()
         if msg == "ok":
@@ -247,12 +258,11 @@ def run_detached(name: str, start) -> int:
     try:
         os.setsid()
         null = os.open(os.devnull, os.O_RDONLY)
-        out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         os.dup2(null, 0)
-        os.dup2(out, 1)
-        os.dup2(out, 2)
+        os.dup2(log_fd, 1)
+        os.dup2(log_fd, 2)
         os.close(null)
-        os.close(out)
+        os.close(log_fd)
         answered = False
 
         def ready(error: str | None) -> None:
