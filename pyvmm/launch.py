@@ -7,6 +7,7 @@ the guest's end into pyvmm's exit status.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -22,6 +23,11 @@ from pyvmm.terminal import Terminal, parse_escape
 #: "is it alive?" answer); the signal reaches the main thread, which runs the
 #: vCPU, so KVM_RUN returns and the handler runs at once.
 STATUS_SIGNAL = signal.SIGUSR2
+
+# A detached guest's log (stdout and stderr): past LOG_LIMIT bytes NAME.log
+# becomes NAME.log.1 (the one before is let go) and a new NAME.log starts.
+LOG_LIMIT = 8 << 20
+LOG_DRAIN_S = 5.0       # at exit, for the log pump to write what is left
 
 # Console lines that mark boot milestones; the first sight of each is
 # reported with the time since start.
@@ -229,9 +235,36 @@ def _open_log(path) -> int:
         raise UserError(f"cannot open the log {path}: {e.strerror}") from None
 
 
+def _pump_log(source: int, path, out: int | None, limit: int = LOG_LIMIT) -> None:
+    """Copy what comes through the pipe `source` (the detached guest's
+    stdout and stderr) into the log until it closes, rotating the log at
+    `limit` bytes.  A log that cannot be written loses lines rather than
+    stop the pump: the guest's console output waits on this pipe."""
+    size = os.fstat(out).st_size if out is not None else 0
+    while data := os.read(source, 65536):
+        if size + len(data) > limit:
+            if out is not None:
+                os.close(out)
+            with contextlib.suppress(OSError):
+                os.replace(path, f"{path}.1")
+            try:
+                out = _open_log(path)
+            except UserError:
+                out = None
+            size = 0
+        size += len(data)
+        view = memoryview(data)
+        try:
+            while view and out is not None:
+                view = view[os.write(out, view):]
+        except OSError:
+            pass
+
+
 def run_detached(name: str, start) -> int:
-    """Run start() in a background process (its own session, stdio on a log
-    file); return once the guest has started, or with its one-line error."""
+    """Run start() in a background process (its own session, stdio into a
+    log file kept under LOG_LIMIT); return once the guest has started, or
+    with its one-line error."""
     from pyvmm.control import runtime_dir
 
     log = runtime_dir() / f"{name}.log"
@@ -252,17 +285,21 @@ def run_detached(name: str, start) -> int:
             return 0
         print_error(msg or f"the guest did not start; see {log}")
         return ExitStatus.USAGE
-    # the child: no terminal, stdio on the log, its own session
+    # the child: no terminal, stdio through a pipe into the log, its own session
     os.close(r)
     rc = ExitStatus.HOST_ERROR
+    pump = None
     try:
         os.setsid()
+        pipe_out, pipe_in = os.pipe()
+        pump = threading.Thread(target=_pump_log, args=(pipe_out, log, log_fd), name="pyvmm-log", daemon=True)
+        pump.start()
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
-        os.dup2(log_fd, 1)
-        os.dup2(log_fd, 2)
+        os.dup2(pipe_in, 1)
+        os.dup2(pipe_in, 2)
         os.close(null)
-        os.close(log_fd)
+        os.close(pipe_in)
         answered = False
 
         def ready(error: str | None) -> None:
@@ -286,4 +323,10 @@ def run_detached(name: str, start) -> int:
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+        if pump is not None:
+            # stdio off the pipe: its last writer gone, the pump writes the rest and ends
+            null = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(null, 1)
+            os.dup2(null, 2)
+            pump.join(LOG_DRAIN_S)
         os._exit(int(rc))
