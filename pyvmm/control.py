@@ -12,7 +12,9 @@ Protocol: the client sends one JSON line {"op": ...}; the server answers one
 JSON line ({"ok": true, ...} or {"ok": false, "error": "..."}).  After a
 "console" answer the connection carries raw console bytes both ways until
 either side closes it; the guest's recent output (CONSOLE_BACKLOG bytes) is
-replayed first, as xenconsoled's log would show it.
+replayed first, as xenconsoled's log would show it.  A console client that
+stops reading is disconnected once CONSOLE_CLIENT_QUEUE bytes wait for it:
+the guest never waits for one.
 
 A socket left by a pyvmm that died is found stale (connection refused) and
 removed; a live one makes a second guest of the same name one clear error.
@@ -20,7 +22,9 @@ removed; a live one makes a second guest of the same name one clear error.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import select
 import socket
 import stat
 import threading
@@ -33,8 +37,17 @@ __all__ = ["ControlServer", "runtime_dir", "request", "list_guests", "GuestNotFo
            "NameInUse", "ControlError", "CONSOLE_BACKLOG"]
 
 CONSOLE_BACKLOG = 64 * 1024
+# Guest output waiting for one console client; a client that falls further
+# behind (it stopped reading) is dropped rather than let it hold the guest up.
+CONSOLE_CLIENT_QUEUE = 1 << 20
+SEND_CHUNK = 64 * 1024
+SEND_POLL_S = 0.2        # how soon a client's sender notices it is to stop
+GOODBYE_WAIT_S = 0.5     # how long a dropped client may take to make room for the reason
+CLOSE_FLUSH_S = 2.0      # at close, for the clients to take what is queued
 MAX_REQUEST = 4096
 CONNECT_TIMEOUT_S = 5.0
+
+log = logging.getLogger(__name__)
 
 
 class GuestNotFound(Exception):
@@ -180,6 +193,90 @@ def _remove_stale(path: Path) -> None:
     s.close()
 
 
+class _ConsoleClient:
+    """One attached console.  Guest output waits in a bounded queue that
+    the client's own sender thread sends, so console_output (which the
+    guest's console and xenstore service wait on) never waits for a client.
+
+    States: open (queueing), flushing (the server closes: send what is
+    queued, then hang up), dropped (overflowed: say so, hang up), closed."""
+
+    def __init__(self, conn: socket.socket, backlog: bytes):
+        self.conn = conn
+        self._queue = bytearray(backlog)
+        self._cond = threading.Condition()
+        self._state = "open"
+        self._sender = threading.Thread(target=self._send_queued, name="pyvmm-console-out", daemon=True)
+        self._sender.start()
+
+    def put(self, data: bytes) -> bool:
+        """Queue guest output; False if that would pass CONSOLE_CLIENT_QUEUE:
+        the client is then dropped."""
+        with self._cond:
+            if self._state != "open":
+                return True
+            if len(self._queue) + len(data) > CONSOLE_CLIENT_QUEUE:
+                self._state = "dropped"
+                self._queue.clear()
+                self._cond.notify()
+                return False
+            self._queue += data
+            self._cond.notify()
+            return True
+
+    def _set_state(self, state: str) -> None:
+        with self._cond:
+            if self._state in ("open", "flushing"):
+                self._state = state
+                self._cond.notify()
+
+    def flush_and_close(self) -> None:
+        self._set_state("flushing")
+
+    def close(self) -> None:
+        """Stop sending and hang up (the reader's recv ends too)."""
+        self._set_state("closed")
+        self._hang_up()
+        self._sender.join()
+
+    def join(self, timeout: float) -> None:
+        self._sender.join(timeout)
+
+    def _hang_up(self) -> None:
+        try:
+            self.conn.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _send_queued(self) -> None:
+        poller = select.poll()
+        poller.register(self.conn, select.POLLOUT)
+        try:
+            while True:
+                with self._cond:
+                    while not self._queue and self._state == "open":
+                        self._cond.wait()
+                    if not self._queue or self._state in ("dropped", "closed"):
+                        break
+                    chunk = bytes(self._queue[:SEND_CHUNK])
+                if not poller.poll(SEND_POLL_S * 1000):
+                    continue                    # no room: look at the state again
+                try:
+                    sent = self.conn.send(chunk, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    continue
+                with self._cond:
+                    del self._queue[:sent]
+            if self._state == "dropped" and poller.poll(GOODBYE_WAIT_S * 1000):
+                self.conn.send(b"\r\npyvmm: this console fell more than "
+                               b"%d KiB behind the guest's output and was disconnected; attach again\r\n"
+                               % (CONSOLE_CLIENT_QUEUE >> 10), socket.MSG_DONTWAIT)
+        except OSError:                         # the client went away
+            pass
+        finally:
+            self._hang_up()
+
+
 class ControlServer:
     """The running guest's end: a thread serving requests on its socket.
 
@@ -215,7 +312,7 @@ class ControlServer:
         self.sock.listen(8)
         self.started = time.time()
         self._lock = threading.Lock()
-        self._consoles: list[socket.socket] = []
+        self._consoles: list[_ConsoleClient] = []
         self._backlog = bytearray()
         self._closed = False
         self._thread = threading.Thread(target=self._accept, name="pyvmm-control", daemon=True)
@@ -223,24 +320,17 @@ class ControlServer:
 
     # ---- console fan-out ----
     def console_output(self, data: bytes) -> None:
+        """Guest output: kept for replay, queued to every attached client.
+        Never waits for a client (its caller holds up the guest)."""
         with self._lock:
             self._backlog += data
             del self._backlog[:-CONSOLE_BACKLOG]
-            clients = list(self._consoles)
-        for c in clients:
-            try:
-                c.sendall(data)
-            except OSError:
-                self._drop_console(c)
-
-    def _drop_console(self, c: socket.socket) -> None:
-        with self._lock:
-            if c in self._consoles:
+            dropped = [c for c in self._consoles if not c.put(data)]
+            for c in dropped:
                 self._consoles.remove(c)
-        try:
-            c.close()
-        except OSError:
-            pass
+        for _ in dropped:
+            log.warning("dropped a console client: it stopped reading and fell more than %d KiB behind",
+                        CONSOLE_CLIENT_QUEUE >> 10)
 
     @property
     def console_clients(self) -> int:
@@ -300,9 +390,9 @@ class ControlServer:
     def _attach_console(self, conn: socket.socket) -> None:
         conn.settimeout(None)
         self._reply(conn, ok=True)
-        with self._lock:
-            conn.sendall(bytes(self._backlog))
-            self._consoles.append(conn)
+        with self._lock:                        # the backlog, then the output after it
+            client = _ConsoleClient(conn, bytes(self._backlog))
+            self._consoles.append(client)
         try:
             while True:
                 data = conn.recv(4096)
@@ -312,7 +402,11 @@ class ControlServer:
         except OSError:
             pass
         finally:
-            self._drop_console(conn)
+            with self._lock:
+                if client in self._consoles:
+                    self._consoles.remove(client)
+            client.close()
+            conn.close()
 
     def close(self) -> None:
         self._closed = True
@@ -323,8 +417,9 @@ class ControlServer:
             with self._lock:
                 clients, self._consoles = self._consoles, []
             for c in clients:
-                try:
-                    c.shutdown(socket.SHUT_RDWR)
-                    c.close()
-                except OSError:
-                    pass
+                c.flush_and_close()
+            deadline = time.monotonic() + CLOSE_FLUSH_S
+            for c in clients:
+                c.join(max(deadline - time.monotonic(), 0))
+            for c in clients:                   # those that did not take it all in time
+                c.close()
