@@ -26,7 +26,7 @@ CFLAGS = [
     "-O2", "-std=gnu11", "-ffreestanding", "-nostdlib", "-fno-builtin",
     "-mno-red-zone", "-mgeneral-regs-only", "-fpie", "-fvisibility=hidden",
     "-fno-stack-protector", "-fno-asynchronous-unwind-tables", "-fcf-protection=none",
-    "-fno-jump-tables", "-Wall", "-Werror",
+    "-Wall", "-Werror",
 ]
 
 
