@@ -1,8 +1,8 @@
-/* Port I/O and same-privilege iretq from guest kernel mode: what Linux's
- * boot does ~100k times (quick_pit_calibrate's `inb $0x42`) and tens of
- * thousands of times (sync_core's iret_to_self while patching
- * alternatives).  The shim answers the byte forms in entry.S's #GP fast
- * path and the rest in priv.c; both must give Xen's answers:
+/* Port I/O and same-privilege iretq from guest kernel mode (the latter
+ * tens of thousands of times at boot: sync_core's iret_to_self while
+ * patching alternatives).  The shim answers the byte forms in entry.S's
+ * #GP fast path and the rest in priv.c; both must give Xen's answers (for
+ * ports other than the emulated PIT, see pit.c):
  *   - a domU owns no ports: `in` reads all ones (upper register bits kept
  *     for 8/16-bit reads, zero-extended for 32-bit), `out` is dropped;
  *   - only with the virtual IOPL (PHYSDEVOP_set_iopl >= 1 for the kernel),
@@ -35,9 +35,9 @@ static long set_iopl(u32 level)
 	return HC2(HC_physdev_op, PHYSDEVOP_set_iopl, &v);
 }
 
-static u64 inb_imm(u64 r) { __asm__ volatile("inb $0x42, %%al" : "+a"(r)); return r; }
-static u64 inb_dx(u64 r) { __asm__ volatile("inb %%dx, %%al" : "+a"(r) : "d"(0x61)); return r; }
-static u64 inw_dx(u64 r) { __asm__ volatile("inw %%dx, %%ax" : "+a"(r) : "d"(0x61)); return r; }
+static u64 inb_imm(u64 r) { __asm__ volatile("inb $0x60, %%al" : "+a"(r)); return r; }
+static u64 inb_dx(u64 r) { __asm__ volatile("inb %%dx, %%al" : "+a"(r) : "d"(0x64)); return r; }
+static u64 inw_dx(u64 r) { __asm__ volatile("inw %%dx, %%ax" : "+a"(r) : "d"(0x64)); return r; }
 static u64 inl_dx(u64 r) { __asm__ volatile("inl %%dx, %%eax" : "+a"(r) : "d"(0xcf8)); return r; }
 
 /* sync_core's iret_to_self with chosen flags; returns the flags after it
@@ -84,7 +84,7 @@ void tg_main(struct start_info *si)
 
 	/* no virtual IOPL yet: port I/O is the guest's #GP */
 	u64 r = 0x1234567812345678UL;
-	EXPECT_GP("inb without IOPL: #GP", "inb $0x42, %%al", : "+a"(r) :: "rcx", "memory");
+	EXPECT_GP("inb without IOPL: #GP", "inb $0x60, %%al", : "+a"(r) :: "rcx", "memory");
 	tg_check(r == 0x1234567812345678UL, "inb without IOPL leaves rax", r, 0x1234567812345678UL);
 
 	rc = set_iopl(1);
@@ -99,8 +99,8 @@ void tg_main(struct start_info *si)
 	r = inl_dx(0x9999888800000000UL);
 	tg_check(r == 0xffffffffUL, "inl (%dx): eax = ~0, zero-extended", r, 0xffffffffUL);
 	__asm__ volatile("outb %%al, $0x80" :: "a"(0x12));
-	__asm__ volatile("outb %%al, %%dx" :: "a"(0x34), "d"(0x43));
-	__asm__ volatile("outw %%ax, %%dx" :: "a"(0x5678), "d"(0x43));
+	__asm__ volatile("outb %%al, %%dx" :: "a"(0x34), "d"(0x64));
+	__asm__ volatile("outw %%ax, %%dx" :: "a"(0x5678), "d"(0x64));
 	tg_check(gp_count == gp0, "granted port I/O raises no guest #GP", gp_count - gp0, 0);
 
 	/* iretq to the same privilege: flags from the frame (CF, ZF), rsp back */
@@ -127,7 +127,7 @@ void tg_main(struct start_info *si)
 	rc = set_iopl(0);
 	tg_check(rc == 0, "PHYSDEVOP_set_iopl(0)", rc, 0);
 	r = 0;
-	EXPECT_GP("inb after IOPL 0: #GP", "inb %%dx, %%al", : "+a"(r) : "d"(0x61) : "rcx", "memory");
+	EXPECT_GP("inb after IOPL 0: #GP", "inb %%dx, %%al", : "+a"(r) : "d"(0x64) : "rcx", "memory");
 	tg_check(r == 0, "inb after IOPL 0 leaves rax", r, 0);
 	set_iopl(1);
 

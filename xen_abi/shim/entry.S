@@ -5,6 +5,7 @@
 #include "xen_numbers.h"
 #include "shim_layout.h"
 #include "priv.h"
+#include "pit.h"
 
         .section .text.entry, "ax"
         .code64
@@ -37,9 +38,10 @@ shim_vectors:
  *    turn the frame into the syscall entry's frame at once;
  *  - port I/O from guest kernel mode: a domU owns no ports, so with the
  *    virtual IOPL granted (PHYSDEVOP_set_iopl) Xen answers `in` with all
- *    ones and drops `out`.  Linux's quick_pit_calibrate alone does ~100k
- *    `inb $0x42`.  Only the byte forms without prefixes (e4 in imm8,
- *    e6 out imm8, ec in dx, ee out dx);
+ *    ones and drops `out` -- except for the PIT's channel 2 (pit.c),
+ *    which Xen emulates for every PV guest and this leaves to the C path.
+ *    Only the byte forms without prefixes (e4 in imm8, e6 out imm8, ec in
+ *    dx, ee out dx);
  *  - `iretq` to the same privilege from guest kernel mode (sync_core's
  *    iret_to_self, once per patched alternative at boot: tens of
  *    thousands), which kvm_pvm faults at CPL3; only with Xen's flat
@@ -76,6 +78,17 @@ shim_fast_start:
         andl $0xf5, %eax
         cmpl $0xe4, %eax
         jne shim_fast_fault
+        testb $8, %dl           /* the port: imm8, or the guest's dx */
+        jz 3f
+        movzwl 8(%rsp), %eax
+        jmp 4f
+3:      movzbl %dh, %eax
+4:      cmpl $PIT_CH2_PORT, %eax        /* the PIT (pit.c) is emulated in C */
+        je shim_fast_fault
+        cmpl $PIT_MODE_PORT, %eax
+        je shim_fast_fault
+        cmpl $PIT_GATE_PORT, %eax
+        je shim_fast_fault
         testb $2, %dl           /* out: dropped */
         jnz 1f
         movb $0xff, 16(%rsp)    /* in: al = 0xff */
@@ -187,11 +200,19 @@ shim_iret_insn:
         iretq
 
 /* long guest_copy(void *dst, const void *src, u64 n): 0 or -EFAULT.
- * A #PF/#GP at shim_copy_insn resumes at shim_copy_fault (see shim.c). */
-        .globl guest_copy, shim_copy_insn, shim_copy_fault
+ * Quadwords, then the odd bytes: kvm_pvm's emulator takes ~5 us per
+ * iteration of a string instruction, so `rep movsb` of a 64-byte bounce
+ * frame cost ~350 us where `rep movsq` takes ~40.  A #PF/#GP at either
+ * copy instruction resumes at shim_copy_fault (see shim.c). */
+        .globl guest_copy, shim_copy_insn, shim_copy_tail_insn, shim_copy_fault
 guest_copy:
         movq %rdx, %rcx
+        shrq $3, %rcx
 shim_copy_insn:
+        rep movsq
+        movl %edx, %ecx
+        andl $7, %ecx
+shim_copy_tail_insn:
         rep movsb
         xorl %eax, %eax
         ret

@@ -72,6 +72,12 @@ static s64 now_ns(u8 *ev)
 	return (s64)(SLOT(ev, EVB_SYSTEM_TIME) + (u64)(((u128)delta * SLOT(ev, EVB_TSC_MUL)) >> 32));
 }
 
+/* for the shim's other devices (pit.c) */
+s64 ev_now_ns(void)
+{
+	return now_ns(evb());
+}
+
 #define MAX_DELTA_NS (1ULL << 50)   /* ~13 days: keeps the TSC arithmetic in range */
 
 static u64 deadline_tsc(u8 *ev, s64 deadline)

@@ -16,5 +16,6 @@
 /* hooks shim.c calls (events.c) */
 int ev_hypercall(unsigned long nr, const unsigned long *a, long *ret);  /* 1 = handled */
 void ev_interrupt(unsigned long vec);    /* any vector >= 32, CPL3 or the shim's hlt */
+long ev_now_ns(void);                   /* guest system time, as the guest's pvclock gives it */
 #endif
 #endif

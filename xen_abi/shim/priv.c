@@ -14,6 +14,7 @@
  * decoder looks at a few bytes and does no table walks it can avoid. */
 #include "shim.h"
 #include "priv.h"
+#include "pit.h"
 
 #define CR0_TS_BIT 0x8UL
 #define DR6_FIXED  0xffff0ff0UL    /* DR6 reads-as-one bits */
@@ -271,13 +272,29 @@ static int io_ok(struct percpu *pc)
 	return PRIV(pc, PRIV_IOPL) >= (pc->kernel_mode ? 1 : 3);
 }
 
-/* A domU owns no I/O ports: reads return all ones, writes are dropped. */
-static void io_read(struct frame *f, int size)
+/* A domU owns no I/O ports: reads return all ones, writes are dropped --
+ * but for the PIT's channel 2, which Xen emulates for every PV guest.  As
+ * Xen does, a wider access is taken byte by byte. */
+static void io_read(struct frame *f, u16 port, int size)
 {
+	u64 v = 0;
+	for (int k = 0; k < size; k++) {
+		u16 p = (u16)(port + k);
+		v |= (u64)(pit_port(p) ? pit_read(p) : 0xff) << (8 * k);
+	}
 	if (size == 4)
-		f->rax = 0xffffffffUL;          /* 32-bit result zero-extends */
+		f->rax = v;                     /* 32-bit result zero-extends */
 	else
-		f->rax |= size == 1 ? 0xffUL : 0xffffUL;
+		f->rax = (f->rax & ~((1UL << (8 * size)) - 1)) | v;
+}
+
+static void io_write(u16 port, int size, u64 value)
+{
+	for (int k = 0; k < size; k++) {
+		u16 p = (u16)(port + k);
+		if (pit_port(p))
+			pit_write(p, (u8)(value >> (8 * k)));
+	}
 }
 
 static int emulate_string_io(struct percpu *pc, struct frame *f, u8 op, int size, int rep, int len)
@@ -332,8 +349,11 @@ static int decode(struct percpu *pc, struct frame *f)
 			return 0;
 		if (op >= 0x6c && op <= 0x6f)
 			return emulate_string_io(pc, f, op, size, rep, i + 1);
+		u16 port = op <= 0xe7 ? b[i + 1] : (u16)f->rdx;
 		if (op == 0xe4 || op == 0xe5 || op == 0xec || op == 0xed)
-			io_read(f, size);
+			io_read(f, port, size);
+		else
+			io_write(port, size, f->rax);
 		f->rip += i + (op <= 0xe7 ? 2 : 1);   /* e4-e7 carry an imm8 port */
 		return 1;
 	}

@@ -359,7 +359,8 @@ static void cpl0_fault(struct percpu *pc, struct frame *f)
 		f->rip = (u64)shim_fast_fault;   /* let the C path decide */
 		return;
 	}
-	if (f->rip == (u64)shim_copy_insn && (f->vec == VEC_PF || f->vec == VEC_GP)) {
+	if ((f->rip == (u64)shim_copy_insn || f->rip == (u64)shim_copy_tail_insn)
+	    && (f->vec == VEC_PF || f->vec == VEC_GP)) {
 		f->rip = (u64)shim_copy_fault;
 		return;
 	}

@@ -138,7 +138,7 @@ _Static_assert(sizeof(struct percpu) <= 2 * 4096, "percpu fits its 2 pages");
 
 long guest_copy(void *dst, const void *src, u64 n);
 long guest_load_gs(u16 sel);
-extern char shim_copy_insn[], shim_copy_fault[], shim_gs_insn[], shim_gs_fault[];
+extern char shim_copy_insn[], shim_copy_tail_insn[], shim_copy_fault[], shim_gs_insn[], shim_gs_fault[];
 extern char shim_iret_insn[];
 
 static inline struct percpu *pcpu(void)

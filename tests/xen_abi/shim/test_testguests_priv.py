@@ -36,6 +36,22 @@ def test_port_io_and_iretq_answers_and_fast_path(capsys):
               + f"; fast iretq emulations: {state['fast_iret']}")
 
 
+
+def test_pit_channel_2_counts_like_xens():
+    """PIT channel 2 and port 0x61 (test guest `pit`): a count that runs
+    down with the guest's clock, latch, gate, OUT2, and quick_pit_calibrate's
+    MSB loop ending after a few reads instead of 50,000 (on kvm_pvm each
+    read is a shim entry; the 100k-read spin cost seconds of every boot)."""
+    with Domain(str(build_testguest("pit"))) as dom:
+        res = dom.run(timeout=120)
+        state = priv.read_state(dom.region.mem, dom.region.vcpus[0].percpu_off)
+    lines = res.text.strip().splitlines()
+    assert res.reason == abi.ShutdownReason.poweroff, (res.reason, res.crash_info, res.text)
+    assert lines and lines[-1] == "TESTGUEST pit: PASS", res.text
+    reads = int(re.search(r"calibration_reads=(\d+)", res.text).group(1))
+    assert reads < 1000, res.text
+    assert state["fast_io"] <= 4, state         # the PIT's ports take the C path
+
 def test_xsave_xcr0_reaches_the_cpu():
     """The emulated `xsetbv` really sets XCR0 (through the VMM: KVM_SET_XCRS),
     so XSAVE/XRSTOR of a Linux-style signal frame (header forced to x87|SSE)
