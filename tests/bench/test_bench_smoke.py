@@ -138,3 +138,15 @@ def test_devices_table_ratios_and_missing_rows():
     assert lines[1].split()[-3:] == ["16.0", "1600.0", "0.010"]
     assert lines[2].split()[-3:] == ["8.0", "128.0", "0.062"]
     assert len(lines) == 3                     # no network row without its figures
+
+
+def test_cpl0_costs_prints_every_price():
+    """bench/cpl0_costs.py: every instruction class and both entry rows,
+    each a number (a tiny COUNT: the prices, not their accuracy)."""
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "cpl0_costs.py"), "10"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = [line for line in proc.stdout.splitlines() if " us per " in line]
+    assert len(rows) == 12, proc.stdout
+    for line in rows:
+        float(line.split(" us per ")[0].split()[-1])

@@ -1,0 +1,76 @@
+"""Before and after: the default guest booted by two checkouts in turn.
+
+    python bench/ab_boot.py OLD_CHECKOUT NEW_CHECKOUT [--rounds 2]
+
+Each checkout needs pyvmm importable by its own interpreter (a venv with
+`pip install -e .` inside it, or the system one when the checkout is the
+installed one: pass --python to choose).  The two boot alternately, A, B,
+A, B, ..., so a machine whose load drifts penalises both alike; the table
+gives the medians and the ratio B/A of the time to `Run /init`, to
+poweroff, and of the shim's entries (all its counters summed).
+Figures, not pass/fail; progress on stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ONE_BOOT = r'''
+import json, time
+from pyvmm.guests.default import POWEROFF_PARAM, build_default_guest
+from pyvmm.xen_abi.hypervisor.domain import Domain
+from pyvmm.xen_abi.shim import priv
+g = build_default_guest(progress=False)
+t0 = time.monotonic()
+seen = {}
+dom = Domain(g.kernel.read_bytes(), ram_size=256 << 20, cmdline=g.cmdline + " " + POWEROFF_PARAM,
+             initrd=g.initrd.read_bytes())
+def watch(_data):
+    if "init" not in seen and b"Run /init" in bytes(dom.console[-4096:]):
+        seen["init"] = time.monotonic() - t0
+dom.on_console_output.add(watch)
+dom.run(timeout=1800)
+entries = sum(priv.read_counters(dom.region.mem, dom.region.vcpus[0].percpu_off).values())
+dom.close()
+print(json.dumps({"init": seen.get("init"), "poweroff": time.monotonic() - t0, "entries": entries}))
+'''
+
+
+def interpreter(checkout: Path, given: str | None) -> str:
+    if given:
+        return given
+    venv = checkout / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("old", type=Path)
+    p.add_argument("new", type=Path)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--python", help="interpreter for both checkouts (default: each one's .venv)")
+    args = p.parse_args(argv)
+    results: dict[Path, list[dict]] = {args.old: [], args.new: []}
+    for n in range(args.rounds):
+        for checkout in (args.old, args.new):
+            print(f"ab_boot: round {n + 1}, {checkout}", file=sys.stderr, flush=True)
+            proc = subprocess.run([interpreter(checkout, args.python), "-c", ONE_BOOT],
+                                  cwd=checkout, capture_output=True, text=True)
+            if proc.returncode:
+                print(f"ab_boot: {checkout}: the boot failed:\n{proc.stderr[-2000:]}", file=sys.stderr)
+                return 1
+            results[checkout].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    print(f"{'':10s} {'A (old)':>12s} {'B (new)':>12s}   B/A")
+    for key in ("init", "poweroff", "entries"):
+        a = statistics.median(r[key] for r in results[args.old])
+        b = statistics.median(r[key] for r in results[args.new])
+        print(f"{key:10s} {a:12.1f} {b:12.1f}  {b / a:5.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
