@@ -24,7 +24,6 @@ from __future__ import annotations
 import bisect
 import collections
 import os
-import struct
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,31 +31,26 @@ from pathlib import Path
 
 from pyvmm.xen_abi import abi
 from pyvmm.xen_abi.memory import vmm_region as R
-from pyvmm.xen_abi.shim.layout import MAILBOX
+from pyvmm.xen_abi.shim.layout import FRAME, MAILBOX, CrashKind
 
-# Frame the shim's common entry path pushes (struct frame in shim.c),
-# lowest address first.
-FRAME_FIELDS = ("r15", "r14", "r13", "r12", "r11", "r10", "r9", "r8", "rbp", "rdi", "rsi",
-                "rdx", "rcx", "rbx", "rax", "vec", "err", "rip", "cs", "rflags", "rsp", "ss")
-FRAME = struct.Struct(f"<{len(FRAME_FIELDS)}Q")
 # How many stack words a crash report scans for return addresses.
 STACK_SCAN_WORDS = 256
-# Crash "why" codes the shim reports (mailbox info of MailboxOp.CRASH); see shim.c.
-CRASH_KINDS = {0x100: "no handler for vector", 0x200: "bounce frame unwritable for vector",
-               0x300: "HYPERVISOR_iret frame unreadable", 0x301: "iret to user without user L4",
-               0x400: "bad iret frame, fault vector"}
+CRASH_TEXT = {CrashKind.NO_HANDLER_VEC: "no handler for vector",
+              CrashKind.BOUNCE_UNWRITABLE_VEC: "bounce frame unwritable for vector",
+              CrashKind.IRET_FRAME_UNREADABLE: "HYPERVISOR_iret frame unreadable",
+              CrashKind.IRET_TO_USER_WITHOUT_L4: "iret to user without user L4",
+              CrashKind.BAD_IRET_FRAME_VEC: "bad iret frame, fault vector"}
 VECTOR_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM",
                 8: "#DF", 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF",
                 17: "#AC", 18: "#MC", 19: "#XM", 0x1000: "event upcall"}
 
 
 def describe_crash(why: int) -> str:
-    base = why & ~0xFF
-    kind = CRASH_KINDS.get(why) or CRASH_KINDS.get(base)
+    if why in CRASH_TEXT:
+        return CRASH_TEXT[why]
+    kind = CRASH_TEXT.get(why & ~0xFF)
     if kind is None:
         return f"crash code {why:#x}"
-    if why in CRASH_KINDS:
-        return kind
     vec = why & 0xFF
     return f"{kind} {vec} ({VECTOR_NAMES.get(vec, '?')})"
 
@@ -201,8 +195,8 @@ def shim_counters(domain, vcpu: int = 0) -> dict[str, int]:
 
 def guest_frame(domain, vcpu: int = 0) -> dict:
     v = domain.region.vcpus[vcpu]
-    off = v.stack_block_off + R.STACK_TOP - FRAME.size
-    return dict(zip(FRAME_FIELDS, FRAME.unpack(domain.region.mem.read(off, FRAME.size))))
+    base = v.stack_block_off + R.STACK_TOP - FRAME.size
+    return {name: FRAME.read(domain.region.mem, base, name) for name in FRAME.fields}
 
 
 def _stack_scan(domain, frame: dict, symbols: Symbolizer | None, words: int) -> list[str]:

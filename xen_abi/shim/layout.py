@@ -127,6 +127,29 @@ PERCPU = Block(
     Field("syscall_rsp", "the trampoline saves the guest rsp here"),
 )
 
+# The registers the shim saves on its stack at every entry from the guest,
+# lowest address first (entry.S shim_common; C: struct frame in shim.h).
+# Crash reports read the frame of the entry the shim was handling.
+FRAME = Block(
+    "FR", "saved registers of a shim entry (struct frame)",
+    *(Field(r) for r in ("r15", "r14", "r13", "r12", "r11", "r10", "r9", "r8", "rbp", "rdi",
+                         "rsi", "rdx", "rcx", "rbx", "rax")),
+    Field("vec", "vector, or VEC_SYSCALL"),
+    Field("err", "error code, 0 where the CPU pushes none"),
+    *(Field(r) for r in ("rip", "cs", "rflags", "rsp", "ss")),
+)
+
+
+class CrashKind(enum.IntEnum):
+    """Why the shim gave up on the guest (mailbox info of MailboxOp.CRASH);
+    the kinds ending in _VEC carry the vector in their low byte."""
+    NO_HANDLER_VEC = 0x100          # no trap-table entry for the vector
+    BOUNCE_UNWRITABLE_VEC = 0x200   # the guest stack took no exception frame
+    IRET_FRAME_UNREADABLE = 0x300   # HYPERVISOR_iret's frame is not readable
+    IRET_TO_USER_WITHOUT_L4 = 0x301 # iret to user mode with no user page table
+    BAD_IRET_FRAME_VEC = 0x400      # the CPU refused the frame HYPERVISOR_iret built
+
+
 # The globals page (region offset GLOBALS_OFF), written by Python at start.
 GLOBALS = Block(
     "SG", "globals page (struct globals)",
@@ -354,7 +377,9 @@ def shim_layout() -> list[tuple[str, list[tuple[str, int, str]]]]:
         (GLOBALS.doc, GLOBALS.c_defines() + enum_defines("SGF_", GlobalsFlag)),
         ("CPUID policy table entries", [("CPUID_ENT_SIZE", CPUID_ENT.size, ""),
                                         ("CPUID_ANY_SUBLEAF", ANY_SUBLEAF, "")]),
-        (MAILBOX.doc, MAILBOX.c_defines() + enum_defines("MBOP_", MailboxOp)),
+        (MAILBOX.doc, MAILBOX.c_defines() + enum_defines("MBOP_", MailboxOp)
+         + enum_defines("CRASH_", CrashKind)),
+        (FRAME.doc, FRAME.c_defines()),
         ("ports and pseudo vectors", [
             ("SHIM_EXIT_PORT", SHIM_EXIT_PORT, "`out` here: the exit to Python"),
             ("EV_SEND_PORT", EV_SEND_PORT, "`out` here: EVTCHNOP_send to a back-end"),
@@ -395,7 +420,7 @@ def xen_numbers_header() -> str:
 def shim_layout_header() -> str:
     """shim_layout.h: for the shim (asm- and C-safe)."""
     checks = "\n\n".join([PERCPU.c_layout_check(private_tail=True), GLOBALS.c_layout_check(),
-                          MAILBOX.c_layout_check()])
+                          MAILBOX.c_layout_check(), FRAME.c_layout_check()])
     return _header("SHIM_LAYOUT_H", "What Python and the shim share: blocks, operations, ports, region.",
                    shim_layout(),
                    "/* Compile-time checks that a hand-written C struct has the layout\n"

@@ -58,7 +58,7 @@ static void bounce(struct percpu *pc, struct frame *f, u64 handler, int has_err,
 	u64 fr[8], n = 0, cs = f->cs, sp;
 
 	if (!handler)
-		guest_crash(pc, f, 0x100 + f->vec);
+		guest_crash(pc, f, CRASH_NO_HANDLER_VEC + f->vec);
 	if (pc->kernel_mode) {
 		cs &= ~3UL;           /* "indicate kernel context to guest" */
 		sp = f->rsp;
@@ -77,7 +77,7 @@ static void bounce(struct percpu *pc, struct frame *f, u64 handler, int has_err,
 	fr[n++] = f->ss & 0xffff;
 	sp = (sp & ~15UL) - n * 8;
 	if (to_guest(sp, fr, n * 8))
-		guest_crash(pc, f, 0x200 + f->vec);
+		guest_crash(pc, f, CRASH_BOUNCE_UNWRITABLE_VEC + f->vec);
 	f->rip = handler;
 	f->cs = FLAT_RING3_CS64;
 	f->ss = FLAT_RING3_SS64;
@@ -131,10 +131,10 @@ static void do_iret(struct percpu *pc, struct frame *f)
 {
 	u64 c[9];  /* rax r11 rcx flags rip cs rflags rsp ss */
 	if (from_guest(c, f->rsp, sizeof(c)))
-		guest_crash(pc, f, 0x300);
+		guest_crash(pc, f, CRASH_IRET_FRAME_UNREADABLE);
 	if ((c[5] & 3) == 3 && pc->kernel_mode) {
 		if (!pc->cr3_user)
-			guest_crash(pc, f, 0x301);
+			guest_crash(pc, f, CRASH_IRET_TO_USER_WITHOUT_L4);
 		toggle_mode(pc);
 	}
 	f->rax = c[0];
@@ -369,7 +369,7 @@ static void cpl0_fault(struct percpu *pc, struct frame *f)
 		return;
 	}
 	if (f->rip == (u64)shim_iret_insn)
-		guest_crash(pc, f, 0x400 + f->vec);  /* bad guest iret frame (Xen: failsafe) */
+		guest_crash(pc, f, CRASH_BAD_IRET_FRAME_VEC + f->vec);  /* bad guest iret frame (Xen: failsafe) */
 	if (f->vec >= 32) {
 		ev_interrupt(f->vec);   /* interrupt while in the shim (SCHEDOP_block's hlt) */
 		return;

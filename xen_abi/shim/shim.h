@@ -130,6 +130,7 @@ struct globals {
 };
 
 MB_CHECK_LAYOUT(struct mailbox);
+FR_CHECK_LAYOUT(struct frame);
 PC_CHECK_LAYOUT(struct percpu);
 SG_CHECK_LAYOUT(struct globals);
 _Static_assert(sizeof(struct percpu) <= 2 * 4096, "percpu fits its 2 pages");
