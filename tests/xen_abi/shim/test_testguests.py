@@ -9,6 +9,7 @@ import pytest
 
 from pyvmm.guests.testguests import build_testguest
 from pyvmm.xen_abi import abi
+from pyvmm.xen_abi.hypervisor import trace
 from pyvmm.xen_abi.hypervisor.domain import Domain
 
 
@@ -65,6 +66,7 @@ def test_guest_crash_is_reported_not_raised(tmp_path):
     res, _ = run_guest("nohandler")
     assert res.reason == abi.ShutdownReason.crash
     assert res.crash_info is not None
+    assert trace.describe_crash(res.crash_info["info"]).startswith("no handler for vector"), res.crash_info
     assert "before fault" in res.text and "after fault" not in res.text
 
 
