@@ -4,7 +4,9 @@
 sink and feeds host input into `in` (host -> guest, 1024 bytes) as space
 allows, signalling the guest's console event channel.  hvc_xen spins with
 SCHEDOP_yield while `out` is full, so `process()` must run promptly on every
-kick.  Like the xenstore ring server it belongs to the start-of-day ABI the
+kick; other frontends wait for the event instead, so every drain notifies,
+once out_cons is published (as xenconsoled does).  Throughput and what each
+guest console write costs: bench/console.py.  Like the xenstore ring server it belongs to the start-of-day ABI the
 domain builder sets up; the user's terminal is in pyvmm/terminal.py.
 """
 from __future__ import annotations

@@ -71,6 +71,38 @@ def test_full_output_ring_and_idle_kick():
     assert g.kicks == kicks
 
 
+class EventDrivenWriter(GuestConsole):
+    """A frontend that writes what fits of its message, then waits for the
+    console event rather than poll (hvc_xen yields and polls; the protocol
+    allows either) and writes more from its event handler."""
+
+    def __init__(self, message: bytes, start: int):
+        super().__init__(start)
+        self.message = message
+        self.sent = self.put_out(message)
+        self.free_when_woken = []
+
+    def notify(self):                     # the back-end raised the console event
+        used = (self.get(CONS_RING_OUT_PROD) - self.get(CONS_RING_OUT_CONS)) & 0xFFFFFFFF
+        self.free_when_woken.append(CONSOLE_OUT_SIZE - used)
+        self.sent += self.put_out(self.message[self.sent:])
+
+
+def test_writer_waiting_on_a_full_ring_is_woken_with_the_space():
+    """Every drain notifies, and only after out_cons is published: a writer
+    waiting on a full ring is never left waiting on one already emptied."""
+    message = random.Random(11).randbytes(5 * CONSOLE_OUT_SIZE + 123)
+    g = EventDrivenWriter(message, CONSOLE_OUT_SIZE - 100)
+    assert g.sent == CONSOLE_OUT_SIZE     # full: now it waits for the event
+    drains = 0
+    while g.get(CONS_RING_OUT_CONS) != g.get(CONS_RING_OUT_PROD):
+        assert g.be.process()
+        drains += 1
+    assert bytes(g.output) == message
+    assert drains == -(-len(message) // CONSOLE_OUT_SIZE)          # a full ring each time
+    assert g.free_when_woken == [CONSOLE_OUT_SIZE] * drains       # one event per drain, space already free
+
+
 def test_bad_output_indices_do_not_raise():
     g = GuestConsole(100)
     g.set(CONS_RING_OUT_PROD, 100 + CONSOLE_OUT_SIZE + 1)
