@@ -150,3 +150,21 @@ def test_cpl0_costs_prints_every_price():
     assert len(rows) == 12, proc.stdout
     for line in rows:
         float(line.split(" us per ")[0].split()[-1])
+
+
+def test_console_bench_per_write_arithmetic_and_host_baseline():
+    """bench/console.py: counter differences, the per-write table, and the
+    host side of the side-by-side run (the guest side boots a kernel)."""
+    spec = importlib.util.spec_from_file_location("bench_console", REPO / "bench" / "console.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    before = {"events": {"backend_sends": 10, "blocks": 1, "check_irqs": 0, "timer_irqs": 5},
+              "shim": {"trap 13": 100, "interrupts": 20}, "exits": {}}
+    after = {"events": {"backend_sends": 20, "blocks": 1, "check_irqs": 4, "timer_irqs": 9},
+             "shim": {"trap 13": 300, "interrupts": 30, "hypercall stack_switch": 20}, "exits": {}}
+    d = mod.difference(after, before)
+    assert d["events"] == {"backend_sends": 10, "check_irqs": 4, "timer_irqs": 4}
+    pw = mod.per_write(d)
+    assert pw["shim entries"] == (200 + 10) / 10 and pw["context switches"] == 2
+    host = mod.host_run(4096, list(mod.WORKLOADS)[:1])
+    assert all(r["seconds"] > 0 for r in host.values())
