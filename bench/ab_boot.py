@@ -29,8 +29,11 @@ t0 = time.monotonic()
 seen = {}
 dom = Domain(g.kernel.read_bytes(), ram_size=256 << 20, cmdline=g.cmdline + " " + POWEROFF_PARAM,
              initrd=g.initrd.read_bytes())
-def watch(_data):
-    if "init" not in seen and b"Run /init" in bytes(dom.console[-4096:]):
+recent = bytearray()
+def watch(data):
+    recent.extend(data)
+    del recent[:-4096]
+    if "init" not in seen and b"Run /init" in recent:
         seen["init"] = time.monotonic() - t0
 dom.on_console_output.add(watch)
 dom.run(timeout=1800)

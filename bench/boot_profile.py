@@ -89,9 +89,13 @@ def main(argv=None) -> int:
     counters_at: list[dict] = []
     done = threading.Event()
 
-    def on_console(_data: bytes) -> None:
+    recent = bytearray()        # the console's last few KiB: markers may span two writes
+
+    def on_console(data: bytes) -> None:
+        recent.extend(data)
+        del recent[:-4096]
         nxt = phase[0] + 1
-        if nxt < len(PHASES) and PHASES[nxt][1] in dom.console[-4096:]:
+        if nxt < len(PHASES) and PHASES[nxt][1] in recent:
             counters_at.append(priv.read_counters(dom.region.mem, percpu))
             phase[0] = nxt
             say(f"phase {PHASES[nxt][0]}")
