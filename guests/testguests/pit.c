@@ -99,6 +99,21 @@ void tg_main(struct start_info *s)
 	tg_check(inb(0x40) == 0xff, "channel 0 reads all ones", inb(0x40), 0xff);
 	tg_check(inb(0x60) == 0xff, "port 0x60 reads all ones", inb(0x60), 0xff);
 
+	/* a guest may write anything: every control word, counts, read-backs,
+	 * gate toggles -- the model stays sane (no division by a zero period,
+	 * reads still answer) and the other ports are untouched */
+	for (u32 cw = 0; cw < 256; cw++) {
+		outb((u8)cw, 0x43);
+		outb((u8)(cw * 7), 0x42);
+		outb((u8)(cw * 13), 0x42);
+		outb((u8)cw, 0x61);
+		inb(0x42);
+		inb(0x42);
+		inb(0x61);
+	}
+	outb(inb(0x61) | 0x01, 0x61);
+	tg_check(inb(0x40) == 0xff, "channel 0 still all ones after garbage", inb(0x40), 0xff);
+
 	/* quick_pit_calibrate's first step: see the MSB hold at 0xff at least
 	 * 6 times, then drop (it gives up after 50,000 tries) */
 	load(0xb0, 0xffff);
