@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import struct
 import threading
 from dataclasses import dataclass
 
@@ -40,7 +39,6 @@ log = logging.getLogger(__name__)
 
 __all__ = ["XenbusBackend", "BackRing", "ProtocolError", "BackendHost"]
 
-_U32 = struct.Struct("<I")
 _MASK32 = 0xFFFFFFFF
 
 
@@ -70,6 +68,10 @@ class BackRing:
         # host address of the page, for the fenced index stores below
         self._anchor = ctypes.c_char.from_buffer(page)
         self._base = ctypes.addressof(self._anchor)
+        # the indices, read with one native 32-bit load each (struct reads a
+        # field byte by byte: a frontend moving req_prod meanwhile could be
+        # seen torn, as a ring overflow)
+        self._indices = page[:SRING_HEADER_SIZE].cast("B").cast("I")
         self.entry_size = entry_size
         self.size = ring_entries(len(page), entry_size)
         self.request_type, self.response_type = request_type, response_type
@@ -77,7 +79,7 @@ class BackRing:
         self.rsp_prod_pvt = 0
 
     def _get(self, off: int) -> int:
-        return _U32.unpack_from(self.page, off)[0]
+        return self._indices[off >> 2]
 
     def _set_fenced(self, off: int, value: int) -> None:
         """Store an index with a full barrier (xchg), so that the load of

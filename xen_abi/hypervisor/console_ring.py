@@ -12,7 +12,6 @@ domain builder sets up; the user's terminal is in pyvmm/terminal.py.
 from __future__ import annotations
 
 import logging
-import struct
 import threading
 from typing import Callable
 
@@ -29,7 +28,7 @@ from pyvmm.xen_abi.abi import (
 
 log = logging.getLogger(__name__)
 
-_U32 = struct.Struct("<I")
+_INDICES_START = CONS_RING_IN_CONS         # in_cons, in_prod, out_cons, out_prod
 _RING_END = CONS_RING_OUT_PROD + 4
 # Host input waiting for room in `in`; beyond this, typed-ahead input is dropped.
 MAX_PENDING_INPUT = 64 * 1024
@@ -50,6 +49,10 @@ class ConsoleRingServer:
         if ring.readonly or len(ring) < _RING_END:
             raise ValueError("console ring must be a writable view of at least the ring layout")
         self._ring = ring
+        # The four u32 indices as one native 32-bit load or store each: not
+        # struct, which moves a field byte by byte (and zero-fills it before
+        # a store), so the guest's other vCPUs could see a torn or zero index.
+        self._indices = ring[_INDICES_START:_RING_END].cast("I")
         self._notify = notify
         self.sink = sink
         self._lock = threading.Lock()
@@ -60,10 +63,10 @@ class ConsoleRingServer:
         self.bad_indices = 0
 
     def _get(self, off: int) -> int:
-        return _U32.unpack_from(self._ring, off)[0]
+        return self._indices[(off - _INDICES_START) >> 2]
 
     def _set(self, off: int, value: int) -> None:
-        _U32.pack_into(self._ring, off, value & 0xFFFFFFFF)
+        self._indices[(off - _INDICES_START) >> 2] = value & 0xFFFFFFFF
 
     def _signal(self) -> None:
         try:
