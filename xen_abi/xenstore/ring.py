@@ -35,7 +35,7 @@ from ..abi import (
     XsType,
 )
 from .protocol import encode_msg, error_msg, handle_request, split_strings
-from .store import EVENT_BACKLOG, OK, REPLY_BACKLOG, U32, XenstoreError, XenstoreStore, xs_error
+from .store import EVENT_BACKLOG, OK, REPLY_BACKLOG, XenstoreError, XenstoreStore, xs_error
 
 log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------
@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 _RING_MASK = XENSTORE_RING_SIZE - 1
 _XS_RING_END = XS_RING_ERROR + 4
+_INDEX_BASE = XS_RING_REQ_CONS  # the u32 fields (indices, features, connection, error) start here
 
 
 class XenstoreRingServer:
@@ -60,6 +61,11 @@ class XenstoreRingServer:
         if ring.readonly or len(ring) < _XS_RING_END:
             raise ValueError("xenstore ring must be a writable view of at least the ring layout")
         self._ring = ring
+        # The u32 fields as one native 32-bit load or store each (x86: little
+        # endian, naturally aligned).  Not struct.pack_into: it zero-fills the
+        # field before storing the value, and the guest's other vCPUs can see
+        # that 0; Linux's xenbus then takes the ring for broken (issue 11).
+        self._fields = ring[_INDEX_BASE:_XS_RING_END].cast("I")
         self._notify = notify
         self.store = store
         self.domid = domid
@@ -81,10 +87,10 @@ class XenstoreRingServer:
 
     # ring field access: each u32 read once into a local by the callers
     def _get(self, off: int) -> int:
-        return U32.unpack_from(self._ring, off)[0]
+        return self._fields[(off - _INDEX_BASE) >> 2]
 
     def _set(self, off: int, value: int) -> None:
-        U32.pack_into(self._ring, off, value & 0xFFFFFFFF)
+        self._fields[(off - _INDEX_BASE) >> 2] = value & 0xFFFFFFFF
 
     def close(self) -> None:
         """Disconnect: drop watches and transactions, fire @releaseDomain; process() is then a no-op."""

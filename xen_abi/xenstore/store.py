@@ -19,7 +19,6 @@ import contextlib
 import logging
 import itertools
 import re
-import struct
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -64,7 +63,6 @@ MAX_PERMS_PER_NODE = 16
 REPLY_BACKLOG = 2 * (XSD_SOCKMSG_SIZE + XENSTORE_PAYLOAD_MAX)
 EVENT_BACKLOG = 256 * 1024
 
-U32 = struct.Struct("<I")
 _PATH_CHARS = re.compile(r"[A-Za-z0-9\-/_@]+\Z")
 OK = b"OK\0"
 

@@ -6,6 +6,9 @@ bytearray-backed page with a counting notify.
 """
 from __future__ import annotations
 
+import ctypes
+import shutil
+import subprocess
 import threading
 
 import pytest
@@ -714,3 +717,141 @@ def test_payload_arriving_while_header_is_consumed_is_served(g, store):
     assert injected, "the race window was not exercised"
     assert [r[:2] for r in g.replies] == [(XsType.WRITE, 7)], g.replies
     assert store.read("/local/domain/1/control/feature-poweroff") == b"1"
+
+
+# ---------------------------------------------------------------------------
+# A busy client (issue 11, item 7)
+# ---------------------------------------------------------------------------
+
+# The guest's other vCPU, played by a native thread: while pyvmm serves the
+# ring it keeps reading the two indices pyvmm produces (req_cons, rsp_prod),
+# as Linux's xb_write/xb_read do on any CPU at any moment, and counts every
+# value that is behind one it saw before.  Linux's check_indexes() treats such
+# a value as a broken ring: it zeroes its own indices and fails the request
+# with -EIO.
+_INDEX_WATCHER_C = r"""
+#include <stdint.h>
+#include <pthread.h>
+
+static volatile const uint32_t *words[2];
+static volatile int stop;
+static unsigned long went_back, reads;
+static uint32_t first_before, first_after;
+static pthread_t thread;
+
+static void *watch(void *unused)
+{
+    uint32_t last[2] = { *words[0], *words[1] };
+    while (!stop) {
+        for (int i = 0; i < 2; i++) {
+            uint32_t now = *words[i];
+            if ((uint32_t)(now - last[i]) > 0x80000000u && !went_back++) {
+                first_before = last[i];
+                first_after = now;
+            }
+            last[i] = now;
+        }
+        reads++;
+    }
+    return 0;
+}
+
+void watcher_start(void *req_cons, void *rsp_prod)
+{
+    words[0] = req_cons;
+    words[1] = rsp_prod;
+    stop = 0;
+    went_back = reads = 0;
+    pthread_create(&thread, 0, watch, 0);
+}
+
+/* how often an index went back; *nreads polls, *first = the first (before, after) */
+unsigned long watcher_stop(unsigned long *nreads, uint32_t *first)
+{
+    stop = 1;
+    pthread_join(thread, 0);
+    *nreads = reads;
+    first[0] = first_before;
+    first[1] = first_after;
+    return went_back;
+}
+"""
+
+
+@pytest.fixture
+def index_watcher(tmp_path):
+    """start(page) watches the page's req_cons and rsp_prod from a native
+    thread; stop() returns how often one was seen going backwards, how many
+    polls it made, and the first backward step (before, after)."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("needs gcc to build the native index watcher")
+    src = tmp_path / "watcher.c"
+    src.write_text(_INDEX_WATCHER_C)
+    lib_path = tmp_path / "watcher.so"
+    subprocess.run([gcc, "-O2", "-shared", "-fPIC", "-pthread", "-o", str(lib_path), str(src)],
+                   check=True, capture_output=True)
+    lib = ctypes.CDLL(str(lib_path))
+    lib.watcher_stop.restype = ctypes.c_ulong
+    pinned = []
+
+    class Watcher:
+        def start(self, page: bytearray):
+            base = ctypes.addressof((ctypes.c_char * len(page)).from_buffer(page))
+            pinned.append(page)
+            lib.watcher_start(ctypes.c_void_p(base + XS_RING_REQ_CONS),
+                              ctypes.c_void_p(base + XS_RING_RSP_PROD))
+
+        def stop(self) -> tuple[int, int, tuple[int, int]]:
+            reads, first = ctypes.c_ulong(), (ctypes.c_uint32 * 2)()
+            went_back = lib.watcher_stop(ctypes.byref(reads), first)
+            return went_back, reads.value, tuple(first)
+
+    return Watcher()
+
+
+def _pipelined_writes(g, count: int, value: bytes) -> dict[int, bytes]:
+    """Like Linux's xenbus under a process writing /dev/xen/xenbus in a loop:
+    requests go into the ring as space allows, without waiting for replies,
+    and replies are taken as they come; returns {req_id: reply payload}."""
+    pending = [XsdSockmsg.build(dict(type=XsType.WRITE, req_id=i + 1, tx_id=0,
+                                     len=len(f"data/n{i:05d}") + 1 + len(value)))
+               + f"data/n{i:05d}".encode() + b"\0" + value for i in range(count)]
+    pending.reverse()
+    partial = b""
+    replies = {}
+    stalled = 0
+    while len(replies) < count:
+        if not partial and pending:
+            partial = pending.pop()
+        moved = g.push(partial) if partial else 0
+        partial = partial[moved:]
+        g.server.process()           # the guest's kick
+        g.pull()
+        for mtype, req_id, _, body in g.replies:
+            replies[req_id] = (mtype, body)
+        got = len(g.replies)
+        g.replies.clear()
+        stalled = 0 if moved or got else stalled + 1
+        assert stalled < 100, f"no progress after {len(replies)} replies"
+        assert not g.server.broken
+    return replies
+
+
+def test_busy_client_index_stores_never_go_backwards(store, index_watcher):
+    """Issue 11 item 7: about 400 pipelined 2 KB writes into, the guest's
+    xenbus saw req_cons = 0 for an instant: struct.pack_into zero-fills the
+    field before storing the value, so every index store briefly published 0.
+    Linux then zeroed its own indices and failed every later request with
+    -EIO, and pyvmm saw prod=0 and broke the ring (RINGIDX)."""
+    g = GuestClient(store, 1, start_index=0x10000000)  # far from 0: a stray 0 shows
+    index_watcher.start(g.page)
+    try:
+        replies = _pipelined_writes(g, 1500, b"v" * 2000)
+    finally:
+        went_back, reads, (before, after) = index_watcher.stop()
+    assert reads > 0
+    assert went_back == 0, (f"the guest saw an index go backwards {went_back} times, "
+                            f"first from {before:#x} to {after:#x}")
+    assert g.get(XS_RING_ERROR) == XENSTORE_ERROR_NONE
+    assert len(replies) == 1500
