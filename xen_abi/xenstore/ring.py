@@ -35,7 +35,8 @@ from ..abi import (
     XsType,
 )
 from .protocol import encode_msg, error_msg, handle_request, split_strings
-from .store import EVENT_BACKLOG, OK, REPLY_BACKLOG, XenstoreError, XenstoreStore, xs_error
+from .store import (EVENT_BACKLOG, OK, QUOTA_OUTSTANDING, REPLY_BACKLOG, XenstoreError, XenstoreStore,
+                    xs_error)
 
 log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------
@@ -84,6 +85,12 @@ class XenstoreRingServer:
         self._set(XS_RING_SERVER_FEATURES,
                   features | XENSTORE_SERVER_FEATURE_RECONNECTION | XENSTORE_SERVER_FEATURE_ERROR)
         store.introduce_domain(domid)
+
+    @property
+    def outstanding(self) -> int:
+        """Replies and events waiting for room in the ring (requests are
+        answered as they are taken, so none waits for an answer)."""
+        return len(self._out)
 
     # ring field access: each u32 read once into a local by the callers
     def _get(self, off: int) -> int:
@@ -159,7 +166,7 @@ class XenstoreRingServer:
             return
         while True:
             self._flush()
-            if self.broken or self._out_bytes > REPLY_BACKLOG:
+            if self.broken or self.outstanding >= QUOTA_OUTSTANDING or self._out_bytes > REPLY_BACKLOG:
                 return  # back-pressure: wait for the guest to read replies
             msg = self._read_request()
             if msg is None:

@@ -68,6 +68,10 @@ QUOTA_TRANSACTION_NODES = 1024  # nodes one transaction reads or writes: ENOSPC 
 # of its open transactions and its watches (path + token): ENOMEM
 # (domain.c domain_memory_add).
 QUOTA_MEMORY = 2 * 1024 * 1024 + 512 * 1024
+# Replies and events queued for one ring beyond the ring itself before the
+# ring stops taking requests: back-pressure, not an error (domain.c
+# domain_can_read).
+QUOTA_OUTSTANDING = 20
 # Xen's node layout, which QUOTA_NODE_SIZE measures: a 16-byte header
 # (generation, counts, lengths), 8 bytes per permission, the value and the
 # NUL-terminated child names (core.c calc_node_acc_size).

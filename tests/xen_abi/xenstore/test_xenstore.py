@@ -45,6 +45,7 @@ from pyvmm.xen_abi.xenstore.store import (
     QUOTA_MEMORY,
     QUOTA_NODE_SIZE,
     QUOTA_NODES,
+    QUOTA_OUTSTANDING,
     QUOTA_TRANSACTION_NODES,
     QUOTA_WATCHES,
     XenstoreError,
@@ -942,6 +943,28 @@ def test_transactions_rewriting_the_store_stay_within_memory(g, store):
     g.write("data/d0/n0", value, t)
     g.tx_end(t)
     assert g.read("data/d0/n0") == value
+
+
+def test_outstanding_replies_stop_taking_requests(g):
+    """A guest that sends requests without reading replies is slowed down,
+    not disconnected: the ring holds at most QUOTA_OUTSTANDING queued replies."""
+    sent = 0
+    msg = XsdSockmsg.build(dict(type=XsType.READ, req_id=0, tx_id=0, len=5)) + b"name\0"
+    while True:
+        if g.push(msg) < len(msg):
+            break
+        sent += 1
+        g.server.process()
+        assert g.server.outstanding <= QUOTA_OUTSTANDING
+    assert g.server.outstanding == QUOTA_OUTSTANDING
+    assert g.get(XS_RING_REQ_CONS) != g.get(XS_RING_REQ_PROD)  # the rest waits in the ring
+    for _ in range(200):
+        g.pull()
+        g.server.process()
+    g.pull()
+    assert len(g.replies) == sent
+    assert all(r[0] == XsType.READ and r[3] == b"guest1" for r in g.replies)
+    assert g.get(XS_RING_ERROR) == XENSTORE_ERROR_NONE
 
 
 # ---------------------------------------------------------------------------
