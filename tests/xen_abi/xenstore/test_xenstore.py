@@ -1103,3 +1103,7 @@ def test_busy_client_index_stores_never_go_backwards(store, index_watcher):
                             f"first from {before:#x} to {after:#x}")
     assert g.get(XS_RING_ERROR) == XENSTORE_ERROR_NONE
     assert len(replies) == 1500
+    # Served: OK until the directory's node is full (its child names), then
+    # xenstored's ENOSPC, never a broken ring.
+    assert set(replies.values()) == {(XsType.WRITE, b"OK\0"), (XsType.ERROR, b"ENOSPC\0")}
+    assert g.read("data/n00000") == b"v" * 2000
