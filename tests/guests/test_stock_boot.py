@@ -432,6 +432,53 @@ def test_cli_default_guest_shell_and_poweroff_exit_status(tmp_path):
     assert "guest powered off" in stderr, stderr
 
 
+# One XS_WRITE of data/busy with a 2000-byte value, as busybox printf writes
+# it to /dev/xen/xenbus: the xsd_sockmsg header (type 11, req_id 1, tx_id 0,
+# len 10 + 2000 = 0x7da, little endian, in octal), the path, the value.
+XENBUS_WRITE_2K = r"'\013\000\000\000\001\000\000\000\000\000\000\000\332\007\000\000data/busy\000%s'"
+XENBUS_BUSY_WRITES = 3000
+
+
+@pytest.mark.slow
+def test_cli_default_guest_busy_xenbus_client(tmp_path):
+    """Issue 11 item 7 with the stock kernel's own /dev/xen/xenbus: a shell
+    loop keeps one descriptor open and writes thousands of 2 KB XS_WRITE
+    requests, which Linux's xenbus pipelines into the ring as space allows;
+    every one is answered OK on the same descriptor, pyvmm never breaks the
+    ring and the guest's xenbus logs no error.  (On main it got ~400 replies:
+    pyvmm published each ring index with a transient 0, Linux's
+    check_indexes() saw a broken ring and zeroed its indices.)"""
+    import sys
+
+    from pyvmm.guests.default import build_default_guest
+
+    prompt_timeout, command_timeout = _timeouts()
+    build_default_guest(progress=False)
+    with _pyvmm_at_prompt([sys.executable, "-m", "pyvmm", "--default-guest"],
+                          prompt_timeout) as (run, con):
+        con.command("ls /dev/xen/xenbus", re.compile(rb"^/dev/xen/xenbus\r?$", re.M), command_timeout)
+        con.command("V=$(printf '%2000s' '' | tr ' ' v); echo LEN ${#V}",
+                    re.compile(rb"^LEN 2000\r?$", re.M), command_timeout)
+        con.command("exec 3<>/dev/xen/xenbus; echo OPEN", re.compile(rb"^OPEN\r?$", re.M), command_timeout)
+        t = time.monotonic()
+        m = con.command(f"i=0; while [ $i -lt {XENBUS_BUSY_WRITES} ] && printf {XENBUS_WRITE_2K} \"$V\" >&3;"
+                        " do i=$((i+1)); done; echo WROTE $i",
+                        re.compile(rb"^WROTE (\d+)\r?$", re.M), 10 * command_timeout)
+        assert int(m.group(1)) == XENBUS_BUSY_WRITES, bytes(run.out[-2000:])
+        # each reply: a 16-byte header (no 'K' in it) and "OK\0"
+        m = con.command(f"head -c {19 * XENBUS_BUSY_WRITES} <&3 | tr -cd K | wc -c",
+                        re.compile(rb"^\s*(\d+)\r?$", re.M), 5 * command_timeout)
+        assert int(m.group(1)) == XENBUS_BUSY_WRITES, bytes(run.out[-2000:])
+        print(f"{XENBUS_BUSY_WRITES} writes answered in {time.monotonic() - t:.1f} s")
+        con.command("exec 3<&-; dmesg | grep -c 'while \\(reading\\|writing\\) message'",
+                    re.compile(rb"^0\r?$", re.M), command_timeout)
+        run.send(b"poweroff -f\n")
+        rc = run.proc.wait(command_timeout)
+    stderr = run.stderr
+    assert "xenstore: ring of domain" not in stderr, stderr
+    assert rc == 0, (rc, stderr)
+
+
 # ---------------------------------------------------------------------------
 # The guest on a host TAP device, in a network namespace of its own
 # ---------------------------------------------------------------------------

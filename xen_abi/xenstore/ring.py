@@ -35,7 +35,8 @@ from ..abi import (
     XsType,
 )
 from .protocol import encode_msg, error_msg, handle_request, split_strings
-from .store import EVENT_BACKLOG, OK, REPLY_BACKLOG, U32, XenstoreError, XenstoreStore, xs_error
+from .store import (EVENT_BACKLOG, OK, QUOTA_OUTSTANDING, REPLY_BACKLOG, XenstoreError, XenstoreStore,
+                    xs_error)
 
 log = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 _RING_MASK = XENSTORE_RING_SIZE - 1
 _XS_RING_END = XS_RING_ERROR + 4
+_INDEX_BASE = XS_RING_REQ_CONS  # the u32 fields (indices, features, connection, error) start here
 
 
 class XenstoreRingServer:
@@ -60,6 +62,11 @@ class XenstoreRingServer:
         if ring.readonly or len(ring) < _XS_RING_END:
             raise ValueError("xenstore ring must be a writable view of at least the ring layout")
         self._ring = ring
+        # The u32 fields as one native 32-bit load or store each (x86: little
+        # endian, naturally aligned).  Not struct.pack_into: it zero-fills the
+        # field before storing the value, and the guest's other vCPUs can see
+        # that 0; Linux's xenbus then takes the ring for broken (issue 11).
+        self._fields = ring[_INDEX_BASE:_XS_RING_END].cast("I")
         self._notify = notify
         self.store = store
         self.domid = domid
@@ -79,12 +86,18 @@ class XenstoreRingServer:
                   features | XENSTORE_SERVER_FEATURE_RECONNECTION | XENSTORE_SERVER_FEATURE_ERROR)
         store.introduce_domain(domid)
 
+    @property
+    def outstanding(self) -> int:
+        """Replies and events waiting for room in the ring (requests are
+        answered as they are taken, so none waits for an answer)."""
+        return len(self._out)
+
     # ring field access: each u32 read once into a local by the callers
     def _get(self, off: int) -> int:
-        return U32.unpack_from(self._ring, off)[0]
+        return self._fields[(off - _INDEX_BASE) >> 2]
 
     def _set(self, off: int, value: int) -> None:
-        U32.pack_into(self._ring, off, value & 0xFFFFFFFF)
+        self._fields[(off - _INDEX_BASE) >> 2] = value & 0xFFFFFFFF
 
     def close(self) -> None:
         """Disconnect: drop watches and transactions, fire @releaseDomain; process() is then a no-op."""
@@ -153,7 +166,7 @@ class XenstoreRingServer:
             return
         while True:
             self._flush()
-            if self.broken or self._out_bytes > REPLY_BACKLOG:
+            if self.broken or self.outstanding >= QUOTA_OUTSTANDING or self._out_bytes > REPLY_BACKLOG:
                 return  # back-pressure: wait for the guest to read replies
             msg = self._read_request()
             if msg is None:

@@ -8,18 +8,22 @@ and watches, as Xen's docs/misc/xenstore.txt describes it.
 * watches fire on writes, mkdir, rm and set_perms at or below the watched
   path, once immediately on registration, and on "@introduceDomain" /
   "@releaseDomain";
-* relative paths are resolved against /local/domain/<domid>.
+* relative paths are resolved against /local/domain/<domid>;
+* unprivileged connections are held to xenstored's per-domain quotas (nodes
+  owned, node size, watches, transactions, nodes a transaction touches,
+  memory), with xenstored's errors; the host never is.
 
 `XenstoreStore` is used directly by the VMM and back-ends with dom0
 privileges; guests reach it through ring.py and protocol.py.
 """
 from __future__ import annotations
 
+import collections
 import contextlib
-import logging
+import functools
 import itertools
+import logging
 import re
-import struct
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator
@@ -51,11 +55,32 @@ WATCH_RELEASE = "@releaseDomain"
 # Domids 0..DOMID_FIRST_RESERVED-1 are real domains.
 DOMID_FIRST_RESERVED = DOMID_SELF
 
-# Limits that keep a hostile guest from growing the host process without
-# bound (Xen's default quotas are of the same order).
-MAX_NODES = 20000
-MAX_TRANSACTIONS_PER_CONN = 10
-MAX_WATCHES_PER_CONN = 128
+# Per-domain quotas: C xenstored's defaults (tools/xenstored/domain.c,
+# `quotas`) and the errors it gives (file and function named on each).  They
+# bind unprivileged connections only: the host (dom0) is never refused for a
+# guest's usage.  Counts are "at most N".
+QUOTA_NODES = 1000  # nodes a domain owns: ENOSPC (core.c create_node)
+QUOTA_NODE_SIZE = 2048  # one node's bytes, as _NODE_HEADER below counts them: ENOSPC (core.c write_node_raw)
+QUOTA_WATCHES = 128  # watches per domain: ENOSPC (watch.c do_watch)
+QUOTA_TRANSACTIONS = 10  # open transactions per connection: ENOSPC (transaction.c do_transaction_start)
+QUOTA_TRANSACTION_NODES = 1024  # nodes one transaction reads or writes: ENOSPC (transaction.c access_node)
+# Bytes held for a domain: the nodes it owns (path + node), the pending writes
+# of its open transactions and its watches (path + token): ENOMEM
+# (domain.c domain_memory_add).
+QUOTA_MEMORY = 2 * 1024 * 1024 + 512 * 1024
+# Replies and events queued for one ring beyond the ring itself before the
+# ring stops taking requests: back-pressure, not an error (domain.c
+# domain_can_read).
+QUOTA_OUTSTANDING = 20
+# Xen's node layout, which QUOTA_NODE_SIZE measures: a 16-byte header
+# (generation, counts, lengths), 8 bytes per permission, the value and the
+# NUL-terminated child names (core.c calc_node_acc_size).
+_NODE_HEADER = 16
+_PERM_BYTES = 8
+# Nodes owned by unprivileged domains, all together: a store-wide cap that
+# binds guests only, so that however many guests fill their quotas the host
+# can still create nodes (dom0's own nodes are not counted).
+MAX_GUEST_NODES = 20000
 MAX_PERMS_PER_NODE = 16
 # Pending output (replies and watch events) a ring may hold beyond the ring
 # itself: above REPLY_BACKLOG we stop taking requests, above EVENT_BACKLOG we
@@ -64,7 +89,6 @@ MAX_PERMS_PER_NODE = 16
 REPLY_BACKLOG = 2 * (XSD_SOCKMSG_SIZE + XENSTORE_PAYLOAD_MAX)
 EVENT_BACKLOG = 256 * 1024
 
-U32 = struct.Struct("<I")
 _PATH_CHARS = re.compile(r"[A-Za-z0-9\-/_@]+\Z")
 OK = b"OK\0"
 
@@ -97,6 +121,37 @@ class Node:
     children: tuple  # leaf names, in creation order
     gen: int
 
+    @functools.cached_property
+    def size(self) -> int:
+        """Bytes as xenstored measures a node for its node-size quota."""
+        return (_NODE_HEADER + _PERM_BYTES * len(self.perms) + len(self.value)
+                + sum(len(c) + 1 for c in self.children))
+
+    @property
+    def owner(self) -> int:
+        return self.perms[0][0]
+
+
+def _entry_bytes(path: str, node: Node) -> int:
+    """What a node costs its owner's memory quota: its path and the node."""
+    return len(path) + node.size
+
+
+class _Usage:
+    """Nodes and bytes per owning domain (of a tree, or a transaction's change to it)."""
+
+    def __init__(self):
+        self.nodes: collections.Counter = collections.Counter()
+        self.bytes: collections.Counter = collections.Counter()
+
+    def count(self, path: str, node: Node | None, sign: int) -> None:
+        if node is not None:
+            self.nodes[node.owner] += sign
+            self.bytes[node.owner] += sign * _entry_bytes(path, node)
+
+    def guest_nodes(self) -> int:
+        return sum(n for domid, n in self.nodes.items() if domid != 0)
+
 
 def parse_perms(strings: Iterable[str]) -> Perms:
     out = []
@@ -128,6 +183,10 @@ def _parent(path: str) -> str:
     return head or "/"
 
 
+def _leaf(path: str) -> str:
+    return path.rsplit("/", 1)[1]
+
+
 def _join(parent: str, leaf: str) -> str:
     return "/" + leaf if parent == "/" else f"{parent}/{leaf}"
 
@@ -153,11 +212,23 @@ class Watch:
 @dataclass(eq=False)
 class Transaction:
     id: int
-    base: dict  # the tree when the transaction started
-    nodes: dict  # the transaction's working copy
-    accessed: set = field(default_factory=set)  # paths read or written
+    nodes: dict  # the transaction's working copy, from a snapshot of the tree
+    base: dict = field(default_factory=dict)  # path read or written -> its node in the snapshot
     changed: set = field(default_factory=set)  # paths replaced or removed
-    events: list = field(default_factory=list)  # (path, (perms, ...), exact) fired at commit
+    # path -> ((perms, ...), exact), fired at commit: one event per node, as
+    # xenstored fires them, however often the transaction changed it
+    events: dict = field(default_factory=dict)
+    usage: _Usage = field(default_factory=_Usage)  # the change to nodes/bytes per owner
+    held_bytes: int = 0  # what the pending writes hold (path + node each)
+
+
+@dataclass(frozen=True)
+class DomainUsage:
+    """What counts against a domain's quotas (XenstoreStore.domain_usage)."""
+    nodes: int  # nodes it owns
+    memory: int  # bytes: nodes it owns, its transactions' pending writes, its watches
+    watches: int
+    transactions: int
 
 
 class Connection:
@@ -223,7 +294,10 @@ class XenstoreStore:
     def __init__(self):
         self._lock = threading.RLock()
         self._gen = itertools.count(1)
-        self._nodes: dict[str, Node] = {"/": Node(b"", ((0, PERM_NONE),), (), next(self._gen))}
+        root = Node(b"", ((0, PERM_NONE),), (), next(self._gen))
+        self._nodes: dict[str, Node] = {"/": root}
+        self._usage = _Usage()  # of self._nodes
+        self._usage.count("/", root, +1)
         self._tx_ids = itertools.count(1)
         self._connections: list[Connection] = []
         self._introduced: set[int] = {0}
@@ -253,6 +327,46 @@ class XenstoreStore:
             conn.watches.clear()
             conn.transactions.clear()
 
+    # -- quotas -------------------------------------------------------------
+
+    def domain_usage(self, domid: int) -> DomainUsage:
+        """What a domain's unprivileged connections hold, as its quotas count it."""
+        with self._lock:
+            guest = self._guest_connections(domid)
+            return DomainUsage(nodes=self._usage.nodes[domid], memory=self._memory(domid),
+                               watches=sum(len(c.watches) for c in guest),
+                               transactions=sum(len(c.transactions) for c in guest))
+
+    def _guest_connections(self, domid: int) -> list[Connection]:
+        return [c for c in self._connections if c.domid == domid and not c.privileged]
+
+    def _memory(self, domid: int) -> int:
+        """Bytes held for a domain: the nodes it owns, its open transactions'
+        pending writes and its watches."""
+        total = self._usage.bytes[domid]
+        for c in self._guest_connections(domid):
+            total += sum(t.held_bytes for t in c.transactions.values())
+            total += sum(len(w.path) + len(w.token) for w in c.watches)
+        return total
+
+    def _check_quotas(self, domid: int, change: _Usage, grown_bytes: int,
+                      pending: _Usage | None = None) -> None:
+        """Refuse a change that takes domain `domid` over its node or memory
+        quota, or guests as a whole over MAX_GUEST_NODES; `pending` is the
+        transaction's change the new one comes on top of."""
+        added = change.nodes[domid]
+        if added > 0:
+            owned = self._usage.nodes[domid] + (pending.nodes[domid] if pending else 0)
+            if owned + added > QUOTA_NODES:
+                raise xs_error(XenErrno.ENOSPC, f"domain {domid} owns {owned} nodes")
+        added = change.guest_nodes()
+        if added > 0:
+            owned = self._usage.guest_nodes() + (pending.guest_nodes() if pending else 0)
+            if owned + added > MAX_GUEST_NODES:
+                raise xs_error(XenErrno.ENOSPC, "store is full")
+        if grown_bytes > 0 and self._memory(domid) + grown_bytes > QUOTA_MEMORY:
+            raise xs_error(XenErrno.ENOMEM, f"domain {domid} holds {self._memory(domid)} bytes")
+
     # -- internal tree access ----------------------------------------------
 
     def _view(self, conn: Connection, tx_id: int) -> tuple[dict, Transaction | None]:
@@ -264,27 +378,75 @@ class XenstoreStore:
         return tx.nodes, tx
 
     @staticmethod
-    def _get(nodes: dict, tx: Transaction | None, path: str) -> Node | None:
+    def _touch(conn, nodes, tx: Transaction, paths) -> None:
+        """Remember the snapshot's node at each path for the commit's conflict
+        check; an unprivileged transaction may touch QUOTA_TRANSACTION_NODES."""
+        new = {p for p in paths if p not in tx.base}
+        if not conn.privileged and len(tx.base) + len(new) > QUOTA_TRANSACTION_NODES:
+            raise xs_error(XenErrno.ENOSPC, f"transaction touches over {QUOTA_TRANSACTION_NODES} nodes")
+        for p in new:
+            tx.base[p] = nodes.get(p)
+
+    def _get(self, conn, nodes: dict, tx: Transaction | None, path: str) -> Node | None:
         if tx is not None:
-            tx.accessed.add(path)
+            self._touch(conn, nodes, tx, (path,))
         return nodes.get(path)
 
     def _checked(self, conn, nodes, tx, path, want: int) -> Node:
-        node = self._get(nodes, tx, path)
+        node = self._get(conn, nodes, tx, path)
         if node is None:
             raise xs_error(XenErrno.ENOENT, path)
         if conn.perm_for(node.perms) & want != want:
             raise xs_error(XenErrno.EACCES, path)
         return node
 
+    def _apply(self, conn, nodes, tx, changes: list[tuple[str, Node | None]]) -> None:
+        """Replace (or remove, for None) the node at each path: all of them,
+        or none if that takes an unprivileged connection over a quota."""
+        if not conn.privileged:
+            self._admit(conn, nodes, tx, changes)
+        for path, node in changes:
+            self._put(nodes, tx, path, node)
+
+    def _admit(self, conn, nodes, tx, changes) -> None:
+        if tx is not None:
+            self._touch(conn, nodes, tx, [p for p, _ in changes])
+        change = _Usage()
+        held = 0  # what the transaction's pending writes grow by
+        for path, node in changes:
+            old = nodes.get(path)
+            if (node is not None and node.size >= QUOTA_NODE_SIZE
+                    and (old is None or node.size > old.size)):
+                raise xs_error(XenErrno.ENOSPC, f"{path}: {node.size} bytes")
+            change.count(path, old, -1)
+            change.count(path, node, +1)
+            if tx is not None:
+                held += self._held_change(tx, path, old, node)
+        if tx is None:
+            self._check_quotas(conn.domid, change, change.bytes[conn.domid])
+        else:
+            self._check_quotas(conn.domid, change, held, tx.usage)
+
+    @staticmethod
+    def _held_change(tx: Transaction, path: str, old: Node | None, new: Node | None) -> int:
+        """How the bytes the transaction holds change when `new` replaces `old`
+        (a pending write, or the snapshot's node, which costs nothing more)."""
+        freed = _entry_bytes(path, old) if old is not None and old is not tx.base[path] else 0
+        return (_entry_bytes(path, new) if new is not None else 0) - freed
+
     def _put(self, nodes, tx, path, node: Node | None) -> None:
+        old = nodes.get(path)
+        usage = self._usage if tx is None else tx.usage
+        usage.count(path, old, -1)
+        usage.count(path, node, +1)
+        if tx is not None:
+            tx.base.setdefault(path, old)
+            tx.held_bytes += self._held_change(tx, path, old, node)
+            tx.changed.add(path)
         if node is None:
             nodes.pop(path, None)
         else:
             nodes[path] = node
-        if tx is not None:
-            tx.accessed.add(path)
-            tx.changed.add(path)
 
     @contextlib.contextmanager
     def _changes(self) -> Iterator[list]:
@@ -299,35 +461,44 @@ class XenstoreStore:
             self._dispatch(events)
 
     def _event(self, events: list, tx, path: str, *perms: Perms, exact: bool = True) -> None:
-        """Record a change; watchers get it if any of `perms` lets them read the node."""
-        ev = (path, perms, exact)
-        (tx.events if tx is not None else events).append(ev)
+        """Record a change; watchers get it if any of `perms` lets them read the node.
 
-    def _create(self, conn, nodes, tx, path: str, value: bytes) -> None:
+        A transaction keeps one event per node (as xenstored does): readable
+        with the node's first or latest permissions, and not exact (watches
+        below fire too) once any change to it was not."""
+        if tx is None:
+            events.append((path, perms, exact))
+            return
+        earlier = tx.events.get(path)
+        if earlier is not None:
+            first = earlier[0][0]
+            perms = (first,) + tuple(p for p in perms[-1:] if p != first)
+            exact = exact and earlier[1]
+        tx.events[path] = (perms, exact)
+
+    def _create(self, conn, nodes, tx, path: str, value: bytes) -> Node:
         """Create `path` and missing parents; write access on the nearest existing ancestor."""
         missing = []
         cur = path
         while True:
             missing.append(cur)
             cur = _parent(cur)
-            anc = self._get(nodes, tx, cur)
+            anc = self._get(conn, nodes, tx, cur)
             if anc is not None:
                 break
         if conn.perm_for(anc.perms) & PERM_WRITE == 0:
             raise xs_error(XenErrno.EACCES, f"cannot create under {cur}")
-        if len(nodes) + len(missing) > MAX_NODES:
-            raise xs_error(XenErrno.ENOSPC, "store is full")
         perms = anc.perms
         if not conn.privileged:  # unprivileged domains own what they create
             perms = ((conn.domid, perms[0][1]),) + tuple(perms[1:])
-        parent_path, parent = cur, anc
-        for p in reversed(missing):
-            leaf = p.rsplit("/", 1)[1]
-            self._put(nodes, tx, parent_path,
-                      Node(parent.value, parent.perms, parent.children + (leaf,), next(self._gen)))
-            parent_path = p
-            parent = Node(value if p == path else b"", perms, (), next(self._gen))
-            self._put(nodes, tx, p, parent)
+        top_down = missing[::-1]
+        changes = [(cur, Node(anc.value, anc.perms, anc.children + (_leaf(top_down[0]),),
+                              next(self._gen)))]
+        for i, p in enumerate(top_down):
+            below = tuple(_leaf(c) for c in top_down[i + 1:i + 2])
+            changes.append((p, Node(value if p == path else b"", perms, below, next(self._gen))))
+        self._apply(conn, nodes, tx, changes)
+        return changes[-1][1]
 
     # -- operations (conn, tx_id, path...) -----------------------------------
 
@@ -340,38 +511,37 @@ class XenstoreStore:
         with self._changes() as events:
             nodes, tx = self._view(conn, tx_id)
             full = conn.canonical(path)
-            node = self._get(nodes, tx, full)
+            node = self._get(conn, nodes, tx, full)
             if node is None:
-                self._create(conn, nodes, tx, full, bytes(value))
-                node = nodes[full]
+                node = self._create(conn, nodes, tx, full, bytes(value))
             else:
                 if conn.perm_for(node.perms) & PERM_WRITE == 0:
                     raise xs_error(XenErrno.EACCES, full)
                 node = Node(bytes(value), node.perms, node.children, next(self._gen))
-                self._put(nodes, tx, full, node)
+                self._apply(conn, nodes, tx, [(full, node)])
             self._event(events, tx, full, node.perms)
 
     def op_mkdir(self, conn, tx_id, path) -> None:
         with self._changes() as events:
             nodes, tx = self._view(conn, tx_id)
             full = conn.canonical(path)
-            node = self._get(nodes, tx, full)
+            node = self._get(conn, nodes, tx, full)
             if node is not None:
                 if conn.perm_for(node.perms) & PERM_WRITE == 0:
                     raise xs_error(XenErrno.EACCES, full)
                 return
-            self._create(conn, nodes, tx, full, b"")
-            self._event(events, tx, full, nodes[full].perms)
+            node = self._create(conn, nodes, tx, full, b"")
+            self._event(events, tx, full, node.perms)
 
     def op_rm(self, conn, tx_id, path) -> None:
         with self._changes() as events:
             nodes, tx = self._view(conn, tx_id)
             full = conn.canonical(path)
-            node = self._get(nodes, tx, full)
+            node = self._get(conn, nodes, tx, full)
             parent_path = _parent(full)
             if node is None:
                 # Not an error if the parent exists (xenstore.txt).
-                if full != "/" and self._get(nodes, tx, parent_path) is not None:
+                if full != "/" and self._get(conn, nodes, tx, parent_path) is not None:
                     return
                 raise xs_error(XenErrno.ENOENT, full)
             if conn.perm_for(node.perms) & PERM_WRITE == 0:
@@ -379,6 +549,7 @@ class XenstoreStore:
             if full == "/":
                 raise xs_error(XenErrno.EINVAL, "cannot remove the root")
             # Post-order walk: children's events first, each with its own perms.
+            removed = []
             stack = [(full, False)]
             while stack:
                 p, visited = stack.pop()
@@ -387,14 +558,17 @@ class XenstoreStore:
                     stack.append((p, True))
                     stack.extend((_join(p, c), False) for c in n.children)
                     continue
-                self._put(nodes, tx, p, None)
+                removed.append((p, n.perms))
+            parent = self._get(conn, nodes, tx, parent_path)
+            leaf = _leaf(full)
+            changes = [(p, None) for p, _ in removed]
+            changes.append((parent_path, Node(parent.value, parent.perms,
+                                              tuple(c for c in parent.children if c != leaf),
+                                              next(self._gen))))
+            self._apply(conn, nodes, tx, changes)
+            for p, perms in removed:
                 # Watches below a removed parent fire with their own path.
-                self._event(events, tx, p, n.perms, exact=(p != full))
-            parent = self._get(nodes, tx, parent_path)
-            leaf = full.rsplit("/", 1)[1]
-            self._put(nodes, tx, parent_path, Node(
-                parent.value, parent.perms,
-                tuple(c for c in parent.children if c != leaf), next(self._gen)))
+                self._event(events, tx, p, perms, exact=(p != full))
 
     def op_directory(self, conn, tx_id, path) -> list[str]:
         with self._lock:
@@ -440,7 +614,7 @@ class XenstoreStore:
             if not conn.privileged and perms[0][0] != node.perms[0][0]:
                 raise xs_error(XenErrno.EPERM, "unprivileged domains may not change the owner")
             new = Node(node.value, perms, node.children, next(self._gen))
-            self._put(nodes, tx, full, new)
+            self._apply(conn, nodes, tx, [(full, new)])
             # Fire once, for watchers that could read before or after the change.
             self._event(events, tx, full, node.perms, perms)
 
@@ -451,8 +625,11 @@ class XenstoreStore:
                 full = conn.canonical(path, allow_special=True)
                 if any(w.path == full and w.token == token for w in conn.watches):
                     raise xs_error(XenErrno.EEXIST, f"watch {path} {token}")
-                if not conn.privileged and len(conn.watches) >= MAX_WATCHES_PER_CONN:
-                    raise xs_error(XenErrno.E2BIG, "too many watches")
+                if not conn.privileged:
+                    if sum(len(c.watches) for c in self._guest_connections(conn.domid)) >= QUOTA_WATCHES:
+                        raise xs_error(XenErrno.ENOSPC, "too many watches")
+                    if self._memory(conn.domid) + len(full) + len(token) > QUOTA_MEMORY:
+                        raise xs_error(XenErrno.ENOMEM, f"domain {conn.domid} holds too much")
                 rel = None if path.startswith(("/", "@")) else conn.prefix + "/"
                 w = Watch(conn, full, token, rel, deliver or conn.deliver)
                 conn.watches.append(w)
@@ -474,14 +651,14 @@ class XenstoreStore:
 
     def op_transaction_start(self, conn) -> int:
         with self._lock:
-            if not conn.privileged and len(conn.transactions) >= MAX_TRANSACTIONS_PER_CONN:
+            if not conn.privileged and len(conn.transactions) >= QUOTA_TRANSACTIONS:
                 raise xs_error(XenErrno.ENOSPC, "too many transactions")
             while True:
                 tx_id = next(self._tx_ids) & 0xFFFFFFFF
                 if tx_id and not any(tx_id in c.transactions for c in self._connections):
                     break
-            snapshot = dict(self._nodes)  # nodes are immutable: a shallow copy is a snapshot
-            conn.transactions[tx_id] = Transaction(tx_id, snapshot, dict(snapshot))
+            # nodes are immutable: a shallow copy is a snapshot
+            conn.transactions[tx_id] = Transaction(tx_id, dict(self._nodes))
             return tx_id
 
     def op_transaction_end(self, conn, tx_id, commit: bool) -> None:
@@ -491,17 +668,21 @@ class XenstoreStore:
                 raise xs_error(XenErrno.ENOENT, f"no transaction {tx_id}")
             if not commit:
                 return
-            for p in tx.accessed:
-                if self._nodes.get(p) is not tx.base.get(p):
+            for p, node in tx.base.items():
+                if self._nodes.get(p) is not node:
                     raise xs_error(XenErrno.EAGAIN, f"conflict on {p}")
-            if len(self._nodes) - len(tx.base) + len(tx.nodes) > MAX_NODES:
-                raise xs_error(XenErrno.ENOSPC, "store is full")
+            # Nothing the transaction touched has changed, so its change
+            # relative to the snapshot is its change to the tree.
+            if not conn.privileged:  # its pending bytes (no longer counted) become nodes
+                self._check_quotas(conn.domid, tx.usage, tx.usage.bytes[conn.domid])
             for p in tx.changed:
                 if p in tx.nodes:
                     self._nodes[p] = tx.nodes[p]
                 else:
                     self._nodes.pop(p, None)
-            events.extend(tx.events)
+            self._usage.nodes.update(tx.usage.nodes)
+            self._usage.bytes.update(tx.usage.bytes)
+            events.extend((p, perms, exact) for p, (perms, exact) in tx.events.items())
 
     def domain_introduced(self, domid: int) -> bool:
         with self._lock:

@@ -6,6 +6,9 @@ bytearray-backed page with a counting notify.
 """
 from __future__ import annotations
 
+import ctypes
+import shutil
+import subprocess
 import threading
 
 import pytest
@@ -37,7 +40,17 @@ from pyvmm.xen_abi.abi import (
     XsType,
 )
 from pyvmm.xen_abi.xenstore.ring import XenstoreRingServer
-from pyvmm.xen_abi.xenstore.store import XenstoreError, XenstoreStore
+from pyvmm.xen_abi.xenstore import store as store_module
+from pyvmm.xen_abi.xenstore.store import (
+    QUOTA_MEMORY,
+    QUOTA_NODE_SIZE,
+    QUOTA_NODES,
+    QUOTA_OUTSTANDING,
+    QUOTA_TRANSACTION_NODES,
+    QUOTA_WATCHES,
+    XenstoreError,
+    XenstoreStore,
+)
 from pyvmm.xen_abi.xenstore.toolstack import add_device, populate_domain
 
 REQ = ByteRing(XS_RING_REQ, XS_RING_REQ_CONS, XS_RING_REQ_PROD, XENSTORE_RING_SIZE)
@@ -454,9 +467,11 @@ def test_ring_wraparound_many_messages(store):
         val = (f"value-{i}-" * (i % 37 + 1)).encode()
         g.write(f"data/n{i % 50}", val)
         assert g.read(f"data/n{i % 50}") == val
-    big = bytes(range(256)) * 15  # 3840 bytes: a message larger than the ring
-    g.write("data/big", big)
+    big = bytes(range(256)) * 15  # 3840 bytes: messages larger than the ring
+    store.write("/local/domain/1/data/big", big)  # over a guest's node size: the host writes it
     assert g.read("data/big") == big
+    g.write("data/big2", big[:2000])
+    assert g.read("data/big2") == big[:2000]
     assert g.get(XS_RING_REQ_PROD) < 0xFFFFFF00  # indices really wrapped
     assert g.get(XS_RING_RSP_PROD) < 0xFFFFFF00
     assert g.get(XS_RING_ERROR) == XENSTORE_ERROR_NONE
@@ -714,3 +729,381 @@ def test_payload_arriving_while_header_is_consumed_is_served(g, store):
     assert injected, "the race window was not exercised"
     assert [r[:2] for r in g.replies] == [(XsType.WRITE, 7)], g.replies
     assert store.read("/local/domain/1/control/feature-poweroff") == b"1"
+
+
+# ---------------------------------------------------------------------------
+# Quotas (issue 11, item 2): a hostile guest gets xenstored's error, the
+# store stays usable, the host can still write device keys, and what the
+# guest holds stays bounded by the store's own accounting.
+# ---------------------------------------------------------------------------
+
+
+def _host_can_attach_a_device(store, devid: int):
+    fe, be = add_device(store, 1, "vbd", devid, {"virtual-device": devid}, {"sectors": 0})
+    store.write(f"{be}/state", "2")
+    assert store.read(f"{fe}/backend") == be.encode()
+
+
+def _fill_node_quota(g, store) -> list[str]:
+    """Create nodes (few per directory, or the directory's node would be
+    too big) until the guest owns QUOTA_NODES; returns their paths."""
+    made = []
+    while store.domain_usage(1).nodes < QUOTA_NODES:
+        path = f"data/d{len(made) // 50}/n{len(made) % 50}"
+        g.write(path, "x")
+        made.append(path)
+    return made
+
+
+def test_node_quota(g, store):
+    made = _fill_node_quota(g, store)
+    assert store.domain_usage(1).nodes == QUOTA_NODES
+    assert errno_of(g.write, "data/one-more", "x") == XenErrno.ENOSPC
+    assert errno_of(g.mkdir, "data/d0/n0/child") == XenErrno.ENOSPC
+    t = g.tx_start()  # inside a transaction as well
+    assert errno_of(g.write, "data/one-more", "x", t) == XenErrno.ENOSPC
+    g.tx_end(t, commit=False)
+    assert store.domain_usage(1).nodes == QUOTA_NODES
+    # Still usable: reads, rewrites of its own nodes, and the host's writes.
+    assert g.read(made[-1]) == b"x"
+    g.write(made[-1], "y")
+    _host_can_attach_a_device(store, 51712)  # frontend nodes owned by the guest: over its quota
+    assert store.domain_usage(1).nodes > QUOTA_NODES
+    # Removing nodes gives room back.
+    g.rm("data/d0")
+    g.write("data/again", "x")
+
+
+def test_node_quota_holds_at_commit(g, store):
+    """Two transactions may each stay within the quota; the second commit may not."""
+    _fill_node_quota(g, store)
+    g.rm("data/d0/n0")
+    g.rm("data/d0/n1")
+    t1, t2 = g.tx_start(), g.tx_start()
+    g.write("data/d0/t1a", "x", t1)  # different directories: no conflict
+    g.write("data/d0/t1b", "x", t1)
+    g.write("data/d1/t2", "x", t2)
+    g.tx_end(t1)
+    assert errno_of(g.tx_end, t2, True) == XenErrno.ENOSPC
+    assert store.domain_usage(1).nodes == QUOTA_NODES
+    assert errno_of(g.read, "data/d1/t2") == XenErrno.ENOENT
+
+
+def test_guests_together_cannot_fill_the_store(store, monkeypatch):
+    """MAX_GUEST_NODES binds guests only: the host always has room."""
+    g1, g2 = GuestClient(store, 1), GuestClient(store, 2)
+    g1.write("data/a", "x")
+    total = store.domain_usage(1).nodes + store.domain_usage(2).nodes
+    monkeypatch.setattr(store_module, "MAX_GUEST_NODES", total + 1)
+    g2.write("data/b", "x")
+    assert errno_of(g2.write, "data/c", "x") == XenErrno.ENOSPC
+    assert errno_of(g1.write, "data/c", "x") == XenErrno.ENOSPC
+    _host_can_attach_a_device(store, 51712)
+    store.write("/local/domain/0/backend/new-dir/key", "v")
+    g1.write("data/a", "rewrite")  # no new node: fine
+
+
+def test_node_size_quota(g, store):
+    # 16-byte header, 8 bytes per permission, the value, the child names.
+    g.write("data/v", b"x" * (QUOTA_NODE_SIZE - 16 - 8 - 1))
+    assert errno_of(g.write, "data/v", b"x" * (QUOTA_NODE_SIZE - 16 - 8)) == XenErrno.ENOSPC
+    assert errno_of(g.write, "data/new", b"x" * 3000) == XenErrno.ENOSPC
+    assert errno_of(g.read, "data/new") == XenErrno.ENOENT  # nothing half made
+    assert g.read("data/v") == b"x" * (QUOTA_NODE_SIZE - 16 - 8 - 1)
+    # A directory's node holds its child names: it cannot grow past the quota.
+    name = "c" * 99
+    made = 0
+    with pytest.raises(XenstoreError) as ei:
+        while True:
+            g.write(f"data/dir/{name}{made:04d}", "")
+            made += 1
+    assert ei.value.errno == XenErrno.ENOSPC
+    assert made == (QUOTA_NODE_SIZE - 16 - 8 - 1) // (len(name) + 4 + 1)
+    assert len(g.directory("data/dir")) == made
+    # Not for the host, and shrinking is always allowed.
+    store.write("/local/domain/1/data/v", b"h" * 4000)
+    store.write(f"/local/domain/1/data/dir/{name}-host", "")
+    g.write("data/v", b"small")
+    g.rm(f"data/dir/{name}0000")
+    _host_can_attach_a_device(store, 51712)
+
+
+def test_watch_quota(g, store):
+    for i in range(QUOTA_WATCHES):
+        g.watch(f"data/w{i}", "t")
+    assert store.domain_usage(1).watches == QUOTA_WATCHES
+    assert errno_of(g.watch, "data/one-more", "t") == XenErrno.ENOSPC
+    g.unwatch("data/w0", "t")
+    g.watch("data/one-more", "t")
+    g.take_events()
+    # The host's watches are not the guest's.
+    seen = []
+    store.watch("/local/domain/1/data", lambda p, t: seen.append(p))
+    _host_can_attach_a_device(store, 51712)
+    g.write("data/w5", "x")
+    assert ("data/w5", "t") in g.take_events()
+    assert seen[-1] == "/local/domain/1/data/w5"
+
+
+def test_memory_quota_counts_nodes_and_watches(g, store, monkeypatch):
+    """The nodes a guest owns (path + node) and its watches (path + token)
+    share its memory quota (a smaller one here, to fill it quickly)."""
+    monkeypatch.setattr(store_module, "QUOTA_MEMORY", store.domain_usage(1).memory + 40000)
+    made = 0
+    with pytest.raises(XenstoreError) as ei:
+        while True:
+            g.write(f"data/n{made}", b"v" * 1900)
+            made += 1
+    assert ei.value.errno == XenErrno.ENOMEM
+    assert made == 40000 // (len("/local/domain/1/data/n0") + 16 + 8 + 1900 + len("n0") + 1)
+    assert errno_of(g.read, f"data/n{made}") == XenErrno.ENOENT
+    assert store.domain_usage(1).memory <= store_module.QUOTA_MEMORY
+    assert errno_of(g.watch, "data", "t" * 2000) == XenErrno.ENOMEM
+    g.watch("data", "t")  # what is left is enough for a small one
+    g.take_events()
+    _host_can_attach_a_device(store, 51712)
+    store.write("/local/domain/1/data/n0", b"h" * 4000)  # the host is never refused
+    g.rm("data/n0")  # shrinking is always allowed, and gives room back
+    g.write("data/again", b"v" * 1900)
+
+
+def test_transaction_rewrites_hold_one_node(store):
+    """Issue 11: two million writes in one transaction grew pyvmm by 384 MiB
+    (one queued watch event per write).  A transaction keeps one pending node
+    and one event per path however often it writes it."""
+    conn = store.connect(1)
+    t = store.op_transaction_start(conn)
+    tx = conn.transactions[t]
+    for i in range(20000):
+        store.op_write(conn, t, "data/hot", str(i).encode())
+    assert len(tx.events) == 1 and len(tx.changed) <= 2
+    entry = len("/local/domain/1/data/hot") + 16 + 8 + len(b"19999")
+    assert tx.held_bytes == entry + len("/local/domain/1/data") + 16 + 8 + len("hot") + 1
+    seen = []
+    store.watch("/local/domain/1/data/hot", lambda p, tok: seen.append(p))
+    seen.clear()
+    store.op_transaction_end(conn, t, True)
+    assert seen == ["/local/domain/1/data/hot"]
+    assert store.read("/local/domain/1/data/hot") == b"19999"
+
+
+def test_transaction_nodes_quota(g, store):
+    with store.transaction() as t:
+        for i in range(QUOTA_TRANSACTION_NODES + 50):
+            store.write(f"/local/domain/1/data/h/{i // 50}/{i % 50}", "x", t)
+    t = g.tx_start()
+    read = 0
+    with pytest.raises(XenstoreError) as ei:
+        while True:
+            g.read(f"data/h/{read // 50}/{read % 50}", t)
+            read += 1
+    assert ei.value.errno == XenErrno.ENOSPC  # reads touch nodes too
+    assert len(g.server.conn.transactions[t].base) == QUOTA_TRANSACTION_NODES
+    assert errno_of(g.write, "data/new", "y", t) == XenErrno.ENOSPC
+    g.write("data/h/0/0", "y", t)  # nodes already touched stay usable
+    g.tx_end(t)
+    assert g.read("data/h/0/0") == b"y"
+    assert errno_of(g.read, "data/new") == XenErrno.ENOENT
+    # An rm too big for a transaction changes nothing.
+    t = g.tx_start()
+    assert errno_of(g.rm, "data/h", t) == XenErrno.ENOSPC
+    g.tx_end(t)
+    assert g.read("data/h/0/1") == b"x"
+    _host_can_attach_a_device(store, 51712)
+
+
+def test_transactions_rewriting_the_store_stay_within_memory(g, store):
+    """Issue 11: ten transactions rewriting a full store grew pyvmm by 1 GiB.
+    Their pending writes count against the guest's memory quota."""
+    for i in range(200):
+        g.write(f"data/d{i // 50}/n{i % 50}", "x")
+    before = store.domain_usage(1).memory
+    value = b"v" * 1900
+    txs = [g.tx_start() for _ in range(10)]
+    refused = 0
+    for t in txs:
+        for i in range(200):
+            try:
+                g.write(f"data/d{i // 50}/n{i % 50}", value, t)
+            except XenstoreError as e:
+                assert e.errno == XenErrno.ENOMEM
+                refused += 1
+    held = [g.server.conn.transactions[t].held_bytes for t in txs]
+    assert refused > 0 and held[-1] < held[0]
+    assert store.domain_usage(1).memory <= QUOTA_MEMORY
+    assert before + sum(held) == store.domain_usage(1).memory
+    assert errno_of(g.watch, "data/w", "t" * 2000) == XenErrno.ENOMEM
+    # Usable: reads, small live writes within the memory left, the host.
+    assert g.read("data/d0/n0") == b"x"
+    _host_can_attach_a_device(store, 51712)
+    for t in txs:
+        g.tx_end(t, commit=False)
+    assert store.domain_usage(1).memory < before + 2048  # the device's frontend nodes
+    t = g.tx_start()
+    g.write("data/d0/n0", value, t)
+    g.tx_end(t)
+    assert g.read("data/d0/n0") == value
+
+
+def test_outstanding_replies_stop_taking_requests(g):
+    """A guest that sends requests without reading replies is slowed down,
+    not disconnected: the ring holds at most QUOTA_OUTSTANDING queued replies."""
+    sent = 0
+    msg = XsdSockmsg.build(dict(type=XsType.READ, req_id=0, tx_id=0, len=5)) + b"name\0"
+    while True:
+        if g.push(msg) < len(msg):
+            break
+        sent += 1
+        g.server.process()
+        assert g.server.outstanding <= QUOTA_OUTSTANDING
+    assert g.server.outstanding == QUOTA_OUTSTANDING
+    assert g.get(XS_RING_REQ_CONS) != g.get(XS_RING_REQ_PROD)  # the rest waits in the ring
+    for _ in range(200):
+        g.pull()
+        g.server.process()
+    g.pull()
+    assert len(g.replies) == sent
+    assert all(r[0] == XsType.READ and r[3] == b"guest1" for r in g.replies)
+    assert g.get(XS_RING_ERROR) == XENSTORE_ERROR_NONE
+
+
+# ---------------------------------------------------------------------------
+# A busy client (issue 11, item 7)
+# ---------------------------------------------------------------------------
+
+# The guest's other vCPU, played by a native thread: while pyvmm serves the
+# ring it keeps reading the two indices pyvmm produces (req_cons, rsp_prod),
+# as Linux's xb_write/xb_read do on any CPU at any moment, and counts every
+# value that is behind one it saw before.  Linux's check_indexes() treats such
+# a value as a broken ring: it zeroes its own indices and fails the request
+# with -EIO.
+_INDEX_WATCHER_C = r"""
+#include <stdint.h>
+#include <pthread.h>
+
+static volatile const uint32_t *words[2];
+static volatile int stop;
+static unsigned long went_back, reads;
+static uint32_t first_before, first_after;
+static pthread_t thread;
+
+static void *watch(void *unused)
+{
+    uint32_t last[2] = { *words[0], *words[1] };
+    while (!stop) {
+        for (int i = 0; i < 2; i++) {
+            uint32_t now = *words[i];
+            if ((uint32_t)(now - last[i]) > 0x80000000u && !went_back++) {
+                first_before = last[i];
+                first_after = now;
+            }
+            last[i] = now;
+        }
+        reads++;
+    }
+    return 0;
+}
+
+void watcher_start(void *req_cons, void *rsp_prod)
+{
+    words[0] = req_cons;
+    words[1] = rsp_prod;
+    stop = 0;
+    went_back = reads = 0;
+    pthread_create(&thread, 0, watch, 0);
+}
+
+/* how often an index went back; *nreads polls, *first = the first (before, after) */
+unsigned long watcher_stop(unsigned long *nreads, uint32_t *first)
+{
+    stop = 1;
+    pthread_join(thread, 0);
+    *nreads = reads;
+    first[0] = first_before;
+    first[1] = first_after;
+    return went_back;
+}
+"""
+
+
+@pytest.fixture
+def index_watcher(tmp_path):
+    """start(page) watches the page's req_cons and rsp_prod from a native
+    thread; stop() returns how often one was seen going backwards, how many
+    polls it made, and the first backward step (before, after)."""
+    gcc = shutil.which("gcc")
+    if gcc is None:
+        pytest.skip("needs gcc to build the native index watcher")
+    src = tmp_path / "watcher.c"
+    src.write_text(_INDEX_WATCHER_C)
+    lib_path = tmp_path / "watcher.so"
+    subprocess.run([gcc, "-O2", "-shared", "-fPIC", "-pthread", "-o", str(lib_path), str(src)],
+                   check=True, capture_output=True)
+    lib = ctypes.CDLL(str(lib_path))
+    lib.watcher_stop.restype = ctypes.c_ulong
+    pinned = []
+
+    class Watcher:
+        def start(self, page: bytearray):
+            base = ctypes.addressof((ctypes.c_char * len(page)).from_buffer(page))
+            pinned.append(page)
+            lib.watcher_start(ctypes.c_void_p(base + XS_RING_REQ_CONS),
+                              ctypes.c_void_p(base + XS_RING_RSP_PROD))
+
+        def stop(self) -> tuple[int, int, tuple[int, int]]:
+            reads, first = ctypes.c_ulong(), (ctypes.c_uint32 * 2)()
+            went_back = lib.watcher_stop(ctypes.byref(reads), first)
+            return went_back, reads.value, tuple(first)
+
+    return Watcher()
+
+
+def _pipelined_writes(g, count: int, value: bytes) -> dict[int, bytes]:
+    """Like Linux's xenbus under a process writing /dev/xen/xenbus in a loop:
+    requests go into the ring as space allows, without waiting for replies,
+    and replies are taken as they come; returns {req_id: reply payload}."""
+    pending = [XsdSockmsg.build(dict(type=XsType.WRITE, req_id=i + 1, tx_id=0,
+                                     len=len(f"data/n{i:05d}") + 1 + len(value)))
+               + f"data/n{i:05d}".encode() + b"\0" + value for i in range(count)]
+    pending.reverse()
+    partial = b""
+    replies = {}
+    stalled = 0
+    while len(replies) < count:
+        if not partial and pending:
+            partial = pending.pop()
+        moved = g.push(partial) if partial else 0
+        partial = partial[moved:]
+        g.server.process()           # the guest's kick
+        g.pull()
+        for mtype, req_id, _, body in g.replies:
+            replies[req_id] = (mtype, body)
+        got = len(g.replies)
+        g.replies.clear()
+        stalled = 0 if moved or got else stalled + 1
+        assert stalled < 100, f"no progress after {len(replies)} replies"
+        assert not g.server.broken
+    return replies
+
+
+def test_busy_client_index_stores_never_go_backwards(store, index_watcher):
+    """Issue 11 item 7: about 400 pipelined 2 KB writes into, the guest's
+    xenbus saw req_cons = 0 for an instant: struct.pack_into zero-fills the
+    field before storing the value, so every index store briefly published 0.
+    Linux then zeroed its own indices and failed every later request with
+    -EIO, and pyvmm saw prod=0 and broke the ring (RINGIDX)."""
+    g = GuestClient(store, 1, start_index=0x10000000)  # far from 0: a stray 0 shows
+    index_watcher.start(g.page)
+    try:
+        replies = _pipelined_writes(g, 1500, b"v" * 2000)
+    finally:
+        went_back, reads, (before, after) = index_watcher.stop()
+    assert reads > 0
+    assert went_back == 0, (f"the guest saw an index go backwards {went_back} times, "
+                            f"first from {before:#x} to {after:#x}")
+    assert g.get(XS_RING_ERROR) == XENSTORE_ERROR_NONE
+    assert len(replies) == 1500
+    # Served: OK until the directory's node is full (its child names), then
+    # xenstored's ENOSPC, never a broken ring.
+    assert set(replies.values()) == {(XsType.WRITE, b"OK\0"), (XsType.ERROR, b"ENOSPC\0")}
+    assert g.read("data/n00000") == b"v" * 2000
