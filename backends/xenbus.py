@@ -32,6 +32,7 @@ from pyvmm.xen_abi.abi import SRING_HEADER_SIZE, XenbusState, ring_entries
 from pyvmm.xen_abi.hypervisor.evtchn import BACKEND_DOMID, BackendPort
 from pyvmm.xen_abi.hypervisor.grant_table import GrantError, GrantMapping
 from pyvmm.xen_abi.memory.physmem import SEQ_CST, atomics
+from pyvmm.xen_abi.memory.shared_page import u32_fields
 from pyvmm.xen_abi.xenstore.store import XenstoreError
 from pyvmm.xen_abi.xenstore.toolstack import add_device
 
@@ -68,10 +69,8 @@ class BackRing:
         # host address of the page, for the fenced index stores below
         self._anchor = ctypes.c_char.from_buffer(page)
         self._base = ctypes.addressof(self._anchor)
-        # the indices, read with one native 32-bit load each (struct reads a
-        # field byte by byte: a frontend moving req_prod meanwhile could be
-        # seen torn, as a ring overflow)
-        self._indices = page[:SRING_HEADER_SIZE].cast("B").cast("I")
+        # read whole, never torn, while the frontend moves them (shared_page.py)
+        self._indices = u32_fields(memoryview(page).cast("B"), 0, SRING_HEADER_SIZE)
         self.entry_size = entry_size
         self.size = ring_entries(len(page), entry_size)
         self.request_type, self.response_type = request_type, response_type

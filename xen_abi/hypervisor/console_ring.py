@@ -25,6 +25,7 @@ from pyvmm.xen_abi.abi import (
     CONSOLE_IN_SIZE,
     CONSOLE_OUT_SIZE,
 )
+from pyvmm.xen_abi.memory.shared_page import u32_fields, writable_bytes
 
 log = logging.getLogger(__name__)
 
@@ -43,16 +44,9 @@ class ConsoleRingServer:
 
     def __init__(self, ring: memoryview, notify: Callable[[], None],
                  sink: Callable[[bytes], None] | None = None):
-        ring = memoryview(ring)
-        if ring.format != "B":
-            ring = ring.cast("B")
-        if ring.readonly or len(ring) < _RING_END:
-            raise ValueError("console ring must be a writable view of at least the ring layout")
+        ring = writable_bytes(ring, _RING_END, "console ring")
         self._ring = ring
-        # The four u32 indices as one native 32-bit load or store each: not
-        # struct, which moves a field byte by byte (and zero-fills it before
-        # a store), so the guest's other vCPUs could see a torn or zero index.
-        self._indices = ring[_INDICES_START:_RING_END].cast("I")
+        self._indices = u32_fields(ring, _INDICES_START, _RING_END)   # shared_page.py: why
         self._notify = notify
         self.sink = sink
         self._lock = threading.Lock()

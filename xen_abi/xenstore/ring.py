@@ -34,6 +34,7 @@ from ..abi import (
     XsdSockmsg,
     XsType,
 )
+from ..memory.shared_page import u32_fields, writable_bytes
 from .protocol import encode_msg, error_msg, handle_request, split_strings
 from .store import (EVENT_BACKLOG, OK, QUOTA_OUTSTANDING, REPLY_BACKLOG, XenstoreError, XenstoreStore,
                     xs_error)
@@ -58,15 +59,10 @@ class XenstoreRingServer:
     """
 
     def __init__(self, ring: memoryview, notify: Callable[[], None], store: XenstoreStore, domid: int):
-        ring = memoryview(ring).cast("B") if memoryview(ring).format != "B" else memoryview(ring)
-        if ring.readonly or len(ring) < _XS_RING_END:
-            raise ValueError("xenstore ring must be a writable view of at least the ring layout")
+        ring = writable_bytes(ring, _XS_RING_END, "xenstore ring")
         self._ring = ring
-        # The u32 fields as one native 32-bit load or store each (x86: little
-        # endian, naturally aligned).  Not struct.pack_into: it zero-fills the
-        # field before storing the value, and the guest's other vCPUs can see
-        # that 0; Linux's xenbus then takes the ring for broken (issue 11).
-        self._fields = ring[_INDEX_BASE:_XS_RING_END].cast("I")
+        # indices, features, connection, error: each moved whole (shared_page.py)
+        self._fields = u32_fields(ring, _INDEX_BASE, _XS_RING_END)
         self._notify = notify
         self.store = store
         self.domid = domid
