@@ -449,6 +449,7 @@ KVM_SET_XSAVE = _IOW(KVMIO, 0xa5, KvmXsave)
 KVM_GET_XCRS = _IOR(KVMIO, 0xa6, KvmXcrs)
 KVM_SET_XCRS = _IOW(KVMIO, 0xa7, KvmXcrs)
 KVM_GET_TSC_KHZ = _IO(KVMIO, 0xa3)   # vCPU ioctl; shares its number with KVM_ENABLE_CAP
+KVM_GET_STATS_FD = _IO(KVMIO, 0xce)  # VM and vCPU ioctl (Linux 5.14+)
 
 # --------------------------------------------------------------------------
 # Capabilities (the subset this project asks about) and exit reasons
@@ -862,6 +863,43 @@ class VcpuExit:
         return f"VcpuExit({r.name})"
 
 
+_STATS_HEADER = struct.Struct("<IIIIII")     # kvm_stats_header
+_STATS_DESC = struct.Struct("<IhHII")         # kvm_stats_desc, before its name
+
+
+class KvmStats(FdHandle):
+    """A KVM binary-statistics fd (Documentation/virt/kvm/api.rst, 4.133).
+
+    The descriptors are read once; read() returns {name: value} for the
+    single-value counters, read with one pread of the data block, so it is
+    cheap enough to call around every exit. On kvm_pvm, `insn_emulation`
+    counts the CPL0 instructions the KVM interpreted: the shim's exact cost.
+    """
+
+    def __init__(self, fd: int):
+        self.fd = fd
+        _flags, name_size, count, _id_off, desc_off, self._data_off = _STATS_HEADER.unpack(
+            os.pread(fd, _STATS_HEADER.size, 0))
+        step = _STATS_DESC.size + name_size
+        descs = os.pread(fd, step * count, desc_off)
+        self._fields: list[tuple[str, int]] = []
+        end = 0
+        for i in range(count):
+            _fl, _exp, size, offset, _bucket = _STATS_DESC.unpack_from(descs, i * step)
+            name = descs[i * step + _STATS_DESC.size:(i + 1) * step].split(b"\0")[0].decode()
+            end = max(end, offset + 8 * size)
+            if size == 1:
+                self._fields.append((name, offset))
+        self._data_size = end
+
+    def names(self) -> list[str]:
+        return [n for n, _ in self._fields]
+
+    def read(self) -> dict[str, int]:
+        data = os.pread(self.fd, self._data_size, self._data_off)
+        return {name: int.from_bytes(data[off:off + 8], "little") for name, off in self._fields}
+
+
 class Vcpu(FdHandle):
     """A vCPU handle. Use each Vcpu from one thread; kick() from any thread."""
 
@@ -875,6 +913,11 @@ class Vcpu(FdHandle):
         self.kvm_run = KvmRun.from_buffer(self._mmap)
         self._thread: int | None = None
         self._thread_lock = threading.Lock()
+        try:
+            self._stats: KvmStats | None = KvmStats(
+                _ioctl(fd, KVM_GET_STATS_FD, 0, "KVM_GET_STATS_FD"))
+        except KvmError:
+            self._stats = None
 
     # ---- running ----
     def run(self) -> VcpuExit:
@@ -956,6 +999,15 @@ class Vcpu(FdHandle):
     get_vcpu_events, set_vcpu_events = _whole_state_ioctls(
         "vcpu_events", KvmVcpuEvents, KVM_GET_VCPU_EVENTS, KVM_SET_VCPU_EVENTS)
 
+    def stats(self) -> "KvmStats":
+        """This vCPU's KVM binary statistics (KVM_GET_STATS_FD): readable from
+        any thread.  Opened with the vCPU, because the ioctl waits for the
+        vCPU's mutex, which a thread in KVM_RUN holds (an idle guest: for
+        seconds)."""
+        if self._stats is None:
+            raise KvmError("KVM_GET_STATS_FD (Linux 5.14+)", errno.ENOTTY)
+        return self._stats
+
     def get_tsc_khz(self) -> int:
         """The guest TSC frequency KVM gives this vCPU, in kHz."""
         return _ioctl(self.fd, KVM_GET_TSC_KHZ, 0, "KVM_GET_TSC_KHZ")
@@ -1011,4 +1063,6 @@ class Vcpu(FdHandle):
             # (a VcpuExit.data view still alive keeps the mapping until the GC)
             self.kvm_run = None
             unmap(self._mmap, self._mv)
+            if self._stats is not None:
+                self._stats.close()
         super().close()

@@ -264,6 +264,27 @@ def test_signal_msi_interrupts_guest(kvm):
         _expect_irq(f)
 
 
+# ---------------------------------------------------------------- statistics
+
+
+def test_vcpu_statistics_read_while_the_vcpu_is_in_kvm_run(kvm):
+    """KVM_GET_STATS_FD waits for the vCPU's mutex, which KVM_RUN holds:
+    the statistics fd is opened with the vCPU, so a benchmark can read it
+    from another thread while the guest runs (bench/devices.py hung here)."""
+    with cpl3_vm(kvm, "user_spin") as f:
+        t = threading.Thread(target=f.vcpu.run)
+        t.start()
+        wait_for(lambda: f.mem.read_u64(SPIN_COUNT_GPA) > 1000, "the guest to spin at CPL3")
+        box = {}
+        reader = threading.Thread(target=lambda: box.setdefault("stats", f.vcpu.stats().read()))
+        reader.start()
+        reader.join(timeout=5)
+        f.vcpu.kick()
+        t.join(timeout=5)
+        assert not reader.is_alive(), "reading the statistics waited for KVM_RUN"
+        assert "exits" in box["stats"] and "insn_emulation" in box["stats"]
+
+
 # ---------------------------------------------------------------- kick
 
 
