@@ -46,11 +46,13 @@ def say(msg: str) -> None:
 
 def entry_kind(frame: dict, abi, layout) -> str:
     vec = frame["vec"]
-    if vec in (layout.VEC_SYSCALL, layout.VEC_SYSCALL_GP):
+    if vec == layout.VEC_HYPERCALL:        # trace.guest_frame: rax is the number until it returns
         try:
             return "hypercall " + abi.Hypercall(frame["rax"]).name
         except ValueError:
-            return "syscall/other"
+            return "hypercall (returning)"
+    if vec == layout.VEC_SYSCALL:
+        return "syscall from user mode"
     return VECTOR_NAMES.get(vec, f"vector {vec:#x}")
 
 

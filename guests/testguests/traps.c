@@ -36,6 +36,43 @@ void tg_trap(u64 vec, u64 *f, int has_err)
 			 "movq $0x1111, %%rcx; movq $0x2222, %%r11;"                 \
 			 "1: " insn "; 2:" ::: "rax", "rcx", "r11", "memory")
 
+/* Load 0x1000 + i into the i-th of rax rbx rbp rdi rsi rdx r10 r8 r9 r12
+ * r13 r14 r15 rcx r11, run `what` ("int3", or "hc": stack_switch through
+ * `syscall`), and store the registers into out[] in that order.  After
+ * "hc", rcx and r11 are reloaded: `syscall` itself takes them. */
+static void tg_regs_across(const char *what, u64 *out)
+{
+	int hc = what[0] == 'h';
+	u64 sp;
+	__asm__ volatile("movq %%rsp, %0" : "=r"(sp));
+	__asm__ volatile(
+		"pushq %%rbx; pushq %%rbp; pushq %%r12; pushq %%r13; pushq %%r14; pushq %%r15\n"
+		"pushq %[out]; pushq %[sp]\n"
+		"testl %[hc], %[hc]\n"       /* the flags survive the moves below */
+		"movq $0x1000, %%rax; movq $0x1001, %%rbx; movq $0x1002, %%rbp\n"
+		"movq $0x1003, %%rdi; movq $0x1004, %%rsi; movq $0x1005, %%rdx\n"
+		"movq $0x1006, %%r10; movq $0x1007, %%r8; movq $0x1008, %%r9\n"
+		"movq $0x1009, %%r12; movq $0x100a, %%r13; movq $0x100b, %%r14\n"
+		"movq $0x100c, %%r15; movq $0x100d, %%rcx; movq $0x100e, %%r11\n"
+		"jnz 1f\n"
+		"int3\n"
+		"jmp 2f\n"
+		"1: movq $0xe02b, %%rdi; movq (%%rsp), %%rsi; movq %[nr], %%rax; syscall\n"
+		"movq $0x100d, %%rcx; movq $0x100e, %%r11\n"
+		"2: xchgq %%rax, 8(%%rsp)\n"   /* out -> rax, the guest rax kept on the stack */
+		"movq %%rbx, 8(%%rax); movq %%rbp, 16(%%rax); movq %%rdi, 24(%%rax)\n"
+		"movq %%rsi, 32(%%rax); movq %%rdx, 40(%%rax); movq %%r10, 48(%%rax)\n"
+		"movq %%r8, 56(%%rax); movq %%r9, 64(%%rax); movq %%r12, 72(%%rax)\n"
+		"movq %%r13, 80(%%rax); movq %%r14, 88(%%rax); movq %%r15, 96(%%rax)\n"
+		"movq %%rcx, 104(%%rax); movq %%r11, 112(%%rax)\n"
+		"movq 8(%%rsp), %%rbx; movq %%rbx, (%%rax)\n"
+		"addq $16, %%rsp\n"
+		"popq %%r15; popq %%r14; popq %%r13; popq %%r12; popq %%rbp; popq %%rbx\n"
+		:
+		: [out] "r"(out), [sp] "r"(sp), [hc] "r"(hc), [nr] "i"(HC_stack_switch)
+		: "rax", "rcx", "rdx", "rsi", "rdi", "r8", "r9", "r10", "r11", "memory", "cc");
+}
+
 static void check_frame(u64 vec, const char *what, u64 mask)
 {
 	struct rec *r = &recs[vec];
@@ -98,6 +135,21 @@ void tg_main(struct start_info *si)
 
 	TRIGGER("int3");
 	check_frame(3, "int3 delivered once", 1);
+
+	/* a trap and HYPERVISOR_iret give back every register (only rcx and
+	 * r11 go through the frame); a hypercall keeps r9 and the callee-saved
+	 * ones (Xen may clobber only its parameter registers) */
+	static u64 regs_out[15];
+	tg_resume_rip = 0;
+	tg_regs_across("int3", regs_out);
+	for (int i = 0; i < 15; i++)
+		tg_check(regs_out[i] == 0x1000 + i, "register kept across int3 + HYPERVISOR_iret",
+			 regs_out[i], 0x1000 + i);
+	tg_regs_across("hc", regs_out);
+	for (int i = 0; i < 15; i++)
+		if (!(i >= 3 && i <= 7))   /* rdi rsi rdx r10 r8: a hypercall's parameters */
+			tg_check(regs_out[i] == (i == 0 ? 0 : 0x1000 + i),
+				 "register kept across a hypercall (rax: its result)", regs_out[i], 0x1000 + i);
 
 	u32 a, b, c, d;
 	cpuid_fep(0x40000000, &a, &b, &c, &d);

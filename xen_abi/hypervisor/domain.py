@@ -519,6 +519,8 @@ def syscall_trampoline(va: int, save_slot_va: int, stack_top: int, entry: int) -
                                   the syscall
         mov %rsp, save_slot(%rip)
         movabs $stack_top, %rsp
+        pushq $FLAT_RING3_SS64    the start of the frame an iretq takes:
+        pushq save_slot(%rip)     ss and the guest rsp
         jmp shim_syscall_entry
     """
     swapgs = b"\x0f\x01\xf8"
@@ -526,6 +528,9 @@ def syscall_trampoline(va: int, save_slot_va: int, stack_top: int, entry: int) -
     at = va + len(code) + 7
     code += b"\x48\x89\x25" + struct.pack("<i", save_slot_va - at)
     code += b"\x48\xbc" + struct.pack("<Q", stack_top)
+    code += b"\x68" + struct.pack("<i", abi.FLAT_RING3_SS64)
+    at = va + len(code) + 6
+    code += b"\xff\x35" + struct.pack("<i", save_slot_va - at)
     at = va + len(code) + 5
     code += b"\xe9" + struct.pack("<i", entry - at)
     return bytes(code)

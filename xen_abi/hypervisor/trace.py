@@ -31,7 +31,7 @@ from pathlib import Path
 
 from pyvmm.xen_abi import abi
 from pyvmm.xen_abi.memory import vmm_region as R
-from pyvmm.xen_abi.shim.layout import FRAME, MAILBOX, CrashKind
+from pyvmm.xen_abi.shim.layout import FRAME, HC_FRAME, MAILBOX, VEC_HYPERCALL, VEC_SYSCALL, CrashKind
 
 # How many stack words a crash report scans for return addresses.
 STACK_SCAN_WORDS = 256
@@ -42,7 +42,8 @@ CRASH_TEXT = {CrashKind.NO_HANDLER_VEC: "no handler for vector",
               CrashKind.BAD_IRET_FRAME_VEC: "bad iret frame, fault vector"}
 VECTOR_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM",
                 8: "#DF", 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF",
-                17: "#AC", 18: "#MC", 19: "#XM", 0x1000: "event upcall"}
+                17: "#AC", 18: "#MC", 19: "#XM", 0x1000: "event upcall",
+                VEC_SYSCALL: "syscall from user mode", VEC_HYPERCALL: "hypercall"}
 
 
 def describe_crash(why: int) -> str:
@@ -193,10 +194,24 @@ def shim_counters(domain, vcpu: int = 0) -> dict[str, int]:
     return priv.read_counters(domain.region.mem, domain.region.vcpus[vcpu].percpu_off)
 
 
+HC_ARG_REGS = ("rdi", "rsi", "rdx", "r10", "r8", "r9")
+
+
 def guest_frame(domain, vcpu: int = 0) -> dict:
-    v = domain.region.vcpus[vcpu]
-    base = v.stack_block_off + R.STACK_TOP - FRAME.size
-    return {name: FRAME.read(domain.region.mem, base, name) for name in FRAME.fields}
+    """The registers of the shim's latest entry from the guest.  A hypercall
+    from guest kernel mode saves only some (layout.HC_FRAME); the others are
+    None then, and err is 0."""
+    mem, top = domain.region.mem, domain.region.vcpus[vcpu].stack_block_off + R.STACK_TOP
+    f = {name: FRAME.read(mem, top - FRAME.size, name) for name in FRAME.fields}
+    if f["vec"] != VEC_HYPERCALL:
+        return f
+    base = top - HC_FRAME.size
+    lean = {name: None for name in FRAME.fields}
+    lean.update({name: HC_FRAME.read(mem, base, name)
+                 for name in ("r11", "rcx", "vec", "rax", "rip", "cs", "rflags", "rsp", "ss")})
+    lean.update({reg: HC_FRAME.read(mem, base, "args", i) for i, reg in enumerate(HC_ARG_REGS)})
+    lean["err"] = 0
+    return lean
 
 
 def _stack_scan(domain, frame: dict, symbols: Symbolizer | None, words: int) -> list[str]:
@@ -268,7 +283,9 @@ def crash_report(domain, result=None, *, symbols: Symbolizer | None = None, trac
         regs = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11",
                 "r12", "r13", "r14", "r15"]
         for i in range(0, len(regs), 3):
-            lines.append("  ".join(f"{r.upper():>3} {f[r]:#018x}" for r in regs[i:i + 3]))
+            lines.append("  ".join(f"{r.upper():>3} " + (f"{f[r]:#018x}" if f[r] is not None
+                                                             else "(not saved)".ljust(18))
+                                   for r in regs[i:i + 3]))
         vi = domain.phys.read(domain.region.shared_info_gpa, 24)
         lines.append(f"vcpu_info: pending {vi[0]} mask {vi[1]} cr2 {int.from_bytes(vi[16:24], 'little'):#x}")
         if symbols is not None:

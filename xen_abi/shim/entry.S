@@ -133,10 +133,10 @@ shim_fast_end:
         addq $8, %rsp
         iretq
 7:      popq %rax               /* kvm_pvm syscall: the CPU frame holds the guest rsp */
-        movq %rcx, 8(%rsp)      /* [0]err [8]rip [16]cs [24]rflags: syscall's rip and rflags */
-        movq %r11, 24(%rsp)
-        pushq $VEC_SYSCALL_GP
-        jmp shim_common
+        addq $8, %rsp           /* [0]rip [8]cs [16]rflags [24]rsp [32]ss */
+        movq %rcx, (%rsp)       /* syscall's return rip and rflags */
+        movq %r11, 16(%rsp)
+        jmp shim_syscall
 shim_fast_fault:
         popq %rcx
         popq %rdx
@@ -144,20 +144,73 @@ shim_fast_fault:
 9:      pushq $13               /* #GP */
         jmp shim_common
 
-/* The per-vCPU trampoline (at LSTAR) saved the guest rsp into the percpu
- * block and loaded this vCPU's stack; build the same frame the CPU builds
- * for an exception so both paths join one C handler.  rsp, cs and ss are
- * filled in by C from the percpu block. */
+/* The per-vCPU trampoline at LSTAR (hypervisor/domain.py
+ * syscall_trampoline) switched to this vCPU's stack and pushed ss and the
+ * guest rsp: complete the frame an iretq takes. */
         .globl shim_syscall_entry
 shim_syscall_entry:
-        pushq $0                /* ss */
-        pushq $0                /* rsp */
         pushq %r11              /* rflags */
-        pushq $0                /* cs */
+        pushq $FLAT_RING3_CS64
         pushq %rcx              /* rip */
-        pushq $0                /* error code */
-        pushq $VEC_SYSCALL
         /* fall through */
+
+/* A syscall from the guest, either lane: [0]rip [8]cs [16]rflags [24]rsp
+ * [32]ss, with rip and rflags from rcx and r11 as `syscall` left them.
+ * From guest kernel mode it is a hypercall, done by shim_hypercall (C)
+ * with only what C may clobber saved (struct hc_frame: r9 is no longer a
+ * parameter register and must survive; the parameters are kept so that
+ * multicall, the slow path and a user-mode syscall can read them), then
+ * straight back like sysretq: ~20 instructions here where the full path
+ * (shim_common) costs ~60 (each ~1-2 us on kvm_pvm).  HYPERVISOR_iret
+ * returns to an interrupted context, so it restores the parameter
+ * registers too (shim_hypercall returns 2).  A syscall from user
+ * mode, or an event to deliver on the way out, continues on the full path
+ * (shim_common -> shim_trap) with the registers as they came. */
+shim_syscall:
+        movq $FLAT_RING3_CS64, 8(%rsp)  /* sysretq's selectors, whatever the guest had */
+        movq $FLAT_RING3_SS64, 32(%rsp)
+        andq $RFLAGS_GUEST_MASK_ASM, 16(%rsp)
+        orq $0x202, 16(%rsp)    /* IF, fixed bit: the real IF stays on at CPL3 */
+        pushq %rax
+        pushq $VEC_HYPERCALL
+        pushq %r9
+        pushq %r8
+        pushq %r10
+        pushq %rdx
+        pushq %rsi
+        pushq %rdi
+        pushq %rcx
+        pushq %r11
+        movq %rsp, %rdi
+        cld
+        call shim_hypercall
+        testl %eax, %eax
+        jnz 1f
+        popq %r11
+        popq %rcx
+        addq $40, %rsp          /* the parameter registers: clobbered, as Xen may */
+        popq %r9
+        addq $8, %rsp
+        popq %rax
+        .globl shim_hc_iret_insn
+shim_hc_iret_insn:
+        iretq
+1:      popq %r11               /* registers as they came, or as iret set them */
+        popq %rcx
+        popq %rdi
+        popq %rsi
+        popq %rdx
+        popq %r10
+        popq %r8
+        popq %r9
+        cmpl $2, %eax
+        je 2f
+        movq 8(%rsp), %rax      /* the full path: [0]vec [8]err, as shim_common wants */
+        movq $0, 8(%rsp)
+        jmp shim_common
+2:      addq $8, %rsp           /* HYPERVISOR_iret: back to the interrupted */
+        popq %rax               /* context, every register as it was */
+        jmp shim_hc_iret_insn
 
         .globl shim_common
 shim_common:

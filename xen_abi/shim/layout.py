@@ -139,6 +139,26 @@ FRAME = Block(
     *(Field(r) for r in ("rip", "cs", "rflags", "rsp", "ss")),
 )
 
+# A hypercall from guest kernel mode takes a shorter path (entry.S
+# shim_hypercall): it saves only what C may clobber and Xen's ABI keeps
+# (r9 is no longer a parameter register), plus the parameters, so that
+# multicall, the slow path and a user-mode syscall can still read them.
+# Its last seven words line up with FRAME's (vec, then rax where FRAME has
+# err, then the CPU frame), so a reader of the top of the stack sees
+# rip..ss and the vector either way; vec is VEC_HYPERCALL while the shim
+# is in the hypercall.
+HC_FRAME = Block(
+    "HF", "saved registers of a hypercall from guest kernel mode (struct hc_frame)",
+    Field("r11"), Field("rcx"),
+    Field("args", "rdi rsi rdx r10 r8 r9: the parameters (and r9, kept)", count=6),
+    Field("vec", "VEC_HYPERCALL; C sets VEC_SYSCALL or VEC_HC_EVENTS for the full path"),
+    Field("rax", "the hypercall number in, the result out"),
+    *(Field(r) for r in ("rip", "cs", "rflags", "rsp", "ss")),
+)
+
+assert all(FRAME.size - FRAME.offset(a) == HC_FRAME.size - HC_FRAME.offset(b)
+           for a, b in (("vec", "vec"), ("err", "rax"), ("rip", "rip"), ("ss", "ss")))
+
 
 class CrashKind(enum.IntEnum):
     """Why the shim gave up on the guest (mailbox info of MailboxOp.CRASH);
@@ -199,10 +219,12 @@ class MailboxOp(enum.IntEnum):
 
 
 SHIM_EXIT_PORT = 0x0700     # not a PIC port: the in-kernel irqchip would swallow those
-# Pseudo vectors in the saved frame: a syscall through the trampoline, and
-# kvm_pvm's CPL3 syscall that arrived as #GP at LSTAR (entry.S).
+# Pseudo vectors in the saved frame (entry.S): a syscall from guest user
+# mode (bounced to the guest kernel), a hypercall in progress on the lean
+# path (HC_FRAME), and a finished hypercall whose return delivers an event.
 VEC_SYSCALL = 256
-VEC_SYSCALL_GP = 257
+VEC_HYPERCALL = 257
+VEC_HC_EVENTS = 258
 
 # Per-vCPU events block (VCPU_EVENTS_OFF into the stack block): time,
 # timers, event delivery and blocking (shim/events.c).  Python writes the
@@ -383,8 +405,10 @@ def shim_layout() -> list[tuple[str, list[tuple[str, int, str]]]]:
         ("ports and pseudo vectors", [
             ("SHIM_EXIT_PORT", SHIM_EXIT_PORT, "`out` here: the exit to Python"),
             ("EV_SEND_PORT", EV_SEND_PORT, "`out` here: EVTCHNOP_send to a back-end"),
-            ("VEC_SYSCALL", VEC_SYSCALL, ""), ("VEC_SYSCALL_GP", VEC_SYSCALL_GP, ""),
+            ("VEC_SYSCALL", VEC_SYSCALL, ""), ("VEC_HYPERCALL", VEC_HYPERCALL, ""),
+            ("VEC_HC_EVENTS", VEC_HC_EVENTS, ""),
         ]),
+        (HC_FRAME.doc, HC_FRAME.c_defines()),
         (EVENTS.doc, EVENTS.c_defines() + enum_defines("EVF_", EventsFlag) + [
             ("EV_TIMER_VECTOR", EV_TIMER_VECTOR, ""), ("EV_CHECK_VECTOR", EV_CHECK_VECTOR, ""),
             ("EV_SPURIOUS_VECTOR", EV_SPURIOUS_VECTOR, "")]),
@@ -420,7 +444,8 @@ def xen_numbers_header() -> str:
 def shim_layout_header() -> str:
     """shim_layout.h: for the shim (asm- and C-safe)."""
     checks = "\n\n".join([PERCPU.c_layout_check(private_tail=True), GLOBALS.c_layout_check(),
-                          MAILBOX.c_layout_check(), FRAME.c_layout_check()])
+                          MAILBOX.c_layout_check(), FRAME.c_layout_check(),
+                          HC_FRAME.c_layout_check()])
     return _header("SHIM_LAYOUT_H", "What Python and the shim share: blocks, operations, ports, region.",
                    shim_layout(),
                    "/* Compile-time checks that a hand-written C struct has the layout\n"

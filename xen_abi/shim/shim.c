@@ -26,15 +26,20 @@ static __attribute__((noreturn)) void panic(struct percpu *pc, struct frame *f, 
 	stop_here();
 }
 
-static __attribute__((noreturn)) void guest_crash(struct percpu *pc, struct frame *f, u64 why)
+static __attribute__((noreturn)) void crash_at(struct percpu *pc, u64 rip, u64 err, u64 why)
 {
 	struct mailbox *mb = pc->mailbox;
 	mb->op = MBOP_CRASH;
 	mb->info = why;
-	mb->rip = f->rip;
-	mb->info2 = f->err;
+	mb->rip = rip;
+	mb->info2 = err;
 	exit_to_python();
 	stop_here();
+}
+
+static __attribute__((noreturn)) void guest_crash(struct percpu *pc, struct frame *f, u64 why)
+{
+	crash_at(pc, f->rip, f->err, why);
 }
 
 static u8 *vcpu_info(struct percpu *pc) { return pc->vcpu_info; }
@@ -99,10 +104,15 @@ static void bounce_trap(struct percpu *pc, struct frame *f, u64 vec)
 	bounce(pc, f, t->addr, has_error_code(vec), f->err, (t->flags & TI_MASK_EVENTS) != 0);
 }
 
+/* one 16-bit compare: upcall_pending == 1 && upcall_mask == 0 */
+static int events_due(struct percpu *pc)
+{
+	return *(volatile u16 *)(vcpu_info(pc) + VI_UPCALL_PENDING) == 1 && pc->event_cb;
+}
+
 static void check_events(struct percpu *pc, struct frame *f)
 {
-	/* one 16-bit compare: upcall_pending == 1 && upcall_mask == 0 */
-	if (*(volatile u16 *)(vcpu_info(pc) + VI_UPCALL_PENDING) == 1 && pc->event_cb) {
+	if (events_due(pc)) {
 		f->vec = 0x1000;  /* for crash reports only */
 		bounce(pc, f, pc->event_cb, 0, 0, 1);
 	}
@@ -110,7 +120,7 @@ static void check_events(struct percpu *pc, struct frame *f)
 
 /* ---------------- the slow path ---------------- */
 
-static long slow_hypercall(struct percpu *pc, struct frame *f, u64 nr, const u64 *a)
+static long slow_hypercall(struct percpu *pc, u64 rip, u64 nr, const u64 *a)
 {
 	struct mailbox *mb = pc->mailbox;
 	mb->op = MBOP_HYPERCALL;
@@ -119,7 +129,7 @@ static long slow_hypercall(struct percpu *pc, struct frame *f, u64 nr, const u64
 		mb->args[i] = a[i];
 	mb->cr3 = read_cr3();
 	mb->kmode = pc->kernel_mode;
-	mb->rip = f->rip;
+	mb->rip = rip;
 	mb->result = (u64)-XEN_ENOSYS;
 	exit_to_python();
 	return (long)mb->result;
@@ -127,30 +137,30 @@ static long slow_hypercall(struct percpu *pc, struct frame *f, u64 nr, const u64
 
 /* ---------------- hypercalls ---------------- */
 
-static void do_iret(struct percpu *pc, struct frame *f)
+static void do_iret(struct percpu *pc, struct hc_frame *h)
 {
 	u64 c[9];  /* rax r11 rcx flags rip cs rflags rsp ss */
-	if (from_guest(c, f->rsp, sizeof(c)))
-		guest_crash(pc, f, CRASH_IRET_FRAME_UNREADABLE);
+	if (from_guest(c, h->rsp, sizeof(c)))
+		crash_at(pc, h->rip, 0, CRASH_IRET_FRAME_UNREADABLE);
 	if ((c[5] & 3) == 3 && pc->kernel_mode) {
 		if (!pc->cr3_user)
-			guest_crash(pc, f, CRASH_IRET_TO_USER_WITHOUT_L4);
+			crash_at(pc, h->rip, 0, CRASH_IRET_TO_USER_WITHOUT_L4);
 		toggle_mode(pc);
 	}
-	f->rax = c[0];
+	h->rax = c[0];
 	if (!(c[3] & VGCF_IN_SYSCALL)) {
-		f->r11 = c[1];
-		f->rcx = c[2];
+		h->r11 = c[1];
+		h->rcx = c[2];
 	}
-	f->rip = c[4];
-	f->cs = (c[5] | 3) & 0xffff;
-	f->rflags = (c[6] & RFLAGS_GUEST_MASK) | RFLAGS_IF | RFLAGS_FIXED;
-	f->rsp = c[7];
-	f->ss = (c[8] | 3) & 0xffff;
+	h->rip = c[4];
+	h->cs = (c[5] | 3) & 0xffff;
+	h->rflags = (c[6] & RFLAGS_GUEST_MASK) | RFLAGS_IF | RFLAGS_FIXED;
+	h->rsp = c[7];
+	h->ss = (c[8] | 3) & 0xffff;
 	vcpu_info(pc)[VI_UPCALL_MASK] = !(c[6] & RFLAGS_IF);
 }
 
-static long do_set_trap_table(struct percpu *pc, u64 ptr)
+static NOINLINE long do_set_trap_table(struct percpu *pc, u64 ptr)
 {
 	if (!ptr) {
 		for (int i = 0; i < 256; i++)
@@ -169,7 +179,7 @@ static long do_set_trap_table(struct percpu *pc, u64 ptr)
 	}
 }
 
-static long do_callback_op(struct percpu *pc, u64 cmd, u64 ptr)
+static NOINLINE long do_callback_op(struct percpu *pc, u64 cmd, u64 ptr)
 {
 	u64 cb[2];  /* type:16 flags:16 pad:32, address */
 	if (cmd != CALLBACKOP_register && cmd != CALLBACKOP_unregister)
@@ -194,7 +204,7 @@ static long do_callback_op(struct percpu *pc, u64 cmd, u64 ptr)
 	return 0;
 }
 
-static long do_set_segment_base(struct percpu *pc, u64 which, u64 val)
+static NOINLINE long do_set_segment_base(struct percpu *pc, u64 which, u64 val)
 {
 	switch (which) {
 	case SEGBASE_FS:
@@ -221,23 +231,43 @@ static long do_set_segment_base(struct percpu *pc, u64 which, u64 val)
 	return -XEN_EINVAL;
 }
 
-static long hypercall(struct percpu *pc, struct frame *f, u64 nr, const u64 *a);
+static long hypercall(struct percpu *pc, u64 rip, u64 nr, const u64 *a);
 
-static long do_multicall(struct percpu *pc, struct frame *f, u64 list, u64 count)
+static NOINLINE long do_multicall(struct percpu *pc, u64 rip, u64 list, u64 count)
 {
 	for (u64 i = 0; i < count; i++) {
 		u64 e[8];  /* op, result, args[6] */
 		u64 va = list + i * XEN_MULTICALL_ENTRY_SIZE;
 		if (from_guest(e, va, sizeof(e)))
 			return -XEN_EFAULT;
-		long rc = (e[0] == HC_iret || e[0] == HC_multicall) ? -XEN_EINVAL : hypercall(pc, f, e[0], &e[2]);
+		long rc = (e[0] == HC_iret || e[0] == HC_multicall) ? -XEN_EINVAL : hypercall(pc, rip, e[0], &e[2]);
 		if (to_guest(va + 8, &rc, 8))
 			return -XEN_EFAULT;
 	}
 	return 0;
 }
 
-static long hypercall(struct percpu *pc, struct frame *f, u64 nr, const u64 *a)
+/* What neither the switch below nor events.c finishes: the exit to Python.
+ * Kept out of line so that the hot cases of hypercall() need no stack
+ * frame (each saved register is two interpreted instructions). */
+static NOINLINE long events_or_python(struct percpu *pc, u64 rip, u64 nr, const u64 *a)
+{
+	long rc;
+	if (ev_hypercall(nr, a, &rc))
+		return rc;
+	if (nr == HC_physdev_op && a[0] == PHYSDEVOP_set_iopl) {
+		/* Python validates, priv.c remembers */
+		rc = slow_hypercall(pc, rip, nr, a);
+		if (!rc)
+			priv_set_iopl(pc, a[1]);
+		return rc;
+	}
+	return slow_hypercall(pc, rip, nr, a);
+}
+
+/* rip: where the guest made it (the multicall's, for its entries), for
+ * the mailbox of the slow path */
+static long hypercall(struct percpu *pc, u64 rip, u64 nr, const u64 *a)
 {
 	priv_count(pc, PRIV_CNT_HCALL + nr);
 	switch (nr) {
@@ -257,7 +287,7 @@ static long hypercall(struct percpu *pc, struct frame *f, u64 nr, const u64 *a)
 		pc->vcr0_ts = a[0] != 0;
 		write_cr0(a[0] ? (read_cr0() | CR0_TS) : (read_cr0() & ~CR0_TS));
 		return 0;
-	case HC_multicall: return do_multicall(pc, f, a[0], a[1]);
+	case HC_multicall: return do_multicall(pc, rip, a[0], a[1]);
 	case HC_update_va_mapping: return do_update_va_mapping(pc, a[0], a[1], a[2]);
 	case HC_set_segment_base: return do_set_segment_base(pc, a[0], a[1]);
 	case HC_mmuext_op: return do_mmuext_op(pc, a[0], a[1], a[2], a[3]);
@@ -268,51 +298,52 @@ static long hypercall(struct percpu *pc, struct frame *f, u64 nr, const u64 *a)
 		break;
 	case HC_set_debugreg: return do_set_debugreg(pc, a[0], a[1]);
 	case HC_get_debugreg: return do_get_debugreg(pc, a[0]);
-	case HC_physdev_op:
-		if (a[0] == PHYSDEVOP_set_iopl) {   /* Python validates, priv.c remembers */
-			long r = slow_hypercall(pc, f, nr, a);
-			if (!r)
-				priv_set_iopl(pc, a[1]);
-			return r;
-		}
-		break;
 	}
-	long rc;
-	if (ev_hypercall(nr, a, &rc))
-		return rc;
-	return slow_hypercall(pc, f, nr, a);
+	return events_or_python(pc, rip, nr, a);
 }
 
-/* syscall from the guest (either lane). */
-static void do_syscall(struct percpu *pc, struct frame *f)
+/* A syscall from guest user mode: Xen's switch_to_kernel + bounce to the
+ * syscall callback, frame CS/SS the flat kernel ones (ABI §5.6). */
+static void bounce_user_syscall(struct percpu *pc, struct frame *f)
 {
+	if (!pc->syscall_cb) {
+		/* Xen injects #UD at the syscall instruction */
+		f->rip -= 2;
+		f->vec = VEC_UD;
+		bounce_trap(pc, f, VEC_UD);
+		return;
+	}
+	f->rflags &= ~RFLAGS_DF;
+	bounce(pc, f, pc->syscall_cb, 0, 0, (pc->cb_mask >> CALLBACKTYPE_syscall) & 1);
+}
+
+/* A syscall from the guest, either lane (entry.S shim_syscall).  From
+ * kernel mode it is a hypercall, finished here.  Returns 0 to go straight
+ * back to the guest (the parameter registers clobbered, as Xen's ABI
+ * allows), 2 to go back with every register as saved (HYPERVISOR_iret),
+ * or 1 for the full path (shim_trap), with h->vec saying why: a syscall
+ * from user mode, or an event to deliver on the way out. */
+int shim_hypercall(struct hc_frame *h)
+{
+	struct percpu *pc = pcpu();
+	int back = 0;
+	priv_count(pc, PRIV_CNT_SYSCALL);
 	if (!pc->kernel_mode) {
-		/* user syscall: Xen's switch_to_kernel + bounce to the syscall
-		 * callback, frame CS/SS the flat kernel ones (ABI §5.6) */
-		f->cs = FLAT_RING3_CS64;
-		f->ss = FLAT_RING3_SS64;
-		if (!pc->syscall_cb) {
-			/* Xen injects #UD at the syscall instruction */
-			f->rip -= 2;
-			f->vec = VEC_UD;
-			bounce_trap(pc, f, VEC_UD);
-			return;
-		}
-		f->rflags &= ~RFLAGS_DF;
-		bounce(pc, f, pc->syscall_cb, 0, 0, (pc->cb_mask >> CALLBACKTYPE_syscall) & 1);
-		return;
+		h->vec = VEC_SYSCALL;
+		return 1;
 	}
-	if (f->rax == HC_iret) {
-		do_iret(pc, f);
-		return;
+	if (h->rax == HC_iret) {
+		priv_count(pc, PRIV_CNT_HCALL + HC_iret);
+		do_iret(pc, h);
+		back = 2;
+	} else {
+		h->rax = (u64)hypercall(pc, h->rip, h->rax, h->args);
 	}
-	u64 a[6] = { f->rdi, f->rsi, f->rdx, f->r10, f->r8, f->r9 };
-	f->rax = (u64)hypercall(pc, f, f->rax, a);
-	/* return like sysretq: to rcx with rflags from r11 */
-	f->rip = f->rcx;
-	f->rflags = (f->r11 & RFLAGS_GUEST_MASK) | RFLAGS_IF | RFLAGS_FIXED;
-	f->cs = FLAT_RING3_CS64;
-	f->ss = FLAT_RING3_SS64;
+	if (events_due(pc)) {
+		h->vec = VEC_HC_EVENTS;
+		return 1;
+	}
+	return back;
 }
 
 /* ---------------- exceptions ---------------- */
@@ -368,7 +399,7 @@ static void cpl0_fault(struct percpu *pc, struct frame *f)
 		f->rip = (u64)shim_gs_fault;
 		return;
 	}
-	if (f->rip == (u64)shim_iret_insn)
+	if (f->rip == (u64)shim_iret_insn || f->rip == (u64)shim_hc_iret_insn)
 		guest_crash(pc, f, CRASH_BAD_IRET_FRAME_VEC + f->vec);  /* bad guest iret frame (Xen: failsafe) */
 	if (f->vec >= 32) {
 		ev_interrupt(f->vec);   /* interrupt while in the shim (SCHEDOP_block's hlt) */
@@ -380,36 +411,26 @@ static void cpl0_fault(struct percpu *pc, struct frame *f)
 void shim_trap(struct frame *f)
 {
 	struct percpu *pc = pcpu();
-	/* kvm_pvm's syscalls (VEC_SYSCALL_GP) are counted as the #GP they were */
-	priv_count(pc, f->vec == VEC_SYSCALL ? PRIV_CNT_SYSCALL : f->vec == VEC_SYSCALL_GP ? VEC_GP
-		   : f->vec < 32 ? f->vec : PRIV_CNT_IRQ);
 
-	if (f->vec >= VEC_SYSCALL && f->vec <= VEC_SYSCALL_GP) {
-		if (f->vec == VEC_SYSCALL)   /* from the trampoline; #GP: CPU frame */
-			f->rsp = pc->syscall_rsp;
-		f->vec = VEC_SYSCALL;
-		f->cs = FLAT_RING3_CS64;
-		f->ss = FLAT_RING3_SS64;
-		do_syscall(pc, f);
+	/* the full path of a syscall (counted in shim_hypercall) */
+	if (f->vec == VEC_SYSCALL) {
+		bounce_user_syscall(pc, f);
 		check_events(pc, f);
 		return;
 	}
+	if (f->vec == VEC_HC_EVENTS) {
+		f->vec = VEC_SYSCALL;   /* for crash reports */
+		check_events(pc, f);
+		return;
+	}
+	priv_count(pc, f->vec < 32 ? f->vec : PRIV_CNT_IRQ);
 	if ((f->cs & 3) == 0) {
 		cpl0_fault(pc, f);
 		return;
 	}
 	switch (f->vec) {
 	case VEC_GP:
-		/* kvm_pvm: CPL3 `syscall` jumps to LSTAR without changing
-		 * CPL; the `swapgs` there faults with RIP == LSTAR and
-		 * RCX/R11 intact, so this #GP *is* the syscall. */
-		if ((G->flags & SGF_PVM) && f->rip == pc->lstar) {
-			f->rip = f->rcx;
-			f->rflags = f->r11;
-			do_syscall(pc, f);
-		} else {
-			do_gp(pc, f);
-		}
+		do_gp(pc, f);   /* kvm_pvm's syscalls never get here (entry.S) */
 		break;
 	case VEC_UD:
 		if (!emulate_forced_cpuid(pc, f))

@@ -68,6 +68,15 @@ struct frame {
 	u64 rip, cs, rflags, rsp, ss;
 };
 
+/* A hypercall from guest kernel mode, lowest address first (entry.S
+ * shim_syscall; HF_* in shim_layout.h). */
+struct hc_frame {
+	u64 r11, rcx;
+	u64 args[6];           /* rdi rsi rdx r10 r8 r9 */
+	u64 vec, rax;
+	u64 rip, cs, rflags, rsp, ss;
+};
+
 struct trap_ent { u64 addr; u64 flags; };
 
 /* Guest GDT/LDT state of one vCPU (mmu.c).  The guest's descriptor frames
@@ -131,6 +140,7 @@ struct globals {
 
 MB_CHECK_LAYOUT(struct mailbox);
 FR_CHECK_LAYOUT(struct frame);
+HF_CHECK_LAYOUT(struct hc_frame);
 PC_CHECK_LAYOUT(struct percpu);
 SG_CHECK_LAYOUT(struct globals);
 _Static_assert(sizeof(struct percpu) <= 2 * 4096, "percpu fits its 2 pages");
@@ -140,7 +150,11 @@ _Static_assert(sizeof(struct percpu) <= 2 * 4096, "percpu fits its 2 pages");
 long guest_copy(void *dst, const void *src, u64 n);
 long guest_load_gs(u16 sel);
 extern char shim_copy_insn[], shim_copy_tail_insn[], shim_copy_fault[], shim_gs_insn[], shim_gs_fault[];
-extern char shim_iret_insn[];
+extern char shim_iret_insn[], shim_hc_iret_insn[];
+
+/* a cold or large helper kept out of its callers, so that their hot paths
+ * need no stack frame (each saved register costs two interpreted instructions) */
+#define NOINLINE __attribute__((noinline))
 
 static inline struct percpu *pcpu(void)
 {

@@ -19,7 +19,8 @@ README_SECTION = "## Hypercalls: who handles each"
 
 # Where the shim decides about a hypercall number: the hypercall switch, the
 # events switch it falls through to, and the syscall entry (HYPERVISOR_iret).
-SHIM_DISPATCH = ("shim.c:hypercall", "events.c:ev_hypercall", "shim.c:do_syscall")
+SHIM_DISPATCH = ("shim.c:hypercall", "shim.c:events_or_python", "events.c:ev_hypercall",
+                 "shim.c:shim_hypercall")
 
 
 def c_function_body(path: Path, name: str) -> str:

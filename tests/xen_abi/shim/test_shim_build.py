@@ -38,7 +38,7 @@ _Static_assert(HYPERVISOR_VIRT_START == 0xffff800000000000UL && REGION_VA > HYPE
 #include "shim_layout.h"
         movabsq $HYPERVISOR_VIRT_END, %rdx
         movq PERCPU_IN_BLOCK+PRIV_OFF+PRIV_FAST_IO(%rcx), %rax
-        pushq $VEC_SYSCALL_GP
+        pushq $VEC_HYPERCALL
 """)
     assert asm.returncode == 0, asm.stderr
 
@@ -183,4 +183,8 @@ def test_syscall_trampoline_encoding():
     assert code[6:9] == b"\x48\x89\x25"                          # mov %rsp, rel32(%rip)
     assert va + 13 + struct.unpack_from("<i", code, 9)[0] == slot
     assert code[13:15] == b"\x48\xbc" and struct.unpack_from("<Q", code, 15)[0] == top
-    assert code[23] == 0xE9 and va + 28 + struct.unpack_from("<i", code, 24)[0] == entry
+    assert code[23] == 0x68 and struct.unpack_from("<i", code, 24)[0] == 0xE02B  # pushq $FLAT_RING3_SS64
+    assert code[28:30] == b"\xff\x35"                           # pushq rel32(%rip): the guest rsp
+    assert va + 34 + struct.unpack_from("<i", code, 30)[0] == slot
+    assert code[34] == 0xE9 and va + 39 + struct.unpack_from("<i", code, 35)[0] == entry
+    assert len(code) == 39

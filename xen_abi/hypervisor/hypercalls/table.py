@@ -98,7 +98,7 @@ OWNERS = (
     _python(H.grant_table_op, grant_table_op),
     _python(H.vm_assist, vm_assist),
     _unsupported(H.update_va_mapping_otherdomain, "another domain's page tables: there is none"),
-    _shim(H.iret, "shim.c:do_iret", note="reached from do_syscall, not the hypercall switch"),
+    _shim(H.iret, "shim.c:do_iret", note="reached from shim_hypercall, not the hypercall switch"),
     _split(H.vcpu_op, ("shim.c:hypercall", "events.c:ev_hypercall"), vcpu_op,
            "shim: -ENOENT for absent vCPUs, the caller's set/stop_singleshot_timer and "
            "stop_periodic_timer; Python: the rest"),
@@ -112,7 +112,7 @@ OWNERS = (
     _unsupported(H.xenoprof_op, "no profiling"),
     _split(H.event_channel_op, ("events.c:send_to_backend",), event_channel_op,
            "shim: send to a back-end port (an ioeventfd); Python: the rest"),
-    _split(H.physdev_op, ("shim.c:hypercall", "priv.c:priv_set_iopl"), physdev_op,
+    _split(H.physdev_op, ("shim.c:events_or_python", "priv.c:priv_set_iopl"), physdev_op,
            "set_iopl: Python validates, then the shim keeps the level; other sub-ops -ENOSYS"),
     _unsupported(H.hvm_op, "HVM and PVH guests only"),
     _unsupported(H.sysctl, "toolstack (dom0) only"),
