@@ -118,6 +118,7 @@ def _boot_loop(*, kernel, kernel_path, initrd, cmdline, memory, name, escape, on
     from pyvmm.backends.blkback import BlockBackend, xvd_name
     from pyvmm.backends.netback import NetBackend
     from pyvmm.vmm.kvm import KvmUnavailable
+    from pyvmm.vmm.memory import release_free_heap
     from pyvmm.xen_abi.abi import ShutdownReason
     from pyvmm.xen_abi.boot.builder import BuildError
     from pyvmm.xen_abi.hypervisor.domain import Domain
@@ -152,6 +153,7 @@ def _boot_loop(*, kernel, kernel_path, initrd, cmdline, memory, name, escape, on
             dom = Domain(kernel, ram_size=memory, cmdline=cmdline, initrd=initrd, kvm=kvm, name=name)
         except BuildError as e:
             raise UserError(f"{kernel_path}: {e}; give more with --memory") from None
+        release_free_heap()
         dom.on_console_output.add(show_console)
         for index, image in enumerate(disks):
             dom.attach(BlockBackend(dom, index, image))

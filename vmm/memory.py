@@ -100,3 +100,14 @@ class GuestMemory(FdHandle):
 
     def __repr__(self):
         return f"GuestMemory({self.name!r}, size={self.size:#x}, address={self.address:#x})"
+
+
+def release_free_heap() -> None:
+    """Give freed heap memory back to the host.  glibc keeps what a large
+    temporary used (building a domain decompresses and parses a kernel of
+    tens of MiB) in its arenas; each guest is a long-lived process of its
+    own, so that would stay in its RSS for good."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):    # not glibc: nothing to do
+        pass

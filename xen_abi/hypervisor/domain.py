@@ -118,7 +118,6 @@ class Domain(PvDomainBase):
                  kvm: Kvm | None = None, is_pvm: bool | None = None, name: str = "domU"):
         if not isinstance(kernel, KernelImage):
             kernel = load_kernel(kernel)
-        self.kernel = kernel
         self.echo = echo
         self._console_history = ConsoleHistory()
         self.is_pvm = on_kvm_pvm() if is_pvm is None else is_pvm
