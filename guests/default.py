@@ -32,7 +32,12 @@ __all__ = ["DefaultGuest", "build_default_guest", "default_init_script",
 
 # hvc_xen is built into the cloud kernel, so the console is hvc0 from the
 # start; earlyprintk=xen prints through console_io before hvc0 exists.
-DEFAULT_CMDLINE = "console=hvc0 earlyprintk=xen"
+# noreplace-smp: a kernel that sees one CPU rewrites each of its ~17,000
+# LOCK prefixes through text_poke (a page-table update and two base-pointer
+# switches each: ~50,000 hypercalls, half the boot's CPL0 work on kvm_pvm,
+# bench/README.md); the prefixes are harmless on one CPU, and kept they
+# are what a second vCPU needs.
+DEFAULT_CMDLINE = "console=hvc0 earlyprintk=xen noreplace-smp"
 # Front-ends the cloud kernel builds as modules (in load order requested;
 # dependencies are added before them).
 DEFAULT_MODULES = ("xen-blkfront", "xen-netfront")

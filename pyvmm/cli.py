@@ -22,7 +22,8 @@ from pyvmm import manage
 from pyvmm.errors import ExitStatus, UserError, print_error
 
 DEFAULT_MEMORY = 256 << 20
-DEFAULT_CMDLINE = "console=hvc0"
+# noreplace-smp: see guests/default.py (halves a one-vCPU boot on kvm_pvm)
+DEFAULT_CMDLINE = "console=hvc0 noreplace-smp"
 MIN_MEMORY = 16 << 20
 MAX_MEMORY = 64 << 30
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
