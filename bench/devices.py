@@ -130,6 +130,30 @@ def net_available() -> bool:
     return os.geteuid() == 0 and os.path.exists("/dev/net/tun") and shutil.which("ip") is not None
 
 
+class CostMeter:
+    """What one transfer cost the guest's vCPU: CPL0 instructions the KVM
+    interpreted (kvm_pvm's insn_emulation; 0 on a KVM that interprets
+    nothing), KVM exits, exits to Python, shim entries by kind, and the
+    back-ends' request counters."""
+
+    def __init__(self, dom):
+        from pyvmm.xen_abi.hypervisor import trace
+        self.dom, self.trace, self.stats = dom, trace, dom.vcpu.stats()
+
+    def snapshot(self) -> dict:
+        s = self.stats.read()
+        snap = {"cpl0_insns": s.get("insn_emulation", 0), "kvm_exits": s.get("exits", 0),
+                "python_exits": sum(self.dom.exit_counts.values())}
+        snap.update({f"shim {k}": v for k, v in self.trace.shim_counters(self.dom).items()})
+        for i, be in enumerate(self.dom.backends):
+            snap.update({f"{type(be).__name__}[{i}] {k}": v for k, v in be.stats.items()})
+        return snap
+
+    @staticmethod
+    def delta(before: dict, after: dict) -> dict:
+        return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
+
+
 def run(size_mb: int, with_net: bool) -> dict:
     from pyvmm.backends.blkback import BlockBackend, DiskImage
     from pyvmm.backends.netback import NetBackend
@@ -164,17 +188,21 @@ def run(size_mb: int, with_net: bool) -> dict:
             th.start()
             con = Console(dom)
             con.expect(PROMPT, BOOT_TIMEOUT, "first prompt")
-            say("disk read")
-            results["disk_read_guest_s"] = con.timed("dd if=/dev/xvda of=/dev/null bs=1M 2>/dev/null")
-            say("disk write")
-            results["disk_write_guest_s"] = con.timed(
-                f"dd if=/dev/zero of=/dev/xvda bs=1M count={size_mb} conv=fsync 2>/dev/null")
+            meter = CostMeter(dom)
+            costs = results["costs"] = {}
+
+            def timed(key: str, command: str) -> None:
+                say(key.replace("_", " "))
+                before = meter.snapshot()
+                results[f"{key}_guest_s"] = con.timed(command)
+                costs[key] = meter.delta(before, meter.snapshot())
+
+            timed("disk_read", "dd if=/dev/xvda of=/dev/null bs=1M 2>/dev/null")
+            timed("disk_write", f"dd if=/dev/zero of=/dev/xvda bs=1M count={size_mb} conv=fsync 2>/dev/null")
             if tap is not None:
                 con.run(f"ifconfig eth0 {GUEST_IP} netmask 255.255.255.0 up")
                 con.run(f"ping -c 1 -W 10 {HOST_IP} >/dev/null")
-                say("net receive")
-                results["net_rx_guest_s"] = con.timed(
-                    f"wget -q -O /dev/null http://{HOST_IP}:{PORT}/blob")
+                timed("net_rx", f"wget -q -O /dev/null http://{HOST_IP}:{PORT}/blob")
             dom.send_console_input(b"poweroff -f\n")
             th.join(120)
             if th.is_alive():
@@ -208,6 +236,21 @@ def table(r: dict) -> str:
             continue
         gm, hm = mb / max(g, 0.01), mb / max(h, 0.001)
         out.append(f"{label:<22} {gm:>11.1f} {hm:>10.1f} {gm / hm:>11.3f}")
+    costs = r.get("costs", {})
+    if costs:
+        out += ["", f"{'per MiB moved':<22} {'CPL0 insns':>11} {'KVM exits':>10} {'to Python':>10} "
+                f"{'shim entries':>13}  top shim entries per MiB"]
+        for label, key in rows:
+            c = costs.get(key)
+            if not c:
+                continue
+            entries = {k[5:]: v for k, v in c.items() if k.startswith("shim ") and
+                       (k.startswith("shim trap") or k in ("shim interrupts", "shim syscall entries"))}
+            hcalls = {k[15:]: v for k, v in c.items() if k.startswith("shim hypercall ")}
+            top = sorted({**entries, **hcalls}.items(), key=lambda kv: -kv[1])[:6]
+            out.append(f"{label:<22} {c.get('cpl0_insns', 0) / mb:>11.0f} {c.get('kvm_exits', 0) / mb:>10.0f} "
+                       f"{c.get('python_exits', 0) / mb:>10.1f} {sum(entries.values()) / mb:>13.0f}  "
+                       + ", ".join(f"{k} {v / mb:.0f}" for k, v in top))
     return "\n".join(out)
 
 
