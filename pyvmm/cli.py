@@ -133,7 +133,9 @@ def _run(args: argparse.Namespace) -> int:
     from pyvmm.xen_abi.boot.loader import LoaderError, load_kernel
 
     try:
-        kernel = load_kernel(kernel_path)
+        # checked here, before anything starts; the first boot takes it from
+        # the box, so no frame holds the image (tens of MiB) while it runs
+        kernel_box = [load_kernel(kernel_path)]
     except LoaderError as e:
         raise UserError(f"{kernel_path}: {e}") from None
     initrd = initrd_path.read_bytes() if initrd_path else None
@@ -149,7 +151,7 @@ def _run(args: argparse.Namespace) -> int:
 
     def start(ready=None) -> int:
         return launch(
-            kernel=kernel,
+            kernel_box=kernel_box,
             kernel_path=kernel_path,
             initrd=initrd,
             cmdline=cmdline,

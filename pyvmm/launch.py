@@ -113,7 +113,7 @@ def launch(*, name, memory, kernel_path, disks=(), nets=(), ready=None, **kw) ->
         control.close()
 
 
-def _boot_loop(*, kernel, kernel_path, initrd, cmdline, memory, name, escape, on_reboot, verbose,
+def _boot_loop(*, kernel_box, kernel_path, initrd, cmdline, memory, name, escape, on_reboot, verbose,
                disks, nets, guest, control, ready) -> int:
     from pyvmm.backends.blkback import BlockBackend, xvd_name
     from pyvmm.backends.netback import NetBackend
@@ -121,6 +121,7 @@ def _boot_loop(*, kernel, kernel_path, initrd, cmdline, memory, name, escape, on
     from pyvmm.vmm.memory import release_free_heap
     from pyvmm.xen_abi.abi import ShutdownReason
     from pyvmm.xen_abi.boot.builder import BuildError
+    from pyvmm.xen_abi.boot.loader import LoaderError, load_kernel
     from pyvmm.xen_abi.hypervisor.domain import Domain
 
     from pyvmm.vmm.kvm import Kvm
@@ -150,9 +151,17 @@ def _boot_loop(*, kernel, kernel_path, initrd, cmdline, memory, name, escape, on
                 _say(f"{label} after {t:.2f} s")
 
         try:
+            # the CLI's checked image for the first boot; a reboot reads
+            # the file again, as xl does
+            kernel = kernel_box.pop() if kernel_box else load_kernel(kernel_path)
             dom = Domain(kernel, ram_size=memory, cmdline=cmdline, initrd=initrd, kvm=kvm, name=name)
+        except LoaderError as e:
+            raise UserError(f"{kernel_path}: {e}") from None
         except BuildError as e:
             raise UserError(f"{kernel_path}: {e}; give more with --memory") from None
+        # the loaded image (tens of MiB) is in guest RAM now: hold no copy of
+        # it while the guest runs, and give the build's buffers back
+        kernel = None
         release_free_heap()
         dom.on_console_output.add(show_console)
         for index, image in enumerate(disks):

@@ -327,3 +327,29 @@ def test_manage_errors(tmp_path):
     p = pyvmm("--xen-pv", str(build_testguest("hello")), "--memory", "32M",
               env={"PYVMM_RUNTIME_DIR": str(deep)})
     assert_one_line_error(p, ExitStatus.USAGE, "longer than 107 bytes", "PYVMM_RUNTIME_DIR")
+
+
+def test_no_kernel_image_is_held_while_the_guest_runs(monkeypatch, capsys):
+    """The CLI loads the kernel to check it, the first boot takes it, and
+    nothing holds the loaded image (tens of MiB for a distribution kernel)
+    while the guest runs; a reboot reads the file again
+    (test_reboot_rebuilds_the_guest)."""
+    import gc
+
+    from pyvmm import cli
+    from pyvmm.guests.testguests import build_testguest
+    from pyvmm.xen_abi.boot.loader import KernelImage
+    from pyvmm.xen_abi.hypervisor.domain import Domain
+
+    images_alive = []
+    real_run = Domain.run
+
+    def run(self, *args, **kwargs):
+        gc.collect()
+        images_alive.append(sum(isinstance(o, KernelImage) for o in gc.get_objects()))
+        return real_run(self, *args, **kwargs)
+
+    monkeypatch.setattr(Domain, "run", run)
+    rc = cli.main(["--xen-pv", str(build_testguest("hello")), "--memory", "32M", "--name", "no-image-kept"])
+    assert rc == ExitStatus.POWEROFF, capsys.readouterr()
+    assert images_alive == [0]
