@@ -42,6 +42,10 @@ shim_vectors:
  *    which Xen emulates for every PV guest and this leaves to the C path.
  *    Only the byte forms without prefixes (e4 in imm8, e6 out imm8, ec in
  *    dx, ee out dx);
+ *  - `cli` and `sti` from guest kernel mode with the virtual IOPL granted:
+ *    no-ops, as Xen's emulator leaves them (priv.c does the same for the
+ *    prefixed forms); Linux runs them before its paravirt patching, some
+ *    thousands at boot;
  *  - `iretq` to the same privilege from guest kernel mode (sync_core's
  *    iret_to_self, once per patched alternative at boot: tens of
  *    thousands), which kvm_pvm faults at CPL3; only with Xen's flat
@@ -74,6 +78,10 @@ shim_fast_start:
         je 6f
         cmpq $0, PERCPU_IN_BLOCK+PRIV_OFF+PRIV_IOPL(%rcx)
         je shim_fast_fault
+        movl %edx, %eax
+        orb $1, %al
+        cmpb $0xfb, %al         /* fa cli, fb sti */
+        je 8f
         movl %edx, %eax
         andl $0xf5, %eax
         cmpl $0xe4, %eax
@@ -126,6 +134,9 @@ shim_fast_start:
         movq %rsp, %rcx
         andq $-PERCPU_BLOCK_SIZE, %rcx
         incq PERCPU_IN_BLOCK+PRIV_OFF+PRIV_FAST_IRET(%rcx)
+        jmp 5f
+8:      incq 32(%rsp)           /* cli/sti: a no-op, as Xen does with the IOPL granted */
+        incq PERCPU_IN_BLOCK+PRIV_OFF+PRIV_FAST_CLI(%rcx)
 shim_fast_end:
 5:      popq %rcx
         popq %rdx

@@ -287,6 +287,7 @@ PRIV = Block(
     Field("nr_vcpus", "written by Python: vCPUs of the domain"),
     Field("fast_io", "counters: in/out and iretq done by entry.S's #GP fast paths"),
     Field("fast_iret"),
+    Field("fast_cli", "cli/sti from guest kernel mode, skipped by entry.S's #GP fast path"),
     Field("counters", "u32 event counters, PRIV_CNT_*", count=PRIV_CNT_N, width=4),
 )
 

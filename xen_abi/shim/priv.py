@@ -9,7 +9,7 @@ from pyvmm.xen_abi import abi
 from pyvmm.xen_abi.shim.layout import PRIV, PRIV_CNT_HCALL, PRIV_CNT_IRQ, PRIV_CNT_N, PRIV_CNT_SYSCALL, PRIV_OFF
 
 STATE_FIELDS = ("vcr4", "iopl", "tsc_aux", "xcr0", "emulated", "msr_unknown", "last_msr",
-                "cpuids", "nr_vcpus", "fast_io", "fast_iret")
+                "cpuids", "nr_vcpus", "fast_io", "fast_iret", "fast_cli")
 
 
 def init_vcpu(mem, percpu_off: int, nr_vcpus: int) -> None:
@@ -46,7 +46,8 @@ def read_counters(mem, percpu_off: int) -> dict[str, int]:
             except ValueError:
                 name = f"hypercall #{nr}"
         out[name] = n
-    for field, name in (("fast_io", "fast in/out"), ("fast_iret", "fast iretq")):
+    for field, name in (("fast_io", "fast in/out"), ("fast_iret", "fast iretq"),
+                        ("fast_cli", "fast cli/sti")):
         n = PRIV.read(mem, percpu_off + PRIV_OFF, field)
         if n:
             out[f"{name} (#GP fast path)"] = n

@@ -28,6 +28,9 @@ def test_port_io_and_iretq_answers_and_fast_path(capsys):
     # inb imm, inb dx, outb imm, outb dx, then the 2000 timed `inb $0x42`
     # (word/dword forms and the IOPL-0 #GPs are priv.c's)
     assert state["fast_io"] == 4 + 2000, state
+    # the four plain cli/sti with the IOPL granted; the prefixed ones and
+    # those after set_iopl(0) are priv.c's (the same no-op)
+    assert state["fast_cli"] == 4, state
     assert state["emulated"] >= 200, state          # the timed inw loop: C path
     m = dict((k, int(v)) for k, v in re.findall(r"(\w+)_cycles=(\d+)", res.text))
     assert set(m) == {"fast_inb", "iretq_self", "c_path_inw"}
