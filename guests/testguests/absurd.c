@@ -13,6 +13,9 @@ static const u64 wild[] = {
 	0x8000000000000000UL,   /* non-canonical */
 	0xffff830000000000UL,   /* the hypervisor hole: the shim's own memory */
 	0xfffffffffffff000UL,   /* the last page: wraps with any length */
+	0x00007ffffffffff8UL,   /* runs past the end of the lower half */
+	0xffff87fffffffff8UL,   /* starts in the hole, ends past it */
+	0xffff7ffffffffff8UL,   /* non-canonical, runs into the hole */
 };
 
 static void expect_err(long rc, long want, const char *what)

@@ -154,13 +154,13 @@ void ev_interrupt(unsigned long vec)
 	eoi();
 }
 
-/* guest pointers: canonical, not wrapping, clear of the hypervisor hole */
+/* guest pointers: canonical, not wrapping, clear of the hypervisor hole
+ * (the same test as shim.h's range_ok: all in the lower half, or all in
+ * the upper half above the hole) */
 static int read_guest(void *dst, u64 va, u64 n)
 {
 	u64 end = va + n;
-	if (end < va || (u64)((s64)(va << 16) >> 16) != va || (u64)((s64)((end - 1) << 16) >> 16) != end - 1)
-		return -XEN_EFAULT;
-	if (end > HYPERVISOR_VIRT_START && va < HYPERVISOR_VIRT_END)
+	if (end < va || (end <= (1UL << 47) ? va >= (1UL << 47) : va < HYPERVISOR_VIRT_END))
 		return -XEN_EFAULT;
 	return (int)guest_copy(dst, (const void *)va, n);
 }

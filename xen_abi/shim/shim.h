@@ -184,15 +184,20 @@ static inline void wrmsr(u32 msr, u64 v)
 static inline int canonical(u64 va) { return (u64)((s64)(va << 16) >> 16) == va; }
 
 /* A guest pointer range is usable if canonical, not wrapping, and clear of
- * the hypervisor hole (where the shim itself lives). */
+ * the hypervisor hole (where the shim itself lives): all of it in the lower
+ * canonical half, or all of it in the upper half above the hole (which
+ * starts that half).  Two compares: every hypercall with a pointer, every
+ * bounce and every iret come here. */
+#define LOWER_HALF_END (1UL << 47)
+_Static_assert(HYPERVISOR_VIRT_START == 0xffff800000000000UL, "the hole starts the upper half");
 static inline int range_ok(u64 va, u64 n)
 {
 	u64 end = va + n;
-	if (end < va || !canonical(va) || (n && !canonical(end - 1)))
+	if (end < va)
 		return 0;
-	if (end > HYPERVISOR_VIRT_START && va < HYPERVISOR_VIRT_END)
-		return 0;
-	return 1;
+	if (end <= LOWER_HALF_END)
+		return va < LOWER_HALF_END;
+	return va >= HYPERVISOR_VIRT_END;
 }
 
 static inline long from_guest(void *dst, u64 va, u64 n)
