@@ -60,7 +60,7 @@ static void bounce(struct percpu *pc, struct frame *f, u64 handler, int has_err,
 {
 	u8 *vi = vcpu_info(pc);
 	u64 old_mask = vi[VI_UPCALL_MASK];
-	u64 fr[8], n = 0, cs = f->cs, sp;
+	u64 fr[8], cs = f->cs, sp;
 
 	if (!handler)
 		guest_crash(pc, f, CRASH_NO_HANDLER_VEC + f->vec);
@@ -71,17 +71,24 @@ static void bounce(struct percpu *pc, struct frame *f, u64 handler, int has_err,
 		toggle_mode(pc);
 		sp = pc->kernel_sp;
 	}
-	fr[n++] = f->rcx;
-	fr[n++] = f->r11;
-	if (has_err)
-		fr[n++] = err;
-	fr[n++] = f->rip;
-	fr[n++] = (cs & 0xffff) | (old_mask << 32);
-	fr[n++] = (f->rflags & ~(RFLAGS_IF | RFLAGS_IOPL)) | (old_mask ? 0 : RFLAGS_IF);
-	fr[n++] = f->rsp;
-	fr[n++] = f->ss & 0xffff;
+	/* fixed slots (indexed stores cost more instructions): without an
+	 * error code the frame is fr[1..7], rcx and r11 one slot up */
+	fr[3] = f->rip;
+	fr[4] = (cs & 0xffff) | (old_mask << 32);
+	fr[5] = (f->rflags & ~(RFLAGS_IF | RFLAGS_IOPL)) | (old_mask ? 0 : RFLAGS_IF);
+	fr[6] = f->rsp;
+	fr[7] = f->ss & 0xffff;
+	if (has_err) {
+		fr[0] = f->rcx;
+		fr[1] = f->r11;
+		fr[2] = err;
+	} else {
+		fr[1] = f->rcx;
+		fr[2] = f->r11;
+	}
+	u64 n = has_err ? 8 : 7;
 	sp = (sp & ~15UL) - n * 8;
-	if (to_guest(sp, fr, n * 8))
+	if (to_guest(sp, fr + 8 - n, n * 8))
 		guest_crash(pc, f, CRASH_BOUNCE_UNWRITABLE_VEC + f->vec);
 	f->rip = handler;
 	f->cs = FLAT_RING3_CS64;
