@@ -29,7 +29,6 @@ import socket
 import struct
 import threading
 
-import numpy as np
 
 from pyvmm.xen_abi.abi import (
     NETIF_RX_ENTRY_SIZE,
@@ -183,10 +182,12 @@ class SocketLink:
 def _ones_complement_sum(data: bytes) -> int:
     if len(data) % 2:
         data = bytes(data) + b"\0"
-    s = int(np.frombuffer(data, dtype=">u2").sum(dtype=np.uint64))
+    # summed as native (little-endian) words: RFC 1071's sum is the same
+    # up to a byte swap, undone at the end
+    s = sum(memoryview(data).cast("H"))
     while s >> 16:
         s = (s & 0xFFFF) + (s >> 16)
-    return s
+    return ((s & 0xFF) << 8) | (s >> 8)
 
 
 def fill_blank_checksum(frame: bytearray) -> bool:

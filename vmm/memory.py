@@ -11,7 +11,6 @@ import ctypes
 import mmap
 import os
 
-import numpy as np
 
 from .handles import FdHandle, unmap
 
@@ -44,8 +43,9 @@ class GuestMemory(FdHandle):
         self._anchor = ctypes.c_char.from_buffer(self.mmap)
         self.address = ctypes.addressof(self._anchor)
         self.buf = memoryview(self.mmap)
-        self.u8 = np.frombuffer(self.mmap, dtype=np.uint8)
-        self.u64 = np.frombuffer(self.mmap, dtype="<u8")
+        # 64-bit words (x86: little-endian, as the guest stores them); no
+        # numpy here: its import alone is ~8 MiB of every guest process
+        self.u64 = self.buf.cast("Q")
 
     # ---- checked accessors ----
     def check(self, off: int, n: int):
@@ -88,12 +88,13 @@ class GuestMemory(FdHandle):
 
     def fill(self, off: int, n: int, byte: int = 0) -> None:
         self.check(off, n)
-        self.u8[off:off + n] = byte
+        ctypes.memset(self.address + off, byte, n)
 
     def close(self) -> None:
         """Unmap and close. Views handed out earlier must be dropped first."""
         if self.fd >= 0:
-            self.u8 = self.u64 = None
+            self.u64.release()
+            self.u64 = None
             self._anchor = None
             unmap(self.mmap, self.buf)
         super().close()

@@ -109,10 +109,12 @@ def test_guest_memory_views_and_bounds():
         assert m.read(0x100, 5) == b"hello"
         m.write_u64(0x200, 0x1122334455667788)
         assert m.u64[0x200 // 8] == 0x1122334455667788
-        assert m.u8[0x200] == 0x88
+        assert m.buf[0x200] == 0x88
         assert bytes(m.view(0x100, 5)) == b"hello"
-        m.u8[0x300] = 7                  # numpy view writes through
-        assert m.read(0x300, 1) == b"\x07"
+        m.u64[0x300 // 8] = 7            # the word view writes through
+        assert m.read(0x300, 2) == b"\x07\x00"
+        m.fill(0x400, 3, 0xAB)
+        assert m.read(0x3ff, 5) == b"\x00\xab\xab\xab\x00"
         for off, n in ((m.size - 4, 8), (-1, 1), (m.size, 1), (0, m.size + 1)):
             with pytest.raises(GuestMemoryError):
                 m.read(off, n)

@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from array import array
 
-import numpy as np
 
 from pyvmm.vmm.x86 import PT_ENTRIES, PTE_A, PTE_D, PTE_P, PTE_RW, PTE_US
 
@@ -172,7 +172,7 @@ class _Alloc:
 
     def _zero(self, pfn: int, pages: int) -> None:
         if pages:
-            self.ram.u8[pfn << PAGE_SHIFT : (pfn + pages) << PAGE_SHIFT] = 0
+            self.ram.fill(pfn << PAGE_SHIFT, pages << PAGE_SHIFT, 0)
 
 
 # ---------------------------------------------------------------------------
@@ -258,13 +258,15 @@ def _setup_pgtables(ram, maps: list[_Mapping]) -> None:
                 p_s = (max(vfrom, child.vfrom) - vfrom) >> shift
                 p_e = (min(vto, child.vto) - vfrom) >> shift
                 pfn0 = ((max(vfrom, child.vfrom) - child.vfrom) >> shift) + child.pfn
-                pfns = np.arange(pfn0, pfn0 + p_e - p_s + 1, dtype=np.uint64)
-                prot = np.full(pfns.shape, LEVEL_PROT[lvl], dtype=np.uint64)
+                # identity p2m: machine frame == pseudo-physical frame
+                count, prot = p_e - p_s + 1, LEVEL_PROT[lvl]
+                entries = array("Q", range((pfn0 << PAGE_SHIFT) | prot,
+                                           ((pfn0 + count) << PAGE_SHIFT) | prot, PAGE_SIZE))
                 if lvl == 0:  # frames that are page tables are mapped read-only
                     for lo, hi in ro_ranges:
-                        prot[(pfns >= lo) & (pfns < hi)] &= np.uint64(~PTE_RW & 0xFFFFFFFFFFFFFFFF)
-                # identity p2m: machine frame == pseudo-physical frame
-                u64[base + p_s : base + p_e + 1] = (pfns << np.uint64(PAGE_SHIFT)) | prot
+                        for pfn in range(max(lo, pfn0), min(hi, pfn0 + count)):
+                            entries[pfn - pfn0] &= ~PTE_RW
+                u64[base + p_s : base + p_e + 1] = entries
 
 
 # ---------------------------------------------------------------------------
@@ -396,13 +398,13 @@ def build_pv_domain(
     # identity p2m (entries past nr_pages in the last page stay invalid)
     p2m_words = p2m_bytes // P2M_ENTRY_SIZE
     p2m = ram.u64[p2m_pfn * PT_ENTRIES : p2m_pfn * PT_ENTRIES + p2m_words]
-    p2m[:total] = np.arange(total, dtype=np.uint64)
-    p2m[total:] = np.uint64(INVALID_MFN)
+    p2m[:total] = array("Q", range(total))
+    p2m[total:] = array("Q", [INVALID_MFN]) * (p2m_words - total)
 
     _setup_pgtables(ram, maps)
     l4 = pt_pfn * PT_ENTRIES
     for slot, entry in hv_l4.items():
-        ram.u64[l4 + slot] = np.uint64(entry & 0xFFFFFFFFFFFFFFFF)
+        ram.u64[l4 + slot] = entry & 0xFFFFFFFFFFFFFFFF
 
     hcall_va = notes.hypercall_page
     if hcall_va is not None:

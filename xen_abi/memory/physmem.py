@@ -77,10 +77,7 @@ class Slot:
 
 
 def _host_base(mem) -> int:
-    addr = getattr(mem, "address", None)
-    if addr is None:  # any mapping exposing a numpy view works too
-        addr = mem.u8.ctypes.data
-    return int(addr)
+    return int(mem.address)
 
 
 class PhysicalMemory:

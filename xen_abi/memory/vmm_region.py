@@ -16,6 +16,8 @@ also declares the blocks inside it that Python and the shim share.
 """
 from __future__ import annotations
 
+from array import array
+
 from dataclasses import dataclass, field
 
 from pyvmm.vmm import x86
@@ -249,11 +251,8 @@ class VmmRegion:
         n2m = _up(self.ram_size, 2 << 20) // (2 << 20)
         self._map(DIRECTMAP_VA, 0, n2m, P | RW | A | D | NX | PS, page_size=2 << 20)
         # M2P contents: identity
-        import numpy as np
-        m2p = np.frombuffer(self.mem.buf, dtype=np.uint64, count=self.ram_pages,
-                            offset=self.m2p_off)
-        m2p[:] = np.arange(self.ram_pages, dtype=np.uint64)
-        del m2p
+        first = self.m2p_off // 8
+        self.mem.u64[first:first + self.ram_pages] = array("Q", range(self.ram_pages))
 
     def _set_leaf(self, va: int, entry: int):
         off = (self.l4_entries[x86.pt_index(va, 4)] & x86.PTE_ADDR_MASK) - self.gpa

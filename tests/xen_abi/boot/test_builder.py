@@ -19,6 +19,17 @@ from kernels import LINUX_INIT_P2M, LINUX_PHYS_START, LINUX_VIRT_BASE, Seg, debi
 PAGE = 4096
 MiB = 1 << 20
 ADDR_MASK = 0x000F_FFFF_FFFF_F000
+
+
+def u8(ram):
+    """numpy bytes over guest RAM, for the checks (pyvmm itself has no numpy)."""
+    return np.frombuffer(ram.mmap, dtype=np.uint8)
+
+
+def u64(ram):
+    return np.frombuffer(ram.mmap, dtype="<u8")
+
+
 P, RW, US, A, D = 1, 2, 4, 0x20, 0x40
 SHINFO_MFN = 0x7FFF0
 
@@ -101,7 +112,7 @@ def check_invariants(ram, L: PvLayout, k) -> None:
     assert si.mfn_list == L.p2m_va
     assert si.flags & SIF_VIRT_P2M_4TOOLS
     # p2m: identity, reachable at mfn_list through the guest's own tables
-    p2m = ram.u64[L.p2m_pfn * 512 : L.p2m_pfn * 512 + L.nr_pages]
+    p2m = u64(ram)[L.p2m_pfn * 512 : L.p2m_pfn * 512 + L.nr_pages]
     assert np.array_equal(p2m, np.arange(L.nr_pages, dtype=np.uint64))
     p2m_pages = (L.nr_pages * 8 + PAGE - 1) // PAGE
     for i in range(p2m_pages):
@@ -170,8 +181,8 @@ def test_worked_example_contents(worked_example):
     assert ram.read(0x3C00 * PAGE, len(initrd)) == initrd
     # kernel bytes at PFN 0x1000, bss and the low padding zero
     assert ram.read(0x1000 * PAGE, 0x30000) == pattern(0x30000)
-    assert not ram.u8[(0x1000 * PAGE + 0x30000) : 0x3800 * PAGE].any()
-    assert not ram.u8[: 0x1000 * PAGE].any()
+    assert not u8(ram)[(0x1000 * PAGE + 0x30000) : 0x3800 * PAGE].any()
+    assert not u8(ram)[: 0x1000 * PAGE].any()
     # no hypercall page note: nothing written, layout says so
     assert L.hypercall_page_va is None
 
@@ -179,15 +190,15 @@ def test_worked_example_contents(worked_example):
 def test_builder_zeroes_what_it_allocates(mem):
     k = load_kernel(make_linux_like())
     ram = mem(64 * MiB)
-    ram.u8[:] = 0xAA
+    ram.fill(0, ram.size, 0xAA)
     L = build_pv_domain(ram, k, shared_info_mfn=SHINFO_MFN)
     for pfn in (L.xenstore_pfn, L.console_pfn, L.bootstack_pfn):
-        assert not ram.u8[pfn * PAGE : (pfn + 1) * PAGE].any()
-    assert not ram.u8[: L.kernel_pfn * PAGE].any()
+        assert not u8(ram)[pfn * PAGE : (pfn + 1) * PAGE].any()
+    assert not u8(ram)[: L.kernel_pfn * PAGE].any()
     bss_start = L.kernel_pfn * PAGE + (k.segments[1].paddr - k.pstart) + len(k.segments[1].data)
-    assert not ram.u8[bss_start : bss_start + 0x10000].any()
+    assert not u8(ram)[bss_start : bss_start + 0x10000].any()
     # memory past the builder's allocations is the caller's: untouched
-    assert (ram.u8[L.pfn_alloc_end * PAGE :] == 0xAA).all()
+    assert (u8(ram)[L.pfn_alloc_end * PAGE :] == 0xAA).all()
     check_invariants(ram, L, k)
 
 
