@@ -7,7 +7,10 @@ Each checkout needs pyvmm importable by its own interpreter (a venv with
 installed one: pass --python to choose).  The two boot alternately, A, B,
 A, B, ..., so a machine whose load drifts penalises both alike; the table
 gives the medians and the ratio B/A of the time to `Run /init`, to
-poweroff, and of the shim's entries (all its counters summed).
+poweroff, of the shim's entries (all its counters summed) and, where the
+checkout has Vcpu.stats() and the KVM counts them (kvm_pvm), of the CPL0
+instructions to `Run /init` (init_insns) and in all (insns): exact, whatever
+the machine's load.
 Figures, not pass/fail; progress on stderr.
 """
 from __future__ import annotations
@@ -29,17 +32,24 @@ t0 = time.monotonic()
 seen = {}
 dom = Domain(g.kernel.read_bytes(), ram_size=256 << 20, cmdline=g.cmdline + " " + POWEROFF_PARAM,
              initrd=g.initrd.read_bytes())
+# CPL0 instructions KVM interpreted (kvm_pvm), where the checkout can read them
+stats = dom.vcpu.stats() if hasattr(dom.vcpu, "stats") else None
+def insns():
+    return stats.read().get("insn_emulation") if stats else None
 recent = bytearray()
 def watch(data):
     recent.extend(data)
     del recent[:-4096]
     if "init" not in seen and b"Run /init" in recent:
         seen["init"] = time.monotonic() - t0
+        seen["init_insns"] = insns()     # console output runs on the vCPU thread: exact
 dom.on_console_output.add(watch)
 dom.run(timeout=1800)
 entries = sum(priv.read_counters(dom.region.mem, dom.region.vcpus[0].percpu_off).values())
+total_insns = insns()
 dom.close()
-print(json.dumps({"init": seen.get("init"), "poweroff": time.monotonic() - t0, "entries": entries}))
+print(json.dumps({"init": seen.get("init"), "poweroff": time.monotonic() - t0, "entries": entries,
+                  "init_insns": seen.get("init_insns"), "insns": total_insns}))
 '''
 
 
@@ -68,10 +78,12 @@ def main(argv=None) -> int:
                 return 1
             results[checkout].append(json.loads(proc.stdout.strip().splitlines()[-1]))
     print(f"{'':10s} {'A (old)':>12s} {'B (new)':>12s}   B/A")
-    for key in ("init", "poweroff", "entries"):
-        a = statistics.median(r[key] for r in results[args.old])
-        b = statistics.median(r[key] for r in results[args.new])
-        print(f"{key:10s} {a:12.1f} {b:12.1f}  {b / a:5.2f}")
+    for key in ("init", "poweroff", "entries", "init_insns", "insns"):
+        a, b = (statistics.median(r[key] for r in results[c]) if all(r.get(key) is not None
+                for r in results[c]) else None for c in (args.old, args.new))
+        cell = [f"{v:12.1f}" if v is not None else f"{'n/a':>12s}" for v in (a, b)]
+        ratio = f"{b / a:5.2f}" if a and b is not None else "  n/a"
+        print(f"{key:10s} {cell[0]} {cell[1]}  {ratio}")
     return 0
 
 
