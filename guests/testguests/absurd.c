@@ -68,9 +68,9 @@ void tg_main(struct start_info *si)
 	expect_err(HC2(HC_memory_op, 0x7fff, buf), XEN_ENOSYS, "memory_op unknown sub-op");
 	expect_err(HC2(HC_event_channel_op, 0x7fff, buf), XEN_ENOSYS, "evtchn unknown sub-op");
 	expect_err(HC2(HC_callback_op, 0x7fff, buf), XEN_ENOSYS, "callback_op unknown sub-op");
-	struct callback_register sysenter_cb = { CALLBACKTYPE_sysenter, 0, 0, 0 };
-	expect_err(HC2(HC_callback_op, CALLBACKOP_register, &sysenter_cb), XEN_EINVAL,
-		   "callback_op sysenter (no 32-bit entry)");
+	struct callback_register odd_cb = { 0x7fff, 0, 0, 0x1000 };
+	expect_err(HC2(HC_callback_op, CALLBACKOP_register, &odd_cb), XEN_ENOSYS,
+		   "callback_op register of an unknown type");
 
 	/* out-of-range ports, vCPUs and frames */
 	u32 port = 100000;

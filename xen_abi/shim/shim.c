@@ -186,24 +186,45 @@ static NOINLINE long do_set_trap_table(struct percpu *pc, u64 ptr)
 	}
 }
 
+/* Xen's register/unregister_guest_callback for a 64-bit PV guest: every
+ * type is accepted (syscall32 and sysenter are kept, though a guest without
+ * 32-bit code never gets them), a non-canonical NMI callback is refused,
+ * and only the NMI callback can be unregistered (-EINVAL for the others,
+ * -ENOSYS for unknown types). */
 static NOINLINE long do_callback_op(struct percpu *pc, u64 cmd, u64 ptr)
 {
-	u64 cb[2];  /* type:16 flags:16 pad:32, address */
+	u64 cb[2];  /* register: type:16 flags:16 pad:32, address; unregister: type:16 pad:16 */
 	if (cmd != CALLBACKOP_register && cmd != CALLBACKOP_unregister)
 		return -XEN_ENOSYS;
-	if (from_guest(cb, ptr, cmd == CALLBACKOP_register ? 16 : 2))
+	if (from_guest(cb, ptr, cmd == CALLBACKOP_register ? 16 : 4))
 		return -XEN_EFAULT;
 	u64 type = cb[0] & 0xffff, flags = (cb[0] >> 16) & 0xffff;
-	u64 addr = cmd == CALLBACKOP_register ? cb[1] : 0;
+	if (cmd == CALLBACKOP_unregister) {
+		switch (type) {
+		case CALLBACKTYPE_event: case CALLBACKTYPE_failsafe: case CALLBACKTYPE_syscall:
+		case CALLBACKTYPE_syscall32: case CALLBACKTYPE_sysenter:
+			return -XEN_EINVAL;
+		case CALLBACKTYPE_nmi:
+			pc->nmi_cb = 0;
+			return 0;
+		}
+		return -XEN_ENOSYS;
+	}
 	u64 *slot;
 	switch (type) {
 	case CALLBACKTYPE_event: slot = &pc->event_cb; break;
 	case CALLBACKTYPE_failsafe: slot = &pc->failsafe_cb; break;
 	case CALLBACKTYPE_syscall: slot = &pc->syscall_cb; break;
-	case CALLBACKTYPE_nmi: slot = &pc->nmi_cb; break;
-	default: return -XEN_EINVAL;   /* sysenter/syscall32: no 32-bit support */
+	case CALLBACKTYPE_syscall32: slot = &pc->syscall32_cb; break;
+	case CALLBACKTYPE_sysenter: slot = &pc->sysenter_cb; break;
+	case CALLBACKTYPE_nmi:
+		if (!canonical(cb[1]))
+			return -XEN_EINVAL;
+		slot = &pc->nmi_cb;
+		break;
+	default: return -XEN_ENOSYS;
 	}
-	*slot = addr;
+	*slot = cb[1];
 	if (flags & CALLBACKF_mask_events)
 		pc->cb_mask |= 1UL << type;
 	else

@@ -118,6 +118,7 @@ struct percpu {
 	u64 syscall_rsp;
 	/* shim-private */
 	u64 event_cb, failsafe_cb, syscall_cb, nmi_cb;
+	u64 syscall32_cb, sysenter_cb;   /* kept as Xen keeps them; no 32-bit code runs */
 	u64 cb_mask;           /* bit n: callback type n masks events */
 	u64 vcr0_ts;
 	struct trap_ent traps[256];

@@ -55,6 +55,11 @@ def test_trap_bounce_frames_and_timings(capsys):
     assert 200 <= res.slow_exits < 1000, res.slow_exits
 
 
+def test_callback_types_as_xen_answers_them():
+    res, _ = run_guest("callbacks")
+    assert_pass("callbacks", res)
+
+
 def test_user_mode_syscall_round_trip():
     res, _ = run_guest("usermode")
     assert_pass("usermode", res)
