@@ -4,6 +4,7 @@ domains."""
 from __future__ import annotations
 
 import argparse
+import json
 import socket
 import sys
 import threading
@@ -21,7 +22,9 @@ DESTROY_WAIT_S = 10.0
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyvmm", description="Manage running pyvmm guests.")
     sub = p.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="the running guests")
+    ls = sub.add_parser("list", help="the running guests")
+    ls.add_argument("--json", action="store_true",
+                    help="one JSON array, an object per guest (what its control socket reports)")
     c = sub.add_parser("console", help="attach to a guest's console (Ctrl-] leaves it running)")
     c.add_argument("name")
     c.add_argument("--escape", metavar="KEY", default="^]", help="key that leaves the console (default ^])")
@@ -49,6 +52,9 @@ def main(argv: list[str]) -> int:
 
 def _list(args) -> int:
     guests = list_guests()
+    if args.json:
+        print(json.dumps(guests, indent=1, sort_keys=True))
+        return 0
     rows = [("NAME", "PID", "MEM(MiB)", "UPTIME", "BOOTS", "CONSOLES", "DEVICES")]
     for g in guests:
         devices = ", ".join([f"disk {d}" for d in g.get("disks", [])] + [f"net {n}" for n in g.get("nets", [])])

@@ -2,6 +2,7 @@
 (5 for a host without usable KVM); nothing is started."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -295,6 +296,10 @@ def test_detach_list_console_destroy(tmp_path):
         lines = listing.stdout.splitlines()
         assert lines[0].split()[:3] == ["NAME", "PID", "MEM(MiB)"]
         assert len(lines) == 2 and lines[1].split()[0] == "bg1" and lines[1].split()[2] == "32", lines
+        as_json = pyvmm("list", "--json", env=env)
+        assert as_json.returncode == 0, as_json.stderr
+        (info,) = json.loads(as_json.stdout)
+        assert info["name"] == "bg1" and info["memory_mib"] == 32 and info["pid"] == int(lines[1].split()[1])
         assert not (tmp_path / "run" / "ghost.sock").exists()
         # console: the guest's earlier output, then stays attached until the guest ends
         con = Spawned([sys.executable, "-m", "pyvmm", "console", "bg1"], env=dict(os.environ, **env))
