@@ -24,7 +24,7 @@ from pyvmm.vmm.quirks import on_kvm_pvm
 from pyvmm.xen_abi import abi
 from pyvmm.xen_abi.memory import vmm_region as R
 from pyvmm.xen_abi.shim import priv
-from pyvmm.xen_abi.shim.layout import CPUID_ENT, GLOBALS, MAILBOX, PERCPU, SHIM_EXIT_PORT, GlobalsFlag, MailboxOp
+from pyvmm.xen_abi.shim.layout import CPUID_ENT, GLOBALS, MAILBOX, PERCPU, SHIM_EXIT_PORT, MailboxOp
 from pyvmm.xen_abi.boot.builder import build_pv_domain
 from pyvmm.xen_abi.hypervisor.channels import DomainChannels
 from pyvmm.xen_abi.hypervisor.evtchn import EventChannels
@@ -193,8 +193,7 @@ class Domain(PvDomainBase):
         if len(packed) > R.PAGE:
             raise RuntimeError("CPUID policy does not fit its page")
         m.write(R.CPUID_OFF, packed)
-        GLOBALS.write(m, R.GLOBALS_OFF, flags=GlobalsFlag.PVM if self.is_pvm else 0,
-                      shared_info=reg.shared_info_va, cpuid_table=reg.va(R.CPUID_OFF),
+        GLOBALS.write(m, R.GLOBALS_OFF, shared_info=reg.shared_info_va, cpuid_table=reg.va(R.CPUID_OFF),
                       nr_cpuid=len(self.cpuid_table), directmap=R.DIRECTMAP_VA,
                       ram_pages=reg.ram_pages, m2p=reg.va(reg.m2p_off),
                       ftype=reg.va(reg.ftype_off), region_gpa=reg.gpa)

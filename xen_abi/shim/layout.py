@@ -173,7 +173,6 @@ class CrashKind(enum.IntEnum):
 # The globals page (region offset GLOBALS_OFF), written by Python at start.
 GLOBALS = Block(
     "SG", "globals page (struct globals)",
-    Field("flags", "SGF_*"),
     Field("shared_info", "VA of shared_info"),
     Field("cpuid_table", "VA of the CPUID policy table"),
     Field("nr_cpuid"),
@@ -185,10 +184,6 @@ GLOBALS = Block(
     Field("ftype", "VA of the frame-type map, 1 byte per RAM frame (mmu.c)"),
     Field("region_gpa", "guest-physical base of the VMM region"),
 )
-
-
-class GlobalsFlag(enum.IntFlag):
-    PVM = 1     # kvm_pvm: a CPL3 syscall arrives as #GP at LSTAR
 
 
 # CPUID policy table (region offset CPUID_OFF; boot/cpuid.py builds it):
@@ -397,7 +392,7 @@ def shim_layout() -> list[tuple[str, list[tuple[str, int, str]]]]:
              "region frames a guest may map: shared_info + the grant frames"),
         ]),
         (PERCPU.doc, PERCPU.c_defines()),
-        (GLOBALS.doc, GLOBALS.c_defines() + enum_defines("SGF_", GlobalsFlag)),
+        (GLOBALS.doc, GLOBALS.c_defines()),
         ("CPUID policy table entries", [("CPUID_ENT_SIZE", CPUID_ENT.size, ""),
                                         ("CPUID_ANY_SUBLEAF", ANY_SUBLEAF, "")]),
         (MAILBOX.doc, MAILBOX.c_defines() + enum_defines("MBOP_", MailboxOp)

@@ -127,7 +127,6 @@ struct percpu {
 
 /* The globals page, written by Python (SG_* in shim_layout.h). */
 struct globals {
-	u64 flags;
 	u8 *shared_info;
 	u8 *cpuid_table;
 	u64 nr_cpuid;
