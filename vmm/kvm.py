@@ -892,9 +892,6 @@ class KvmStats(FdHandle):
                 self._fields.append((name, offset))
         self._data_size = end
 
-    def names(self) -> list[str]:
-        return [n for n, _ in self._fields]
-
     def read(self) -> dict[str, int]:
         data = os.pread(self.fd, self._data_size, self._data_off)
         return {name: int.from_bytes(data[off:off + 8], "little") for name, off in self._fields}
