@@ -75,6 +75,21 @@ def test_guest_crash_is_reported_not_raised(tmp_path):
     assert "before fault" in res.text and "after fault" not in res.text
 
 
+def test_hostile_iret_frame_crashes_the_domain_only():
+    """HYPERVISOR_iret to a non-canonical rip: the domain is crashed and
+    reported, never the shim panicked, and the host process lives on.  On a
+    faithful KVM the shim's own iretq faults (entry.S shim_hc_iret_insn: a
+    bad iret frame); kvm_pvm takes the iretq and raises the #GP at the
+    guest's rip, which has no handler here."""
+    res, _ = run_guest("badiret")
+    assert res.reason == abi.ShutdownReason.crash, (res.reason, res.text)
+    why = trace.describe_crash(res.crash_info["info"])
+    assert why.startswith("bad iret frame") or (
+        why.startswith("no handler for vector") and res.crash_info["rip"] == 0x8000000000001000), \
+        (why, res.crash_info)
+    assert "before iret" in res.text and "after iret" not in res.text
+
+
 def test_absurd_hypercall_arguments_get_xen_errors():
     """Wild pointers (unmapped, non-canonical, the shim's own memory), huge
     counts, unknown numbers and out-of-range ports and frames: each gets a
