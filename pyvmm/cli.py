@@ -4,7 +4,8 @@
           [--disk IMAGE[,ro]]... [--net tap=NAME[,mac=MAC]]...
     pyvmm --default-guest          fetch and build the Debian guest, then boot it
     pyvmm ... --detach             boot it in the background
-    pyvmm list | console NAME | shutdown NAME | destroy NAME     (pyvmm/manage.py)
+    pyvmm list | console | shutdown | reboot | destroy | pause | unpause | xenstore NAME ...
+                                   (pyvmm/manage.py)
 
 Every user mistake ends in one line on stderr saying what is wrong and what to
 do, and exit status ExitStatus.USAGE (pyvmm/errors.py); the guest's own fate

@@ -1,6 +1,6 @@
 """Managing running guests, as `xl` does: every pyvmm process serves a
-control socket named after its guest; `pyvmm list|console|shutdown|destroy`
-talk to it.
+control socket named after its guest; `pyvmm list|console|shutdown|reboot|
+destroy|pause|unpause|xenstore` talk to it.
 
     <runtime dir>/<name>.sock      one per running guest
     runtime dir: $PYVMM_RUNTIME_DIR, else /run/pyvmm (root), else
@@ -281,8 +281,9 @@ class ControlServer:
     """The running guest's end: a thread serving requests on its socket.
 
     `target` is an object with: info() -> dict, shutdown(reason) -> None,
-    destroy() -> None, send_console_input(bytes); the launcher swaps it
-    when a rebooting guest is rebuilt.  Console output reaches attached
+    destroy() -> None, pause() and unpause() -> None or an error line,
+    send_console_input(bytes), and `dom`, the running Domain or None
+    while a rebooting guest is rebuilt.  Console output reaches attached
     clients through console_output()."""
 
     def __init__(self, name: str, target):
@@ -376,6 +377,11 @@ class ControlServer:
             elif op == "destroy":
                 self._reply(conn, ok=True)
                 t.destroy()
+            elif op in ("pause", "unpause"):
+                error = getattr(t, op)()
+                self._reply(conn, ok=error is None, **({"error": error} if error else {}))
+            elif op == "xenstore":
+                self._xenstore(conn, req)
             elif op == "console":
                 self._attach_console(conn)
                 conn = None                      # the console thread owns it now
@@ -386,6 +392,17 @@ class ControlServer:
         finally:
             if conn is not None:
                 conn.close()
+
+    def _xenstore(self, conn: socket.socket, req: dict) -> None:
+        from pyvmm import xenstore_access
+
+        dom = self.target.dom
+        if dom is None:
+            self._reply(conn, ok=False, error=f"{self.name} is being built; try again in a moment")
+            return
+        conn.settimeout(None)
+        xenstore_access.serve(conn, dom.store, dom.channels.dom_path, req,
+                              alive=lambda: self.target.dom is dom and not self._closed)
 
     def _attach_console(self, conn: socket.socket) -> None:
         conn.settimeout(None)

@@ -27,6 +27,7 @@ STATUS_SIGNAL = signal.SIGUSR2
 # A detached guest's log (stdout and stderr): past LOG_LIMIT bytes NAME.log
 # becomes NAME.log.1 (the one before is let go) and a new NAME.log starts.
 LOG_LIMIT = 8 << 20
+PAUSE_WAIT_S = 10.0     # for `pyvmm pause` to see the vCPU stopped
 LOG_DRAIN_S = 5.0       # at exit, for the log pump to write what is left
 
 # Console lines that mark boot milestones; the first sight of each is
@@ -76,7 +77,23 @@ class _GuestControl:
                         "nets": [f"{link.name} {mac}" for link, mac in nets]}
 
     def info(self) -> dict:
-        return dict(self._static, boots=self.boots, state="running" if self.dom else "starting")
+        dom = self.dom
+        state = "starting" if dom is None else "paused" if dom.paused else "running"
+        return dict(self._static, boots=self.boots, state=state)
+
+    def pause(self) -> str | None:
+        """As `xl pause`; None, or why not."""
+        if self.dom is None:
+            return "the guest is being built; try again in a moment"
+        if not self.dom.pause(wait=PAUSE_WAIT_S):
+            return f"the guest's vCPU did not stop within {PAUSE_WAIT_S:.0f} s"
+        return None
+
+    def unpause(self) -> str | None:
+        if self.dom is None:
+            return "the guest is being built; try again in a moment"
+        self.dom.unpause()
+        return None
 
     def shutdown(self, reason: str) -> None:
         # what `xl shutdown` does: the guest's xenbus watches control/shutdown

@@ -1,6 +1,6 @@
-"""`pyvmm list | console NAME | shutdown NAME | destroy NAME`: the running
-guests, through their control sockets (pyvmm/control.py), as `xl` manages
-domains."""
+"""`pyvmm list | console NAME | shutdown NAME | reboot NAME | destroy NAME |
+pause NAME | unpause NAME | xenstore NAME ...`: the running guests, through
+their control sockets (pyvmm/control.py), as `xl` manages domains."""
 from __future__ import annotations
 
 import argparse
@@ -10,11 +10,12 @@ import sys
 import threading
 import time
 
+from pyvmm import xenstore_access
 from pyvmm.control import GuestNotFound, list_guests, request
 from pyvmm.errors import ExitStatus, UserError, print_error
 from pyvmm.terminal import Terminal, parse_escape
 
-COMMANDS = ("list", "console", "shutdown", "destroy")
+COMMANDS = ("list", "console", "shutdown", "reboot", "destroy", "pause", "unpause", "xenstore")
 DEFAULT_SHUTDOWN_WAIT_S = 60.0
 DESTROY_WAIT_S = 10.0
 
@@ -33,15 +34,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--reboot", "-r", action="store_true", help="ask it to reboot instead")
     s.add_argument("--wait", "-w", type=float, nargs="?", const=DEFAULT_SHUTDOWN_WAIT_S, default=None,
                    metavar="SECONDS", help=f"wait until it is gone (default {DEFAULT_SHUTDOWN_WAIT_S:.0f} s)")
+    r = sub.add_parser("reboot", help="ask a guest to reboot, as xl reboot does")
+    r.add_argument("name")
     d = sub.add_parser("destroy", help="stop a guest at once (no shutdown inside it)")
     d.add_argument("name")
+    for verb, what in (("pause", "stop a guest's vCPU and its clock; it keeps its memory and devices"),
+                       ("unpause", "let a paused guest run again")):
+        sub.add_parser(verb, help=what).add_argument("name")
+    xenstore_access.add_parser(sub)
     return p
 
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"list": _list, "console": _console, "shutdown": _shutdown, "destroy": _destroy}[args.command](args)
+        return {"list": _list, "console": _console, "shutdown": _shutdown, "reboot": _reboot,
+                "destroy": _destroy, "pause": _pause, "unpause": _pause,
+                "xenstore": xenstore_access.main}[args.command](args)
     except GuestNotFound as e:
         print_error(f"no guest named {e} is running ('pyvmm list' shows those that are)")
         return ExitStatus.USAGE
@@ -55,10 +64,11 @@ def _list(args) -> int:
     if args.json:
         print(json.dumps(guests, indent=1, sort_keys=True))
         return 0
-    rows = [("NAME", "PID", "MEM(MiB)", "UPTIME", "BOOTS", "CONSOLES", "DEVICES")]
+    rows = [("NAME", "PID", "MEM(MiB)", "STATE", "UPTIME", "BOOTS", "CONSOLES", "DEVICES")]
     for g in guests:
         devices = ", ".join([f"disk {d}" for d in g.get("disks", [])] + [f"net {n}" for n in g.get("nets", [])])
-        rows.append((g["name"], str(g["pid"]), str(g.get("memory_mib", "?")), _duration(g.get("uptime_s", 0)),
+        rows.append((g["name"], str(g["pid"]), str(g.get("memory_mib", "?")), g.get("state", "?"),
+                     _duration(g.get("uptime_s", 0)),
                      str(g.get("boots", "?")), str(g.get("console_clients", 0)), devices or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
     for r in rows:
@@ -111,6 +121,19 @@ def _shutdown(args) -> int:
     print(f"pyvmm: {args.name} is still running after {args.wait:.0f} s (its kernel may not handle "
           f"xenstore shutdown requests); 'pyvmm destroy {args.name}' stops it at once", file=sys.stderr)
     return ExitStatus.CRASH
+
+
+def _reboot(args) -> int:
+    args.reboot, args.wait = True, None
+    return _shutdown(args)
+
+
+def _pause(args) -> int:
+    reply, s = request(args.name, args.command)
+    s.close()
+    _check(reply)
+    print(f"pyvmm: {args.name} {'paused' if args.command == 'pause' else 'runs again'}", file=sys.stderr)
+    return 0
 
 
 def _destroy(args) -> int:

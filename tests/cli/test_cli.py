@@ -307,7 +307,7 @@ def test_detach_list_console_destroy(tmp_path):
             assert con.wait_for(lambda: b"idle guest: waiting forever" in con.out, 60), \
                 (bytes(con.out), con.stderr)
             listing = pyvmm("list", env=env)
-            assert listing.stdout.splitlines()[1].split()[5] == "1", listing.stdout    # CONSOLES
+            assert listing.stdout.splitlines()[1].split()[6] == "1", listing.stdout    # CONSOLES
             assert con.alive(), con.stderr
             d = pyvmm("destroy", "bg1", env=env)
             assert d.returncode == 0 and "bg1 destroyed" in d.stderr, d.stderr
@@ -325,7 +325,8 @@ def test_manage_errors(tmp_path):
     from pyvmm.guests.testguests import build_testguest
 
     env = _manage_env(tmp_path)
-    for cmd in (["destroy", "nope"], ["shutdown", "nope"], ["console", "nope"]):
+    for cmd in (["destroy", "nope"], ["shutdown", "nope"], ["console", "nope"], ["reboot", "nope"],
+                ["pause", "nope"], ["unpause", "nope"], ["xenstore", "nope", "ls"]):
         assert_one_line_error(pyvmm(*cmd, env=env), ExitStatus.USAGE, "no guest named nope")
     assert pyvmm("list", env=env).stdout.strip().split()[0] == "NAME"
     deep = tmp_path / ("d" * 100)

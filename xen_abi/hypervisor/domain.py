@@ -139,6 +139,9 @@ class Domain(PvDomainBase):
         self.shim = build_shim()
         self.slow_exits = 0
         self._stop_requested = False
+        self._pause_requested = False
+        self._pause_cond = threading.Condition()
+        self.paused = False                # the vCPU is held out of KVM_RUN by pause()
         self.exit_counts = collections.Counter()   # exits to Python by _exit_key (bench/boot.py)
         self._install_region()
         self.vm.add_memory(0, self.ram)
@@ -389,7 +392,7 @@ class Domain(PvDomainBase):
         else:
             va = R.REGION_VA + (gpa - self.region.gpa)
         PERCPU.write(self.region.mem, self.region.vcpus[vcpu_id].percpu_off, vcpu_info=va)
-        self.clock.vcpu_info_moved(gpa)
+        self.clock.vcpu_info_moved(vcpu_id, gpa)
 
     def now_ns(self) -> int:
         """Guest system time (ns): the pvclock's origin (time.py)."""
@@ -424,7 +427,37 @@ class Domain(PvDomainBase):
         """From any thread: make run() return soon (RunResult.stopped), as
         `xl destroy` would; the guest is not told."""
         self._stop_requested = True
+        with self._pause_cond:
+            self._pause_cond.notify_all()
         self.vcpu.kick()
+
+    def pause(self, wait: float = 0.0) -> bool:
+        """From another thread, as `xl pause`: the vCPU leaves KVM_RUN and
+        waits, using no CPU, its clock stopped (time.py); back-ends keep
+        serving what is in flight, and events raised meanwhile stay
+        pending.  Waits up to `wait` seconds for the vCPU to stop; returns
+        whether it has."""
+        with self._pause_cond:
+            self._pause_requested = True
+        self.vcpu.kick()
+        with self._pause_cond:
+            return self._pause_cond.wait_for(lambda: self.paused or self._stop_requested, wait)
+
+    def unpause(self) -> None:
+        with self._pause_cond:
+            self._pause_requested = False
+            self._pause_cond.notify_all()
+
+    def _wait_while_paused(self) -> None:
+        """In run(), on the vCPU thread: hold the vCPU until unpause() or stop()."""
+        self.clock.pause()
+        with self._pause_cond:
+            self.paused = True
+            self._pause_cond.notify_all()
+            while self._pause_requested and not self._stop_requested:
+                self._pause_cond.wait()
+            self.paused = False
+        self.clock.resume()
 
     def run(self, timeout: float | None = 30.0) -> RunResult:
         """Run vCPU 0 until the guest shuts down (or crashes), stop() is
@@ -442,6 +475,9 @@ class Domain(PvDomainBase):
                     return RunResult(abi.ShutdownReason.poweroff, self.console, None,
                                      self.slow_exits, time.monotonic() - t0, dict(self.exit_counts),
                                      stopped=True)
+                if self._pause_requested:
+                    self._wait_while_paused()
+                    continue
                 ex = self.vcpu.run()
                 self.on_vcpu_exit(ex)
                 self.exit_counts[self._exit_key(ex)] += 1

@@ -211,17 +211,50 @@ class DomainClock:
         for v in region.vcpus:
             self.tsc_deadline = setup_lapic(vcpu, v.index, tsc_deadline=self.tsc_deadline)
         self.pvclock, self.boot_ns = self._snapshot()
-        write_wallclock(phys, region.shared_info_gpa, time.time_ns() - (time.monotonic_ns() - self.boot_ns))
-        for v in region.vcpus:
-            write_vcpu_time(phys, region.shared_info_gpa + v.index * abi.VCPU_INFO_SIZE, self.pvclock)
+        self._vcpu_info_gpa = [region.shared_info_gpa + v.index * abi.VCPU_INFO_SIZE for v in region.vcpus]
+        self._paused_at: int | None = None      # guest system time when pause() stopped it
+        self._publish()
+
+    def _publish(self) -> None:
+        """Write the wallclock and the current pvclock record everywhere the
+        guest and the shim read them."""
+        write_wallclock(self.phys, self.region.shared_info_gpa, time.time_ns() - self.now_ns())
+        for v in self.region.vcpus:
+            write_vcpu_time(self.phys, self._vcpu_info_gpa[v.index], self.pvclock)
             # guest sends to back-end ports go out through EV_SEND_PORT (notify.py)
-            write_events_block(region.mem, v.events_off, self.pvclock,
+            write_events_block(self.region.mem, v.events_off, self.pvclock,
                                xen_version=(XEN_VERSION[0] << 16) | XEN_VERSION[1],
                                tsc_deadline=self.tsc_deadline, send_port=True)
 
     def now_ns(self) -> int:
         """Guest system time (ns)."""
+        if self._paused_at is not None:
+            return self._paused_at
         return time.monotonic_ns() - self.boot_ns
+
+    # ---- pause: the guest's clock stops with it ----
+    # As QEMU stops kvmclock while a VM is stopped: after `pyvmm unpause`
+    # the guest's monotonic time continues where it stopped, so its timers
+    # do not all expire at once and it sees no jump.  Its wall time lags by
+    # the pause (as under QEMU) until something like NTP corrects it.
+    # Called from the vCPU thread while the vCPU is out of KVM_RUN.
+
+    def pause(self) -> None:
+        if self._paused_at is None:
+            self._paused_at = pvclock_ns(self._read_tsc()[0], self.pvclock)
+
+    def resume(self) -> None:
+        """A new pvclock record: the TSC now is the system time the guest
+        last saw (its own formula at the pause), so time resumes without a
+        step backwards or forwards."""
+        stopped_at, self._paused_at = self._paused_at, None
+        if stopped_at is None:
+            return
+        tsc, mid = self._read_tsc()
+        p = self.pvclock
+        self.pvclock = PvClock(tsc, stopped_at, p.tsc_to_system_mul, p.tsc_shift, p.flags, p.tsc_khz)
+        self.boot_ns = mid - stopped_at
+        self._publish()
 
     def _snapshot(self) -> tuple[PvClock, int]:
         """The pvclock record and the monotonic time its TSC was read at."""
@@ -250,8 +283,9 @@ class DomainClock:
         m1 = time.monotonic_ns()
         return tsc, (m0 + m1) // 2
 
-    def vcpu_info_moved(self, gpa: int) -> None:
+    def vcpu_info_moved(self, vcpu_id: int, gpa: int) -> None:
         """The guest registered vcpu_info at gpa: the time record goes there."""
+        self._vcpu_info_gpa[vcpu_id] = gpa
         write_vcpu_time(self.phys, gpa, self.pvclock)
 
     def after_hypercall(self, nr: int, evtchn) -> None:

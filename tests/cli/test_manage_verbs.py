@@ -1,0 +1,152 @@
+"""xl's verbs on a running guest: pause/unpause (the vCPU and its clock
+stop, nothing is lost), reboot (the request reaches xenstore), and the
+host's view of the guest's xenstore (ls/read/write/rm/watch)."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+from pyvmm.errors import ExitStatus
+from spawned import Spawned
+from waiting import wait_for
+from test_cli import assert_one_line_error, pyvmm
+
+TICK = re.compile(rb"tick (\d+) at (\d+) ms\n")
+
+
+def _ticks(log) -> list[tuple[int, int]]:
+    return [(int(n), int(t)) for n, t in TICK.findall(log.read_bytes())]
+
+
+def _cpu_s(pid: int) -> float:
+    """utime + stime of every thread of pid, in seconds."""
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.fixture
+def ticker(tmp_path):
+    """A detached `ticker` guest (prints its clock every 100 ms) named tk."""
+    from pyvmm.guests.testguests import build_testguest
+
+    env = {"PYVMM_RUNTIME_DIR": str(tmp_path / "run")}
+    p = pyvmm("--xen-pv", str(build_testguest("ticker")), "--memory", "32M", "--name", "tk", "--detach",
+              env=env)
+    assert p.returncode == 0, p.stderr
+    log = tmp_path / "run" / "tk.log"
+    try:
+        yield env, log
+    finally:
+        pyvmm("destroy", "tk", env=env)
+
+
+def _info(env) -> dict:
+    (info,) = json.loads(pyvmm("list", "--json", env=env).stdout)
+    return info
+
+
+@pytest.mark.faithful
+def test_pause_stops_the_vcpu_and_its_clock_unpause_resumes(ticker):
+    env, log = ticker
+    wait_for(lambda: len(_ticks(log)) >= 5, lambda: f"5 ticks; log: {log.read_text()[-500:]}", 120)
+    p = pyvmm("pause", "tk", env=env)
+    assert p.returncode == 0 and "tk paused" in p.stderr, p.stderr
+    info = _info(env)
+    assert info["state"] == "paused", info
+    before = _ticks(log)
+    cpu0, t0 = _cpu_s(info["pid"]), time.monotonic()
+    time.sleep(3)
+    cpu, paused_for = _cpu_s(info["pid"]) - cpu0, time.monotonic() - t0
+    assert _ticks(log) == before, "the guest ran while paused"
+    # paused means no vCPU work and no polling thread (a tick a second of
+    # slack for the control request that reads it)
+    assert cpu < 0.05 * paused_for + 0.02, f"{cpu:.3f} s of CPU in {paused_for:.1f} s paused"
+    p = pyvmm("unpause", "tk", env=env)
+    assert p.returncode == 0 and "tk runs again" in p.stderr, p.stderr
+    assert _info(env)["state"] == "running"
+    wait_for(lambda: len(_ticks(log)) >= len(before) + 5, lambda: "ticks after unpause", 120)
+    after = _ticks(log)
+    (n0, t_last), (n1, t_next) = before[-1], after[len(before)]
+    assert n1 == n0 + 1
+    # the guest's clock stopped with it: the next tick is one tick later in
+    # its time, not the 3 s the host waited
+    assert 0 < t_next - t_last < 1000, (t_last, t_next)
+    assert b"BACKWARDS" not in log.read_bytes()
+
+
+def test_pause_twice_and_destroy_while_paused(ticker):
+    env, log = ticker
+    wait_for(lambda: len(_ticks(log)) >= 1, lambda: "a tick", 120)
+    for _ in range(2):
+        assert pyvmm("pause", "tk", env=env).returncode == 0
+    assert pyvmm("unpause", "tk", env=env).returncode == 0
+    assert pyvmm("unpause", "tk", env=env).returncode == 0       # not paused: nothing to do, as xl
+    assert pyvmm("pause", "tk", env=env).returncode == 0
+    d = pyvmm("destroy", "tk", env=env)
+    assert d.returncode == 0 and "tk destroyed" in d.stderr, d.stderr
+
+
+def test_reboot_verb_asks_through_xenstore(ticker):
+    """`pyvmm reboot` is `xl reboot`: control/shutdown = reboot, for the
+    guest's kernel to act on (the ticker guest does not watch it)."""
+    env, _ = ticker
+    r = pyvmm("reboot", "tk", env=env)
+    assert r.returncode == 0 and "asked tk to reboot" in r.stderr, r.stderr
+    assert pyvmm("xenstore", "tk", "read", "control/shutdown", env=env).stdout == "reboot\n"
+
+
+def test_xenstore_verbs(ticker):
+    env, _ = ticker
+    ls = pyvmm("xenstore", "tk", "ls", env=env)
+    assert ls.returncode == 0, ls.stderr
+    lines = ls.stdout.splitlines()
+    assert lines[:2] == ['local = ""', ' domain = ""'], lines[:5]
+    assert '   name = "tk"' in lines, lines
+    home = pyvmm("xenstore", "tk", "ls", "/local/domain/1/control", env=env)
+    assert home.returncode == 0 and 'shutdown = ""' in home.stdout.splitlines(), home.stdout
+
+    assert pyvmm("xenstore", "tk", "write", "data/greeting", 'say "hi"\n', env=env).returncode == 0
+    # a value's bytes never reach the user's terminal raw
+    assert pyvmm("xenstore", "tk", "read", "data/greeting", env=env).stdout == 'say \\"hi\\"\\n\n'
+    assert pyvmm("xenstore", "tk", "read", "/local/domain/1/data/greeting", env=env).returncode == 0
+    assert 'greeting = "say \\"hi\\"\\n"' in pyvmm("xenstore", "tk", "ls", "data", env=env).stdout
+
+    watch = Spawned([sys.executable, "-m", "pyvmm", "xenstore", "tk", "watch", "data"], env=dict(os.environ, **env))
+    try:
+        assert watch.wait_for(lambda: b"/local/domain/1/data\n" in watch.out, 60), watch.stderr
+        assert pyvmm("xenstore", "tk", "rm", "data/greeting", env=env).returncode == 0
+        assert watch.wait_for(lambda: b"/local/domain/1/data/greeting\n" in watch.out, 60), \
+            (bytes(watch.out), watch.stderr)
+        # the watch ends, with a line, when the guest does
+        assert pyvmm("destroy", "tk", env=env).returncode == 0
+        assert watch.proc.wait(60) == 1
+        assert "the guest ended" in watch.stderr, watch.stderr
+    finally:
+        watch.finish()
+
+    missing = pyvmm("xenstore", "tk", "read", "data/greeting", env=env)
+    assert_one_line_error(missing, ExitStatus.USAGE, "no guest named tk")
+
+
+def test_xenstore_verb_errors(ticker):
+    env, _ = ticker
+    assert_one_line_error(pyvmm("xenstore", "tk", "read", "data/none", env=env), ExitStatus.USAGE,
+                          "/local/domain/1/data/none", "no such node")
+    assert_one_line_error(pyvmm("xenstore", "tk", "write", "data/x", env=env), ExitStatus.USAGE,
+                          "only write takes a value")
+    assert_one_line_error(pyvmm("xenstore", "tk", "read", env=env), ExitStatus.USAGE, "give a path")
+    assert_one_line_error(pyvmm("xenstore", "tk", "ls", "bad//path", env=env), ExitStatus.USAGE,
+                          "not a valid path")
+
+
+def test_escape_value():
+    from pyvmm.xenstore_access import escape_value
+
+    assert escape_value(b"plain 1/2") == "plain 1/2"
+    assert escape_value(b'\x1b[2J"\\\t\n\r\x00\xff') == '\\x1b[2J\\"\\\\\\t\\n\\r\\x00\\xff'
