@@ -15,7 +15,7 @@ from pyvmm.control import GuestNotFound, list_guests, request
 from pyvmm.errors import ExitStatus, UserError, print_error
 from pyvmm.terminal import Terminal, parse_escape
 
-COMMANDS = ("list", "console", "shutdown", "reboot", "destroy", "pause", "unpause", "xenstore")
+COMMANDS = ("list", "console", "shutdown", "reboot", "destroy", "pause", "unpause", "xenstore", "completion")
 DEFAULT_SHUTDOWN_WAIT_S = 60.0
 DESTROY_WAIT_S = 10.0
 
@@ -24,8 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="pyvmm", description="Manage running pyvmm guests.")
     sub = p.add_subparsers(dest="command", required=True)
     ls = sub.add_parser("list", help="the running guests")
-    ls.add_argument("--json", action="store_true",
-                    help="one JSON array, an object per guest (what its control socket reports)")
+    fmt = ls.add_mutually_exclusive_group()
+    fmt.add_argument("--json", action="store_true",
+                     help="one JSON array, an object per guest (what its control socket reports)")
+    fmt.add_argument("--names", action="store_true", help="only the names, one per line (for scripts)")
     c = sub.add_parser("console", help="attach to a guest's console (Ctrl-] leaves it running)")
     c.add_argument("name")
     c.add_argument("--escape", metavar="KEY", default="^]", help="key that leaves the console (default ^])")
@@ -42,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                        ("unpause", "let a paused guest run again")):
         sub.add_parser(verb, help=what).add_argument("name")
     xenstore_access.add_parser(sub)
+    sub.add_parser("completion", help="print a shell completion script: "
+                                      "eval \"$(pyvmm completion bash)\"").add_argument("shell", choices=["bash"])
     return p
 
 
@@ -50,7 +54,7 @@ def main(argv: list[str]) -> int:
     try:
         return {"list": _list, "console": _console, "shutdown": _shutdown, "reboot": _reboot,
                 "destroy": _destroy, "pause": _pause, "unpause": _pause,
-                "xenstore": xenstore_access.main}[args.command](args)
+                "xenstore": xenstore_access.main, "completion": _completion}[args.command](args)
     except GuestNotFound as e:
         print_error(f"no guest named {e} is running ('pyvmm list' shows those that are)")
         return ExitStatus.USAGE
@@ -63,6 +67,9 @@ def _list(args) -> int:
     guests = list_guests()
     if args.json:
         print(json.dumps(guests, indent=1, sort_keys=True))
+        return 0
+    if args.names:
+        print("\n".join(g["name"] for g in guests))
         return 0
     rows = [("NAME", "PID", "MEM(MiB)", "STATE", "UPTIME", "BOOTS", "CONSOLES", "DEVICES")]
     for g in guests:
@@ -121,6 +128,13 @@ def _shutdown(args) -> int:
     print(f"pyvmm: {args.name} is still running after {args.wait:.0f} s (its kernel may not handle "
           f"xenstore shutdown requests); 'pyvmm destroy {args.name}' stops it at once", file=sys.stderr)
     return ExitStatus.CRASH
+
+
+def _completion(args) -> int:
+    from pyvmm.completion import bash_script
+
+    print(bash_script(), end="")
+    return 0
 
 
 def _reboot(args) -> int:

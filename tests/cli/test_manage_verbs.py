@@ -150,3 +150,30 @@ def test_escape_value():
 
     assert escape_value(b"plain 1/2") == "plain 1/2"
     assert escape_value(b'\x1b[2J"\\\t\n\r\x00\xff') == '\\x1b[2J\\"\\\\\\t\\n\\r\\x00\\xff'
+
+
+def _complete(script: str, words: list[str], env: dict) -> list[str]:
+    """What bash's completion of `words` (the last one being completed) offers."""
+    line = " ".join(f"'{w}'" for w in words)
+    prog = (f'{script}\nCOMP_WORDS=({line}); COMP_CWORD={len(words) - 1}; _pyvmm; '
+            'printf "%s\\n" "${COMPREPLY[@]}"')
+    p = subprocess.run(["bash", "-c", prog], capture_output=True, text=True, env=env, timeout=60)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.split()
+
+
+def test_bash_completion_offers_verbs_flags_and_running_guests(ticker, tmp_path):
+    env, _ = ticker
+    bin_dir = tmp_path / "bin"                   # `pyvmm` on PATH is this checkout's
+    bin_dir.mkdir()
+    (bin_dir / "pyvmm").write_text(f"#!/bin/sh\nexec {sys.executable} -m pyvmm \"$@\"\n")
+    (bin_dir / "pyvmm").chmod(0o755)
+    env = dict(os.environ, **env, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    script = pyvmm("completion", "bash", env=env).stdout
+    assert _complete(script, ["pyvmm", "pa"], env) == ["pause"]
+    assert _complete(script, ["pyvmm", "--me"], env) == ["--memory"]
+    assert _complete(script, ["pyvmm", "pause", ""], env) == ["tk"]
+    assert _complete(script, ["pyvmm", "xenstore", "t"], env) == ["tk"]
+    assert sorted(_complete(script, ["pyvmm", "xenstore", "tk", "w"], env)) == ["watch", "write"]
+    assert _complete(script, ["pyvmm", "shutdown", "--w"], env) == ["--wait"]
+    assert pyvmm("list", "--names", env=env).stdout == "tk\n"
