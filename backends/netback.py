@@ -65,6 +65,10 @@ XEN_OUI = "00:16:3e"        # Xen's MAC prefix
 
 _TUNSETIFF = 0x400454CA
 _IFF_TAP, _IFF_NO_PI = 0x0002, 0x1000
+# linux/sockios.h: interface flags, and a port added to a bridge (what
+# `ip link set TAP master BR` does, without needing iproute2)
+_SIOCGIFFLAGS, _SIOCSIFFLAGS, _SIOCBRADDIF = 0x8913, 0x8914, 0x89A2
+_IFF_UP = 0x1
 _ETH_P_IP, _ETH_P_IPV6, _ETH_P_8021Q = 0x0800, 0x86DD, 0x8100
 _IPPROTO_TCP, _IPPROTO_UDP = 6, 17
 _CSUM_FIELD = {_IPPROTO_TCP: 16, _IPPROTO_UDP: 6}
@@ -115,6 +119,28 @@ class TapDevice:
             raise NetError(f"TAP device {name}: {e.strerror}") from None
         self.fd = fd
         self.name = name
+        self.bridge: str | None = None
+
+    @staticmethod
+    def check_bridge(bridge: str) -> None:
+        if "/" in bridge or not os.path.isdir(f"/sys/class/net/{bridge}/bridge"):
+            raise NetError(f"bridge {bridge!r} does not exist on this host "
+                           f"(create it: ip link add {bridge} type bridge; ip link set {bridge} up)")
+
+    def join_bridge(self, bridge: str) -> None:
+        """Make the TAP a port of the host bridge and bring it up, as xl's
+        vif-bridge script does."""
+        self.check_bridge(bridge)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            try:
+                index = socket.if_nametoindex(self.name)
+                fcntl.ioctl(s, _SIOCBRADDIF, struct.pack("16si20x", bridge.encode(), index))
+                flags = struct.unpack_from("16xH", fcntl.ioctl(s, _SIOCGIFFLAGS, struct.pack("16s24x",
+                                                                                      self.name.encode())))[0]
+                fcntl.ioctl(s, _SIOCSIFFLAGS, struct.pack("16sH22x", self.name.encode(), flags | _IFF_UP))
+            except OSError as e:
+                raise NetError(f"cannot add TAP device {self.name} to bridge {bridge}: {e.strerror}") from None
+        self.bridge = bridge
 
     def fileno(self) -> int:
         return self.fd

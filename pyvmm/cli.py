@@ -1,7 +1,7 @@
 """The `pyvmm` command.
 
     pyvmm --xen-pv KERNEL [--initrd FILE] [--cmdline STR] [--memory SIZE] [--name NAME]
-          [--disk IMAGE[,ro]]... [--net tap=NAME[,mac=MAC]]...
+          [--disk IMAGE[,ro]]... [--net tap=NAME|bridge=BR[,mac=MAC]]...
     pyvmm --default-guest          fetch and build the Debian guest, then boot it
     pyvmm ... --detach             boot it in the background
     pyvmm list | console | shutdown | reboot | destroy | pause | unpause | xenstore NAME ...
@@ -59,10 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--disk", metavar="IMAGE[,ro]", action="append", default=[],
                    help="a raw disk image or block device for the guest: xvda, xvdb, ... in order; "
                         "',ro' attaches it read-only (repeat for more disks)")
-    p.add_argument("--net", metavar="tap=NAME[,mac=MAC]", action="append", default=[],
+    p.add_argument("--net", metavar="tap=NAME|bridge=BR[,mac=MAC]", action="append", default=[],
                    help="a network interface (eth0, eth1, ... in order) on the host TAP device NAME "
-                        "(created if missing; configure its address on the host); MAC defaults to "
-                        "a stable 00:16:3e address from the guest name")
+                        "(created if missing; configure its address on the host), or on a TAP added "
+                        "to the host bridge BR (both may be given); MAC defaults to a stable "
+                        "00:16:3e address from the guest name")
     p.add_argument("--escape", metavar="KEY", default="^]", help="console escape key, ^X notation (default ^])")
     p.add_argument(
         "--on-reboot",
@@ -204,8 +205,24 @@ def _open_disks(specs: list[str]) -> list:
     return disks
 
 
-def _open_nets(specs: list[str], guest_name: str) -> list:
-    """Open each --net tap=NAME[,mac=MAC]: [(link, mac)]; one line for any that cannot be used."""
+def _parse_net(spec: str) -> dict:
+    opts = {}
+    for item in spec.split(","):
+        key, eq, value = item.partition("=")
+        if not eq or key not in ("tap", "mac", "bridge") or key in opts:
+            raise UserError(f"--net {spec!r}: use tap=NAME and/or bridge=BRIDGE, with an optional ,mac=MAC")
+        opts[key] = value
+    if not opts.keys() & {"tap", "bridge"}:
+        raise UserError(f"--net {spec!r}: name the host TAP device or a bridge, e.g. --net tap=pyvmm0 "
+                        f"or --net bridge=br0")
+    return opts
+
+
+def _open_nets(specs: list[str | dict], guest_name: str) -> list:
+    """Open each --net tap=NAME|bridge=BRIDGE[,mac=MAC] (or the same as a
+    dict): [(link, mac)]; one line for any that cannot be used.  With a
+    bridge and no TAP name the TAP is vif<pid>.<index> (xl's vif<domid>.<devid>,
+    the pid standing for the domid: unique on the host), gone with pyvmm."""
     from pyvmm.backends.netback import NetError, TapDevice, default_mac, parse_mac
 
     if len(specs) > MAX_NICS:
@@ -213,17 +230,15 @@ def _open_nets(specs: list[str], guest_name: str) -> list:
     nets = []
     try:
         for index, spec in enumerate(specs):
-            opts = {}
-            for item in spec.split(","):
-                key, eq, value = item.partition("=")
-                if not eq or key not in ("tap", "mac") or key in opts:
-                    raise UserError(f"--net {spec!r}: use tap=NAME with an optional ,mac=MAC")
-                opts[key] = value
-            if "tap" not in opts:
-                raise UserError(f"--net {spec!r}: name the host TAP device, e.g. --net tap=pyvmm0")
+            opts = _parse_net(spec) if isinstance(spec, str) else spec
             try:
-                mac = parse_mac(opts["mac"]) if "mac" in opts else default_mac(guest_name, index)
-                nets.append((TapDevice(opts["tap"]), mac))
+                mac = parse_mac(opts["mac"]) if opts.get("mac") else default_mac(guest_name, index)
+                if opts.get("bridge"):
+                    TapDevice.check_bridge(opts["bridge"])      # before a TAP is made for it
+                tap = TapDevice(opts.get("tap") or f"vif{os.getpid()}.{index}")
+                nets.append((tap, mac))
+                if opts.get("bridge"):
+                    tap.join_bridge(opts["bridge"])
             except NetError as e:
                 raise UserError(str(e)) from None
     except BaseException:

@@ -74,7 +74,8 @@ class _GuestControl:
         self.destroy_requested = False
         self._static = {"memory_mib": memory >> 20, "kernel": str(kernel_path),
                         "disks": [d.path + (",ro" if d.readonly else "") for d in disks],
-                        "nets": [f"{link.name} {mac}" for link, mac in nets]}
+                        "nets": [f"{link.name} {mac}" + (f" bridge {link.bridge}" if getattr(link, "bridge", None)
+                                                          else "") for link, mac in nets]}
 
     def info(self) -> dict:
         dom = self.dom

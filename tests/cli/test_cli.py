@@ -124,9 +124,12 @@ def test_net_errors():
     from pyvmm.guests.testguests import build_testguest
 
     k = str(build_testguest("hello"))
-    assert_one_line_error(pyvmm("--xen-pv", k, "--net", "bridge=br0"), ExitStatus.USAGE, "tap=NAME")
+    assert_one_line_error(pyvmm("--xen-pv", k, "--net", "brige=br0"), ExitStatus.USAGE, "tap=NAME",
+                          "bridge=BRIDGE")
+    assert_one_line_error(pyvmm("--xen-pv", k, "--net", "bridge=nobr-pyvmm"), ExitStatus.USAGE,
+                          "bridge 'nobr-pyvmm' does not exist", "ip link add nobr-pyvmm type bridge")
     assert_one_line_error(pyvmm("--xen-pv", k, "--net", "mac=00:16:3e:00:00:01"), ExitStatus.USAGE,
-                          "name the host TAP device")
+                          "name the host TAP device or a bridge")
     assert_one_line_error(pyvmm("--xen-pv", k, "--net", "tap=a,tap=b"), ExitStatus.USAGE, "tap=NAME")
     assert_one_line_error(pyvmm("--xen-pv", k, "--net", "tap=" + "t" * 20), ExitStatus.USAGE,
                           "bad interface name")
@@ -359,3 +362,33 @@ def test_no_kernel_image_is_held_while_the_guest_runs(monkeypatch, capsys):
     rc = cli.main(["--xen-pv", str(build_testguest("hello")), "--memory", "32M", "--name", "no-image-kept"])
     assert rc == ExitStatus.POWEROFF, capsys.readouterr()
     assert images_alive == [0]
+
+
+def test_net_on_a_bridge_gets_a_tap_port_that_is_up():
+    """--net bridge=BR: a TAP (vif<pid>.<index>, or the one named) becomes
+    an up port of the bridge, as xl's vif-bridge script makes it; it goes
+    away with pyvmm.  Run in a network namespace of its own."""
+    import shutil
+
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun") or not shutil.which("ip"):
+        pytest.skip("needs root, /dev/net/tun and iproute2 (ip) for a bridge in a namespace")
+    ns = f"pyvmm-br{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        for cmd in (["link", "add", "br7", "type", "bridge"], ["link", "set", "br7", "up"]):
+            subprocess.run(["ip", "-n", ns, *cmd], check=True)
+        probe = ("import os, subprocess; from pyvmm.cli import _open_nets\n"
+                 "nets = _open_nets(['bridge=br7', 'bridge=br7,tap=named0'], 'g')\n"
+                 "print(os.getpid(), [l.name for l, _ in nets])\n"
+                 "print(subprocess.run(['ip', '-o', 'link', 'show', 'master', 'br7', 'up'],"
+                 " capture_output=True, text=True).stdout)\n")
+        p = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", probe], capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        pid = p.stdout.split()[0]
+        assert f"['vif{pid}.0', 'named0']" in p.stdout, p.stdout
+        assert f"vif{pid}.0:" in p.stdout and "named0:" in p.stdout, p.stdout
+        left = subprocess.run(["ip", "-n", ns, "-o", "link"], capture_output=True, text=True).stdout
+        assert "named0" not in left and f"vif{pid}" not in left, left
+    finally:
+        subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
