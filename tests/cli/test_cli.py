@@ -259,6 +259,8 @@ def test_status_signal_reports_a_halted_guest_and_leaves_it_running():
         assert "pyvmm: status after" in report and "vcpu_info:" in report, run.stderr
         assert re.search(r"shim events: .*hypercall sched_op=\d+", report), run.stderr
         assert re.search(r"RIP e033:0x[0-9a-f]{16}", report), run.stderr
+        assert re.search(r"console ring: in prod=0x0 cons=0x0 \(0 more waiting\), out prod=", report), \
+            run.stderr
         # the handler is pyvmm's only while the guest runs (SIGUSR2 kills by
         # default): a second report means the first one left the guest running
         assert "vcpu_info:" in run.ask_status(STATUS_SIGNAL, timeout=60), \

@@ -127,6 +127,14 @@ class ConsoleRingServer:
             self._signal()
         return n
 
+    def describe(self) -> str:
+        """The ring's indices and totals, for status reports (trace.py)."""
+        g = self._get
+        return (f"console ring: in prod={g(CONS_RING_IN_PROD):#x} cons={g(CONS_RING_IN_CONS):#x} "
+                f"({len(self._pending)} more waiting), out prod={g(CONS_RING_OUT_PROD):#x} "
+                f"cons={g(CONS_RING_OUT_CONS):#x}; {self.bytes_in} bytes in, {self.bytes_out} out, "
+                f"{self.dropped_input} dropped, {self.bad_indices} bad indices")
+
     @property
     def pending_input(self) -> int:
         return len(self._pending)

@@ -244,6 +244,10 @@ def status_report(domain, *, symbols: Symbolizer | None = None) -> str:
             f"{k}={v}" for k, v in sorted(sc.items(), key=lambda kv: -kv[1])[:10]))
     except Exception as e:     # a shim without counters
         lines.append(f"shim events: unavailable ({e})")
+    try:
+        lines.append(domain.channels.console_server.describe())
+    except Exception as e:
+        lines.append(f"console ring: no state ({e})")
     lines += crash_report(domain, symbols=symbols, console_lines=0).splitlines()
     for be in getattr(domain, "backends", []):
         try:
