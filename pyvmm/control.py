@@ -1,6 +1,6 @@
 """Managing running guests, as `xl` does: every pyvmm process serves a
 control socket named after its guest; `pyvmm list|console|shutdown|reboot|
-destroy|pause|unpause|xenstore` talk to it.
+destroy|pause|unpause|mem-set|xenstore` talk to it.
 
     <runtime dir>/<name>.sock      one per running guest
     runtime dir: $PYVMM_RUNTIME_DIR, else /run/pyvmm (root), else
@@ -281,7 +281,8 @@ class ControlServer:
     """The running guest's end: a thread serving requests on its socket.
 
     `target` is an object with: info() -> dict, shutdown(reason) -> None,
-    destroy() -> None, pause() and unpause() -> None or an error line,
+    destroy() -> None, pause(), unpause() and mem_set(bytes) -> None or an
+    error line,
     send_console_input(bytes), and `dom`, the running Domain or None
     while a rebooting guest is rebuilt.  Console output reaches attached
     clients through console_output()."""
@@ -379,6 +380,10 @@ class ControlServer:
                 t.destroy()
             elif op in ("pause", "unpause"):
                 error = getattr(t, op)()
+                self._reply(conn, ok=error is None, **({"error": error} if error else {}))
+            elif op == "mem_set":
+                size = req.get("bytes")
+                error = t.mem_set(size) if isinstance(size, int) else "give the size in bytes"
                 self._reply(conn, ok=error is None, **({"error": error} if error else {}))
             elif op == "xenstore":
                 self._xenstore(conn, req)

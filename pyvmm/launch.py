@@ -80,7 +80,29 @@ class _GuestControl:
     def info(self) -> dict:
         dom = self.dom
         state = "starting" if dom is None else "paused" if dom.paused else "running"
-        return dict(self._static, boots=self.boots, state=state)
+        info = dict(self._static, boots=self.boots, state=state)
+        if dom is not None:
+            # the balloon: what the guest was asked to hold, what it holds,
+            # and what its RAM takes on the host now
+            target = dom.store.read_str(f"{dom.channels.dom_path}/memory/target", "0")
+            info.update(memory_target_mib=int(target) >> 10 if target.isdigit() else None,
+                        memory_current_mib=dom.nr_pages >> 8,
+                        memory_host_mib=dom.ram.allocated_bytes() >> 20)
+        return info
+
+    def mem_set(self, size: int) -> str | None:
+        """As `xl mem-set`: the new balloon target in xenstore; None, or why not."""
+        from pyvmm.cli import MIN_MEMORY
+
+        if self.dom is None:
+            return "the guest is being built; try again in a moment"
+        top = self.dom.max_pages << 12
+        if size > top:
+            return f"{size >> 20} MiB is above the guest's maximum of {top >> 20} MiB"
+        if size < MIN_MEMORY:
+            return f"{size >> 20} MiB is below the {MIN_MEMORY >> 20} MiB a PV guest needs"
+        self.dom.store.write(f"{self.dom.channels.dom_path}/memory/target", str(size >> 10))
+        return None
 
     def pause(self) -> str | None:
         """As `xl pause`; None, or why not."""

@@ -15,7 +15,7 @@ from pyvmm.control import GuestNotFound, list_guests, request
 from pyvmm.errors import ExitStatus, UserError, print_error
 from pyvmm.terminal import Terminal, parse_escape
 
-COMMANDS = ("list", "console", "shutdown", "reboot", "destroy", "pause", "unpause", "xenstore", "completion")
+COMMANDS = ("list", "console", "shutdown", "reboot", "destroy", "pause", "unpause", "mem-set", "xenstore", "completion")
 DEFAULT_SHUTDOWN_WAIT_S = 60.0
 DESTROY_WAIT_S = 10.0
 
@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
     for verb, what in (("pause", "stop a guest's vCPU and its clock; it keeps its memory and devices"),
                        ("unpause", "let a paused guest run again")):
         sub.add_parser(verb, help=what).add_argument("name")
+    m = sub.add_parser("mem-set", help="set a guest's balloon target, as xl mem-set does")
+    m.add_argument("name")
+    m.add_argument("size", help="e.g. 128M or 1G (plain numbers are MiB)")
     xenstore_access.add_parser(sub)
     sub.add_parser("completion", help="print a shell completion script: "
                                       "eval \"$(pyvmm completion bash)\"").add_argument("shell", choices=["bash"])
@@ -53,7 +56,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"list": _list, "console": _console, "shutdown": _shutdown, "reboot": _reboot,
-                "destroy": _destroy, "pause": _pause, "unpause": _pause,
+                "destroy": _destroy, "pause": _pause, "unpause": _pause, "mem-set": _mem_set,
                 "xenstore": xenstore_access.main, "completion": _completion}[args.command](args)
     except GuestNotFound as e:
         print_error(f"no guest named {e} is running ('pyvmm list' shows those that are)")
@@ -72,9 +75,13 @@ def _list(args) -> int:
         print("\n".join(g["name"] for g in guests))
         return 0
     rows = [("NAME", "PID", "MEM(MiB)", "STATE", "UPTIME", "BOOTS", "CONSOLES", "DEVICES")]
+    # MEM: what the guest holds now, and its balloon target when that differs
     for g in guests:
         devices = ", ".join([f"disk {d}" for d in g.get("disks", [])] + [f"net {n}" for n in g.get("nets", [])])
-        rows.append((g["name"], str(g["pid"]), str(g.get("memory_mib", "?")), g.get("state", "?"),
+        mem = str(g.get("memory_current_mib", g.get("memory_mib", "?")))
+        if g.get("memory_target_mib") not in (None, g.get("memory_current_mib")):
+            mem += f"->{g['memory_target_mib']}"
+        rows.append((g["name"], str(g["pid"]), mem, g.get("state", "?"),
                      _duration(g.get("uptime_s", 0)),
                      str(g.get("boots", "?")), str(g.get("console_clients", 0)), devices or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
@@ -147,6 +154,18 @@ def _pause(args) -> int:
     s.close()
     _check(reply)
     print(f"pyvmm: {args.name} {'paused' if args.command == 'pause' else 'runs again'}", file=sys.stderr)
+    return 0
+
+
+def _mem_set(args) -> int:
+    from pyvmm.cli import parse_size
+
+    size = parse_size(args.size)
+    reply, s = request(args.name, "mem_set", bytes=size)
+    s.close()
+    _check(reply)
+    print(f"pyvmm: asked {args.name} to use {size >> 20} MiB (its balloon driver gives back or takes "
+          f"the difference; 'pyvmm list' shows what it holds)", file=sys.stderr)
     return 0
 
 

@@ -90,6 +90,19 @@ class GuestMemory(FdHandle):
         self.check(off, n)
         ctypes.memset(self.address + off, byte, n)
 
+    def discard(self, off: int, n: int) -> None:
+        """Give [off, off+n) (whole pages) back to the host: the memfd's
+        pages are freed (MADV_REMOVE punches the hole), and the range
+        reads as zeroes until written again."""
+        self.check(off, n)
+        if off % PAGE_SIZE or n % PAGE_SIZE:
+            raise GuestMemoryError(f"{self.name}: discard [{off:#x}, +{n:#x}) is not whole pages")
+        self.mmap.madvise(mmap.MADV_REMOVE, off, n)
+
+    def allocated_bytes(self) -> int:
+        """Host memory the memfd holds now (its allocated blocks)."""
+        return os.fstat(self.fd).st_blocks * 512
+
     def close(self) -> None:
         """Unmap and close. Views handed out earlier must be dropped first."""
         if self.fd >= 0:

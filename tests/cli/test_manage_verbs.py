@@ -177,3 +177,22 @@ def test_bash_completion_offers_verbs_flags_and_running_guests(ticker, tmp_path)
     assert sorted(_complete(script, ["pyvmm", "xenstore", "tk", "w"], env)) == ["watch", "write"]
     assert _complete(script, ["pyvmm", "shutdown", "--w"], env) == ["--wait"]
     assert pyvmm("list", "--names", env=env).stdout == "tk\n"
+
+
+def test_mem_set_writes_the_balloon_target_and_list_reports_a_guest_that_ignores_it(ticker):
+    """`pyvmm mem-set` is `xl mem-set`: memory/target in KiB; a target above
+    the guest's maximum or below what a PV guest needs is refused with one
+    line; the ticker guest has no balloon driver, so list shows it still
+    holding its memory against the lower target (reported, not killed)."""
+    env, _ = ticker
+    p = pyvmm("mem-set", "tk", "20M", env=env)
+    assert p.returncode == 0 and "asked tk to use 20 MiB" in p.stderr, p.stderr
+    assert pyvmm("xenstore", "tk", "read", "memory/target", env=env).stdout == f"{20 << 10}\n"
+    info = _info(env)
+    assert (info["memory_target_mib"], info["memory_current_mib"]) == (20, 32), info
+    row = pyvmm("list", env=env).stdout.splitlines()[1].split()
+    assert row[2] == "32->20" and row[3] == "running", row
+    assert_one_line_error(pyvmm("mem-set", "tk", "64M", env=env), ExitStatus.USAGE,
+                          "64 MiB is above the guest's maximum of 32 MiB")
+    assert_one_line_error(pyvmm("mem-set", "tk", "8M", env=env), ExitStatus.USAGE, "below the 16 MiB")
+    assert_one_line_error(pyvmm("mem-set", "tk", "lots", env=env), ExitStatus.USAGE, "cannot read memory size")

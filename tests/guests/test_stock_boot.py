@@ -555,14 +555,20 @@ def test_cli_default_guest_on_a_tap_device(tmp_path, tap_namespace):
     _check_images_after(rw, ro, rw_data, ro_data, wrote)
 
 
+def _guest_info(pyvmm) -> dict:
+    import json
+
+    (info,) = json.loads(pyvmm("list", "--json", timeout=30).stdout)
+    return info
+
+
 def _detached_status(pyvmm, log) -> str:
     """A detached guest's status report (kill -USR2 writes it to its log)."""
-    import json
     import os
     import signal
 
     try:
-        (info,) = json.loads(pyvmm("list", "--json", timeout=30).stdout)
+        info = _guest_info(pyvmm)
         before = log.read_text().count("pyvmm: status after")
         os.kill(info["pid"], signal.SIGUSR2)
         wait_for(lambda: log.read_text().count("pyvmm: status after") > before, "a status report", 30)
@@ -611,6 +617,13 @@ def test_detached_default_guest_console_and_xenstore_shutdown(tmp_path):
         assert m.group(1).endswith(b"-cloud-amd64")
         listing = pyvmm("list", timeout=30)
         assert "deb1" in listing.stdout and " 256 " in listing.stdout, listing.stdout
+        # the balloon (xl mem-set): the kernel's driver gives 128 MiB back
+        assert pyvmm("mem-set", "deb1", "128M", timeout=30).returncode == 0
+        wait_for(lambda: _guest_info(pyvmm)["memory_current_mib"] == 128,
+                 lambda: f"the guest ballooned down to 128 MiB: {_guest_info(pyvmm)}", command_timeout)
+        total = session.command("grep MemTotal /proc/meminfo", re.compile(rb"^MemTotal:\s+(\d+) kB", re.M),
+                                command_timeout)
+        assert int(total.group(1)) < 128 << 10, total.group(0)
         s = pyvmm("shutdown", "deb1", "--wait", str(int(command_timeout)), timeout=command_timeout + 30)
         assert s.returncode == 0, (s.stderr, bytes(buf[-2000:]))
         assert "deb1 is off" in s.stderr

@@ -34,6 +34,7 @@ from pyvmm.xen_abi.hypervisor.hypercalls.context import DomainShutdown, Hypercal
 from pyvmm.xen_abi.hypervisor.hypercalls.dispatch import HypercallDispatcher
 from pyvmm.xen_abi.hypervisor.listeners import Listeners, SlowHypercall
 from pyvmm.xen_abi.hypervisor.notify import EventNotifier
+from pyvmm.xen_abi.hypervisor.reservation import Reservation
 from pyvmm.xen_abi.hypervisor.time import DomainClock
 from pyvmm.xen_abi.boot.loader import KernelImage, load_kernel
 from pyvmm.xen_abi.memory.physmem import PhysicalMemory
@@ -159,6 +160,10 @@ class Domain(PvDomainBase):
                             frame_ok=lambda frame: 0 <= frame < ram_frames)
         super().__init__(phys=self.phys, nr_vcpus=1, e820=self.layout.e820,
                          shared_info_gpa=self.region.shared_info_gpa, evtchn=evtchn, gnttab=gnttab)
+        reg = self.region
+        self.reservation = Reservation(
+            self.ram, m2p_write=lambda mfn, v: reg.mem.write_u64(reg.m2p_off + 8 * mfn, v),
+            frame_typed=lambda mfn: reg.mem.read(reg.ftype_off + mfn, 1)[0] != 0)
         self.dispatcher = HypercallDispatcher(self)
         self.vcpu = self.vm.create_vcpu(0)
         self._setup_vcpu(0)

@@ -168,6 +168,13 @@ static void boot_types(struct percpu *pc)
 		G->ftype[mfn] |= FT_PINNED;
 }
 
+/* For Python, before it acts on frame types (reservation.py reads the type
+ * map to refuse giving away a live table): the bootstrap tables typed. */
+void mmu_type_boot_tables(struct percpu *pc)
+{
+	boot_types(pc);
+}
+
 /* Walk the current tables for va; the leaf entry or 0.  With fix_user,
  * OR _PAGE_USER into present entries that lack it (lazy adjust). */
 static u64 *walk(u64 cr3, u64 va, int fix_user, int *changed, int *level_out)

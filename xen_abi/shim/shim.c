@@ -130,6 +130,7 @@ static void check_events(struct percpu *pc, struct frame *f)
 static long slow_hypercall(struct percpu *pc, u64 rip, u64 nr, const u64 *a)
 {
 	struct mailbox *mb = pc->mailbox;
+	mmu_type_boot_tables(pc);   /* Python reads frame types (reservation.py) */
 	mb->op = MBOP_HYPERCALL;
 	mb->nr = nr;
 	for (int i = 0; i < 6; i++)

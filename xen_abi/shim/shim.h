@@ -232,4 +232,5 @@ long do_update_descriptor(struct percpu *pc, u64 maddr, u64 desc);
 /* #PF from the guest: 1 if handled here (lazy _PAGE_USER fix-up or an
  * emulated page-table write), 0 to bounce it to the guest. */
 int mmu_page_fault(struct percpu *pc, struct frame *f, u64 cr2);
+void mmu_type_boot_tables(struct percpu *pc);
 #endif

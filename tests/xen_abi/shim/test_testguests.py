@@ -98,3 +98,22 @@ def test_absurd_hypercall_arguments_get_xen_errors():
     res, _ = run_guest("absurd", timeout=60)
     assert "absurd: still alive" in res.text
     assert_pass("absurd", res)
+
+
+def test_balloon_gives_frames_back_to_the_host():
+    """The balloon guest's decrease/populate/increase answers (balloon.c),
+    and the host side: the frames still released are holes in the RAM
+    memfd (their memory went back to the host), and the reservation
+    counts the guest's live L4, which it released, as out but keeps it."""
+    import os
+
+    with Domain(str(build_testguest("balloon"))) as dom:
+        res = dom.run(timeout=20)
+        assert_pass("balloon", res)
+        r = dom.reservation
+        assert r.nr_pages == r.max_pages - 9            # 8 pool frames + the L4
+        assert len(r._free) == 8 and len(r._typed_out) == 1
+        for f in r._free:
+            assert os.lseek(dom.ram.fd, f << 12, os.SEEK_HOLE) == f << 12, f"frame {f} still allocated"
+        (l4,) = r._typed_out
+        assert os.lseek(dom.ram.fd, l4 << 12, os.SEEK_DATA) == l4 << 12, "the live L4 was discarded"

@@ -89,11 +89,20 @@ class PvDomainBase:
         self.handle = handle
         self._boot_ns = time.monotonic_ns()
         self._ram = [(a >> PAGE_SHIFT, (a + s) >> PAGE_SHIFT) for a, s, t in self.e820 if t == E820_RAM]
-        self.nr_pages = sum(hi - lo for lo, hi in self._ram)
-        self.max_pages = self.nr_pages
+        self._built_pages = sum(hi - lo for lo, hi in self._ram)
+        self.reservation = None     # reservation.py, where the domain has a balloon
         self.max_ram_mfn = max((hi for lo, hi in self._ram), default=1) - 1
 
     # ---- facts ----
+    @property
+    def nr_pages(self) -> int:
+        """Frames the domain holds now (its current reservation)."""
+        return self.reservation.nr_pages if self.reservation is not None else self._built_pages
+
+    @property
+    def max_pages(self) -> int:
+        return self.reservation.max_pages if self.reservation is not None else self._built_pages
+
     def is_ram_frame(self, mfn: int) -> bool:
         return any(lo <= mfn < hi for lo, hi in self._ram) and \
             self.phys.contains(mfn << PAGE_SHIFT, PAGE_SIZE)

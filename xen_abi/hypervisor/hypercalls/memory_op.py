@@ -1,5 +1,5 @@
-"""memory_op: the memory map, the M2P's place, reservations (all read-only:
-a PV domain here never grows or shrinks)."""
+"""memory_op: the memory map, the M2P's place, and the reservation (the
+balloon's decrease/increase/populate: reservation.py owns the frames)."""
 from __future__ import annotations
 
 from pyvmm.xen_abi.abi import (
@@ -14,6 +14,7 @@ from pyvmm.xen_abi.abi import (
     XenErrno,
     XenMachphysMapping,
     XenMemoryMap,
+    XenMemoryReservation,
 )
 from pyvmm.xen_abi.hypervisor.hypercalls.context import fail, is_self, other_domain_errno
 
@@ -23,6 +24,11 @@ def _read_own_domid(dispatcher, ctx, arg) -> int:
     if not is_self(dispatcher.domain, domid):
         fail(other_domain_errno(domid), f"domain {domid}")
     return domid
+
+
+_EXTENT_OPS = {MemoryOp.decrease_reservation: "decrease", MemoryOp.increase_reservation: "increase",
+               MemoryOp.populate_physmap: "populate"}
+_RESERVATION_DOMID = XenMemoryReservation.sizeof() - 8    # domid, then 6 bytes of padding
 
 
 def memory_op(dispatcher, ctx, cmd, arg, *_):
@@ -54,6 +60,9 @@ def memory_op(dispatcher, ctx, cmd, arg, *_):
     if op == MemoryOp.maximum_reservation:
         _read_own_domid(dispatcher, ctx, arg)
         return d.max_pages
+    if op in _EXTENT_OPS and d.reservation is not None:
+        _read_own_domid(dispatcher, ctx, arg + _RESERVATION_DOMID)
+        return d.reservation.exchange_extents(ctx, _EXTENT_OPS[op], arg)
     if op == XENMEM_maximum_gpfn:
         _read_own_domid(dispatcher, ctx, arg)
         return d.max_ram_mfn
