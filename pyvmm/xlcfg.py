@@ -25,6 +25,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -178,15 +179,16 @@ def _string(text: str, i: int, line: int, out: list, fail) -> int:
             return j + 1
         if c == "\\":
             nc = text[j + 1] if j + 1 < n else ""
+            shown = f"'\\{nc}'" if nc.isprintable() else f"'\\' and {nc!r}"
             if nc in _ESCAPES:
                 chars.append(_ESCAPES[nc])
-            elif nc == "x" or nc.isdigit():
-                raise fail(f"escape '\\{nc}' in a string: xl does not decode numeric escapes "
+            elif nc == "x" or (nc and nc in "0123456789"):
+                raise fail(f"escape {shown} in a string: xl does not decode numeric escapes "
                            f"(it refuses \\x and drops octal ones); write the character itself")
             elif nc in ("", "\n"):
                 raise fail("unterminated string: a backslash cannot continue it onto the next line")
             else:
-                raise fail(f"unknown escape '\\{nc}' in a string: xl knows \\\" \\' \\\\ "
+                raise fail(f"unknown escape {shown} in a string: xl knows \\\" \\' \\\\ "
                            f"\\a \\b \\f \\n \\r \\t \\v; write '\\\\' for a backslash")
             j += 2
         elif c == "\0":
@@ -431,13 +433,15 @@ def load(path: str | os.PathLike, overrides: Sequence[str] = ()) -> GuestConfig:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = data.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{label}:{line}: not UTF-8 text: is this an xl config file?") from None
+        shown = label if label.isprintable() else repr(label)
+        raise UserError(f"{shown}:{line}: not UTF-8 text: is this an xl config file?") from None
     return load_text(text, label, overrides, source_path=Path(path))
 
 
 def load_text(text: str, label: str, overrides: Sequence[str] = (), *,
               source_path: Path | None = None) -> GuestConfig:
     """`load` of a config already read: `label` names it in messages."""
+    label = label if label.isprintable() else repr(label)   # each message is one line
     settings = parse(text, Source(label, True))
     for item in overrides:
         source = Source(f"command line {item!r}", False)
@@ -676,8 +680,9 @@ class _Guest:
                 raise UserError(f"{at}: vdev {vdev} is also disk[{by_vdev[vdev][0]}]'s; "
                                 f"give each disk its own (xvda, xvdb, ...)")
             if not os.path.exists(target):
+                make = f" (truncate -s 1G {shlex.quote(target)})" if target.isprintable() else ""
                 raise UserError(f"{at}: {target!r} does not exist: check the path, "
-                                f"or create an image (truncate -s 1G {target})")
+                                f"or create an image{make}")
             if os.path.isdir(target):
                 raise UserError(f"{at}: {target!r} is a directory: give an image file or block device")
             by_vdev[vdev] = (i, DiskSpec(Path(os.path.abspath(target)), vdev, readonly))
@@ -855,8 +860,9 @@ def _disk_checked(d: dict) -> tuple[str, str, bool]:
     """What pyvmm's block back-end can serve, of what xl would accept."""
     vdev = d.get("vdev")
     if d["cdrom"]:
+        as_vdev = vdev if vdev and re.fullmatch(r"xvd[a-p]", vdev) else "xvdb"
         raise _SpecError(f"pyvmm has no CD-ROM drives; attach the image as a read-only disk "
-                         f"(PATH,raw,{vdev or 'xvdb'},ro)")
+                         f"(PATH,raw,{as_vdev},ro)")
     if not vdev:
         raise _SpecError("no vdev: give the guest's name for it, e.g. PATH,raw,xvda,rw")
     if not d.get("target"):
@@ -876,7 +882,7 @@ def _disk_checked(d: dict) -> tuple[str, str, bool]:
     if d.get("backendtype"):
         raise _SpecError("backendtype=: pyvmm serves every disk with its own back-end; remove it")
     if d.get("specification") not in (None, "", "xen"):
-        raise _SpecError(f"specification={d['specification']}: pyvmm speaks only Xen's "
+        raise _SpecError(f"specification={d['specification']!r}: pyvmm speaks only Xen's "
                          f"block protocol; remove it")
     if d.get("grant_usage"):
         raise _SpecError("grant_usage= is for virtio disks; pyvmm's are Xen PV disks; remove it")
@@ -946,13 +952,13 @@ def _vif_spec(spec: str) -> dict[str, str]:
             opts[key] = value   # a repeated key: the last one counts, as in xl
         elif key == "type":
             if value != "vif":  # xl's other type, ioemu, is an HVM guest's emulated NIC
-                raise _SpecError(f"type={value}: a PV guest's vif is type=vif; remove it")
+                raise _SpecError(f"type={value!r}: a PV guest's vif is type=vif; remove it")
         elif key in _VIF_REFUSED:
             raise _SpecError(f"{key}= is not supported: {_VIF_REFUSED[key]}; remove it")
         elif key.startswith("colo_"):
-            raise _SpecError(f"{key}= is not supported: pyvmm has no COLO replication; remove it")
+            raise _SpecError(f"{key + '='!r} is not supported: pyvmm has no COLO replication; remove it")
         else:
-            raise _SpecError(f"{key}= is not a vif setting xl knows; pyvmm takes mac=, "
+            raise _SpecError(f"{key + '='!r} is not a vif setting xl knows; pyvmm takes mac=, "
                              f"bridge= and vifname=")
     for key in ("bridge", "vifname"):
         if key in opts:
