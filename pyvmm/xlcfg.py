@@ -441,6 +441,7 @@ def load(path: str | os.PathLike, overrides: Sequence[str] = ()) -> GuestConfig:
 def load_text(text: str, label: str, overrides: Sequence[str] = (), *,
               source_path: Path | None = None) -> GuestConfig:
     """`load` of a config already read: `label` names it in messages."""
+    source_path = Path(label) if source_path is None else source_path
     label = label if label.isprintable() else repr(label)   # each message is one line
     settings = parse(text, Source(label, True))
     for item in overrides:
@@ -450,7 +451,7 @@ def load_text(text: str, label: str, overrides: Sequence[str] = (), *,
             raise UserError(f"{source.label}: an override is KEY=VALUE, e.g. memory=512 "
                             f"or 'kernel=\"/boot/vmlinuz\"'")
         parse(item, source, settings)
-    return _Guest(settings, label).build(Path(label) if source_path is None else source_path)
+    return _Guest(settings, label).build(source_path)
 
 
 class _SpecError(Exception):
