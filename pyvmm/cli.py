@@ -4,6 +4,7 @@
           [--disk IMAGE[,ro]]... [--net tap=NAME|bridge=BR[,mac=MAC]]...
     pyvmm --default-guest          fetch and build the Debian guest, then boot it
     pyvmm ... --detach             boot it in the background
+    pyvmm create FILE [KEY=VALUE]... [-c]   a guest from an xl config file (pyvmm/xlcfg.py)
     pyvmm list | console | shutdown | reboot | destroy | pause | unpause | xenstore NAME ...
                                    (pyvmm/manage.py)
 
@@ -93,10 +94,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] in manage.COMMANDS:
         return manage.main(argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
     try:
-        return _run(args)
+        if argv and argv[0] == "create":
+            return _create(argv[1:])
+        return _run(build_parser().parse_args(argv))
     except UserError as e:
         print_error(str(e))
         return ExitStatus.USAGE
@@ -131,9 +132,59 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError("--cmdline is longer than the 1023 bytes a PV start_info can carry")
     if not NAME_RE.match(name):
         raise UserError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
+    disks = [_parse_disk(spec) for spec in args.disk]
+    return _boot(kernel_path=kernel_path, initrd_path=initrd_path, cmdline=cmdline, memory=memory, name=name,
+                 disks=disks, nets=args.net, escape=args.escape, on_reboot=args.on_reboot,
+                 verbose=args.verbose, detach=args.detach)
 
+
+def build_create_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pyvmm create",
+                                description="Start a guest from an xl config file, as xl create does.")
+    p.add_argument("config", metavar="FILE", help="an xl domain config file (see xl-config.md)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="settings applied after the file, in its syntax (memory=512, 'extra=\"quiet\"')")
+    p.add_argument("-c", dest="console", action="store_true", help="attach the console once it has started")
+    p.add_argument("--escape", metavar="KEY", default="^]", help="console escape key for -c (default ^])")
+    p.add_argument("--verbose", "-v", action="count", default=0, help="log hypercalls and exits")
+    return p
+
+
+def _create(argv: list[str]) -> int:
+    """`pyvmm create FILE [KEY=VALUE ...] [-c]`, as `xl create`: the guest an
+    xl config file describes (pyvmm/xlcfg.py), started in the background;
+    -c then attaches its console (Ctrl-] leaves it running)."""
+    from pyvmm import xlcfg
+
+    args = build_create_parser().parse_args(argv)
+    cfg = xlcfg.load(args.config, args.overrides)
+    for warning in cfg.warnings:
+        print(f"pyvmm: warning: {warning}", file=sys.stderr)
+    rc = _boot(kernel_path=cfg.kernel, initrd_path=cfg.ramdisk, cmdline=cfg.cmdline or DEFAULT_CMDLINE,
+               memory=cfg.memory_bytes, name=cfg.name, disks=[(str(d.path), d.readonly) for d in cfg.disks],
+               nets=[{"tap": v.vifname, "bridge": v.bridge, "mac": v.mac} for v in cfg.vifs],
+               escape=args.escape, on_reboot=cfg.on_reboot_flag, verbose=args.verbose, detach=True,
+               uuid=cfg.uuid, memory_hint=f"'memory' in {args.config}", config=str(cfg.source_path.resolve()))
+    if rc == 0 and args.console:
+        return manage.main(["console", cfg.name, "--escape", args.escape])
+    return rc
+
+
+def _boot(*, kernel_path: Path, initrd_path: Path | None, cmdline: str, memory: int, name: str, disks: list,
+          nets: list, escape: str, on_reboot: str, verbose: int, detach: bool, uuid: str | None = None,
+          memory_hint: str = "--memory", config: str | None = None) -> int:
+    """Check the kernel, open the disks and networks, then run the guest
+    here or in the background."""
+    from pyvmm.control import GuestNotFound, request
     from pyvmm.xen_abi.boot.loader import LoaderError, load_kernel
 
+    try:                # before the disks: theirs would be the confusing error (locked)
+        _, sock = request(name, "info")
+        sock.close()
+        raise UserError(f"a guest named {name!r} is already running (pyvmm list): pick another name, "
+                        f"or stop it with 'pyvmm shutdown {name}'")
+    except (GuestNotFound, OSError, ValueError):
+        pass
     try:
         # checked here, before anything starts; the first boot takes it from
         # the box, so no frame holds the image (tens of MiB) while it runs
@@ -142,9 +193,9 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"{kernel_path}: {e}") from None
     initrd = initrd_path.read_bytes() if initrd_path else None
 
-    disks = _open_disks(args.disk)
+    disks = _open_disks(disks)
     try:
-        nets = _open_nets(args.net, name)
+        nets = _open_nets(nets, name)
     except BaseException:
         for d in disks:
             d.close()
@@ -152,23 +203,12 @@ def _run(args: argparse.Namespace) -> int:
     from pyvmm.launch import launch, run_detached
 
     def start(ready=None) -> int:
-        return launch(
-            kernel_box=kernel_box,
-            kernel_path=kernel_path,
-            initrd=initrd,
-            cmdline=cmdline,
-            memory=memory,
-            name=name,
-            disks=disks,
-            nets=nets,
-            escape=args.escape,
-            on_reboot=args.on_reboot,
-            verbose=args.verbose,
-            ready=ready,
-        )
+        return launch(kernel_box=kernel_box, kernel_path=kernel_path, initrd=initrd, cmdline=cmdline,
+                      memory=memory, name=name, disks=disks, nets=nets, escape=escape, on_reboot=on_reboot,
+                      verbose=verbose, ready=ready, uuid=uuid, memory_hint=memory_hint, config=config)
 
     try:
-        return run_detached(name, start) if args.detach else start()
+        return run_detached(name, start) if detach else start()
     finally:
         for d in disks:
             d.close()
@@ -180,22 +220,27 @@ MAX_DISKS = 16
 MAX_NICS = 8
 
 
-def _open_disks(specs: list[str]) -> list:
-    """Open (and lock) each --disk IMAGE[,ro]; one line for any that cannot be used."""
+def _parse_disk(spec: str) -> tuple[str, bool]:
+    """--disk IMAGE[,ro|,rw] -> (path, readonly)."""
+    path, _, opts = spec.partition(",")
+    if opts not in ("", "ro", "rw"):
+        raise UserError(f"--disk {spec!r}: the only options are ',ro' and ',rw'")
+    if not path:
+        raise UserError(f"--disk {spec!r}: give the image's path")
+    return path, opts == "ro"
+
+
+def _open_disks(specs: list[tuple[str, bool]]) -> list:
+    """Open (and lock) each (path, readonly); one line for any that cannot be used."""
     from pyvmm.backends.blkback import DiskError, DiskImage
 
     if len(specs) > MAX_DISKS:
         raise UserError(f"{len(specs)} disks: pyvmm attaches at most {MAX_DISKS} (xvda..xvdp)")
     disks = []
     try:
-        for spec in specs:
-            path, _, opts = spec.partition(",")
-            if opts not in ("", "ro", "rw"):
-                raise UserError(f"--disk {spec!r}: the only options are ',ro' and ',rw'")
-            if not path:
-                raise UserError(f"--disk {spec!r}: give the image's path")
+        for path, readonly in specs:
             try:
-                disks.append(DiskImage.open(path, readonly=opts == "ro"))
+                disks.append(DiskImage.open(path, readonly=readonly))
             except DiskError as e:
                 raise UserError(str(e)) from None
     except BaseException:

@@ -33,7 +33,7 @@ def _positionals(parser: argparse.ArgumentParser) -> list[argparse.Action]:
 def bash_script() -> str:
     from pyvmm import cli, manage
 
-    verbs = _subparsers(manage.build_parser())
+    verbs = dict(_subparsers(manage.build_parser()), create=cli.build_create_parser())
     cases = []
     for verb, sub in sorted(verbs.items()):
         # what each word position after the verb completes to

@@ -68,11 +68,11 @@ class _GuestControl:
     """What `pyvmm list|shutdown|destroy|console` reach through the control
     socket (pyvmm/control.py): the current boot's domain."""
 
-    def __init__(self, name, memory, kernel_path, disks, nets):
+    def __init__(self, name, memory, kernel_path, disks, nets, **settings):
         self.dom = None
         self.boots = 0
         self.destroy_requested = False
-        self._static = {"memory_mib": memory >> 20, "kernel": str(kernel_path),
+        self._static = {**settings, "memory_mib": memory >> 20, "kernel": str(kernel_path),
                         "disks": [d.path + (",ro" if d.readonly else "") for d in disks],
                         "nets": [f"{link.name} {mac}" + (f" bridge {link.bridge}" if getattr(link, "bridge", None)
                                                           else "") for link, mac in nets]}
@@ -134,13 +134,18 @@ class _GuestControl:
             self.dom.send_console_input(data)
 
 
-def launch(*, name, memory, kernel_path, disks=(), nets=(), ready=None, **kw) -> int:
+def launch(*, name, memory, kernel_path, disks=(), nets=(), ready=None, config=None, **kw) -> int:
     """Boot the guest under a control socket named after it; `ready(None)`
     is called once the first boot has started (`ready(message)` if it
-    could not), for --detach to release the waiting parent."""
+    could not), for --detach to release the waiting parent.  `config`:
+    the xl config file it came from, for `pyvmm list`."""
+    import uuid
+
     from pyvmm.control import ControlServer, NameInUse
 
-    guest = _GuestControl(name, memory, kernel_path, disks, nets)
+    kw["uuid"] = kw.get("uuid") or str(uuid.uuid4())     # kept across reboots, as xl keeps it
+    guest = _GuestControl(name, memory, kernel_path, disks, nets, config=config, cmdline=kw.get("cmdline"),
+                          on_reboot=kw.get("on_reboot"), uuid=kw.get("uuid"))
     try:
         control = ControlServer(name, guest)
     except NameInUse:
@@ -154,7 +159,7 @@ def launch(*, name, memory, kernel_path, disks=(), nets=(), ready=None, **kw) ->
 
 
 def _boot_loop(*, kernel_box, kernel_path, initrd, cmdline, memory, name, escape, on_reboot, verbose,
-               disks, nets, guest, control, ready) -> int:
+               disks, nets, guest, control, ready, uuid=None, memory_hint="--memory") -> int:
     from pyvmm.backends.blkback import BlockBackend, xvd_name
     from pyvmm.backends.netback import NetBackend
     from pyvmm.vmm.kvm import KvmUnavailable
@@ -194,11 +199,12 @@ def _boot_loop(*, kernel_box, kernel_path, initrd, cmdline, memory, name, escape
             # the CLI's checked image for the first boot; a reboot reads
             # the file again, as xl does
             kernel = kernel_box.pop() if kernel_box else load_kernel(kernel_path)
-            dom = Domain(kernel, ram_size=memory, cmdline=cmdline, initrd=initrd, kvm=kvm, name=name)
+            dom = Domain(kernel, ram_size=memory, cmdline=cmdline, initrd=initrd, kvm=kvm, name=name,
+                         uuid=uuid)
         except LoaderError as e:
             raise UserError(f"{kernel_path}: {e}") from None
         except BuildError as e:
-            raise UserError(f"{kernel_path}: {e}; give more with --memory") from None
+            raise UserError(f"{kernel_path}: {e}; give more with {memory_hint}") from None
         # the loaded image (tens of MiB) is in guest RAM now: hold no copy of
         # it while the guest runs, and give the build's buffers back
         kernel = None

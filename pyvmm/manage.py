@@ -25,8 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     ls = sub.add_parser("list", help="the running guests")
     fmt = ls.add_mutually_exclusive_group()
-    fmt.add_argument("--json", action="store_true",
-                     help="one JSON array, an object per guest (what its control socket reports)")
+    fmt.add_argument("--json", "-l", "--long", action="store_true",
+                     help="one JSON array, an object per guest: what its control socket reports, "
+                          "its settings (and config file) included, as xl list -l")
     fmt.add_argument("--names", action="store_true", help="only the names, one per line (for scripts)")
     c = sub.add_parser("console", help="attach to a guest's console (Ctrl-] leaves it running)")
     c.add_argument("name")
@@ -72,7 +73,8 @@ def _list(args) -> int:
         print(json.dumps(guests, indent=1, sort_keys=True))
         return 0
     if args.names:
-        print("\n".join(g["name"] for g in guests))
+        for g in guests:
+            print(g["name"])
         return 0
     rows = [("NAME", "PID", "MEM(MiB)", "STATE", "UPTIME", "BOOTS", "CONSOLES", "DEVICES")]
     # MEM: what the guest holds now, and its balloon target when that differs

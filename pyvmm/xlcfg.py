@@ -620,15 +620,16 @@ class _Guest:
         s, mib = memory
         if mib < self.cli.MIN_MEMORY >> 20:
             raise UserError(f"{s.where}: {s.key} = {mib} (MiB) is too small: a PV guest needs "
-                            f"at least {self.cli.MIN_MEMORY >> 20}")
+                            f"at least {self.cli.MIN_MEMORY >> 20}; set {s.key} = {self.cli.MIN_MEMORY >> 20} "
+                            f"or more")
         if mib > self.cli.MAX_MEMORY >> 20:
             raise UserError(f"{s.where}: {s.key} = {mib} (MiB) is more than pyvmm supports "
                             f"({self.cli.MAX_MEMORY >> 20})")
         if maxmem is not None and maxmem[1] != mib:
             ms, maxmib = maxmem
             if maxmib > mib:
-                raise UserError(f"{ms.where}: maxmem = {maxmib} with memory = {mib}: pyvmm does not "
-                                f"balloon yet, a guest has all its memory from the start; "
+                raise UserError(f"{ms.where}: maxmem = {maxmib} with memory = {mib}: pyvmm cannot boot a "
+                                f"guest below its maximum yet (`pyvmm mem-set` lowers it once it runs); "
                                 f"set maxmem = {mib} or remove maxmem")
             raise UserError(f"{ms.where}: maxmem = {maxmib} is less than memory = {mib} "
                             f"(xl.cfg requires maxmem >= memory); set maxmem = {mib} or remove it")

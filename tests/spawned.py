@@ -8,9 +8,9 @@ import time
 
 
 class Spawned:
-    def __init__(self, argv: list[str], env: dict | None = None):
+    def __init__(self, argv: list[str], env: dict | None = None, cwd=None):
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, env=env)
+                                     stderr=subprocess.PIPE, env=env, cwd=cwd)
         self.out, self.err = bytearray(), bytearray()
         self._readers = [threading.Thread(target=self._pump, args=(self.proc.stdout, self.out), daemon=True),
                          threading.Thread(target=self._pump, args=(self.proc.stderr, self.err), daemon=True)]

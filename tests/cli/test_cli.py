@@ -15,10 +15,10 @@ from pyvmm.errors import ExitStatus, UserError
 from kernels import bzimage_of, make_linux_like
 
 
-def pyvmm(*args, env=None, timeout=120):
+def pyvmm(*args, env=None, timeout=120, cwd=None):
     full_env = dict(os.environ, **(env or {}))
     return subprocess.run([sys.executable, "-m", "pyvmm", *args], capture_output=True, text=True,
-                          timeout=timeout, env=full_env, stdin=subprocess.DEVNULL)
+                          timeout=timeout, env=full_env, stdin=subprocess.DEVNULL, cwd=cwd)
 
 
 def assert_one_line_error(proc, status, *fragments):

@@ -171,6 +171,8 @@ def test_bash_completion_offers_verbs_flags_and_running_guests(ticker, tmp_path)
     env = dict(os.environ, **env, PATH=f"{bin_dir}:{os.environ['PATH']}")
     script = pyvmm("completion", "bash", env=env).stdout
     assert _complete(script, ["pyvmm", "pa"], env) == ["pause"]
+    assert _complete(script, ["pyvmm", "cr"], env) == ["create"]
+    assert _complete(script, ["pyvmm", "create", "-"], env) == ["--escape", "--help", "--verbose"]
     assert _complete(script, ["pyvmm", "--me"], env) == ["--memory"]
     assert _complete(script, ["pyvmm", "pause", ""], env) == ["tk"]
     assert _complete(script, ["pyvmm", "xenstore", "t"], env) == ["tk"]

@@ -419,7 +419,7 @@ def test_too_many_vifs(guest_dir):
     (BASE + "maxmem = 8", ["guest.cfg:3: maxmem = 8 (MiB) is too small"]),
     (BASE + "memory = 1048576", ["is more than pyvmm supports"]),
     (BASE + "memory = 512\nmaxmem = 1024", ["guest.cfg:4: maxmem = 1024 with memory = 512",
-                                             "does not balloon yet"]),
+                                             "cannot boot a guest below its maximum"]),
     (BASE + "memory = 512\nmaxmem = 256", ["maxmem = 256 is less than memory = 512"]),
     (BASE + "memory = 08", ["not a whole number", "octal"]),
     (BASE + 'memory = "lots"', ["memory = 'lots' is not a whole number"]),

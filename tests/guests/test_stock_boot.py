@@ -389,13 +389,13 @@ def _stall_report(dom) -> str:
 
 
 @contextlib.contextmanager
-def _pyvmm_at_prompt(argv: list[str], prompt_timeout: float):
+def _pyvmm_at_prompt(argv: list[str], prompt_timeout: float, env: dict | None = None):
     """(run, console): the `pyvmm` command `argv` with its console at the first
     prompt. A failed assertion in the block gets pyvmm's own account of why it
     stopped; pyvmm is gone (killed if need be) when the block ends."""
     from pyvmm.launch import STATUS_SIGNAL
 
-    run = Spawned(argv)
+    run = Spawned(argv, env=env)
     con = ConsoleSession(lambda: bytes(run.out), run.send, run.alive)
     try:
         con.expect(PROMPT, prompt_timeout, "first prompt")
@@ -576,6 +576,60 @@ def _detached_status(pyvmm, log) -> str:
         return text[text.rindex("pyvmm: status after"):]
     except Exception as e:            # a diagnosis must not hide the failure it explains
         return f"(no status: {e!r})"
+
+
+@pytest.mark.slow
+def test_create_from_an_xl_config_two_disks_and_a_vif_on_a_bridge(tmp_path):
+    """Issue 12's acceptance: `pyvmm create FILE -c` with an xl config
+    (the default kernel, two disks in both spec syntaxes, a vif on a bridge
+    in a network namespace the test makes): the guest sees both disks,
+    pings the host's address on the bridge, and `pyvmm xenstore ... ls
+    device` shows its frontends' nodes."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from pyvmm.guests.default import build_default_guest
+
+    if os.geteuid() != 0 or not os.path.exists("/dev/net/tun") or not shutil.which("ip"):
+        pytest.skip("needs root, /dev/net/tun and iproute2 (ip) for a bridge in a namespace")
+    guest = build_default_guest(progress=False)
+    prompt_timeout, command_timeout = _timeouts()
+    rw, ro, rw_data, ro_data = _disk_images(tmp_path)
+    cfg = tmp_path / "deb.cfg"
+    cfg.write_text(f'name = "xl1"\nkernel = "{guest.kernel}"\nramdisk = "{guest.initrd}"\n'
+                   f'cmdline = "{guest.cmdline}"\nmemory = 256\n'
+                   f"disk = [ '{rw},raw,xvda,rw', 'vdev=xvdb, access=ro, target={ro}' ]\n"
+                   'vif = [ "mac=00:16:3e:00:04:0f, bridge=pvbr0" ]\n')
+    env = dict(os.environ, PYVMM_RUNTIME_DIR=str(tmp_path / "run"))
+    ns = f"pyvmm-x{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        for cmd in (["link", "add", "pvbr0", "type", "bridge"], ["addr", "add", "10.0.4.1/24", "dev", "pvbr0"],
+                    ["link", "set", "pvbr0", "up"]):
+            subprocess.run(["ip", "-n", ns, *cmd], check=True)
+        argv = ["ip", "netns", "exec", ns, sys.executable, "-m", "pyvmm", "create", str(cfg), "-c"]
+        with _pyvmm_at_prompt(argv, prompt_timeout, env=env) as (run, con):
+            con.command("ifconfig eth0 10.0.4.15 netmask 255.255.255.0 up && echo UP",
+                        re.compile(rb"^UP\r?$", re.M), command_timeout)
+            con.command("ping -c 2 -W 5 10.0.4.1", re.compile(rb"2 packets transmitted, 2 packets received"),
+                        command_timeout)
+            ls = subprocess.run([sys.executable, "-m", "pyvmm", "xenstore", "xl1", "ls", "device"],
+                                capture_output=True, text=True, env=env, timeout=60)
+            assert ls.returncode == 0, ls.stderr
+            nodes = [line.strip() for line in ls.stdout.splitlines()]
+            for node in ('vbd = ""', '51712 = ""', '51728 = ""', 'vif = ""', '0 = ""', 'mac = "00:16:3e:00:04:0f"'):
+                assert node in nodes, (node, ls.stdout)
+            wrote = _disk_checks(con, command_timeout, rw_data, ro_data)
+            run.send(b"poweroff -f\n")
+            rc = run.proc.wait(command_timeout)
+        assert rc == 0, (rc, run.stderr)
+        _check_images_after(rw, ro, rw_data, ro_data, wrote)
+        log = (tmp_path / "run" / "xl1.log").read_text()
+        assert re.search(r"eth0=vif\d+\.0 \(00:16:3e:00:04:0f\)", log), log[-2000:]   # the TAP pyvmm made
+    finally:
+        subprocess.run(["ip", "netns", "delete", ns], capture_output=True)
 
 
 @pytest.mark.slow

@@ -116,7 +116,8 @@ def _null_seg() -> KvmSegment:
 class Domain(PvDomainBase):
     def __init__(self, kernel: KernelImage | bytes | str, *, ram_size: int = 16 << 20,
                  cmdline: str = "", initrd: bytes | None = None, echo: bool = False,
-                 kvm: Kvm | None = None, is_pvm: bool | None = None, name: str = "domU"):
+                 kvm: Kvm | None = None, is_pvm: bool | None = None, name: str = "domU",
+                 uuid: str | None = None):
         if not isinstance(kernel, KernelImage):
             kernel = load_kernel(kernel)
         self.echo = echo
@@ -171,7 +172,7 @@ class Domain(PvDomainBase):
         self.notifier = EventNotifier(self.vm, self.region, self.evtchn)
         self.clock = DomainClock(self.kvm, self.vcpu, self.region, self.phys)   # LAPIC timer, pvclock
         self.channels = DomainChannels(self.evtchn, self.gnttab, self.ram, self.layout, domid=self.domid,
-                                       name=name, nr_vcpus=len(self.region.vcpus),
+                                       name=name, uuid=uuid, nr_vcpus=len(self.region.vcpus),
                                        console_write=self.console_write)
         self.backends: list = []                      # split-driver back-ends (attach())
 
