@@ -81,7 +81,19 @@ class _GuestControl:
         dom = self.dom
         state = "starting" if dom is None else "paused" if dom.paused else "running"
         info = dict(self._static, boots=self.boots, state=state)
+        times = os.times()
+        info["cpu_s"] = round(times.user + times.system, 3)     # the guest's process: vCPU and back-ends
         if dom is not None:
+            io = {"disk_read_bytes": 0, "disk_write_bytes": 0, "net_rx_bytes": 0, "net_tx_bytes": 0}
+            for be in dom.backends:
+                st = be.stats
+                if be.kind == "vbd":
+                    io["disk_read_bytes"] += st["bytes_read"]
+                    io["disk_write_bytes"] += st["bytes_written"]
+                elif be.kind == "vif":           # rx: to the guest, tx: from it (netback's view)
+                    io["net_rx_bytes"] += st["rx_bytes"]
+                    io["net_tx_bytes"] += st["tx_bytes"]
+            info["io"] = io
             # the balloon: what the guest was asked to hold, what it holds,
             # and what its RAM takes on the host now
             target = dom.store.read_str(f"{dom.channels.dom_path}/memory/target", "0")

@@ -10,12 +10,12 @@ import sys
 import threading
 import time
 
-from pyvmm import xenstore_access
+from pyvmm import top, xenstore_access
 from pyvmm.control import GuestNotFound, list_guests, request
 from pyvmm.errors import ExitStatus, UserError, print_error
 from pyvmm.terminal import Terminal, parse_escape
 
-COMMANDS = ("list", "console", "shutdown", "reboot", "destroy", "pause", "unpause", "mem-set", "xenstore", "completion")
+COMMANDS = ("list", "console", "shutdown", "reboot", "destroy", "pause", "unpause", "mem-set", "top", "xenstore", "completion")
 DEFAULT_SHUTDOWN_WAIT_S = 60.0
 DESTROY_WAIT_S = 10.0
 
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("mem-set", help="set a guest's balloon target, as xl mem-set does")
     m.add_argument("name")
     m.add_argument("size", help="e.g. 128M or 1G (plain numbers are MiB)")
+    top.add_parser(sub)
     xenstore_access.add_parser(sub)
     sub.add_parser("completion", help="print a shell completion script: "
                                       "eval \"$(pyvmm completion bash)\"").add_argument("shell", choices=["bash"])
@@ -57,7 +58,7 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"list": _list, "console": _console, "shutdown": _shutdown, "reboot": _reboot,
-                "destroy": _destroy, "pause": _pause, "unpause": _pause, "mem-set": _mem_set,
+                "destroy": _destroy, "pause": _pause, "unpause": _pause, "mem-set": _mem_set, "top": top.main,
                 "xenstore": xenstore_access.main, "completion": _completion}[args.command](args)
     except GuestNotFound as e:
         print_error(f"no guest named {e} is running ('pyvmm list' shows those that are)")

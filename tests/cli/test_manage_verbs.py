@@ -198,3 +198,36 @@ def test_mem_set_writes_the_balloon_target_and_list_reports_a_guest_that_ignores
                           "64 MiB is above the guest's maximum of 32 MiB")
     assert_one_line_error(pyvmm("mem-set", "tk", "8M", env=env), ExitStatus.USAGE, "below the 16 MiB")
     assert_one_line_error(pyvmm("mem-set", "tk", "lots", env=env), ExitStatus.USAGE, "cannot read memory size")
+
+
+def test_top_prints_rates_per_guest(ticker):
+    env, log = ticker
+    p = pyvmm("top", "-d", "0.5", "-n", "2", env=env)
+    assert p.returncode == 0, p.stderr
+    tables = p.stdout.strip().split("\n\n")
+    assert len(tables) == 2, p.stdout
+    header, row = tables[1].splitlines()
+    assert header.split()[:5] == ["NAME", "STATE", "CPU%", "MEM(MiB)", "HOST(MiB)"], header
+    name, state, cpu, mem, host, *rates = row.split()
+    assert (name, state, mem) == ("tk", "running", "32"), row
+    assert 0 < float(cpu) < 100 and int(host) <= 32, row     # the ticker wakes 10 times a second
+    assert rates == ["0.0"] * 4, row                          # no devices
+    assert_one_line_error(pyvmm("top", "-d", "0", env=env), ExitStatus.USAGE, "more than 0 seconds")
+
+
+def test_top_rates_from_counters():
+    """rows(): each rate is the counter's change over the interval; a guest
+    new since the first sample (or restarted: another pid) has none yet."""
+    from pyvmm.top import rows
+
+    def g(pid, cpu, dr, dw, rx, tx):
+        return {"name": "a", "pid": pid, "state": "running", "cpu_s": cpu, "memory_current_mib": 64,
+                "memory_host_mib": 40, "io": {"disk_read_bytes": dr, "disk_write_bytes": dw,
+                                               "net_rx_bytes": rx, "net_tx_bytes": tx}}
+    before = (10.0, {"a": g(1, 5.0, 0, 0, 0, 0)})
+    after = (12.0, {"a": g(1, 5.5, 20e6, 4e6, 2e6, 1e6), "b": dict(g(2, 1.0, 0, 0, 0, 0), name="b")})
+    (a, b) = rows(before, after)
+    assert a == ("a", "running", "25.0", "64", "40", "10.0", "2.0", "1.0", "0.5")
+    assert b[0] == "b" and b[2] == "-" and b[5:] == ("-",) * 4
+    restarted = (12.0, {"a": g(7, 0.1, 0, 0, 0, 0)})
+    assert rows(before, restarted)[0][2] == "-"
