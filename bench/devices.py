@@ -154,7 +154,7 @@ class CostMeter:
         return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
 
 
-def run(size_mb: int, with_net: bool) -> dict:
+def run(size_mb: int, with_net: bool, extra_cmdline: str = "") -> dict:
     from pyvmm.backends.blkback import BlockBackend, DiskImage
     from pyvmm.backends.netback import NetBackend
     from pyvmm.guests.default import build_default_guest
@@ -177,7 +177,7 @@ def run(size_mb: int, with_net: bool) -> dict:
         if with_net:
             ns = Namespace(work)
             tap = ns.open_tap()
-        with Domain(str(g.kernel), ram_size=256 << 20, cmdline=g.cmdline,
+        with Domain(str(g.kernel), ram_size=256 << 20, cmdline=" ".join(filter(None, (g.cmdline, extra_cmdline))),
                     initrd=g.initrd.read_bytes()) as dom:
             dom.attach(BlockBackend(dom, 0, image))
             if tap is not None:
@@ -259,11 +259,13 @@ def main() -> int:
     ap.add_argument("--size-mb", type=int, default=64)
     ap.add_argument("--no-net", action="store_true", help="skip the network transfer")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--extra-cmdline", default="", metavar="STR",
+                    help="appended to the guest's command line (e.g. a module parameter to compare)")
     args = ap.parse_args()
     with_net = not args.no_net and net_available()
     if not args.no_net and not with_net:
         say("no network transfer: it needs root, /dev/net/tun and iproute2")
-    r = run(args.size_mb, with_net)
+    r = run(args.size_mb, with_net, args.extra_cmdline)
     print(json.dumps(r) if args.json else table(r))
     return 0
 

@@ -622,6 +622,9 @@ def test_create_from_an_xl_config_two_disks_and_a_vif_on_a_bridge(tmp_path):
             for node in ('vbd = ""', '51712 = ""', '51728 = ""', 'vif = ""', '0 = ""', 'mac = "00:16:3e:00:04:0f"'):
                 assert node in nodes, (node, ls.stdout)
             wrote = _disk_checks(con, command_timeout, rw_data, ro_data)
+            # /init gave insmod the command line's module option (1 MiB requests)
+            con.command("cat /sys/module/xen_blkfront/parameters/max_indirect_segments",
+                        re.compile(rb"^256\r?$", re.M), command_timeout)
             run.send(b"poweroff -f\n")
             rc = run.proc.wait(command_timeout)
         assert rc == 0, (rc, run.stderr)
