@@ -6,10 +6,10 @@ PIP_FLAGS ?= --quiet --disable-pip-version-check --root-user-action=ignore
 
 # Idempotent: installs the host tools and the package (editable), then
 # nothing on later runs but a quick check.
-# Host packages: gcc builds the shim and the test guests; liblzo2-dev lets
-# python-lzo build; the compressors make the loader's test kernels; iproute2
-# gives the network test its namespace and TAP device.
-HOST_PACKAGES = gcc libc6-dev make dpkg liblzo2-dev gzip bzip2 xz-utils zstd lz4 lzop cpio iproute2
+# Host packages: gcc builds the shim and the test guests; the compressors
+# (lzop included) make the loader's test kernels; iproute2 gives the network
+# test its namespace and TAP device.
+HOST_PACKAGES = gcc libc6-dev make dpkg gzip bzip2 xz-utils zstd lz4 lzop cpio iproute2
 
 setup:
 	@missing=$$(for p in $(HOST_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
@@ -18,7 +18,7 @@ setup:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 	@# (re)install when a dependency is missing or pyvmm is installed from another checkout
-	@$(PYTHON) -c "import pathlib, pyvmm.xen_abi as x, construct, lz4, zstandard, lzo, numpy, pytest, pytest_timeout, hypothesis; \
+	@$(PYTHON) -c "import pathlib, pyvmm.xen_abi as x, construct, lz4, zstandard, lzokay, numpy, pytest, pytest_timeout, hypothesis; \
 	  assert pathlib.Path(x.__file__).resolve().is_relative_to(pathlib.Path.cwd().resolve())" 2>/dev/null || \
 	  (echo "setup: installing pyvmm (editable) and its Python dependencies"; \
 	   $(PYTHON) -m pip install $(PIP_FLAGS) -e '.[test]')

@@ -174,6 +174,7 @@ def _boot_loop(*, kernel_box, kernel_path, initrd, cmdline, memory, name, escape
                disks, nets, guest, control, ready, uuid=None, memory_hint="--memory") -> int:
     from pyvmm.backends.blkback import BlockBackend, xvd_name
     from pyvmm.backends.netback import NetBackend
+    from pyvmm.toolchain import ToolchainError
     from pyvmm.vmm.kvm import KvmUnavailable
     from pyvmm.vmm.memory import release_free_heap
     from pyvmm.xen_abi.abi import ShutdownReason
@@ -217,6 +218,11 @@ def _boot_loop(*, kernel_box, kernel_path, initrd, cmdline, memory, name, escape
             raise UserError(f"{kernel_path}: {e}") from None
         except BuildError as e:
             raise UserError(f"{kernel_path}: {e}; give more with {memory_hint}") from None
+        except ToolchainError as e:           # no gcc and no prebuilt shim: the host's setup
+            _say(f"error: {e}")
+            if ready is not None:
+                ready(str(e))
+            return ExitStatus.HOST_ERROR
         # the loaded image (tens of MiB) is in guest RAM now: hold no copy of
         # it while the guest runs, and give the build's buffers back
         kernel = None

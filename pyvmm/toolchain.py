@@ -15,10 +15,16 @@ gcc version.  A build happens in a private directory next to it and is
 published with one rename, so concurrent builders never see half a result
 (the first rename wins, the others use it).
 
+An installed wheel carries prebuilt results (PREBUILT_DIR, filled at wheel
+build time through exporting()), and build() looks there first, under a
+key computed without gcc; then in the cache; then it builds.  A source
+checkout or an editable install has no PREBUILT_DIR and builds as ever.
+
 A leaf module like cache.py: it knows nothing of what it builds.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -36,7 +42,12 @@ TOOLS = ("gcc", "ld", "objcopy", "nm")
 ELF_NAME = "out.elf"
 FLAT_NAME = "out.bin"
 SYMBOLS_NAME = "symbols.json"
+BUILT_WITH_NAME = "gcc-version"     # in a prebuilt result: which gcc made it
 STDERR_LIMIT = 4000
+#: Results shipped in a wheel, as <name>-<source key>/; absent in a checkout.
+PREBUILT_DIR = Path(__file__).resolve().parent / "prebuilt"
+
+_export_dirs: list[Path] = []       # exporting(): where results are copied too
 
 
 class ToolchainError(RuntimeError):
@@ -89,13 +100,56 @@ def build(name: str, sources: Sequence[Path | Source], *, cflags: Sequence[str] 
         "sources": texts, "headers": headers, "generated": sorted(generated_headers.items()),
         "cflags": list(cflags), "defines": sorted((k, str(v)) for k, v in defines.items()),
         "link": [link.script and link.script.read_text(), link.address, link.entry, list(link.flags)],
-        "flat": None if flat is None else list(flat), "gcc": gcc_version(),
+        "flat": None if flat is None else list(flat),
     }
-    key = hashlib.sha256(json.dumps(key_input).encode()).hexdigest()[:20]
-    out = cache_root() / f"{name}-{key}"
+    # The prebuilt key leaves gcc's version out: the lookup must work where
+    # there is no gcc to ask, and a wheel's binaries are whatever its build's
+    # gcc made (recorded beside them), like any binary wheel.  The cache key
+    # keeps the version, so a local gcc upgrade still rebuilds local results.
+    source_key = _digest(key_input)
+    shipped = PREBUILT_DIR / f"{name}-{source_key}"
+    if (shipped / SYMBOLS_NAME).exists() and not _export_dirs:
+        return Built(shipped, json.loads((shipped / SYMBOLS_NAME).read_text()))
+    if shutil.which("gcc") is None:
+        raise ToolchainError(_missing(name, "gcc"))
+    out = cache_root() / f"{name}-{_digest({**key_input, 'gcc': gcc_version()})}"
     if not (out / SYMBOLS_NAME).exists():
         _build_into(out, name, sources, cflags, defines, include_dirs, generated_headers, link, flat)
+    for dest in _export_dirs:
+        _export(out, dest / f"{name}-{source_key}")
     return Built(out, json.loads((out / SYMBOLS_NAME).read_text()))
+
+
+@contextlib.contextmanager
+def exporting(dest: Path):
+    """Meanwhile, build() ignores PREBUILT_DIR and also copies each result
+    into dest/<name>-<source key>: the layout of PREBUILT_DIR (how the
+    wheel build makes it)."""
+    _export_dirs.append(Path(dest))
+    try:
+        yield
+    finally:
+        _export_dirs.pop()
+
+
+def _export(out: Path, to: Path) -> None:
+    to.mkdir(parents=True, exist_ok=True)
+    for file in (ELF_NAME, FLAT_NAME, SYMBOLS_NAME):      # not the generated headers
+        if (out / file).exists():
+            shutil.copyfile(out / file, to / file)
+    (to / BUILT_WITH_NAME).write_text(gcc_version() + "\n")
+
+
+def _digest(key_input: dict) -> str:
+    return hashlib.sha256(json.dumps(key_input).encode()).hexdigest()[:20]
+
+
+def _missing(what: str, tool: str) -> str:
+    # an installed wheel has nothing but its prebuilt results; a checkout's
+    # user may install the wheel instead
+    wheel = "" if PREBUILT_DIR.is_dir() else ", or install pyvmm from a wheel (shim and test guests prebuilt)"
+    return (f"building {what} needs {tool!r} on PATH and this pyvmm has no prebuilt copy of it: "
+            f"install gcc and binutils (Debian: apt-get install gcc){wheel}")
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,7 +161,7 @@ def _build_into(out: Path, name, sources, cflags, defines, include_dirs, generat
                 link: Link, flat) -> None:
     for tool in TOOLS:
         if shutil.which(tool) is None:
-            raise ToolchainError(f"building {name} needs {tool!r} on PATH (Debian: apt-get install gcc)")
+            raise ToolchainError(_missing(name, tool))
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -162,7 +216,7 @@ def _run(tool: str, args, what: str) -> str:
     try:
         p = subprocess.run([tool, *map(str, args)], capture_output=True, text=True)
     except FileNotFoundError:
-        raise ToolchainError(f"building {what} needs {tool!r} on PATH (Debian: apt-get install gcc)") from None
+        raise ToolchainError(_missing(what, tool)) from None
     if p.returncode:
         raise ToolchainError(f"{tool} failed building {what} (exit status {p.returncode}):\n"
                              f"{p.stderr.strip()[:STDERR_LIMIT]}")

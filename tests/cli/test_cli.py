@@ -94,6 +94,17 @@ def test_kvm_device_missing():
     assert len(errors) == 1 and "/nonexistent/kvm" in errors[0], p.stderr
 
 
+def test_no_gcc_and_no_prebuilt_shim(tmp_path):
+    """A checkout on a host without gcc: one line saying what to install."""
+    from pyvmm.guests.testguests import build_testguest
+
+    (tmp_path / "bin").mkdir()
+    p = pyvmm("--xen-pv", str(build_testguest("hello")),
+              env={"PATH": str(tmp_path / "bin"), "PYVMM_CACHE": str(tmp_path / "cache")})
+    assert_one_line_error(p, ExitStatus.HOST_ERROR, "building shim needs 'gcc' on PATH",
+                          "apt-get install gcc", "from a wheel")
+
+
 def test_bad_name():
     from pyvmm.guests.testguests import build_testguest
 

@@ -37,3 +37,62 @@ def test_a_missing_tool_is_named(monkeypatch, tmp_path):
     monkeypatch.setattr(toolchain.shutil, "which", lambda tool: None if tool == "objcopy" else "/usr/bin/" + tool)
     with pytest.raises(toolchain.ToolchainError, match="needs 'objcopy' on PATH"):
         build_start(7)
+
+
+def no_gcc(monkeypatch, tmp_path) -> None:
+    """gcc, ld, objcopy and nm are nowhere on PATH from here on."""
+    empty = tmp_path / "empty-bin"
+    empty.mkdir(exist_ok=True)
+    monkeypatch.setenv("PATH", str(empty))
+
+
+def test_a_prebuilt_result_of_the_same_sources_is_used_first_and_needs_no_gcc(monkeypatch, tmp_path):
+    prebuilt = tmp_path / "prebuilt"
+    monkeypatch.setattr(toolchain, "PREBUILT_DIR", prebuilt)
+    monkeypatch.setenv("PYVMM_CACHE", str(tmp_path / "wheel-build-cache"))
+    with toolchain.exporting(prebuilt):          # what the wheel build does
+        made = build_start(5)
+    assert made.dir.parent == tmp_path / "wheel-build-cache"
+    (shipped_dir,) = prebuilt.iterdir()
+    assert shipped_dir.name.startswith("test-toolchain-")
+    assert (shipped_dir / toolchain.BUILT_WITH_NAME).read_text().strip() == toolchain.gcc_version()
+
+    monkeypatch.setenv("PYVMM_CACHE", str(tmp_path / "cache"))
+    assert build_start(5).dir == shipped_dir     # before the cache and gcc, even with gcc at hand
+    no_gcc(monkeypatch, tmp_path)
+    shipped = build_start(5)
+    assert shipped.dir == shipped_dir
+    assert shipped.flat == made.flat and shipped.symbols == made.symbols
+    assert not (tmp_path / "cache").exists()     # nothing was built
+
+
+def test_other_sources_than_the_prebuilt_ones_are_built_with_gcc(monkeypatch, tmp_path):
+    prebuilt = tmp_path / "prebuilt"
+    monkeypatch.setattr(toolchain, "PREBUILT_DIR", prebuilt)
+    monkeypatch.setenv("PYVMM_CACHE", str(tmp_path / "cache"))
+    with toolchain.exporting(prebuilt):
+        build_start(5)
+    other = build_start(6)                       # a define differs: its key too
+    assert other.dir.parent == tmp_path / "cache"
+    assert other.flat[:5] == b"\xb8\x06\x00\x00\x00"
+    # the cache key, unlike the prebuilt one, has gcc's version in it
+    monkeypatch.setattr(toolchain, "gcc_version", lambda: "gcc (another) 99.1")
+    assert build_start(6).dir != other.dir
+    assert build_start(5).dir.parent == prebuilt
+
+
+def test_no_gcc_and_nothing_prebuilt_is_one_line_saying_what_to_do(monkeypatch, tmp_path):
+    monkeypatch.setattr(toolchain, "PREBUILT_DIR", tmp_path / "no-such-dir")   # a checkout
+    monkeypatch.setenv("PYVMM_CACHE", str(tmp_path / "cache"))
+    no_gcc(monkeypatch, tmp_path)
+    with pytest.raises(toolchain.ToolchainError) as e:
+        build_start(7)
+    assert str(e.value) == ("building test-toolchain needs 'gcc' on PATH and this pyvmm has no prebuilt copy "
+                            "of it: install gcc and binutils (Debian: apt-get install gcc), or install pyvmm "
+                            "from a wheel (shim and test guests prebuilt)")
+    # an installed wheel: its prebuilt results are all there is, so only gcc helps
+    (tmp_path / "prebuilt").mkdir()
+    monkeypatch.setattr(toolchain, "PREBUILT_DIR", tmp_path / "prebuilt")
+    with pytest.raises(toolchain.ToolchainError, match=r"apt-get install gcc\)$"):
+        build_start(7)
+    assert not (tmp_path / "cache").exists()

@@ -233,14 +233,26 @@ def _decompress_lz4_legacy(data: bytes) -> bytes:
 
 def _lzo1x_decompress(block: bytes, dst_len: int) -> bytes:
     try:
-        import lzo
+        import lzokay
     except ImportError:
-        raise LoaderError("LZO-compressed kernel: install python-lzo (pip install python-lzo) to load it") from None
+        raise LoaderError("LZO-compressed kernel: install lzokay (pip install lzokay) to load it") from None
     try:
-        out = lzo.decompress(block, False, dst_len)
-    except lzo.error as e:
+        out = lzokay.decompress(block, dst_len)
+    except lzokay.OutputOverrunError:
+        raise LoaderError("corrupt lzo payload: block inflates to the wrong size") from None
+    except lzokay.LzokayError as e:
         raise LoaderError(f"corrupt lzo payload: {e}") from None
-    if len(out) != dst_len:
+    # lzokay returns its whole zero-filled buffer, not the length it wrote
+    # (its Python binding drops that), so a block that inflates short would
+    # pass as zero padding.  A last byte that is not zero was written; else
+    # one byte less room must overrun if the block really fills dst_len.
+    if out[-1] == 0:
+        try:
+            lzokay.decompress(block, dst_len - 1)
+        except lzokay.OutputOverrunError:
+            return out
+        except lzokay.LzokayError as e:
+            raise LoaderError(f"corrupt lzo payload: {e}") from None
         raise LoaderError("corrupt lzo payload: block inflates to the wrong size")
     return out
 

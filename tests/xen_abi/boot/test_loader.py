@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import struct
 
+import lzokay
 import pytest
 
 from pyvmm.xen_abi.abi import ElfNote, XenFeat
-from pyvmm.xen_abi.boot.loader import ELFCLASS32, LoaderError, load_kernel
+from pyvmm.xen_abi.boot.loader import ELFCLASS32, MAGIC_LZOP, LoaderError, decompress, load_kernel
 
 from kernels import (
         COMPRESSIONS, LINUX_INIT_P2M, LINUX_PHYS_START, LINUX_VIRT_BASE, Seg, bzimage_of, compress,
@@ -90,6 +91,42 @@ def test_bzimage_lz4_cli_multiblock():
     big = make_linux_like(text_size=9 << 20)
     k = load_kernel(bzimage_of(big, "lz4"))
     assert k.segments[0].data == pattern(9 << 20, 1)
+
+
+def test_bzimage_lzo_cli_multiblock():
+    """lzop cuts at 256 KiB: many blocks, some ending in zero bytes."""
+    if not have_tool("lzo"):
+        pytest.fail("lzop tool missing")
+    big = make_linux_like(text_size=1 << 20)
+    k = load_kernel(bzimage_of(big, "lzo"))
+    assert k.compression == "lzo"
+    assert k.segments[0].data == pattern(1 << 20, 1)
+
+
+def lzop_stream(*blocks: tuple[int, bytes]) -> bytes:
+    """A minimal lzop container (no checksums) of (dst_len, block) pairs:
+    the block sizes say what each block should inflate to."""
+    header = struct.pack(">HHHBBIIIIBI", 0x1030, 0x2080, 0x0940, 1, 9, 0, 0o100644, 0, 0, 0, 0)
+    body = b"".join(struct.pack(">II", dst, len(b)) + b for dst, b in blocks)
+    return MAGIC_LZOP + header + body + bytes(4)
+
+
+def test_lzo_blocks_inflate_to_exactly_their_size():
+    for data in (pattern(5000, 3) + b"\x01", pattern(5000, 3) + bytes(64)):   # last byte set / zero
+        block = lzokay.compress(data)
+        assert decompress(lzop_stream((len(data), block), (len(data), block))) == ("lzo", data * 2)
+        for wrong in (len(data) - 1, len(data) + 1):
+            with pytest.raises(LoaderError, match="^corrupt lzo payload: block inflates to the wrong size$"):
+                decompress(lzop_stream((wrong, block)))
+
+
+def test_error_corrupt_and_truncated_lzo(elf):
+    with pytest.raises(LoaderError, match="^corrupt lzo payload: "):
+        decompress(lzop_stream((4096, b"\x00\xff" * 100)))
+    if not have_tool("lzo"):
+        pytest.fail("lzop tool missing")
+    payload = compress("lzo", elf)
+    assert "truncated lzo payload" in err(make_bzimage(payload[: len(payload) // 2]))
 
 
 def test_bzimage_setup_sects_zero_means_four(elf):
