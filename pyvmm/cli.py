@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "to the host bridge BR (both may be given); MAC defaults to a stable "
                         "00:16:3e address from the guest name")
     p.add_argument("--escape", metavar="KEY", default="^]", help="console escape key, ^X notation (default ^])")
+    lim = p.add_argument_group("limits (a cgroup of the guest's own, pyvmm/limits.py)")
+    lim.add_argument("--cpu-weight", type=int, metavar="N",
+                     help="CPU share against other guests, as xl's cpu_weight (256 = as any other guest)")
+    lim.add_argument("--cpu-cap", type=int, metavar="PERCENT",
+                     help="at most this much CPU time, in percent of one CPU, as xl's cap (0: no cap)")
+    lim.add_argument("--memory-limit", metavar="SIZE",
+                     help="host memory the whole guest process may use (its RAM and pyvmm's own), e.g. 400M")
     p.add_argument(
         "--on-reboot",
         choices=("restart", "exit"),
@@ -134,9 +141,13 @@ def _run(args: argparse.Namespace) -> int:
     if not NAME_RE.match(name):
         raise UserError(f"--name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
     disks = [_parse_disk(spec) for spec in args.disk]
+    from pyvmm.limits import Limits
+
+    limits = Limits(cpu_weight=args.cpu_weight, cpu_cap=args.cpu_cap,
+                    memory_max=parse_size(args.memory_limit) if args.memory_limit else None)
     return _boot(kernel_path=kernel_path, initrd_path=initrd_path, cmdline=cmdline, memory=memory, name=name,
                  disks=disks, nets=args.net, escape=args.escape, on_reboot=args.on_reboot,
-                 verbose=args.verbose, detach=args.detach)
+                 verbose=args.verbose, detach=args.detach, limits=limits)
 
 
 def build_create_parser() -> argparse.ArgumentParser:
@@ -156,6 +167,7 @@ def _create(argv: list[str]) -> int:
     xl config file describes (pyvmm/xlcfg.py), started in the background;
     -c then attaches its console (Ctrl-] leaves it running)."""
     from pyvmm import xlcfg
+    from pyvmm.limits import Limits
 
     args = build_create_parser().parse_args(argv)
     cfg = xlcfg.load(args.config, args.overrides)
@@ -165,7 +177,8 @@ def _create(argv: list[str]) -> int:
                memory=cfg.memory_bytes, name=cfg.name, disks=[(str(d.path), d.readonly) for d in cfg.disks],
                nets=[{"tap": v.vifname, "bridge": v.bridge, "mac": v.mac} for v in cfg.vifs],
                escape=args.escape, on_reboot=cfg.on_reboot_flag, verbose=args.verbose, detach=True,
-               uuid=cfg.uuid, memory_hint=f"'memory' in {args.config}", config=str(cfg.source_path.resolve()))
+               uuid=cfg.uuid, memory_hint=f"'memory' in {args.config}", config=str(cfg.source_path.resolve()),
+               limits=Limits(cpu_weight=cfg.cpu_weight, cpu_cap=cfg.cap))
     if rc == 0 and args.console:
         return manage.main(["console", cfg.name, "--escape", args.escape])
     return rc
@@ -173,9 +186,11 @@ def _create(argv: list[str]) -> int:
 
 def _boot(*, kernel_path: Path, initrd_path: Path | None, cmdline: str, memory: int, name: str, disks: list,
           nets: list, escape: str, on_reboot: str, verbose: int, detach: bool, uuid: str | None = None,
-          memory_hint: str = "--memory", config: str | None = None) -> int:
+          memory_hint: str = "--memory", config: str | None = None, limits=None) -> int:
     """Check the kernel, open the disks and networks, then run the guest
     here or in the background."""
+    if limits is not None:
+        limits.check(memory)
     from pyvmm.control import GuestNotFound, request
     from pyvmm.xen_abi.boot.loader import LoaderError, load_kernel
 
@@ -206,7 +221,8 @@ def _boot(*, kernel_path: Path, initrd_path: Path | None, cmdline: str, memory: 
     def start(ready=None) -> int:
         return launch(kernel_box=kernel_box, kernel_path=kernel_path, initrd=initrd, cmdline=cmdline,
                       memory=memory, name=name, disks=disks, nets=nets, escape=escape, on_reboot=on_reboot,
-                      verbose=verbose, ready=ready, uuid=uuid, memory_hint=memory_hint, config=config)
+                      verbose=verbose, ready=ready, uuid=uuid, memory_hint=memory_hint, config=config,
+                      limits=limits)
 
     try:
         return run_detached(name, start) if detach else start()

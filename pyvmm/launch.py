@@ -116,6 +116,12 @@ class _GuestControl:
         self.dom.store.write(f"{self.dom.channels.dom_path}/memory/target", str(size >> 10))
         return None
 
+    def set_limits(self, limits, group) -> None:
+        self._static["limits"] = {"cpu_weight": limits.cpu_weight, "cpu_cap": limits.cpu_cap,
+                                  "memory_limit_mib": None if limits.memory_max is None
+                                  else limits.memory_max >> 20}
+        self._static["cgroup"] = group.describe()
+
     def pause(self) -> str | None:
         """As `xl pause`; None, or why not."""
         if self.dom is None:
@@ -146,7 +152,8 @@ class _GuestControl:
             self.dom.send_console_input(data)
 
 
-def launch(*, name, memory, kernel_path, disks=(), nets=(), ready=None, config=None, **kw) -> int:
+def launch(*, name, memory, kernel_path, disks=(), nets=(), ready=None, config=None, limits=None,
+           **kw) -> int:
     """Boot the guest under a control socket named after it; `ready(None)`
     is called once the first boot has started (`ready(message)` if it
     could not), for --detach to release the waiting parent.  `config`:
@@ -163,11 +170,20 @@ def launch(*, name, memory, kernel_path, disks=(), nets=(), ready=None, config=N
     except NameInUse:
         raise UserError(f"a guest named {name!r} is already running (pyvmm list): pick another "
                         f"--name, or stop it with 'pyvmm shutdown {name}'") from None
+    group = None
     try:
+        if limits is not None:
+            from pyvmm.limits import GuestCgroup
+
+            group = GuestCgroup.create(name, limits)     # this process: every thread of the guest
+            if group is not None:
+                guest.set_limits(limits, group)
         return _boot_loop(name=name, memory=memory, kernel_path=kernel_path, disks=disks, nets=nets,
                           guest=guest, control=control, ready=ready, **kw)
     finally:
         control.close()
+        if group is not None:
+            group.remove()
 
 
 def _boot_loop(*, kernel_box, kernel_path, initrd, cmdline, memory, name, escape, on_reboot, verbose,

@@ -324,7 +324,7 @@ xen_platform_pci_bar_uc xend_suspend_evtchn_compat xenstore_feature_mask xenstor
 # CPU pool, a watchdog action) misleads more than a line that says so.
 SUPPORTED_KEYS = frozenset("""
 name type builder kernel ramdisk cmdline root extra memory maxmem vcpus maxvcpus
-on_poweroff on_reboot on_crash uuid disk vif
+on_poweroff on_reboot on_crash uuid disk vif cpu_weight cap
 """.split())
 
 # Why some keys xl knows are refused, where "not supported" alone would not help.
@@ -403,6 +403,8 @@ class GuestConfig:
     uuid: str | None
     source_path: Path
     warnings: tuple[str, ...] = ()  # one line each: settings xl itself would ignore
+    cpu_weight: int | None = None   # xl's credit weight (pyvmm/limits.py); None: not set
+    cap: int | None = None          # % of one CPU; None or 0: no cap
 
     @property
     def on_reboot_flag(self) -> str:
@@ -477,13 +479,15 @@ class _Guest:
         cmdline = self.cmdline()
         memory = self.memory()
         self.vcpus()
+        cpu_weight, cap = self.scheduling()
         actions = {key: self.action(key) for key in ACTIONS}
         uuid = self.uuid()
         disks = self.disks()
         vifs = self.vifs(name)
         return GuestConfig(name=name, kernel=kernel, ramdisk=ramdisk, cmdline=cmdline,
                            memory_bytes=memory, disks=disks, vifs=vifs, uuid=uuid,
-                           source_path=source_path, warnings=tuple(self.warnings), **actions)
+                           source_path=source_path, warnings=tuple(self.warnings), cpu_weight=cpu_weight,
+                           cap=cap, **actions)
 
     # ---- reading one setting
     def atom(self, key: str) -> tuple[Setting, Atom] | None:
@@ -646,6 +650,21 @@ class _Guest:
             if count > 1:      # 0 is xl's "the default", one vCPU
                 raise UserError(f"{s.where}: {key} = {count}: pyvmm runs one vCPU per guest; "
                                 f"set {key} = 1" + (" or remove it" if key == "maxvcpus" else ""))
+
+    def scheduling(self) -> tuple[int | None, int | None]:
+        """cpu_weight and cap, as the credit scheduler takes them (xl.cfg:
+        weight 1..65535, cap a percentage of one CPU, 0 for none); pyvmm
+        applies them through a cgroup (limits.py)."""
+        from pyvmm.limits import MAX_WEIGHT
+
+        out = []
+        for key, lo, hi, fix in (("cpu_weight", 1, MAX_WEIGHT, f"1 to {MAX_WEIGHT} (256 is xl's default)"),
+                                 ("cap", 0, 100 * (os.cpu_count() or 1), "0 (no cap) or a percentage of one CPU")):
+            got = self.number(key)
+            if got is not None and not lo <= got[1] <= hi:
+                raise UserError(f"{got[0].where}: {key} = {got[1]} is out of range; give {fix}")
+            out.append(None if got is None else got[1])
+        return out[0], out[1]
 
     def action(self, key: str) -> str:
         can = ACTIONS[key]

@@ -199,6 +199,12 @@ def test_xl_defaults(guest_dir):
     assert vif.mac == default_mac("web", 0)
 
 
+def test_scheduling_keys_as_xl_reads_them(guest_dir):
+    g = load(config(guest_dir, BASE + "cpu_weight = 512\ncap = 50"))
+    assert (g.cpu_weight, g.cap) == (512, 50)
+    assert (load(config(guest_dir, BASE)).cpu_weight, load(config(guest_dir, BASE)).cap) == (None, None)
+
+
 def test_memory_defaults_to_maxmem(guest_dir):
     assert load(config(guest_dir, BASE + "maxmem = 128")).memory_bytes == 128 << 20
 
@@ -447,7 +453,9 @@ def test_too_many_vifs(guest_dir):
     (BASE + 'vnc = 1\nsdl = 0\npool = "p"', ["guest.cfg:3: 'vnc' is not supported by pyvmm",
                                              "graphical console", "2 more", "sdl, pool"]),
     (BASE + 'bootloader = "pygrub"', ["'bootloader' is not supported", "set kernel ="]),
-    (BASE + "cpu_weight = 256", ["guest.cfg:3: 'cpu_weight' is not supported by pyvmm: remove it"]),
+    (BASE + "cpu_weight = 0", ["guest.cfg:3: cpu_weight = 0 is out of range", "1 to 65535"]),
+    (BASE + 'cap = "-5"', ["guest.cfg:3: cap = -5 is out of range", "percentage of one CPU"]),
+    (BASE + "period = 10", ["guest.cfg:3: 'period' is not supported by pyvmm: remove it"]),
 ])
 def test_bad_configs(guest_dir, text, fragments):
     message = load_error(config(guest_dir, text))
