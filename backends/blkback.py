@@ -10,7 +10,8 @@ indirect segments (feature-max-indirect-segments: up to 256 segments, 1 MiB,
 per request, listed in granted pages), read-only disks (mode "r":
 VDISK_READONLY, writes and discards refused).  Not (yet): multi-page rings,
 multiple queues, persistent grants; the frontend falls back to the basic
-protocol for each.
+protocol for each.  An optional rate limit (ratelimit.py: bytes and
+requests per second) holds requests on the ring while over it.
 
 Every request is checked before any I/O: operation, segment count, sector
 bounds within a page and within the disk, the grants themselves.  A bad
@@ -149,9 +150,11 @@ class BlockBackend(XenbusBackend):
 
     kind = "vbd"
 
-    def __init__(self, host, index: int, image: DiskImage):
+    def __init__(self, host, index: int, image: DiskImage, limiter=None):
         self.image = image
         self.index = index
+        self.limiter = limiter               # ratelimit.RateLimiter or None
+        self.limiters = {"requests": limiter} if limiter is not None else {}
         self.ring: BackRing | None = None
         self.stats = {"read": 0, "write": 0, "flush": 0, "discard": 0, "error": 0,
                       "bytes_read": 0, "bytes_written": 0}
@@ -205,6 +208,12 @@ class BlockBackend(XenbusBackend):
         ring = self.ring
         while ring is not None:
             while ring.unconsumed():
+                wait = self.limiter.wait() if self.limiter is not None else 0
+                if wait:                     # over the rate: what is done goes out, the rest waits
+                    if ring.push_responses():
+                        self.notify_frontend()
+                    self.retry_later(wait)
+                    return
                 req = ring.take_request()
                 status = self._serve(req)
                 # an indirect request is answered with the operation it carried
@@ -305,10 +314,14 @@ class BlockBackend(XenbusBackend):
                 gnttab.unmap(m)
         self.stats["write" if write else "read"] += 1
         self.stats["bytes_written" if write else "bytes_read"] += total
+        if self.limiter is not None:
+            self.limiter.consume(total)
 
     def _flush(self, req: BlkifRequest) -> None:
         os.fdatasync(self.image.fd)
         self.stats["flush"] += 1
+        if self.limiter is not None:
+            self.limiter.consume(0)          # an operation, no bytes
 
     def _discard(self, req: BlkifRequestDiscard) -> None:
         if self.image.readonly:

@@ -252,9 +252,12 @@ class NetBackend(XenbusBackend):
 
     kind = "vif"
 
-    def __init__(self, host, index: int, link, mac: str):
+    def __init__(self, host, index: int, link, mac: str, tx_limiter=None, rx_limiter=None):
         self.link = link
         self.mac = parse_mac(mac)
+        # ratelimit.RateLimiter each, or None: from the guest, and to it
+        self.tx_limiter, self.rx_limiter = tx_limiter, rx_limiter
+        self.limiters = {k: v for k, v in (("transmit", tx_limiter), ("receive", rx_limiter)) if v is not None}
         self.tx: BackRing | None = None
         self.rx: BackRing | None = None
         self.rx_queue: collections.deque[bytes] = collections.deque()
@@ -346,8 +349,10 @@ class NetBackend(XenbusBackend):
     # ---- the rings (worker thread) ----
     def process(self) -> None:
         while self.tx is not None:
-            self._transmit()
-            self._receive()
+            held = self._transmit()
+            held |= self._receive()
+            if held:                     # a rate limit: retry_later() brings us back
+                return
             more = self.tx.final_check()
             with self._rx_lock:
                 waiting = bool(self.rx_queue)
@@ -356,9 +361,15 @@ class NetBackend(XenbusBackend):
             if not more:
                 return
 
-    def _transmit(self) -> None:
-        tx = self.tx
+    def _transmit(self) -> bool:
+        """Send what the guest queued; True if a rate limit held some back."""
+        tx, held = self.tx, False
         while tx.unconsumed():
+            wait = self.tx_limiter.wait() if self.tx_limiter is not None else 0
+            if wait:                     # over the rate: the packets wait on the ring
+                self.retry_later(wait)
+                held = True
+                break
             first = tx.take_request()
             slots, responses = [first], [(first.id, NetifStatus.okay)]
             if first.flags & NETTXF_extra_info:
@@ -388,6 +399,8 @@ class NetBackend(XenbusBackend):
                 else:
                     self.stats["tx_packets"] += 1
                     self.stats["tx_bytes"] += len(frame)
+                    if self.tx_limiter is not None:
+                        self.tx_limiter.consume(len(frame))
             except (_DropPacket, GrantError) as e:
                 log.info("%s of domain %d: transmit dropped: %s", self.name, self.domid, e)
                 self.stats["tx_errors"] += 1
@@ -396,6 +409,7 @@ class NetBackend(XenbusBackend):
                 tx.put_response(NetifTxResponse(id=rid or 0, status=status))
         if tx.push_responses():
             self.notify_frontend()
+        return held
 
     def _gather(self, slots: list) -> bytearray:
         """The packet's bytes from its slots' granted pages."""
@@ -412,11 +426,19 @@ class NetBackend(XenbusBackend):
             frame += gnttab.copy_from_guest(s.gref, s.offset, size, BACKEND_DOMID)
         return frame
 
-    def _receive(self) -> None:
+    def _receive(self) -> bool:
+        """Deliver queued frames into posted buffers; True if a rate limit held some back."""
         rx = self.rx
         gnttab = self.host.gnttab
-        delivered = 0
+        delivered, held = 0, False
         while True:
+            with self._rx_lock:
+                waiting = bool(self.rx_queue)
+            wait = self.rx_limiter.wait() if waiting and self.rx_limiter is not None else 0
+            if wait:                     # over the rate: frames wait in rx_queue (bounded)
+                self.retry_later(wait)
+                held = True
+                break
             with self._rx_lock:
                 if not self.rx_queue:
                     break
@@ -442,6 +464,9 @@ class NetBackend(XenbusBackend):
             delivered += 1
             self.stats["rx_packets"] += 1
             self.stats["rx_bytes"] += len(frame)
+            if self.rx_limiter is not None:
+                self.rx_limiter.consume(len(frame))
         if delivered and rx.push_responses():
             self.notify_frontend()
+        return held
 

@@ -169,6 +169,7 @@ class XenbusBackend:
         self._kicked = False
         self._state_seen = False
         self._closing = False
+        self._retry: threading.Timer | None = None
         self.fe_path, self.be_path = add_device(
             self.store, self.domid, self.kind, devid, frontend or {}, {})
         self._write_backend(self.features())
@@ -210,6 +211,8 @@ class XenbusBackend:
         stats = getattr(self, "stats", None)
         if stats:
             parts.append(", ".join(f"{k}={v}" for k, v in dict(stats).items()))
+        for what, limiter in getattr(self, "limiters", {}).items():
+            parts.append(f"{what} limited to {limiter.describe()}")
         with self._cond:
             parts.append(f"worker kicked {int(self._kicked)} state_seen {int(self._state_seen)}")
         return "; ".join(parts)
@@ -234,6 +237,16 @@ class XenbusBackend:
         with self._cond:
             self._kicked = True
             self._cond.notify()
+
+    def retry_later(self, seconds: float) -> None:
+        """Run process() again in `seconds` (a rate limit holds a queue
+        back); one timer at a time, gone with the device."""
+        with self._cond:
+            if self._closing or (self._retry is not None and self._retry.is_alive()):
+                return
+            self._retry = threading.Timer(seconds, self.kick)
+            self._retry.daemon = True
+            self._retry.start()
 
     # ---- xenstore ----
     def _write_backend(self, values: dict) -> None:
@@ -340,6 +353,8 @@ class XenbusBackend:
         with self._cond:
             self._closing = True
             self._cond.notify()
+            if self._retry is not None:
+                self._retry.cancel()
         if self._thread is not threading.current_thread():
             self._thread.join(timeout=10)
         try:

@@ -58,10 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cmdline", metavar="STR", help=f"kernel command line (default {DEFAULT_CMDLINE!r})")
     p.add_argument("--memory", "-m", metavar="SIZE", default=None, help="guest RAM, e.g. 256M or 1G (default 256M)")
     p.add_argument("--name", metavar="NAME", default=None, help="guest name (default: from the kernel file)")
-    p.add_argument("--disk", metavar="IMAGE[,ro]", action="append", default=[],
+    p.add_argument("--disk", metavar="IMAGE[,ro][,rate=SIZE][,iops=N]", action="append", default=[],
                    help="a raw disk image or block device for the guest: xvda, xvdb, ... in order; "
                         "',ro' attaches it read-only (repeat for more disks)")
-    p.add_argument("--net", metavar="tap=NAME|bridge=BR[,mac=MAC]", action="append", default=[],
+    p.add_argument("--net", metavar="tap=NAME|bridge=BR[,mac=MAC][,rate=SIZE]", action="append", default=[],
                    help="a network interface (eth0, eth1, ... in order) on the host TAP device NAME "
                         "(created if missing; configure its address on the host), or on a TAP added "
                         "to the host bridge BR (both may be given); MAC defaults to a stable "
@@ -174,8 +174,10 @@ def _create(argv: list[str]) -> int:
     for warning in cfg.warnings:
         print(f"pyvmm: warning: {warning}", file=sys.stderr)
     rc = _boot(kernel_path=cfg.kernel, initrd_path=cfg.ramdisk, cmdline=cfg.cmdline or DEFAULT_CMDLINE,
-               memory=cfg.memory_bytes, name=cfg.name, disks=[(str(d.path), d.readonly) for d in cfg.disks],
-               nets=[{"tap": v.vifname, "bridge": v.bridge, "mac": v.mac} for v in cfg.vifs],
+               memory=cfg.memory_bytes, name=cfg.name,
+               disks=[{"path": str(d.path), "readonly": d.readonly, "rate": None, "iops": None} for d in cfg.disks],
+               # xl's vif rate limits what the guest sends (netback's credit), not what it receives
+               nets=[{"tap": v.vifname, "bridge": v.bridge, "mac": v.mac, "tx_rate": v.rate} for v in cfg.vifs],
                escape=args.escape, on_reboot=cfg.on_reboot_flag, verbose=args.verbose, detach=True,
                uuid=cfg.uuid, memory_hint=f"'memory' in {args.config}", config=str(cfg.source_path.resolve()),
                limits=Limits(cpu_weight=cfg.cpu_weight, cpu_cap=cfg.cap))
@@ -209,9 +211,13 @@ def _boot(*, kernel_path: Path, initrd_path: Path | None, cmdline: str, memory: 
         raise UserError(f"{kernel_path}: {e}") from None
     initrd = initrd_path.read_bytes() if initrd_path else None
 
+    net_specs = _net_specs(nets)
+    # the rate limits go with each device to its back-end (launch.py)
+    rates = {"disks": [(d["rate"], d["iops"]) for d in disks],
+             "nets": [(n.get("tx_rate"), n.get("rx_rate")) for n in net_specs]}
     disks = _open_disks(disks)
     try:
-        nets = _open_nets(nets, name)
+        nets = _open_nets(net_specs, name)
     except BaseException:
         for d in disks:
             d.close()
@@ -222,7 +228,7 @@ def _boot(*, kernel_path: Path, initrd_path: Path | None, cmdline: str, memory: 
         return launch(kernel_box=kernel_box, kernel_path=kernel_path, initrd=initrd, cmdline=cmdline,
                       memory=memory, name=name, disks=disks, nets=nets, escape=escape, on_reboot=on_reboot,
                       verbose=verbose, ready=ready, uuid=uuid, memory_hint=memory_hint, config=config,
-                      limits=limits)
+                      limits=limits, rates=rates)
 
     try:
         return run_detached(name, start) if detach else start()
@@ -237,27 +243,48 @@ MAX_DISKS = 16
 MAX_NICS = 8
 
 
-def _parse_disk(spec: str) -> tuple[str, bool]:
-    """--disk IMAGE[,ro|,rw] -> (path, readonly)."""
-    path, _, opts = spec.partition(",")
-    if opts not in ("", "ro", "rw"):
-        raise UserError(f"--disk {spec!r}: the only options are ',ro' and ',rw'")
+def _parse_disk(spec: str) -> dict:
+    """--disk IMAGE[,ro|,rw][,rate=SIZE][,iops=N] -> {path, readonly, rate, iops}."""
+    path, *opts = spec.split(",")
     if not path:
         raise UserError(f"--disk {spec!r}: give the image's path")
-    return path, opts == "ro"
+    out = {"path": path, "readonly": False, "rate": None, "iops": None}
+    for opt in opts:
+        key, eq, value = opt.partition("=")
+        if not eq and key in ("ro", "rw"):
+            out["readonly"] = key == "ro"
+        elif eq and key in ("rate", "iops") and value:
+            out[key] = _rate(f"--disk {spec!r}", key, value)
+        else:
+            raise UserError(f"--disk {spec!r}: the options are ',ro', ',rw', ',rate=SIZE' (bytes per second, "
+                            f"e.g. 20M) and ',iops=N'")
+    return out
 
 
-def _open_disks(specs: list[tuple[str, bool]]) -> list:
-    """Open (and lock) each (path, readonly); one line for any that cannot be used."""
+def _rate(where: str, key: str, value: str) -> int:
+    """rate=SIZE (bytes per second: 20M) or iops=N, checked."""
+    try:
+        n = parse_size(value) if key == "rate" else int(value)
+        if n <= 0:
+            raise ValueError
+    except (UserError, ValueError):
+        raise UserError(f"{where}: {key}={value} is not a positive " +
+                        ("size per second, e.g. rate=20M" if key == "rate" else "number of operations per second")) \
+            from None
+    return n
+
+
+def _open_disks(specs: list[dict]) -> list:
+    """Open (and lock) each disk spec (path, readonly); one line for any that cannot be used."""
     from pyvmm.backends.blkback import DiskError, DiskImage
 
     if len(specs) > MAX_DISKS:
         raise UserError(f"{len(specs)} disks: pyvmm attaches at most {MAX_DISKS} (xvda..xvdp)")
     disks = []
     try:
-        for path, readonly in specs:
+        for spec in specs:
             try:
-                disks.append(DiskImage.open(path, readonly=readonly))
+                disks.append(DiskImage.open(spec["path"], readonly=spec["readonly"]))
             except DiskError as e:
                 raise UserError(str(e)) from None
     except BaseException:
@@ -271,18 +298,25 @@ def _parse_net(spec: str) -> dict:
     opts = {}
     for item in spec.split(","):
         key, eq, value = item.partition("=")
-        if not eq or key not in ("tap", "mac", "bridge") or key in opts:
-            raise UserError(f"--net {spec!r}: use tap=NAME and/or bridge=BRIDGE, with an optional ,mac=MAC")
+        if not eq or key not in ("tap", "mac", "bridge", "rate") or key in opts:
+            raise UserError(f"--net {spec!r}: use tap=NAME and/or bridge=BRIDGE, with optional ,mac=MAC "
+                            f"and ,rate=SIZE (bytes per second each way, e.g. 10M)")
         opts[key] = value
+    if "rate" in opts:
+        opts["tx_rate"] = opts["rx_rate"] = _rate(f"--net {spec!r}", "rate", opts.pop("rate"))
     if not opts.keys() & {"tap", "bridge"}:
         raise UserError(f"--net {spec!r}: name the host TAP device or a bridge, e.g. --net tap=pyvmm0 "
                         f"or --net bridge=br0")
     return opts
 
 
-def _open_nets(specs: list[str | dict], guest_name: str) -> list:
-    """Open each --net tap=NAME|bridge=BRIDGE[,mac=MAC] (or the same as a
-    dict): [(link, mac)]; one line for any that cannot be used.  With a
+def _net_specs(specs: list[str | dict]) -> list[dict]:
+    return [_parse_net(s) if isinstance(s, str) else s for s in specs]
+
+
+def _open_nets(specs: list[dict], guest_name: str) -> list:
+    """Open each net spec (tap, bridge, mac: --net's options): [(link,
+    mac)]; one line for any that cannot be used.  With a
     bridge and no TAP name the TAP is vif<pid>.<index> (xl's vif<domid>.<devid>,
     the pid standing for the domid: unique on the host), gone with pyvmm."""
     from pyvmm.backends.netback import NetError, TapDevice, default_mac, parse_mac
@@ -292,7 +326,7 @@ def _open_nets(specs: list[str | dict], guest_name: str) -> list:
     nets = []
     try:
         for index, spec in enumerate(specs):
-            opts = _parse_net(spec) if isinstance(spec, str) else spec
+            opts = spec
             try:
                 mac = parse_mac(opts["mac"]) if opts.get("mac") else default_mac(guest_name, index)
                 if opts.get("bridge"):

@@ -187,7 +187,7 @@ def launch(*, name, memory, kernel_path, disks=(), nets=(), ready=None, config=N
 
 
 def _boot_loop(*, kernel_box, kernel_path, initrd, cmdline, memory, name, escape, on_reboot, verbose,
-               disks, nets, guest, control, ready, uuid=None, memory_hint="--memory") -> int:
+               disks, nets, guest, control, ready, uuid=None, memory_hint="--memory", rates=None) -> int:
     from pyvmm.backends.blkback import BlockBackend, xvd_name
     from pyvmm.backends.netback import NetBackend
     from pyvmm.toolchain import ToolchainError
@@ -244,10 +244,14 @@ def _boot_loop(*, kernel_box, kernel_path, initrd, cmdline, memory, name, escape
         kernel = None
         release_free_heap()
         dom.on_console_output.add(show_console)
+        rates = rates or {}
+        disk_rates = rates.get("disks") or [(None, None)] * len(disks)
+        net_rates = rates.get("nets") or [(None, None)] * len(nets)
         for index, image in enumerate(disks):
-            dom.attach(BlockBackend(dom, index, image))
+            dom.attach(BlockBackend(dom, index, image, limiter=_limiter(*disk_rates[index])))
         for index, (link, mac) in enumerate(nets):
-            dom.attach(NetBackend(dom, index, link, mac))
+            tx, rx = net_rates[index]
+            dom.attach(NetBackend(dom, index, link, mac, tx_limiter=_limiter(tx), rx_limiter=_limiter(rx)))
         _say(f"booting {name}: {kernel_path} ({memory >> 20} MiB, cmdline {cmdline!r})"
              + "".join(f", {xvd_name(i)}={d.path}{' (ro)' if d.readonly else ''}"
                        for i, d in enumerate(disks))
@@ -304,6 +308,15 @@ def _boot_loop(*, kernel_box, kernel_path, initrd, cmdline, memory, name, escape
             for line in last:
                 print(f"    {line}", file=sys.stderr)
         return ExitStatus.CRASH
+
+
+def _limiter(bytes_per_s=None, ops_per_s=None):
+    """A fresh RateLimiter for one device queue (each boot), or None."""
+    if not bytes_per_s and not ops_per_s:
+        return None
+    from pyvmm.backends.ratelimit import RateLimiter
+
+    return RateLimiter(bytes_per_s, ops_per_s)
 
 
 def _status(dom, t0: float) -> None:

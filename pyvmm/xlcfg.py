@@ -381,6 +381,7 @@ class VifSpec:
     mac: str            # lower case; when the config gives none, pyvmm's stable one for the guest
     bridge: str         # the host bridge to add the guest's TAP to (xl's default: xenbr0)
     vifname: str | None  # the host TAP's name; None: the launcher picks one
+    rate: int | None = None  # bytes/s the guest may send (xl's rate=), None: no limit
 
 
 @dataclass(frozen=True)
@@ -742,7 +743,11 @@ class _Guest:
                     raise UserError(f"{at}: vifname {other.vifname} is also vif[{other_i}]'s")
             if "model" in opts:
                 self.warnings.append(f"{at}: model= is for HVM guests; a PV guest ignores it (as xl does)")
-            vifs.append(VifSpec(mac, opts.get("bridge", XL_DEFAULT_BRIDGE), opts.get("vifname")))
+            try:
+                rate = _xl_rate(opts["rate"]) if "rate" in opts else None
+            except _SpecError as e:
+                raise UserError(f"{at}: {e}") from None
+            vifs.append(VifSpec(mac, opts.get("bridge", XL_DEFAULT_BRIDGE), opts.get("vifname"), rate))
         return tuple(vifs)
 
 
@@ -942,7 +947,6 @@ _VIF_REFUSED = {
     "backend": "pyvmm is the back-end; there is no driver domain",
     "ip": "pyvmm does not filter the guest's traffic by address (xl's vif scripts do); "
           "filter on the host",
-    "rate": "pyvmm does not limit a vif's rate",
     "mtu": "pyvmm does not set a vif's MTU; set it on the bridge",
     "vlan": "pyvmm does not set up VLANs",
     "gatewaydev": "pyvmm does not route (vif-route); use a bridge",
@@ -969,7 +973,7 @@ def _vif_spec(spec: str) -> dict[str, str]:
                 raise _SpecError("untrusted: pyvmm does not tell the front-end that; remove it")
             raise _SpecError(f"{item!r} is not a vif setting xl knows; use key=value "
                              f"(mac=, bridge=, vifname=)")
-        if key in ("mac", "bridge", "vifname", "model"):
+        if key in ("mac", "bridge", "vifname", "model", "rate"):
             opts[key] = value   # a repeated key: the last one counts, as in xl
         elif key == "type":
             if value != "vif":  # xl's other type, ioemu, is an HVM guest's emulated NIC
@@ -980,11 +984,29 @@ def _vif_spec(spec: str) -> dict[str, str]:
             raise _SpecError(f"{key + '='!r} is not supported: pyvmm has no COLO replication; remove it")
         else:
             raise _SpecError(f"{key + '='!r} is not a vif setting xl knows; pyvmm takes mac=, "
-                             f"bridge= and vifname=")
+                             f"bridge=, vifname= and rate=")
     for key in ("bridge", "vifname"):
         if key in opts:
             _check_ifname(key, opts[key])
     return opts
+
+
+_XL_RATE = re.compile(r"(\d+)(GB|MB|KB|B|Gb|Mb|Kb|b)/s(?:@(\d+)(ms|us|s)?)?")
+_XL_RATE_UNITS = {"G": 10**9, "M": 10**6, "K": 10**3, "": 1}
+
+
+def _xl_rate(value: str) -> int:
+    """xl's vif rate=RATE/s[@INTERVAL] in bytes per second: decimal
+    prefixes, B bytes and b bits, as libxlu reads it.  The interval (xl's
+    credit period) is accepted; pyvmm's token bucket refills continuously."""
+    m = _XL_RATE.fullmatch(value)
+    if not m:
+        raise _SpecError(f"rate={value!r}: write it as xl does, e.g. rate=10MB/s (bytes) or rate=100Mb/s (bits)")
+    n = int(m.group(1)) * _XL_RATE_UNITS[m.group(2)[:-1]]
+    n = n // 8 if m.group(2).endswith("b") else n
+    if n <= 0:
+        raise _SpecError(f"rate={value!r} is no rate at all; give a positive one or remove rate=")
+    return n
 
 
 def _check_ifname(key: str, name: str) -> None:

@@ -123,6 +123,12 @@ def test_disk_errors(tmp_path):
     img = tmp_path / "d.img"
     img.write_bytes(bytes(1 << 20))
     assert_one_line_error(pyvmm("--xen-pv", k, "--disk", f"{img},rx"), ExitStatus.USAGE, "',ro'")
+    assert_one_line_error(pyvmm("--xen-pv", k, "--disk", f"{img},rate=0"), ExitStatus.USAGE,
+                          "rate=0 is not a positive size per second")
+    assert_one_line_error(pyvmm("--xen-pv", k, "--disk", f"{img},ro,iops=many"), ExitStatus.USAGE,
+                          "iops=many is not a positive number")
+    assert_one_line_error(pyvmm("--xen-pv", k, "--net", "tap=pv0,rate=fast"), ExitStatus.USAGE,
+                          "rate=fast")
     held = DiskImage.open(str(img))          # another guest has it
     try:
         assert_one_line_error(pyvmm("--xen-pv", k, "--disk", str(img)), ExitStatus.USAGE,
@@ -390,8 +396,8 @@ def test_net_on_a_bridge_gets_a_tap_port_that_is_up():
     try:
         for cmd in (["link", "add", "br7", "type", "bridge"], ["link", "set", "br7", "up"]):
             subprocess.run(["ip", "-n", ns, *cmd], check=True)
-        probe = ("import os, subprocess; from pyvmm.cli import _open_nets\n"
-                 "nets = _open_nets(['bridge=br7', 'bridge=br7,tap=named0'], 'g')\n"
+        probe = ("import os, subprocess; from pyvmm.cli import _net_specs, _open_nets\n"
+                 "nets = _open_nets(_net_specs(['bridge=br7', 'bridge=br7,tap=named0']), 'g')\n"
                  "print(os.getpid(), [l.name for l, _ in nets])\n"
                  "print(subprocess.run(['ip', '-o', 'link', 'show', 'master', 'br7', 'up'],"
                  " capture_output=True, text=True).stdout)\n")

@@ -128,3 +128,27 @@ def test_limit_errors_through_the_cli(tmp_path):
     assert_one_line_error(pyvmm("--xen-pv", k, "--memory", "64M", "--memory-limit", "80M"), ExitStatus.USAGE,
                           "memory limit 80 MiB", "at least 112 MiB")
     assert_one_line_error(pyvmm("--xen-pv", k, "--cpu-cap", "1000"), ExitStatus.USAGE, "cpu cap 1000%")
+
+
+def test_rate_limits_reach_the_back_ends(tmp_path):
+    """--disk ...,rate=,iops= and --net ...,rate= end up on the running
+    guest's back-ends (its status report names them)."""
+    import signal
+
+    from pyvmm.guests.testguests import build_testguest
+    from waiting import wait_for
+
+    img = tmp_path / "d.img"
+    img.write_bytes(bytes(1 << 20))
+    env = {"PYVMM_RUNTIME_DIR": str(tmp_path / "run")}
+    p = pyvmm("--xen-pv", str(build_testguest("ticker")), "--memory", "32M", "--name", "rl1", "--detach",
+              "--disk", f"{img},rate=1M,iops=10", env=env)
+    assert p.returncode == 0, p.stderr
+    log = tmp_path / "run" / "rl1.log"
+    try:
+        (info,) = json.loads(pyvmm("list", "--json", env=env).stdout)
+        os.kill(info["pid"], signal.SIGUSR2)
+        wait_for(lambda: "requests limited to" in log.read_text(), lambda: log.read_text()[-1500:], 30)
+        assert "requests limited to 1.04858 MB/s and 10 ops/s" in log.read_text()
+    finally:
+        pyvmm("destroy", "rl1", env=env)

@@ -173,7 +173,7 @@ def test_bash_completion_offers_verbs_flags_and_running_guests(ticker, tmp_path)
     assert _complete(script, ["pyvmm", "pa"], env) == ["pause"]
     assert _complete(script, ["pyvmm", "cr"], env) == ["create"]
     assert _complete(script, ["pyvmm", "create", "-"], env) == ["--escape", "--help", "--verbose"]
-    assert _complete(script, ["pyvmm", "--me"], env) == ["--memory"]
+    assert _complete(script, ["pyvmm", "--me"], env) == ["--memory", "--memory-limit"]
     assert _complete(script, ["pyvmm", "pause", ""], env) == ["tk"]
     assert _complete(script, ["pyvmm", "xenstore", "t"], env) == ["tk"]
     assert sorted(_complete(script, ["pyvmm", "xenstore", "tk", "w"], env)) == ["watch", "write"]

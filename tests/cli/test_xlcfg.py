@@ -199,6 +199,11 @@ def test_xl_defaults(guest_dir):
     assert vif.mac == default_mac("web", 0)
 
 
+def test_vif_rate_as_xl_reads_it(guest_dir):
+    g = load(config(guest_dir, BASE + 'vif = [ "rate=10MB/s", "rate=80Mb/s@20ms", "" ]'))
+    assert [v.rate for v in g.vifs] == [10_000_000, 10_000_000, None]
+
+
 def test_scheduling_keys_as_xl_reads_them(guest_dir):
     g = load(config(guest_dir, BASE + "cpu_weight = 512\ncap = 50"))
     assert (g.cpu_weight, g.cap) == (512, 50)
@@ -382,7 +387,8 @@ def test_vif_model_is_ignored_with_a_warning(guest_dir):
     ("script=vif-route", ["script= is not supported", "runs no hotplug scripts"]),
     ("backend=netdom", ["backend="]),
     ("ip=10.0.0.2", ["ip=", "filter"]),
-    ("rate=10Mb/s", ["rate="]),
+    ("rate=10Mbit", ["rate='10Mbit'", "rate=10MB/s"]),
+    ("rate=0MB/s", ["no rate at all"]),
     ("type=ioemu", ["type=ioemu"]),
     ("bridge=br0,foo=1", ["'foo=' is not a vif setting"]),
     ("bridge", ["'bridge' is not a vif setting"]),

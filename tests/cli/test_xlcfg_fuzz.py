@@ -101,7 +101,10 @@ _LIKELY = {
     "uuid": ['"3f2504e0-4f89-11d3-9a0c-0305e82c3301"', '"3f2504e0"'],
     "disk": ['[ "{dir}/disk.img,,xvda" ]', '[ "{dir}/disk.img,,xvdb,ro" ]', '[ ]',
              '[ "vdev=xvdc, target={dir}/disk.img" ]'],
-    "vif": ['[ "" ]', '[ "bridge=br0", "mac=00:16:3e:00:00:01" ]', '[ "vifname=v0" ]'],
+    "vif": ['[ "" ]', '[ "bridge=br0", "mac=00:16:3e:00:00:01" ]', '[ "vifname=v0" ]',
+            '[ "rate=10Mb/s@20ms" ]', '[ "rate=0B/s" ]'],
+    "cpu_weight": ["256", "0", "70000"],
+    "cap": ["0", "50", "-1", "100000"],
     "kernal": ['"x"'],
 }
 _ASSIGNMENT = st.sampled_from(sorted(_LIKELY)).flatmap(lambda key: st.tuples(
