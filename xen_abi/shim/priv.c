@@ -185,6 +185,25 @@ long do_get_debugreg(struct percpu *pc, u64 reg)
 	return (long)v;
 }
 
+u64 priv_take_dr6(void)
+{
+	u64 v;
+	__asm__ volatile("mov %%dr6, %0" : "=r"(v));
+	__asm__ volatile("mov %0, %%dr6" :: "r"(DR6_FIXED));
+	return v;
+}
+
+/* Xen 4.17's do_debug: the bits the CPU set accumulate in the guest's DR6
+ * until the guest writes it (4.20 replaces B0-3 instead); the inverted
+ * ones (bit 16) clear. */
+void priv_merge_dr6(struct percpu *pc, u64 dr6)
+{
+	u64 v = PRIV(pc, PRIV_DR + 6 * 8) | DR6_FIXED;
+	v |= dr6 & ~DR6_FIXED;
+	v &= dr6 | ~DR6_FIXED;
+	PRIV(pc, PRIV_DR + 6 * 8) = v & 0xffffefffUL;
+}
+
 void priv_set_iopl(struct percpu *pc, u64 arg_va)
 {
 	u32 iopl;
@@ -494,7 +513,7 @@ static int decode(struct percpu *pc, struct frame *f)
 int emulate_priv(struct percpu *pc, struct frame *f)
 {
 	int done = decode(pc, f);
-	if (done)
+	if (done == EMUL_DONE)
 		PRIV(pc, PRIV_EMULATED)++;
 	return done;
 }
