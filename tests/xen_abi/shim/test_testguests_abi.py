@@ -20,6 +20,8 @@ pytestmark = pytest.mark.faithful
 # what kvm_pvm does differently (README "Two test lanes")
 PVM_DIFFERS = {
     "kernel_nm", "user_nm",        # CR0.TS does not stop x87/SSE at CPL3: no #NM
+    # DR0-3/DR7 are not loaded for CPL3: no breakpoint fires (TF does)
+    "instruction_breakpoint", "data_breakpoint", "data_breakpoint_guest_write",
 }
 
 
@@ -42,3 +44,12 @@ def test_software_interrupts_and_exception_frames_from_both_modes():
     frames of #DB #BP #OF #GP #PF #NM #UD from guest kernel and user mode."""
     _, observed = run_pass("softint")
     assert {"kernel_nm", "user_nm"} <= set(observed)
+
+
+def test_debug_registers_as_xen_checks_and_delivers_them():
+    """set_debugreg / get_debugreg with Xen 4.17's error codes and reserved
+    bits (DR4/5 aliases, CR4.DE, I/O breakpoints, the hypervisor's range),
+    and breakpoints and single-step delivered as #DB with Xen's DR6; a
+    breakpoint the hypervisor itself hits is not the guest's."""
+    _, observed = run_pass("debugreg")
+    assert {"instruction_breakpoint", "data_breakpoint", "data_breakpoint_guest_write"} <= set(observed)
