@@ -74,9 +74,11 @@ SHIM_TSS = 0xE050
 SHIM_LDT = 0xE060      # 16-byte LDT descriptor the shim fills on MMUEXT_SET_LDT
 IST_DF, IST_NMI, IST_MC = 1, 2, 3
 
-# Vectors whose IDT gate is DPL 3 (Xen: int3, into, 0x80); all others are
-# DPL 0 so a guest `int n` raises #GP((n<<3)|2) and the shim checks vDPL.
-USER_GATES = (x86.VEC_BP, x86.VEC_OF, 0x80)
+# Vectors whose IDT gate is DPL 3 (Xen: int3, into); all others are DPL 0
+# so a guest `int n` raises #GP((n<<3)|2) and the shim checks vDPL.  Xen's
+# DPL-3 gate for 0x80 is only its int80 fast path: the shim does the same
+# (a handler at 0x80 is taken whatever its DPL) from the #GP.
+USER_GATES = (x86.VEC_BP, x86.VEC_OF)
 
 TABLE_FLAGS = x86.PTE_P | x86.PTE_RW | x86.PTE_US | x86.PTE_A   # upper levels: leaves decide
 

@@ -20,6 +20,10 @@ shim_vectors:
         .align 16
         .if vec == 13
         jmp shim_gp_entry       /* port I/O fast path first */
+        .elseif (vec == 1) || (vec == 7)
+        pushq $0
+        pushq $vec
+        jmp shim_common_cold    /* #DB, #NM: off the hot dispatch */
         .else
         .if (vec == 8) || (vec == 10) || (vec == 11) || (vec == 12) || (vec == 14) || (vec == 17) || (vec == 21) || (vec == 29) || (vec == 30)
         .else
@@ -243,6 +247,7 @@ shim_common:
         cld
         movq %rsp, %rdi
         call shim_trap
+shim_common_restore:
         popq %r15
         popq %r14
         popq %r13
@@ -262,6 +267,29 @@ shim_common:
         .globl shim_iret_insn
 shim_iret_insn:
         iretq
+
+/* #DB and #NM (shim.c shim_trap_cold): the same save and restore, another
+ * C entry, so that the hot vectors' dispatch in shim_trap stays as short. */
+shim_common_cold:
+        pushq %rax
+        pushq %rbx
+        pushq %rcx
+        pushq %rdx
+        pushq %rsi
+        pushq %rdi
+        pushq %rbp
+        pushq %r8
+        pushq %r9
+        pushq %r10
+        pushq %r11
+        pushq %r12
+        pushq %r13
+        pushq %r14
+        pushq %r15
+        cld
+        movq %rsp, %rdi
+        call shim_trap_cold
+        jmp shim_common_restore
 
 /* long guest_copy(void *dst, const void *src, u64 n): 0 or -EFAULT.
  * Quadwords, then the odd bytes: kvm_pvm's emulator takes ~5 us per

@@ -17,8 +17,6 @@
 #include "pit.h"
 
 #define CR0_TS_BIT 0x8UL
-#define DR6_FIXED  0xffff0ff0UL    /* DR6 reads-as-one bits */
-#define DR7_FIXED  0x400UL
 #define EFER_SCE   (1UL << 0)
 #define EFER_LME   (1UL << 8)
 #define EFER_LMA   (1UL << 10)
@@ -134,40 +132,75 @@ static void write_guest_cr4(struct percpu *pc, u64 val)
 		write_cr4(want);
 }
 
-static long dr_ok(u64 reg, u64 val)
+/* Debug registers, as Xen 4.17's set_debugreg / x86emul_read_dr for a PV
+ * vCPU.  The guest's values are loaded into the real registers (KVM keeps
+ * them per vCPU), so its breakpoints and DR6 work in both guest modes;
+ * the shim's own addresses cannot be breakpoints, and I/O breakpoints
+ * (Xen emulates those) are kept but never loaded: the shim's own `out`
+ * would hit them. */
+#define DR6_DEFAULT    0xffff0ff0UL    /* reads-as-one bits: the value at rest */
+#define DR6_KEEP       0xffffefffUL    /* bit 12 and the upper half read as zero */
+#define DR7_DEFAULT    0x400UL
+#define DR7_KEEP       0xffff27ffUL    /* bits 11, 12, 14, 15 read as zero */
+#define DR7_GD         0x2000UL
+#define DR7_ACTIVE     0xffUL          /* L0-3, G0-3 */
+#define DR7_RW_IO      2UL
+
+static inline void write_dr(int n, u64 v)
 {
-	if (reg <= 3)
-		return range_ok(val, 1) ? 0 : -XEN_EPERM;
-	return 0;
+	switch (n) {
+	case 0: __asm__ volatile("mov %0, %%dr0" :: "r"(v)); break;
+	case 1: __asm__ volatile("mov %0, %%dr1" :: "r"(v)); break;
+	case 2: __asm__ volatile("mov %0, %%dr2" :: "r"(v)); break;
+	case 3: __asm__ volatile("mov %0, %%dr3" :: "r"(v)); break;
+	case 7: __asm__ volatile("mov %0, %%dr7" :: "r"(v)); break;
+	}
 }
 
-/* DR4/DR5 alias DR6/DR7 unless CR4.DE; -1 for no such register */
+/* DR4/DR5 alias DR6/DR7 unless CR4.DE; -1 for no such register (Xen:
+ * -ENODEV, #UD for the instruction) */
 static int dr_index(struct percpu *pc, u64 reg)
 {
 	if (reg == 4 || reg == 5)
 		return (guest_cr4(pc) & CR4_DE) ? -1 : (int)reg + 2;
-	return reg <= 7 ? (int)reg : -1;
+	return reg <= 7 && reg != 4 && reg != 5 ? (int)reg : -1;
 }
 
 long do_set_debugreg(struct percpu *pc, u64 reg, u64 val)
 {
 	int n = dr_index(pc, reg);
 	if (n < 0)
-		return -XEN_EINVAL;
-	reg = n;
-	long rc = dr_ok(reg, val);
-	if (rc)
-		return rc;
-	if (reg == 6)
-		val = (val & ~DR6_FIXED) | DR6_FIXED;
-	if (reg == 7) {
+		return -XEN_ENODEV;
+	if (n <= 3) {
+		/* Xen's access_ok: below the upper half, or above the hypervisor hole */
+		if (val >= LOWER_HALF_END && val < HYPERVISOR_VIRT_END)
+			return -XEN_EPERM;
+		write_dr(n, val);
+	} else if (n == 6) {
 		if (val >> 32)
 			return -XEN_EINVAL;
-		val |= DR7_FIXED;
+		val = (val & DR6_KEEP) | DR6_DEFAULT;
+	} else {   /* 7 */
+		u64 io = 0;
+		if (val >> 32)
+			return -XEN_EINVAL;
+		val = (val & DR7_KEEP) | DR7_DEFAULT;
+		if (val & DR7_GD)
+			return -XEN_EPERM;
+		if (val & DR7_ACTIVE) {
+			for (int i = 0; i < 4; i++) {
+				if (((val >> (16 + 4 * i)) & 3) != DR7_RW_IO)
+					continue;
+				if (!(guest_cr4(pc) & CR4_DE))
+					return -XEN_EPERM;
+				io |= val & (3UL << (2 * i));
+			}
+		}
+		PRIV(pc, PRIV_DR7_EMUL) = io;
+		val &= ~io;
+		write_dr(7, val);
 	}
-	/* Remembered, not loaded: guest hardware breakpoints are not
-	 * supported (the shim would have to switch them on mode changes). */
-	PRIV(pc, PRIV_DR + reg * 8) = val;
+	PRIV(pc, PRIV_DR + n * 8) = val;
 	return 0;
 }
 
@@ -175,14 +208,32 @@ long do_get_debugreg(struct percpu *pc, u64 reg)
 {
 	int n = dr_index(pc, reg);
 	if (n < 0)
-		return -XEN_EINVAL;
-	reg = n;
-	u64 v = PRIV(pc, PRIV_DR + reg * 8);
-	if (reg == 6)
-		v |= DR6_FIXED;
-	if (reg == 7)
-		v |= DR7_FIXED;
+		return -XEN_ENODEV;
+	u64 v = PRIV(pc, PRIV_DR + n * 8);
+	if (n == 6)
+		v |= DR6_DEFAULT;        /* the block starts zeroed: Xen's initial DR6 */
+	if (n == 7)
+		v |= DR7_DEFAULT | PRIV(pc, PRIV_DR7_EMUL);
 	return (long)v;
+}
+
+u64 priv_take_dr6(void)
+{
+	u64 v;
+	__asm__ volatile("mov %%dr6, %0" : "=r"(v));
+	__asm__ volatile("mov %0, %%dr6" :: "r"(DR6_DEFAULT));
+	return v;
+}
+
+/* Xen 4.17's do_debug: the bits the CPU set accumulate in the guest's DR6
+ * until the guest writes it (4.20 replaces B0-3 instead); the inverted
+ * ones (bit 16) clear. */
+void priv_merge_dr6(struct percpu *pc, u64 dr6)
+{
+	u64 v = PRIV(pc, PRIV_DR + 6 * 8) | DR6_DEFAULT;
+	v |= dr6 & ~DR6_DEFAULT;
+	v &= dr6 | ~DR6_DEFAULT;
+	PRIV(pc, PRIV_DR + 6 * 8) = v & DR6_KEEP & 0xffffffffUL;
 }
 
 void priv_set_iopl(struct percpu *pc, u64 arg_va)
@@ -479,10 +530,12 @@ static int decode(struct percpu *pc, struct frame *f)
 		u64 *r = gpr(f, (modrm & 7) | ((rex & 1) << 3));
 		if (op2 == 0x21) {
 			if (dr_index(pc, dr) < 0)
-				return 0;
+				return EMUL_RAISE_UD;
 			*r = (u64)do_get_debugreg(pc, dr);
-		} else if (do_set_debugreg(pc, dr, *r)) {
-			return 0;
+		} else {
+			long rc = do_set_debugreg(pc, dr, *r);
+			if (rc)   /* Xen: -ENODEV is #UD, -EINVAL and -EPERM #GP */
+				return rc == -XEN_ENODEV ? EMUL_RAISE_UD : 0;
 		}
 		f->rip += len + 1;
 		return 1;
@@ -494,7 +547,7 @@ static int decode(struct percpu *pc, struct frame *f)
 int emulate_priv(struct percpu *pc, struct frame *f)
 {
 	int done = decode(pc, f);
-	if (done)
+	if (done == EMUL_DONE)
 		PRIV(pc, PRIV_EMULATED)++;
 	return done;
 }

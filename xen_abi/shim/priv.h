@@ -30,12 +30,19 @@ static inline void priv_count(void *pc, u64 idx)
 }
 struct percpu;
 struct frame;
-/* #GP(0) from the guest: 1 if the instruction was emulated (rip advanced) */
+/* #GP(0) from the guest: EMUL_DONE (rip advanced), EMUL_RAISE_UD (the
+ * guest's #UD, as Xen's emulator raises it), else 0 (the guest's #GP) */
+#define EMUL_DONE 1
+#define EMUL_RAISE_UD 2
 int emulate_priv(struct percpu *pc, struct frame *f);
 /* #UD: 1 if it was the forced-emulation CPUID prefix (answered, rip += 7) */
 int emulate_forced_cpuid(struct percpu *pc, struct frame *f);
 long do_set_debugreg(struct percpu *pc, u64 reg, u64 val);
 long do_get_debugreg(struct percpu *pc, u64 reg);
+/* #DB: the real DR6 (reset to its default for the next one) ... */
+u64 priv_take_dr6(void);
+/* ... and folded into the guest's DR6 as Xen does */
+void priv_merge_dr6(struct percpu *pc, u64 dr6);
 /* Xen's vcpu_op check: -ENOENT for a vCPU id the domain does not have */
 static inline int priv_no_such_vcpu(void *pc, u64 vcpuid)
 {

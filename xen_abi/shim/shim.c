@@ -105,7 +105,8 @@ static int has_error_code(u64 vec)
 	return vec == 8 || (vec >= 10 && vec <= 14) || vec == 17 || vec == 21 || vec == 29 || vec == 30;
 }
 
-static void bounce_trap(struct percpu *pc, struct frame *f, u64 vec)
+/* inlined: the hot traps pay no call for it */
+static inline __attribute__((always_inline)) void bounce_trap(struct percpu *pc, struct frame *f, u64 vec)
 {
 	struct trap_ent *t = &pc->traps[vec];
 	bounce(pc, f, t->addr, has_error_code(vec), f->err, (t->flags & TI_MASK_EVENTS) != 0);
@@ -170,9 +171,9 @@ static void do_iret(struct percpu *pc, struct hc_frame *h)
 
 static NOINLINE long do_set_trap_table(struct percpu *pc, u64 ptr)
 {
-	if (!ptr) {
+	if (!ptr) {   /* Xen clears the whole virtual IDT, DPLs included */
 		for (int i = 0; i < 256; i++)
-			pc->traps[i].addr = 0;
+			pc->traps[i].addr = pc->traps[i].flags = 0;
 		return 0;
 	}
 	for (;; ptr += XEN_TRAP_INFO_SIZE) {
@@ -181,6 +182,8 @@ static NOINLINE long do_set_trap_table(struct percpu *pc, u64 ptr)
 			return -XEN_EFAULT;
 		if (!t[1])
 			return 0;
+		if (!canonical(t[1]))   /* entries before it stay set, as in Xen */
+			return -XEN_EINVAL;
 		struct trap_ent *e = &pc->traps[t[0] & 0xff];
 		e->addr = t[1];
 		e->flags = (t[0] >> 8) & 0xff;
@@ -379,20 +382,99 @@ int shim_hypercall(struct hc_frame *h)
 
 /* privileged instructions, forced CPUID, MSRs: priv.c */
 
-static void do_gp(struct percpu *pc, struct frame *f)
+/* `int $n` at rip, legacy and REX prefixes allowed: n, and its length in
+ * *len; -1 if the bytes there are something else.  No LOCK: a locked
+ * `int` is #UD. */
+static NOINLINE long int_insn(u64 rip, u64 *len)
 {
-	if (f->err & 2) {   /* IDT-sourced: software `int n` hit a DPL-0 gate */
-		u64 v = (f->err >> 3) & 0xff;
-		struct trap_ent *t = &pc->traps[v];
-		u64 cpl = pc->kernel_mode ? 1 : 3;
-		if (t->addr && (t->flags & TI_DPL_MASK) >= cpl) {
-			f->rip += 2;
-			f->vec = v;
-			bounce(pc, f, t->addr, 0, 0, (t->flags & TI_MASK_EVENTS) != 0);
+	for (u64 n = 0; n < 14; n++) {
+		u8 b[2];
+		if (from_guest(b, rip + n, 2))
+			return -1;
+		if (b[0] == 0xcd) {
+			*len = n + 2;
+			return b[1];
+		}
+		if (!(b[0] == 0x66 || b[0] == 0x67 || b[0] == 0xf2 || b[0] == 0xf3 || b[0] == 0x2e
+		      || b[0] == 0x36 || b[0] == 0x3e || b[0] == 0x26 || b[0] == 0x64 || b[0] == 0x65
+		      || (b[0] & 0xf0) == 0x40))
+			return -1;
+	}
+	return -1;
+}
+
+/* `int $vec` (len bytes) the IDT refused (its gates are DPL 0 but for
+ * #BP and #OF): Xen's do_general_protection + pv_emulate_sw_interrupt.
+ * The guest's own DPL decides (kernel mode is virtual ring 1), the trap
+ * resumes after the instruction; else it is the #GP the CPU raised,
+ * ((vec << 3) | 2) at the instruction.  Vector 0x80 is Xen's int80 direct
+ * trap: taken whenever a handler is registered, whatever its DPL.  The
+ * vector comes from the instruction, not the error code: QEMU/TCG (the
+ * faithful lane) reports vec * 16 + 2. */
+static NOINLINE void soft_int(struct percpu *pc, struct frame *f, u64 vec, u64 len)
+{
+	struct trap_ent *t = &pc->traps[vec];
+	u64 cpl = pc->kernel_mode ? 1 : 3;
+	f->err = (vec << 3) | 2;
+	if ((t->flags & TI_DPL_MASK) >= cpl || (vec == 0x80 && t->addr)) {
+		f->rip += len;
+		f->vec = vec;
+		bounce(pc, f, t->addr, 0, 0, (t->flags & TI_MASK_EVENTS) != 0);  /* no handler: crash, as Xen */
+		return;
+	}
+	f->vec = VEC_GP;
+	bounce_trap(pc, f, VEC_GP);
+}
+
+/* #UD.  kvm_pvm raises it for every `int $n` at CPL3 (README "Two test
+ * lanes"), so an `int` here is taken as the CPU would have: $3 and $4
+ * through their DPL-3 gates as #BP / #OF traps, the others as soft_int.
+ * On a faithful CPU an `int` never raises #UD, so this costs nothing. */
+static NOINLINE void do_ud(struct percpu *pc, struct frame *f)
+{
+	u64 len = 0;
+	long vec;
+	if (emulate_forced_cpuid(pc, f))
+		return;
+	vec = int_insn(f->rip, &len);
+	if (vec == VEC_BP || vec == VEC_OF) {
+		f->rip += len;
+		f->vec = vec;
+		bounce_trap(pc, f, vec);
+	} else if (vec >= 0) {
+		soft_int(pc, f, vec, len);
+	} else {
+		bounce_trap(pc, f, VEC_UD);
+	}
+}
+
+static NOINLINE void do_gp(struct percpu *pc, struct frame *f)
+{
+	if ((f->err & 3) == 2) {   /* IDT-sourced: software `int n` hit a DPL-0 gate */
+		u64 len = 0;
+		u8 b[2];
+		long vec = int_insn(f->rip, &len);
+		/* QEMU 7.2's TCG (the faithful lane) reports n * 16 + 2 (its
+		 * issue 1382), at times with the rip after a plain `int $n` */
+		if (vec >= 0 && (f->err == ((u64)vec << 3 | 2) || f->err == ((u64)vec << 4 | 2))) {
+			soft_int(pc, f, vec, len);
 			return;
 		}
-	} else if (f->err == 0 && emulate_priv(pc, f)) {
-		return;
+		if (f->err < 0x1000 && !from_guest(b, f->rip - 2, 2) && b[0] == 0xcd && b[1] == f->err >> 4) {
+			f->rip -= 2;
+			soft_int(pc, f, b[1], 2);
+			return;
+		}
+	}
+	if (f->err == 0) {
+		int r = emulate_priv(pc, f);
+		if (r == EMUL_DONE)
+			return;
+		if (r == EMUL_RAISE_UD) {   /* e.g. mov %dr4 with CR4.DE (Xen: -ENODEV) */
+			f->vec = VEC_UD;
+			bounce_trap(pc, f, VEC_UD);
+			return;
+		}
 	}
 	bounce_trap(pc, f, VEC_GP);
 }
@@ -462,8 +544,7 @@ void shim_trap(struct frame *f)
 		do_gp(pc, f);   /* kvm_pvm's syscalls never get here (entry.S) */
 		break;
 	case VEC_UD:
-		if (!emulate_forced_cpuid(pc, f))
-			bounce_trap(pc, f, VEC_UD);
+		do_ud(pc, f);
 		break;
 	case VEC_PF:
 		do_pf(pc, f);
@@ -474,6 +555,41 @@ void shim_trap(struct frame *f)
 		else
 			ev_interrupt(f->vec);   /* timer / event check: delivered below */
 		break;
+	}
+	check_events(pc, f);
+}
+
+/* Xen's do_device_not_available: a PV guest's #NM always clears its
+ * virtual CR0.TS (classic Xen Linux relies on it); the shim sets the real
+ * TS only with the virtual one, so #NM without it is a broken state. */
+static void do_nm(struct percpu *pc, struct frame *f)
+{
+	if (!pc->vcr0_ts)
+		guest_crash(pc, f, CRASH_NO_HANDLER_VEC + VEC_NM);
+	pc->vcr0_ts = 0;
+	write_cr0(read_cr0() & ~CR0_TS);
+	bounce_trap(pc, f, VEC_NM);
+}
+
+/* #DB and #NM (entry.S shim_common_cold).  #DB in the shim itself (a
+ * guest data breakpoint on memory the shim touched, the single-step trap
+ * of a `syscall`) is dropped, as Xen drops a #DB in its own context;
+ * kvm_pvm delivers that last one at the syscall's landing point, at CPL3. */
+void shim_trap_cold(struct frame *f)
+{
+	struct percpu *pc = pcpu();
+	priv_count(pc, f->vec);
+	if (f->vec == VEC_DB) {
+		u64 dr6 = priv_take_dr6();
+		if ((f->cs & 3) == 0 || f->rip == pc->lstar)
+			return;
+		priv_merge_dr6(pc, dr6);
+		bounce_trap(pc, f, VEC_DB);
+	} else if ((f->cs & 3) == 0) {
+		cpl0_fault(pc, f);
+		return;
+	} else {
+		do_nm(pc, f);
 	}
 	check_events(pc, f);
 }

@@ -52,8 +52,10 @@ typedef int64_t s64;
 #define CR0_TS 0x8UL
 
 #define VEC_DE 0
+#define VEC_DB 1
 #define VEC_NMI 2
 #define VEC_BP 3
+#define VEC_OF 4
 #define VEC_UD 6
 #define VEC_NM 7
 #define VEC_DF 8
