@@ -3,22 +3,7 @@
  * mode and come back from a trap handler as setjmp/longjmp would. */
 	.section .note.GNU-stack, "", @progbits
 	.text
-.macro TRAP vec, err
-	.globl tg_trap_\vec
-tg_trap_\vec:
-	pushq %rax; pushq %rdi; pushq %rsi; pushq %rdx; pushq %r8; pushq %r9; pushq %r10
-	leaq 56(%rsp), %rsi
-	movl $\vec, %edi
-	movl $\err, %edx
-	call tg_trap
-	popq %r10; popq %r9; popq %r8; popq %rdx; popq %rsi; popq %rdi; popq %rax
-	popq %rcx
-	popq %r11
-	.if \err
-	addq $8, %rsp
-	.endif
-	jmp tg_xen_iret
-.endm
+#include "tg_trap.h"
 	TRAP 1, 0
 	TRAP 4, 0
 	TRAP 7, 0

@@ -227,8 +227,8 @@ shim_hc_iret_insn:
         popq %rax               /* context, every register as it was */
         jmp shim_hc_iret_insn
 
-        .globl shim_common
-shim_common:
+/* The full frame (struct frame, every register) for C; rdi points at it. */
+.macro SAVE_FRAME
         pushq %rax
         pushq %rbx
         pushq %rcx
@@ -246,6 +246,11 @@ shim_common:
         pushq %r15
         cld
         movq %rsp, %rdi
+.endm
+
+        .globl shim_common
+shim_common:
+        SAVE_FRAME
         call shim_trap
 shim_common_restore:
         popq %r15
@@ -271,23 +276,7 @@ shim_iret_insn:
 /* #DB and #NM (shim.c shim_trap_cold): the same save and restore, another
  * C entry, so that the hot vectors' dispatch in shim_trap stays as short. */
 shim_common_cold:
-        pushq %rax
-        pushq %rbx
-        pushq %rcx
-        pushq %rdx
-        pushq %rsi
-        pushq %rdi
-        pushq %rbp
-        pushq %r8
-        pushq %r9
-        pushq %r10
-        pushq %r11
-        pushq %r12
-        pushq %r13
-        pushq %r14
-        pushq %r15
-        cld
-        movq %rsp, %rdi
+        SAVE_FRAME
         call shim_trap_cold
         jmp shim_common_restore
 
