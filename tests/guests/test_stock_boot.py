@@ -674,13 +674,14 @@ def test_detached_default_guest_console_and_xenstore_shutdown(tmp_path):
         assert m.group(1).endswith(b"-cloud-amd64")
         listing = pyvmm("list", timeout=30)
         assert "deb1" in listing.stdout and " 256 " in listing.stdout, listing.stdout
-        # the balloon (xl mem-set): the kernel's driver gives 128 MiB back
-        assert pyvmm("mem-set", "deb1", "128M", timeout=30).returncode == 0
-        wait_for(lambda: _guest_info(pyvmm)["memory_current_mib"] == 128,
-                 lambda: f"the guest ballooned down to 128 MiB: {_guest_info(pyvmm)}", command_timeout)
+        # the balloon (xl mem-set): the kernel's driver gives 64 MiB back, in
+        # steps of a few MiB (slow where ring 0 is interpreted or emulated)
+        assert pyvmm("mem-set", "deb1", "192M", timeout=30).returncode == 0
+        wait_for(lambda: _guest_info(pyvmm)["memory_current_mib"] == 192,
+                 lambda: f"the guest ballooned down to 192 MiB: {_guest_info(pyvmm)}", 3 * command_timeout)
         total = session.command("grep MemTotal /proc/meminfo", re.compile(rb"^MemTotal:\s+(\d+) kB", re.M),
                                 command_timeout)
-        assert int(total.group(1)) < 128 << 10, total.group(0)
+        assert int(total.group(1)) < 192 << 10, total.group(0)
         s = pyvmm("shutdown", "deb1", "--wait", str(int(command_timeout)), timeout=command_timeout + 30)
         assert s.returncode == 0, (s.stderr, bytes(buf[-2000:]))
         assert "deb1 is off" in s.stderr

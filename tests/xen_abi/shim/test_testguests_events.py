@@ -159,7 +159,7 @@ def test_console_guest_output_and_input(capsys):
 
 @pytest.mark.faithful
 def test_block_is_woken_by_a_host_event(capsys):
-    sent = []
+    sent, stable = [], []
 
     def wake(dom):
         wait_console(dom, b"BLOCKING\n")
@@ -167,12 +167,17 @@ def test_block_is_woken_by_a_host_event(capsys):
         # second, counted by the shim on entry, waits for the host
         wait_for(lambda: dom.clock.counters()["blocks"] >= 2, "the guest to block")
         sent.append(dom.now_ns())
+        stable.append(bool(dom.clock.pvclock.flags & abi.XEN_PVCLOCK_TSC_STABLE_BIT))
         dom.send_console_input(b"x")
 
     res, info = run("block", during=wake)
     assert_pass("block", res)
     n = numbers(res.text)
-    assert sent and n["woke_ns"] >= sent[0]
+    # the guest's pvclock against the host's clock: the same time base when
+    # the TSC is stable; else (the faithful lane's TCG) the TSC rate was
+    # measured over 50 ms and may be off by a fraction of a percent
+    slack = 0 if stable[0] else sent[0] // 50
+    assert sent and n["woke_ns"] >= sent[0] - slack, (n["woke_ns"], sent[0], slack)
     assert info["counters"]["check_irqs"] >= 1
     report(capsys, "block", {"host kick->guest awake us": round((n["woke_ns"] - sent[0]) / 1000, 1),
                              "block with pending us": round(n["block_pending_return_cycles"] / (info["khz"] / 1000), 1)})
