@@ -348,7 +348,7 @@ def xen_numbers() -> list[tuple[str, list[tuple[str, int, str]]]]:
     ]))
     sections.append(("selectors and the hypervisor hole", [
         ("FLAT_RING3_CS32", abi.FLAT_RING3_CS32, ""), ("FLAT_RING3_CS64", abi.FLAT_RING3_CS64, ""),
-        ("FLAT_RING3_SS64", abi.FLAT_RING3_SS64, ""),
+        ("FLAT_RING3_SS64", abi.FLAT_RING3_SS64, ""), ("FLAT_RING3_DS32", abi.FLAT_RING3_DS32, ""),
         ("FIRST_RESERVED_GDT_ENTRY", abi.FIRST_RESERVED_GDT_ENTRY, ""),
         ("HYPERVISOR_VIRT_START", abi.HYPERVISOR_VIRT_START, ""),
         ("HYPERVISOR_VIRT_END", abi.HYPERVISOR_VIRT_END, ""),

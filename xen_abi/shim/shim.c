@@ -238,7 +238,7 @@ static NOINLINE long do_callback_op(struct percpu *pc, u64 cmd, u64 ptr)
 
 static NOINLINE long do_set_segment_base(struct percpu *pc, u64 which, u64 val)
 {
-	switch (which) {
+	switch ((u32)which) {   /* Xen's is an unsigned int */
 	case SEGBASE_FS:
 		if (!canonical(val)) return -XEN_EINVAL;
 		wrmsr(MSR_FS_BASE, val);
@@ -252,11 +252,14 @@ static NOINLINE long do_set_segment_base(struct percpu *pc, u64 which, u64 val)
 		wrmsr(MSR_GS_BASE, val);
 		return 0;
 	case SEGBASE_GS_USER_SEL: {
-		long rc;
+		/* Xen 4.17: RPL 3 for a non-null selector; a null one (0-3) or
+		 * one that faults leaves %gs null with base 0, and the call
+		 * succeeds either way (Linux BUG()s on a failure) */
+		u16 sel = (u16)val;
 		swapgs();
-		rc = guest_load_gs((u16)(val | 3));
+		guest_load_gs(sel > 3 ? sel | 3 : sel);
 		swapgs();
-		return rc;
+		return 0;
 	}
 	}
 	(void)pc;

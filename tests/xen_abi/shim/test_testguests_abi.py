@@ -22,6 +22,7 @@ PVM_DIFFERS = {
     "kernel_nm", "user_nm",        # CR0.TS does not stop x87/SSE at CPL3: no #NM
     # DR0-3/DR7 are not loaded for CPL3: no breakpoint fires (TF does)
     "instruction_breakpoint", "data_breakpoint", "data_breakpoint_guest_write",
+    "gs_selector",                 # a %gs selector loaded at CPL0 reads back 0 at CPL3
 }
 
 
@@ -53,3 +54,12 @@ def test_debug_registers_as_xen_checks_and_delivers_them():
     breakpoint the hypervisor itself hits is not the guest's."""
     _, observed = run_pass("debugreg")
     assert {"instruction_breakpoint", "data_breakpoint", "data_breakpoint_guest_write"} <= set(observed)
+
+
+def test_set_segment_base_as_xen_4_17():
+    """FS / GS_USER / GS_KERNEL bases (non-canonical -EINVAL), `which` an
+    unsigned int (others -EINVAL), and GS_USER_SEL: RPL 3, a null or
+    faulting selector loads a null %gs with base 0 and returns 0."""
+    _, observed = run_pass("segbase")
+    assert "gs_selector" in observed
+
