@@ -268,8 +268,16 @@ static NOINLINE long do_set_segment_base(struct percpu *pc, u64 which, u64 val)
 
 static long hypercall(struct percpu *pc, u64 rip, u64 nr, const u64 *a);
 
+/* Xen's common/multicall.c: nr_calls an unsigned int; a list outside the
+ * guest's half -EFAULT before anything (guest_handle_okay checks its
+ * start, even with no entries); each entry's result in its slot; an entry
+ * that cannot be read or a result that cannot be written ends it with
+ * -EFAULT.  Nested multicalls are Xen's -EINVAL "reentry". */
 static NOINLINE long do_multicall(struct percpu *pc, u64 rip, u64 list, u64 count)
 {
+	count = (u32)count;
+	if (!count)
+		return range_ok(list, 0) ? 0 : -XEN_EFAULT;
 	for (u64 i = 0; i < count; i++) {
 		u64 e[8];  /* op, result, args[6] */
 		u64 va = list + i * XEN_MULTICALL_ENTRY_SIZE;

@@ -63,3 +63,10 @@ def test_set_segment_base_as_xen_4_17():
     _, observed = run_pass("segbase")
     assert "gs_selector" in observed
 
+
+def test_multicall_as_xen_4_17():
+    """Every entry's result in its own slot, failures (nested multicall
+    -EINVAL, unknown hypercall -ENOSYS, bad pointers) not stopping the
+    list; a list outside the guest's half -EFAULT even when empty; an
+    unreadable entry or unwritable result ends it with -EFAULT."""
+    run_pass("multicall")
