@@ -726,6 +726,8 @@ XenPlatformParameters = Struct("virt_start" / Int64ul)
 XenFeatureInfo = Struct("submap_idx" / Int32ul, "submap" / Int32ul)
 
 PhysdevSetIopl = Struct("iopl" / Int32ul)
+# the bitmap is a guest handle, then nr_ports; 16 bytes with the padding
+PhysdevSetIobitmap = Struct("bitmap" / Int64ul, "nr_ports" / Int32ul, "_pad" / Int32ul)
 
 # vcpu_guest_context (x86-64), used by VCPUOP_initialise for secondary vCPUs.
 CpuUserRegs = Struct(

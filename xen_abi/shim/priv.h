@@ -49,7 +49,8 @@ static inline int priv_no_such_vcpu(void *pc, u64 vcpuid)
 	u64 nr = *(u64 *)((u8 *)pc + PRIV_OFF + PRIV_NR_VCPUS);
 	return nr && vcpuid >= nr;
 }
-/* PHYSDEVOP_set_iopl after Python accepted it (rc 0): remember the level */
-void priv_set_iopl(struct percpu *pc, u64 arg_va);
+/* PHYSDEVOP_set_iopl / set_iobitmap after Python accepted them (rc 0):
+ * remember the level, the bitmap */
+void priv_physdev_op(struct percpu *pc, u64 cmd, u64 arg_va);
 #endif
 #endif

@@ -298,11 +298,11 @@ static NOINLINE long events_or_python(struct percpu *pc, u64 rip, u64 nr, const 
 	long rc;
 	if (ev_hypercall(nr, a, &rc))
 		return rc;
-	if (nr == HC_physdev_op && a[0] == PHYSDEVOP_set_iopl) {
-		/* Python validates, priv.c remembers */
+	if (nr == HC_physdev_op) {
+		/* set_iopl, set_iobitmap: Python validates, priv.c remembers */
 		rc = slow_hypercall(pc, rip, nr, a);
 		if (!rc)
-			priv_set_iopl(pc, a[1]);
+			priv_physdev_op(pc, a[0], a[1]);
 		return rc;
 	}
 	return slow_hypercall(pc, rip, nr, a);
