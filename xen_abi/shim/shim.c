@@ -273,11 +273,13 @@ static long hypercall(struct percpu *pc, u64 rip, u64 nr, const u64 *a);
  * start, even with no entries); each entry's result in its slot; an entry
  * that cannot be read or a result that cannot be written ends it with
  * -EFAULT.  Nested multicalls are Xen's -EINVAL "reentry". */
-static NOINLINE long do_multicall(struct percpu *pc, u64 rip, u64 list, u64 count)
+/* Xen's common/multicall.c: each entry's result in its slot; an entry
+ * that cannot be read or a result that cannot be written ends it with
+ * -EFAULT.  Nested multicalls are Xen's -EINVAL "reentry".  hypercall()
+ * takes the rare counts (no entries, upper bits set) to multicall_odd, so
+ * that this loop's code stays as it was (noipa: no range from there). */
+static NOIPA long do_multicall(struct percpu *pc, u64 rip, u64 list, u64 count)
 {
-	count = (u32)count;
-	if (!count)
-		return range_ok(list, 0) ? 0 : -XEN_EFAULT;
 	for (u64 i = 0; i < count; i++) {
 		u64 e[8];  /* op, result, args[6] */
 		u64 va = list + i * XEN_MULTICALL_ENTRY_SIZE;
@@ -288,6 +290,15 @@ static NOINLINE long do_multicall(struct percpu *pc, u64 rip, u64 list, u64 coun
 			return -XEN_EFAULT;
 	}
 	return 0;
+}
+
+/* Xen's nr_calls is an unsigned int; with none, a list outside the
+ * guest's half is still -EFAULT (guest_handle_okay checks its start) */
+static NOINLINE long multicall_odd(struct percpu *pc, u64 rip, u64 list, u64 count)
+{
+	if (!(u32)count)
+		return range_ok(list, 0) ? 0 : -XEN_EFAULT;
+	return do_multicall(pc, rip, list, (u32)count);
 }
 
 /* What neither the switch below nor events.c finishes: the exit to Python.
@@ -330,7 +341,10 @@ static long hypercall(struct percpu *pc, u64 rip, u64 nr, const u64 *a)
 		pc->vcr0_ts = a[0] != 0;
 		write_cr0(a[0] ? (read_cr0() | CR0_TS) : (read_cr0() & ~CR0_TS));
 		return 0;
-	case HC_multicall: return do_multicall(pc, rip, a[0], a[1]);
+	case HC_multicall:
+		if (a[1] - 1 >= 0xffffffffUL)   /* 0, or upper bits set */
+			return multicall_odd(pc, rip, a[0], a[1]);
+		return do_multicall(pc, rip, a[0], a[1]);
 	case HC_update_va_mapping: return do_update_va_mapping(pc, a[0], a[1], a[2]);
 	case HC_set_segment_base: return do_set_segment_base(pc, a[0], a[1]);
 	case HC_mmuext_op: return do_mmuext_op(pc, a[0], a[1], a[2], a[3]);

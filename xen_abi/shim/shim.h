@@ -157,6 +157,8 @@ extern char shim_iret_insn[], shim_hc_iret_insn[];
 /* a cold or large helper kept out of its callers, so that their hot paths
  * need no stack frame (each saved register costs two interpreted instructions) */
 #define NOINLINE __attribute__((noinline))
+/* noinline, and no facts about the callers carried into the function */
+#define NOIPA __attribute__((noinline, noipa))
 
 static inline struct percpu *pcpu(void)
 {
