@@ -654,6 +654,7 @@ SHARED_INFO_WC_VERSION = 3072
 SHARED_INFO_WC_SEC = 3076
 SHARED_INFO_WC_NSEC = 3080
 SHARED_INFO_WC_SEC_HI = 3084
+SHARED_INFO_MAX_PFN = 3088       # arch.max_pfn, written by the guest
 
 # ---------------------------------------------------------------------------
 # Hypercall argument structures
@@ -866,6 +867,10 @@ XENSTORE_ERROR_PROTO = 3
 
 XENMEM_maximum_gpfn = 14
 MEMOP_CMD_MASK = 0x3F  # memory_op: low bits = sub-op, higher bits = continuation extent
+MEMOP_EXTENT_SHIFT = 6
+XENMEM_set_pod_target = 16
+XENMEM_get_pod_target = 17
+XEN_POD_TARGET_SIZE = 40    # four u64 counts, then domid_t
 XENFEAT_NR_SUBMAPS = 1
 XEN_RUNSTATE_UPDATE = 1 << 63  # in state_entry_time while Xen updates a runstate area
 

@@ -70,3 +70,19 @@ def test_multicall_as_xen_4_17():
     list; a list outside the guest's half -EFAULT even when empty; an
     unreadable entry or unwritable result ends it with -EFAULT."""
     run_pass("multicall")
+
+
+def test_vcpu_op_with_one_vcpu_as_xen_4_17():
+    """Absent vCPU ids -ENOENT (an unsigned int), unknown sub-ops -ENOSYS,
+    is_up, the runstate and the vcpu_time areas (-EFAULT outside the
+    guest's half; filled at once), send_nmi with an argument and
+    get_physid -EINVAL."""
+    run_pass("vcpuop")
+
+
+def test_memory_op_answers_as_xen_4_17():
+    """maximum_ram_page, current/maximum_reservation and maximum_gpfn for
+    each kind of domid, start extents refused, maximum_gpfn from the
+    guest's max_pfn, machine_memory_map -EPERM, memory_map,
+    machphys_mfn_list, PoD targets -EINVAL for a PV guest."""
+    run_pass("memop")
