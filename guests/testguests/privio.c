@@ -172,6 +172,27 @@ void tg_main(struct start_info *si)
 	EXPECT_GP("inb without IOPL: #GP", "inb $0x60, %%al", : "+a"(r) :: "rcx", "memory");
 	tg_check(r == 0x1234567812345678UL, "inb without IOPL leaves rax", r, 0x1234567812345678UL);
 
+	/* Xen's answers: iopl above 3 -EINVAL (and nothing granted), an
+	 * unreadable argument -EFAULT */
+	rc = set_iopl(4);
+	tg_check(rc == -XEN_EINVAL, "PHYSDEVOP_set_iopl(4): -EINVAL", rc, -XEN_EINVAL);
+	rc = set_iopl(0xffffffffu);
+	tg_check(rc == -XEN_EINVAL, "PHYSDEVOP_set_iopl(~0): -EINVAL", rc, -XEN_EINVAL);
+	rc = HC2(HC_physdev_op, PHYSDEVOP_set_iopl, 0x1000);
+	tg_check(rc == -XEN_EFAULT, "PHYSDEVOP_set_iopl, unreadable: -EFAULT", rc, -XEN_EFAULT);
+	rc = HC2(HC_physdev_op, PHYSDEVOP_set_iopl, HYPERVISOR_VIRT_START);
+	tg_check(rc == -XEN_EFAULT, "PHYSDEVOP_set_iopl, hypervisor's range: -EFAULT", rc, -XEN_EFAULT);
+	r = 0;
+	EXPECT_GP("inb after a refused set_iopl: #GP", "inb $0x60, %%al", : "+a"(r) :: "rcx", "memory");
+	/* 2 and 3 grant kernel mode (ring 1) as 1 does */
+	for (u32 level = 3; level >= 1; level--) {
+		rc = set_iopl(level);
+		tg_check(rc == 0, "PHYSDEVOP_set_iopl(1..3)", rc, level);
+		u64 g = gp_count;
+		__asm__ volatile("inb %%dx, %%al" : "+a"(r) : "d"(0x64));
+		tg_check(gp_count == g, "IOPL 1..3 grants kernel-mode I/O", level, 0);
+	}
+
 	rc = set_iopl(1);
 	tg_check(rc == 0, "PHYSDEVOP_set_iopl(1)", rc, 0);
 	u64 gp0 = gp_count;
