@@ -654,6 +654,7 @@ SHARED_INFO_WC_VERSION = 3072
 SHARED_INFO_WC_SEC = 3076
 SHARED_INFO_WC_NSEC = 3080
 SHARED_INFO_WC_SEC_HI = 3084
+SHARED_INFO_MAX_PFN = 3088       # arch.max_pfn, written by the guest
 
 # ---------------------------------------------------------------------------
 # Hypercall argument structures
@@ -726,6 +727,8 @@ XenPlatformParameters = Struct("virt_start" / Int64ul)
 XenFeatureInfo = Struct("submap_idx" / Int32ul, "submap" / Int32ul)
 
 PhysdevSetIopl = Struct("iopl" / Int32ul)
+# the bitmap is a guest handle, then nr_ports; 16 bytes with the padding
+PhysdevSetIobitmap = Struct("bitmap" / Int64ul, "nr_ports" / Int32ul, "_pad" / Int32ul)
 
 # vcpu_guest_context (x86-64), used by VCPUOP_initialise for secondary vCPUs.
 CpuUserRegs = Struct(
@@ -864,6 +867,10 @@ XENSTORE_ERROR_PROTO = 3
 
 XENMEM_maximum_gpfn = 14
 MEMOP_CMD_MASK = 0x3F  # memory_op: low bits = sub-op, higher bits = continuation extent
+MEMOP_EXTENT_SHIFT = 6
+XENMEM_set_pod_target = 16
+XENMEM_get_pod_target = 17
+XEN_POD_TARGET_SIZE = 40    # four u64 counts, then domid_t
 XENFEAT_NR_SUBMAPS = 1
 XEN_RUNSTATE_UPDATE = 1 << 63  # in state_entry_time while Xen updates a runstate area
 

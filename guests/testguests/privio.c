@@ -6,7 +6,8 @@
  *   - a domU owns no ports: `in` reads all ones (upper register bits kept
  *     for 8/16-bit reads, zero-extended for 32-bit), `out` is dropped;
  *   - only with the virtual IOPL (PHYSDEVOP_set_iopl >= 1 for the kernel),
- *     else #GP is bounced to the guest;
+ *     or for ports PHYSDEVOP_set_iobitmap's bitmap allows, else #GP is
+ *     bounced to the guest;
  *   - iretq to the same privilege returns where the frame says, with its
  *     flags; an iretq frame with a ring-0 CS is the guest's own #GP.
  * cli/sti from kernel mode are no-ops, as Xen leaves them.
@@ -73,6 +74,89 @@ static u64 iretq_self(u64 flags, u64 *rsp_delta)
 		tg_check(gp_count == n0 + 1, label, gp_count - n0, 1);           \
 	} while (0)
 
+/* PHYSDEVOP_set_iobitmap as Xen's physdev.c checks it and guest_io_okay
+ * uses it (IOPL 0 here): a port is allowed if it lies below nr_ports and
+ * its bits in the guest's bitmap are clear; bytes of the bitmap that
+ * cannot be read count as all ones. */
+static u8 iobmp[8192 + 4096] __attribute__((aligned(4096)));
+static struct { u64 bitmap; u32 nr_ports, pad; } iobm_arg;
+
+static long set_iobitmap(u64 bitmap, u64 nr_ports)
+{
+	iobm_arg.bitmap = bitmap;
+	iobm_arg.nr_ports = (u32)nr_ports;
+	return HC2(HC_physdev_op, PHYSDEVOP_set_iobitmap, &iobm_arg);
+}
+
+static void iobitmap_checks(void)
+{
+	long rc;
+	/* Xen's answers */
+	rc = HC2(HC_physdev_op, PHYSDEVOP_set_iobitmap, 0x1000);
+	tg_check(rc == -XEN_EFAULT, "set_iobitmap: unreadable argument -EFAULT", rc, -XEN_EFAULT);
+	rc = HC2(HC_physdev_op, PHYSDEVOP_set_iobitmap, 0x8000000000000000UL);
+	tg_check(rc == -XEN_EFAULT, "set_iobitmap: non-canonical argument -EFAULT", rc, -XEN_EFAULT);
+	rc = set_iobitmap(0x0000800000000000UL, 16);
+	tg_check(rc == -XEN_EINVAL, "set_iobitmap: non-canonical bitmap -EINVAL", rc, -XEN_EINVAL);
+	rc = set_iobitmap(HYPERVISOR_VIRT_START, 16);
+	tg_check(rc == -XEN_EINVAL, "set_iobitmap: bitmap in the hypervisor's range -EINVAL", rc, -XEN_EINVAL);
+	rc = set_iobitmap((u64)iobmp, 65537);
+	tg_check(rc == -XEN_EINVAL, "set_iobitmap: 65537 ports -EINVAL", rc, -XEN_EINVAL);
+	rc = set_iobitmap(0x00007ffffffff000UL, 65536);
+	tg_check(rc == 0, "set_iobitmap: unmapped lower-half bitmap accepted", rc, 0);
+	u64 r = 0;
+	EXPECT_GP("unmapped bitmap: #GP", "inb %%dx, %%al", : "+a"(r) : "d"(0x60) : "rcx", "memory");
+
+	/* ports 0x60 and 0x70-0x73 allowed; nr_ports 0x80 */
+	for (unsigned i = 0; i < sizeof(iobmp); i++)
+		iobmp[i] = 0xff;
+	iobmp[0x60 >> 3] &= ~1;
+	iobmp[0x70 >> 3] &= ~0xf;
+	rc = set_iobitmap((u64)iobmp, 0x80);
+	tg_check(rc == 0, "set_iobitmap", rc, 0);
+	u64 gp0 = gp_count;
+	r = 0x1100;
+	__asm__ volatile("inb $0x60, %%al" : "+a"(r));
+	tg_check(r == 0x11ff && gp_count == gp0, "bitmap allows inb 0x60", r, 0x11ff);
+	r = 0;
+	__asm__ volatile("inl %%dx, %%eax" : "+a"(r) : "d"(0x70));
+	tg_check(r == 0xffffffffUL && gp_count == gp0, "bitmap allows inl 0x70", r, 0xffffffffUL);
+	__asm__ volatile("outw %%ax, %%dx" :: "a"(0), "d"(0x72));
+	tg_check(gp_count == gp0, "bitmap allows outw 0x72", gp_count - gp0, 0);
+	EXPECT_GP("bitmap: inb 0x61 refused", "inb $0x61, %%al", : "+a"(r) :: "rcx", "memory");
+	EXPECT_GP("bitmap: inw 0x60 refused (0x61 set)", "inw %%dx, %%ax", : "+a"(r) : "d"(0x60) : "rcx", "memory");
+	EXPECT_GP("bitmap: inl 0x71 refused (0x74 set)", "inl %%dx, %%eax", : "+a"(r) : "d"(0x71) : "rcx", "memory");
+	EXPECT_GP("bitmap: outb 0x64 refused", "outb %%al, %%dx", :: "a"(0), "d"(0x64) : "rcx", "memory");
+	/* nr_ports: ports + size beyond it are refused whatever the bitmap */
+	iobmp[0x80 >> 3] = 0;
+	EXPECT_GP("bitmap: port 0x80 beyond nr_ports", "outb %%al, $0x80", :: "a"(0) : "rcx", "memory");
+	rc = set_iobitmap((u64)iobmp, 0x81);
+	tg_check(rc == 0, "set_iobitmap 0x81 ports", rc, 0);
+	gp0 = gp_count;
+	__asm__ volatile("outb %%al, $0x80" :: "a"(0));
+	tg_check(gp_count == gp0, "bitmap allows port 0x80 below nr_ports", gp_count - gp0, 0);
+	EXPECT_GP("bitmap: outw 0x80 crosses nr_ports", "outw %%ax, %%dx", :: "a"(0), "d"(0x80) : "rcx", "memory");
+	/* a bitmap whose second byte is on an unmapped page: read as all ones */
+	u64 third = (u64)(iobmp + 8192);
+	u8 *edge = iobmp + 8191 - (0x78 >> 3);   /* the byte of ports 0x78..0x7f: the page's last */
+	edge[0x78 >> 3] = 0;
+	rc = HC3(HC_update_va_mapping, third, 0, UVMF_INVLPG);
+	tg_check(rc == 0, "unmap the page after the bitmap", rc, 0);
+	rc = set_iobitmap((u64)edge, 0x100);
+	tg_check(rc == 0, "set_iobitmap at a page end", rc, 0);
+	gp0 = gp_count;
+	__asm__ volatile("inb $0x7f, %%al" : "+a"(r));
+	tg_check(gp_count == gp0, "bitmap byte before an unmapped page allows 0x7f", gp_count - gp0, 0);
+	EXPECT_GP("bitmap: inw 0x7f reads the unmapped byte as ones", "inw %%dx, %%ax", : "+a"(r) : "d"(0x7f) : "rcx", "memory");
+	rc = HC3(HC_update_va_mapping, third, (va_to_pfn((void *)third) << 12) | PTE_P | PTE_RW | PTE_A | PTE_D,
+		 UVMF_INVLPG);
+	tg_check(rc == 0, "map it again", rc, 0);
+	/* no bitmap again */
+	rc = set_iobitmap(0, 0);
+	tg_check(rc == 0, "set_iobitmap(NULL, 0)", rc, 0);
+	EXPECT_GP("no bitmap: inb 0x60 refused", "inb $0x60, %%al", : "+a"(r) :: "rcx", "memory");
+}
+
 void tg_main(struct start_info *si)
 {
 	(void)si;
@@ -87,6 +171,27 @@ void tg_main(struct start_info *si)
 	u64 r = 0x1234567812345678UL;
 	EXPECT_GP("inb without IOPL: #GP", "inb $0x60, %%al", : "+a"(r) :: "rcx", "memory");
 	tg_check(r == 0x1234567812345678UL, "inb without IOPL leaves rax", r, 0x1234567812345678UL);
+
+	/* Xen's answers: iopl above 3 -EINVAL (and nothing granted), an
+	 * unreadable argument -EFAULT */
+	rc = set_iopl(4);
+	tg_check(rc == -XEN_EINVAL, "PHYSDEVOP_set_iopl(4): -EINVAL", rc, -XEN_EINVAL);
+	rc = set_iopl(0xffffffffu);
+	tg_check(rc == -XEN_EINVAL, "PHYSDEVOP_set_iopl(~0): -EINVAL", rc, -XEN_EINVAL);
+	rc = HC2(HC_physdev_op, PHYSDEVOP_set_iopl, 0x1000);
+	tg_check(rc == -XEN_EFAULT, "PHYSDEVOP_set_iopl, unreadable: -EFAULT", rc, -XEN_EFAULT);
+	rc = HC2(HC_physdev_op, PHYSDEVOP_set_iopl, HYPERVISOR_VIRT_START);
+	tg_check(rc == -XEN_EFAULT, "PHYSDEVOP_set_iopl, hypervisor's range: -EFAULT", rc, -XEN_EFAULT);
+	r = 0;
+	EXPECT_GP("inb after a refused set_iopl: #GP", "inb $0x60, %%al", : "+a"(r) :: "rcx", "memory");
+	/* 2 and 3 grant kernel mode (ring 1) as 1 does */
+	for (u32 level = 3; level >= 1; level--) {
+		rc = set_iopl(level);
+		tg_check(rc == 0, "PHYSDEVOP_set_iopl(1..3)", rc, level);
+		u64 g = gp_count;
+		__asm__ volatile("inb %%dx, %%al" : "+a"(r) : "d"(0x64));
+		tg_check(gp_count == g, "IOPL 1..3 grants kernel-mode I/O", level, 0);
+	}
 
 	rc = set_iopl(1);
 	tg_check(rc == 0, "PHYSDEVOP_set_iopl(1)", rc, 0);
@@ -140,6 +245,8 @@ void tg_main(struct start_info *si)
 	u64 gp_iopl0 = gp_count;
 	__asm__ volatile("cli; sti" ::: "memory");   /* priv.c: still no-ops in kernel mode */
 	tg_check(gp_count == gp_iopl0, "cli/sti after IOPL 0: no guest #GP", gp_count - gp_iopl0, 0);
+
+	iobitmap_checks();
 	set_iopl(1);
 
 	/* timings: fast paths (inb, iretq) against the C path (inw) */

@@ -400,6 +400,10 @@ class Domain(PvDomainBase):
         PERCPU.write(self.region.mem, self.region.vcpus[vcpu_id].percpu_off, vcpu_info=va)
         self.clock.vcpu_info_moved(vcpu_id, gpa)
 
+    def vcpu_time_area_moved(self, vcpu_id: int, pieces) -> None:
+        """VCPUOP_register_vcpu_time_memory_area: time.py keeps the copy."""
+        self.clock.time_area_moved(vcpu_id, pieces)
+
     def now_ns(self) -> int:
         """Guest system time (ns): the pvclock's origin (time.py)."""
         return self.clock.now_ns()

@@ -108,6 +108,25 @@ def write_vcpu_time(phys, vcpu_info_gpa: int, clock: PvClock) -> None:
     phys.write(base, struct.pack("<I", (odd + 1) & 0xFFFFFFFF))
 
 
+def write_time_copy(phys, pieces, rec: bytes) -> None:
+    """A vcpu_time_info record into the guest's area (pieces [(gpa, n)]),
+    with Xen's version protocol: an odd version, the body, the record's
+    own (even) version."""
+    version = int.from_bytes(rec[:4], "little")
+    odd = (version - 1 if version % 2 == 0 else version) & 0xFFFFFFFF
+
+    def put(lo: int, data: bytes) -> None:     # record bytes [lo, lo + len(data))
+        start = 0
+        for gpa, n in pieces:
+            a, b = max(lo, start), min(lo + len(data), start + n)
+            if a < b:
+                phys.write(gpa + a - start, data[a - lo:b - lo])
+            start += n
+    put(0, odd.to_bytes(4, "little"))
+    put(4, rec[4:])
+    put(0, rec[:4])
+
+
 def write_wallclock(phys, shared_info_gpa: int, wall_ns_at_zero: int) -> None:
     """shared_info wc_* = wall-clock time at system time 0 (version odd/even)."""
     base = shared_info_gpa
@@ -212,6 +231,7 @@ class DomainClock:
             self.tsc_deadline = setup_lapic(vcpu, v.index, tsc_deadline=self.tsc_deadline)
         self.pvclock, self.boot_ns = self._snapshot()
         self._vcpu_info_gpa = [region.shared_info_gpa + v.index * abi.VCPU_INFO_SIZE for v in region.vcpus]
+        self._time_area: dict[int, list] = {}   # VCPUOP_register_vcpu_time_memory_area
         self._paused_at: int | None = None      # guest system time when pause() stopped it
         self._publish()
 
@@ -221,6 +241,7 @@ class DomainClock:
         write_wallclock(self.phys, self.region.shared_info_gpa, time.time_ns() - self.now_ns())
         for v in self.region.vcpus:
             write_vcpu_time(self.phys, self._vcpu_info_gpa[v.index], self.pvclock)
+            self._copy_to_time_area(v.index)
             # guest sends to back-end ports go out through EV_SEND_PORT (notify.py)
             write_events_block(self.region.mem, v.events_off, self.pvclock,
                                xen_version=(XEN_VERSION[0] << 16) | XEN_VERSION[1],
@@ -287,6 +308,22 @@ class DomainClock:
         """The guest registered vcpu_info at gpa: the time record goes there."""
         self._vcpu_info_gpa[vcpu_id] = gpa
         write_vcpu_time(self.phys, gpa, self.pvclock)
+        self._copy_to_time_area(vcpu_id)
+
+    def time_area_moved(self, vcpu_id: int, pieces) -> None:
+        """The guest's own copy of the time record (Xen's time_info_guest):
+        rewritten with vcpu_info's from now on; [] stops that."""
+        if pieces:
+            self._time_area[vcpu_id] = list(pieces)
+        else:
+            self._time_area.pop(vcpu_id, None)
+
+    def _copy_to_time_area(self, vcpu_id: int) -> None:
+        pieces = self._time_area.get(vcpu_id)
+        if pieces:
+            rec = bytes(self.phys.read(self._vcpu_info_gpa[vcpu_id] + abi.VCPU_INFO_TIME,
+                                       abi.VcpuTimeInfo.sizeof()))
+            write_time_copy(self.phys, pieces, rec)
 
     def after_hypercall(self, nr: int, evtchn) -> None:
         """Keep the shim's copy of each vCPU's VIRQ_TIMER port current."""

@@ -301,15 +301,22 @@ shim_copy_fault:
         movq $-XEN_EFAULT, %rax
         ret
 
-/* long guest_load_gs(u16 sel): load %gs with fault fixup (0 / -EFAULT). */
+/* void guest_load_gs(u16 sel): load %gs as Xen's SEGBASE_GS_USER_SEL, a
+ * selector that faults as the null one.  A null selector leaves the base
+ * as it was on AMD, zero on Intel: the flat data segment first makes it
+ * zero on both, as Xen does. */
         .globl guest_load_gs, shim_gs_insn, shim_gs_fault
 guest_load_gs:
+        cmpw $3, %di
+        ja shim_gs_insn
+        movl $FLAT_RING3_DS32, %eax
+        movw %ax, %gs
 shim_gs_insn:
         movw %di, %gs
-        xorl %eax, %eax
         ret
 shim_gs_fault:
+        movl $FLAT_RING3_DS32, %eax
+        movw %ax, %gs
         xorl %eax, %eax
         movw %ax, %gs
-        movq $-XEN_EFAULT, %rax
         ret

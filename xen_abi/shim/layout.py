@@ -272,6 +272,8 @@ PRIV = Block(
     "PRIV", "emulator state and counters",
     Field("vcr4", "the CR4 the guest sees"),
     Field("iopl", "virtual IOPL (PHYSDEVOP_set_iopl), 0..3"),
+    Field("iobmp", "PHYSDEVOP_set_iobitmap: the guest's I/O bitmap (a guest address)"),
+    Field("iobmp_limit", "PHYSDEVOP_set_iobitmap: ports below it are looked up, 0..65536"),
     Field("dr", "dr0..dr7 (4, 5 unused; dr6, dr7 without their read-as-one bits)", count=8),
     Field("dr7_emul", "DR7 enable bits of I/O breakpoints: kept, never loaded (Xen's dr7_emul)"),
     Field("tsc_aux"),
@@ -348,7 +350,7 @@ def xen_numbers() -> list[tuple[str, list[tuple[str, int, str]]]]:
     ]))
     sections.append(("selectors and the hypervisor hole", [
         ("FLAT_RING3_CS32", abi.FLAT_RING3_CS32, ""), ("FLAT_RING3_CS64", abi.FLAT_RING3_CS64, ""),
-        ("FLAT_RING3_SS64", abi.FLAT_RING3_SS64, ""),
+        ("FLAT_RING3_SS64", abi.FLAT_RING3_SS64, ""), ("FLAT_RING3_DS32", abi.FLAT_RING3_DS32, ""),
         ("FIRST_RESERVED_GDT_ENTRY", abi.FIRST_RESERVED_GDT_ENTRY, ""),
         ("HYPERVISOR_VIRT_START", abi.HYPERVISOR_VIRT_START, ""),
         ("HYPERVISOR_VIRT_END", abi.HYPERVISOR_VIRT_END, ""),

@@ -236,11 +236,20 @@ void priv_merge_dr6(struct percpu *pc, u64 dr6)
 	PRIV(pc, PRIV_DR + 6 * 8) = v & DR6_KEEP & 0xffffffffUL;
 }
 
-void priv_set_iopl(struct percpu *pc, u64 arg_va)
+/* PHYSDEVOP_set_iopl / set_iobitmap once Python has validated them (the
+ * guest may have changed the argument since: checked again) */
+void priv_physdev_op(struct percpu *pc, u64 cmd, u64 arg_va)
 {
-	u32 iopl;
-	if (!from_guest(&iopl, arg_va, 4) && iopl <= 3)
-		PRIV(pc, PRIV_IOPL) = iopl;
+	u64 a[2];   /* set_iopl: u32 iopl; set_iobitmap: u64 bitmap, u32 nr_ports */
+	if ((u32)cmd == PHYSDEVOP_set_iopl) {
+		if (!from_guest(a, arg_va, 4) && (u32)a[0] <= 3)
+			PRIV(pc, PRIV_IOPL) = (u32)a[0];
+	} else if ((u32)cmd == PHYSDEVOP_set_iobitmap) {
+		if (!from_guest(a, arg_va, 12) && (u32)a[1] <= 65536) {
+			PRIV(pc, PRIV_IOBMP) = a[0];
+			PRIV(pc, PRIV_IOBMP_LIMIT) = (u32)a[1];
+		}
+	}
 }
 
 /* ---------------- MSRs ---------------- */
@@ -317,10 +326,26 @@ static u64 *gpr(struct frame *f, int idx)
 	return idx == 4 ? &f->rsp : &((u64 *)f)[off[idx]];
 }
 
-/* Xen's iopl_ok: kernel mode is virtual ring 1, user mode ring 3. */
-static int io_ok(struct percpu *pc)
+/* Xen's guest_io_okay: the virtual IOPL (iopl_ok: kernel mode is virtual
+ * ring 1, user mode ring 3), else the guest's I/O bitmap (set_iobitmap)
+ * for ports below its limit, read through the kernel's page tables; a
+ * byte that cannot be read counts as all ones (no access). */
+static int io_ok(struct percpu *pc, u16 port, int size)
 {
-	return PRIV(pc, PRIV_IOPL) >= (pc->kernel_mode ? 1 : 3);
+	u8 b[2];
+	int user = !pc->kernel_mode;
+	if (PRIV(pc, PRIV_IOPL) >= (pc->kernel_mode ? 1 : 3))
+		return 1;
+	if ((u64)port + size > PRIV(pc, PRIV_IOBMP_LIMIT))
+		return 0;
+	if (user)
+		write_cr3(pc->cr3_kernel);
+	for (int k = 0; k < 2; k++)
+		if (from_guest(&b[k], PRIV(pc, PRIV_IOBMP) + (port >> 3) + k, 1))
+			b[k] = 0xff;
+	if (user)
+		write_cr3(pc->cr3_user);
+	return ((b[0] | (u32)b[1] << 8) & (((1u << size) - 1) << (port & 7))) == 0;
 }
 
 /* A domU owns no I/O ports: reads return all ones, writes are dropped --
@@ -396,11 +421,11 @@ static int decode(struct percpu *pc, struct frame *f)
 	if (op == 0xe4 || op == 0xe5 || op == 0xe6 || op == 0xe7 || (op >= 0xec && op <= 0xef)
 	    || (op >= 0x6c && op <= 0x6f)) {
 		int size = (op & 1) ? opsize : 1;
-		if (!io_ok(pc))
+		u16 port = (op >= 0xe4 && op <= 0xe7) ? b[i + 1] : (u16)f->rdx;
+		if (!io_ok(pc, port, size))
 			return 0;
 		if (op >= 0x6c && op <= 0x6f)
 			return emulate_string_io(pc, f, op, size, rep, i + 1);
-		u16 port = op <= 0xe7 ? b[i + 1] : (u16)f->rdx;
 		if (op == 0xe4 || op == 0xe5 || op == 0xec || op == 0xed)
 			io_read(f, port, size);
 		else

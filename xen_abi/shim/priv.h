@@ -43,13 +43,16 @@ long do_get_debugreg(struct percpu *pc, u64 reg);
 u64 priv_take_dr6(void);
 /* ... and folded into the guest's DR6 as Xen does */
 void priv_merge_dr6(struct percpu *pc, u64 dr6);
-/* Xen's vcpu_op check: -ENOENT for a vCPU id the domain does not have */
+/* Xen's vcpu_op check: -ENOENT for a vCPU id the domain does not have.
+ * Xen's id is an unsigned int; here an id with upper bits set is absent:
+ * looking at the low half costs the timer hypercalls an instruction. */
 static inline int priv_no_such_vcpu(void *pc, u64 vcpuid)
 {
 	u64 nr = *(u64 *)((u8 *)pc + PRIV_OFF + PRIV_NR_VCPUS);
 	return nr && vcpuid >= nr;
 }
-/* PHYSDEVOP_set_iopl after Python accepted it (rc 0): remember the level */
-void priv_set_iopl(struct percpu *pc, u64 arg_va);
+/* PHYSDEVOP_set_iopl / set_iobitmap after Python accepted them (rc 0):
+ * remember the level, the bitmap */
+void priv_physdev_op(struct percpu *pc, u64 cmd, u64 arg_va);
 #endif
 #endif

@@ -238,7 +238,7 @@ static NOINLINE long do_callback_op(struct percpu *pc, u64 cmd, u64 ptr)
 
 static NOINLINE long do_set_segment_base(struct percpu *pc, u64 which, u64 val)
 {
-	switch (which) {
+	switch ((u32)which) {   /* Xen's is an unsigned int */
 	case SEGBASE_FS:
 		if (!canonical(val)) return -XEN_EINVAL;
 		wrmsr(MSR_FS_BASE, val);
@@ -252,11 +252,14 @@ static NOINLINE long do_set_segment_base(struct percpu *pc, u64 which, u64 val)
 		wrmsr(MSR_GS_BASE, val);
 		return 0;
 	case SEGBASE_GS_USER_SEL: {
-		long rc;
+		/* Xen 4.17: RPL 3 for a non-null selector; a null one (0-3) or
+		 * one that faults leaves %gs null with base 0, and the call
+		 * succeeds either way (Linux BUG()s on a failure) */
+		u16 sel = (u16)val;
 		swapgs();
-		rc = guest_load_gs((u16)(val | 3));
+		guest_load_gs(sel > 3 ? sel | 3 : sel);
 		swapgs();
-		return rc;
+		return 0;
 	}
 	}
 	(void)pc;
@@ -265,7 +268,17 @@ static NOINLINE long do_set_segment_base(struct percpu *pc, u64 which, u64 val)
 
 static long hypercall(struct percpu *pc, u64 rip, u64 nr, const u64 *a);
 
-static NOINLINE long do_multicall(struct percpu *pc, u64 rip, u64 list, u64 count)
+/* Xen's common/multicall.c: nr_calls an unsigned int; a list outside the
+ * guest's half -EFAULT before anything (guest_handle_okay checks its
+ * start, even with no entries); each entry's result in its slot; an entry
+ * that cannot be read or a result that cannot be written ends it with
+ * -EFAULT.  Nested multicalls are Xen's -EINVAL "reentry". */
+/* Xen's common/multicall.c: each entry's result in its slot; an entry
+ * that cannot be read or a result that cannot be written ends it with
+ * -EFAULT.  Nested multicalls are Xen's -EINVAL "reentry".  hypercall()
+ * takes the rare counts (no entries, upper bits set) to multicall_odd, so
+ * that this loop's code stays as it was (noipa: no range from there). */
+static NOIPA long do_multicall(struct percpu *pc, u64 rip, u64 list, u64 count)
 {
 	for (u64 i = 0; i < count; i++) {
 		u64 e[8];  /* op, result, args[6] */
@@ -279,6 +292,15 @@ static NOINLINE long do_multicall(struct percpu *pc, u64 rip, u64 list, u64 coun
 	return 0;
 }
 
+/* Xen's nr_calls is an unsigned int; with none, a list outside the
+ * guest's half is still -EFAULT (guest_handle_okay checks its start) */
+static NOINLINE long multicall_odd(struct percpu *pc, u64 rip, u64 list, u64 count)
+{
+	if (!(u32)count)
+		return range_ok(list, 0) ? 0 : -XEN_EFAULT;
+	return do_multicall(pc, rip, list, (u32)count);
+}
+
 /* What neither the switch below nor events.c finishes: the exit to Python.
  * Kept out of line so that the hot cases of hypercall() need no stack
  * frame (each saved register is two interpreted instructions). */
@@ -287,11 +309,11 @@ static NOINLINE long events_or_python(struct percpu *pc, u64 rip, u64 nr, const 
 	long rc;
 	if (ev_hypercall(nr, a, &rc))
 		return rc;
-	if (nr == HC_physdev_op && a[0] == PHYSDEVOP_set_iopl) {
-		/* Python validates, priv.c remembers */
+	if (nr == HC_physdev_op) {
+		/* set_iopl, set_iobitmap: Python validates, priv.c remembers */
 		rc = slow_hypercall(pc, rip, nr, a);
 		if (!rc)
-			priv_set_iopl(pc, a[1]);
+			priv_physdev_op(pc, a[0], a[1]);
 		return rc;
 	}
 	return slow_hypercall(pc, rip, nr, a);
@@ -319,7 +341,10 @@ static long hypercall(struct percpu *pc, u64 rip, u64 nr, const u64 *a)
 		pc->vcr0_ts = a[0] != 0;
 		write_cr0(a[0] ? (read_cr0() | CR0_TS) : (read_cr0() & ~CR0_TS));
 		return 0;
-	case HC_multicall: return do_multicall(pc, rip, a[0], a[1]);
+	case HC_multicall:
+		if (a[1] - 1 >= 0xffffffffUL)   /* 0, or upper bits set */
+			return multicall_odd(pc, rip, a[0], a[1]);
+		return do_multicall(pc, rip, a[0], a[1]);
 	case HC_update_va_mapping: return do_update_va_mapping(pc, a[0], a[1], a[2]);
 	case HC_set_segment_base: return do_set_segment_base(pc, a[0], a[1]);
 	case HC_mmuext_op: return do_mmuext_op(pc, a[0], a[1], a[2], a[3]);

@@ -150,13 +150,15 @@ _Static_assert(sizeof(struct percpu) <= 2 * 4096, "percpu fits its 2 pages");
 #define G ((struct globals *)(REGION_VA + GLOBALS_OFF))
 
 long guest_copy(void *dst, const void *src, u64 n);
-long guest_load_gs(u16 sel);
+void guest_load_gs(u16 sel);
 extern char shim_copy_insn[], shim_copy_tail_insn[], shim_copy_fault[], shim_gs_insn[], shim_gs_fault[];
 extern char shim_iret_insn[], shim_hc_iret_insn[];
 
 /* a cold or large helper kept out of its callers, so that their hot paths
  * need no stack frame (each saved register costs two interpreted instructions) */
 #define NOINLINE __attribute__((noinline))
+/* noinline, and no facts about the callers carried into the function */
+#define NOIPA __attribute__((noinline, noipa))
 
 static inline struct percpu *pcpu(void)
 {

@@ -22,6 +22,7 @@ PVM_DIFFERS = {
     "kernel_nm", "user_nm",        # CR0.TS does not stop x87/SSE at CPL3: no #NM
     # DR0-3/DR7 are not loaded for CPL3: no breakpoint fires (TF does)
     "instruction_breakpoint", "data_breakpoint", "data_breakpoint_guest_write",
+    "gs_selector",                 # a %gs selector loaded at CPL0 reads back 0 at CPL3
 }
 
 
@@ -53,3 +54,35 @@ def test_debug_registers_as_xen_checks_and_delivers_them():
     breakpoint the hypervisor itself hits is not the guest's."""
     _, observed = run_pass("debugreg")
     assert {"instruction_breakpoint", "data_breakpoint", "data_breakpoint_guest_write"} <= set(observed)
+
+
+def test_set_segment_base_as_xen_4_17():
+    """FS / GS_USER / GS_KERNEL bases (non-canonical -EINVAL), `which` an
+    unsigned int (others -EINVAL), and GS_USER_SEL: RPL 3, a null or
+    faulting selector loads a null %gs with base 0 and returns 0."""
+    _, observed = run_pass("segbase")
+    assert "gs_selector" in observed
+
+
+def test_multicall_as_xen_4_17():
+    """Every entry's result in its own slot, failures (nested multicall
+    -EINVAL, unknown hypercall -ENOSYS, bad pointers) not stopping the
+    list; a list outside the guest's half -EFAULT even when empty; an
+    unreadable entry or unwritable result ends it with -EFAULT."""
+    run_pass("multicall")
+
+
+def test_vcpu_op_with_one_vcpu_as_xen_4_17():
+    """Absent vCPU ids -ENOENT (an unsigned int), unknown sub-ops -ENOSYS,
+    is_up, the runstate and the vcpu_time areas (-EFAULT outside the
+    guest's half; filled at once), send_nmi with an argument and
+    get_physid -EINVAL."""
+    run_pass("vcpuop")
+
+
+def test_memory_op_answers_as_xen_4_17():
+    """maximum_ram_page, current/maximum_reservation and maximum_gpfn for
+    each kind of domid, start extents refused, maximum_gpfn from the
+    guest's max_pfn, machine_memory_map -EPERM, memory_map,
+    machphys_mfn_list, PoD targets -EINVAL for a PV guest."""
+    run_pass("memop")

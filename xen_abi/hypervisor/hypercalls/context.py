@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from pyvmm.xen_abi.abi import (
+    HYPERVISOR_VIRT_END,
     DOMID_SELF,
     E820_RAM,
     MACH2PHYS_VIRT_START,
@@ -61,6 +62,7 @@ class PvVcpuState:
     runstate_state: int = RUNSTATE_offline
     runstate_entry_ns: int = 0
     runstate_time: list = field(default_factory=lambda: [0, 0, 0, 0])
+    time_area_va: int = 0       # VCPUOP_register_vcpu_time_memory_area
 
 
 class PvDomainBase:
@@ -123,6 +125,11 @@ class PvDomainBase:
     def vcpu_info_moved(self, vcpu_id: int, gpa: int) -> None:
         """VCPUOP_register_vcpu_info moved vcpu_id's vcpu_info to gpa."""
 
+    def vcpu_time_area_moved(self, vcpu_id: int, pieces) -> None:
+        """VCPUOP_register_vcpu_time_memory_area: from now on the guest's
+        copy of vcpu_id's time record is at pieces [(gpa, length)] (empty:
+        none), to be rewritten wherever vcpu_info's is."""
+
     def vcpu_initialise(self, vcpu_id: int, ctx) -> None:
         """Load a VcpuGuestContext into a secondary vCPU (SMP: the VMM's job)."""
 
@@ -135,6 +142,12 @@ class PvDomainBase:
 
 def fail(errno: XenErrno, why: str = ""):
     raise HypercallError(errno, why)
+
+
+def addr_ok(va: int) -> bool:
+    """Xen's __addr_ok (guest_handle_okay for a 64-bit PV guest): a guest
+    address starts in the lower half or above the hypervisor's range."""
+    return va < (1 << 47) or va >= HYPERVISOR_VIRT_END
 
 
 def is_self(domain, domid: int) -> bool:

@@ -1,11 +1,15 @@
 """vcpu_op, the sub-ops the shim passes on: is_up, the runstate area,
-register_vcpu_info, set_periodic_timer, initialise/up/down.  The shim
-answers -ENOENT for vCPUs that do not exist (shim.c hypercall) and the
-caller's own singleshot timer and stop_periodic_timer (events.c)."""
+register_vcpu_info, set_periodic_timer, initialise/up/down, the vcpu_time
+area, and what Xen 4.17's arch_do_vcpu_op answers a PV domU for send_nmi
+(-EINVAL for an argument) and get_physid (-EINVAL: dom0's pinned vCPUs
+only).  The shim answers -ENOENT for vCPUs that do not exist (shim.c
+hypercall) and the caller's own singleshot timer and stop_periodic_timer
+(events.c)."""
 from __future__ import annotations
 
 from pyvmm.xen_abi import abi
 from pyvmm.xen_abi.abi import (
+    VCPU_INFO_TIME,
     PAGE_SHIFT,
     PAGE_SIZE,
     RUNSTATE_offline,
@@ -25,11 +29,13 @@ from pyvmm.xen_abi.abi import (
     VmAssistType,
     XenErrno,
 )
-from pyvmm.xen_abi.hypervisor.hypercalls.context import U32, U64, PvVcpuState, fail
+from pyvmm.xen_abi.hypervisor.hypercalls.context import U32, U64, PvVcpuState, addr_ok, fail
+from pyvmm.xen_abi.hypervisor.time import write_time_copy
 from pyvmm.xen_abi.memory.guest_va import GuestPageFault, is_canonical
 
 MAX_GDT_ENTRIES = abi.FIRST_RESERVED_GDT_ENTRY
 MAX_LDT_ENTRIES = 8192
+VCPU_TIME_INFO_SIZE = abi.VcpuTimeInfo.sizeof()
 
 
 def vcpu_op(dispatcher, ctx, cmd, vcpuid, arg, *_):
@@ -42,14 +48,17 @@ def vcpu_op(dispatcher, ctx, cmd, vcpuid, arg, *_):
         return 1 if st.online else 0
     if cmd == VcpuOp.register_runstate_memory_area:
         area = ctx.vm.read_struct(VcpuRegisterRunstateMemoryArea, arg)
-        if area.addr and not is_canonical(area.addr):
+        if not addr_ok(area.addr):   # Xen's guest_handle_okay
             fail(XenErrno.EFAULT, "runstate area address")
         st.runstate_va = area.addr
         if current:
             _write_runstate(dispatcher, ctx, st)
         return 0
     if cmd == VcpuOp.get_runstate_info:
-        ctx.vm.write_struct(VcpuRunstateInfo, arg, _runstate_value(st))
+        # Xen's vcpu_runstate_get: the current state's time includes now
+        value = _runstate_value(st)
+        value["time"][st.runstate_state] += max(0, dispatcher.domain.now_ns() - st.runstate_entry_ns)
+        ctx.vm.write_struct(VcpuRunstateInfo, arg, value)
         return 0
     if cmd == VcpuOp.register_vcpu_info:
         return _register_vcpu_info(dispatcher, ctx, st, arg, current)
@@ -74,7 +83,44 @@ def vcpu_op(dispatcher, ctx, cmd, vcpuid, arg, *_):
             _runstate_switch(dispatcher, ctx if current else None, st, RUNSTATE_offline)
             d.vcpu_down(vcpuid)
         return 0
-    return dispatcher.unsupported(Hypercall.vcpu_op, cmd)  # send_nmi, get_physid, time area
+    if cmd == VcpuOp.register_vcpu_time_memory_area:
+        return _register_time_area(dispatcher, ctx, st, arg)
+    if cmd == VcpuOp.get_physid:
+        return -XenErrno.EINVAL      # is_hwdom_pinned_vcpu(): never for a domU
+    if cmd == VcpuOp.send_nmi:
+        if arg:
+            fail(XenErrno.EINVAL, "send_nmi takes no argument")
+        # virtual NMIs are not delivered (the shim has no NMI bounce)
+    return dispatcher.unsupported(Hypercall.vcpu_op, cmd)
+
+
+def _register_time_area(dispatcher, ctx, st: PvVcpuState, arg) -> int:
+    """Xen's arch_do_vcpu_op: the guest handle (8 bytes) must be readable
+    and start in the guest's half (-EFAULT); 0 stops the updates.  Then
+    force_update_vcpu_system_time: a copy of vcpu_info's time record, best
+    effort, and again wherever vcpu_info's is rewritten.  The area is kept
+    as the guest-physical pieces its address maps to now."""
+    va = ctx.vm.read_u64(arg)
+    if not addr_ok(va):
+        fail(XenErrno.EFAULT, f"time area at {va:#x}")
+    st.time_area_va = va
+    pieces = []
+    if va:
+        try:
+            off = 0
+            while off < VCPU_TIME_INFO_SIZE:
+                n = min(VCPU_TIME_INFO_SIZE - off, PAGE_SIZE - ((va + off) & (PAGE_SIZE - 1)))
+                pieces.append((ctx.vm.translate(va + off, write=True), n))
+                off += n
+        except GuestPageFault:
+            pieces = []      # Xen's copy fails silently; so do later updates
+    d = dispatcher.domain
+    if pieces:
+        src = st.vcpu_info_gpa if st.vcpu_info_gpa is not None else \
+            d.shared_info_gpa + st.vcpu_id * VCPU_INFO_SIZE
+        write_time_copy(d.phys, pieces, bytes(d.phys.read(src + VCPU_INFO_TIME, VCPU_TIME_INFO_SIZE)))
+    d.vcpu_time_area_moved(st.vcpu_id, pieces)
+    return 0
 
 
 def _runstate_switch(dispatcher, ctx, st: PvVcpuState, new_state: int) -> None:
