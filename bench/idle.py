@@ -1,6 +1,6 @@
 """What an idle guest costs: host CPU and shim entries per second.
 
-    python bench/idle.py [--memory 96M] [--seconds 30] [--settle 10]
+    python bench/idle.py [--memory 96M] [--seconds 30] [--settle 10] [--extra-cmdline STR]
 
 Boots the default guest (to its shell, which then waits on the console),
 lets boot-time work settle, then measures this process's CPU time (the
@@ -29,6 +29,8 @@ def main(argv=None) -> int:
     p.add_argument("--memory", default="96M")
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--settle", type=float, default=10.0)
+    p.add_argument("--extra-cmdline", default="", metavar="STR",
+                   help="appended to the guest's command line (to compare a kernel option)")
     args = p.parse_args(argv)
 
     from pyvmm.cli import parse_size
@@ -37,7 +39,8 @@ def main(argv=None) -> int:
     from pyvmm.xen_abi.shim import priv
 
     guest = build_default_guest()
-    dom = Domain(guest.kernel.read_bytes(), ram_size=parse_size(args.memory), cmdline=guest.cmdline,
+    cmdline = " ".join(filter(None, (guest.cmdline, args.extra_cmdline)))
+    dom = Domain(guest.kernel.read_bytes(), ram_size=parse_size(args.memory), cmdline=cmdline,
                  initrd=guest.initrd.read_bytes())
     ready = threading.Event()
     recent = bytearray()
