@@ -1,12 +1,13 @@
 """The `pyvmm` command.
 
     pyvmm --xen-pv KERNEL [--initrd FILE] [--cmdline STR] [--memory SIZE] [--name NAME]
-          [--disk IMAGE[,ro]]... [--net tap=NAME|bridge=BR[,mac=MAC]]...
+          [--disk IMAGE[,ro][,rate=SIZE][,iops=N]]... [--net tap=NAME|bridge=BR[,mac=MAC][,rate=SIZE]]...
+          [--cpu-weight N] [--cpu-cap PERCENT] [--memory-limit SIZE]
     pyvmm --default-guest          fetch and build the Debian guest, then boot it
     pyvmm ... --detach             boot it in the background
     pyvmm create FILE [KEY=VALUE]... [-c]   a guest from an xl config file (pyvmm/xlcfg.py)
-    pyvmm list | console | shutdown | reboot | destroy | pause | unpause | xenstore NAME ...
-                                   (pyvmm/manage.py)
+    pyvmm list | console | shutdown | reboot | destroy | pause | unpause | mem-set | top |
+          xenstore | completion ...      (pyvmm/manage.py)
 
 Every user mistake ends in one line on stderr saying what is wrong and what to
 do, and exit status ExitStatus.USAGE (pyvmm/errors.py); the guest's own fate

@@ -282,10 +282,9 @@ class ControlServer:
 
     `target` is an object with: info() -> dict, shutdown(reason) -> None,
     destroy() -> None, pause(), unpause() and mem_set(bytes) -> None or an
-    error line,
-    send_console_input(bytes), and `dom`, the running Domain or None
-    while a rebooting guest is rebuilt.  Console output reaches attached
-    clients through console_output()."""
+    error line, send_console_input(bytes), and `dom`, the running Domain
+    or None while a rebooting guest is rebuilt.  Console output reaches
+    attached clients through console_output()."""
 
     def __init__(self, name: str, target):
         self.name = name

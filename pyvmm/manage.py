@@ -1,6 +1,7 @@
 """`pyvmm list | console NAME | shutdown NAME | reboot NAME | destroy NAME |
-pause NAME | unpause NAME | xenstore NAME ...`: the running guests, through
-their control sockets (pyvmm/control.py), as `xl` manages domains."""
+pause NAME | unpause NAME | mem-set NAME SIZE | top | xenstore NAME ... |
+completion bash`: the running guests, through their control sockets
+(pyvmm/control.py), as `xl` manages domains."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +16,8 @@ from pyvmm.control import GuestNotFound, list_guests, request
 from pyvmm.errors import ExitStatus, UserError, print_error
 from pyvmm.terminal import Terminal, parse_escape
 
-COMMANDS = ("list", "console", "shutdown", "reboot", "destroy", "pause", "unpause", "mem-set", "top", "xenstore", "completion")
+COMMANDS = ("list", "console", "shutdown", "reboot", "destroy", "pause", "unpause", "mem-set", "top",
+            "xenstore", "completion")
 DEFAULT_SHUTDOWN_WAIT_S = 60.0
 DESTROY_WAIT_S = 10.0
 
