@@ -347,12 +347,12 @@ class NetBackend(XenbusBackend):
     def process(self) -> None:
         while self.tx is not None:
             self._transmit()
-            self._receive()
+            waiting = self._receive()
             more = self.tx.final_check()
-            with self._rx_lock:
-                waiting = bool(self.rx_queue)
             if waiting:
-                more |= self.rx.final_check()      # ask to hear of new receive buffers
+                # ask to hear of new receive buffers; look again only if the
+                # waiting frame now fits (else we would spin until it does)
+                more |= self.rx.final_check() and self.rx.unconsumed() >= waiting
             if not more:
                 return
 
@@ -412,10 +412,12 @@ class NetBackend(XenbusBackend):
             frame += gnttab.copy_from_guest(s.gref, s.offset, size, BACKEND_DOMID)
         return frame
 
-    def _receive(self) -> None:
+    def _receive(self) -> int:
+        """Deliver queued frames while buffers last; the buffers the next
+        queued frame waits for (0: none waits)."""
         rx = self.rx
         gnttab = self.host.gnttab
-        delivered = 0
+        delivered = waiting = 0
         while True:
             with self._rx_lock:
                 if not self.rx_queue:
@@ -427,7 +429,8 @@ class NetBackend(XenbusBackend):
                     self.stats["rx_dropped_too_big"] += 1
                     continue
                 if rx.unconsumed() < need:
-                    break                    # wait for the guest to post buffers
+                    waiting = need           # wait for the guest to post buffers
+                    break
                 self.rx_queue.popleft()
             for i in range(need):
                 req = rx.take_request()
@@ -444,4 +447,5 @@ class NetBackend(XenbusBackend):
             self.stats["rx_bytes"] += len(frame)
         if delivered and rx.push_responses():
             self.notify_frontend()
+        return waiting
 
