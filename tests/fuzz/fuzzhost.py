@@ -138,6 +138,25 @@ def wait(predicate, what: str, timeout: float = 10.0) -> None:
         time.sleep(0.0002)
 
 
+def track_busy(be) -> None:
+    """be.busy: True while its worker is inside process(), so that a
+    harness can wait for it to finish before the next input changes RAM."""
+    process = be.process
+    be.busy = False
+
+    def tracked():
+        be.busy = True
+        try:
+            process()
+        finally:
+            be.busy = False
+    be.process = tracked
+
+
+def wait_idle(be) -> None:
+    wait(lambda: be.failed or not (be._kicked or be.busy), "the worker idle")
+
+
 def handshake(store, be, fe_path: str, keys: dict) -> None:
     """The frontend's side of the xenbus handshake, up to Connected."""
     for k, v in keys.items():

@@ -25,6 +25,8 @@ from pathlib import Path
 
 from hypothesis.configuration import set_hypothesis_home_dir
 
+from byte_rings import ByteRing, GuestRingPage
+
 # hypothesis keeps a cache of constants even without an example database:
 # out of the checkout with it
 set_hypothesis_home_dir(Path.home() / ".cache" / "pyvmm" / "hypothesis")
@@ -194,6 +196,34 @@ class Oracle:
             self._handler.records.clear()
             etype, evalue = r.exc_info[0], r.exc_info[1]
             raise Finding(f"{r.name}: {r.getMessage()}: caught {etype.__name__}: {evalue}")
+
+
+class SliceRingPage(GuestRingPage):
+    """byte_rings' guest end of a ring page, with put/take by slices (the
+    fuzzers move many bytes)."""
+
+    def put(self, ring: ByteRing, data: bytes) -> int:
+        cons, prod = self.get(ring.cons), self.get(ring.prod)
+        n = min(ring.size - ((prod - cons) & 0xFFFFFFFF), len(data))
+        if n <= 0:
+            return 0
+        start = prod % ring.size
+        first = min(n, ring.size - start)
+        self.page[ring.data + start:ring.data + start + first] = data[:first]
+        self.page[ring.data:ring.data + n - first] = data[first:n]
+        self.set(ring.prod, prod + n)
+        return n
+
+    def take(self, ring: ByteRing, limit: int | None = None) -> bytes:
+        cons, prod = self.get(ring.cons), self.get(ring.prod)
+        used = (prod - cons) & 0xFFFFFFFF
+        n = used if limit is None else min(used, limit)
+        start = cons % ring.size
+        first = min(n, ring.size - start)
+        data = bytes(self.page[ring.data + start:ring.data + start + first]
+                     + self.page[ring.data:ring.data + n - first])
+        self.set(ring.cons, cons + n)
+        return data
 
 
 def quiet_logging() -> None:

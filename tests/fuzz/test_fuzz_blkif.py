@@ -23,7 +23,7 @@ import tempfile
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fuzzhost import NR_REFS, RAM_PAGES, FuzzHost, handshake, wait
+from fuzzhost import NR_REFS, RAM_PAGES, FuzzHost, handshake, track_busy, wait, wait_idle
 from fuzzlib import Finding, Input, Oracle, ci_settings
 from pyvmm.backends.blkback import MAX_INDIRECT_SEGMENTS, BlockBackend, DiskImage
 from pyvmm.xen_abi.abi import (
@@ -109,6 +109,7 @@ class Harness:
         self.req_prod = self.rsp_cons = 0
         port = fh.host.evtchn.alloc_unbound(DOMID_SELF, 0)
         self.be = BlockBackend(fh.host, self.devices % 16, self.image)
+        track_busy(self.be)
         handshake(fh.host.store, self.be, self.be.fe_path,
                   {"ring-ref": RING_REF, "event-channel": port, "protocol": "x86_64-abi"})
 
@@ -161,6 +162,7 @@ class Harness:
         wait(lambda: self._header().rsp_prod == target
              or (self.be.failed and self.be.backend_state() == XenbusState.Closing), "responses")
         fh.gnttab.race = None
+        wait_idle(self.be)
 
         if bogus:
             if not self.be.failed:
