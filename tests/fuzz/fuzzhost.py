@@ -139,12 +139,15 @@ def wait(predicate, what: str, timeout: float = 10.0) -> None:
 
 
 def track_busy(be) -> None:
-    """be.busy: True while its worker is inside process(), so that a
-    harness can wait for it to finish before the next input changes RAM."""
+    """be.busy: True while its worker is inside process(); be.calls: how
+    many times it went in.  So that a harness can wait for the worker to
+    be done before the next input changes RAM."""
     process = be.process
     be.busy = False
+    be.calls = 0
 
     def tracked():
+        be.calls += 1
         be.busy = True
         try:
             process()
@@ -154,7 +157,17 @@ def track_busy(be) -> None:
 
 
 def wait_idle(be) -> None:
-    wait(lambda: be.failed or not (be._kicked or be.busy), "the worker idle")
+    """The worker clears its kick before it enters process(): idle is
+    neither (nor a state change pending), twice, with no new entry between."""
+    def quiet():
+        return not (be._kicked or be._state_seen or be.busy)
+
+    while True:
+        calls = be.calls
+        wait(lambda: be.failed or quiet(), "the worker idle")
+        time.sleep(0.0002)
+        if be.failed or (be.calls == calls and quiet()):
+            return
 
 
 def handshake(store, be, fe_path: str, keys: dict) -> None:
@@ -167,3 +180,4 @@ def handshake(store, be, fe_path: str, keys: dict) -> None:
     if be.failed:
         raise Finding(f"backend failed to connect: {be.failed}")
     store.write(f"{fe_path}/state", str(int(XenbusState.Connected)))
+    wait_idle(be)       # it looks at the ring once connected: not while the input is set up
