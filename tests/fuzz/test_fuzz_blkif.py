@@ -358,7 +358,7 @@ def model_request(req, ram: bytearray, disk: bytearray, gnttab) -> int:
     return BlkifStatus.okay
 
 
-@ci_settings(150)
+@ci_settings(400)
 @given(st.binary(max_size=Harness.MAX_SIZE))
 def test_fuzz_blkif(harness, data):
     with Oracle() as oracle:

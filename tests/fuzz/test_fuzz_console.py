@@ -93,7 +93,7 @@ class Harness:
 HARNESS = Harness()
 
 
-@ci_settings(1000)
+@ci_settings(3000)
 @given(st.binary(max_size=Harness.MAX_SIZE))
 def test_fuzz_console(data):
     with Oracle() as oracle:

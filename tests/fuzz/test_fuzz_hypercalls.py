@@ -157,7 +157,7 @@ class Harness:
                               f"{sum(r._released)} released")
 
 
-@ci_settings(400)
+@ci_settings(2000)
 @given(st.binary(max_size=Harness.MAX_SIZE))
 def test_fuzz_hypercalls(harness, data):
     with Oracle() as oracle:

@@ -157,7 +157,7 @@ class Harness:
             raise Finding(f"loading and building took {time.monotonic() - t0:.1f} s")
 
 
-@ci_settings(300)
+@ci_settings(1000)
 @given(st.binary(max_size=Harness.MAX_SIZE))
 def test_fuzz_loader(harness, data):
     with Oracle(mem_limit=Harness.MEM_LIMIT) as oracle:

@@ -362,7 +362,7 @@ def model_rx(frames: list, reqs: list, ram: bytearray, gnttab) -> list:
     return out, r
 
 
-@ci_settings(150)
+@ci_settings(400)
 @given(st.binary(max_size=Harness.MAX_SIZE))
 def test_fuzz_netif(harness, data):
     with Oracle() as oracle:

@@ -297,7 +297,7 @@ class Harness:
                 self.tx_ids.append(int(body[:-1]))
 
 
-FUZZ = ci_settings(300)
+FUZZ = ci_settings(1000)
 
 
 @FUZZ
