@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests" / "fuzz"), str(ROOT / "tests")]
 
-SURFACES = ("xenstore", "blkif", "netif", "hypercalls", "console", "loader")
+SURFACES = ("xenstore", "blkif", "netif", "xenbus", "hypercalls", "console", "loader")
 
 
 def load(surface: str):

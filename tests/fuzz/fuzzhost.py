@@ -5,6 +5,7 @@ which frames were ever granted writable (only those may change)."""
 from __future__ import annotations
 
 import array
+import sys
 import time
 
 from fuzzlib import Finding
@@ -139,35 +140,41 @@ def wait(predicate, what: str, timeout: float = 10.0) -> None:
 
 
 def track_busy(be) -> None:
-    """be.busy: True while its worker is inside process(); be.calls: how
-    many times it went in.  So that a harness can wait for the worker to
-    be done before the next input changes RAM."""
-    process = be.process
-    be.busy = False
+    """be.busy: True while its worker serves the ring, follows a state
+    change or fails the device; be.calls: how many times it went in.  So
+    that a harness can wait for the worker to be done before the next input
+    changes RAM or looks at the device's state."""
+    be.busy = 0
     be.calls = 0
 
-    def tracked():
-        be.calls += 1
-        be.busy = True
-        try:
-            process()
-        finally:
-            be.busy = False
-    be.process = tracked
+    def tracked(fn):
+        def run(*args):
+            be.calls += 1
+            be.busy += 1
+            try:
+                return fn(*args)
+            finally:
+                be.busy -= 1
+        return run
+    for name in ("process", "_frontend_changed", "_fail"):
+        setattr(be, name, tracked(getattr(be, name)))
+
+
+def _asleep(be) -> bool:
+    """The worker is blocked waiting for work (or gone): inspected on its stack."""
+    frame = sys._current_frames().get(be._thread.ident)
+    if frame is None:
+        return True
+    if frame.f_code.co_name != "wait" or not frame.f_code.co_filename.endswith("threading.py"):
+        return False
+    while frame is not None and frame.f_code.co_name != "_worker":
+        frame = frame.f_back
+    return frame is not None
 
 
 def wait_idle(be) -> None:
-    """The worker clears its kick before it enters process(): idle is
-    neither (nor a state change pending), twice, with no new entry between."""
-    def quiet():
-        return not (be._kicked or be._state_seen or be.busy)
-
-    while True:
-        calls = be.calls
-        wait(lambda: be.failed or quiet(), "the worker idle")
-        time.sleep(0.0002)
-        if be.failed or (be.calls == calls and quiet()):
-            return
+    """Until the worker sleeps with nothing to do."""
+    wait(lambda: not (be._kicked or be._state_seen or be.busy) and _asleep(be), "the worker idle")
 
 
 def handshake(store, be, fe_path: str, keys: dict) -> None:
