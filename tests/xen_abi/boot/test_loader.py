@@ -231,8 +231,9 @@ def test_error_truncated_compressed_stream(elf):
 
 @pytest.mark.parametrize("kind", ["gzip", "zstd"])
 def test_decompression_bomb_stops_at_the_limit(monkeypatch, kind):
-    """Found by fuzzing: a zstd payload was inflated whole before its size
-    was checked (4 KiB of zstd make 128 MiB), so a kernel file of a few MiB
+    """Found reading the loader for its fuzz harness (random mutation does
+    not make bombs): a zstd payload was inflated whole before its size was
+    checked (4 KiB of zstd make 128 MiB), so a kernel file of a few MiB
     could have the host allocate terabytes.  Every compression stops near
     DECOMPRESS_MAX instead."""
     import tracemalloc
