@@ -77,7 +77,11 @@ class Input:
         return seq[self.below(len(seq))]
 
     def chance(self, num: int, den: int = 256) -> bool:
-        """True with probability about num/den (den <= 256)."""
+        """True with probability about num/den (den <= 256); once the bytes
+        run out, the likelier way (zero padding must not make every rare
+        event happen at once)."""
+        if self.pos >= len(self.data):
+            return 2 * num > den
         return self.u8() * den < num * 256
 
     def blob(self, limit: int) -> bytes:

@@ -93,6 +93,7 @@ class Harness:
             self.be.close()
             self.fh.gnttab.race = None
             self.be = None
+            self.fh.host.evtchn.close(self.port)    # the frontend's port goes with its device
 
     # -- the device --------------------------------------------------------
 
@@ -107,7 +108,7 @@ class Harness:
         hdr = SharedRingHeader(req_event=1, rsp_event=1)
         ring[:SRING_HEADER_SIZE] = bytes(hdr)
         self.req_prod = self.rsp_cons = 0
-        port = fh.host.evtchn.alloc_unbound(DOMID_SELF, 0)
+        port = self.port = fh.host.evtchn.alloc_unbound(DOMID_SELF, 0)
         self.be = BlockBackend(fh.host, self.devices % 16, self.image)
         track_busy(self.be)
         handshake(fh.host.store, self.be, self.be.fe_path,

@@ -89,6 +89,7 @@ class Harness:
             self.peer.close()
             self.fh.gnttab.race = None
             self.be = None
+            self.fh.host.evtchn.close(self.port)    # the frontend's port goes with its device
 
     def _new_device(self):
         self.reset()
@@ -104,7 +105,7 @@ class Harness:
         self.rx_left = []
         self.link, self.peer = SocketLink.pair()
         self.peer.setblocking(False)
-        port = fh.host.evtchn.alloc_unbound(DOMID_SELF, 0)
+        port = self.port = fh.host.evtchn.alloc_unbound(DOMID_SELF, 0)
         self.be = NetBackend(fh.host, self.devices % 16, self.link, "00:16:3e:00:00:02")
         track_busy(self.be)
         handshake(fh.host.store, self.be, self.be.fe_path,
