@@ -18,10 +18,10 @@ setup:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 	@# (re)install when a dependency is missing or pyvmm is installed from another checkout
-	@$(PYTHON) -c "import pathlib, pyvmm.xen_abi as x, construct, lz4, zstandard, lzokay, numpy, pytest, pytest_timeout, hypothesis; \
+	@$(PYTHON) -c "import pathlib, pyvmm.xen_abi as x, construct, lz4, zstandard, lzokay, numpy, pytest, pytest_timeout, hypothesis, atheris; \
 	  assert pathlib.Path(x.__file__).resolve().is_relative_to(pathlib.Path.cwd().resolve())" 2>/dev/null || \
 	  (echo "setup: installing pyvmm (editable) and its Python dependencies"; \
-	   $(PYTHON) -m pip install $(PIP_FLAGS) -e '.[test]')
+	   $(PYTHON) -m pip install $(PIP_FLAGS) -e '.[test,fuzz]')
 
 # Fetch the Debian cloud kernel and busybox, build the initramfs, boot it.
 run: setup

@@ -350,14 +350,14 @@ class NetBackend(XenbusBackend):
     def process(self) -> None:
         while self.tx is not None:
             held = self._transmit()
-            held |= self._receive()
-            if held:                     # a rate limit: retry_later() brings us back
+            rx_held, waiting = self._receive()
+            if held or rx_held:          # a rate limit: retry_later() brings us back
                 return
             more = self.tx.final_check()
-            with self._rx_lock:
-                waiting = bool(self.rx_queue)
             if waiting:
-                more |= self.rx.final_check()      # ask to hear of new receive buffers
+                # ask to hear of new receive buffers; look again only if the
+                # waiting frame now fits (else we would spin until it does)
+                more |= self.rx.final_check() and self.rx.unconsumed() >= waiting
             if not more:
                 return
 
@@ -426,15 +426,17 @@ class NetBackend(XenbusBackend):
             frame += gnttab.copy_from_guest(s.gref, s.offset, size, BACKEND_DOMID)
         return frame
 
-    def _receive(self) -> bool:
-        """Deliver queued frames into posted buffers; True if a rate limit held some back."""
+    def _receive(self) -> tuple[bool, int]:
+        """Deliver queued frames while buffers last: whether a rate limit held
+        some back, and the buffers the next queued frame waits for (0: none)."""
         rx = self.rx
         gnttab = self.host.gnttab
-        delivered, held = 0, False
+        delivered = waiting = 0
+        held = False
         while True:
             with self._rx_lock:
-                waiting = bool(self.rx_queue)
-            wait = self.rx_limiter.wait() if waiting and self.rx_limiter is not None else 0
+                queued = bool(self.rx_queue)
+            wait = self.rx_limiter.wait() if queued and self.rx_limiter is not None else 0
             if wait:                     # over the rate: frames wait in rx_queue (bounded)
                 self.retry_later(wait)
                 held = True
@@ -449,7 +451,8 @@ class NetBackend(XenbusBackend):
                     self.stats["rx_dropped_too_big"] += 1
                     continue
                 if rx.unconsumed() < need:
-                    break                    # wait for the guest to post buffers
+                    waiting = need           # wait for the guest to post buffers
+                    break
                 self.rx_queue.popleft()
             for i in range(need):
                 req = rx.take_request()
@@ -468,5 +471,5 @@ class NetBackend(XenbusBackend):
                 self.rx_limiter.consume(len(frame))
         if delivered and rx.push_responses():
             self.notify_frontend()
-        return held
+        return held, waiting
 

@@ -28,7 +28,7 @@ import threading
 from dataclasses import dataclass
 
 from pyvmm.xen_abi.abi import SRING_REQ_EVENT, SRING_REQ_PROD, SRING_RSP_EVENT, SRING_RSP_PROD
-from pyvmm.xen_abi.abi import SRING_HEADER_SIZE, XenbusState, ring_entries
+from pyvmm.xen_abi.abi import SRING_HEADER_SIZE, HypercallError, XenbusState, ring_entries
 from pyvmm.xen_abi.hypervisor.evtchn import BACKEND_DOMID, BackendPort
 from pyvmm.xen_abi.hypervisor.grant_table import GrantError, GrantMapping
 from pyvmm.xen_abi.memory.physmem import SEQ_CST, atomics
@@ -226,7 +226,10 @@ class XenbusBackend:
 
     def bind_event_channel(self, guest_port: int) -> None:
         """Bind to the frontend's unbound port; its sends wake the worker."""
-        self._port = self.host.evtchn.backend_bind(guest_port, self.kick)
+        try:
+            self._port = self.host.evtchn.backend_bind(guest_port, self.kick)
+        except HypercallError as e:         # the port the frontend named is not one
+            raise ProtocolError(f"event channel {guest_port}: {e}") from None
 
     def notify_frontend(self) -> None:
         if self._port is not None:

@@ -277,6 +277,23 @@ def test_missing_frontend_keys_fail_the_device(host, tmp_path):
     img.close()
 
 
+@pytest.mark.parametrize("port", ["0", "4095", "-1", "99999999999"])
+def test_bad_event_channel_fails_the_device_as_the_guest_s_error(host, tmp_path, caplog, port):
+    """Found by the xenbus fuzz harness: an event-channel key naming no
+    port unbound for dom0 ended the device as an "internal error", with a
+    traceback in the log as for a pyvmm bug.  It is the frontend's error,
+    said so."""
+    img, be, fe = _attach(host, _image(tmp_path))
+    host.store.write(f"{fe.path}/event-channel", port)
+    wait_for(lambda: fe.backend_state() == XenbusState.InitWait, "InitWait")
+    fe.state(XenbusState.Initialised)
+    wait_for(lambda: fe.backend_state() == XenbusState.Closing, "Closing")
+    assert fe.backend_key("error").startswith(f"event channel {port}: ")
+    assert not any(r.exc_info for r in caplog.records)
+    assert host.gnttab.active_mappings() == 0          # the ring it had mapped is let go
+    img.close()
+
+
 def test_read_only_disk(host, tmp_path):
     path = _image(tmp_path)
     before = open(path, "rb").read()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import struct
+import time
 
 import pytest
 
@@ -229,6 +230,26 @@ def test_frames_wait_for_buffers_and_big_ones_span_pages():
         assert got[0][1] == b"\x11" * 60
         assert [r.flags & NETRXF_more_data for r, _ in got[1:]] == [NETRXF_more_data, NETRXF_more_data, 0]
         assert b"".join(d for _, d in got[1:]) == big
+
+
+def test_waiting_for_buffers_does_not_spin():
+    """Found by fuzzing: a queued frame needing more buffers than the guest
+    posted had the worker loop at full speed until the guest posted more
+    (one buffer posted, a three-page frame waiting).  It must sleep until
+    the guest's next notification instead."""
+    with _interface() as (host, be, fe, raw):
+        fe.connect()
+        calls = []
+        receive = be._receive
+        be._receive = lambda: (calls.append(1), receive())[1]
+        raw.send(bytes(range(256)) * 36)                 # 9216 bytes: three pages
+        wait_for(lambda: be.rx_queue, "the frame queued")
+        fe.post_rx(1)
+        time.sleep(0.3)
+        assert len(calls) < 10, f"the worker looked {len(calls)} times in 0.3 s"
+        fe.post_rx(2)
+        got = fe.received(3)
+        assert b"".join(d for _, d in got) == bytes(range(256)) * 36
 
 
 def test_bad_transmits_get_errors_and_nothing_leaves(net):

@@ -187,19 +187,29 @@ def _stream_decompress(obj, data: bytes, what: str) -> bytes:
     return out
 
 
+# zstd input fed per call: its decompressobj has no output limit, and 1024
+# bytes inflate to at most ~32 MiB, so a bomb is caught near DECOMPRESS_MAX.
+ZSTD_FEED = 1024
+
+
 def _decompress_zstd(data: bytes) -> bytes:
     import zstandard
 
+    parts, size = [], 0
+    obj = zstandard.ZstdDecompressor().decompressobj()
     try:
-        obj = zstandard.ZstdDecompressor().decompressobj()
-        out = obj.decompress(data)  # stops at the end of the first frame
+        for pos in range(0, len(data), ZSTD_FEED):
+            parts.append(obj.decompress(data[pos:pos + ZSTD_FEED]))
+            size += len(parts[-1])
+            if size > DECOMPRESS_MAX:
+                raise LoaderError(f"zstd payload inflates to more than {DECOMPRESS_MAX >> 20} MiB")
+            if obj.eof:
+                break  # the end of the first frame: what follows is ignored
     except zstandard.ZstdError as e:
         raise LoaderError(f"corrupt zstd payload: {e}") from None
     if not obj.eof:
         raise LoaderError("truncated zstd payload: compressed stream ends early")
-    if len(out) > DECOMPRESS_MAX:
-        raise LoaderError(f"zstd payload inflates to more than {DECOMPRESS_MAX >> 20} MiB")
-    return out
+    return b"".join(parts)
 
 
 def _decompress_lz4_legacy(data: bytes) -> bytes:

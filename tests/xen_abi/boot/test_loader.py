@@ -229,6 +229,38 @@ def test_error_truncated_compressed_stream(elf):
         assert "truncated" in msg or "corrupt" in msg, (kind, msg)
 
 
+@pytest.mark.parametrize("kind", ["gzip", "zstd"])
+def test_decompression_bomb_stops_at_the_limit(monkeypatch, kind):
+    """Found reading the loader for its fuzz harness (random mutation does
+    not make bombs): a zstd payload was inflated whole before its size was
+    checked (4 KiB of zstd make 128 MiB), so a kernel file of a few MiB
+    could have the host allocate terabytes.  Every compression stops near
+    DECOMPRESS_MAX instead."""
+    import tracemalloc
+    import zlib
+
+    import zstandard
+
+    from pyvmm.xen_abi.boot import loader
+
+    monkeypatch.setattr(loader, "DECOMPRESS_MAX", 1 << 20)
+    zeros = bytes(256 << 20)
+    if kind == "zstd":
+        payload = zstandard.ZstdCompressor(level=1).compress(zeros)
+    else:
+        c = zlib.compressobj(1, zlib.DEFLATED, 16 + zlib.MAX_WBITS)
+        payload = c.compress(zeros) + c.flush()
+    del zeros
+    tracemalloc.start()
+    try:
+        with pytest.raises(LoaderError, match="inflates to more than 1 MiB"):
+            decompress(payload)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 48 << 20, f"{peak >> 20} MiB to refuse a 256 MiB payload"
+
+
 def test_error_unknown_compression():
     assert "unknown compression" in err(make_bzimage(b"\x11\x22\x33\x44" * 64))
 

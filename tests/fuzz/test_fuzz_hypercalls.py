@@ -1,0 +1,171 @@
+"""Fuzzing the Python hypercall handlers (HypercallDispatcher.dispatch) with
+random hypercall numbers, sub-ops, arguments and guest memory, on the fake
+PV domain of tests/pvfake.py with a balloon (Reservation) attached.
+
+Each input is a short sequence of hypercalls (so that state carries: bind
+then close, register then re-register, decrease then populate), from
+either vCPU, now and then from user mode; pointer arguments mostly land in
+a mapped scratch area whose contents the input writes as 8-byte words
+(small counts, scratch pointers, boundary values, noise).
+
+Oracles: dispatch() returns an int that is >= 0 or minus a Xen errno;
+nothing but DomainShutdown leaves it; no handler bug is caught and logged
+by the dispatcher (the Oracle sees any error logged with a traceback); the
+reservation's frame count stays within [0, max_pages] and matches its
+released-frame map.
+"""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fuzzlib import Finding, Input, Oracle, ci_settings
+from pvfake import KBASE, PT_POOL, RAM_SIZE, SCRATCH, SCRATCH_GPA, FakeDomain
+from pyvmm.xen_abi.abi import (
+    ConsoleIoCmd,
+    EvtchnOp,
+    GnttabOp,
+    VCPU_INFO_SIZE,
+    Hypercall,
+    MemoryOp,
+    PhysdevOp,
+    SchedOp,
+    VcpuOp,
+    VmAssistType,
+    XenErrno,
+    XenVer,
+)
+from pyvmm.xen_abi.hypervisor.grant_table import GrantTable
+from pyvmm.xen_abi.hypervisor.hypercalls.context import DomainShutdown
+from pyvmm.xen_abi.hypervisor.hypercalls.dispatch import HypercallDispatcher
+from pyvmm.xen_abi.hypervisor.reservation import Reservation
+
+from pvfake import GNTTAB_GPA, GNTTAB_MAX_FRAMES, SHARED_INFO_GPA
+
+H = Hypercall
+SUBOPS = {
+    H.memory_op: [int(x) for x in MemoryOp] + [11, 0x10000 | 1],
+    H.grant_table_op: [int(x) for x in GnttabOp],
+    H.event_channel_op: [int(x) for x in EvtchnOp],
+    H.vcpu_op: [int(x) for x in VcpuOp],
+    H.sched_op: [int(x) for x in SchedOp],
+    H.xen_version: [int(x) for x in XenVer],
+    H.console_io: [int(x) for x in ConsoleIoCmd],
+    H.physdev_op: [int(x) for x in PhysdevOp],
+    H.vm_assist: [0, 1, 2],
+}
+CALLS = list(SUBOPS) * 4 + [int(h) for h in Hypercall] + [49, 64, 0xFFFFFFFF]
+ERRNOS = {int(e) for e in XenErrno}
+SCRATCH_SIZE = 64 * 1024
+PT_BYTES = 0x100000            # the fake's page tables live in [PT_POOL, +1 MiB)
+
+
+class Harness:
+    MAX_SIZE = 2048
+
+    def __init__(self):
+        self.d = FakeDomain()
+        self.pt = self.d.phys.read(PT_POOL, PT_BYTES)
+
+    def close(self):
+        self.d.close()
+
+    def _fresh(self):
+        """The domain as built: page tables, event channels, grant table,
+        dispatcher and balloon anew (RAM elsewhere keeps what it has)."""
+        d = self.d
+        d.phys.write(PT_POOL, self.pt)
+        d.vmm.fill(0, d.vmm.size, 0)
+        # the same EventChannels, its ports closed (building 4096 ports anew
+        # costs 5 ms); ports are allocated lowest first: an input opens a few
+        ev = d.evtchn
+        for p in range(1, 64):
+            if ev.ports[p].state:
+                ev.close(p)
+        ev._vcpu_info = [SHARED_INFO_GPA + v * VCPU_INFO_SIZE for v in range(d.nr_vcpus)]
+        if any(ev.virq_to_port) or any(p.state for p in ev.ports[64:80]):
+            raise Finding("closing every port left bindings behind")
+        d.gnttab = GrantTable(d.phys, GNTTAB_GPA, max_frames=GNTTAB_MAX_FRAMES, domid=1,
+                              frame_ok=lambda f: 0 <= f < RAM_SIZE // 4096)
+        d.typed = set()
+        d.m2p = {}
+        d.reservation = Reservation(d.ram, m2p_write=d.m2p.__setitem__, frame_typed=d.typed.__contains__)
+        d.dispatcher = HypercallDispatcher(d)
+        d.console.clear()
+        d.kicks.clear()
+
+    @staticmethod
+    def _word(inp: Input) -> int:
+        k = inp.u8()
+        if k < 70:
+            return inp.below(64)
+        if k < 140:
+            return SCRATCH + inp.below(SCRATCH_SIZE // 8) * 8
+        if k < 170:
+            return inp.interesting(64)
+        if k < 185:
+            return inp.below(RAM_SIZE // 4096)           # a frame number
+        if k < 215:
+            return 0x7FF0 + inp.below(32)                  # near DOMID_SELF
+        return inp.u64()
+
+    def _pointer(self, inp: Input) -> int:
+        k = inp.u8()
+        if k < 200:
+            return SCRATCH + inp.below(SCRATCH_SIZE // 8) * 8 + (inp.below(8) if k > 190 else 0)
+        return inp.choice((0, 8, KBASE + RAM_SIZE, KBASE + RAM_SIZE - 4, 1 << 47, (1 << 64) - 8,
+                           0xFFFF_8000_0000_0000, SCRATCH + SCRATCH_SIZE * 64 - 4, inp.u64()))
+
+    def one(self, data: bytes) -> None:
+        inp = Input(data)
+        self._fresh()
+        d = self.d
+        ram = d.ram
+        for _ in range(1 + inp.below(8)):
+            if not inp.remaining():
+                break
+            # the argument area, as the guest filled it
+            at = inp.below(SCRATCH_SIZE // 8) * 8
+            words = [self._word(inp) for _ in range(inp.below(24))]
+            blob = b"".join(w.to_bytes(8, "little") for w in words)
+            ram.write(SCRATCH_GPA + at, blob[:SCRATCH_SIZE - at])
+            nr = inp.choice(CALLS)
+            sub = inp.choice(SUBOPS.get(nr, [0])) if inp.chance(230) else inp.interesting(32)
+            args = [sub, self._pointer(inp), self._word(inp), self._word(inp), inp.u64(), inp.u64()]
+            if nr == H.vcpu_op:
+                args[1:3] = [inp.below(3) if inp.chance(230) else inp.u32(), self._pointer(inp)]
+            elif nr == H.console_io:
+                args[1:3] = [inp.below(300) if inp.chance(230) else inp.interesting(32), self._pointer(inp)]
+            elif nr == H.grant_table_op:
+                args[2] = 1 if inp.chance(220) else inp.interesting(32)
+            if inp.chance(40):
+                d.typed.add(inp.below(RAM_SIZE // 4096))
+            ctx = d.ctx(inp.below(2))
+            ctx.in_kernel_mode = inp.chance(245)
+            try:
+                rv = d.dispatcher.dispatch(ctx, nr, args)
+            except DomainShutdown:
+                return
+            if not isinstance(rv, int):
+                raise Finding(f"hypercall {nr}({sub:#x}) returned {rv!r}")
+            if rv < 0 and -rv not in ERRNOS:
+                raise Finding(f"hypercall {nr}({sub:#x}) returned {rv}, not -errno")
+            r = d.reservation
+            if not 0 <= r.nr_pages <= r.max_pages or r.nr_pages != r.ram_pages - sum(r._released):
+                raise Finding(f"reservation holds {r.nr_pages} of {r.max_pages} pages, "
+                              f"{sum(r._released)} released")
+
+
+@ci_settings(2000)
+@given(st.binary(max_size=Harness.MAX_SIZE))
+def test_fuzz_hypercalls(harness, data):
+    with Oracle() as oracle:
+        oracle.run(harness, data)
+
+
+@pytest.fixture(scope="module")
+def harness():
+    h = Harness()
+    yield h
+    h.close()
