@@ -20,6 +20,8 @@ import ctypes
 import os
 import tempfile
 
+import pytest
+
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -369,8 +371,6 @@ def test_fuzz_blkif(harness, data):
             harness.reset()
             raise
 
-
-import pytest  # noqa: E402
 
 
 @pytest.fixture(scope="module")
