@@ -312,9 +312,10 @@ class DomainClock:
 
     def time_area_moved(self, vcpu_id: int, pieces) -> None:
         """The guest's own copy of the time record (Xen's time_info_guest):
-        rewritten with vcpu_info's from now on; [] stops that."""
+        written now and with vcpu_info's from now on; [] stops that."""
         if pieces:
             self._time_area[vcpu_id] = list(pieces)
+            self._copy_to_time_area(vcpu_id)
         else:
             self._time_area.pop(vcpu_id, None)
 

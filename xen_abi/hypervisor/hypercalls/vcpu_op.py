@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from pyvmm.xen_abi import abi
 from pyvmm.xen_abi.abi import (
-    VCPU_INFO_TIME,
     PAGE_SHIFT,
     PAGE_SIZE,
     RUNSTATE_offline,
@@ -30,7 +29,6 @@ from pyvmm.xen_abi.abi import (
     XenErrno,
 )
 from pyvmm.xen_abi.hypervisor.hypercalls.context import U32, U64, PvVcpuState, addr_ok, fail
-from pyvmm.xen_abi.hypervisor.time import write_time_copy
 from pyvmm.xen_abi.memory.guest_va import GuestPageFault, is_canonical
 
 MAX_GDT_ENTRIES = abi.FIRST_RESERVED_GDT_ENTRY
@@ -114,12 +112,7 @@ def _register_time_area(dispatcher, ctx, st: PvVcpuState, arg) -> int:
                 off += n
         except GuestPageFault:
             pieces = []      # Xen's copy fails silently; so do later updates
-    d = dispatcher.domain
-    if pieces:
-        src = st.vcpu_info_gpa if st.vcpu_info_gpa is not None else \
-            d.shared_info_gpa + st.vcpu_id * VCPU_INFO_SIZE
-        write_time_copy(d.phys, pieces, bytes(d.phys.read(src + VCPU_INFO_TIME, VCPU_TIME_INFO_SIZE)))
-    d.vcpu_time_area_moved(st.vcpu_id, pieces)
+    dispatcher.domain.vcpu_time_area_moved(st.vcpu_id, pieces)     # the clock writes it now and later
     return 0
 
 
