@@ -268,11 +268,6 @@ static NOINLINE long do_set_segment_base(struct percpu *pc, u64 which, u64 val)
 
 static long hypercall(struct percpu *pc, u64 rip, u64 nr, const u64 *a);
 
-/* Xen's common/multicall.c: nr_calls an unsigned int; a list outside the
- * guest's half -EFAULT before anything (guest_handle_okay checks its
- * start, even with no entries); each entry's result in its slot; an entry
- * that cannot be read or a result that cannot be written ends it with
- * -EFAULT.  Nested multicalls are Xen's -EINVAL "reentry". */
 /* Xen's common/multicall.c: each entry's result in its slot; an entry
  * that cannot be read or a result that cannot be written ends it with
  * -EFAULT.  Nested multicalls are Xen's -EINVAL "reentry".  hypercall()
