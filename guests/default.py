@@ -52,7 +52,7 @@ BANNER = "pyvmm default guest ready"
 # unattended boot tests).
 POWEROFF_PARAM = "pyvmm.poweroff"
 # Bump when the image layout or init script changes: it is part of the key.
-RECIPE_VERSION = 3       # 3: module parameters from the kernel command line
+RECIPE_VERSION = 4       # 4: module parameters from the kernel command line, without forks
 _INIT_MODE = 0o755
 
 
@@ -84,13 +84,16 @@ ifconfig lo 127.0.0.1 up 2>/dev/null
 
 loaded=""
 failed=""
+# shell builtins only below: every fork and exec is dear where ring 0 is
+# interpreted (kvm_pvm)
+read -r cmdline < /proc/cmdline
 # as modprobe does: NAME.PARAM=VALUE on the kernel command line (NAME with
 # '_' for '-') is a parameter of module NAME
 load() {{
     name=${{1##*/}}; name=${{name%.ko}}
-    prefix=$(echo "$name" | tr - _).
+    prefix=${{name//-/_}}.
     params=""
-    for arg in $(cat /proc/cmdline); do
+    for arg in $cmdline; do
         case "$arg" in "$prefix"*=*) params="$params ${{arg#"$prefix"}}" ;; esac
     done
     if insmod "$1" $params; then
@@ -104,7 +107,7 @@ load() {{
 
 echo "{BANNER}: Linux $(uname -r) (built for {kernel_version}); modules:${{loaded:- none}}${{failed:+; FAILED:$failed}}"
 
-case " $(cat /proc/cmdline) " in
+case " $cmdline " in
     *" {POWEROFF_PARAM} "*) echo "pyvmm-init: powering off"; poweroff -f ;;
 esac
 
