@@ -34,12 +34,13 @@ def run_smp(nr_vcpus: int, timeout: float = 600):
 
 def test_smp_two_vcpus_as_xen_4_17():
     """vCPU 1 brought up with a read-only GDT frame; every step with one
-    secondary vCPU (VCPUOP_initialise of vCPU 2 is -ENOENT)."""
+    secondary vCPU (VCPUOP_initialise of vCPU 2 is -ENOENT; the bad
+    contexts need a spare vCPU: the 4-vCPU run)."""
     run_smp(2)
 
 
 def test_smp_four_vcpus_as_xen_4_17():
-    """vCPU 3's refused contexts (non-canonical addresses, bad GDT/LDT/cr3)
-    leave it uninitialised, and it comes up afterwards; the shootdowns
-    reach three reading vCPUs."""
+    """vCPU 3's refused contexts (non-canonical addresses, bad GDT/LDT/cr3,
+    !VGCF_in_kernel without a user cr3) leave it uninitialised, and it comes
+    up afterwards; the shootdowns reach three reading vCPUs."""
     run_smp(4)
