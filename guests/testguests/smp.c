@@ -990,9 +990,9 @@ static void step_down_up(void)
 	post(1, CMD_DOWN, 0, 0, 0);
 	int ok = WAIT_UNTIL(vop(VCPUOP_is_up, 1, 0) == 0, WAIT_MS);
 	CK("step 7: is_up(1) becomes 0 after vCPU 1's VCPUOP_down", ok, 1);
-	delay_ms(20);
+	delay_ms(100);
 	u64 hb = cpus[1].heartbeat;
-	delay_ms(50);
+	delay_ms(100);
 	CK("step 7: vCPU 1 stopped (did not return from VCPUOP_down)", cpus[1].resumed, 0);
 	CK("step 7: vCPU 1 stopped (heartbeat)", cpus[1].heartbeat, hb);
 	build_ctx(&ctx, 1, 0);
@@ -1009,9 +1009,9 @@ static void step_down_up(void)
 	/* down by vCPU 0 of a running vCPU 1 */
 	CK("step 7: VCPUOP_down of vCPU 1 from vCPU 0", vop(VCPUOP_down, 1, 0), 0);
 	CK("step 7: is_up(1) at once", vop(VCPUOP_is_up, 1, 0), 0);
-	delay_ms(20);
+	delay_ms(100);    /* a kick to a running vCPU may take a while in a slow lane */
 	hb = cpus[1].heartbeat;
-	delay_ms(50);
+	delay_ms(100);
 	CK("step 7: vCPU 1 downed by vCPU 0 stops (heartbeat)", cpus[1].heartbeat, hb);
 	CK("step 7: VCPUOP_up", vop(VCPUOP_up, 1, 0), 0);
 	ok = WAIT_UNTIL(cpus[1].heartbeat != hb, WAIT_MS);
