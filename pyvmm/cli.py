@@ -31,6 +31,7 @@ DEFAULT_CMDLINE = "console=hvc0 noreplace-smp xen_blkfront.max_indirect_segments
 MIN_MEMORY = 16 << 20
 MAX_MEMORY = 64 << 30
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_VCPUS = 8          # the VMM region's per-vCPU areas (xen_abi/memory/vmm_region.py)
 
 
 def parse_size(text: str) -> int:
@@ -41,6 +42,21 @@ def parse_size(text: str) -> int:
     value = int(m.group(1))
     unit = m.group(2).upper() or "M"
     return value << {"K": 10, "M": 20, "G": 30}[unit]
+
+
+def parse_vcpus(text: str) -> tuple[int, int]:
+    """'2' or '2,max=4': (vCPUs online at boot, the most the guest may have)."""
+    m = re.fullmatch(r"\s*(\d+)\s*(?:,\s*max\s*=\s*(\d+)\s*)?", text)
+    if not m:
+        raise UserError(f"--vcpus {text!r}: give a number of vCPUs, e.g. --vcpus 2 or --vcpus 2,max=4")
+    online = int(m.group(1))
+    most = int(m.group(2)) if m.group(2) else online
+    if not 1 <= online <= MAX_VCPUS or not 1 <= most <= MAX_VCPUS:
+        raise UserError(f"--vcpus {text!r}: pyvmm gives a guest 1 to {MAX_VCPUS} vCPUs")
+    if most < online:
+        raise UserError(f"--vcpus {text!r}: max={most} is less than the {online} vCPUs to start with; "
+                        f"give max={online} or more")
+    return online, most
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cmdline", metavar="STR", help=f"kernel command line (default {DEFAULT_CMDLINE!r})")
     p.add_argument("--memory", "-m", metavar="SIZE", default=None, help="guest RAM, e.g. 256M or 1G (default 256M)")
     p.add_argument("--name", metavar="NAME", default=None, help="guest name (default: from the kernel file)")
+    p.add_argument("--vcpus", metavar="N[,max=M]", default=None,
+                   help=f"virtual CPUs (default 1, at most {MAX_VCPUS}); max=M leaves room to add "
+                        "more later with 'pyvmm vcpu-set' (xl's maxvcpus)")
     p.add_argument("--disk", metavar="IMAGE[,ro][,rate=SIZE][,iops=N]", action="append", default=[],
                    help="a raw disk image or block device for the guest: xvda, xvdb, ... in order; "
                         "',ro' attaches it read-only (repeat for more disks)")
@@ -121,6 +140,7 @@ def _run(args: argparse.Namespace) -> int:
         raise UserError(f"--memory {args.memory} is too small: a PV guest needs at least {MIN_MEMORY >> 20}M")
     if memory > MAX_MEMORY:
         raise UserError(f"--memory {args.memory} is more than pyvmm supports ({MAX_MEMORY >> 30}G)")
+    vcpus = parse_vcpus(args.vcpus) if args.vcpus else (1, 1)
 
     cmdline = args.cmdline
     if args.default_guest:
@@ -148,7 +168,7 @@ def _run(args: argparse.Namespace) -> int:
                     memory_max=parse_size(args.memory_limit) if args.memory_limit else None)
     return _boot(kernel_path=kernel_path, initrd_path=initrd_path, cmdline=cmdline, memory=memory, name=name,
                  disks=disks, nets=args.net, escape=args.escape, on_reboot=args.on_reboot,
-                 verbose=args.verbose, detach=args.detach, limits=limits)
+                 verbose=args.verbose, detach=args.detach, limits=limits, vcpus=vcpus)
 
 
 def build_create_parser() -> argparse.ArgumentParser:
@@ -181,7 +201,7 @@ def _create(argv: list[str]) -> int:
                nets=[{"tap": v.vifname, "bridge": v.bridge, "mac": v.mac, "tx_rate": v.rate} for v in cfg.vifs],
                escape=args.escape, on_reboot=cfg.on_reboot_flag, verbose=args.verbose, detach=True,
                uuid=cfg.uuid, memory_hint=f"'memory' in {args.config}", config=str(cfg.source_path.resolve()),
-               limits=Limits(cpu_weight=cfg.cpu_weight, cpu_cap=cfg.cap))
+               limits=Limits(cpu_weight=cfg.cpu_weight, cpu_cap=cfg.cap), vcpus=(cfg.vcpus, cfg.maxvcpus))
     if rc == 0 and args.console:
         return manage.main(["console", cfg.name, "--escape", args.escape])
     return rc
@@ -189,7 +209,8 @@ def _create(argv: list[str]) -> int:
 
 def _boot(*, kernel_path: Path, initrd_path: Path | None, cmdline: str, memory: int, name: str, disks: list,
           nets: list, escape: str, on_reboot: str, verbose: int, detach: bool, uuid: str | None = None,
-          memory_hint: str = "--memory", config: str | None = None, limits=None) -> int:
+          memory_hint: str = "--memory", config: str | None = None, limits=None,
+          vcpus: tuple[int, int] = (1, 1)) -> int:
     """Check the kernel, open the disks and networks, then run the guest
     here or in the background."""
     if limits is not None:
@@ -229,7 +250,7 @@ def _boot(*, kernel_path: Path, initrd_path: Path | None, cmdline: str, memory: 
         return launch(kernel_box=kernel_box, kernel_path=kernel_path, initrd=initrd, cmdline=cmdline,
                       memory=memory, name=name, disks=disks, nets=nets, escape=escape, on_reboot=on_reboot,
                       verbose=verbose, ready=ready, uuid=uuid, memory_hint=memory_hint, config=config,
-                      limits=limits, rates=rates)
+                      limits=limits, rates=rates, vcpus=vcpus)
 
     try:
         return run_detached(name, start) if detach else start()

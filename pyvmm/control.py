@@ -1,6 +1,6 @@
 """Managing running guests, as `xl` does: every pyvmm process serves a
 control socket named after its guest; `pyvmm list|console|shutdown|reboot|
-destroy|pause|unpause|mem-set|xenstore` talk to it.
+destroy|pause|unpause|mem-set|vcpu-set|xenstore` talk to it.
 
     <runtime dir>/<name>.sock      one per running guest
     runtime dir: $PYVMM_RUNTIME_DIR, else /run/pyvmm (root), else
@@ -383,6 +383,10 @@ class ControlServer:
             elif op == "mem_set":
                 size = req.get("bytes")
                 error = t.mem_set(size) if isinstance(size, int) else "give the size in bytes"
+                self._reply(conn, ok=error is None, **({"error": error} if error else {}))
+            elif op == "vcpu_set":
+                count = req.get("count")
+                error = t.vcpu_set(count) if isinstance(count, int) else "give the count as a number"
                 self._reply(conn, ok=error is None, **({"error": error} if error else {}))
             elif op == "xenstore":
                 self._xenstore(conn, req)

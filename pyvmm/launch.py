@@ -94,6 +94,7 @@ class _GuestControl:
                     io["net_rx_bytes"] += st["rx_bytes"]
                     io["net_tx_bytes"] += st["tx_bytes"]
             info["io"] = io
+            info["vcpus_online"] = dom.online_vcpus()
             # the balloon: what the guest was asked to hold, what it holds,
             # and what its RAM takes on the host now
             target = dom.store.read_str(f"{dom.channels.dom_path}/memory/target", "0")
@@ -114,6 +115,22 @@ class _GuestControl:
         if size < MIN_MEMORY:
             return f"{size >> 20} MiB is below the {MIN_MEMORY >> 20} MiB a PV guest needs"
         self.dom.store.write(f"{self.dom.channels.dom_path}/memory/target", str(size >> 10))
+        return None
+
+    def vcpu_set(self, count: int) -> str | None:
+        """As `xl vcpu-set`: cpu/N/availability "online" for the first
+        `count` vCPUs, "offline" for the rest; the guest's hotplug watcher
+        acts on it.  None, or why not."""
+        if self.dom is None:
+            return "the guest is being built; try again in a moment"
+        most = self.dom.nr_vcpus
+        if not 1 <= count <= most:
+            return (f"{count} vCPUs: this guest can have 1 to {most} (start it with --vcpus N,max=M "
+                    f"or maxvcpus= for more)")
+        with self.dom.store.transaction() as t:
+            for n in range(most):
+                self.dom.store.write(f"{self.dom.channels.dom_path}/cpu/{n}/availability",
+                                     "online" if n < count else "offline", t)
         return None
 
     def set_limits(self, limits, group) -> None:
@@ -163,8 +180,10 @@ def launch(*, name, memory, kernel_path, disks=(), nets=(), ready=None, config=N
     from pyvmm.control import ControlServer, NameInUse
 
     kw["uuid"] = kw.get("uuid") or str(uuid.uuid4())     # kept across reboots, as xl keeps it
+    vcpus = kw.get("vcpus", (1, 1))
     guest = _GuestControl(name, memory, kernel_path, disks, nets, config=config, cmdline=kw.get("cmdline"),
-                          on_reboot=kw.get("on_reboot"), uuid=kw.get("uuid"))
+                          on_reboot=kw.get("on_reboot"), uuid=kw.get("uuid"), vcpus=vcpus[0],
+                          maxvcpus=vcpus[1])
     try:
         control = ControlServer(name, guest)
     except NameInUse:
@@ -187,7 +206,8 @@ def launch(*, name, memory, kernel_path, disks=(), nets=(), ready=None, config=N
 
 
 def _boot_loop(*, kernel_box, kernel_path, initrd, cmdline, memory, name, escape, on_reboot, verbose,
-               disks, nets, guest, control, ready, uuid=None, memory_hint="--memory", rates=None) -> int:
+               disks, nets, guest, control, ready, uuid=None, memory_hint="--memory", rates=None,
+               vcpus=(1, 1)) -> int:
     from pyvmm.backends.blkback import BlockBackend, xvd_name
     from pyvmm.backends.netback import NetBackend
     from pyvmm.toolchain import ToolchainError
@@ -229,7 +249,7 @@ def _boot_loop(*, kernel_box, kernel_path, initrd, cmdline, memory, name, escape
             # the file again, as xl does
             kernel = kernel_box.pop() if kernel_box else load_kernel(kernel_path)
             dom = Domain(kernel, ram_size=memory, cmdline=cmdline, initrd=initrd, kvm=kvm, name=name,
-                         uuid=uuid)
+                         uuid=uuid, nr_vcpus=vcpus[1], vcpus_online=vcpus[0])
         except LoaderError as e:
             raise UserError(f"{kernel_path}: {e}") from None
         except BuildError as e:

@@ -1,5 +1,5 @@
 """`pyvmm list | console NAME | shutdown NAME | reboot NAME | destroy NAME |
-pause NAME | unpause NAME | mem-set NAME SIZE | top | xenstore NAME ... |
+pause NAME | unpause NAME | mem-set NAME SIZE | vcpu-set NAME N | top | xenstore NAME ... |
 completion bash`: the running guests, through their control sockets
 (pyvmm/control.py), as `xl` manages domains."""
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pyvmm.control import GuestNotFound, list_guests, request
 from pyvmm.errors import ExitStatus, UserError, print_error
 from pyvmm.terminal import Terminal, parse_escape
 
-COMMANDS = ("list", "console", "shutdown", "reboot", "destroy", "pause", "unpause", "mem-set", "top",
+COMMANDS = ("list", "console", "shutdown", "reboot", "destroy", "pause", "unpause", "mem-set", "vcpu-set", "top",
             "xenstore", "completion")
 DEFAULT_SHUTDOWN_WAIT_S = 60.0
 DESTROY_WAIT_S = 10.0
@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("mem-set", help="set a guest's balloon target, as xl mem-set does")
     m.add_argument("name")
     m.add_argument("size", help="e.g. 128M or 1G (plain numbers are MiB)")
+    v = sub.add_parser("vcpu-set", help="set how many vCPUs a guest has online, as xl vcpu-set does")
+    v.add_argument("name")
+    v.add_argument("count", type=int, help="vCPUs to keep online: 1 up to the guest's maximum")
     top.add_parser(sub)
     xenstore_access.add_parser(sub)
     sub.add_parser("completion", help="print a shell completion script: "
@@ -60,7 +63,8 @@ def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     try:
         return {"list": _list, "console": _console, "shutdown": _shutdown, "reboot": _reboot,
-                "destroy": _destroy, "pause": _pause, "unpause": _pause, "mem-set": _mem_set, "top": top.main,
+                "destroy": _destroy, "pause": _pause, "unpause": _pause, "mem-set": _mem_set, "vcpu-set": _vcpu_set,
+                "top": top.main,
                 "xenstore": xenstore_access.main, "completion": _completion}[args.command](args)
     except GuestNotFound as e:
         print_error(f"no guest named {e} is running ('pyvmm list' shows those that are)")
@@ -79,14 +83,15 @@ def _list(args) -> int:
         for g in guests:
             print(g["name"])
         return 0
-    rows = [("NAME", "PID", "MEM(MiB)", "STATE", "UPTIME", "BOOTS", "CONSOLES", "DEVICES")]
+    rows = [("NAME", "PID", "MEM(MiB)", "VCPUS", "STATE", "UPTIME", "BOOTS", "CONSOLES", "DEVICES")]
     # MEM: what the guest holds now, and its balloon target when that differs
     for g in guests:
         devices = ", ".join([f"disk {d}" for d in g.get("disks", [])] + [f"net {n}" for n in g.get("nets", [])])
         mem = str(g.get("memory_current_mib", g.get("memory_mib", "?")))
         if g.get("memory_target_mib") not in (None, g.get("memory_current_mib")):
             mem += f"->{g['memory_target_mib']}"
-        rows.append((g["name"], str(g["pid"]), mem, g.get("state", "?"),
+        vcpus = str(len(g["vcpus_online"])) if "vcpus_online" in g else str(g.get("vcpus", "?"))
+        rows.append((g["name"], str(g["pid"]), mem, vcpus, g.get("state", "?"),
                      _duration(g.get("uptime_s", 0)),
                      str(g.get("boots", "?")), str(g.get("console_clients", 0)), devices or "-"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
@@ -171,6 +176,15 @@ def _mem_set(args) -> int:
     _check(reply)
     print(f"pyvmm: asked {args.name} to use {size >> 20} MiB (its balloon driver gives back or takes "
           f"the difference; 'pyvmm list' shows what it holds)", file=sys.stderr)
+    return 0
+
+
+def _vcpu_set(args) -> int:
+    reply, s = request(args.name, "vcpu_set", count=args.count)
+    s.close()
+    _check(reply)
+    print(f"pyvmm: asked {args.name} to run {args.count} vCPU(s) (its hotplug watcher takes the "
+          f"others down or brings them up; 'pyvmm list -l' shows them)", file=sys.stderr)
     return 0
 
 

@@ -406,6 +406,8 @@ class GuestConfig:
     warnings: tuple[str, ...] = ()  # one line each: settings xl itself would ignore
     cpu_weight: int | None = None   # xl's credit weight (pyvmm/limits.py); None: not set
     cap: int | None = None          # % of one CPU; None or 0: no cap
+    vcpus: int = 1                  # online at boot
+    maxvcpus: int = 1               # the most the guest may bring up (pyvmm vcpu-set)
 
     @property
     def on_reboot_flag(self) -> str:
@@ -479,7 +481,7 @@ class _Guest:
         ramdisk = self.file("ramdisk")
         cmdline = self.cmdline()
         memory = self.memory()
-        self.vcpus()
+        vcpus, maxvcpus = self.vcpus()
         cpu_weight, cap = self.scheduling()
         actions = {key: self.action(key) for key in ACTIONS}
         uuid = self.uuid()
@@ -488,7 +490,7 @@ class _Guest:
         return GuestConfig(name=name, kernel=kernel, ramdisk=ramdisk, cmdline=cmdline,
                            memory_bytes=memory, disks=disks, vifs=vifs, uuid=uuid,
                            source_path=source_path, warnings=tuple(self.warnings), cpu_weight=cpu_weight,
-                           cap=cap, **actions)
+                           cap=cap, vcpus=vcpus, maxvcpus=maxvcpus, **actions)
 
     # ---- reading one setting
     def atom(self, key: str) -> tuple[Setting, Atom] | None:
@@ -640,17 +642,28 @@ class _Guest:
                             f"(xl.cfg requires maxmem >= memory); set maxmem = {mib} or remove it")
         return mib << 20
 
-    def vcpus(self) -> None:
+    def vcpus(self) -> tuple[int, int]:
+        """vcpus (online at boot) and maxvcpus (default: vcpus), as xl.cfg;
+        0 is xl's "the default", one vCPU."""
+        from pyvmm.cli import MAX_VCPUS
+
+        counts = {}
         for key in ("vcpus", "maxvcpus"):
             got = self.number(key)
             if got is None:
                 continue
             s, count = got
-            if count < 0:
-                raise UserError(f"{s.where}: {key} = {count} is not a number of vCPUs; set {key} = 1")
-            if count > 1:      # 0 is xl's "the default", one vCPU
-                raise UserError(f"{s.where}: {key} = {count}: pyvmm runs one vCPU per guest; "
-                                f"set {key} = 1" + (" or remove it" if key == "maxvcpus" else ""))
+            if not 0 <= count <= MAX_VCPUS:
+                raise UserError(f"{s.where}: {key} = {count}: pyvmm gives a guest 1 to {MAX_VCPUS} vCPUs")
+            counts[key] = (s, count or 1)
+        vcpus = counts.get("vcpus", (None, 1))[1]
+        if "maxvcpus" not in counts:
+            return vcpus, vcpus
+        s, most = counts["maxvcpus"]
+        if most < vcpus:
+            raise UserError(f"{s.where}: maxvcpus = {most} is less than vcpus = {vcpus}; "
+                            f"set maxvcpus = {vcpus} or more, or remove it")
+        return vcpus, most
 
     def scheduling(self) -> tuple[int | None, int | None]:
         """cpu_weight and cap, as the credit scheduler takes them (xl.cfg:

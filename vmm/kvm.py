@@ -976,7 +976,10 @@ class Vcpu(FdHandle):
 
         immediate_exit covers the window before KVM_RUN; the signal covers a
         vCPU already inside it."""
-        self.kvm_run.immediate_exit = 1
+        run = self.kvm_run
+        if run is None:          # closed
+            return
+        run.immediate_exit = 1
         with self._thread_lock:
             t = self._thread
             if t is not None and t != threading.get_ident():

@@ -63,6 +63,9 @@ RFLAGS_AC = 1 << 18
 RFLAGS_VIF = 1 << 19
 RFLAGS_VIP = 1 << 20
 RFLAGS_ID = 1 << 21
+# what a PV guest may set in RFLAGS (arithmetic flags, TF, DF, AC, ID); the
+# shim's iret applies the same mask (shim.h RFLAGS_GUEST_MASK)
+RFLAGS_GUEST_SETTABLE = 0x254DD5
 
 # ---- page-table entries ----
 PTE_P = 1 << 0

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from pyvmm.cli import parse_size
+from pyvmm.cli import parse_size, parse_vcpus
 from pyvmm.errors import ExitStatus, UserError
 from kernels import bzimage_of, make_linux_like
 
@@ -152,6 +152,20 @@ def test_net_errors():
                           "bad interface name")
     assert_one_line_error(pyvmm("--xen-pv", k, "--net", "tap=pv0,mac=01:00:00:00:00:01"), ExitStatus.USAGE,
                           "multicast")
+
+
+def test_parse_vcpus():
+    assert parse_vcpus("2") == (2, 2)
+    assert parse_vcpus(" 2 , max = 4") == (2, 4)
+    for bad, why in (("0", "1 to 8"), ("9", "1 to 8"), ("2,max=9", "1 to 8"), ("4,max=2", "give max=4"),
+                     ("two", "give a number"), ("2,min=1", "give a number")):
+        with pytest.raises(UserError, match=why):
+            parse_vcpus(bad)
+
+
+def test_bad_vcpus_is_one_line(tmp_path):
+    p = pyvmm("--xen-pv", str(tmp_path / "k"), "--vcpus", "9")
+    assert_one_line_error(p, ExitStatus.USAGE, "--vcpus '9'", "1 to 8")
 
 
 def test_parse_size():

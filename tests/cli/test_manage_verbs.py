@@ -193,7 +193,7 @@ def test_mem_set_writes_the_balloon_target_and_list_reports_a_guest_that_ignores
     info = _info(env)
     assert (info["memory_target_mib"], info["memory_current_mib"]) == (20, 32), info
     row = pyvmm("list", env=env).stdout.splitlines()[1].split()
-    assert row[2] == "32->20" and row[3] == "running", row
+    assert row[2] == "32->20" and row[3] == "1" and row[4] == "running", row
     assert_one_line_error(pyvmm("mem-set", "tk", "64M", env=env), ExitStatus.USAGE,
                           "64 MiB is above the guest's maximum of 32 MiB")
     assert_one_line_error(pyvmm("mem-set", "tk", "8M", env=env), ExitStatus.USAGE, "below the 16 MiB")

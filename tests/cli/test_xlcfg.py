@@ -437,9 +437,9 @@ def test_too_many_vifs(guest_dir):
     (BASE + 'memory = "lots"', ["memory = 'lots' is not a whole number"]),
     (BASE + "memory = 99999999999999999999", ["not a whole number"]),
     (BASE + "memory = 256\nmemory += 256", ["guest.cfg:4: memory += ...", "use '='"]),
-    (BASE + "vcpus = 2", ["guest.cfg:3: vcpus = 2: pyvmm runs one vCPU per guest"]),
-    (BASE + "maxvcpus = 4", ["maxvcpus = 4", "remove it"]),
-    (BASE + 'vcpus = "-1"', ["not a number of vCPUs"]),
+    (BASE + "vcpus = 9", ["guest.cfg:3: vcpus = 9: pyvmm gives a guest 1 to 8 vCPUs"]),
+    (BASE + "vcpus = 4\nmaxvcpus = 2", ["guest.cfg:4: maxvcpus = 2 is less than vcpus = 4", "remove it"]),
+    (BASE + 'vcpus = "-1"', ["vcpus = -1: pyvmm gives a guest 1 to 8 vCPUs"]),
     (BASE + 'type = "hvm"', ["guest.cfg:3: type = 'hvm': pyvmm runs PV guests only"]),
     (BASE + 'type = "pvh"', ["PV guests only"]),
     (BASE + 'type = "xen"', ["not a type xl knows"]),
@@ -489,3 +489,14 @@ def test_unreadable_config(guest_dir):
 def test_load_text_names_its_label(guest_dir):
     message = one_line_error(load_text, 'name = "web"', "<stdin>")
     assert message.startswith("<stdin>: no kernel")
+
+
+def test_vcpus_and_maxvcpus(guest_dir):
+    """xl.cfg: vcpus online at boot, maxvcpus the most (default: vcpus); 0 is one."""
+    assert (load(config(guest_dir, BASE)).vcpus, load(config(guest_dir, BASE)).maxvcpus) == (1, 1)
+    g = load(config(guest_dir, BASE + "vcpus = 2"))
+    assert (g.vcpus, g.maxvcpus) == (2, 2)
+    g = load(config(guest_dir, BASE + "vcpus = 2\nmaxvcpus = 4"))
+    assert (g.vcpus, g.maxvcpus) == (2, 4)
+    g = load(config(guest_dir, BASE + "vcpus = 0"))
+    assert (g.vcpus, g.maxvcpus) == (1, 1)

@@ -17,6 +17,7 @@ generous timeouts.  Run alone with:
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import time
 from pathlib import Path
@@ -695,3 +696,78 @@ def test_detached_default_guest_console_and_xenstore_shutdown(tmp_path):
         if con is not None:
             con.finish()
         pyvmm("destroy", "deb1", timeout=60)
+
+
+# ---------------------------------------------------------------------------
+# SMP (issue 9): the stock kernel on several vCPUs
+# ---------------------------------------------------------------------------
+CPUS_ONLINE = re.compile(rb"^([0-9,-]+)\r?$", re.M)
+
+
+def _cpus_online(con: ConsoleSession, command_timeout: float) -> bytes:
+    return con.command("cat /sys/devices/system/cpu/online", CPUS_ONLINE, command_timeout).group(1)
+
+
+@pytest.mark.slow
+@pytest.mark.faithful
+def test_default_guest_smp_ipis_shootdowns_and_cpu_hotplug(tmp_path):
+    """`pyvmm --default-guest --vcpus 2,max=3`: the stock kernel brings up
+    two vCPUs (VCPUOP_initialise/up), each takes its own timer and IPIs;
+    hundreds of short processes spread over both (fork/exit: IPIs and TLB
+    shootdowns) finish; a CPU goes offline and online again from inside
+    the guest (VCPUOP_down on itself, VCPUOP_up), and through `pyvmm
+    vcpu-set` (xenstore cpu/N/availability, as xl vcpu-set)."""
+    import os
+    import subprocess
+    import sys
+
+    from pyvmm.guests.default import build_default_guest
+
+    prompt_timeout, command_timeout = _timeouts()
+    build_default_guest(progress=False)
+    env = dict(os.environ, PYVMM_RUNTIME_DIR=str(tmp_path / "run"))
+
+    def pyvmm(*args):
+        p = subprocess.run([sys.executable, "-m", "pyvmm", *args], capture_output=True, text=True,
+                           env=env, timeout=60)
+        assert p.returncode == 0, p.stderr
+        return p
+
+    argv = [sys.executable, "-m", "pyvmm", "--default-guest", "--vcpus", "2,max=3", "--name", "smp1"]
+    with _pyvmm_at_prompt(argv, prompt_timeout, env=env) as (run, con):
+        con.command("nproc", re.compile(rb"^2\r?$", re.M), command_timeout)
+        assert _cpus_online(con, command_timeout) == b"0-1"
+        # CPU 1's own timer events and IPIs arrived
+        m = con.command("grep -E 'timer1|resched1|callfunc' /proc/interrupts",
+                        re.compile(rb"^\s*\d+:\s+\d+\s+(\d+)\s+xen-percpu\s*-virq\s+timer1\s*$", re.M),
+                        command_timeout)
+        assert int(m.group(1)) > 0, m.group(0)
+        # many short processes over both CPUs: fork, exec, exit (IPIs, TLB shootdowns)
+        con.command("i=0; while [ $i -lt 300 ]; do (echo $i > /dev/null) & i=$((i+1)); done; wait; echo FORKED",
+                    re.compile(rb"^FORKED\r?$", re.M), command_timeout * 3)
+        # offline and online from inside the guest
+        con.command("echo 0 > /sys/devices/system/cpu/cpu1/online; echo OFF", re.compile(rb"^OFF\r?$", re.M),
+                    command_timeout)
+        assert _cpus_online(con, command_timeout) == b"0"
+        con.command("echo 1 > /sys/devices/system/cpu/cpu1/online; echo ON", re.compile(rb"^ON\r?$", re.M),
+                    command_timeout)
+        assert _cpus_online(con, command_timeout) == b"0-1"
+        # xl vcpu-set: the third vCPU becomes present; the guest onlines it
+        # (as a udev rule would under Xen), then vcpu-set 1 takes two away
+        pyvmm("vcpu-set", "smp1", "3")
+        con.command("for t in 1 2 3 4 5 6 7 8 9 10; do [ -e /sys/devices/system/cpu/cpu2/online ] && break; "
+                    "sleep 1; done; echo 1 > /sys/devices/system/cpu/cpu2/online; echo ON2",
+                    re.compile(rb"^ON2\r?$", re.M), command_timeout)
+        assert _cpus_online(con, command_timeout) == b"0-2"
+        info = json.loads(pyvmm("list", "--json").stdout)
+        assert [g["vcpus_online"] for g in info if g["name"] == "smp1"] == [[0, 1, 2]], info
+        pyvmm("vcpu-set", "smp1", "1")
+        con.command("for t in 1 2 3 4 5 6 7 8 9 10; do [ \"$(cat /sys/devices/system/cpu/online)\" = 0 ] && break; "
+                    "sleep 1; done; echo WAITED", re.compile(rb"^WAITED\r?$", re.M), command_timeout)
+        assert _cpus_online(con, command_timeout) == b"0"
+        bad = subprocess.run([sys.executable, "-m", "pyvmm", "vcpu-set", "smp1", "4"], capture_output=True,
+                             text=True, env=env, timeout=60)
+        assert bad.returncode != 0 and "1 to 3" in bad.stderr, bad.stderr
+        run.send(b"poweroff -f\n")
+        rc = run.proc.wait(command_timeout)
+    assert rc == 0, (rc, run.stderr)

@@ -26,7 +26,8 @@ class DomainChannels:
     xenstore_server, console_server: the ring back-ends."""
 
     def __init__(self, evtchn, gnttab, ram, layout, *, domid: int, name: str, nr_vcpus: int,
-                 console_write: Callable[[bytes], None], uuid: str | None = None):
+                 console_write: Callable[[bytes], None], uuid: str | None = None,
+                 vcpus_online: int | None = None):
         ports = {}
         for what, want in (("store", layout.store_evtchn), ("console", layout.console_evtchn)):
             p = evtchn.alloc_unbound(DOMID_SELF, BACKEND_DOMID)
@@ -36,6 +37,7 @@ class DomainChannels:
         self.store = XenstoreStore()
         self.dom_path = populate_domain(
             self.store, domid, name, memory_kib=ram.size // 1024, vcpus=nr_vcpus, uuid=uuid,
+            vcpus_online=vcpus_online,
             console={"ring-ref": layout.console_pfn, "port": ports["console"]})
         self.store.write(f"{self.dom_path}/store/ring-ref", str(layout.xenstore_pfn))
         self.store.write(f"{self.dom_path}/store/port", str(ports["store"]))

@@ -4,7 +4,18 @@ the vCPU run loop and the slow-hypercall exit to Python.
     dom = Domain(kernel_image, ram_size=16 << 20)
     result = dom.run(timeout=10)      # -> RunResult(reason, console, ...)
 
-Only vCPU 0 runs for now (secondary vCPUs need VCPUOP_initialise/up).
+SMP (nr_vcpus > 1): vCPU 0 runs on the thread that calls run(); the guest
+brings the others up with VCPUOP_initialise / VCPUOP_up, and each then runs
+on a thread of its own (_vcpu_loop).  Locking:
+
+* `_hypercall_lock` serialises the Python hypercall handlers of all vCPUs
+  (Xen's domain lock, coarser); the shim's own paths run in parallel;
+* `_cond` guards the run state every vCPU thread reads between KVM_RUNs:
+  stop, pause, which vCPUs are online, the result that ends the domain;
+  a vCPU thread waits on it while paused or down, using no CPU;
+* back-ends run under the notifier's backend_lock (notify.py), taken
+  after `_hypercall_lock` when a hypercall sends to a back-end, never
+  before it.
 """
 from __future__ import annotations
 
@@ -24,7 +35,7 @@ from pyvmm.vmm.quirks import on_kvm_pvm
 from pyvmm.xen_abi import abi
 from pyvmm.xen_abi.memory import vmm_region as R
 from pyvmm.xen_abi.shim import priv
-from pyvmm.xen_abi.shim.layout import CPUID_ENT, GLOBALS, MAILBOX, PERCPU, SHIM_EXIT_PORT, MailboxOp
+from pyvmm.xen_abi.shim.layout import CPUID_ENT, EVENTS, GLOBALS, MAILBOX, PERCPU, SHIM_EXIT_PORT, MailboxOp
 from pyvmm.xen_abi.boot.builder import build_pv_domain
 from pyvmm.xen_abi.hypervisor.channels import DomainChannels
 from pyvmm.xen_abi.hypervisor.evtchn import EventChannels
@@ -117,7 +128,13 @@ class Domain(PvDomainBase):
     def __init__(self, kernel: KernelImage | bytes | str, *, ram_size: int = 16 << 20,
                  cmdline: str = "", initrd: bytes | None = None, echo: bool = False,
                  kvm: Kvm | None = None, is_pvm: bool | None = None, name: str = "domU",
-                 uuid: str | None = None):
+                 uuid: str | None = None, nr_vcpus: int = 1, vcpus_online: int | None = None):
+        # nr_vcpus: the most the guest may bring up (xl's maxvcpus); xenstore
+        # offers the first vcpus_online (default all) to it as "online"
+        if not 1 <= nr_vcpus <= R.MAX_VCPUS:
+            raise ValueError(f"nr_vcpus must be 1..{R.MAX_VCPUS}, got {nr_vcpus}")
+        if vcpus_online is not None and not 1 <= vcpus_online <= nr_vcpus:
+            raise ValueError(f"vcpus_online must be 1..{nr_vcpus}, got {vcpus_online}")
         if not isinstance(kernel, KernelImage):
             kernel = load_kernel(kernel)
         self.echo = echo
@@ -134,7 +151,7 @@ class Domain(PvDomainBase):
         self.on_console_output = Listeners("console output")
         self._console_lock = threading.Lock()
         self.ram = GuestMemory(ram_size, name="ram")
-        self.region = R.VmmRegion(ram_size, nr_vcpus=1, is_pvm=self.is_pvm)
+        self.region = R.VmmRegion(ram_size, nr_vcpus=nr_vcpus, is_pvm=self.is_pvm)
         # where XENMEM_machphys_mapping puts the M2P (vmm_region: kvm_pvm quirk)
         self.m2p_va = R.M2P_ALIAS_VA if self.is_pvm else R.M2P_VA
         self.phys = PhysicalMemory([(0, self.ram), (self.region.gpa, self.region.mem)])
@@ -142,8 +159,16 @@ class Domain(PvDomainBase):
         self.slow_exits = 0
         self._stop_requested = False
         self._pause_requested = False
-        self._pause_cond = threading.Condition()
-        self.paused = False                # the vCPU is held out of KVM_RUN by pause()
+        self._cond = threading.Condition()     # the run state below (module docstring)
+        self._hypercall_lock = threading.RLock()
+        self._online = [i == 0 for i in range(nr_vcpus)]   # VCPUOP_up / down
+        self._started = [False] * nr_vcpus     # has a thread (vCPU 0: run())
+        self._parked = set()                   # vCPU threads waiting: paused or down
+        self._clock_paused = False
+        self._result: RunResult | None = None  # how the domain ended, first vCPU to see it
+        self._failure: BaseException | None = None   # a secondary vCPU thread's exception
+        self._threads: list[threading.Thread] = []
+        self._initial_context: dict[int, object] = {}   # VCPUOP_initialise, for the first up
         self.exit_counts = collections.Counter()   # exits to Python by _exit_key (bench/boot.py)
         self._install_region()
         self.vm.add_memory(0, self.ram)
@@ -153,27 +178,31 @@ class Domain(PvDomainBase):
             shared_info_mfn=self.region.shared_info_mfn,
             hypervisor_l4_entries=self.region.hypervisor_l4_entries())
         self._adjust_bootstrap_tables()
-        evtchn = EventChannels(self.phys, self.region.shared_info_gpa, 1, kick=self.kick)
+        evtchn = EventChannels(self.phys, self.region.shared_info_gpa, nr_vcpus, kick=self.kick)
         # only guest RAM may be granted (as Xen checks the page's owner): the
         # VMM region holds the shim and its tables
         ram_frames = ram_size >> abi.PAGE_SHIFT
         gnttab = GrantTable(self.phys, self.region.gpa_of(R.GRANT_OFF), max_frames=R.MAX_GRANT_FRAMES,
                             frame_ok=lambda frame: 0 <= frame < ram_frames)
-        super().__init__(phys=self.phys, nr_vcpus=1, e820=self.layout.e820,
+        super().__init__(phys=self.phys, nr_vcpus=nr_vcpus, e820=self.layout.e820,
                          shared_info_gpa=self.region.shared_info_gpa, evtchn=evtchn, gnttab=gnttab)
         reg = self.region
         self.reservation = Reservation(
             self.ram, m2p_write=lambda mfn, v: reg.mem.write_u64(reg.m2p_off + 8 * mfn, v),
             frame_typed=lambda mfn: reg.mem.read(reg.ftype_off + mfn, 1)[0] != 0)
         self.dispatcher = HypercallDispatcher(self)
-        self.vcpu = self.vm.create_vcpu(0)
+        self.vcpus = [self.vm.create_vcpu(i) for i in range(nr_vcpus)]
+        self.vcpu = self.vcpus[0]
+        for vcpu in self.vcpus:       # before DomainClock adds the LAPIC bits
+            vcpu.set_cpuid(self.kvm.supported_cpuid())
         self._setup_vcpu(0)
+        EVENTS.write(self.region.mem, self.region.vcpus[0].events_off, online=1, initialised=1)
         self.name = name
         self.notifier = EventNotifier(self.vm, self.region, self.evtchn)
-        self.clock = DomainClock(self.kvm, self.vcpu, self.region, self.phys)   # LAPIC timer, pvclock
+        self.clock = DomainClock(self.kvm, self.vcpus, self.region, self.phys)   # LAPIC timers, pvclock
         self.channels = DomainChannels(self.evtchn, self.gnttab, self.ram, self.layout, domid=self.domid,
                                        name=name, uuid=uuid, nr_vcpus=len(self.region.vcpus),
-                                       console_write=self.console_write)
+                                       console_write=self.console_write, vcpus_online=vcpus_online)
         self.backends: list = []                      # split-driver back-ends (attach())
 
     # ---- devices ----
@@ -264,14 +293,30 @@ class Domain(PvDomainBase):
                     self.ram.write_u64(base + i * 8, e | x86.PTE_US)
 
     def _setup_vcpu(self, index: int):
-        vcpu, reg, lay = self.vcpu, self.region, self.layout
+        """vCPU 0 as Xen's domain builder leaves it: kernel entry, the
+        bootstrap stack and tables, start_info in rsi."""
+        vcpu, reg, lay = self.vcpus[index], self.region, self.layout
         v = reg.vcpus[index]
         PERCPU.write(reg.mem, v.percpu_off, cr3_kernel=lay.l4_pfn << abi.PAGE_SHIFT,
                      kernel_sp=lay.stack_top, kernel_ss=abi.FLAT_KERNEL_SS)
-        vcpu.set_cpuid(self.kvm.supported_cpuid())
+        self._setup_sregs(index, cr3=lay.l4_pfn << abi.PAGE_SHIFT,
+                          cs=abi.FLAT_KERNEL_CS64, ss=abi.FLAT_KERNEL_SS)
+        r = vcpu.get_regs()
+        for name in ("rax", "rbx", "rcx", "rdx", "rdi", "rbp", "r8", "r9", "r10", "r11",
+                     "r12", "r13", "r14", "r15"):
+            setattr(r, name, 0)
+        r.rip, r.rsp, r.rsi, r.rflags = lay.entry, lay.stack_top, lay.start_info_va, INITIAL_RFLAGS
+        vcpu.set_regs(r)
+        self._setup_msrs(index, fs_base=0, gs_base=0, kernel_gs_base=0)
+
+    def _setup_sregs(self, index: int, *, cr3: int, cs: int, ss: int) -> None:
+        """Segments, descriptor tables, control registers of a vCPU about to
+        start in guest mode (the shim's GDT and IDT; cs/ss: the guest's)."""
+        vcpu, reg = self.vcpus[index], self.region
+        v = reg.vcpus[index]
         s = vcpu.get_sregs()
-        s.cs = _seg(abi.FLAT_KERNEL_CS64, code=True, dpl=3, long=True)
-        s.ss = _seg(abi.FLAT_KERNEL_SS, code=False, dpl=3, long=False)
+        s.cs = _seg(cs | 3, code=True, dpl=3, long=True)
+        s.ss = _seg(ss | 3, code=False, dpl=3, long=False)
         s.ds = s.es = s.fs = s.gs = _null_seg()
         s.tr = KvmSegment(base=reg.va(v.tss_off), limit=x86.TSS64_SIZE - 1, selector=R.SHIM_TSS,
                           type=TSS_BUSY, present=1, s=0)
@@ -285,23 +330,19 @@ class Domain(PvDomainBase):
         # guest's xgetbv/xsave at CPL3 need it really set (priv.c: xsetbv)
         if any(e[0] == 1 and (e[4] >> 26) & 1 for e in self.cpuid_table):
             s.cr4 |= x86.CR4_OSXSAVE
-        s.cr3 = lay.l4_pfn << abi.PAGE_SHIFT
+        s.cr3 = cr3
         s.efer = x86.EFER_LME | x86.EFER_LMA | x86.EFER_SCE | x86.EFER_NXE
         vcpu.set_sregs(s)
         if s.cr4 & x86.CR4_OSXSAVE:
             # Xen's XCR0 for a PV vCPU until the guest's own xsetbv (KVM's
             # default is x87 alone)
-            self._set_xcr0(XSTATE_FP_SSE)
-        r = vcpu.get_regs()
-        for name in ("rax", "rbx", "rcx", "rdx", "rdi", "rbp", "r8", "r9", "r10", "r11",
-                     "r12", "r13", "r14", "r15"):
-            setattr(r, name, 0)
-        r.rip, r.rsp, r.rsi, r.rflags = lay.entry, lay.stack_top, lay.start_info_va, INITIAL_RFLAGS
-        vcpu.set_regs(r)
-        lstar = reg.lstar(index)
-        vcpu.set_msrs({x86.MSR_STAR: STAR, x86.MSR_LSTAR: lstar, x86.MSR_CSTAR: lstar,
-                       x86.MSR_SFMASK: SFMASK, x86.MSR_FS_BASE: 0, x86.MSR_GS_BASE: 0,
-                       x86.MSR_KERNEL_GS_BASE: 0})
+            self._set_xcr0(XSTATE_FP_SSE, index)
+
+    def _setup_msrs(self, index: int, *, fs_base: int, gs_base: int, kernel_gs_base: int) -> None:
+        lstar = self.region.lstar(index)
+        self.vcpus[index].set_msrs({
+            x86.MSR_STAR: STAR, x86.MSR_LSTAR: lstar, x86.MSR_CSTAR: lstar, x86.MSR_SFMASK: SFMASK,
+            x86.MSR_FS_BASE: fs_base, x86.MSR_GS_BASE: gs_base, x86.MSR_KERNEL_GS_BASE: kernel_gs_base})
 
     # ---- running ----
     def console_write(self, data: bytes) -> None:
@@ -353,22 +394,23 @@ class Domain(PvDomainBase):
             ctx = HypercallContext(vcpu_id=index, vm=GuestVirtualMemory(p, cr3), phys=p,
                                    in_kernel_mode=bool(MAILBOX.read(p, mb, "kmode")))
             rip = MAILBOX.read(p, mb, "rip")
-            self.notifier.enter_exit(True)
+            self.notifier.enter_exit(index)
             try:
-                rc = self.dispatcher.dispatch(ctx, nr, args)
+                with self._hypercall_lock:
+                    rc = self.dispatcher.dispatch(ctx, nr, args)
             except BaseException as e:
                 self.on_hypercall(SlowHypercall(index, nr, args, rip, error=e))
                 if isinstance(e, DomainShutdown):
                     return e.reason, None
                 raise
             finally:
-                self.notifier.enter_exit(False)
+                self.notifier.enter_exit(None)
             self.on_hypercall(SlowHypercall(index, nr, args, rip, result=rc))
             self.clock.after_hypercall(nr, self.evtchn)
             MAILBOX.write(p, mb, result=rc & MASK64)
             return None, None
         if op == MailboxOp.SET_XCR0:      # the shim's xsetbv (validated there)
-            MAILBOX.write(p, mb, result=0 if self._set_xcr0(MAILBOX.read(p, mb, "args", 0)) else 1)
+            MAILBOX.write(p, mb, result=0 if self._set_xcr0(MAILBOX.read(p, mb, "args", 0), index) else 1)
             return None, None
         info = {k: MAILBOX.read(p, mb, k) for k in ("info", "rip", "info2")}
         if op == MailboxOp.CRASH:
@@ -378,14 +420,14 @@ class Domain(PvDomainBase):
                             f"(cr2/err {info['info2']:#x})")
         raise ShimPanic(f"unknown shim exit op {op}")
 
-    def _set_xcr0(self, value: int) -> bool:
-        """XCR0 of vCPU 0 through KVM (False if KVM refuses the value)."""
+    def _set_xcr0(self, value: int, index: int = 0) -> bool:
+        """XCR0 of a vCPU through KVM (False if KVM refuses the value)."""
         x = KvmXcrs()
         x.nr_xcrs = 1
         x.xcrs[0].xcr = 0
         x.xcrs[0].value = value
         try:
-            self.vcpu.set_xcrs(x)
+            self.vcpus[index].set_xcrs(x)
         except KvmError:
             return False
         return True
@@ -408,7 +450,7 @@ class Domain(PvDomainBase):
         """Guest system time (ns): the pvclock's origin (time.py)."""
         return self.clock.now_ns()
 
-    def _exit_key(self, ex) -> str:
+    def _exit_key(self, ex, index: int = 0) -> str:
         """Name of one exit for exit_counts: "sched_op:yield" for a slow
         hypercall, "shim:block", "io:0x..." for another port, else the KVM
         exit reason ("intr", "hlt", ...)."""
@@ -416,7 +458,7 @@ class Domain(PvDomainBase):
             return getattr(ex.reason, "name", str(ex.reason)).lower()
         if ex.port != SHIM_EXIT_PORT:
             return f"io:{ex.port:#x}"
-        mb, p = self._mailbox(0), self.phys
+        mb, p = self._mailbox(index), self.phys
         op = MAILBOX.read(p, mb, "op")
         if op != MailboxOp.HYPERCALL:
             return f"shim:{_MBOP_NAMES.get(op, op)}"
@@ -433,88 +475,236 @@ class Domain(PvDomainBase):
         except ValueError:
             return f"{name}:{a0 & 0xFFFF}"
 
+    # ---- the vCPUs of an SMP guest (VCPUOP_initialise / up / down) ----
+    def vcpu_initialise(self, vcpu_id: int, c) -> None:
+        """VCPUOP_initialise, Python's half (vcpu_op.py checked the context;
+        the shim took its GDT and base pointers): the callbacks, trap table
+        and kernel stack into the vCPU's percpu block, the registers kept
+        for its first VCPUOP_up.  The vCPU is not running."""
+        m, off = self.region.mem, self.region.vcpus[vcpu_id].percpu_off
+        cb_mask = 0
+        if c.flags & abi.VGCF_FAILSAFE_DISABLES_EVENTS:
+            cb_mask |= 1 << abi.CallbackType.FAILSAFE
+        if c.flags & abi.VGCF_SYSCALL_DISABLES_EVENTS:
+            cb_mask |= 1 << abi.CallbackType.SYSCALL
+        PERCPU.write(m, off, kernel_sp=c.kernel_sp, kernel_ss=c.kernel_ss,
+                     kernel_mode=1 if c.flags & abi.VGCF_IN_KERNEL else 0,
+                     event_cb=c.event_callback_eip, failsafe_cb=c.failsafe_callback_eip,
+                     syscall_cb=c.syscall_callback_eip, cb_mask=cb_mask, vcr0_ts=0)
+        traps = bytearray()
+        for t in c.trap_ctxt:
+            traps += struct.pack("<QQ", t.address, t.flags)
+        m.write(off + PERCPU.offset("traps"), bytes(traps))
+        rflags = c.user_regs.rflags
+        priv.set_iopl(m, off, (rflags >> 12) & 3)    # Xen: the IOPL bits are the virtual IOPL
+        self._initial_context[vcpu_id] = c
+        EVENTS.write(m, self.region.vcpus[vcpu_id].events_off, initialised=1)
+
+    def _load_initial_context(self, index: int) -> None:
+        """The registers of a VCPUOP_initialise context into KVM (its first up)."""
+        c = self._initial_context.pop(index)
+        u = c.user_regs
+        kernel = bool(c.flags & abi.VGCF_IN_KERNEL)
+        pc = PERCPU.read(self.region.mem, self.region.vcpus[index].percpu_off,
+                         "cr3_kernel" if kernel else "cr3_user")
+        self._setup_sregs(index, cr3=pc, cs=u.cs, ss=u.ss)
+        r = self.vcpus[index].get_regs()
+        for name in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10",
+                     "r11", "r12", "r13", "r14", "r15", "rip"):
+            setattr(r, name, getattr(u, name))
+        r.rflags = (u.rflags & x86.RFLAGS_GUEST_SETTABLE) | INITIAL_RFLAGS
+        self.vcpus[index].set_regs(r)
+        # in kernel mode the user GS base is the inactive one (Xen's toggle_guest_mode)
+        gs, shadow = (c.gs_base_kernel, c.gs_base_user) if kernel else (c.gs_base_user, c.gs_base_kernel)
+        self._setup_msrs(index, fs_base=c.fs_base, gs_base=gs, kernel_gs_base=shadow)
+        # with the in-kernel LAPIC a vCPU other than the BSP waits for INIT/SIPI
+        self.vcpus[index].set_mp_state(KVM_MP_STATE_RUNNABLE)
+
+    def vcpu_up(self, vcpu_id: int) -> None:
+        """VCPUOP_up (vcpu_op.py checked it is initialised): start its thread
+        the first time, else wake it where VCPUOP_down left it."""
+        with self._cond:
+            self._online[vcpu_id] = True
+            start = not self._started[vcpu_id]
+            self._started[vcpu_id] = True
+            self._cond.notify_all()
+        if start:
+            self._load_initial_context(vcpu_id)
+            EVENTS.write(self.region.mem, self.region.vcpus[vcpu_id].events_off, online=1)
+            t = threading.Thread(target=self._secondary, args=(vcpu_id,), name=f"pyvmm-vcpu{vcpu_id}",
+                                 daemon=True)
+            self._threads.append(t)
+            t.start()
+
+    def online_vcpus(self) -> list[int]:
+        """The vCPUs that are up (VCPUOP_up and not down since)."""
+        with self._cond:
+            return [i for i, up in enumerate(self._online) if up]
+
+    def vcpu_down(self, vcpu_id: int) -> None:
+        """VCPUOP_down: the vCPU stops before it next enters the guest (its
+        own hypercall returns 0 when it is up again, as under Xen)."""
+        with self._cond:
+            self._online[vcpu_id] = False
+        self.vcpus[vcpu_id].kick()
+
+    def _secondary(self, index: int) -> None:
+        try:
+            self._vcpu_loop(index, None, None)
+        except BaseException as e:       # to run(), on vCPU 0's thread
+            with self._cond:
+                if self._failure is None and self._result is None:
+                    self._failure = e
+                self._cond.notify_all()
+            self._kick_all()
+
+    def _kick_all(self, but: int | None = None) -> None:
+        for i, v in enumerate(self.vcpus):
+            if i != but:
+                v.kick()
+
+    # ---- stop, pause ----
     def stop(self) -> None:
         """From any thread: make run() return soon (RunResult.stopped), as
         `xl destroy` would; the guest is not told."""
-        self._stop_requested = True
-        with self._pause_cond:
-            self._pause_cond.notify_all()
-        self.vcpu.kick()
+        with self._cond:
+            self._stop_requested = True
+            self._cond.notify_all()
+        self._kick_all()
+
+    @property
+    def paused(self) -> bool:
+        """pause() took: every started vCPU is out of KVM_RUN, waiting."""
+        with self._cond:
+            return self._all_parked()
+
+    def _all_parked(self) -> bool:
+        return self._pause_requested and self._parked >= {i for i, s in enumerate(self._started) if s}
 
     def pause(self, wait: float = 0.0) -> bool:
-        """From another thread, as `xl pause`: the vCPU leaves KVM_RUN and
-        waits, using no CPU, its clock stopped (time.py); back-ends keep
-        serving what is in flight, and events raised meanwhile stay
-        pending.  Waits up to `wait` seconds for the vCPU to stop; returns
-        whether it has."""
-        with self._pause_cond:
+        """From another thread, as `xl pause`: every vCPU leaves KVM_RUN and
+        waits, using no CPU, the guest's clock stopped (time.py); back-ends
+        keep serving what is in flight, and events raised meanwhile stay
+        pending.  Waits up to `wait` seconds for the vCPUs to stop; returns
+        whether they have."""
+        with self._cond:
             self._pause_requested = True
-        self.vcpu.kick()
-        with self._pause_cond:
-            return self._pause_cond.wait_for(lambda: self.paused or self._stop_requested, wait)
+        self._kick_all()
+        with self._cond:
+            return self._cond.wait_for(lambda: self._all_parked() or self._stop_requested, wait)
 
     def unpause(self) -> None:
-        with self._pause_cond:
+        with self._cond:
             self._pause_requested = False
-            self._pause_cond.notify_all()
+            if self._clock_paused:          # every vCPU is still out of KVM_RUN
+                self.clock.resume()
+                self._clock_paused = False
+            self._cond.notify_all()
 
-    def _wait_while_paused(self) -> None:
-        """In run(), on the vCPU thread: hold the vCPU until unpause() or stop()."""
-        self.clock.pause()
-        with self._pause_cond:
-            self.paused = True
-            self._pause_cond.notify_all()
-            while self._pause_requested and not self._stop_requested:
-                self._pause_cond.wait()
-            self.paused = False
-        self.clock.resume()
+    def _park(self, index: int) -> None:
+        """On a vCPU thread, with _cond held: wait while paused or down (or
+        until the domain ends).  The last vCPU to stop for a pause stops
+        the guest's clock; a vCPU that was down flushes its TLB."""
+        was_down = not self._online[index]
+        self._parked.add(index)
+        try:
+            while (self._pause_requested or not self._online[index]) and not self._ending():
+                if self._all_parked() and not self._clock_paused:
+                    self.clock.pause()
+                    self._clock_paused = True
+                    self._cond.notify_all()
+                self._cond.wait(0.5)
+        finally:
+            self._parked.discard(index)
+        if was_down and self._online[index]:
+            vcpu = self.vcpus[index]
+            vcpu.set_sregs(vcpu.get_sregs())      # CR3 reloaded: nothing stale (smp.c)
+            EVENTS.write(self.region.mem, self.region.vcpus[index].events_off, online=1)
 
+    def _ending(self) -> bool:
+        return self._stop_requested or self._result is not None or self._failure is not None
+
+    # ---- the run loop ----
     def run(self, timeout: float | None = 30.0) -> RunResult:
-        """Run vCPU 0 until the guest shuts down (or crashes), stop() is
-        called, or `timeout` seconds pass (DomainTimeout; None: no limit)."""
+        """Run the guest until it shuts down (or crashes), stop() is called,
+        or `timeout` seconds pass (DomainTimeout; None: no limit).  vCPU 0
+        runs on this thread, the others on their own."""
         t0 = time.monotonic()
         timer = None
         if timeout is not None:
             timer = threading.Timer(timeout, self.vcpu.kick)
             timer.daemon = True
             timer.start()
+        with self._cond:
+            self._started[0] = True
         try:
-            while True:
-                if self._stop_requested:
-                    self._quiesce()
-                    return RunResult(abi.ShutdownReason.poweroff, self.console, None,
-                                     self.slow_exits, time.monotonic() - t0, dict(self.exit_counts),
-                                     stopped=True)
-                if self._pause_requested:
-                    self._wait_while_paused()
-                    continue
-                ex = self.vcpu.run()
-                self.on_vcpu_exit(ex)
-                self.exit_counts[self._exit_key(ex)] += 1
-                if ex.reason == ExitReason.IO and ex.port == SHIM_EXIT_PORT:
-                    self.slow_exits += 1
-                    reason, info = self._handle_shim_exit(0)
-                    if reason is not None:
-                        self._quiesce()
-                        return RunResult(reason, self.console, info, self.slow_exits,
-                                         time.monotonic() - t0, dict(self.exit_counts))
-                    continue
-                if ex.reason == ExitReason.INTR:
-                    if timeout is not None and time.monotonic() - t0 >= timeout:
-                        raise DomainTimeout(f"guest still running after {timeout} s; "
-                                            f"console so far: {self.console[-500:]!r}")
-                    continue
-                if ex.reason == ExitReason.IO and self.notifier.handle_io(ex):
-                    continue
-                if ex.reason == ExitReason.IO:
-                    if not ex.is_out:
-                        ex.set_value(MASK64)
-                    continue
-                regs = self.vcpu.get_regs()
-                raise ShimPanic(f"unexpected exit {ex!r} at rip {regs.rip:#x}")
+            result = self._vcpu_loop(0, t0, timeout)
         finally:
             if timer is not None:
                 timer.cancel()
+            self._end_secondaries()
+        result.elapsed = time.monotonic() - t0
+        result.slow_exits = self.slow_exits
+        result.exit_counts = dict(self.exit_counts)
+        return result
+
+    def _end_secondaries(self) -> None:
+        with self._cond:
+            if self._result is None and self._failure is None:
+                self._stop_requested = True
+            self._cond.notify_all()
+        self._kick_all(but=0)
+        for t in self._threads:
+            t.join(timeout=10)
+
+    def _finish(self, result: RunResult) -> RunResult:
+        """The domain ends (shutdown, crash, stop): the first vCPU to get
+        here decides how; the others are kicked out of the guest."""
+        with self._cond:
+            if self._result is None:
+                self._quiesce()
+                self._result = result
+            self._cond.notify_all()
+            result = self._result
+        self._kick_all()
+        return result
+
+    def _vcpu_loop(self, index: int, t0: float | None, timeout: float | None) -> RunResult:
+        vcpu = self.vcpus[index]
+        while True:
+            if self._pause_requested or not self._online[index] or self._ending():
+                with self._cond:
+                    if self._failure is not None and index == 0:
+                        raise self._failure
+                    if self._result is not None:
+                        return self._result
+                    if self._stop_requested:
+                        return self._finish(RunResult(abi.ShutdownReason.poweroff, self.console, None,
+                                                      stopped=True))
+                    self._park(index)
+                continue
+            ex = vcpu.run()
+            self.on_vcpu_exit(ex)
+            self.exit_counts[self._exit_key(ex, index)] += 1
+            if ex.reason == ExitReason.IO and ex.port == SHIM_EXIT_PORT:
+                self.slow_exits += 1
+                reason, info = self._handle_shim_exit(index)
+                if reason is not None:
+                    return self._finish(RunResult(reason, self.console, info))
+                continue
+            if ex.reason == ExitReason.INTR:
+                if timeout is not None and time.monotonic() - t0 >= timeout:
+                    raise DomainTimeout(f"guest still running after {timeout} s; "
+                                        f"console so far: {self.console[-500:]!r}")
+                continue
+            if ex.reason == ExitReason.IO and self.notifier.handle_io(ex, index):
+                continue
+            if ex.reason == ExitReason.IO:
+                if not ex.is_out:
+                    ex.set_value(MASK64)
+                continue
+            regs = vcpu.get_regs()
+            raise ShimPanic(f"unexpected exit {ex!r} on vCPU {index} at rip {regs.rip:#x}")
 
     def _quiesce(self) -> None:
         """Wait for an in-flight back-end notification, then drain the
@@ -527,7 +717,7 @@ class Domain(PvDomainBase):
             be.close()
         if getattr(self, "notifier", None) is not None:
             self.notifier.close()
-        for obj in (getattr(self, "vcpu", None), self.vm):
+        for obj in (*getattr(self, "vcpus", ()), self.vm):
             if obj is not None:
                 obj.close()
         self.ram.close()
@@ -553,6 +743,7 @@ _HYPERCALL_SUBOPS = {
 _MBOP_NAMES = {op: op.name.lower() for op in MailboxOp if op != MailboxOp.HYPERCALL}
 
 TSS_BUSY = 0xB   # 64-bit TSS, busy (TR is loaded through KVM_SET_SREGS)
+KVM_MP_STATE_RUNNABLE = 0
 
 
 def syscall_trampoline(va: int, save_slot_va: int, stack_top: int, entry: int) -> bytes:

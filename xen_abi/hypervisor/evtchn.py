@@ -178,21 +178,31 @@ class EventChannels:
         vCPU's pending_sel bit (already set: done) -> upcall_pending (already
         set: done) -> kick.
         """
+        return self._set_pending(port)[0]
+
+    def _set_pending(self, port: int) -> tuple[Optional[int], Optional[int]]:
+        """set_pending(), and the port's vCPU if the port became pending
+        while masked: a vCPU in SCHEDOP_poll waits for masked ports too."""
         self._check_port(port)
         word, bit = divmod(port, BITS_PER_WORD)
         old = self.phys.atomic_or_u64(self.shared_info_gpa + SHARED_INFO_EVTCHN_PENDING + word * 8,
                                       1 << bit)
         if old >> bit & 1:
-            return None
+            return None, None
         if self.phys.atomic_load_u64(self.shared_info_gpa + SHARED_INFO_EVTCHN_MASK + word * 8) >> bit & 1:
-            return None
-        return self._mark_vcpu(self.ports[port].vcpu, word)
+            return None, self.ports[port].vcpu
+        return self._mark_vcpu(self.ports[port].vcpu, word), None
 
     def raise_port(self, port: int) -> Optional[int]:
-        """set_pending() plus the kick callback; returns the kicked vCPU."""
-        v = self.set_pending(port)
-        if v is not None and self.kick is not None:
-            self.kick(v)
+        """set_pending() plus the kick callback; returns the kicked vCPU.
+        A port that is masked still wakes its vCPU out of SCHEDOP_poll
+        (Xen's evtchn_port_set_pending wakes pollers whatever the mask)."""
+        v, poller = self._set_pending(port)
+        if self.kick is not None:
+            if v is not None:
+                self.kick(v)
+            elif poller is not None:
+                self.kick(poller)
         return v
 
     def raise_virq(self, virq: int, vcpu: int = 0) -> Optional[int]:

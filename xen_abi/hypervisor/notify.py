@@ -47,14 +47,15 @@ class EventNotifier:
         """Make vcpu_id re-check events: an MSI on the event-check vector.
         From the vCPU's own thread inside a shim exit nothing is needed:
         check_events runs before the shim returns to the guest."""
-        if getattr(self._in_exit, "active", False):
+        if getattr(self._in_exit, "vcpu", None) == vcpu_id:
             return
         if 0 <= vcpu_id < len(self.region.vcpus):
             self.vm.signal_msi(E.msi_address(vcpu_id), EV_CHECK_VECTOR)
 
-    def enter_exit(self, active: bool) -> None:
-        """The calling (vCPU) thread is inside a shim exit, or left it."""
-        self._in_exit.active = active
+    def enter_exit(self, vcpu_id: int | None) -> None:
+        """The calling thread is vCPU vcpu_id's, inside a shim exit (None:
+        it left it)."""
+        self._in_exit.vcpu = vcpu_id
 
     # ---- guest -> back-end ----
     def _on_port_event(self, event: str, guest_port: int, be) -> None:
@@ -102,16 +103,16 @@ class EventNotifier:
         except Exception:
             log.exception("back-end send on port %d failed", port)
 
-    def handle_io(self, ex) -> bool:
+    def handle_io(self, ex, vcpu_id: int = 0) -> bool:
         """An `out` to EV_SEND_PORT no ioeventfd matched: send from here."""
         if ex.port != EV_SEND_PORT or not ex.is_out:
             return False
         port = int.from_bytes(bytes(ex.data[:4]), "little")
-        self.enter_exit(True)
+        self.enter_exit(vcpu_id)
         try:
             self.backend_send(port)
         finally:
-            self.enter_exit(False)
+            self.enter_exit(None)
         return True
 
     def close(self) -> None:

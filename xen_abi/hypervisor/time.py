@@ -219,16 +219,20 @@ class DomainClock:
     is system time 0 -- written to every vcpu_info and events block, and the
     wallclock.  now_ns() is the same system time seen from Python.
 
-        clock = DomainClock(kvm, vcpu, region, phys)   # after the vCPU exists, before it runs
+        clock = DomainClock(kvm, vcpus, region, phys)   # after the vCPUs exist, before they run
+
+    The TSC is read through vCPU 0 (all vCPUs of a VM share it), from a
+    thread where it is not in KVM_RUN.
     """
 
-    def __init__(self, kvm, vcpu, region, phys):
-        self.vcpu = vcpu
+    def __init__(self, kvm, vcpus, region, phys):
+        vcpus = list(vcpus) if isinstance(vcpus, (list, tuple)) else [vcpus]
+        self.vcpu = vcpus[0]
         self.region = region
         self.phys = phys
         self.tsc_deadline = want_tsc_deadline(kvm)
         for v in region.vcpus:
-            self.tsc_deadline = setup_lapic(vcpu, v.index, tsc_deadline=self.tsc_deadline)
+            self.tsc_deadline = setup_lapic(vcpus[v.index], v.index, tsc_deadline=self.tsc_deadline)
         self.pvclock, self.boot_ns = self._snapshot()
         self._vcpu_info_gpa = [region.shared_info_gpa + v.index * abi.VCPU_INFO_SIZE for v in region.vcpus]
         self._time_area: dict[int, list] = {}   # VCPUOP_register_vcpu_time_memory_area

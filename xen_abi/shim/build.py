@@ -21,7 +21,7 @@ from pyvmm.xen_abi.memory import vmm_region as region
 from pyvmm.xen_abi.shim import layout
 
 SHIM_DIR = Path(__file__).resolve().parent
-SOURCES = ("shim.c", "entry.S", "events.c", "mmu.c", "priv.c", "pit.c")
+SOURCES = ("shim.c", "entry.S", "events.c", "mmu.c", "priv.c", "pit.c", "smp.c")
 CFLAGS = [
     "-O2", "-std=gnu11", "-ffreestanding", "-nostdlib", "-fno-builtin",
     "-mno-red-zone", "-mgeneral-regs-only", "-fpie", "-fvisibility=hidden",

@@ -19,6 +19,7 @@
 #include "xen_numbers.h"
 #include "shim_layout.h"
 #include "events.h"
+#include "smp.h"
 
 typedef uint8_t u8;
 typedef uint32_t u32;
@@ -96,20 +97,32 @@ static void program_oneshot(u8 *ev, s64 deadline)
 	wrmsr(MSR_X2APIC_TMICT, count > ONESHOT_MAX_COUNT ? ONESHOT_MAX_COUNT : count ? count : 1);
 }
 
-static void arm(u8 *ev, s64 deadline)
+/* the LAPIC timer alone (SCHEDOP_poll's timeout uses it too) */
+static void arm_hw(u8 *ev, s64 deadline)
 {
-	SLOT(ev, EVB_DEADLINE_NS) = (u64)deadline;
-	SLOT(ev, EVB_ARMED) = 1;
 	if (SLOT(ev, EVB_FLAGS) & EVF_TSC_DEADLINE)
 		wrmsr(MSR_TSC_DEADLINE, deadline_tsc(ev, deadline));   /* past: fires at once */
 	else
 		program_oneshot(ev, deadline);
 }
 
+static void disarm_hw(u8 *ev)
+{
+	wrmsr((SLOT(ev, EVB_FLAGS) & EVF_TSC_DEADLINE) ? MSR_TSC_DEADLINE : MSR_X2APIC_TMICT, 0);
+}
+
+/* the guest's one-shot timer */
+static void arm(u8 *ev, s64 deadline)
+{
+	SLOT(ev, EVB_DEADLINE_NS) = (u64)deadline;
+	SLOT(ev, EVB_ARMED) = 1;
+	arm_hw(ev, deadline);
+}
+
 static void disarm(u8 *ev)
 {
 	SLOT(ev, EVB_ARMED) = 0;
-	wrmsr((SLOT(ev, EVB_FLAGS) & EVF_TSC_DEADLINE) ? MSR_TSC_DEADLINE : MSR_X2APIC_TMICT, 0);
+	disarm_hw(ev);
 }
 
 /* Xen's evtchn_2l_set_pending for a port notifying this vCPU */
@@ -150,6 +163,8 @@ void ev_interrupt(unsigned long vec)
 		}
 	} else if (vec == EV_CHECK_VECTOR) {
 		SLOT(ev, EVB_CHECK_IRQS)++;   /* the check itself happens on return */
+	} else if (vec == EV_FLUSH_VECTOR) {
+		smp_serve(ev);                /* another vCPU's TLB flush (smp.c) */
 	}
 	eoi();
 }
@@ -208,6 +223,50 @@ static long block(u8 *ev)
 	return 0;
 }
 
+/* SCHEDOP_poll (the PV spinlock slow path): Xen's checks, then return at
+ * once if a port is pending, else halt until an interrupt: an event for
+ * this vCPU (Python kicks the port's vCPU even when the port is masked),
+ * the timeout, or anything else -- a spurious return, which Xen also
+ * allows.  The timeout shares the LAPIC timer with the guest's one-shot:
+ * the earlier deadline is programmed, the guest's re-armed afterwards. */
+#define SCHED_POLL_MAX_PORTS 128
+
+static long poll(u8 *ev, u64 arg)
+{
+	u64 p[3];   /* ports (guest pointer), nr_ports (u32), timeout */
+	u32 ports[SCHED_POLL_MAX_PORTS];
+	u8 *si = shared_info();
+	if (read_guest(p, arg, XEN_SCHED_POLL_SIZE))
+		return -XEN_EFAULT;
+	u64 n = (u32)p[1];
+	if (n > SCHED_POLL_MAX_PORTS)
+		return -XEN_EINVAL;
+	if (n && read_guest(ports, p[0], n * 4))
+		return -XEN_EFAULT;
+	SLOT(ev, EVB_POLLS)++;
+	for (u64 i = 0; i < n; i++) {
+		if (ports[i] >= EVTCHN_2L_NR_CHANNELS)
+			return -XEN_EINVAL;
+		if (((volatile u64 *)(si + SI_EVTCHN_PENDING))[ports[i] / 64] >> (ports[i] % 64) & 1)
+			return 0;
+	}
+	s64 timeout = (s64)p[2];
+	if (timeout) {
+		if (timeout <= now_ns(ev))
+			return 0;
+		if (!SLOT(ev, EVB_ARMED) || timeout < (s64)SLOT(ev, EVB_DEADLINE_NS))
+			arm_hw(ev, timeout);
+	}
+	__asm__ volatile("sti; hlt; cli" ::: "memory");
+	if (timeout) {   /* the guest's one-shot as it was */
+		if (SLOT(ev, EVB_ARMED))
+			arm_hw(ev, (s64)SLOT(ev, EVB_DEADLINE_NS));
+		else
+			disarm_hw(ev);
+	}
+	return 0;
+}
+
 /* EVTCHNOP_send to a back-end port: one `out` that an ioeventfd absorbs */
 static int send_to_backend(u8 *ev, u64 arg, long *ret)
 {
@@ -249,6 +308,10 @@ int ev_hypercall(unsigned long nr, const unsigned long *a, long *ret)
 	case HC_sched_op:
 		if (a[0] == SCHEDOP_block) {
 			*ret = block(ev);
+			return 1;
+		}
+		if (a[0] == SCHEDOP_poll) {
+			*ret = poll(ev, a[1]);
 			return 1;
 		}
 		return 0;

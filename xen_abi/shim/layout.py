@@ -125,6 +125,17 @@ PERCPU = Block(
     Field("cr3_user"),
     Field("mailbox", "VA of the mailbox page"),
     Field("syscall_rsp", "the trampoline saves the guest rsp here"),
+    # the shim's from here on; Python writes them only into a vCPU that is
+    # not running (VCPUOP_initialise of a secondary vCPU)
+    Field("event_cb", "callbacks (CALLBACKOP_register)"),
+    Field("failsafe_cb"),
+    Field("syscall_cb"),
+    Field("nmi_cb"),
+    Field("syscall32_cb"),
+    Field("sysenter_cb"),
+    Field("cb_mask", "bit n: callback type n masks events"),
+    Field("vcr0_ts", "virtual CR0.TS (fpu_taskswitch)"),
+    Field("traps", "the virtual IDT: (address, flags) per vector", count=2 * 256),
 )
 
 # The registers the shim saves on its stack at every entry from the guest,
@@ -241,6 +252,19 @@ EVENTS = Block(
     Field("check_irqs"),
     Field("blocks"),
     Field("backend_sends"),
+    # SMP (shim/smp.c): remote TLB flushes.  A flusher bumps flush_req of
+    # each target, then sends EV_FLUSH_VECTOR and waits for flush_done to
+    # catch up -- unless the target is not running guest code (online 0:
+    # down or never started; in_exit 1: in an exit to Python), which
+    # flushes before it next returns to the guest.
+    Field("online", "1 while the vCPU is up, Python"),
+    Field("in_exit", "1 while the vCPU is in an exit to Python, shim"),
+    Field("flush_req", "TLB flushes requested of this vCPU, other vCPUs' shims"),
+    Field("flush_done", "the last request this vCPU's shim served"),
+    Field("flushes", "counter: remote flushes served, shim"),
+    Field("polls", "counter: SCHEDOP_poll calls, shim"),
+    Field("initialised", "1 once VCPUOP_initialise took (vCPU 0: from the start), Python"),
+    Field("init_lock", "held by the vCPU initialising this one, shim"),
     Field("backend_map", "bit per port whose remote end is a back-end: sends go out "
           "through EV_SEND_PORT", count=abi.EVTCHN_2L_NR_CHANNELS // 8, width=1, at=512),
 )
@@ -253,6 +277,7 @@ class EventsFlag(enum.IntFlag):
 
 EV_TIMER_VECTOR = 0xF0      # LAPIC timer (LVT)
 EV_CHECK_VECTOR = 0xF1      # "event check" MSI from the VMM (a kick)
+EV_FLUSH_VECTOR = 0xF2      # TLB flush IPI from another vCPU's shim (smp.c)
 EV_SPURIOUS_VECTOR = 0xFF
 # `outl port, EV_SEND_PORT`: EVTCHNOP_send to a back-end port; KVM signals
 # the ioeventfd registered for that port (datamatch) without an exit, any
@@ -374,6 +399,14 @@ def xen_numbers() -> list[tuple[str, list[tuple[str, int, str]]]]:
         ("XEN_MMU_UPDATE_SIZE", abi.MmuUpdate.sizeof(), ""),
         ("XEN_MMUEXT_OP_SIZE", abi.MmuextOp.sizeof(), ""),
         ("XEN_MULTICALL_ENTRY_SIZE", abi.MulticallEntry.sizeof(), ""),
+        ("XEN_SCHED_POLL_SIZE", abi.SchedPoll.sizeof(), ""),
+    ]))
+    sections.append(("vcpu_guest_context byte offsets (VCPUOP_initialise)", [
+        ("VGC_FLAGS", _offsetof(abi.VcpuGuestContext, "flags"), ""),
+        ("VGC_GDT_FRAMES", _offsetof(abi.VcpuGuestContext, "gdt_frames"), ""),
+        ("VGC_GDT_ENTS", _offsetof(abi.VcpuGuestContext, "gdt_ents"), ""),
+        ("VGC_CTRLREG", _offsetof(abi.VcpuGuestContext, "ctrlreg"), "[8]"),
+        ("VGC_SIZE", abi.VcpuGuestContext.sizeof(), ""),
     ]))
     return sections
 
@@ -389,6 +422,10 @@ def shim_layout() -> list[tuple[str, list[tuple[str, int, str]]]]:
             ("PERCPU_BLOCK_SIZE", R.PERCPU_BLOCK_SIZE, "stack block, aligned to its size"),
             ("PERCPU_IN_BLOCK", R.PERCPU_IN_BLOCK, "the percpu pages in it"),
             ("VCPU_EVENTS_OFF", R.VCPU_EVENTS_OFF, "the events block, from the stack block"),
+            ("VCPU_OFF", R.VCPU_OFF, "vCPU n's stack block: VCPU_OFF + n * VCPU_STRIDE"),
+            ("VCPU_STRIDE", R.VCPU_STRIDE, ""),
+            ("VCPU_GDT_OFF", R.VCPU_GDT_OFF, "its GDT pages, from the stack block"),
+            ("MAX_VCPUS", R.MAX_VCPUS, ""),
             ("VCPU_LDT_FROM_GDT", R.VCPU_LDT_OFF - R.VCPU_GDT_OFF, "the LDT copy, from the GDT pages"),
             ("SHIM_LDT_SEL", R.SHIM_LDT, "the LDT descriptor the shim fills"),
             ("GUEST_REGION_FRAMES", (R.GRANT_OFF + R.MAX_GRANT_FRAMES * R.PAGE) // R.PAGE,
@@ -410,6 +447,7 @@ def shim_layout() -> list[tuple[str, list[tuple[str, int, str]]]]:
         (HC_FRAME.doc, HC_FRAME.c_defines()),
         (EVENTS.doc, EVENTS.c_defines() + enum_defines("EVF_", EventsFlag) + [
             ("EV_TIMER_VECTOR", EV_TIMER_VECTOR, ""), ("EV_CHECK_VECTOR", EV_CHECK_VECTOR, ""),
+            ("EV_FLUSH_VECTOR", EV_FLUSH_VECTOR, ""),
             ("EV_SPURIOUS_VECTOR", EV_SPURIOUS_VECTOR, "")]),
         (PRIV.doc, [("PRIV_OFF", PRIV_OFF, "into the percpu pages")] + PRIV.c_defines() + [
             ("PRIV_CNT_TRAPS", PRIV_CNT_TRAPS, ""), ("PRIV_CNT_IRQ", PRIV_CNT_IRQ, ""),

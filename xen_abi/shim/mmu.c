@@ -38,6 +38,7 @@
  * rather than on first use as Xen does.
  */
 #include "shim.h"
+#include "smp.h"
 
 #define PAGE_SIZE       4096UL
 #define ENTRIES         512
@@ -343,13 +344,14 @@ long do_mmu_update(struct percpu *pc, u64 reqs, u64 count, u64 done_ptr, u64 dom
 
 /* ---------------- update_va_mapping ---------------- */
 
-/* vCPU mask at guest VA `ptr`: only vCPU 0 runs, so only its readability
- * matters (Xen reads it and fails on a fault). */
-static long read_vcpumask(u64 ptr)
+/* A vCPU mask at guest VA `ptr` (a bitmap of unsigned longs; the domain
+ * has at most MAX_VCPUS <= 64 vCPUs, so the first word is all of it). */
+static long read_vcpumask(u64 ptr, u64 *mask)
 {
-	u64 m;
-	return from_guest(&m, ptr, sizeof(m));
+	return from_guest(mask, ptr, sizeof(*mask));
 }
+
+static inline u64 this_vcpu_only(struct percpu *pc) { return 1UL << pc->vcpu_id; }
 
 long do_update_va_mapping(struct percpu *pc, u64 va, u64 val, u64 flags)
 {
@@ -365,13 +367,23 @@ long do_update_va_mapping(struct percpu *pc, u64 va, u64 val, u64 flags)
 	if (check_entry(1, 0, val, &nv))
 		return -XEN_EINVAL;
 	*e = nv;
-	u64 mask_ptr = flags & ~UVMF_CMD_MASK;
-	if (!(flags & UVMF_ALL) && mask_ptr && (flags & UVMF_FLUSHTYPE_MASK) && read_vcpumask(mask_ptr))
+	u64 type = flags & UVMF_FLUSHTYPE_MASK, mask_ptr = flags & ~UVMF_CMD_MASK, mask;
+	if (!type)
+		return 0;
+	if (flags & UVMF_ALL)
+		mask = ~0UL;
+	else if (!mask_ptr)   /* UVMF_LOCAL: the common case, no other vCPU involved */
+		mask = this_vcpu_only(pc);
+	else if (read_vcpumask(mask_ptr, &mask))
 		return -XEN_EFAULT;
-	switch (flags & UVMF_FLUSHTYPE_MASK) {
-	case UVMF_INVLPG: invlpg(va); break;
-	case UVMF_TLB_FLUSH: flush_tlb(); break;
+	if (mask == this_vcpu_only(pc)) {
+		if (type == UVMF_INVLPG)
+			invlpg(va);
+		else
+			flush_tlb();
+		return 0;
 	}
+	smp_flush(mask, type == UVMF_INVLPG ? va : FLUSH_ALL_VA);
 	return 0;
 }
 
@@ -483,21 +495,30 @@ static long mmuext_one(struct percpu *pc, const u64 *op)
 	case MMUEXT_NEW_USER_BASEPTR:
 		rc = new_baseptr(pc, mfn, cmd == MMUEXT_NEW_USER_BASEPTR);
 		break;
-	case MMUEXT_TLB_FLUSH_LOCAL: case MMUEXT_TLB_FLUSH_ALL:
+	case MMUEXT_TLB_FLUSH_LOCAL:
 		flush_tlb();
 		break;
-	case MMUEXT_INVLPG_LOCAL: case MMUEXT_INVLPG_ALL:
+	case MMUEXT_INVLPG_LOCAL:
 		if (range_ok(op[1], 1))
 			invlpg(op[1]);
 		break;
-	case MMUEXT_TLB_FLUSH_MULTI: case MMUEXT_INVLPG_MULTI:
-		if (read_vcpumask(op[2]))
-			rc = -XEN_EINVAL;
-		else if (cmd == MMUEXT_TLB_FLUSH_MULTI)
-			flush_tlb();
-		else if (range_ok(op[1], 1))
-			invlpg(op[1]);
+	case MMUEXT_TLB_FLUSH_ALL:
+		smp_flush(~0UL, FLUSH_ALL_VA);
 		break;
+	case MMUEXT_INVLPG_ALL:
+		if (range_ok(op[1], 1))
+			smp_flush(~0UL, op[1]);
+		break;
+	case MMUEXT_TLB_FLUSH_MULTI: case MMUEXT_INVLPG_MULTI: {
+		u64 mask;
+		if (read_vcpumask(op[2], &mask))
+			rc = -XEN_EINVAL;   /* Xen: vcpumask_to_pcpumask failed */
+		else if (cmd == MMUEXT_TLB_FLUSH_MULTI)
+			smp_flush(mask, FLUSH_ALL_VA);
+		else if (range_ok(op[1], 1))
+			smp_flush(mask, op[1]);
+		break;
+	}
 	case MMUEXT_FLUSH_CACHE:
 		rc = -XEN_EACCES;    /* a domU has no cache-flush permission */
 		break;
@@ -885,6 +906,50 @@ long do_set_gdt(struct percpu *pc, u64 frames_ptr, u64 entries)
 		rep_stosq(gdt + i * DESCS_PER_PAGE, DESCS_PER_PAGE);
 	pc->desc.gdt_ents = entries;
 	return 0;
+}
+
+/* VCPUOP_initialise, the shim's half of Xen's arch_set_info_guest: the
+ * context's GDT frames are copied into the target vCPU's GDT pages `gdt`
+ * and every descriptor is checked in the copy (no other vCPU can change it
+ * between the check and its use), and its base pointers become L4s.  `t`
+ * is the target's percpu; it is not running (shim.c vcpu_initialise). */
+long mmu_vcpu_context(struct percpu *pc, struct percpu *t, u64 *gdt, u64 ctx)
+{
+	u64 frames[SHIM_MAX_GDT_FRAMES], ents, cr[4];
+	boot_types(pc);
+	if (from_guest(&ents, ctx + VGC_GDT_ENTS, 8) || from_guest(cr, ctx + VGC_CTRLREG, sizeof(cr)))
+		return -XEN_EFAULT;
+	if (ents > FIRST_RESERVED_GDT_ENTRY)
+		return -XEN_EINVAL;
+	u64 nr = (ents + DESCS_PER_PAGE - 1) / DESCS_PER_PAGE;
+	if (nr && from_guest(frames, ctx + VGC_GDT_FRAMES, nr * 8))
+		return -XEN_EFAULT;
+	u64 old = (t->desc.gdt_ents + DESCS_PER_PAGE - 1) / DESCS_PER_PAGE;
+	t->desc.gdt_ents = 0;
+	rep_stosq(gdt, (old > nr ? old : nr) * DESCS_PER_PAGE);
+	for (u64 i = 0; i < nr; i++) {
+		u64 *fr = frame_ptr(frames[i]);
+		if (!fr || (G->ftype[frames[i]] & FT_LEVEL))
+			goto bad;   /* not RAM, or a page table */
+		rep_movsq(gdt + i * DESCS_PER_PAGE, fr, DESCS_PER_PAGE);
+		t->desc.gdt_frames[i] = frames[i];
+	}
+	for (u64 j = 0; j < nr * DESCS_PER_PAGE; j++)
+		if ((gdt[j] & ((u64)SEG_P << 32)) && !check_descriptor(&gdt[j]))
+			goto bad;
+	u64 kernel = cr[3] >> 12, user = cr[1] >> 12;   /* 64-bit: plain addresses */
+	if (type_table(kernel, 4, 1) || (user && type_table(user, 4, 1)))
+		goto bad;
+	install_hv_slots(frame_ptr(kernel));
+	if (user)
+		install_hv_slots(frame_ptr(user));
+	t->desc.gdt_ents = ents;
+	t->cr3_kernel = kernel << 12;
+	t->cr3_user = user << 12;
+	return 0;
+bad:
+	rep_stosq(gdt, nr * DESCS_PER_PAGE);
+	return -XEN_EINVAL;
 }
 
 long do_update_descriptor(struct percpu *pc, u64 maddr, u64 desc)

@@ -18,6 +18,11 @@ def init_vcpu(mem, percpu_off: int, nr_vcpus: int) -> None:
     PRIV.write(mem, percpu_off + PRIV_OFF, nr_vcpus=nr_vcpus)
 
 
+def set_iopl(mem, percpu_off: int, level: int) -> None:
+    """The virtual IOPL of a vCPU that is not running (VCPUOP_initialise)."""
+    PRIV.write(mem, percpu_off + PRIV_OFF, iopl=level & 3)
+
+
 def read_state(mem, percpu_off: int) -> dict:
     base = percpu_off + PRIV_OFF
     state = {name: PRIV.read(mem, base, name) for name in STATE_FIELDS}

@@ -146,6 +146,31 @@ static long slow_hypercall(struct percpu *pc, u64 rip, u64 nr, const u64 *a)
 
 /* ---------------- hypercalls ---------------- */
 
+/* VCPUOP_initialise of another vCPU: the shim takes the context's GDT and
+ * base pointers (mmu_vcpu_context), then Python checks the rest and takes
+ * the registers, callbacks and trap table (vcpu_op.py).  The target's init
+ * lock keeps two vCPUs initialising the same one from mixing contexts; an
+ * initialised target is never touched (Python answers -EEXIST). */
+static NOINLINE long vcpu_initialise(struct percpu *pc, u64 rip, const u64 *a)
+{
+	u8 *blk = vcpu_block(a[1]);
+	volatile u64 *ev = (volatile u64 *)(blk + VCPU_EVENTS_OFF);
+	u64 *lock = (u64 *)(blk + VCPU_EVENTS_OFF + EVB_INIT_LOCK);
+	long rc;
+	while (__atomic_exchange_n(lock, 1, __ATOMIC_ACQUIRE))
+		smp_serve((u8 *)pc - PERCPU_IN_BLOCK + VCPU_EVENTS_OFF);
+	if (ev[EVB_INITIALISED / 8])
+		rc = slow_hypercall(pc, rip, HC_vcpu_op, a);
+	else {
+		rc = mmu_vcpu_context(pc, (struct percpu *)(blk + PERCPU_IN_BLOCK),
+				      (u64 *)(blk + VCPU_GDT_OFF), a[2]);
+		if (!rc)
+			rc = slow_hypercall(pc, rip, HC_vcpu_op, a);
+	}
+	__atomic_store_n(lock, 0, __ATOMIC_RELEASE);
+	return rc;
+}
+
 static void do_iret(struct percpu *pc, struct hc_frame *h)
 {
 	u64 c[9];  /* rax r11 rcx flags rip cs rflags rsp ss */
@@ -323,6 +348,8 @@ static long hypercall(struct percpu *pc, u64 rip, u64 nr, const u64 *a)
 	case HC_vcpu_op:   /* Linux probes VCPUOP_is_up for all NR_CPUS (8192) */
 		if (priv_no_such_vcpu(pc, a[1]))
 			return -XEN_ENOENT;
+		if (a[0] == VCPUOP_initialise)
+			return vcpu_initialise(pc, rip, a);
 		break;
 	case HC_set_trap_table: return do_set_trap_table(pc, a[0]);
 	case HC_mmu_update: return do_mmu_update(pc, a[0], a[1], a[2], a[3]);

@@ -214,11 +214,19 @@ static inline long to_guest(u64 va, const void *src, u64 n)
 	return range_ok(va, n) ? guest_copy((void *)va, src, n) : -XEN_EFAULT;
 }
 
+void smp_serve(u8 *events);   /* smp.c */
+
 /* The one exit to Python.  The vCPU thread handles it synchronously and
- * resumes us right after the `out`. */
+ * resumes us right after the `out`.  Meanwhile other vCPUs' TLB flushes
+ * do not wait for this one; it serves them on the way back (smp.c). */
 static inline void exit_to_python(void)
 {
-	__asm__ volatile("outl %%eax, %%dx" :: "a"(0), "d"(SHIM_EXIT_PORT) : "memory");
+	u8 *ev = (u8 *)((u64)pcpu() - PERCPU_IN_BLOCK + VCPU_EVENTS_OFF);
+	*(volatile u64 *)(ev + EVB_IN_EXIT) = 1;
+	__asm__ volatile("mfence; outl %%eax, %%dx" :: "a"(0), "d"(SHIM_EXIT_PORT) : "memory");
+	*(volatile u64 *)(ev + EVB_IN_EXIT) = 0;
+	__asm__ volatile("mfence" ::: "memory");
+	smp_serve(ev);
 }
 
 static inline __attribute__((noreturn)) void stop_here(void)
@@ -237,4 +245,8 @@ long do_update_descriptor(struct percpu *pc, u64 maddr, u64 desc);
  * emulated page-table write), 0 to bounce it to the guest. */
 int mmu_page_fault(struct percpu *pc, struct frame *f, u64 cr2);
 void mmu_type_boot_tables(struct percpu *pc);
+long mmu_vcpu_context(struct percpu *pc, struct percpu *target, u64 *target_gdt, u64 ctx);
+
+/* vCPU n's stack block (its percpu, events block and GDT pages are in it) */
+static inline u8 *vcpu_block(u64 n) { return (u8 *)(REGION_VA + VCPU_OFF + n * VCPU_STRIDE); }
 #endif

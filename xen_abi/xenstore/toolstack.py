@@ -23,8 +23,12 @@ def _rw(domid: int) -> list[str]:
 
 
 def populate_domain(store: XenstoreStore, domid: int, name: str, memory_kib: int, vcpus: int,
-                    uuid: str | None = None, console: dict | None = None) -> str:
-    """Create /local/domain/<domid>, /local/domain/0 and /vm/<uuid>; return the domain path."""
+                    uuid: str | None = None, console: dict | None = None,
+                    vcpus_online: int | None = None) -> str:
+    """Create /local/domain/<domid>, /local/domain/0 and /vm/<uuid>; return
+    the domain path.  vcpus: the maximum (xl's maxvcpus), the first
+    vcpus_online of them (default all) "online", the rest "offline" (the
+    guest's hotplug watcher takes them down; `pyvmm vcpu-set` changes it)."""
     if not 0 < domid < DOMID_FIRST_RESERVED:
         raise ValueError(f"bad domU domid {domid}")
     uuid = uuid or str(uuid_mod.uuid4())
@@ -53,8 +57,9 @@ def populate_domain(store: XenstoreStore, domid: int, name: str, memory_kib: int
         store.write(f"{dom}/vm", vm, t)
         store.write(f"{dom}/memory/target", str(memory_kib), t)
         store.write(f"{dom}/memory/static-max", str(memory_kib), t)
+        online = vcpus if vcpus_online is None else vcpus_online
         for n in range(vcpus):
-            store.write(f"{dom}/cpu/{n}/availability", "online", t)
+            store.write(f"{dom}/cpu/{n}/availability", "online" if n < online else "offline", t)
         store.mkdir(f"{dom}/device", t)
         store.mkdir(f"{dom}/control", t)
         # Linux checks this to use XS_RESET_WATCHES (HVM only); harmless for PV.
