@@ -169,6 +169,7 @@ class Domain(PvDomainBase):
         self._failure: BaseException | None = None   # a secondary vCPU thread's exception
         self._threads: list[threading.Thread] = []
         self._initial_context: dict[int, object] = {}   # VCPUOP_initialise, for the first up
+        self.vcpu_tids: dict[int, int] = {}    # vCPU -> host thread id (its CPU time: bench/smp.py)
         self.exit_counts = collections.Counter()   # exits to Python by _exit_key (bench/boot.py)
         self._install_region()
         self.vm.add_memory(0, self.ram)
@@ -606,6 +607,9 @@ class Domain(PvDomainBase):
         until the domain ends).  The last vCPU to stop for a pause stops
         the guest's clock; a vCPU that was down flushes its TLB."""
         was_down = not self._online[index]
+        events = self.region.vcpus[index].events_off
+        if was_down:     # other vCPUs' TLB flushes stop waiting for this one (smp.c)
+            EVENTS.write(self.region.mem, events, online=0)
         self._parked.add(index)
         try:
             while (self._pause_requested or not self._online[index]) and not self._ending():
@@ -619,7 +623,7 @@ class Domain(PvDomainBase):
         if was_down and self._online[index]:
             vcpu = self.vcpus[index]
             vcpu.set_sregs(vcpu.get_sregs())      # CR3 reloaded: nothing stale (smp.c)
-            EVENTS.write(self.region.mem, self.region.vcpus[index].events_off, online=1)
+            EVENTS.write(self.region.mem, events, online=1)
 
     def _ending(self) -> bool:
         return self._stop_requested or self._result is not None or self._failure is not None
@@ -671,6 +675,7 @@ class Domain(PvDomainBase):
 
     def _vcpu_loop(self, index: int, t0: float | None, timeout: float | None) -> RunResult:
         vcpu = self.vcpus[index]
+        self.vcpu_tids[index] = threading.get_native_id()
         while True:
             if self._pause_requested or not self._online[index] or self._ending():
                 with self._cond:

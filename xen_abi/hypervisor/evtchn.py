@@ -120,6 +120,9 @@ class EventChannels:
         self.backend_ports: dict[int, BackendPort] = {}
         self._backend_numbers = itertools.count(1)
         self.lock = threading.RLock()
+        # routing(port, vcpu, is_ipi) after a port is bound, moved or closed:
+        # lets the shim send IPIs and unmask without Python (notify.py)
+        self.routing: Optional[Callable[[int, int, bool], None]] = None
         # listener(event, guest_port, backend_port) for event in {"bind", "close"}:
         # lets the domain wire ioeventfds for guest->back-end sends.
         self.listeners: list[Callable[[str, int, BackendPort], None]] = []
@@ -258,6 +261,7 @@ class EventChannels:
         with self.lock:
             p = self._alloc_port()
             self.ports[p] = Port(EvtchnStatus.unbound, vcpu=0, remote_dom=remote)
+            self._routed(p)
             return p
 
     def bind_interdomain(self, remote_dom: int, remote_port: int) -> int:
@@ -270,6 +274,7 @@ class EventChannels:
                 p = self._alloc_port()
                 self.ports[p] = Port(EvtchnStatus.interdomain, vcpu=0, remote_dom=BACKEND_DOMID,
                                      remote_port=remote_port, backend=be)
+                self._routed(p)
                 be.guest_port = p
                 self._announce("bind", p, be)
             else:  # loopback inside this domain
@@ -281,6 +286,7 @@ class EventChannels:
                 p = self._alloc_port()
                 self.ports[p] = Port(EvtchnStatus.interdomain, vcpu=0, remote_dom=self.domid,
                                      remote_port=remote_port)
+                self._routed(p)
                 rp.state = EvtchnStatus.interdomain
                 rp.remote_port = p
         # Like Xen: notifications sent to the unbound end may have been lost,
@@ -299,6 +305,7 @@ class EventChannels:
                 raise _err(XenErrno.EEXIST, f"VIRQ {virq} already bound on vCPU {vcpu}")
             p = self._alloc_port()
             self.ports[p] = Port(EvtchnStatus.virq, vcpu=vcpu, virq=virq)
+            self._routed(p)
             self.virq_to_port[vcpu][virq] = p
             return p
 
@@ -307,6 +314,7 @@ class EventChannels:
         with self.lock:
             p = self._alloc_port()
             self.ports[p] = Port(EvtchnStatus.ipi, vcpu=vcpu)
+            self._routed(p)
             return p
 
     def send(self, port: int) -> None:
@@ -351,6 +359,7 @@ class EventChannels:
                         peer.remote_dom = self.domid
                         peer.remote_port = 0
             self.ports[port] = Port()
+            self._routed(port)
             # Clear a stale pending bit so a re-bound port starts clean (Xen does too).
             self.clear_pending(port)
         if be is not None:
@@ -406,6 +415,7 @@ class EventChannels:
             elif pt.state not in (EvtchnStatus.unbound, EvtchnStatus.interdomain, EvtchnStatus.pirq):
                 raise _err(XenErrno.EINVAL, f"port {port} in state {pt.state.name} cannot move")
             pt.vcpu = vcpu
+            self._routed(port)
 
     def reset(self, dom: int = DOMID_SELF) -> None:
         if not self._self_dom(dom):
@@ -414,6 +424,11 @@ class EventChannels:
         for p in range(1, self.nr_ports):
             if self.ports[p].state != EvtchnStatus.closed:
                 self.close(p)
+
+    def _routed(self, p: int) -> None:
+        if self.routing is not None:
+            pt = self.ports[p]
+            self.routing(p, pt.vcpu, pt.state == EvtchnStatus.ipi)
 
     # ------------------------------------------------------------------
     # back-end (domain 0) side

@@ -20,7 +20,8 @@ import threading
 
 from pyvmm.xen_abi import abi
 from pyvmm.xen_abi.hypervisor import time as E
-from pyvmm.xen_abi.shim.layout import EV_CHECK_VECTOR, EV_SEND_PORT
+from pyvmm.xen_abi.memory import vmm_region as R
+from pyvmm.xen_abi.shim.layout import EV_CHECK_VECTOR, EV_SEND_PORT, PORT_MAP_IPI, PORT_MAP_VCPU
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class EventNotifier:
         self._wake_r, self._wake_w = os.pipe()
         self._closed = False
         evtchn.listeners.append(self._on_port_event)
+        evtchn.routing = self._on_port_routing
         self._thread = threading.Thread(target=self._backend_loop, name="pyvmm-evtchn-io", daemon=True)
         self._thread.start()
 
@@ -56,6 +58,11 @@ class EventNotifier:
         """The calling thread is vCPU vcpu_id's, inside a shim exit (None:
         it left it)."""
         self._in_exit.vcpu = vcpu_id
+
+    def _on_port_routing(self, port: int, vcpu: int, is_ipi: bool) -> None:
+        if 0 <= port < abi.EVTCHN_2L_NR_CHANNELS:
+            byte = (vcpu & PORT_MAP_VCPU) | (PORT_MAP_IPI if is_ipi else 0)
+            self.region.mem.write(R.PORT_MAP_OFF + port, bytes([byte]))
 
     # ---- guest -> back-end ----
     def _on_port_event(self, event: str, guest_port: int, be) -> None:

@@ -274,29 +274,45 @@ def crash_report(domain, result=None, *, symbols: Symbolizer | None = None, trac
         if ci:
             lines.append(f"shim: {describe_crash(ci['info'])} at {sym(ci['rip'])} "
                          f"(rip {ci['rip']:#x}, err/info2 {ci['info2']:#x})")
-    try:
-        f = guest_frame(domain)
-    except Exception as e:       # region gone: report what we have
-        lines.append(f"(no register state: {e})")
-        f = None
-    if f is not None:
-        lines.append(f"--- guest state at last shim entry (vector {f['vec']:#x} "
-                     f"{VECTOR_NAMES.get(f['vec'], '')}) ---")
-        lines.append(f"RIP {f['cs']:04x}:{f['rip']:#018x} {sym(f['rip'])}")
-        lines.append(f"RSP {f['ss']:04x}:{f['rsp']:#018x} RFLAGS {f['rflags']:#x} ERR {f['err']:#x}")
-        regs = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11",
-                "r12", "r13", "r14", "r15"]
-        for i in range(0, len(regs), 3):
-            lines.append("  ".join(f"{r.upper():>3} " + (f"{f[r]:#018x}" if f[r] is not None
-                                                             else "(not saved)".ljust(18))
-                                   for r in regs[i:i + 3]))
-        vi = domain.phys.read(domain.region.shared_info_gpa, 24)
-        lines.append(f"vcpu_info: pending {vi[0]} mask {vi[1]} cr2 {int.from_bytes(vi[16:24], 'little'):#x}")
-        if symbols is not None:
-            lines.append("--- stack scan (text addresses) ---")
-            lines += _stack_scan(domain, f, symbols, STACK_SCAN_WORDS)[:40]
+    for v in range(len(getattr(domain.region, "vcpus", [None]))):
+        lines += _vcpu_state(domain, v, symbols, sym)
     if tracer is not None:
         lines.append(f"--- last {len(tracer.events)} traced events ---")
         lines += [f"[{e.t:9.4f}] {e.kind}: {e.text}" for e in tracer.events]
         lines.append(tracer.summary())
     return "\n".join(lines)
+
+
+def _vcpu_state(domain, v: int, symbols, sym) -> list[str]:
+    """Where vCPU v last entered the shim, its registers, its vcpu_info
+    bits, its SMP state (several vCPUs) and a stack scan."""
+    lines = []
+    try:
+        f = guest_frame(domain, v)
+    except Exception as e:       # region gone: report what we have
+        return [f"(vCPU {v}: no register state: {e})"]
+    many = len(domain.region.vcpus) > 1
+    lines.append(f"--- {'vCPU %d: ' % v if many else ''}guest state at last shim entry (vector {f['vec']:#x} "
+                 f"{VECTOR_NAMES.get(f['vec'], '')}) ---")
+    lines.append(f"RIP {f['cs']:04x}:{f['rip']:#018x} {sym(f['rip'])}")
+    lines.append(f"RSP {f['ss']:04x}:{f['rsp']:#018x} RFLAGS {f['rflags']:#x} ERR {f['err']:#x}")
+    regs = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "r8", "r9", "r10", "r11",
+            "r12", "r13", "r14", "r15"]
+    for i in range(0, len(regs), 3):
+        lines.append("  ".join(f"{r.upper():>3} " + (f"{f[r]:#018x}" if f[r] is not None
+                                                         else "(not saved)".ljust(18))
+                               for r in regs[i:i + 3]))
+    gpa = domain.evtchn.vcpu_info_gpa(v) if hasattr(domain, "evtchn") else None
+    if gpa is None:
+        gpa = domain.region.shared_info_gpa + v * 64
+    vi = domain.phys.read(gpa, 24)
+    lines.append(f"vcpu_info: pending {vi[0]} mask {vi[1]} cr2 {int.from_bytes(vi[16:24], 'little'):#x}")
+    if many:
+        from pyvmm.xen_abi.shim.layout import EVENTS
+        ev = {k: EVENTS.read(domain.region.mem, domain.region.vcpus[v].events_off, k)
+              for k in ("online", "in_exit", "flush_req", "flush_done", "flushes", "polls", "ipi_sends")}
+        lines.append("smp: " + ", ".join(f"{k} {val}" for k, val in ev.items()))
+    if symbols is not None:
+        lines.append("--- stack scan (text addresses) ---")
+        lines += _stack_scan(domain, f, symbols, STACK_SCAN_WORDS)[:40]
+    return lines

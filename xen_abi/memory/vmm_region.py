@@ -46,6 +46,7 @@ GLOBALS_OFF = GRANT_OFF + MAX_GRANT_FRAMES * PAGE      # 0x21000
 CPUID_OFF = GLOBALS_OFF + PAGE                          # 0x22000
 IDT_OFF = CPUID_OFF + PAGE                              # 0x23000
 ZERO_OFF = IDT_OFF + PAGE                               # 0x24000: backs unused GDT pages
+PORT_MAP_OFF = ZERO_OFF + PAGE                          # 0x25000: event-channel routing (shim/layout.py)
 SHIM_OFF = 0x40000
 SHIM_MAX = 0x40000
 VCPU_OFF = SHIM_OFF + SHIM_MAX                          # 0x80000

@@ -125,6 +125,61 @@ static void disarm(u8 *ev)
 	disarm_hw(ev);
 }
 
+static int read_guest(void *dst, u64 va, u64 n);
+
+/* vCPU n's vcpu_info, and the IPI that makes it look at it */
+static inline u8 *vcpu_info_of(u64 n)
+{
+	return *(u8 **)(REGION_VA + VCPU_OFF + n * VCPU_STRIDE + PERCPU_IN_BLOCK + PC_VCPU_INFO);
+}
+static inline u64 this_vcpu(void) { return *(u64 *)(percpu() + PC_VCPU_ID); }
+static inline void kick_vcpu(u64 n)
+{
+	if (n != this_vcpu())   /* this one's events are delivered on the way out */
+		wrmsr(MSR_X2APIC_ICR, (n << 32) | EV_CHECK_VECTOR);
+}
+static inline u8 port_map(u64 port) { return ((volatile u8 *)(REGION_VA + PORT_MAP_OFF))[port]; }
+
+/* Xen's evtchn_2l_set_pending for port, notifying vCPU n; a masked port
+ * still wakes n out of SCHEDOP_poll (Xen wakes pollers whatever the mask) */
+static void raise_on(u64 n, u64 port)
+{
+	u8 *si = shared_info(), *vi = vcpu_info_of(n);
+	u64 w = port / 64, b = port % 64;
+	if (test_and_set((volatile u64 *)(si + SI_EVTCHN_PENDING) + w, b))
+		return;
+	if (!(((volatile u64 *)(si + SI_EVTCHN_MASK))[w] >> b & 1)) {
+		if (test_and_set((volatile u64 *)(vi + VI_PENDING_SEL), w))
+			return;
+		*(volatile u8 *)(vi + VI_UPCALL_PENDING) = 1;
+	}
+	kick_vcpu(n);
+}
+
+/* EVTCHNOP_unmask (Xen's evtchn_2l_unmask): clear the mask; if the port
+ * is pending, mark its vCPU and kick it.  Linux unmasks its ports bound
+ * to other vCPUs this way. */
+static int unmask(u64 arg, long *ret)
+{
+	u32 port;
+	if (read_guest(&port, arg, 4) || port >= EVTCHN_2L_NR_CHANNELS)
+		return 0;   /* Python answers (-EFAULT, -EINVAL) */
+	u8 *si = shared_info();
+	u64 w = port / 64, b = port % 64, n = port_map(port) & PORT_MAP_VCPU;
+	u8 was;
+	__asm__ volatile("lock btrq %2, %0; setc %1" : "+m"(((volatile u64 *)(si + SI_EVTCHN_MASK))[w]),
+			 "=q"(was) : "r"(b) : "memory", "cc");
+	*ret = 0;
+	if (!was || !(((volatile u64 *)(si + SI_EVTCHN_PENDING))[w] >> b & 1))
+		return 1;
+	u8 *vi = vcpu_info_of(n);
+	if (test_and_set((volatile u64 *)(vi + VI_PENDING_SEL), w))
+		return 1;
+	*(volatile u8 *)(vi + VI_UPCALL_PENDING) = 1;
+	kick_vcpu(n);
+	return 1;
+}
+
 /* Xen's evtchn_2l_set_pending for a port notifying this vCPU */
 static void raise_local(u64 port)
 {
@@ -267,13 +322,21 @@ static long poll(u8 *ev, u64 arg)
 	return 0;
 }
 
-/* EVTCHNOP_send to a back-end port: one `out` that an ioeventfd absorbs */
-static int send_to_backend(u8 *ev, u64 arg, long *ret)
+/* EVTCHNOP_send to a back-end port: one `out` that an ioeventfd absorbs;
+ * to an IPI port: raised on its vCPU here */
+static int send(u8 *ev, u64 arg, long *ret)
 {
 	u32 port;
-	if (!(SLOT(ev, EVB_FLAGS) & EVF_SEND_PORT) || read_guest(&port, arg, 4))
+	if (read_guest(&port, arg, 4) || port >= EVTCHN_2L_NR_CHANNELS)
 		return 0;
-	if (port >= EVTCHN_2L_NR_CHANNELS || !(ev[EVB_BACKEND_MAP + port / 8] >> (port % 8) & 1))
+	u8 route = port_map(port);
+	if (route & PORT_MAP_IPI) {
+		SLOT(ev, EVB_IPI_SENDS)++;
+		raise_on(route & PORT_MAP_VCPU, port);
+		*ret = 0;
+		return 1;
+	}
+	if (!(SLOT(ev, EVB_FLAGS) & EVF_SEND_PORT) || !(ev[EVB_BACKEND_MAP + port / 8] >> (port % 8) & 1))
 		return 0;
 	SLOT(ev, EVB_BACKEND_SENDS)++;
 	__asm__ volatile("outl %%eax, %%dx" :: "a"(port), "d"(EV_SEND_PORT) : "memory");
@@ -317,7 +380,9 @@ int ev_hypercall(unsigned long nr, const unsigned long *a, long *ret)
 		return 0;
 	case HC_event_channel_op:
 		if (a[0] == EVTCHNOP_send)
-			return send_to_backend(ev, a[1], ret);
+			return send(ev, a[1], ret);
+		if (a[0] == EVTCHNOP_unmask)
+			return unmask(a[1], ret);
 		return 0;
 	}
 	return 0;

@@ -263,6 +263,7 @@ EVENTS = Block(
     Field("flush_done", "the last request this vCPU's shim served"),
     Field("flushes", "counter: remote flushes served, shim"),
     Field("polls", "counter: SCHEDOP_poll calls, shim"),
+    Field("ipi_sends", "counter: EVTCHNOP_send on IPI ports, shim"),
     Field("initialised", "1 once VCPUOP_initialise took (vCPU 0: from the start), Python"),
     Field("init_lock", "held by the vCPU initialising this one, shim"),
     Field("backend_map", "bit per port whose remote end is a back-end: sends go out "
@@ -278,6 +279,13 @@ class EventsFlag(enum.IntFlag):
 EV_TIMER_VECTOR = 0xF0      # LAPIC timer (LVT)
 EV_CHECK_VECTOR = 0xF1      # "event check" MSI from the VMM (a kick)
 EV_FLUSH_VECTOR = 0xF2      # TLB flush IPI from another vCPU's shim (smp.c)
+# Event-channel routing (region page PORT_MAP_OFF), one byte per port,
+# written by Python (notify.py) whenever a port is bound, moved or closed:
+# the vCPU it notifies (Xen's notify_vcpu_id, 0 for closed ports), and
+# whether it is an IPI port.  The shim does EVTCHNOP_send on IPI ports and
+# EVTCHNOP_unmask with it, without an exit.
+PORT_MAP_VCPU = 0x3F
+PORT_MAP_IPI = 0x80
 EV_SPURIOUS_VECTOR = 0xFF
 # `outl port, EV_SEND_PORT`: EVTCHNOP_send to a back-end port; KVM signals
 # the ioeventfd registered for that port (datamatch) without an exit, any
@@ -423,6 +431,9 @@ def shim_layout() -> list[tuple[str, list[tuple[str, int, str]]]]:
             ("PERCPU_IN_BLOCK", R.PERCPU_IN_BLOCK, "the percpu pages in it"),
             ("VCPU_EVENTS_OFF", R.VCPU_EVENTS_OFF, "the events block, from the stack block"),
             ("VCPU_OFF", R.VCPU_OFF, "vCPU n's stack block: VCPU_OFF + n * VCPU_STRIDE"),
+            ("PORT_MAP_OFF", R.PORT_MAP_OFF, "one byte per 2-level port: PORT_MAP_*"),
+            ("PORT_MAP_VCPU", PORT_MAP_VCPU, "the vCPU the port notifies"),
+            ("PORT_MAP_IPI", PORT_MAP_IPI, "an IPI port: the shim sends on it"),
             ("VCPU_STRIDE", R.VCPU_STRIDE, ""),
             ("VCPU_GDT_OFF", R.VCPU_GDT_OFF, "its GDT pages, from the stack block"),
             ("MAX_VCPUS", R.MAX_VCPUS, ""),
