@@ -602,17 +602,19 @@ class Domain(PvDomainBase):
                 self._clock_paused = False
             self._cond.notify_all()
 
-    def _park(self, index: int) -> None:
+    def _park(self, index: int, deadline: float | None = None) -> None:
         """On a vCPU thread, with _cond held: wait while paused or down (or
-        until the domain ends).  The last vCPU to stop for a pause stops
-        the guest's clock; a vCPU that was down flushes its TLB."""
+        until the domain ends, or `deadline` passes).  The last vCPU to
+        stop for a pause stops the guest's clock; a vCPU that was down
+        flushes its TLB."""
         was_down = not self._online[index]
         events = self.region.vcpus[index].events_off
         if was_down:     # other vCPUs' TLB flushes stop waiting for this one (smp.c)
             EVENTS.write(self.region.mem, events, online=0)
         self._parked.add(index)
         try:
-            while (self._pause_requested or not self._online[index]) and not self._ending():
+            while ((self._pause_requested or not self._online[index]) and not self._ending()
+                   and (deadline is None or time.monotonic() < deadline)):
                 if self._all_parked() and not self._clock_paused:
                     self.clock.pause()
                     self._clock_paused = True
@@ -686,7 +688,10 @@ class Domain(PvDomainBase):
                     if self._stop_requested:
                         return self._finish(RunResult(abi.ShutdownReason.poweroff, self.console, None,
                                                       stopped=True))
-                    self._park(index)
+                    self._park(index, None if timeout is None else t0 + timeout)
+                if timeout is not None and time.monotonic() - t0 >= timeout:
+                    raise DomainTimeout(f"guest still running after {timeout} s (no vCPU up: "
+                                        f"{not any(self._online)}); console so far: {self.console[-500:]!r}")
                 continue
             ex = vcpu.run()
             self.on_vcpu_exit(ex)
