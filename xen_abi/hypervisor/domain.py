@@ -46,6 +46,7 @@ from pyvmm.xen_abi.hypervisor.hypercalls.dispatch import HypercallDispatcher
 from pyvmm.xen_abi.hypervisor.listeners import Listeners, SlowHypercall
 from pyvmm.xen_abi.hypervisor.notify import EventNotifier
 from pyvmm.xen_abi.hypervisor.reservation import Reservation
+from pyvmm.xen_abi.hypervisor import time as time_
 from pyvmm.xen_abi.hypervisor.time import DomainClock
 from pyvmm.xen_abi.boot.loader import KernelImage, load_kernel
 from pyvmm.xen_abi.memory.physmem import PhysicalMemory
@@ -170,6 +171,7 @@ class Domain(PvDomainBase):
         self._threads: list[threading.Thread] = []
         self._initial_context: dict[int, object] = {}   # VCPUOP_initialise, for the first up
         self.vcpu_tids: dict[int, int] = {}    # vCPU -> host thread id (its CPU time: bench/smp.py)
+        self._down_since = [0] * nr_vcpus      # system time a vCPU went down (secondaries: from boot)
         self.exit_counts = collections.Counter()   # exits to Python by _exit_key (bench/boot.py)
         self._install_region()
         self.vm.add_memory(0, self.ram)
@@ -201,6 +203,7 @@ class Domain(PvDomainBase):
         self.name = name
         self.notifier = EventNotifier(self.vm, self.region, self.evtchn)
         self.clock = DomainClock(self.kvm, self.vcpus, self.region, self.phys)   # LAPIC timers, pvclock
+
         self.channels = DomainChannels(self.evtchn, self.gnttab, self.ram, self.layout, domid=self.domid,
                                        name=name, uuid=uuid, nr_vcpus=len(self.region.vcpus),
                                        console_write=self.console_write, vcpus_online=vcpus_online)
@@ -531,11 +534,36 @@ class Domain(PvDomainBase):
             self._cond.notify_all()
         if start:
             self._load_initial_context(vcpu_id)
+            self._count_offline(vcpu_id)
             EVENTS.write(self.region.mem, self.region.vcpus[vcpu_id].events_off, online=1)
             t = threading.Thread(target=self._secondary, args=(vcpu_id,), name=f"pyvmm-vcpu{vcpu_id}",
                                  daemon=True)
             self._threads.append(t)
             t.start()
+
+    def _count_offline(self, index: int) -> None:
+        """A vCPU comes up: the time since it went down is "offline"."""
+        off = self.region.vcpus[index].events_off
+        down = max(0, self.now_ns() - self._down_since[index])
+        EVENTS.write(self.region.mem, off, offline_ns=EVENTS.read(self.region.mem, off, "offline_ns") + down)
+
+    # ---- runstate accounting (vcpu_op.py; the shim writes the area on ticks) ----
+    def runstate_times(self, st) -> tuple[int, list[int]]:
+        now = self.now_ns()
+        times = time_.runstate_times(self.region.mem, self.region.vcpus[st.vcpu_id].events_off, now)
+        if not self._online[st.vcpu_id]:       # down now: the time since counts as offline
+            extra = max(0, now - self._down_since[st.vcpu_id])
+            times[abi.RUNSTATE_offline] += extra
+            times[abi.RUNSTATE_running] = max(0, times[abi.RUNSTATE_running] - extra)
+        return now, times
+
+    def runstate_area_moved(self, vcpu_id: int, va: int) -> None:
+        EVENTS.write(self.region.mem, self.region.vcpus[vcpu_id].events_off, runstate_va=va)
+
+    def vm_assist_changed(self, value: int) -> None:
+        flag = value >> abi.VmAssistType.RUNSTATE_UPDATE_FLAG & 1
+        for v in self.region.vcpus:
+            EVENTS.write(self.region.mem, v.events_off, runstate_update_flag=flag)
 
     def online_vcpus(self) -> list[int]:
         """The vCPUs that are up (VCPUOP_up and not down since)."""
@@ -611,6 +639,7 @@ class Domain(PvDomainBase):
         events = self.region.vcpus[index].events_off
         if was_down:     # other vCPUs' TLB flushes stop waiting for this one (smp.c)
             EVENTS.write(self.region.mem, events, online=0)
+            self._down_since[index] = self.now_ns()
         self._parked.add(index)
         try:
             while ((self._pause_requested or not self._online[index]) and not self._ending()
@@ -625,6 +654,7 @@ class Domain(PvDomainBase):
         if was_down and self._online[index]:
             vcpu = self.vcpus[index]
             vcpu.set_sregs(vcpu.get_sregs())      # CR3 reloaded: nothing stale (smp.c)
+            self._count_offline(index)
             EVENTS.write(self.region.mem, events, online=1)
 
     def _ending(self) -> bool:
@@ -678,6 +708,12 @@ class Domain(PvDomainBase):
     def _vcpu_loop(self, index: int, t0: float | None, timeout: float | None) -> RunResult:
         vcpu = self.vcpus[index]
         self.vcpu_tids[index] = threading.get_native_id()
+        # the runstate's "runnable" time: KVM counts the run-queue wait of
+        # the thread that set the MSR, so this one, before its first run
+        events = self.region.vcpus[index].events_off
+        base = time_.enable_steal_time(self.kvm, vcpu, self.region.gpa_of(events + EVENTS.offset("kvm_steal")))
+        if base is not None:
+            EVENTS.write(self.region.mem, events, steal_base=base)
         while True:
             if self._pause_requested or not self._online[index] or self._ending():
                 with self._cond:

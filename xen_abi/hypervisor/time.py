@@ -166,6 +166,41 @@ def set_backend_port(mem, off: int, port: int, on: bool) -> None:
     mem.write(byte, bytes([b]))
 
 
+MSR_KVM_STEAL_TIME = 0x4B564D03
+KVM_CPUID_FEATURES = 0x40000001
+KVM_FEATURE_STEAL_TIME = 5
+KVM_MSR_ENABLED = 1
+
+
+def enable_steal_time(kvm, vcpu, gpa: int) -> int | None:
+    """KVM's steal time for a vCPU at guest-physical gpa (64-byte aligned),
+    from the vCPU's own thread: KVM adds the time that thread waited for a
+    host CPU each time it runs it again -- the runstate's "runnable" time.
+    It starts from the thread's whole wait so far, which is returned (the
+    base to subtract); None where KVM has no steal time."""
+    if not any(e.function == KVM_CPUID_FEATURES and e.eax >> KVM_FEATURE_STEAL_TIME & 1
+               for e in kvm.supported_cpuid()):
+        return None
+    try:
+        base = int(Path("/proc/thread-self/schedstat").read_text().split()[1])
+    except (OSError, IndexError, ValueError):
+        return None          # no run-queue figures: no base, so no steal time either
+    vcpu.set_msrs({MSR_KVM_STEAL_TIME: gpa | KVM_MSR_ENABLED})
+    return base
+
+
+def runstate_times(mem, events_off: int, now: int) -> list[int]:
+    """Xen's runstate time[] of a vCPU from its events block: runnable
+    (KVM's steal time), blocked (halted in the shim), offline (Python),
+    running the rest of system time.  The shim's ev_runstate_update sums
+    the same way."""
+    steal, base = EVENTS.read(mem, events_off, "kvm_steal", 0), EVENTS.read(mem, events_off, "steal_base")
+    runnable = max(0, steal - base)
+    blocked = EVENTS.read(mem, events_off, "blocked_ns")
+    offline = EVENTS.read(mem, events_off, "offline_ns")
+    return [max(0, now - runnable - blocked - offline), runnable, blocked, offline]
+
+
 def want_tsc_deadline(kvm) -> bool:
     return bool(kvm.check_extension(Cap.TSC_DEADLINE_TIMER))
 

@@ -126,6 +126,7 @@ static void disarm(u8 *ev)
 }
 
 static int read_guest(void *dst, u64 va, u64 n);
+static int write_guest(u64 va, const void *src, u64 n);
 
 /* vCPU n's vcpu_info, and the IPI that makes it look at it */
 static inline u8 *vcpu_info_of(u64 n)
@@ -214,6 +215,7 @@ void ev_interrupt(unsigned long vec)
 			} else {
 				SLOT(ev, EVB_ARMED) = 0;
 				raise_local(SLOT(ev, EVB_TIMER_PORT));
+				SLOT(ev, EVB_RUNSTATE_DUE) = 1;   /* the tick reads steal: ev_runstate_update */
 			}
 		}
 	} else if (vec == EV_CHECK_VECTOR) {
@@ -233,6 +235,14 @@ static int read_guest(void *dst, u64 va, u64 n)
 	if (end < va || (end <= (1UL << 47) ? va >= (1UL << 47) : va < HYPERVISOR_VIRT_END))
 		return -XEN_EFAULT;
 	return (int)guest_copy(dst, (const void *)va, n);
+}
+
+static int write_guest(u64 va, const void *src, u64 n)
+{
+	u64 end = va + n;
+	if (end < va || (end <= (1UL << 47) ? va >= (1UL << 47) : va < HYPERVISOR_VIRT_END))
+		return -XEN_EFAULT;
+	return (int)guest_copy((void *)va, src, n);
 }
 
 /* Xen's set_timer_op workaround: Linux has been seen to pass deadlines
@@ -264,6 +274,52 @@ static long set_singleshot(u8 *ev, u64 arg)
 	return 0;
 }
 
+/* Halt until an interrupt, the time counted as the runstate's "blocked".
+ * The sti shadow should keep an interrupt from coming between sti and
+ * hlt; should one come there all the same (seen as lost wake-ups in the
+ * faithful lane, nested SVM under TCG), shim.c's cpl0_fault resumes after
+ * the hlt (shim_halt_insn), so the wake-up is never slept through.  Not
+ * inlined: the label exists once. */
+static __attribute__((noinline)) void halt(u8 *ev)
+{
+	s64 t = now_ns(ev);
+	__asm__ volatile("sti\n\t.globl shim_halt_insn\nshim_halt_insn:\n\thlt\n\tcli" ::: "memory");
+	SLOT(ev, EVB_BLOCKED_NS) += (u64)(now_ns(ev) - t);
+}
+
+/* The guest's runstate area (Xen's update_runstate_area), in the
+ * guest's kernel mode (the area is kernel memory): time running, runnable
+ * (KVM's steal time: the vCPU thread waited for a host CPU), blocked and
+ * offline, running now.  The same sums as time.py's runstate_times. */
+void ev_runstate_update(void)
+{
+	u8 *ev = evb();
+	u64 va = SLOT(ev, EVB_RUNSTATE_VA);
+	SLOT(ev, EVB_RUNSTATE_DUE) = 0;
+	if (!va)
+		return;
+	u64 now = (u64)now_ns(ev), r[6];
+	r[0] = 0;   /* RUNSTATE_running */
+	r[1] = now;
+	u64 steal = SLOT(ev, EVB_KVM_STEAL), base = SLOT(ev, EVB_STEAL_BASE);
+	r[3] = steal > base ? steal - base : 0;
+	r[4] = SLOT(ev, EVB_BLOCKED_NS);
+	r[5] = SLOT(ev, EVB_OFFLINE_NS);
+	u64 other = r[3] + r[4] + r[5];
+	r[2] = now > other ? now - other : 0;
+	if (SLOT(ev, EVB_RUNSTATE_UPDATE_FLAG)) {   /* the guest retries while the flag is set */
+		u64 busy = now | XEN_RUNSTATE_UPDATE;
+		if (write_guest(va + 8, &busy, 8))
+			return;
+		__asm__ volatile("sfence" ::: "memory");
+		write_guest(va, r, sizeof(r));
+		__asm__ volatile("sfence" ::: "memory");
+		write_guest(va + 8, &now, 8);
+		return;
+	}
+	write_guest(va, r, sizeof(r));
+}
+
 /* SCHEDOP_block: re-enable delivery as Xen's do_block does, return at once
  * if something is pending, else halt until an interrupt (timer or kick).
  * The upcall is made by check_events() on the way out. */
@@ -274,7 +330,7 @@ static long block(u8 *ev)
 	vi[VI_UPCALL_MASK] = 0;
 	__asm__ volatile("mfence" ::: "memory");   /* mask store before pending load */
 	if (!vi[VI_UPCALL_PENDING])
-		__asm__ volatile("sti; hlt; cli" ::: "memory");   /* sti shadow: no lost wake-up */
+		halt(ev);
 	return 0;
 }
 
@@ -312,7 +368,7 @@ static long poll(u8 *ev, u64 arg)
 		if (!SLOT(ev, EVB_ARMED) || timeout < (s64)SLOT(ev, EVB_DEADLINE_NS))
 			arm_hw(ev, timeout);
 	}
-	__asm__ volatile("sti; hlt; cli" ::: "memory");
+	halt(ev);
 	if (timeout) {   /* the guest's one-shot as it was */
 		if (SLOT(ev, EVB_ARMED))
 			arm_hw(ev, (s64)SLOT(ev, EVB_DEADLINE_NS));

@@ -17,5 +17,6 @@
 int ev_hypercall(unsigned long nr, const unsigned long *a, long *ret);  /* 1 = handled */
 void ev_interrupt(unsigned long vec);    /* any vector >= 32, CPL3 or the shim's hlt */
 long ev_now_ns(void);                   /* guest system time, as the guest's pvclock gives it */
+void ev_runstate_update(void);          /* write the guest's runstate area (kernel mode) */
 #endif
 #endif

@@ -266,8 +266,20 @@ EVENTS = Block(
     Field("ipi_sends", "counter: EVTCHNOP_send on IPI ports, shim"),
     Field("initialised", "1 once VCPUOP_initialise took (vCPU 0: from the start), Python"),
     Field("init_lock", "held by the vCPU initialising this one, shim"),
+    # runstate accounting (Xen's runstate area, for the guest's steal
+    # clock): the shim writes the guest's area on timer ticks, Python when
+    # the vCPU goes up or down; both from these (time.py runstate_times)
+    Field("runstate_va", "the guest's runstate area (VCPUOP_register_runstate_memory_area), Python"),
+    Field("runstate_update_flag", "1: VMASST_TYPE_runstate_update_flag is on, Python"),
+    Field("runstate_due", "a tick came: write the area on the way to the guest, shim"),
+    Field("blocked_ns", "time halted in SCHEDOP_block / poll, shim"),
+    Field("offline_ns", "time down (and before the first up), Python"),
+    Field("steal_base", "kvm_steal's value when it was enabled (KVM starts it at the "
+          "thread's whole run-queue wait), Python"),
     Field("backend_map", "bit per port whose remote end is a back-end: sends go out "
           "through EV_SEND_PORT", count=abi.EVTCHN_2L_NR_CHANNELS // 8, width=1, at=512),
+    Field("kvm_steal", "KVM's struct kvm_steal_time (MSR_KVM_STEAL_TIME): u64 steal "
+          "(ns runnable but not running) first", count=8, at=1024),
 )
 
 
@@ -376,6 +388,7 @@ def xen_numbers() -> list[tuple[str, list[tuple[str, int, str]]]]:
         ("CALLBACKF_mask_events", abi.CALLBACKF_MASK_EVENTS, ""),
         ("VCPU_SSHOTTMR_future", abi.VCPU_SSHOTTMR_FUTURE, ""),
         ("VGCF_IN_SYSCALL", abi.VGCF_IN_SYSCALL, "iret_context.flags"),
+        ("XEN_RUNSTATE_UPDATE", abi.XEN_RUNSTATE_UPDATE, "in state_entry_time while it is rewritten"),
         ("TI_DPL_MASK", abi.TI_DPL_MASK, ""), ("TI_MASK_EVENTS", abi.TI_MASK_EVENTS, ""),
         ("DOMID_SELF", abi.DOMID_SELF, ""),
         ("EVTCHN_2L_NR_CHANNELS", abi.EVTCHN_2L_NR_CHANNELS, ""),

@@ -123,6 +123,9 @@ static void check_events(struct percpu *pc, struct frame *f)
 	if (events_due(pc)) {
 		f->vec = 0x1000;  /* for crash reports only */
 		bounce(pc, f, pc->event_cb, 0, 0, 1);
+		/* after a tick, in kernel mode now: the runstate area (events.c) */
+		if (*(volatile u64 *)((u8 *)pc - PERCPU_IN_BLOCK + VCPU_EVENTS_OFF + EVB_RUNSTATE_DUE))
+			ev_runstate_update();
 	}
 }
 
@@ -538,6 +541,8 @@ static void do_pf(struct percpu *pc, struct frame *f)
 	bounce_trap(pc, f, VEC_PF);
 }
 
+extern char shim_halt_insn[];   /* events.c halt(): the one hlt the shim waits in */
+
 /* entry.S: the #GP fast paths read guest memory in [start, end) */
 extern char shim_fast_start[], shim_fast_end[], shim_fast_fault[];
 
@@ -560,6 +565,8 @@ static void cpl0_fault(struct percpu *pc, struct frame *f)
 	if (f->rip == (u64)shim_iret_insn || f->rip == (u64)shim_hc_iret_insn)
 		guest_crash(pc, f, CRASH_BAD_IRET_FRAME_VEC + f->vec);  /* bad guest iret frame (Xen: failsafe) */
 	if (f->vec >= 32) {
+		if (f->rip == (u64)shim_halt_insn)
+			f->rip++;   /* taken before the hlt (events.c halt): do not sleep through it */
 		ev_interrupt(f->vec);   /* interrupt while in the shim (SCHEDOP_block's hlt) */
 		return;
 	}

@@ -130,6 +130,21 @@ class PvDomainBase:
         copy of vcpu_id's time record is at pieces [(gpa, length)] (empty:
         none), to be rewritten wherever vcpu_info's is."""
 
+    def runstate_times(self, st: "PvVcpuState") -> tuple[int, list[int]]:
+        """(state_entry_time, time[running, runnable, blocked, offline]) of
+        a vCPU now; by default from the switches vcpu_op.py records (no
+        steal or blocked time)."""
+        time = list(st.runstate_time)
+        now = self.now_ns()
+        time[st.runstate_state] += max(0, now - st.runstate_entry_ns)
+        return now, time
+
+    def runstate_area_moved(self, vcpu_id: int, va: int) -> None:
+        """VCPUOP_register_runstate_memory_area: the area is at va now."""
+
+    def vm_assist_changed(self, value: int) -> None:
+        """vm_assist: the enabled assists are `value` (a bit per type)."""
+
     def vcpu_initialise(self, vcpu_id: int, ctx) -> None:
         """Load a VcpuGuestContext into a secondary vCPU (SMP: the VMM's job)."""
 

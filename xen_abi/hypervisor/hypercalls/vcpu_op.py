@@ -49,14 +49,13 @@ def vcpu_op(dispatcher, ctx, cmd, vcpuid, arg, *_):
         if not addr_ok(area.addr):   # Xen's guest_handle_okay
             fail(XenErrno.EFAULT, "runstate area address")
         st.runstate_va = area.addr
+        d.runstate_area_moved(st.vcpu_id, area.addr)
         if current:
             _write_runstate(dispatcher, ctx, st)
         return 0
     if cmd == VcpuOp.get_runstate_info:
         # Xen's vcpu_runstate_get: the current state's time includes now
-        value = _runstate_value(st)
-        value["time"][st.runstate_state] += max(0, dispatcher.domain.now_ns() - st.runstate_entry_ns)
-        ctx.vm.write_struct(VcpuRunstateInfo, arg, value)
+        ctx.vm.write_struct(VcpuRunstateInfo, arg, _runstate_value(d, st))
         return 0
     if cmd == VcpuOp.register_vcpu_info:
         return _register_vcpu_info(dispatcher, ctx, st, arg, current)
@@ -126,9 +125,9 @@ def _runstate_switch(dispatcher, ctx, st: PvVcpuState, new_state: int) -> None:
         _write_runstate(dispatcher, ctx, st)
 
 
-def _runstate_value(st: PvVcpuState, entry_flag: int = 0) -> dict:
-    return {"state": st.runstate_state, "state_entry_time": st.runstate_entry_ns | entry_flag,
-            "time": list(st.runstate_time)}
+def _runstate_value(d, st: PvVcpuState, entry_flag: int = 0) -> dict:
+    entry, times = d.runstate_times(st)
+    return {"state": st.runstate_state, "state_entry_time": entry | entry_flag, "time": times}
 
 
 def _write_runstate(dispatcher, ctx, st: PvVcpuState) -> None:
@@ -136,10 +135,12 @@ def _write_runstate(dispatcher, ctx, st: PvVcpuState) -> None:
     if not st.runstate_va:
         return
     try:
+        d = dispatcher.domain
+        value = _runstate_value(d, st)
         if dispatcher.vm_assist >> VmAssistType.RUNSTATE_UPDATE_FLAG & 1:
             ctx.vm.write_struct(VcpuRunstateInfo, st.runstate_va,
-                                _runstate_value(st, XEN_RUNSTATE_UPDATE))
-        ctx.vm.write_struct(VcpuRunstateInfo, st.runstate_va, _runstate_value(st))
+                                dict(value, state_entry_time=value["state_entry_time"] | XEN_RUNSTATE_UPDATE))
+        ctx.vm.write_struct(VcpuRunstateInfo, st.runstate_va, value)
     except GuestPageFault:
         pass
 

@@ -22,5 +22,6 @@ def vm_assist(dispatcher, ctx, cmd, kind, *_):
             dispatcher.vm_assist |= 1 << kind
         else:
             dispatcher.vm_assist &= ~(1 << kind)
+        dispatcher.domain.vm_assist_changed(dispatcher.vm_assist)
     return 0
 
