@@ -10,6 +10,7 @@ import pytest
 from pvfake import (KBASE, RAM_SIZE, SCRATCH, SHARED_INFO_GPA, FakeDomain, GNTTAB_GPA,
                     GNTTAB_MAX_FRAMES)
 from pyvmm.xen_abi.abi import (
+    VGCF_IN_KERNEL,
     DOMID_SELF,
     E820_RAM,
     GNTST_bad_domain,
@@ -259,7 +260,7 @@ def test_register_vcpu_info_rejects(dom, mfn, off):
 
 
 def _guest_context(**over):
-    c = {"fpu_ctxt": bytes(512), "flags": 0,
+    c = {"fpu_ctxt": bytes(512), "flags": VGCF_IN_KERNEL,
          "user_regs": {k: 0 for k in ("r15", "r14", "r13", "r12", "rbp", "rbx", "r11", "r10", "r9",
                                       "r8", "rax", "rcx", "rdx", "rsi", "rdi", "error_code",
                                       "entry_vector", "rip", "cs", "saved_upcall_mask", "rflags",
@@ -293,6 +294,9 @@ def test_vcpu_initialise_and_up_down(dom):
 
 
 @pytest.mark.parametrize("over", [{"rip": 0x0000_8000_0000_0000}, {"gdt_ents": 8000},
+                                  {"flags": 0},        # user mode without a user L4 (ctrlreg[1])
+                                  {"trap_ctxt": [{"vector": 14, "flags": 0, "cs": 0,
+                                                  "address": 0x0000_8000_0000_0000}] * 256},
                                   {"ctrlreg": [0, 0, 0, RAM_SIZE + 0x1000, 0, 0, 0, 0]},
                                   {"ldt_ents": 5, "ldt_base": KBASE + 3},
                                   {"gdt_frames": [RAM_SIZE] + [0] * 15}])

@@ -64,6 +64,8 @@ def vcpu_op(dispatcher, ctx, cmd, vcpuid, arg, *_):
         if p.period_ns < 1_000_000:
             fail(XenErrno.EINVAL, "period below 1 ms")
         return dispatcher.unsupported(Hypercall.vcpu_op, cmd)  # the shim has the singleshot timer only
+    if cmd in (VcpuOp.set_singleshot_timer, VcpuOp.stop_singleshot_timer):
+        return -XenErrno.EINVAL   # Xen: v != current (the shim answers the caller's own)
     if cmd == VcpuOp.initialise:
         return _vcpu_initialise(dispatcher, ctx, st, arg)
     if cmd == VcpuOp.up:
@@ -176,10 +178,15 @@ def _register_vcpu_info(dispatcher, ctx, st: PvVcpuState, arg, current: bool) ->
 
 
 def _vcpu_initialise(dispatcher, ctx, st: PvVcpuState, arg) -> int:
+    c = ctx.vm.read_struct(VcpuGuestContext, arg)
     if st.initialised:
         return -XenErrno.EEXIST
-    c = ctx.vm.read_struct(VcpuGuestContext, arg)
-    for name, va in (("rip", c.user_regs.rip), ("kernel_sp", c.kernel_sp),
+    for i, t in enumerate(c.trap_ctxt):
+        if not is_canonical(t.address):
+            fail(XenErrno.EINVAL, f"non-canonical trap {i}")
+    if not c.flags & abi.VGCF_IN_KERNEL and not c.ctrlreg[1]:
+        fail(XenErrno.EINVAL, "user mode without a user L4")
+    for name, va in (("rip", c.user_regs.rip), ("rsp", c.user_regs.rsp), ("kernel_sp", c.kernel_sp),
                      ("event_callback", c.event_callback_eip),
                      ("failsafe_callback", c.failsafe_callback_eip),
                      ("syscall_callback", c.syscall_callback_eip),
