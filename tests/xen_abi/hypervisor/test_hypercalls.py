@@ -10,7 +10,6 @@ import pytest
 from pvfake import (KBASE, RAM_SIZE, SCRATCH, SHARED_INFO_GPA, FakeDomain, GNTTAB_GPA,
                     GNTTAB_MAX_FRAMES)
 from pyvmm.xen_abi.abi import (
-    VGCF_IN_KERNEL,
     DOMID_SELF,
     E820_RAM,
     GNTST_bad_domain,
@@ -27,6 +26,7 @@ from pyvmm.xen_abi.abi import (
     VCPU_INFO_SIZE,
     VCPU_INFO_UPCALL_MASK,
     VCPU_INFO_UPCALL_PENDING,
+    VGCF_IN_KERNEL,
     ConsoleIoCmd,
     E820Entry,
     EvtchnAllocUnbound,
