@@ -16,7 +16,7 @@ off.  Progress of ``/init`` itself is reported on the serial console with
 ``MARK`` lines the host parses, so every way the L1 can fail ends in one
 clear line (:class:`FaithfulLaneError`) instead of a pass that never ran.
 
-    python -m pyvmm.guests.faithful [--timeout S] -- CMD ARGS...
+    python -m pyvmm.guests.faithful [--timeout S] [--smp N] -- CMD ARGS...
 """
 
 from __future__ import annotations
@@ -68,6 +68,7 @@ DEFAULT_MEMORY = "4G"
 DEFAULT_SMP = 1   # one L1 vCPU: with two, the L1 wedged now and then (a test stuck in
                   # KVM_RUN with both QEMU threads busy), which looks like a cross-CPU
                   # interrupt lost while the other vCPU runs L2 under MTTCG
+SMP_ENV = "PYVMM_FAITHFUL_SMP"   # overrides DEFAULT_SMP (the CLI's --smp overrides both)
 
 #: AMD model with SVM and NPT: QEMU 7.2's TCG has no VMX.
 DEFAULT_CPU = "max"
@@ -88,6 +89,20 @@ KERNEL_CMDLINE = "console=ttyS0 loglevel=3 panic=-1 rdinit=/init"
 QEMU_PACKAGE = "qemu-system-x86"
 QEMU_ENV = "PYVMM_FAITHFUL_QEMU"   # overrides the QEMU binary
 QEMU_DEFAULT_PATH = Path("/usr/bin/qemu-system-x86_64")
+
+
+def default_smp() -> int:
+    """The L1's vCPU count: ``$PYVMM_FAITHFUL_SMP`` if set, else :data:`DEFAULT_SMP`."""
+    value = os.environ.get(SMP_ENV, "").strip()
+    if not value:
+        return DEFAULT_SMP
+    try:
+        smp = int(value)
+    except ValueError:
+        smp = 0
+    if smp < 1:
+        raise FaithfulLaneError(f"faithful lane: ${SMP_ENV} must be a positive integer, got {value!r}")
+    return smp
 
 
 def cache_dir() -> Path:
@@ -464,7 +479,7 @@ def run_in_faithful_lane(
     kernel: str | os.PathLike | None = None,
     boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
     memory: str = DEFAULT_MEMORY,
-    smp: int = DEFAULT_SMP,
+    smp: int | None = None,
     cpu: str = DEFAULT_CPU,
     shares: Sequence[tuple[str | os.PathLike, bool]] = (),
     progress: Callable[[str], None] | None = _stderr_progress,
@@ -474,7 +489,9 @@ def run_in_faithful_lane(
 
     ``timeout`` bounds the whole run (boot included); ``boot_timeout`` the time
     until /dev/kvm is ready.  ``qemu``/``kernel`` override the QEMU binary and
-    the L1 vmlinuz.  ``shares`` adds (host path, read-only) 9p shares.
+    the L1 vmlinuz.  ``smp`` is the L1's vCPU count (default
+    :func:`default_smp`: ``$PYVMM_FAITHFUL_SMP`` or :data:`DEFAULT_SMP`).
+    ``shares`` adds (host path, read-only) 9p shares.
     ``on_output(stream, chunk)`` receives the command's output as it comes
     ("stdout"/"stderr").  Raises :class:`FaithfulLaneError` (one line) when
     the L1 cannot run the command; a command's own failure is a returncode.
@@ -483,6 +500,10 @@ def run_in_faithful_lane(
     if not argv:
         raise ValueError("empty command")
     cwd_path = Path(cwd if cwd is not None else os.getcwd()).resolve()
+    if smp is None:
+        smp = default_smp()
+    elif smp < 1:
+        raise ValueError(f"smp must be >= 1, got {smp}")
     qemu_path = find_qemu(qemu, progress)
     image = prepare_l1(progress)
     if kernel is not None:
@@ -615,12 +636,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--qemu", default=None, help="QEMU binary (default: found or installed)")
     parser.add_argument("--kernel", default=None, help="L1 vmlinuz instead of Debian's generic one")
     parser.add_argument("--cpu", default=DEFAULT_CPU, help=f"QEMU -cpu model (default {DEFAULT_CPU})")
+    parser.add_argument("--smp", type=int, default=None, metavar="N",
+                        help=f"L1 vCPUs (default ${SMP_ENV} or {DEFAULT_SMP})")
     parser.add_argument("--cwd", default=None, help="working directory in the L1 (default: here)")
     parser.add_argument("-e", "--env", action="append", default=[], metavar="VAR=VALUE")
     parser.add_argument("--show-console", action="store_true",
                         help="print the L1's console log afterwards")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    if args.smp is not None and args.smp < 1:
+        parser.error(f"--smp needs a positive integer, got {args.smp}")
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command given (use: -- CMD ARGS...)")
@@ -632,7 +657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         env[k] = v
     try:
         result = run_in_faithful_lane(command, cwd=args.cwd, env=env, timeout=args.timeout,
-                                      qemu=args.qemu, kernel=args.kernel, cpu=args.cpu,
+                                      qemu=args.qemu, kernel=args.kernel, cpu=args.cpu, smp=args.smp,
                                       boot_timeout=args.boot_timeout, on_output=_write_stream)
     except FaithfulLaneError as exc:
         print(str(exc), file=sys.stderr, flush=True)
