@@ -84,7 +84,14 @@ POLL_INTERVAL = 0.05
 
 #: L1 kernel command line: serial console for the MARK lines, kernel
 #: messages kept short, and a panic ends QEMU (with -no-reboot) at once.
-KERNEL_CMDLINE = "console=ttyS0 loglevel=3 panic=-1 rdinit=/init"
+#: tsc=reliable: TCG's TSC is one counter for all vCPUs (host TSC plus one
+#: offset), but the CPU model has no invariant-TSC bit, and Linux marks the
+#: TSC of a non-Intel machine with more than one CPU unstable ("TSCs
+#: unsynchronized").  Then the L1 keeps time with the HPET (an MMIO exit per
+#: clock read) and its KVM turns on TSC catch-up: an L2's TSC stops while
+#: its vCPU thread is off the CPU, against pyvmm's constant-TSC pvclock
+#: (seen with -smp 2: "pvclock vs rdtsc" failed in the timer test guest).
+KERNEL_CMDLINE = "console=ttyS0 loglevel=3 panic=-1 rdinit=/init tsc=reliable"
 
 QEMU_PACKAGE = "qemu-system-x86"
 QEMU_ENV = "PYVMM_FAITHFUL_QEMU"   # overrides the QEMU binary
