@@ -70,6 +70,30 @@ DEFAULT_SMP = 1   # one L1 vCPU: with two, the L1 wedged now and then (a test st
                   # interrupt lost while the other vCPU runs L2 under MTTCG
 SMP_ENV = "PYVMM_FAITHFUL_SMP"   # overrides DEFAULT_SMP (the CLI's --smp overrides both)
 
+#: TCG threading of an L1 with more than one vCPU.  With "multi" (a host
+#: thread per vCPU) an -smp 2 L1 wedged: both vCPUs cycling through the L1's
+#: int3 handler (exc_int3, IF=0, the LAPIC timer pending on both) at the
+#: jump-label site of preempt_notifier_key in __schedule, i.e. in the middle
+#: of the INT3-based code patching (text_poke_bp) that KVM sets off each time
+#: the L1's first VM is created or its last one destroyed - cross-modifying
+#: code between vCPU threads.  "single" runs all vCPUs round-robin on one
+#: host thread, so one vCPU's code write and the other's execution never
+#: overlap.  One vCPU is the same either way.
+TCG_THREAD_SMP = "single"
+TCG_THREAD_ENV = "PYVMM_FAITHFUL_TCG_THREAD"   # "multi" or "single": overrides the above
+
+
+def tcg_thread(smp: int) -> str:
+    """QEMU's ``-accel tcg,thread=`` for an L1 with ``smp`` vCPUs."""
+    value = os.environ.get(TCG_THREAD_ENV, "").strip()
+    if value:
+        if value not in ("multi", "single"):
+            raise FaithfulLaneError(f"faithful lane: ${TCG_THREAD_ENV} must be multi or single, "
+                                    f"got {value!r}")
+        return value
+    return TCG_THREAD_SMP if smp > 1 else "multi"
+
+
 #: AMD model with SVM and NPT: QEMU 7.2's TCG has no VMX.
 DEFAULT_CPU = "max"
 
@@ -421,7 +445,7 @@ def _write_run_files(work: Path, argv: Sequence[str], cwd: Path, env: Mapping[st
 def qemu_command(qemu: Path, image: L1Image, work: Path, console: Path,
                  shares: list[tuple[Path, bool]], memory: str = DEFAULT_MEMORY,
                  smp: int = DEFAULT_SMP, cpu: str = DEFAULT_CPU) -> list[str]:
-    cmd = [str(qemu), "-accel", "tcg,thread=multi", "-cpu", cpu, "-m", memory,
+    cmd = [str(qemu), "-accel", f"tcg,thread={tcg_thread(smp)}", "-cpu", cpu, "-m", memory,
            "-smp", str(smp), "-nographic", "-nodefaults", "-no-reboot",
            "-monitor", "none", "-serial", f"file:{console}", "-net", "none",
            "-kernel", str(image.vmlinuz), "-initrd", str(image.initrd),
