@@ -65,9 +65,10 @@ NINEP_MSIZE = 512 * 1024
 
 #: Guest memory and vCPUs of the L1 (the host has 2 cores).
 DEFAULT_MEMORY = "4G"
-DEFAULT_SMP = 1   # one L1 vCPU: with two, the L1 wedged now and then (a test stuck in
-                  # KVM_RUN with both QEMU threads busy), which looks like a cross-CPU
-                  # interrupt lost while the other vCPU runs L2 under MTTCG
+DEFAULT_SMP = 1   # one L1 vCPU: with two under multi-threaded TCG the L1 wedged now
+                  # and then (both vCPUs in the int3 code-patching path, see
+                  # TCG_THREAD_SMP); with two under single-threaded TCG a test still
+                  # timed out once in 8 stress iterations.  Not yet proven for two.
 SMP_ENV = "PYVMM_FAITHFUL_SMP"   # overrides DEFAULT_SMP (the CLI's --smp overrides both)
 
 #: TCG threading of an L1 with more than one vCPU.  With "multi" (a host
