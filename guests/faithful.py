@@ -16,7 +16,7 @@ off.  Progress of ``/init`` itself is reported on the serial console with
 ``MARK`` lines the host parses, so every way the L1 can fail ends in one
 clear line (:class:`FaithfulLaneError`) instead of a pass that never ran.
 
-    python -m pyvmm.guests.faithful [--timeout S] -- CMD ARGS...
+    python -m pyvmm.guests.faithful [--timeout S] [--smp N] -- CMD ARGS...
 """
 
 from __future__ import annotations
@@ -65,9 +65,35 @@ NINEP_MSIZE = 512 * 1024
 
 #: Guest memory and vCPUs of the L1 (the host has 2 cores).
 DEFAULT_MEMORY = "4G"
-DEFAULT_SMP = 1   # one L1 vCPU: with two, the L1 wedged now and then (a test stuck in
-                  # KVM_RUN with both QEMU threads busy), which looks like a cross-CPU
-                  # interrupt lost while the other vCPU runs L2 under MTTCG
+DEFAULT_SMP = 1   # one L1 vCPU: with two under multi-threaded TCG the L1 wedged now
+                  # and then (both vCPUs in the int3 code-patching path, see
+                  # TCG_THREAD_SMP); with two under single-threaded TCG a test still
+                  # timed out once in 8 stress iterations.  Not yet proven for two.
+SMP_ENV = "PYVMM_FAITHFUL_SMP"   # overrides DEFAULT_SMP (the CLI's --smp overrides both)
+
+#: TCG threading of an L1 with more than one vCPU.  With "multi" (a host
+#: thread per vCPU) an -smp 2 L1 wedged: both vCPUs cycling through the L1's
+#: int3 handler (exc_int3, IF=0, the LAPIC timer pending on both) at the
+#: jump-label site of preempt_notifier_key in __schedule, i.e. in the middle
+#: of the INT3-based code patching (text_poke_bp) that KVM sets off each time
+#: the L1's first VM is created or its last one destroyed - cross-modifying
+#: code between vCPU threads.  "single" runs all vCPUs round-robin on one
+#: host thread, so one vCPU's code write and the other's execution never
+#: overlap.  One vCPU is the same either way.
+TCG_THREAD_SMP = "single"
+TCG_THREAD_ENV = "PYVMM_FAITHFUL_TCG_THREAD"   # "multi" or "single": overrides the above
+
+
+def tcg_thread(smp: int) -> str:
+    """QEMU's ``-accel tcg,thread=`` for an L1 with ``smp`` vCPUs."""
+    value = os.environ.get(TCG_THREAD_ENV, "").strip()
+    if value:
+        if value not in ("multi", "single"):
+            raise FaithfulLaneError(f"faithful lane: ${TCG_THREAD_ENV} must be multi or single, "
+                                    f"got {value!r}")
+        return value
+    return TCG_THREAD_SMP if smp > 1 else "multi"
+
 
 #: AMD model with SVM and NPT: QEMU 7.2's TCG has no VMX.
 DEFAULT_CPU = "max"
@@ -83,11 +109,32 @@ POLL_INTERVAL = 0.05
 
 #: L1 kernel command line: serial console for the MARK lines, kernel
 #: messages kept short, and a panic ends QEMU (with -no-reboot) at once.
-KERNEL_CMDLINE = "console=ttyS0 loglevel=3 panic=-1 rdinit=/init"
+#: tsc=reliable: TCG's TSC is one counter for all vCPUs (host TSC plus one
+#: offset), but the CPU model has no invariant-TSC bit, and Linux marks the
+#: TSC of a non-Intel machine with more than one CPU unstable ("TSCs
+#: unsynchronized").  Then the L1 keeps time with the HPET (an MMIO exit per
+#: clock read) and its KVM turns on TSC catch-up: an L2's TSC stops while
+#: its vCPU thread is off the CPU, against pyvmm's constant-TSC pvclock
+#: (seen with -smp 2: "pvclock vs rdtsc" failed in the timer test guest).
+KERNEL_CMDLINE = "console=ttyS0 loglevel=3 panic=-1 rdinit=/init tsc=reliable"
 
 QEMU_PACKAGE = "qemu-system-x86"
 QEMU_ENV = "PYVMM_FAITHFUL_QEMU"   # overrides the QEMU binary
 QEMU_DEFAULT_PATH = Path("/usr/bin/qemu-system-x86_64")
+
+
+def default_smp() -> int:
+    """The L1's vCPU count: ``$PYVMM_FAITHFUL_SMP`` if set, else :data:`DEFAULT_SMP`."""
+    value = os.environ.get(SMP_ENV, "").strip()
+    if not value:
+        return DEFAULT_SMP
+    try:
+        smp = int(value)
+    except ValueError:
+        smp = 0
+    if smp < 1:
+        raise FaithfulLaneError(f"faithful lane: ${SMP_ENV} must be a positive integer, got {value!r}")
+    return smp
 
 
 def cache_dir() -> Path:
@@ -399,7 +446,7 @@ def _write_run_files(work: Path, argv: Sequence[str], cwd: Path, env: Mapping[st
 def qemu_command(qemu: Path, image: L1Image, work: Path, console: Path,
                  shares: list[tuple[Path, bool]], memory: str = DEFAULT_MEMORY,
                  smp: int = DEFAULT_SMP, cpu: str = DEFAULT_CPU) -> list[str]:
-    cmd = [str(qemu), "-accel", "tcg,thread=multi", "-cpu", cpu, "-m", memory,
+    cmd = [str(qemu), "-accel", f"tcg,thread={tcg_thread(smp)}", "-cpu", cpu, "-m", memory,
            "-smp", str(smp), "-nographic", "-nodefaults", "-no-reboot",
            "-monitor", "none", "-serial", f"file:{console}", "-net", "none",
            "-kernel", str(image.vmlinuz), "-initrd", str(image.initrd),
@@ -464,7 +511,7 @@ def run_in_faithful_lane(
     kernel: str | os.PathLike | None = None,
     boot_timeout: float = DEFAULT_BOOT_TIMEOUT,
     memory: str = DEFAULT_MEMORY,
-    smp: int = DEFAULT_SMP,
+    smp: int | None = None,
     cpu: str = DEFAULT_CPU,
     shares: Sequence[tuple[str | os.PathLike, bool]] = (),
     progress: Callable[[str], None] | None = _stderr_progress,
@@ -474,7 +521,9 @@ def run_in_faithful_lane(
 
     ``timeout`` bounds the whole run (boot included); ``boot_timeout`` the time
     until /dev/kvm is ready.  ``qemu``/``kernel`` override the QEMU binary and
-    the L1 vmlinuz.  ``shares`` adds (host path, read-only) 9p shares.
+    the L1 vmlinuz.  ``smp`` is the L1's vCPU count (default
+    :func:`default_smp`: ``$PYVMM_FAITHFUL_SMP`` or :data:`DEFAULT_SMP`).
+    ``shares`` adds (host path, read-only) 9p shares.
     ``on_output(stream, chunk)`` receives the command's output as it comes
     ("stdout"/"stderr").  Raises :class:`FaithfulLaneError` (one line) when
     the L1 cannot run the command; a command's own failure is a returncode.
@@ -483,6 +532,10 @@ def run_in_faithful_lane(
     if not argv:
         raise ValueError("empty command")
     cwd_path = Path(cwd if cwd is not None else os.getcwd()).resolve()
+    if smp is None:
+        smp = default_smp()
+    elif smp < 1:
+        raise ValueError(f"smp must be >= 1, got {smp}")
     qemu_path = find_qemu(qemu, progress)
     image = prepare_l1(progress)
     if kernel is not None:
@@ -615,12 +668,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--qemu", default=None, help="QEMU binary (default: found or installed)")
     parser.add_argument("--kernel", default=None, help="L1 vmlinuz instead of Debian's generic one")
     parser.add_argument("--cpu", default=DEFAULT_CPU, help=f"QEMU -cpu model (default {DEFAULT_CPU})")
+    parser.add_argument("--smp", type=int, default=None, metavar="N",
+                        help=f"L1 vCPUs (default ${SMP_ENV} or {DEFAULT_SMP})")
     parser.add_argument("--cwd", default=None, help="working directory in the L1 (default: here)")
     parser.add_argument("-e", "--env", action="append", default=[], metavar="VAR=VALUE")
     parser.add_argument("--show-console", action="store_true",
                         help="print the L1's console log afterwards")
     parser.add_argument("command", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
+    if args.smp is not None and args.smp < 1:
+        parser.error(f"--smp needs a positive integer, got {args.smp}")
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("no command given (use: -- CMD ARGS...)")
@@ -632,7 +689,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         env[k] = v
     try:
         result = run_in_faithful_lane(command, cwd=args.cwd, env=env, timeout=args.timeout,
-                                      qemu=args.qemu, kernel=args.kernel, cpu=args.cpu,
+                                      qemu=args.qemu, kernel=args.kernel, cpu=args.cpu, smp=args.smp,
                                       boot_timeout=args.boot_timeout, on_output=_write_stream)
     except FaithfulLaneError as exc:
         print(str(exc), file=sys.stderr, flush=True)

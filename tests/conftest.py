@@ -62,6 +62,9 @@ def pytest_addoption(parser):
                          "KVM-in-QEMU/TCG")
     group.addoption("--faithful-timeout", type=float, default=DEFAULT_FAITHFUL_TIMEOUT,
                     help="seconds for the whole faithful-lane run, boot included")
+    group.addoption("--faithful-smp", type=int, default=None, metavar="N",
+                    help="vCPUs of the faithful lane's L1 (default $PYVMM_FAITHFUL_SMP, else "
+                         "pyvmm.guests.faithful.DEFAULT_SMP)")
 
 
 def _delegating(config) -> bool:
@@ -184,7 +187,7 @@ def pytest_runtestloop(session):
             result = faithful.run_in_faithful_lane(
                 _inner_argv(session), cwd=config.rootpath, env=env,
                 timeout=config.getoption("faithful_timeout"), on_output=show,
-                shares=[(cache, False)])
+                smp=config.getoption("faithful_smp"), shares=[(cache, False)])
         except faithful.FaithfulLaneError as exc:
             if getattr(config.option, "verbose", 0) > 0 and exc.console_tail:
                 print(exc.console_tail, file=sys.stderr)    # context, with -v

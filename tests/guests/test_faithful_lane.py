@@ -120,6 +120,31 @@ def test_shares_cover_python_and_repo():
     assert any(exe.is_relative_to(p) for p in paths), "the interpreter must be visible in the L1"
 
 
+def test_vcpu_count_from_the_environment_and_its_tcg_threading(monkeypatch):
+    image = faithful.L1Image(Path("/vmlinuz"), Path("/initrd"), "x")
+
+    def qemu_args(smp):
+        cmd = faithful.qemu_command(Path("/qemu"), image, Path("/w"), Path("/c"), [], smp=smp)
+        return cmd[cmd.index("-smp") + 1], cmd[cmd.index("-accel") + 1]
+
+    monkeypatch.delenv(faithful.SMP_ENV, raising=False)
+    monkeypatch.delenv(faithful.TCG_THREAD_ENV, raising=False)
+    assert faithful.default_smp() == faithful.DEFAULT_SMP
+    monkeypatch.setenv(faithful.SMP_ENV, "2")
+    assert faithful.default_smp() == 2
+    assert qemu_args(1) == ("1", "tcg,thread=multi")
+    assert qemu_args(2) == ("2", f"tcg,thread={faithful.TCG_THREAD_SMP}")
+    monkeypatch.setenv(faithful.TCG_THREAD_ENV, "multi")
+    assert qemu_args(2) == ("2", "tcg,thread=multi")
+    for bad in ("0", "two"):
+        monkeypatch.setenv(faithful.SMP_ENV, bad)
+        with pytest.raises(FaithfulLaneError, match=faithful.SMP_ENV):
+            faithful.default_smp()
+    monkeypatch.setenv(faithful.TCG_THREAD_ENV, "many")
+    with pytest.raises(FaithfulLaneError, match=faithful.TCG_THREAD_ENV):
+        faithful.tcg_thread(2)
+
+
 def test_init_failure_lines_name_the_module():
     line = faithful._describe_init_failure(
         "insmod kvm_amd: insmod: can't insert '/modules/kvm_amd.ko': Operation not supported")
