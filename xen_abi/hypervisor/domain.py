@@ -717,8 +717,10 @@ class Domain(PvDomainBase):
         while True:
             if self._pause_requested or not self._online[index] or self._ending():
                 with self._cond:
-                    if self._failure is not None and index == 0:
-                        raise self._failure
+                    if self._failure is not None:     # another vCPU's thread failed
+                        if index == 0:
+                            raise self._failure       # run() reports it
+                        return RunResult(abi.ShutdownReason.crash, self.console)
                     if self._result is not None:
                         return self._result
                     if self._stop_requested:

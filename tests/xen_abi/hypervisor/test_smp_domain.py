@@ -50,3 +50,17 @@ def test_nr_vcpus_out_of_range_is_refused():
             Domain(str(build_testguest("hello")), nr_vcpus=bad)
     with pytest.raises(ValueError, match="vcpus_online must be 1..2"):
         Domain(str(build_testguest("hello")), nr_vcpus=2, vcpus_online=3)
+
+
+def test_a_failing_vcpu_thread_ends_the_domain_and_every_other_thread():
+    """An exception on a secondary vCPU's thread (here its first KVM_RUN)
+    reaches run() on vCPU 0's thread; the other vCPU threads end too."""
+    with Domain(str(build_testguest("smp")), nr_vcpus=4, cmdline="nr_vcpus=4") as dom:
+        def boom():
+            raise RuntimeError("vCPU 1 broke")
+        dom.vcpus[1].run = boom
+        t0 = time.monotonic()
+        with pytest.raises(RuntimeError, match="vCPU 1 broke"):
+            dom.run(timeout=120)
+        assert time.monotonic() - t0 < 60
+        assert not any(t.is_alive() for t in dom._threads), dom._threads
