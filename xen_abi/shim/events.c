@@ -141,20 +141,29 @@ static inline void kick_vcpu(u64 n)
 }
 static inline u8 port_map(u64 port) { return ((volatile u8 *)(REGION_VA + PORT_MAP_OFF))[port]; }
 
-/* Xen's evtchn_2l_set_pending for port, notifying vCPU n; a masked port
- * still wakes n out of SCHEDOP_poll (Xen wakes pollers whatever the mask) */
-static void raise_on(u64 n, u64 port)
+/* Xen's evtchn_2l_set_pending for port on the vCPU whose vcpu_info is vi:
+ * 1 if that vCPU needs a kick -- the port became pending, and either its
+ * upcall was marked or it is masked (a masked port still wakes the vCPU out
+ * of SCHEDOP_poll: Xen wakes pollers whatever the mask) */
+static int mark_pending(u8 *vi, u64 port)
 {
-	u8 *si = shared_info(), *vi = vcpu_info_of(n);
+	u8 *si = shared_info();
 	u64 w = port / 64, b = port % 64;
 	if (test_and_set((volatile u64 *)(si + SI_EVTCHN_PENDING) + w, b))
-		return;
-	if (!(((volatile u64 *)(si + SI_EVTCHN_MASK))[w] >> b & 1)) {
-		if (test_and_set((volatile u64 *)(vi + VI_PENDING_SEL), w))
-			return;
-		*(volatile u8 *)(vi + VI_UPCALL_PENDING) = 1;
-	}
-	kick_vcpu(n);
+		return 0;
+	if (((volatile u64 *)(si + SI_EVTCHN_MASK))[w] >> b & 1)
+		return 1;
+	if (test_and_set((volatile u64 *)(vi + VI_PENDING_SEL), w))
+		return 0;
+	*(volatile u8 *)(vi + VI_UPCALL_PENDING) = 1;
+	return 1;
+}
+
+/* ... on vCPU n (an IPI port) */
+static void raise_on(u64 n, u64 port)
+{
+	if (mark_pending(vcpu_info_of(n), port))
+		kick_vcpu(n);
 }
 
 /* EVTCHNOP_unmask (Xen's evtchn_2l_unmask): clear the mask; if the port
@@ -181,22 +190,6 @@ static int unmask(u64 arg, long *ret)
 	return 1;
 }
 
-/* Xen's evtchn_2l_set_pending for a port notifying this vCPU */
-static void raise_local(u64 port)
-{
-	u8 *si = shared_info(), *vi = vcpu_info();
-	u64 w = port / 64, b = port % 64;
-	if (port >= EVTCHN_2L_NR_CHANNELS)
-		return;
-	if (test_and_set((volatile u64 *)(si + SI_EVTCHN_PENDING) + w, b))
-		return;
-	if (((volatile u64 *)(si + SI_EVTCHN_MASK))[w] >> b & 1)
-		return;
-	if (test_and_set((volatile u64 *)(vi + VI_PENDING_SEL), w))
-		return;
-	*(volatile u8 *)(vi + VI_UPCALL_PENDING) = 1;
-}
-
 static inline void eoi(void) { wrmsr(MSR_X2APIC_EOI, 0); }
 
 void ev_interrupt(unsigned long vec)
@@ -214,7 +207,8 @@ void ev_interrupt(unsigned long vec)
 				arm(ev, deadline);
 			} else {
 				SLOT(ev, EVB_ARMED) = 0;
-				raise_local(SLOT(ev, EVB_TIMER_PORT));
+				if (SLOT(ev, EVB_TIMER_PORT) < EVTCHN_2L_NR_CHANNELS)   /* this vCPU: no kick */
+					mark_pending(vcpu_info(), SLOT(ev, EVB_TIMER_PORT));
 				SLOT(ev, EVB_RUNSTATE_DUE) = 1;   /* the tick reads steal: ev_runstate_update */
 			}
 		}
@@ -229,20 +223,20 @@ void ev_interrupt(unsigned long vec)
 /* guest pointers: canonical, not wrapping, clear of the hypervisor hole
  * (the same test as shim.h's range_ok: all in the lower half, or all in
  * the upper half above the hole) */
-static int read_guest(void *dst, u64 va, u64 n)
+static inline int guest_range_bad(u64 va, u64 n)
 {
 	u64 end = va + n;
-	if (end < va || (end <= (1UL << 47) ? va >= (1UL << 47) : va < HYPERVISOR_VIRT_END))
-		return -XEN_EFAULT;
-	return (int)guest_copy(dst, (const void *)va, n);
+	return end < va || (end <= (1UL << 47) ? va >= (1UL << 47) : va < HYPERVISOR_VIRT_END);
+}
+
+static int read_guest(void *dst, u64 va, u64 n)
+{
+	return guest_range_bad(va, n) ? -XEN_EFAULT : (int)guest_copy(dst, (const void *)va, n);
 }
 
 static int write_guest(u64 va, const void *src, u64 n)
 {
-	u64 end = va + n;
-	if (end < va || (end <= (1UL << 47) ? va >= (1UL << 47) : va < HYPERVISOR_VIRT_END))
-		return -XEN_EFAULT;
-	return (int)guest_copy((void *)va, src, n);
+	return guest_range_bad(va, n) ? -XEN_EFAULT : (int)guest_copy((void *)va, src, n);
 }
 
 /* Xen's set_timer_op workaround: Linux has been seen to pass deadlines

@@ -21,10 +21,7 @@
 
 #define EVSLOT(ev, off) (*(volatile u64 *)((ev) + (off)))
 
-static inline u8 *events_of(u64 vcpu)
-{
-	return (u8 *)(REGION_VA + VCPU_OFF + vcpu * VCPU_STRIDE + VCPU_EVENTS_OFF);
-}
+static inline u8 *events_of(u64 vcpu) { return vcpu_block(vcpu) + VCPU_EVENTS_OFF; }
 
 static inline void mfence(void) { __asm__ volatile("mfence" ::: "memory"); }
 static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
