@@ -41,6 +41,7 @@ from pyvmm.xen_abi.hypervisor.channels import DomainChannels
 from pyvmm.xen_abi.hypervisor.evtchn import EventChannels
 from pyvmm.xen_abi.hypervisor.grant_table import GrantTable
 from pyvmm.xen_abi.memory.guest_va import GuestVirtualMemory
+from pyvmm.xen_abi.memory.page_types import PageTypes
 from pyvmm.xen_abi.hypervisor.hypercalls.context import DomainShutdown, HypercallContext, PvDomainBase
 from pyvmm.xen_abi.hypervisor.hypercalls.dispatch import HypercallDispatcher
 from pyvmm.xen_abi.hypervisor.listeners import Listeners, SlowHypercall
@@ -190,9 +191,10 @@ class Domain(PvDomainBase):
         super().__init__(phys=self.phys, nr_vcpus=nr_vcpus, e820=self.layout.e820,
                          shared_info_gpa=self.region.shared_info_gpa, evtchn=evtchn, gnttab=gnttab)
         reg = self.region
+        self.page_types = PageTypes(reg.mem.address + reg.page_type_off, reg.ram_pages)
         self.reservation = Reservation(
             self.ram, m2p_write=lambda mfn, v: reg.mem.write_u64(reg.m2p_off + 8 * mfn, v),
-            frame_typed=lambda mfn: reg.mem.read(reg.ftype_off + mfn, 1)[0] != 0)
+            frame_typed=self.page_types.in_use)
         self.dispatcher = HypercallDispatcher(self)
         self.vcpus = [self.vm.create_vcpu(i) for i in range(nr_vcpus)]
         self.vcpu = self.vcpus[0]
@@ -238,7 +240,8 @@ class Domain(PvDomainBase):
         GLOBALS.write(m, R.GLOBALS_OFF, shared_info=reg.shared_info_va, cpuid_table=reg.va(R.CPUID_OFF),
                       nr_cpuid=len(self.cpuid_table), directmap=R.DIRECTMAP_VA,
                       ram_pages=reg.ram_pages, m2p=reg.va(reg.m2p_off),
-                      ftype=reg.va(reg.ftype_off), region_gpa=reg.gpa)
+                      page_type=reg.va(reg.page_type_off), tlb_stamp=reg.va(reg.tlb_stamp_off),
+                      region_gpa=reg.gpa)
         for slot, e in reg.hypervisor_l4_entries().items():
             m.write_u64(R.GLOBALS_OFF + GLOBALS.offset("l4_slots", slot - abi.HYPERVISOR_L4_FIRST_SLOT), e)
         # IDT (shared by all vCPUs)

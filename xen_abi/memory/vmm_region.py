@@ -24,6 +24,7 @@ from pyvmm.vmm import x86
 from pyvmm.vmm.memory import GuestMemory
 
 from pyvmm.xen_abi import abi
+from pyvmm.xen_abi.memory.page_types import PAGE_TYPE_BYTES, TLB_STAMP_BYTES
 
 PAGE = abi.PAGE_SIZE
 
@@ -132,13 +133,15 @@ class VmmRegion:
         if self.gpa < self.ram_size or self.gpa % (2 << 20):
             raise ValueError("the VMM region must be 2 MiB aligned and above RAM")
         self.m2p_pages = _up(self.ram_pages * 8, PAGE) // PAGE
-        # the shim's frame-type map (1 byte per RAM frame: page-table level,
-        # pinned flag; shim/mmu.c), right after the M2P
-        self.ftype_pages = _up(self.ram_pages, PAGE) // PAGE
+        # counted page types, one word per RAM frame (memory/page_types.py),
+        # and the shim's TLB clock stamp per frame (shim/mmu.c), after the M2P
+        self.page_type_pages = _up(self.ram_pages * PAGE_TYPE_BYTES, PAGE) // PAGE
+        self.tlb_stamp_pages = _up(self.ram_pages * TLB_STAMP_BYTES, PAGE) // PAGE
         # page-table frames: fixed point, the region maps itself
         nr_pt = 0
         while True:
-            size = PT_OFF + nr_pt * PAGE + (self.m2p_pages + self.ftype_pages) * PAGE
+            size = PT_OFF + nr_pt * PAGE + (self.m2p_pages + self.page_type_pages
+                                             + self.tlb_stamp_pages) * PAGE
             pages = size // PAGE
             need = (2 + _up(self.m2p_pages, 512) // 512            # slot 256: L3 L2 L1s
                     + 1 + _up(pages, 512 * 512) // (512 * 512) + _up(pages, 512) // 512  # slot 257
@@ -148,8 +151,9 @@ class VmmRegion:
             nr_pt = need
         self.nr_pt_frames = nr_pt
         self.m2p_off = PT_OFF + nr_pt * PAGE
-        self.ftype_off = self.m2p_off + self.m2p_pages * PAGE
-        self.size = self.ftype_off + self.ftype_pages * PAGE
+        self.page_type_off = self.m2p_off + self.m2p_pages * PAGE
+        self.tlb_stamp_off = self.page_type_off + self.page_type_pages * PAGE
+        self.size = self.tlb_stamp_off + self.tlb_stamp_pages * PAGE
         self.mem = GuestMemory(self.size, name="vmm-region")
         self.vcpus = [VcpuArea(i, VCPU_OFF + i * VCPU_STRIDE) for i in range(self.nr_vcpus)]
         self.l4_entries: dict[int, int] = {}

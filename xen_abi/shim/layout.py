@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 from pyvmm.xen_abi import abi
 from pyvmm.xen_abi.boot.cpuid import ANY_SUBLEAF
+from pyvmm.xen_abi.memory import page_types as PT
 from pyvmm.xen_abi.memory import vmm_region as R
 
 # ---------------------------------------------------------------- blocks
@@ -192,7 +193,8 @@ GLOBALS = Block(
     Field("l4_slots", "raw L4 entries of the hypervisor slots",
           count=abi.HYPERVISOR_L4_LAST_SLOT - abi.HYPERVISOR_L4_FIRST_SLOT + 1),
     Field("m2p", "VA of the M2P table (writable alias)"),
-    Field("ftype", "VA of the frame-type map, 1 byte per RAM frame (mmu.c)"),
+    Field("page_type", "VA of the page-type words, one u32 per RAM frame (memory/page_types.py)"),
+    Field("tlb_stamp", "VA of the TLB clock stamps, one u64 per RAM frame (mmu.c)"),
     Field("region_gpa", "guest-physical base of the VMM region"),
 )
 
@@ -454,6 +456,15 @@ def shim_layout() -> list[tuple[str, list[tuple[str, int, str]]]]:
             ("SHIM_LDT_SEL", R.SHIM_LDT, "the LDT descriptor the shim fills"),
             ("GUEST_REGION_FRAMES", (R.GRANT_OFF + R.MAX_GRANT_FRAMES * R.PAGE) // R.PAGE,
              "region frames a guest may map: shared_info + the grant frames"),
+        ]),
+        ("counted page types (memory/page_types.py)", [
+            ("PGT_COUNT_MASK", PT.PGT_COUNT_MASK, "references of the current type"),
+            ("PGT_TYPE_SHIFT", PT.PGT_TYPE_SHIFT, ""),
+            ("PGT_TYPE_MASK", PT.PGT_TYPE_MASK, ""),
+            ("PGT_NONE", PT.PGT_NONE, ""), ("PGT_L1", PT.PGT_L1, ""), ("PGT_L2", PT.PGT_L2, ""),
+            ("PGT_L3", PT.PGT_L3, ""), ("PGT_L4", PT.PGT_L4, ""),
+            ("PGT_WRITABLE", PT.PGT_WRITABLE, "mapped writable, or written by pyvmm"),
+            ("PGT_PINNED", PT.PGT_PINNED, "the pin holds one of the count"),
         ]),
         (PERCPU.doc, PERCPU.c_defines()),
         (GLOBALS.doc, GLOBALS.c_defines()),

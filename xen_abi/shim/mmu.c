@@ -62,6 +62,9 @@
 #define GUEST_KERNEL_RPL 3                /* 64-bit PV kernels run in ring 3 */
 #define DESCS_PER_PAGE  512
 
+/* interim: the old one-byte type in the low byte of the counted word */
+#define FTYPE(m) (((u8 *)G->page_type)[4 * (m)])
+
 static int booted;   /* bss: the builder's tables have been typed */
 
 /* ---------------- frames ---------------- */
@@ -73,7 +76,7 @@ static inline u64 *frame_ptr(u64 mfn)
 
 static inline u64 *phys_ptr(u64 pa) { return frame_ptr(pa >> 12) ? (u64 *)(G->directmap + pa) : 0; }
 
-static inline u8 ftype(u64 mfn) { return mfn < G->ram_pages ? G->ftype[mfn] : 0; }
+static inline u8 ftype(u64 mfn) { return mfn < G->ram_pages ? FTYPE(mfn) : 0; }
 
 /* A writable mapping of a frame means it is no longer a page table: Xen
  * refuses writable mappings of typed frames, and Linux makes a freed table
@@ -86,8 +89,8 @@ static inline void writable_mapping(u64 pte)
 {
 	u64 mfn = (pte & PTE_ADDR) >> 12;
 	if ((pte & (PTE_P | PTE_RW)) == (PTE_P | PTE_RW) && mfn < G->ram_pages
-	    && G->ftype[mfn] && !(G->ftype[mfn] & FT_PINNED))
-		G->ftype[mfn] = 0;
+	    && FTYPE(mfn) && !(FTYPE(mfn) & FT_PINNED))
+		FTYPE(mfn) = 0;
 }
 
 /* Frames a present L1 entry may map: guest RAM, shared_info, grant frames. */
@@ -132,12 +135,12 @@ static long type_table(u64 mfn, int level, int scan_l1)
 	u64 *t = frame_ptr(mfn);
 	if (!t)
 		return -XEN_EINVAL;
-	u8 ty = G->ftype[mfn];
+	u8 ty = FTYPE(mfn);
 	if ((ty & FT_LEVEL) == level)
 		return 0;
 	if (ty & FT_PINNED)
 		return -XEN_EINVAL;   /* pinned as another type (Xen: type conflict) */
-	G->ftype[mfn] = level;
+	FTYPE(mfn) = level;
 	if (level == 4)
 		install_hv_slots(t);
 	if (level == 1 && !scan_l1)
@@ -166,7 +169,7 @@ static void boot_types(struct percpu *pc)
 	booted = 1;
 	u64 mfn = pc->cr3_kernel >> 12;
 	if (type_table(mfn, 4, 0) == 0)
-		G->ftype[mfn] |= FT_PINNED;
+		FTYPE(mfn) |= FT_PINNED;
 }
 
 /* For Python, before it acts on frame types (reservation.py reads the type
@@ -456,12 +459,12 @@ static long pin(u64 mfn, int level)
 {
 	if (!frame_ptr(mfn))
 		return -XEN_EINVAL;
-	u8 ty = G->ftype[mfn];
+	u8 ty = FTYPE(mfn);
 	if (ty & FT_PINNED)
 		return -XEN_EINVAL;   /* already pinned (Xen: -EINVAL) */
 	if (type_table(mfn, level, 1))
 		return -XEN_EINVAL;
-	G->ftype[mfn] |= FT_PINNED;
+	FTYPE(mfn) |= FT_PINNED;
 	return 0;
 }
 
@@ -486,10 +489,10 @@ static long mmuext_one(struct percpu *pc, const u64 *op)
 		rc = pin(mfn, (int)(cmd - MMUEXT_PIN_L1_TABLE) + 1);
 		break;
 	case MMUEXT_UNPIN_TABLE:
-		if (!frame_ptr(mfn) || !(G->ftype[mfn] & FT_PINNED))
+		if (!frame_ptr(mfn) || !(FTYPE(mfn) & FT_PINNED))
 			rc = -XEN_EINVAL;
 		else
-			G->ftype[mfn] = 0;
+			FTYPE(mfn) = 0;
 		break;
 	case MMUEXT_NEW_BASEPTR:
 	case MMUEXT_NEW_USER_BASEPTR:
@@ -534,13 +537,13 @@ static long mmuext_one(struct percpu *pc, const u64 *op)
 		break;
 	}
 	case MMUEXT_CLEAR_PAGE:
-		if (!frame_ptr(mfn) || (G->ftype[mfn] & FT_LEVEL))
+		if (!frame_ptr(mfn) || (FTYPE(mfn) & FT_LEVEL))
 			rc = -XEN_EINVAL;
 		else
 			rep_stosq(frame_ptr(mfn), PAGE_SIZE / 8);
 		break;
 	case MMUEXT_COPY_PAGE:
-		if (!frame_ptr(mfn) || (G->ftype[mfn] & FT_LEVEL) || !frame_ptr(op[2]))
+		if (!frame_ptr(mfn) || (FTYPE(mfn) & FT_LEVEL) || !frame_ptr(op[2]))
 			rc = -XEN_EINVAL;
 		else
 			rep_movsq(frame_ptr(mfn), frame_ptr(op[2]), PAGE_SIZE / 8);
@@ -861,7 +864,7 @@ static int check_descriptor(u64 *d)
 static long validate_desc_frame(u64 mfn)
 {
 	u64 *fr = frame_ptr(mfn);
-	if (!fr || (G->ftype[mfn] & FT_LEVEL))
+	if (!fr || (FTYPE(mfn) & FT_LEVEL))
 		return -XEN_EINVAL;
 	for (int j = 0; j < DESCS_PER_PAGE; j++) {
 		u64 dsc = fr[j];
@@ -929,7 +932,7 @@ long mmu_vcpu_context(struct percpu *pc, struct percpu *t, u64 *gdt, u64 ctx)
 	rep_stosq(gdt, (old > nr ? old : nr) * DESCS_PER_PAGE);
 	for (u64 i = 0; i < nr; i++) {
 		u64 *fr = frame_ptr(frames[i]);
-		if (!fr || (G->ftype[frames[i]] & FT_LEVEL))
+		if (!fr || (FTYPE(frames[i]) & FT_LEVEL))
 			goto bad;   /* not RAM, or a page table */
 		rep_movsq(gdt + i * DESCS_PER_PAGE, fr, DESCS_PER_PAGE);
 		t->desc.gdt_frames[i] = frames[i];
@@ -958,7 +961,7 @@ long do_update_descriptor(struct percpu *pc, u64 maddr, u64 desc)
 	if ((maddr & 7) || !check_descriptor(&desc))
 		return -XEN_EINVAL;
 	u64 *fr = frame_ptr(mfn);
-	if (!fr || (G->ftype[mfn] & FT_LEVEL))
+	if (!fr || (FTYPE(mfn) & FT_LEVEL))
 		return -XEN_EINVAL;   /* not RAM, or a page table */
 	u64 idx = (maddr & (PAGE_SIZE - 1)) >> 3;
 	fr[idx] = desc;

@@ -136,7 +136,8 @@ struct globals {
 	u64 ram_pages;
 	u64 l4_slots[HYPERVISOR_L4_SLOTS];
 	u64 *m2p;
-	u8 *ftype;             /* one byte per RAM frame: page-table type (mmu.c) */
+	u32 *page_type;        /* one word per RAM frame: counted type (mmu.c) */
+	u64 *tlb_stamp;        /* per RAM frame: TLB clock when last unmapped writable */
 	u64 region_gpa;        /* guest-physical base of the VMM region */
 };
 

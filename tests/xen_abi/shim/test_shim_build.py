@@ -129,8 +129,9 @@ def test_region_layout(ram):
     r = R.VmmRegion(ram)
     assert r.gpa >= ram and r.gpa % (2 << 20) == 0
     assert r.m2p_pages * R.PAGE >= r.ram_pages * 8
-    assert R.PT_OFF + r.nr_pt_frames * R.PAGE == r.m2p_off and r.ftype_off == r.m2p_off + r.m2p_pages * R.PAGE
-    assert r.ftype_pages * R.PAGE >= r.ram_pages and r.size == r.ftype_off + r.ftype_pages * R.PAGE
+    assert R.PT_OFF + r.nr_pt_frames * R.PAGE == r.m2p_off and r.page_type_off == r.m2p_off + r.m2p_pages * R.PAGE
+    assert r.page_type_pages * R.PAGE >= 4 * r.ram_pages and r.tlb_stamp_off == r.page_type_off + r.page_type_pages * R.PAGE
+    assert r.tlb_stamp_pages * R.PAGE >= 8 * r.ram_pages and r.size == r.tlb_stamp_off + r.tlb_stamp_pages * R.PAGE
     for v in r.vcpus:
         assert (R.REGION_VA + v.stack_block_off) % R.PERCPU_BLOCK_SIZE == 0
     r.mem.close()

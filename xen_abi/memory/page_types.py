@@ -1,0 +1,113 @@
+"""Counted page types: one 32-bit word per guest RAM frame, shared with the shim.
+
+Xen keeps a type and a type count per frame (arch/x86/mm.c): a frame is a
+page table of one level (L1..L4), or writable, or nothing, and it may change
+type only when its count is zero. That is what stops a PV guest from
+writing its own page tables behind the hypervisor's back. The shim owns the
+guest's side of the model (shim/mmu.c: page-table entries, pins, base
+pointers, validation on promotion); this module declares the word once
+(shim/layout.py generates the C names from it) and is how pyvmm's own
+writers take part: a back-end that writes into a guest frame (a writable
+grant map, a copy to the guest, a shared ring) holds a *writable* reference
+on it for as long as it may write, so the guest cannot make that frame a
+page table meanwhile, and a frame that is already a page table is refused.
+
+Both sides change a word only with a compare-and-swap, so a vCPU promoting
+a frame and a back-end thread taking a reference on it cannot both win.
+
+The word:
+    bits  0..23  count: references of the current type (pins, base
+                 pointers, entries of validated tables, writable mappings,
+                 pyvmm's own writers)
+    bits 24..26  type: PGT_NONE, PGT_L1..PGT_L4, PGT_WRITABLE
+    bit  28      pinned (the pin holds one of the count)
+count == 0 <=> type == PGT_NONE and not pinned.
+"""
+from __future__ import annotations
+
+import ctypes
+
+from pyvmm.xen_abi.memory.physmem import SEQ_CST, atomics
+
+__all__ = ["PGT_COUNT_MASK", "PGT_TYPE_SHIFT", "PGT_TYPE_MASK", "PGT_NONE", "PGT_L1", "PGT_L2",
+           "PGT_L3", "PGT_L4", "PGT_WRITABLE", "PGT_PINNED", "PAGE_TYPE_BYTES", "TLB_STAMP_BYTES",
+           "PageTypes", "type_name"]
+
+PGT_COUNT_MASK = 0x00FF_FFFF
+PGT_TYPE_SHIFT = 24
+PGT_TYPE_MASK = 0x7 << PGT_TYPE_SHIFT
+PGT_NONE = 0
+PGT_L1, PGT_L2, PGT_L3, PGT_L4 = 1, 2, 3, 4
+PGT_WRITABLE = 5
+PGT_PINNED = 1 << 28
+
+PAGE_TYPE_BYTES = 4   # one word per RAM frame
+TLB_STAMP_BYTES = 8   # the shim's per-frame TLB clock (mmu.c), next to the words
+
+_NAMES = {PGT_NONE: "none", PGT_L1: "L1", PGT_L2: "L2", PGT_L3: "L3", PGT_L4: "L4",
+          PGT_WRITABLE: "writable"}
+
+
+def type_name(word: int) -> str:
+    t = (word & PGT_TYPE_MASK) >> PGT_TYPE_SHIFT
+    name = _NAMES.get(t, f"type {t}")
+    pinned = " pinned" if word & PGT_PINNED else ""
+    return f"{name}{pinned} x{word & PGT_COUNT_MASK}"
+
+
+class PageTypes:
+    """The type words of `ram_pages` frames at host address `address` (the
+    VMM region's page-type array)."""
+
+    def __init__(self, address: int, ram_pages: int):
+        self.address = int(address)
+        self.ram_pages = ram_pages
+
+    def _addr(self, mfn: int) -> int:
+        if not 0 <= mfn < self.ram_pages:
+            raise ValueError(f"frame {mfn:#x} is not guest RAM")
+        return self.address + PAGE_TYPE_BYTES * mfn
+
+    def word(self, mfn: int) -> int:
+        return ctypes.c_uint32.from_address(self._addr(mfn)).value
+
+    def type_of(self, mfn: int) -> int:
+        return (self.word(mfn) & PGT_TYPE_MASK) >> PGT_TYPE_SHIFT
+
+    def is_page_table(self, mfn: int) -> bool:
+        """A page table now (some level, referenced)."""
+        return PGT_L1 <= self.type_of(mfn) <= PGT_L4
+
+    def in_use(self, mfn: int) -> bool:
+        """Any reference at all: a page table, or mapped writable by the
+        guest, or written by pyvmm."""
+        return self.word(mfn) & PGT_COUNT_MASK != 0
+
+    def take_writable(self, mfn: int) -> bool:
+        """One writable reference (Xen's get_page_type(PGT_writable_page)):
+        False, and nothing taken, when the frame is a page table or its
+        count is full."""
+        addr = self._addr(mfn)
+        seen = ctypes.c_uint32(ctypes.c_uint32.from_address(addr).value)
+        while True:
+            old = seen.value
+            t = (old & PGT_TYPE_MASK) >> PGT_TYPE_SHIFT
+            if t not in (PGT_NONE, PGT_WRITABLE) or old & PGT_COUNT_MASK == PGT_COUNT_MASK:
+                return False
+            new = (PGT_WRITABLE << PGT_TYPE_SHIFT) | ((old & PGT_COUNT_MASK) + 1)
+            if atomics.cmpxchg_4(addr, ctypes.byref(seen), new, SEQ_CST, SEQ_CST):
+                return True
+
+    def drop_writable(self, mfn: int) -> None:
+        """Give back a reference take_writable gave."""
+        addr = self._addr(mfn)
+        seen = ctypes.c_uint32(ctypes.c_uint32.from_address(addr).value)
+        while True:
+            old = seen.value
+            if (old & PGT_TYPE_MASK) >> PGT_TYPE_SHIFT != PGT_WRITABLE or not old & PGT_COUNT_MASK:
+                raise RuntimeError(f"frame {mfn:#x}: dropping a writable reference it does not "
+                                   f"hold ({type_name(old)})")
+            count = (old & PGT_COUNT_MASK) - 1
+            new = (PGT_WRITABLE << PGT_TYPE_SHIFT) | count if count else 0
+            if atomics.cmpxchg_4(addr, ctypes.byref(seen), new, SEQ_CST, SEQ_CST):
+                return
