@@ -5,7 +5,9 @@
  * entries, and never beyond the maximum reservation; hostile extents end a
  * batch with the count done: a frame released twice, a frame past RAM, an
  * order above DOMU_MAX_ORDER, an unreadable list; the guest's own live L4
- * released is counted out (as Xen does) yet keeps working.
+ * released is counted out (as Xen does) yet keeps working.  As Linux's
+ * balloon does, a frame's own mapping goes before the frame (a frame still
+ * mapped writable is in use, and pyvmm keeps it until it is not).
  * Leaves POOL - REFILL frames released for the host side to check. */
 #include "tg.h"
 
@@ -49,6 +51,8 @@ void tg_main(struct start_info *si)
 		for (int b = 0; b < 4096; b += 64)
 			pool[i][b] = 0xA5;              /* the host must really hold these */
 		list[i] = va_to_pfn(pool[i]);    /* the builder's p2m is identity */
+		rc = HC3(HC_update_va_mapping, pool[i], 0, UVMF_INVLPG);
+		tg_check(rc == 0, "pool page unmapped", rc, 0);
 	}
 	rc = resv(XENMEM_decrease_reservation, list, POOL, 0);
 	tg_check(rc == POOL, "decrease", rc, POOL);
@@ -88,6 +92,8 @@ void tg_main(struct start_info *si)
 		tg_check(ours, "populated frame is one we released (never the L4)", got[i], list[0]);
 		tg_check(m2p[got[i]] == 0x100000UL + i, "M2P of a populated frame", m2p[got[i]], 0x100000UL + i);
 		volatile u8 *p = (volatile u8 *)(VIRT_BASE + (got[i] << 12));
+		rc = HC3(HC_update_va_mapping, p, (got[i] << 12) | 0x63 /* P RW A D */, UVMF_INVLPG);
+		tg_check(rc == 0, "populated frame mapped", rc, 0);
 		u8 any = 0;
 		for (int b = 0; b < 4096; b++)
 			any |= p[b];

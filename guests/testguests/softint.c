@@ -201,6 +201,8 @@ void tg_main(struct start_info *si)
 	for (int i = 0; i < 2; i++)
 		pt[3][((USER_CODE_VA >> 12) & 511) + i] = (va_to_pfn(upages[i]) << 12) | U;
 	tg_memcpy(upages[0], user_code_start, user_code_end - user_code_start);
+	for (int i = 0; i < 4; i++)
+		tg_check(tg_map_readonly(pt[i]) == 0, "page table mapped read-only", i, 0);
 	struct mmuext_op op = { MMUEXT_NEW_USER_BASEPTR, 0, va_to_pfn(pt[0]), 0 };
 	rc = HC4(HC_mmuext_op, &op, 1, 0, 0x7ff0);
 	tg_check(rc == 0, "NEW_USER_BASEPTR", rc, 0);

@@ -99,6 +99,15 @@ void *tg_memcpy(void *d, const void *s, size_t n);
 
 static inline u64 va_to_pfn(const void *p) { return ((u64)p - VIRT_BASE) >> 12; }
 
+/* Xen refuses a page table that is mapped writable: before a page of the
+ * guest image becomes one, its own mapping goes read-only (as Linux does
+ * before it pins).  Returns update_va_mapping's answer. */
+static inline long tg_map_readonly(const void *page)
+{
+	u64 pte = (va_to_pfn(page) << 12) | 0x21;   /* present, accessed */
+	return HC3(HC_update_va_mapping, page, pte, UVMF_INVLPG);
+}
+
 /* entry point each test guest provides */
 void tg_main(struct start_info *si);
 #endif

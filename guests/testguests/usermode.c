@@ -68,6 +68,8 @@ void tg_main(struct start_info *si)
 	tg_memcpy(upages[0], user_code_start, user_code_end - user_code_start);
 	*(u64 *)upages[2] = USER_MARK;
 
+	for (int i = 0; i < 4; i++)
+		tg_check(tg_map_readonly(pt[i]) == 0, "page table mapped read-only", i, 0);
 	struct mmuext_op op = { MMUEXT_NEW_USER_BASEPTR, 0, va_to_pfn(pt[0]), 0 };
 	long rc = HC4(HC_mmuext_op, &op, 1, 0, 0x7ff0);
 	tg_check(rc == 0, "NEW_USER_BASEPTR", rc, 0);

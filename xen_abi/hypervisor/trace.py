@@ -39,6 +39,7 @@ CRASH_TEXT = {CrashKind.NO_HANDLER_VEC: "no handler for vector",
               CrashKind.BOUNCE_UNWRITABLE_VEC: "bounce frame unwritable for vector",
               CrashKind.IRET_FRAME_UNREADABLE: "HYPERVISOR_iret frame unreadable",
               CrashKind.IRET_TO_USER_WITHOUT_L4: "iret to user without user L4",
+              CrashKind.BOOT_TABLES_INVALID: "initial page tables failed validation",
               CrashKind.BAD_IRET_FRAME_VEC: "bad iret frame, fault vector"}
 VECTOR_NAMES = {0: "#DE", 1: "#DB", 2: "NMI", 3: "#BP", 4: "#OF", 5: "#BR", 6: "#UD", 7: "#NM",
                 8: "#DF", 10: "#TS", 11: "#NP", 12: "#SS", 13: "#GP", 14: "#PF", 16: "#MF",

@@ -21,7 +21,9 @@ The word:
                  pyvmm's own writers)
     bits 24..26  type: PGT_NONE, PGT_L1..PGT_L4, PGT_WRITABLE
     bit  28      pinned (the pin holds one of the count)
-count == 0 <=> type == PGT_NONE and not pinned.
+At count 0 a frame keeps its last type (PGT_NONE: never used), so that the
+shim sees a change of type and flushes what the TLBs may still hold of the
+frame's former life.
 """
 from __future__ import annotations
 
@@ -76,7 +78,8 @@ class PageTypes:
 
     def is_page_table(self, mfn: int) -> bool:
         """A page table now (some level, referenced)."""
-        return PGT_L1 <= self.type_of(mfn) <= PGT_L4
+        w = self.word(mfn)
+        return bool(w & PGT_COUNT_MASK) and PGT_L1 <= (w & PGT_TYPE_MASK) >> PGT_TYPE_SHIFT <= PGT_L4
 
     def in_use(self, mfn: int) -> bool:
         """Any reference at all: a page table, or mapped writable by the
@@ -92,6 +95,8 @@ class PageTypes:
         while True:
             old = seen.value
             t = (old & PGT_TYPE_MASK) >> PGT_TYPE_SHIFT
+            # a page table, even one with no references left, is refused:
+            # only the shim can flush what the vCPUs may still cache of it
             if t not in (PGT_NONE, PGT_WRITABLE) or old & PGT_COUNT_MASK == PGT_COUNT_MASK:
                 return False
             new = (PGT_WRITABLE << PGT_TYPE_SHIFT) | ((old & PGT_COUNT_MASK) + 1)
@@ -107,7 +112,9 @@ class PageTypes:
             if (old & PGT_TYPE_MASK) >> PGT_TYPE_SHIFT != PGT_WRITABLE or not old & PGT_COUNT_MASK:
                 raise RuntimeError(f"frame {mfn:#x}: dropping a writable reference it does not "
                                    f"hold ({type_name(old)})")
-            count = (old & PGT_COUNT_MASK) - 1
-            new = (PGT_WRITABLE << PGT_TYPE_SHIFT) | count if count else 0
+            # at count 0 the frame stays "writable": a guest mapping that
+            # went before may still be cached, and the shim flushes those
+            # only when a frame changes type
+            new = old - 1
             if atomics.cmpxchg_4(addr, ctypes.byref(seen), new, SEQ_CST, SEQ_CST):
                 return

@@ -179,6 +179,7 @@ class CrashKind(enum.IntEnum):
     BOUNCE_UNWRITABLE_VEC = 0x200   # the guest stack took no exception frame
     IRET_FRAME_UNREADABLE = 0x300   # HYPERVISOR_iret's frame is not readable
     IRET_TO_USER_WITHOUT_L4 = 0x301 # iret to user mode with no user page table
+    BOOT_TABLES_INVALID = 0x302     # the initial page tables failed validation (err: the L4)
     BAD_IRET_FRAME_VEC = 0x400      # the CPU refused the frame HYPERVISOR_iret built
 
 

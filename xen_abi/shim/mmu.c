@@ -2,20 +2,36 @@
  * pv/ro-page-fault.c and pv/descriptor-tables.c, reduced to what a
  * single-guest shim needs; ABI notes §4, §5.4, §5.9-5.11).
  *
- * Frame types.  Xen reference-counts a type per frame; the shim keeps one
- * byte per RAM frame (G->ftype): the page-table level the frame was
- * validated as (FT_L1..FT_L4, 0 = none) plus FT_PINNED.  A frame gets its
- * type when it is pinned, loaded as a base pointer, or becomes reachable
- * from an already typed table (PIN_L4 walks down to the L1s, skipping
- * tables that already have the right type, like Xen's get_page_type on a
- * validated page).  Typing a table ORs _PAGE_USER into its present entries
- * (adjust_guest_l?e: the kernel runs in ring 3).  Types are not counted:
- * UNPIN clears the type of that frame only, so a table reachable only from
- * an unpinned tree keeps a stale type; the only effect is that a later
- * write to a read-only mapping of such a frame is emulated rather than
- * bounced (Linux unpins each L1 itself, so this does not arise there).
- * The builder's initial tables are typed (as Xen's builder pins the
- * initial L4) on the first MMU operation or page fault.
+ * Counted page types (Xen's type model; the word is declared in
+ * memory/page_types.py).  Every RAM frame has a type -- none, L1..L4 or
+ * writable -- and a count of the references that hold it in that type:
+ *   - a pin (MMUEXT_PIN_Ln_TABLE, PGT_PINNED) and each vCPU's kernel and
+ *     user base pointer hold their table;
+ *   - each present entry of a *validated* table holds what it points at:
+ *     an L2..L4 entry the table of the level below, an L1 entry with RW a
+ *     writable reference on the frame it maps;
+ *   - pyvmm's own writers (grant maps, rings) hold writable references.
+ * A frame changes type only at count 0, so a page table can never be
+ * mapped writable and a frame mapped writable can never become a table.
+ * Promotion to a table level validates every entry, taking the references
+ * above (recursively, as get_page_type does); a table whose count drops to
+ * 0 gives them back (free_page_type).  A frame at count 0 keeps its last
+ * type, so that a change of type -- and only that -- flushes the vCPUs
+ * that may still translate through a mapping older than the frame's TLB
+ * stamp (smp.c's clock; Xen's tlbflush_timestamp).  Entries that map
+ * frames read-only take no reference (Xen takes a general one, which only
+ * matters for freeing pages here).  Linear page tables (a table mapping
+ * a table of its own level) are refused.
+ *
+ * Concurrency: vCPUs change types under one lock (mmu_lock, which serves
+ * TLB-flush requests while it waits, as smp_flush does); pyvmm's threads
+ * change words without it, so every change of a word is a compare-and-swap,
+ * and Python never changes a word that is a table with references.
+ *
+ * Typing a table ORs _PAGE_USER into its present entries (Xen's
+ * adjust_guest_l?e: the kernel runs in ring 3).  The builder's initial
+ * tables are typed (as Xen's builder pins the initial L4 and loads it) on
+ * the first MMU operation, page fault or exit to Python.
  *
  * Writable page tables (§5.10): a kernel-mode #PF(present|write) whose
  * target frame is typed L1 is emulated: the store/xchg/cmpxchg/or/and/
@@ -49,10 +65,6 @@
 #define PTE_D           0x40UL
 #define MAX_LDT_ENTS    8192
 
-#define FT_LEVEL        0x07
-#define FT_L1           1
-#define FT_PINNED       0x10
-
 /* descriptor bits (high dword) */
 #define SEG_P           (1U << 15)
 #define SEG_DPL         (3U << 13)
@@ -61,9 +73,6 @@
 #define SEG_TYPE_CALLGATE64 (0xcU << 8)
 #define GUEST_KERNEL_RPL 3                /* 64-bit PV kernels run in ring 3 */
 #define DESCS_PER_PAGE  512
-
-/* interim: the old one-byte type in the low byte of the counted word */
-#define FTYPE(m) (((u8 *)G->page_type)[4 * (m)])
 
 static int booted;   /* bss: the builder's tables have been typed */
 
@@ -75,23 +84,6 @@ static inline u64 *frame_ptr(u64 mfn)
 }
 
 static inline u64 *phys_ptr(u64 pa) { return frame_ptr(pa >> 12) ? (u64 *)(G->directmap + pa) : 0; }
-
-static inline u8 ftype(u64 mfn) { return mfn < G->ram_pages ? FTYPE(mfn) : 0; }
-
-/* A writable mapping of a frame means it is no longer a page table: Xen
- * refuses writable mappings of typed frames, and Linux makes a freed table
- * writable again before reuse.  Types are not reference counted here
- * (UNPIN of an L4 leaves its L3/L2s and the builder's L1s typed), so drop
- * such a stale, unpinned type; otherwise a later kernel write through a
- * read-only (e.g. copy-on-write) mapping of the reused frame would be
- * "emulated" as a PTE write (stock-kernel helper). */
-static inline void writable_mapping(u64 pte)
-{
-	u64 mfn = (pte & PTE_ADDR) >> 12;
-	if ((pte & (PTE_P | PTE_RW)) == (PTE_P | PTE_RW) && mfn < G->ram_pages
-	    && FTYPE(mfn) && !(FTYPE(mfn) & FT_PINNED))
-		FTYPE(mfn) = 0;
-}
 
 /* Frames a present L1 entry may map: guest RAM, shared_info, grant frames. */
 static int mappable(u64 mfn)
@@ -111,7 +103,7 @@ static inline int cas64(u64 *p, u64 old, u64 new)
 	return prev == old;
 }
 
-static void flush_tlb(void) { write_cr3(read_cr3()); }
+static void flush_tlb(struct percpu *pc) { load_cr3(pc->vcpu_id, read_cr3()); }
 
 static void install_hv_slots(u64 *l4)
 {
@@ -127,56 +119,275 @@ static inline int hv_slot(int idx)
 	return idx >= HYPERVISOR_L4_FIRST_SLOT && idx < HYPERVISOR_L4_FIRST_SLOT + HYPERVISOR_L4_SLOTS;
 }
 
-/* Give frame `mfn` the type "level" (1..4), validating and adjusting its
- * entries and typing the tables below it.  Returns 0 or -EINVAL.  A frame
- * that already has this type is taken as validated (Xen: type refcount). */
-static long type_table(u64 mfn, int level, int scan_l1)
+/* ---------------- counted page types ---------------- */
+
+#define PGT_TYPE(w)     (((w) & PGT_TYPE_MASK) >> PGT_TYPE_SHIFT)
+#define PGT_WORD(t, n)  (((u32)(t) << PGT_TYPE_SHIFT) | (u32)(n))
+#define IS_TABLE_TYPE(t) ((t) >= PGT_L1 && (t) <= PGT_L4)
+#define ALWAYS_INLINE   inline __attribute__((always_inline))
+
+static volatile u32 mmu_lock_word;
+
+static inline int single_vcpu(struct percpu *pc)
+{
+	return *(u64 *)((u8 *)pc + PRIV_OFF + PRIV_NR_VCPUS) == 1;
+}
+
+/* One vCPU at a time changes types (a domain with one vCPU skips the
+ * lock: each instruction counts on kvm_pvm).  A waiter serves TLB-flush
+ * requests: the holder may be flushing it (smp_flush), with interrupts
+ * off here. */
+static inline void mmu_lock(struct percpu *pc)
+{
+	if (single_vcpu(pc))
+		return;
+	u8 *ev = (u8 *)pc - PERCPU_IN_BLOCK + VCPU_EVENTS_OFF;
+	while (__atomic_exchange_n(&mmu_lock_word, 1, __ATOMIC_ACQUIRE))
+		while (mmu_lock_word) {
+			smp_serve(ev);
+			__asm__ volatile("pause" ::: "memory");
+		}
+}
+
+static inline void mmu_unlock(struct percpu *pc)
+{
+	if (!single_vcpu(pc))
+		__atomic_store_n(&mmu_lock_word, 0, __ATOMIC_RELEASE);
+}
+
+/* The word of RAM frame mfn (callers check mfn < ram_pages). */
+static inline volatile u32 *type_word(u64 mfn) { return (volatile u32 *)&G->page_type[mfn]; }
+
+static inline int cas32(volatile u32 *p, u32 old, u32 new)
+{
+	return __atomic_compare_exchange_n(p, &old, new, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+}
+
+/* A validated table of `level` now (referenced). */
+static inline int table_of_level(u64 mfn, u32 level)
+{
+	u32 w = mfn < G->ram_pages ? *type_word(mfn) : 0;
+	return (w & PGT_COUNT_MASK) && PGT_TYPE(w) == level;
+}
+
+static inline int is_table(u64 mfn)
+{
+	u32 w = mfn < G->ram_pages ? *type_word(mfn) : 0;
+	return (w & PGT_COUNT_MASK) && IS_TABLE_TYPE(PGT_TYPE(w));
+}
+
+static long validate(u64 mfn, u32 level);
+static void release_entries(u64 mfn, u32 level, int upto);
+
+/* The first non-zero entry of t[i..ENTRIES), or ENTRIES: a run of empty
+ * entries costs one interpreted instruction on kvm_pvm (repe scasq). */
+static inline int next_used(const u64 *t, int i)
+{
+	const u64 *p = t + i;
+	u64 n = (u64)(ENTRIES - i);
+	int all_zero;
+	if (i >= ENTRIES)
+		return ENTRIES;
+	__asm__ volatile("repe scasq" : "+D"(p), "+c"(n), "=@ccz"(all_zero) : "a"(0UL) : "memory");
+	return all_zero ? ENTRIES : (int)(p - t) - 1;
+}
+
+/* Xen's get_page_type: one reference of `type` on RAM frame mfn; 0 or
+ * -EINVAL (another type is referenced, the count is full, or the frame
+ * fails validation as a table). */
+static long get_type(u64 mfn, u32 type)
+{
+	volatile u32 *w = type_word(mfn);
+	for (;;) {
+		u32 old = *w, n = old & PGT_COUNT_MASK;
+		if (n) {
+			if (PGT_TYPE(old) != type || n == PGT_COUNT_MASK)
+				return -XEN_EINVAL;
+			if (cas32(w, old, old + 1))
+				return 0;
+			continue;
+		}
+		if (!cas32(w, old, PGT_WORD(type, 1)))
+			continue;
+		/* ours at count 1: no new reference of another type can appear;
+		 * translations from the frame's former life go first (they could
+		 * write a new table, or walk a former one) */
+		if (PGT_TYPE(old) != type)
+			smp_flush_stale(G->tlb_stamp[mfn]);
+		if (type == PGT_WRITABLE || !validate(mfn, type))
+			return 0;
+		__atomic_store_n(w, old, __ATOMIC_SEQ_CST);
+		return -XEN_EINVAL;
+	}
+}
+
+/* Xen's put_page_type.  The last reference of a table gives back its
+ * entries' references first; the frame is stamped whenever a mapping of
+ * it or through it may linger in a TLB. */
+static void put_type(u64 mfn)
+{
+	volatile u32 *w = type_word(mfn);
+	for (;;) {
+		u32 old = *w, n = old & PGT_COUNT_MASK, t = PGT_TYPE(old);
+		if (!n)
+			return;   /* nothing held: only a forged word gets here */
+		if (n == 1 && IS_TABLE_TYPE(t)) {
+			/* no one else changes a referenced table's word */
+			release_entries(mfn, t, ENTRIES);
+			G->tlb_stamp[mfn] = tlb_clock_tick();
+			__atomic_store_n(w, PGT_WORD(t, 0), __ATOMIC_SEQ_CST);
+			return;
+		}
+		if (!cas32(w, old, n == 1 ? PGT_WORD(t, 0) : old - 1))
+			continue;
+		if (t == PGT_WRITABLE)
+			G->tlb_stamp[mfn] = tlb_clock_tick();
+		return;
+	}
+}
+
+/* The common cases inline (each instruction counts on kvm_pvm): a writable
+ * reference on a frame that is writable already or was never anything
+ * (no type change, so no flush), and not the last one back. */
+static ALWAYS_INLINE long get_writable(u64 mfn)
+{
+	volatile u32 *w = type_word(mfn);
+	u32 old = *w, n = old & PGT_COUNT_MASK;
+	if ((PGT_TYPE(old) == PGT_WRITABLE || !old) && n != PGT_COUNT_MASK
+	    && cas32(w, old, PGT_WORD(PGT_WRITABLE, n + 1)))
+		return 0;
+	return get_type(mfn, PGT_WRITABLE);
+}
+
+static ALWAYS_INLINE void put_writable(u64 mfn)
+{
+	volatile u32 *w = type_word(mfn);
+	u32 old = *w;
+	if (PGT_TYPE(old) == PGT_WRITABLE && (old & PGT_COUNT_MASK) > 1 && cas32(w, old, old - 1)) {
+		G->tlb_stamp[mfn] = tlb_clock_tick();
+		return;
+	}
+	put_type(mfn);
+}
+
+/* The reference a present entry of a level-`level` table holds: the
+ * table below, or for an L1 entry with RW a writable reference on RAM
+ * (refused with -EBUSY, as Xen's get_page_from_l1e does). */
+static ALWAYS_INLINE long entry_get(u32 level, u64 e)
+{
+	u64 mfn = (e & PTE_ADDR) >> 12;
+	if (level == PGT_L1) {
+		if (mfn >= G->ram_pages)
+			return mappable(mfn) ? 0 : -XEN_EINVAL;
+		return (e & PTE_RW) && get_writable(mfn) ? -XEN_EBUSY : 0;
+	}
+	if ((e & PTE_PS) || mfn >= G->ram_pages)
+		return -XEN_EINVAL;   /* no superpages for PV; tables are RAM */
+	return get_type(mfn, level - 1);
+}
+
+/* The frame whose reference entry e holds, or ~0 for none. */
+static inline u64 entry_ref(u32 level, u64 e)
+{
+	u64 mfn = (e & PTE_ADDR) >> 12;
+	if (!(e & PTE_P) || mfn >= G->ram_pages || (level == PGT_L1 && !(e & PTE_RW)))
+		return ~0UL;
+	return mfn;
+}
+
+static ALWAYS_INLINE void entry_put(u32 level, u64 e)
+{
+	u64 mfn = entry_ref(level, e);
+	if (mfn == ~0UL)
+		return;
+	if (level == PGT_L1)
+		put_writable(mfn);
+	else
+		put_type(mfn);
+}
+
+/* Promotion (Xen's alloc_l?_table): every present entry takes its
+ * reference and gets _PAGE_USER; on the first bad one, those taken are
+ * given back.  The frame's word is ours (count 1) meanwhile. */
+static long validate(u64 mfn, u32 level)
 {
 	u64 *t = frame_ptr(mfn);
-	if (!t)
-		return -XEN_EINVAL;
-	u8 ty = FTYPE(mfn);
-	if ((ty & FT_LEVEL) == level)
-		return 0;
-	if (ty & FT_PINNED)
-		return -XEN_EINVAL;   /* pinned as another type (Xen: type conflict) */
-	FTYPE(mfn) = level;
-	if (level == 4)
+	if (level == PGT_L4)
 		install_hv_slots(t);
-	if (level == 1 && !scan_l1)
-		return 0;
-	for (int i = 0; i < ENTRIES; i++) {
+	for (int i = next_used(t, 0); i < ENTRIES; i = next_used(t, i + 1)) {
 		u64 e = t[i];
-		if (!(e & PTE_P) || (level == 4 && hv_slot(i)))
+		if (!(e & PTE_P) || (level == PGT_L4 && hv_slot(i)))
 			continue;
+		long rc = entry_get(level, e);
+		if (rc) {
+			release_entries(mfn, level, i);
+			return rc;
+		}
 		if (!(e & PTE_US))
 			t[i] = e | PTE_US;
-		if (level == 1 && (e & PTE_RW))
-			writable_mapping(e);
-		if (level > 1 && !(e & PTE_PS))
-			type_table((e & PTE_ADDR) >> 12, level - 1, scan_l1);   /* bad children: left untyped */
 	}
 	return 0;
 }
 
-/* The builder's bootstrap tables are pinned by Xen's domain builder.  Their
- * L1 entries already carry _PAGE_USER (Domain._adjust_bootstrap_tables),
- * so the L1s are only marked, not scanned (CPL0 code is slow on kvm_pvm). */
+static void release_entries(u64 mfn, u32 level, int upto)
+{
+	u64 *t = frame_ptr(mfn);
+	for (int i = next_used(t, 0); i < upto; i = next_used(t, i + 1))
+		if ((t[i] & PTE_P) && !(level == PGT_L4 && hv_slot(i)))
+			entry_put(level, t[i]);
+}
+
+/* Replace the entry at p, in a validated table of `level`, by val: the new
+ * entry's reference is taken before the old one's is given back (the same
+ * target keeps its type).  With preserve_ad the A/D bits the CPU sets
+ * meanwhile survive. */
+static long entry_update(u32 level, u64 *p, u64 val, int preserve_ad)
+{
+	if (level == PGT_L4 && hv_slot(((u64)p & (PAGE_SIZE - 1)) >> 3))
+		return -XEN_EINVAL;
+	/* under mmu_lock only the CPU's A/D bits change *p meanwhile, so the
+	 * reference the old entry holds is known before the write */
+	u64 had = entry_ref(level, *(volatile u64 *)p), nv = adjust_pte(val), old;
+	int same = had != ~0UL && had == entry_ref(level, val);   /* e.g. RW kept, flags changed */
+	if (!same && (val & PTE_P)) {
+		long rc = entry_get(level, val);
+		if (rc)
+			return rc;
+	}
+	if (preserve_ad) {
+		do
+			old = *(volatile u64 *)p;
+		while (!cas64(p, old, nv | (old & (PTE_A | PTE_D))));
+	} else {
+		old = __atomic_exchange_n(p, nv, __ATOMIC_SEQ_CST);
+	}
+	if (!same)
+		entry_put(level, old);
+	return 0;
+}
+
+/* The builder's initial L4 is pinned and loaded, as Xen's builder leaves
+ * it: two references, validated down to the L1s.  Under mmu_lock. */
 static void boot_types(struct percpu *pc)
 {
 	if (booted)
 		return;
 	booted = 1;
 	u64 mfn = pc->cr3_kernel >> 12;
-	if (type_table(mfn, 4, 0) == 0)
-		FTYPE(mfn) |= FT_PINNED;
+	if (mfn >= G->ram_pages || get_type(mfn, PGT_L4) || get_type(mfn, PGT_L4))
+		crash_at(pc, 0, mfn, CRASH_BOOT_TABLES_INVALID);   /* the builder's: a pyvmm bug */
+	__atomic_or_fetch(type_word(mfn), PGT_PINNED, __ATOMIC_SEQ_CST);
 }
 
-/* For Python, before it acts on frame types (reservation.py reads the type
- * map to refuse giving away a live table): the bootstrap tables typed. */
+/* For Python, before it acts on frame types (reservation.py keeps frames
+ * in use): the bootstrap tables typed. */
 void mmu_type_boot_tables(struct percpu *pc)
 {
+	if (booted)
+		return;
+	mmu_lock(pc);
 	boot_types(pc);
+	mmu_unlock(pc);
 }
 
 /* Walk the current tables for va; the leaf entry or 0.  With fix_user,
@@ -212,55 +423,22 @@ static u64 *walk(u64 cr3, u64 va, int fix_user, int *changed, int *level_out)
 	return 0;
 }
 
-/* Validate a new entry for a table of type `level`; the adjusted value in
- * *out.  slot is the entry index (L4: the hypervisor slots are Xen's). */
-static long check_entry(int level, int slot, u64 val, u64 *out)
-{
-	if (level == 4 && hv_slot(slot))
-		return -XEN_EINVAL;
-	if (val & PTE_P) {
-		u64 mfn = (val & PTE_ADDR) >> 12;
-		if (level == 1) {
-			if (!mappable(mfn))
-				return -XEN_EINVAL;
-			writable_mapping(val);
-		} else {
-			/* no superpages for PV; the target becomes a table */
-			if ((level <= 3 && (val & PTE_PS)) || !frame_ptr(mfn))
-				return -XEN_EINVAL;
-			if (type_table(mfn, level - 1, 1))
-				return -XEN_EINVAL;
-		}
-	}
-	*out = adjust_pte(val);
-	return 0;
-}
-
 /* ---------------- mmu_update ---------------- */
 
 static long pt_update(u64 pa, u64 val, int preserve_ad)
 {
-	u64 *p = phys_ptr(pa);
+	u64 mfn = pa >> 12, *p = phys_ptr(pa);
 	if (!p)
 		return -XEN_EINVAL;
-	int level = ftype(pa >> 12) & FT_LEVEL;
-	if (!level) {
-		*p = val;   /* not a page table: a plain write (Xen: PGT_writable_page) */
-		return 0;
-	}
-	u64 nv;
-	long rc = check_entry(level, (pa & 0xfff) >> 3, val, &nv);
-	if (rc)
-		return rc;
-	if (!preserve_ad) {
-		*p = nv;
-		return 0;
-	}
-	for (;;) {   /* keep A/D bits the CPU may be setting concurrently */
-		u64 old = *(volatile u64 *)p;
-		if (cas64(p, old, nv | (old & (PTE_A | PTE_D))))
-			return 0;
-	}
+	u32 w = *type_word(mfn);
+	if ((w & PGT_COUNT_MASK) && IS_TABLE_TYPE(PGT_TYPE(w)))
+		return entry_update(PGT_TYPE(w), p, val, preserve_ad);
+	/* not a table: a plain write through a writable reference */
+	if (get_type(mfn, PGT_WRITABLE))
+		return -XEN_EINVAL;
+	*p = val;
+	put_type(mfn);
+	return 0;
 }
 
 static long check_domid(u64 domid)
@@ -282,10 +460,11 @@ long run_batch(struct percpu *pc, u64 reqs, u64 size, u64 count, u64 done_ptr, u
 {
 	u64 i;
 	long rc = 0;
-	boot_types(pc);
 	count &= ~MMU_UPDATE_PREEMPTED;
 	if (check_domid(domid))
 		return -XEN_ESRCH;
+	mmu_lock(pc);
+	boot_types(pc);
 	for (i = 0; i < count; i++) {
 		u64 req[BATCH_REQ_WORDS];
 		if (from_guest(req, reqs + i * size, size)) {
@@ -296,6 +475,7 @@ long run_batch(struct percpu *pc, u64 reqs, u64 size, u64 count, u64 done_ptr, u
 		if (rc)
 			break;
 	}
+	mmu_unlock(pc);
 	if (done_ptr) {
 		u32 done = (u32)i;
 		to_guest(done_ptr, &done, sizeof(done));
@@ -324,12 +504,15 @@ static long mmu_update_one(struct percpu *pc, const u64 *r)
 static NOINLINE long mmu_update_single(struct percpu *pc, u64 reqs, u64 domid)
 {
 	u64 req[2];
-	boot_types(pc);
 	if (check_domid(domid))
 		return -XEN_ESRCH;
 	if (from_guest(req, reqs, XEN_MMU_UPDATE_SIZE))
 		return -XEN_EFAULT;
-	return mmu_update_one(pc, req);
+	mmu_lock(pc);
+	boot_types(pc);
+	long rc = mmu_update_one(pc, req);
+	mmu_unlock(pc);
+	return rc;
 }
 
 static NOINLINE long mmu_update_batch(struct percpu *pc, u64 reqs, u64 count, u64 done_ptr,
@@ -359,17 +542,17 @@ static inline u64 this_vcpu_only(struct percpu *pc) { return 1UL << pc->vcpu_id;
 long do_update_va_mapping(struct percpu *pc, u64 va, u64 val, u64 flags)
 {
 	int level = 0, ch = 0;
-	u64 nv;
-	boot_types(pc);
 	if (!range_ok(va, 1))
 		return -XEN_EINVAL;
+	mmu_lock(pc);
+	boot_types(pc);
 	u64 *e = walk(read_cr3(), va, 0, &ch, &level);
 	/* the L1 must exist and be a validated L1 (Xen: -EINVAL otherwise) */
-	if (!e || level != 1 || (ftype(((u64)e - (u64)G->directmap) >> 12) & FT_LEVEL) != FT_L1)
-		return -XEN_EINVAL;
-	if (check_entry(1, 0, val, &nv))
-		return -XEN_EINVAL;
-	*e = nv;
+	long rc = !e || level != 1 || !table_of_level(((u64)e - (u64)G->directmap) >> 12, PGT_L1)
+		? -XEN_EINVAL : entry_update(PGT_L1, e, val, 0);
+	mmu_unlock(pc);
+	if (rc)
+		return rc;
 	u64 type = flags & UVMF_FLUSHTYPE_MASK, mask_ptr = flags & ~UVMF_CMD_MASK, mask;
 	if (!type)
 		return 0;
@@ -383,7 +566,7 @@ long do_update_va_mapping(struct percpu *pc, u64 va, u64 val, u64 flags)
 		if (type == UVMF_INVLPG)
 			invlpg(va);
 		else
-			flush_tlb();
+			flush_tlb(pc);
 		return 0;
 	}
 	smp_flush(mask, type == UVMF_INVLPG ? va : FLUSH_ALL_VA);
@@ -436,35 +619,46 @@ static long set_ldt(struct percpu *pc, u64 base, u64 ents)
 	return 0;
 }
 
+/* MMUEXT_NEW_BASEPTR / NEW_USER_BASEPTR: the base pointer holds its L4. */
 static long new_baseptr(struct percpu *pc, u64 mfn, int user)
 {
+	u64 old = user ? pc->cr3_user : pc->cr3_kernel;
 	if (user && !mfn) {
 		pc->cr3_user = 0;
-		return 0;
+	} else {
+		if (mfn >= G->ram_pages || get_type(mfn, PGT_L4))
+			return -XEN_EINVAL;
+		if (user) {
+			pc->cr3_user = mfn << 12;
+		} else {
+			pc->cr3_kernel = mfn << 12;
+			if (pc->kernel_mode)
+				load_cr3(pc->vcpu_id, mfn << 12);
+		}
 	}
-	if (type_table(mfn, 4, 1))
-		return -XEN_EINVAL;
-	install_hv_slots(frame_ptr(mfn));
-	if (user) {
-		pc->cr3_user = mfn << 12;
-		return 0;
-	}
-	pc->cr3_kernel = mfn << 12;
-	if (pc->kernel_mode)
-		write_cr3(mfn << 12);
+	if (old)
+		put_type(old >> 12);
 	return 0;
 }
 
-static long pin(u64 mfn, int level)
+static long pin(u64 mfn, u32 level)
 {
-	if (!frame_ptr(mfn))
+	if (mfn >= G->ram_pages || (*type_word(mfn) & PGT_PINNED))
+		return -XEN_EINVAL;   /* not RAM, or already pinned (Xen: -EINVAL) */
+	long rc = get_type(mfn, level);
+	if (rc)
+		return rc;   /* a type conflict, or a bad entry (Xen passes it on) */
+	/* a referenced table: only vCPUs, under mmu_lock, change its word */
+	__atomic_or_fetch(type_word(mfn), PGT_PINNED, __ATOMIC_SEQ_CST);
+	return 0;
+}
+
+static long unpin(u64 mfn)
+{
+	if (mfn >= G->ram_pages || !(*type_word(mfn) & PGT_PINNED))
 		return -XEN_EINVAL;
-	u8 ty = FTYPE(mfn);
-	if (ty & FT_PINNED)
-		return -XEN_EINVAL;   /* already pinned (Xen: -EINVAL) */
-	if (type_table(mfn, level, 1))
-		return -XEN_EINVAL;
-	FTYPE(mfn) |= FT_PINNED;
+	__atomic_and_fetch(type_word(mfn), ~(u32)PGT_PINNED, __ATOMIC_SEQ_CST);
+	put_type(mfn);
 	return 0;
 }
 
@@ -486,20 +680,17 @@ static long mmuext_one(struct percpu *pc, const u64 *op)
 	switch (cmd) {
 	case MMUEXT_PIN_L1_TABLE: case MMUEXT_PIN_L2_TABLE:
 	case MMUEXT_PIN_L3_TABLE: case MMUEXT_PIN_L4_TABLE:
-		rc = pin(mfn, (int)(cmd - MMUEXT_PIN_L1_TABLE) + 1);
+		rc = pin(mfn, (u32)(cmd - MMUEXT_PIN_L1_TABLE) + PGT_L1);
 		break;
 	case MMUEXT_UNPIN_TABLE:
-		if (!frame_ptr(mfn) || !(FTYPE(mfn) & FT_PINNED))
-			rc = -XEN_EINVAL;
-		else
-			FTYPE(mfn) = 0;
+		rc = unpin(mfn);
 		break;
 	case MMUEXT_NEW_BASEPTR:
 	case MMUEXT_NEW_USER_BASEPTR:
 		rc = new_baseptr(pc, mfn, cmd == MMUEXT_NEW_USER_BASEPTR);
 		break;
 	case MMUEXT_TLB_FLUSH_LOCAL:
-		flush_tlb();
+		flush_tlb(pc);
 		break;
 	case MMUEXT_INVLPG_LOCAL:
 		if (range_ok(op[1], 1))
@@ -536,17 +727,21 @@ static long mmuext_one(struct percpu *pc, const u64 *op)
 			rc = set_ldt(pc, base, ents);
 		break;
 	}
-	case MMUEXT_CLEAR_PAGE:
-		if (!frame_ptr(mfn) || (FTYPE(mfn) & FT_LEVEL))
+	case MMUEXT_CLEAR_PAGE:   /* the destination through a writable reference */
+		if (mfn >= G->ram_pages || get_type(mfn, PGT_WRITABLE))
 			rc = -XEN_EINVAL;
-		else
+		else {
 			rep_stosq(frame_ptr(mfn), PAGE_SIZE / 8);
+			put_type(mfn);
+		}
 		break;
 	case MMUEXT_COPY_PAGE:
-		if (!frame_ptr(mfn) || (FTYPE(mfn) & FT_LEVEL) || !frame_ptr(op[2]))
+		if (mfn >= G->ram_pages || !frame_ptr(op[2]) || get_type(mfn, PGT_WRITABLE))
 			rc = -XEN_EINVAL;
-		else
+		else {
 			rep_movsq(frame_ptr(mfn), frame_ptr(op[2]), PAGE_SIZE / 8);
+			put_type(mfn);
+		}
 		break;
 	default:
 		rc = -XEN_ENOSYS;
@@ -730,7 +925,7 @@ static int ptwr_emulate(struct percpu *pc, struct frame *f, u64 cr2)
 	if (!leaf || level != 1 || !(*leaf & PTE_P) || (*leaf & PTE_RW))
 		return 0;
 	u64 mfn = (*leaf & PTE_ADDR) >> 12;
-	if ((ftype(mfn) & FT_LEVEL) != FT_L1)
+	if (!table_of_level(mfn, PGT_L1))
 		return 0;
 
 	u8 b[15];
@@ -779,11 +974,17 @@ static int ptwr_emulate(struct percpu *pc, struct frame *f, u64 cr2)
 			nv = d.op == OP_BTS ? (cur | bit) : d.op == OP_BTR ? (cur & ~bit) : (cur ^ bit);
 		}
 		}
-		u64 pte = (old & ~(mask << sh)) | ((nv & mask) << sh), adj;
-		if (check_entry(1, 0, pte, &adj))
-			return 0;   /* Xen: the new PTE failed validation -> #PF to the guest */
-		if (adj == old || cas64(p, old, adj))
+		u64 pte = adjust_pte((old & ~(mask << sh)) | ((nv & mask) << sh));
+		if (pte == old)
 			break;
+		/* the new entry's reference first, then the old one's back */
+		if ((pte & PTE_P) && entry_get(PGT_L1, pte))
+			return 0;   /* Xen: the new PTE failed validation -> #PF to the guest */
+		if (cas64(p, old, pte)) {
+			entry_put(PGT_L1, old);
+			break;
+		}
+		entry_put(PGT_L1, pte);   /* the CPU set A/D meanwhile: again */
 	}
 	if (write_reg)
 		reg_write(f, d.reg, d.size, d.rex, cur);
@@ -804,11 +1005,13 @@ int mmu_page_fault(struct percpu *pc, struct frame *f, u64 cr2)
 	if (!booted) {
 		/* typing the bootstrap tables may itself have made this access
 		 * legal (adjust_guest_l1e): retry it (stock-kernel helper) */
-		boot_types(pc);
-		write_cr3(read_cr3());
+		mmu_type_boot_tables(pc);
+		flush_tlb(pc);
 		return 1;
 	}
 	u64 err = f->err & (PFEC_P | PFEC_W | PFEC_RSVD | 0x10 /* insn fetch */);
+	int done = 0;
+	mmu_lock(pc);
 	if (err & PFEC_P && !(err & PFEC_RSVD)) {
 		/* Lazy adjust_guest_l?e: a present page the guest mapped without
 		 * _PAGE_USER (written before it became a page table); fix the
@@ -817,12 +1020,13 @@ int mmu_page_fault(struct percpu *pc, struct frame *f, u64 cr2)
 		walk(read_cr3(), cr2, 1, &changed, 0);
 		if (changed) {
 			invlpg(cr2);
-			return 1;
+			done = 1;
 		}
 	}
-	if (err == (PFEC_P | PFEC_W))
-		return ptwr_emulate(pc, f, cr2);
-	return 0;
+	if (!done && err == (PFEC_P | PFEC_W))
+		done = ptwr_emulate(pc, f, cr2);
+	mmu_unlock(pc);
+	return done;
 }
 
 /* ---------------- descriptor tables ---------------- */
@@ -860,22 +1064,27 @@ static int check_descriptor(u64 *d)
 
 /* A frame becoming part of a GDT or LDT: RAM, not a page table, every
  * descriptor acceptable (Xen's validate_segdesc_page); fix-ups are
- * written back to the frame as Xen does. */
+ * written back to the frame as Xen does, through a writable reference.
+ * Under mmu_lock. */
 static long validate_desc_frame(u64 mfn)
 {
-	u64 *fr = frame_ptr(mfn);
-	if (!fr || (FTYPE(mfn) & FT_LEVEL))
+	long rc = 0;
+	if (mfn >= G->ram_pages || get_type(mfn, PGT_WRITABLE))
 		return -XEN_EINVAL;
+	u64 *fr = frame_ptr(mfn);
 	for (int j = 0; j < DESCS_PER_PAGE; j++) {
 		u64 dsc = fr[j];
 		if (!(dsc & ((u64)SEG_P << 32)))
 			continue;   /* not present: always safe (fast path, CPL0 is slow) */
-		if (!check_descriptor(&dsc))
-			return -XEN_EINVAL;
+		if (!check_descriptor(&dsc)) {
+			rc = -XEN_EINVAL;
+			break;
+		}
 		if (dsc != fr[j])
 			fr[j] = dsc;
 	}
-	return 0;
+	put_type(mfn);
+	return rc;
 }
 
 static u64 *gdt_base(void)
@@ -888,7 +1097,6 @@ static u64 *gdt_base(void)
 long do_set_gdt(struct percpu *pc, u64 frames_ptr, u64 entries)
 {
 	u64 frames[SHIM_MAX_GDT_FRAMES];
-	boot_types(pc);
 	if (entries > FIRST_RESERVED_GDT_ENTRY)
 		return -XEN_EINVAL;
 	u64 nr = (entries + DESCS_PER_PAGE - 1) / DESCS_PER_PAGE;
@@ -896,9 +1104,13 @@ long do_set_gdt(struct percpu *pc, u64 frames_ptr, u64 entries)
 		return -XEN_EFAULT;
 	/* validate every descriptor of every frame before changing anything
 	 * (Xen's validate_segdesc_page), fixing up in place */
-	for (u64 i = 0; i < nr; i++)
-		if (validate_desc_frame(frames[i]))
-			return -XEN_EINVAL;
+	mmu_lock(pc);
+	long rc = 0;
+	for (u64 i = 0; i < nr && !rc; i++)
+		rc = validate_desc_frame(frames[i]);
+	mmu_unlock(pc);
+	if (rc)
+		return rc;
 	u64 *gdt = gdt_base();
 	u64 old = pc->desc.gdt_ents ? (pc->desc.gdt_ents + DESCS_PER_PAGE - 1) / DESCS_PER_PAGE : 0;
 	for (u64 i = 0; i < nr; i++) {
@@ -919,7 +1131,6 @@ long do_set_gdt(struct percpu *pc, u64 frames_ptr, u64 entries)
 long mmu_vcpu_context(struct percpu *pc, struct percpu *t, u64 *gdt, u64 ctx)
 {
 	u64 frames[SHIM_MAX_GDT_FRAMES], ents, cr[4];
-	boot_types(pc);
 	if (from_guest(&ents, ctx + VGC_GDT_ENTS, 8) || from_guest(cr, ctx + VGC_CTRLREG, sizeof(cr)))
 		return -XEN_EFAULT;
 	if (ents > FIRST_RESERVED_GDT_ENTRY)
@@ -930,9 +1141,11 @@ long mmu_vcpu_context(struct percpu *pc, struct percpu *t, u64 *gdt, u64 ctx)
 	u64 old = (t->desc.gdt_ents + DESCS_PER_PAGE - 1) / DESCS_PER_PAGE;
 	t->desc.gdt_ents = 0;
 	rep_stosq(gdt, (old > nr ? old : nr) * DESCS_PER_PAGE);
+	mmu_lock(pc);
+	boot_types(pc);
 	for (u64 i = 0; i < nr; i++) {
 		u64 *fr = frame_ptr(frames[i]);
-		if (!fr || (FTYPE(frames[i]) & FT_LEVEL))
+		if (!fr || is_table(frames[i]))
 			goto bad;   /* not RAM, or a page table */
 		rep_movsq(gdt + i * DESCS_PER_PAGE, fr, DESCS_PER_PAGE);
 		t->desc.gdt_frames[i] = frames[i];
@@ -940,19 +1153,38 @@ long mmu_vcpu_context(struct percpu *pc, struct percpu *t, u64 *gdt, u64 ctx)
 	for (u64 j = 0; j < nr * DESCS_PER_PAGE; j++)
 		if ((gdt[j] & ((u64)SEG_P << 32)) && !check_descriptor(&gdt[j]))
 			goto bad;
-	u64 kernel = cr[3] >> 12, user = cr[1] >> 12;   /* 64-bit: plain addresses */
-	if (type_table(kernel, 4, 1) || (user && type_table(user, 4, 1)))
+	/* the base pointers hold their L4s (64-bit: plain addresses) */
+	u64 kernel = cr[3] >> 12, user = cr[1] >> 12;
+	if (kernel >= G->ram_pages || get_type(kernel, PGT_L4))
 		goto bad;
-	install_hv_slots(frame_ptr(kernel));
-	if (user)
-		install_hv_slots(frame_ptr(user));
+	if (user && (user >= G->ram_pages || get_type(user, PGT_L4))) {
+		put_type(kernel);
+		goto bad;
+	}
+	mmu_unlock(pc);
 	t->desc.gdt_ents = ents;
 	t->cr3_kernel = kernel << 12;
 	t->cr3_user = user << 12;
 	return 0;
 bad:
+	mmu_unlock(pc);
 	rep_stosq(gdt, nr * DESCS_PER_PAGE);
 	return -XEN_EINVAL;
+}
+
+/* Python refused the rest of the context: the base pointers taken by
+ * mmu_vcpu_context go back.  `t` is not running. */
+void mmu_vcpu_context_undo(struct percpu *t)
+{
+	struct percpu *pc = pcpu();
+	mmu_lock(pc);
+	if (t->cr3_kernel)
+		put_type(t->cr3_kernel >> 12);
+	if (t->cr3_user)
+		put_type(t->cr3_user >> 12);
+	mmu_unlock(pc);
+	t->cr3_kernel = t->cr3_user = 0;
+	t->desc.gdt_ents = 0;
 }
 
 long do_update_descriptor(struct percpu *pc, u64 maddr, u64 desc)
@@ -960,11 +1192,16 @@ long do_update_descriptor(struct percpu *pc, u64 maddr, u64 desc)
 	u64 mfn = maddr >> 12;
 	if ((maddr & 7) || !check_descriptor(&desc))
 		return -XEN_EINVAL;
-	u64 *fr = frame_ptr(mfn);
-	if (!fr || (FTYPE(mfn) & FT_LEVEL))
-		return -XEN_EINVAL;   /* not RAM, or a page table */
+	/* a write through a writable reference: not a page table */
+	mmu_lock(pc);
+	if (mfn >= G->ram_pages || get_type(mfn, PGT_WRITABLE)) {
+		mmu_unlock(pc);
+		return -XEN_EINVAL;
+	}
 	u64 idx = (maddr & (PAGE_SIZE - 1)) >> 3;
-	fr[idx] = desc;
+	frame_ptr(mfn)[idx] = desc;
+	put_type(mfn);
+	mmu_unlock(pc);
 	/* live GDT and LDT copies */
 	u64 nr = (pc->desc.gdt_ents + DESCS_PER_PAGE - 1) / DESCS_PER_PAGE;
 	for (u64 i = 0; i < nr; i++)

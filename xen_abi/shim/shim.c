@@ -14,6 +14,7 @@
 #include "shim.h"
 #include "events.h"   /* ev_hypercall, ev_interrupt */
 #include "priv.h"     /* emulate_priv, emulate_forced_cpuid, debug registers */
+#include "smp.h"      /* load_cr3 */
 
 static __attribute__((noreturn)) void panic(struct percpu *pc, struct frame *f, u64 code)
 {
@@ -26,7 +27,7 @@ static __attribute__((noreturn)) void panic(struct percpu *pc, struct frame *f, 
 	stop_here();
 }
 
-static __attribute__((noreturn)) void crash_at(struct percpu *pc, u64 rip, u64 err, u64 why)
+__attribute__((noreturn)) void crash_at(struct percpu *pc, u64 rip, u64 err, u64 why)
 {
 	struct mailbox *mb = pc->mailbox;
 	mb->op = MBOP_CRASH;
@@ -50,7 +51,7 @@ static void toggle_mode(struct percpu *pc)
 {
 	swapgs();
 	pc->kernel_mode ^= 1;
-	write_cr3(pc->kernel_mode ? pc->cr3_kernel : pc->cr3_user);
+	load_cr3(pc->vcpu_id, pc->kernel_mode ? pc->cr3_kernel : pc->cr3_user);
 }
 
 /* Xen's create_bounce_frame: {rcx, r11, [err], rip, cs|mask<<32, rflags,
@@ -165,10 +166,10 @@ static NOINLINE long vcpu_initialise(struct percpu *pc, u64 rip, const u64 *a)
 	if (ev[EVB_INITIALISED / 8])
 		rc = slow_hypercall(pc, rip, HC_vcpu_op, a);
 	else {
-		rc = mmu_vcpu_context(pc, (struct percpu *)(blk + PERCPU_IN_BLOCK),
-				      (u64 *)(blk + VCPU_GDT_OFF), a[2]);
-		if (!rc)
-			rc = slow_hypercall(pc, rip, HC_vcpu_op, a);
+		struct percpu *t = (struct percpu *)(blk + PERCPU_IN_BLOCK);
+		rc = mmu_vcpu_context(pc, t, (u64 *)(blk + VCPU_GDT_OFF), a[2]);
+		if (!rc && (rc = slow_hypercall(pc, rip, HC_vcpu_op, a)))
+			mmu_vcpu_context_undo(t);
 	}
 	__atomic_store_n(lock, 0, __ATOMIC_RELEASE);
 	return rc;

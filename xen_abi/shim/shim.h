@@ -246,7 +246,10 @@ long do_update_descriptor(struct percpu *pc, u64 maddr, u64 desc);
  * emulated page-table write), 0 to bounce it to the guest. */
 int mmu_page_fault(struct percpu *pc, struct frame *f, u64 cr2);
 void mmu_type_boot_tables(struct percpu *pc);
+/* End the guest: the mailbox says why (CRASH_*), at rip, with err. */
+__attribute__((noreturn)) void crash_at(struct percpu *pc, u64 rip, u64 err, u64 why);
 long mmu_vcpu_context(struct percpu *pc, struct percpu *target, u64 *target_gdt, u64 ctx);
+void mmu_vcpu_context_undo(struct percpu *target);
 
 /* vCPU n's stack block (its percpu, events block and GDT pages are in it) */
 static inline u8 *vcpu_block(u64 n) { return (u8 *)(REGION_VA + VCPU_OFF + n * VCPU_STRIDE); }

@@ -15,7 +15,14 @@
  * Python when it comes back (KVM_SET_SREGS reloads CR3).
  *
  * Targets always flush their whole TLB: one interpreted CR3 write costs
- * less on kvm_pvm than passing addresses around. */
+ * less on kvm_pvm than passing addresses around.
+ *
+ * The TLB clock (Xen's tlbflush_clock, simplified): mmu.c advances it
+ * each time a guest mapping of a frame goes away and stamps the frame;
+ * each vCPU notes the clock it read just before its last full flush.  A
+ * vCPU whose note is older than a frame's stamp may still translate
+ * through the old mapping, so it is flushed before that frame changes
+ * type (smp_flush_stale). */
 #include "shim.h"
 #include "smp.h"
 
@@ -26,12 +33,20 @@ static inline u8 *events_of(u64 vcpu) { return vcpu_block(vcpu) + VCPU_EVENTS_OF
 static inline void mfence(void) { __asm__ volatile("mfence" ::: "memory"); }
 static inline void cpu_relax(void) { __asm__ volatile("pause" ::: "memory"); }
 
+volatile u64 tlb_clock = 1;           /* stamps start at 1: 0 = never mapped */
+volatile u64 tlb_flushed_at[MAX_VCPUS];
+
+static inline u64 vcpu_of_events(u8 *ev)
+{
+	return ((u64)ev - VCPU_EVENTS_OFF - REGION_VA - VCPU_OFF) / VCPU_STRIDE;
+}
+
 void smp_serve(u8 *ev)
 {
 	u64 req = EVSLOT(ev, EVB_FLUSH_REQ);
 	if (req == EVSLOT(ev, EVB_FLUSH_DONE))
 		return;
-	write_cr3(read_cr3());
+	load_cr3(vcpu_of_events(ev), read_cr3());
 	EVSLOT(ev, EVB_FLUSH_DONE) = req;
 	EVSLOT(ev, EVB_FLUSHES)++;
 }
@@ -64,7 +79,7 @@ void smp_flush(u64 mask, u64 va)
 	}
 	if (mask >> self & 1) {
 		if (va == FLUSH_ALL_VA)
-			write_cr3(read_cr3());
+			load_cr3(self, read_cr3());
 		else
 			invlpg(va);
 	}
@@ -80,4 +95,16 @@ void smp_flush(u64 mask, u64 va)
 		}
 		cpu_relax();
 	}
+}
+
+void smp_flush_stale(u64 stamp)
+{
+	u64 nr = *(u64 *)((u8 *)pcpu() + PRIV_OFF + PRIV_NR_VCPUS), mask = 0;
+	if (nr > MAX_VCPUS)
+		nr = MAX_VCPUS;
+	for (u64 i = 0; i < nr; i++)
+		if (tlb_flushed_at[i] < stamp)
+			mask |= 1UL << i;
+	if (mask)
+		smp_flush(mask, FLUSH_ALL_VA);
 }
