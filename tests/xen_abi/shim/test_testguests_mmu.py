@@ -68,3 +68,10 @@ def test_gdt_and_descriptors(capsys):
     res, khz, _ = run_guest("gdt")
     assert_pass("gdt", res)
     timings(res, khz, {"update_descriptor", "set_gdt"}, capsys, "descriptor tables")
+
+
+def test_page_types_hostile_guest():
+    """Xen's counted page types against a hostile guest (issue 11): forged
+    tables, writable mappings of tables, pins, base pointers, counts."""
+    res, _, _ = run_guest("pgtypes")
+    assert_pass("pgtypes", res)
