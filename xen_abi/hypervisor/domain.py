@@ -188,13 +188,14 @@ class Domain(PvDomainBase):
         ram_frames = ram_size >> abi.PAGE_SHIFT
         gnttab = GrantTable(self.phys, self.region.gpa_of(R.GRANT_OFF), max_frames=R.MAX_GRANT_FRAMES,
                             frame_ok=lambda frame: 0 <= frame < ram_frames)
-        super().__init__(phys=self.phys, nr_vcpus=nr_vcpus, e820=self.layout.e820,
-                         shared_info_gpa=self.region.shared_info_gpa, evtchn=evtchn, gnttab=gnttab)
         reg = self.region
-        self.page_types = PageTypes(reg.mem.address + reg.page_type_off, reg.ram_pages)
+        page_types = PageTypes(reg.mem.address + reg.page_type_off, reg.ram_pages)
+        super().__init__(phys=self.phys, nr_vcpus=nr_vcpus, e820=self.layout.e820,
+                         shared_info_gpa=self.region.shared_info_gpa, evtchn=evtchn, gnttab=gnttab,
+                         page_types=page_types)
         self.reservation = Reservation(
             self.ram, m2p_write=lambda mfn, v: reg.mem.write_u64(reg.m2p_off + 8 * mfn, v),
-            frame_typed=self.page_types.in_use)
+            frame_typed=page_types.in_use)
         self.dispatcher = HypercallDispatcher(self)
         self.vcpus = [self.vm.create_vcpu(i) for i in range(nr_vcpus)]
         self.vcpu = self.vcpus[0]
@@ -398,7 +399,8 @@ class Domain(PvDomainBase):
             nr = MAILBOX.read(p, mb, "nr")
             args = tuple(MAILBOX.read(p, mb, "args", i) for i in range(6))
             cr3 = MAILBOX.read(p, mb, "cr3")
-            ctx = HypercallContext(vcpu_id=index, vm=GuestVirtualMemory(p, cr3), phys=p,
+            vm = GuestVirtualMemory(p, cr3, page_types=self.page_types)
+            ctx = HypercallContext(vcpu_id=index, vm=vm, phys=p,
                                    in_kernel_mode=bool(MAILBOX.read(p, mb, "kmode")))
             rip = MAILBOX.read(p, mb, "rip")
             self.notifier.enter_exit(index)
