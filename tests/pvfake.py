@@ -80,7 +80,7 @@ class FakeDomain(PvDomainBase):
         self.types = TypeWords(RAM_SIZE // PAGE_SIZE)
         evtchn = EventChannels(phys, SHARED_INFO_GPA, nr_vcpus, domid=1, kick=self._kick)
         gnttab = GrantTable(phys, GNTTAB_GPA, max_frames=GNTTAB_MAX_FRAMES, domid=1,
-                            frame_ok=lambda f: 0 <= f < RAM_SIZE // PAGE_SIZE)
+                            page_types=self.types.page_types)
         super().__init__(phys=phys, nr_vcpus=nr_vcpus, e820=[(0, RAM_SIZE, E820_RAM)],
                          shared_info_gpa=SHARED_INFO_GPA, evtchn=evtchn, gnttab=gnttab,
                          page_types=self.types.page_types, domid=1, handle=bytes(range(16)))

@@ -32,7 +32,6 @@ from pyvmm.xen_abi.abi import (
     PhysdevOp,
     SchedOp,
     VcpuOp,
-    VmAssistType,
     XenErrno,
     XenVer,
 )
@@ -86,8 +85,9 @@ class Harness:
         ev._vcpu_info = [SHARED_INFO_GPA + v * VCPU_INFO_SIZE for v in range(d.nr_vcpus)]
         if any(ev.virq_to_port) or any(p.state for p in ev.ports[64:80]):
             raise Finding("closing every port left bindings behind")
+        d.types.clear()
         d.gnttab = GrantTable(d.phys, GNTTAB_GPA, max_frames=GNTTAB_MAX_FRAMES, domid=1,
-                              frame_ok=lambda f: 0 <= f < RAM_SIZE // 4096)
+                              page_types=d.page_types)
         d.typed = set()
         d.m2p = {}
         d.reservation = Reservation(d.ram, m2p_write=d.m2p.__setitem__, frame_typed=d.typed.__contains__)

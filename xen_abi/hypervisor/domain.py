@@ -183,13 +183,10 @@ class Domain(PvDomainBase):
             hypervisor_l4_entries=self.region.hypervisor_l4_entries())
         self._adjust_bootstrap_tables()
         evtchn = EventChannels(self.phys, self.region.shared_info_gpa, nr_vcpus, kick=self.kick)
-        # only guest RAM may be granted (as Xen checks the page's owner): the
-        # VMM region holds the shim and its tables
-        ram_frames = ram_size >> abi.PAGE_SHIFT
-        gnttab = GrantTable(self.phys, self.region.gpa_of(R.GRANT_OFF), max_frames=R.MAX_GRANT_FRAMES,
-                            frame_ok=lambda frame: 0 <= frame < ram_frames)
         reg = self.region
         page_types = PageTypes(reg.mem.address + reg.page_type_off, reg.ram_pages)
+        gnttab = GrantTable(self.phys, self.region.gpa_of(R.GRANT_OFF), max_frames=R.MAX_GRANT_FRAMES,
+                            page_types=page_types)
         super().__init__(phys=self.phys, nr_vcpus=nr_vcpus, e820=self.layout.e820,
                          shared_info_gpa=self.region.shared_info_gpa, evtchn=evtchn, gnttab=gnttab,
                          page_types=page_types)
