@@ -63,6 +63,7 @@ class PvVcpuState:
     runstate_entry_ns: int = 0
     runstate_time: list = field(default_factory=lambda: [0, 0, 0, 0])
     time_area_va: int = 0       # VCPUOP_register_vcpu_time_memory_area
+    time_area_frames: tuple = ()   # ... its RAM frames, held writable (vcpu_op.py)
 
 
 class PvDomainBase:
