@@ -204,8 +204,8 @@ class Domain(PvDomainBase):
         self.notifier = EventNotifier(self.vm, self.region, self.evtchn)
         self.clock = DomainClock(self.kvm, self.vcpus, self.region, self.phys)   # LAPIC timers, pvclock
 
-        self.channels = DomainChannels(self.evtchn, self.gnttab, self.ram, self.layout, domid=self.domid,
-                                       name=name, uuid=uuid, nr_vcpus=len(self.region.vcpus),
+        self.channels = DomainChannels(self.evtchn, self.gnttab, self.ram, self.layout, self.page_types,
+                                       domid=self.domid, name=name, uuid=uuid, nr_vcpus=len(self.region.vcpus),
                                        console_write=self.console_write, vcpus_online=vcpus_online)
         self.backends: list = []                      # split-driver back-ends (attach())
 
