@@ -192,7 +192,7 @@ class Domain(PvDomainBase):
                          page_types=page_types)
         self.reservation = Reservation(
             self.ram, m2p_write=lambda mfn, v: reg.mem.write_u64(reg.m2p_off + 8 * mfn, v),
-            frame_typed=page_types.in_use)
+            page_types=page_types)
         self.dispatcher = HypercallDispatcher(self)
         self.vcpus = [self.vm.create_vcpu(i) for i in range(nr_vcpus)]
         self.vcpu = self.vcpus[0]
