@@ -1,6 +1,6 @@
 """A guest's side of split drivers, played from Python for back-end tests:
 a BackendHost over real guest memory (RAM + a VMM region with shared_info
-and the grant table), and the frontend's end of a shared ring."""
+and the grant table, page-type words), and the frontend's end of a shared ring."""
 from __future__ import annotations
 
 import contextlib
@@ -13,6 +13,7 @@ from pyvmm.xen_abi.hypervisor.evtchn import EventChannels
 from pyvmm.xen_abi.hypervisor.grant_table import GrantTable
 from pyvmm.xen_abi.memory.physmem import PhysicalMemory
 from pyvmm.xen_abi.xenstore.store import XenstoreStore
+from typewords import TypeWords
 
 DOMID = 1
 RAM = 4 << 20
@@ -21,16 +22,18 @@ VMM_GPA = 0x1000_0000          # shared_info + grant frames, outside RAM
 
 @contextlib.contextmanager
 def backend_host():
-    """A BackendHost for domain 1; .ram is its RAM, .backends are closed at the end."""
+    """A BackendHost for domain 1; .ram is its RAM, .types its frames' type
+    words (typewords.py), .backends are closed at the end."""
     ram = GuestMemory(RAM, name="ram")
     vmm = GuestMemory(64 * PAGE_SIZE, name="vmm")
+    types = TypeWords(RAM // PAGE_SIZE)
     phys = PhysicalMemory([(0, ram), (VMM_GPA, vmm)])
-    ram_frames = RAM // PAGE_SIZE
     h = BackendHost(domid=DOMID, store=XenstoreStore(),
                     evtchn=EventChannels(phys, VMM_GPA, 1, domid=DOMID),
                     gnttab=GrantTable(phys, VMM_GPA + PAGE_SIZE, max_frames=4, initial_frames=4, domid=DOMID,
-                                      frame_ok=lambda f: 0 <= f < ram_frames))
+                                      page_types=types.page_types))
     h.ram = ram
+    h.types = types
     h.backends = []
     try:
         yield h
@@ -39,6 +42,7 @@ def backend_host():
             b.close()
         ram.close()
         vmm.close()
+        types.close()
 
 
 class FrontRing:

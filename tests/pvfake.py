@@ -1,6 +1,7 @@
 """A small fake PV domain for the hypercall-layer tests: real GuestMemory RAM
-plus a VMM region, 4-level page tables built in guest RAM, and the real
-EventChannels / GrantTable / HypercallDispatcher on top."""
+plus a VMM region, 4-level page tables built in guest RAM, page-type words
+(typewords.py), and the real EventChannels / GrantTable / HypercallDispatcher
+on top."""
 from __future__ import annotations
 
 from pyvmm.vmm import x86
@@ -12,6 +13,7 @@ from pyvmm.xen_abi.memory.guest_va import GuestVirtualMemory
 from pyvmm.xen_abi.hypervisor.hypercalls.context import HypercallContext, PvDomainBase
 from pyvmm.xen_abi.hypervisor.hypercalls.dispatch import HypercallDispatcher
 from pyvmm.xen_abi.memory.physmem import PhysicalMemory
+from typewords import TypeWords
 
 RAM_SIZE = 16 << 20
 VMM_GPA = 0x1000_0000  # VMM region above RAM (shared_info, grant frames)
@@ -75,12 +77,13 @@ class FakeDomain(PvDomainBase):
         self.vmm = GuestMemory(VMM_SIZE, name="test-vmm")
         phys = PhysicalMemory([(0, self.ram), (VMM_GPA, self.vmm)])
         self.kicks = []
+        self.types = TypeWords(RAM_SIZE // PAGE_SIZE)
         evtchn = EventChannels(phys, SHARED_INFO_GPA, nr_vcpus, domid=1, kick=self._kick)
         gnttab = GrantTable(phys, GNTTAB_GPA, max_frames=GNTTAB_MAX_FRAMES, domid=1,
-                            frame_ok=lambda f: 0 <= f < RAM_SIZE // PAGE_SIZE)
+                            page_types=self.types.page_types)
         super().__init__(phys=phys, nr_vcpus=nr_vcpus, e820=[(0, RAM_SIZE, E820_RAM)],
                          shared_info_gpa=SHARED_INFO_GPA, evtchn=evtchn, gnttab=gnttab,
-                         domid=1, handle=bytes(range(16)))
+                         page_types=self.types.page_types, domid=1, handle=bytes(range(16)))
         self.now = now
         self.console = bytearray()
         self.yields = 0
@@ -121,7 +124,8 @@ class FakeDomain(PvDomainBase):
 
     # helpers
     def ctx(self, vcpu: int = 0) -> HypercallContext:
-        return HypercallContext(vcpu, GuestVirtualMemory(self.phys, self.pt.cr3), self.phys)
+        return HypercallContext(vcpu, GuestVirtualMemory(self.phys, self.pt.cr3, page_types=self.page_types),
+                                self.phys)
 
     def call(self, nr, *args, vcpu: int = 0):
         return self.dispatcher.dispatch(self.ctx(vcpu), int(nr), args)
@@ -129,3 +133,4 @@ class FakeDomain(PvDomainBase):
     def close(self):
         self.ram.close()
         self.vmm.close()
+        self.types.close()

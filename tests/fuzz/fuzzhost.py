@@ -23,6 +23,7 @@ from pyvmm.xen_abi.hypervisor.evtchn import EventChannels
 from pyvmm.xen_abi.hypervisor.grant_table import ENTRIES_PER_FRAME, GrantTable
 from pyvmm.xen_abi.memory.physmem import PhysicalMemory
 from pyvmm.xen_abi.xenstore.store import XenstoreStore
+from typewords import TypeWords
 
 DOMID = 1
 RAM_PAGES = 64
@@ -63,10 +64,11 @@ class FuzzHost:
     def __init__(self):
         self.ram = GuestMemory(RAM_PAGES * PAGE_SIZE, name="fuzz-ram")
         self.vmm = GuestMemory(16 * PAGE_SIZE, name="fuzz-vmm")
+        self.types = TypeWords(RAM_PAGES)
         phys = PhysicalMemory([(0, self.ram), (VMM_GPA, self.vmm)])
         self.gnttab = RacingGrantTable(phys, VMM_GPA + PAGE_SIZE, max_frames=GNT_FRAMES,
                                        initial_frames=GNT_FRAMES, domid=DOMID,
-                                       frame_ok=lambda f: 0 <= f < RAM_PAGES)
+                                       page_types=self.types.page_types)
         self.host = BackendHost(domid=DOMID, store=XenstoreStore(),
                                 evtchn=EventChannels(phys, VMM_GPA, 1, domid=DOMID),
                                 gnttab=self.gnttab)
@@ -79,6 +81,7 @@ class FuzzHost:
         self.mv.release()
         self.ram.close()
         self.vmm.close()
+        self.types.close()
 
     def page(self, pfn: int) -> memoryview:
         return self.mv[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE]

@@ -32,7 +32,6 @@ from pyvmm.xen_abi.abi import (
     PhysdevOp,
     SchedOp,
     VcpuOp,
-    VmAssistType,
     XenErrno,
     XenVer,
 )
@@ -40,6 +39,7 @@ from pyvmm.xen_abi.hypervisor.grant_table import GrantTable
 from pyvmm.xen_abi.hypervisor.hypercalls.context import DomainShutdown
 from pyvmm.xen_abi.hypervisor.hypercalls.dispatch import HypercallDispatcher
 from pyvmm.xen_abi.hypervisor.reservation import Reservation
+from pyvmm.xen_abi.memory.page_types import PGT_L1, PGT_TYPE_SHIFT
 
 from pvfake import GNTTAB_GPA, GNTTAB_MAX_FRAMES, SHARED_INFO_GPA
 
@@ -86,11 +86,11 @@ class Harness:
         ev._vcpu_info = [SHARED_INFO_GPA + v * VCPU_INFO_SIZE for v in range(d.nr_vcpus)]
         if any(ev.virq_to_port) or any(p.state for p in ev.ports[64:80]):
             raise Finding("closing every port left bindings behind")
+        d.types.clear()
         d.gnttab = GrantTable(d.phys, GNTTAB_GPA, max_frames=GNTTAB_MAX_FRAMES, domid=1,
-                              frame_ok=lambda f: 0 <= f < RAM_SIZE // 4096)
-        d.typed = set()
+                              page_types=d.page_types)
         d.m2p = {}
-        d.reservation = Reservation(d.ram, m2p_write=d.m2p.__setitem__, frame_typed=d.typed.__contains__)
+        d.reservation = Reservation(d.ram, m2p_write=d.m2p.__setitem__, page_types=d.page_types)
         d.dispatcher = HypercallDispatcher(d)
         d.console.clear()
         d.kicks.clear()
@@ -139,8 +139,8 @@ class Harness:
                 args[1:3] = [inp.below(300) if inp.chance(230) else inp.interesting(32), self._pointer(inp)]
             elif nr == H.grant_table_op:
                 args[2] = 1 if inp.chance(220) else inp.interesting(32)
-            if inp.chance(40):
-                d.typed.add(inp.below(RAM_SIZE // 4096))
+            if inp.chance(40):      # the shim made a frame a page table
+                d.types.set(inp.below(RAM_SIZE // 4096), PGT_L1 << PGT_TYPE_SHIFT | 1)
             ctx = d.ctx(inp.below(2))
             ctx.in_kernel_mode = inp.chance(245)
             try:

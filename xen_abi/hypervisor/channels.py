@@ -1,9 +1,11 @@
 """The two channels a PV domain starts with (start_info's store and console
 pages and ports), served by Python: the guest ports pre-allocated and bound
 to back-ends (XenstoreRingServer, ConsoleRingServer), the grant entries
-Xen reserves for them, and the domain's xenstore tree.
+Xen reserves for them, and the domain's xenstore tree.  The two ring pages
+are held writable (page_types.py) for the domain's life, as xenstored and
+xenconsoled keep them mapped: the guest can never make them page tables.
 
-    channels = DomainChannels(evtchn, gnttab, ram, layout, domid=1, name="domU",
+    channels = DomainChannels(evtchn, gnttab, ram, layout, page_types, domid=1, name="domU",
                               nr_vcpus=1, console_write=...)   # before the guest runs
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pyvmm.xen_abi import abi
 from pyvmm.xen_abi.abi import DOMID_SELF
 from pyvmm.xen_abi.hypervisor.console_ring import ConsoleRingServer
 from pyvmm.xen_abi.hypervisor.evtchn import BACKEND_DOMID
+from pyvmm.xen_abi.memory.page_types import type_name
 from pyvmm.xen_abi.xenstore.ring import XenstoreRingServer
 from pyvmm.xen_abi.xenstore.store import XenstoreStore
 from pyvmm.xen_abi.xenstore.toolstack import populate_domain
@@ -25,7 +28,7 @@ class DomainChannels:
     """store: the domain's xenstore; dom_path: its /local/domain/<id>;
     xenstore_server, console_server: the ring back-ends."""
 
-    def __init__(self, evtchn, gnttab, ram, layout, *, domid: int, name: str, nr_vcpus: int,
+    def __init__(self, evtchn, gnttab, ram, layout, page_types, *, domid: int, name: str, nr_vcpus: int,
                  console_write: Callable[[bytes], None], uuid: str | None = None,
                  vcpus_online: int | None = None):
         ports = {}
@@ -46,16 +49,20 @@ class DomainChannels:
         self.xenstore_server = None
         self.console_server = None
         be_store = evtchn.backend_bind(ports["store"], lambda: self.xenstore_server.process())
-        self.xenstore_server = XenstoreRingServer(_page(ram, layout.xenstore_pfn), be_store.notify,
-                                                  self.store, domid)
+        self.xenstore_server = XenstoreRingServer(_ring_page(ram, page_types, layout.xenstore_pfn),
+                                                  be_store.notify, self.store, domid)
         be_cons = evtchn.backend_bind(ports["console"], lambda: self.console_server.process())
-        self.console_server = ConsoleRingServer(_page(ram, layout.console_pfn), be_cons.notify,
-                                                console_write)
+        self.console_server = ConsoleRingServer(_ring_page(ram, page_types, layout.console_pfn),
+                                                be_cons.notify, console_write)
 
     def send_console_input(self, data: bytes) -> int:
         """Queue input for the guest's console ring (raises its console port)."""
         return self.console_server.send_input(bytes(data))
 
 
-def _page(ram, pfn: int) -> memoryview:
+def _ring_page(ram, page_types, pfn: int) -> memoryview:
+    """A ring page, held writable from now on (never given back: the domain
+    ends with it)."""
+    if not page_types.take_writable(pfn):     # the builder's frames: untyped before the guest runs
+        raise RuntimeError(f"ring page {pfn:#x} is already typed: {type_name(page_types.word(pfn))}")
     return ram.view(pfn << abi.PAGE_SHIFT, abi.PAGE_SIZE)

@@ -183,18 +183,16 @@ class Domain(PvDomainBase):
             hypervisor_l4_entries=self.region.hypervisor_l4_entries())
         self._adjust_bootstrap_tables()
         evtchn = EventChannels(self.phys, self.region.shared_info_gpa, nr_vcpus, kick=self.kick)
-        # only guest RAM may be granted (as Xen checks the page's owner): the
-        # VMM region holds the shim and its tables
-        ram_frames = ram_size >> abi.PAGE_SHIFT
-        gnttab = GrantTable(self.phys, self.region.gpa_of(R.GRANT_OFF), max_frames=R.MAX_GRANT_FRAMES,
-                            frame_ok=lambda frame: 0 <= frame < ram_frames)
-        super().__init__(phys=self.phys, nr_vcpus=nr_vcpus, e820=self.layout.e820,
-                         shared_info_gpa=self.region.shared_info_gpa, evtchn=evtchn, gnttab=gnttab)
         reg = self.region
-        self.page_types = PageTypes(reg.mem.address + reg.page_type_off, reg.ram_pages)
+        page_types = PageTypes(reg.mem.address + reg.page_type_off, reg.ram_pages)
+        gnttab = GrantTable(self.phys, self.region.gpa_of(R.GRANT_OFF), max_frames=R.MAX_GRANT_FRAMES,
+                            page_types=page_types)
+        super().__init__(phys=self.phys, nr_vcpus=nr_vcpus, e820=self.layout.e820,
+                         shared_info_gpa=self.region.shared_info_gpa, evtchn=evtchn, gnttab=gnttab,
+                         page_types=page_types)
         self.reservation = Reservation(
             self.ram, m2p_write=lambda mfn, v: reg.mem.write_u64(reg.m2p_off + 8 * mfn, v),
-            frame_typed=self.page_types.in_use)
+            page_types=page_types)
         self.dispatcher = HypercallDispatcher(self)
         self.vcpus = [self.vm.create_vcpu(i) for i in range(nr_vcpus)]
         self.vcpu = self.vcpus[0]
@@ -206,8 +204,8 @@ class Domain(PvDomainBase):
         self.notifier = EventNotifier(self.vm, self.region, self.evtchn)
         self.clock = DomainClock(self.kvm, self.vcpus, self.region, self.phys)   # LAPIC timers, pvclock
 
-        self.channels = DomainChannels(self.evtchn, self.gnttab, self.ram, self.layout, domid=self.domid,
-                                       name=name, uuid=uuid, nr_vcpus=len(self.region.vcpus),
+        self.channels = DomainChannels(self.evtchn, self.gnttab, self.ram, self.layout, self.page_types,
+                                       domid=self.domid, name=name, uuid=uuid, nr_vcpus=len(self.region.vcpus),
                                        console_write=self.console_write, vcpus_online=vcpus_online)
         self.backends: list = []                      # split-driver back-ends (attach())
 
@@ -398,7 +396,8 @@ class Domain(PvDomainBase):
             nr = MAILBOX.read(p, mb, "nr")
             args = tuple(MAILBOX.read(p, mb, "args", i) for i in range(6))
             cr3 = MAILBOX.read(p, mb, "cr3")
-            ctx = HypercallContext(vcpu_id=index, vm=GuestVirtualMemory(p, cr3), phys=p,
+            vm = GuestVirtualMemory(p, cr3, page_types=self.page_types)
+            ctx = HypercallContext(vcpu_id=index, vm=vm, phys=p,
                                    in_kernel_mode=bool(MAILBOX.read(p, mb, "kmode")))
             rip = MAILBOX.read(p, mb, "rip")
             self.notifier.enter_exit(index)

@@ -9,15 +9,21 @@ way Xen's grant map does for domain 0: the entry must be GTF_permit_access
 for that domid, a writable mapping needs an entry without GTF_readonly, and
 the GTF_reading / GTF_writing bits are set with a cmpxchg on the entry
 (racing the guest's own cmpxchg in gnttab_end_foreign_access) and cleared
-when the last mapping of that kind goes away. Failures raise GrantError
-carrying a GNTST_* status: they concern only the guest that granted.
+when the last mapping of that kind goes away. Only the guest's RAM may be
+granted (Xen checks the page's owner; the VMM region holds the shim and its
+tables). A writable map, and a copy into a granted page, hold a writable
+reference on the frame's page type (page_types.py) while they may write, as
+Xen's get_page_type(PGT_writable_page) does: the guest cannot make the frame
+a page table under a back-end, and a frame that already is one is refused.
+Failures raise GrantError carrying a GNTST_* status: they concern only the
+guest that granted.
 """
 from __future__ import annotations
 
 import itertools
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 from pyvmm.xen_abi.abi import (
     GNTST_bad_copy_arg,
@@ -37,6 +43,7 @@ from pyvmm.xen_abi.abi import (
     PAGE_SIZE,
     GrantEntryV1,
 )
+from pyvmm.xen_abi.memory.page_types import NotWritable, PageTypes, type_name
 from pyvmm.xen_abi.memory.physmem import GuestPhysicalFault
 
 __all__ = ["GrantTable", "GrantMapping", "GrantError", "ENTRIES_PER_FRAME",
@@ -75,9 +82,10 @@ class _Pin:
 
 
 class GrantTable:
-    def __init__(self, phys, base_gpa: int, *, max_frames: int = DEFAULT_MAX_FRAMES,
-                 initial_frames: int = 1, domid: int = 1,
-                 frame_ok: Optional[Callable[[int], bool]] = None):
+    def __init__(self, phys, base_gpa: int, *, page_types: PageTypes,
+                 max_frames: int = DEFAULT_MAX_FRAMES, initial_frames: int = 1, domid: int = 1):
+        # page_types, with no default: every grant table serves a guest whose
+        # frames can become page tables; its frames are the RAM a grant may name
         if base_gpa % PAGE_SIZE:
             raise ValueError("grant frames must be page aligned")
         if not 1 <= initial_frames <= max_frames:
@@ -90,8 +98,7 @@ class GrantTable:
         self.nr_frames = initial_frames
         self.domid = domid
         self.version = 1
-        # Which frames a grant may name (RAM, by default anything backed).
-        self.frame_ok = frame_ok or (lambda f: phys.contains(f << PAGE_SHIFT, PAGE_SIZE))
+        self.page_types = page_types
         self.lock = threading.Lock()
         self._pins: dict[int, _Pin] = {}
         self._maps: dict[int, GrantMapping] = {}
@@ -169,7 +176,7 @@ class GrantTable:
         else:
             raise GrantError(GNTST_general_error, f"ref {ref}: entry unstable")
         frame = self.phys.read_u32(gpa + 4)
-        if not self.frame_ok(frame):
+        if not self.page_types.is_ram(frame):
             self._release_flags(ref, readonly, just_acquired=True)
             raise GrantError(GNTST_bad_page, f"ref {ref}: frame {frame:#x} is not guest RAM")
         pin = self._pins.setdefault(ref, _Pin())
@@ -208,6 +215,10 @@ class GrantTable:
                 raise GrantError(GNTST_bad_page, f"ref {ref}: frame {frame:#x} not mapped") from None
             if readonly:
                 view = view.toreadonly()
+            elif not self.page_types.take_writable(frame):     # held until unmap
+                self._release_flags(ref, readonly)
+                raise GrantError(GNTST_general_error, f"ref {ref}: frame {frame:#x} cannot be mapped "
+                                 f"writable ({type_name(self.page_types.word(frame))})")
             m = GrantMapping(next(self._handles), ref, frame, readonly, view)
             self._maps[m.handle] = m
             return m
@@ -221,6 +232,8 @@ class GrantTable:
             m.active = False
             m.view = None
             self._release_flags(m.ref, m.readonly)
+            if not m.readonly:
+                self.page_types.release_writable(m.frame, f"grant ref {m.ref} unmapped")
 
     def active_mappings(self) -> int:
         return len(self._maps)
@@ -248,7 +261,10 @@ class GrantTable:
         with self.lock:
             frame = self._acquire(ref, domid, readonly=False)
             try:
-                self.phys.write((frame << PAGE_SHIFT) + offset, data)
+                with self.page_types.writing((frame,), f"grant ref {ref} copied to"):
+                    self.phys.write((frame << PAGE_SHIFT) + offset, data)
+            except NotWritable as e:
+                raise GrantError(GNTST_general_error, f"ref {ref}: {e}") from None
             except GuestPhysicalFault:
                 raise GrantError(GNTST_bad_page, f"ref {ref}: frame {frame:#x} not mapped") from None
             finally:

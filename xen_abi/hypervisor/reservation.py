@@ -16,11 +16,13 @@ increase_reservation and populate_physmap for a non-translated guest).
   answer is the number of extents done.
 
 Differences from Xen, each harmless to the host:
-* Xen frees a page once its last reference is gone.  The shim keeps types
-  but no reference counts (issue 11), so a released frame it still has
-  typed as a page table keeps its contents, and is neither discarded nor
-  handed out again, until its type is gone; the guest's reservation falls
-  at once, as in Xen (Linux's balloon BUG()s on a partial decrease);
+* Xen frees a page once its last reference is gone.  Here a released frame
+  whose type word still counts references (a page table, a writable
+  mapping, a writer of pyvmm's: page_types.py) keeps its contents, and is
+  neither discarded nor handed out again, until its count is zero; the
+  guest's reservation falls at once, as in Xen (Linux's balloon BUG()s on
+  a partial decrease).  A frame is discarded only with no pyvmm writer
+  able to take it in between (PageTypes.discard_if_unused);
 * a hostile guest may keep a mapping of a frame it released and touch it
   again; that re-allocates host memory, but never beyond the RAM it was
   built with (the memfd's size).
@@ -42,20 +44,20 @@ INVALID_M2P_ENTRY = (1 << 64) - 1
 class Reservation:
     """One owner for the domain's frame holdings.
 
-    ram: the RAM GuestMemory; m2p_write(mfn, value) and frame_typed(mfn)
-    reach the shim's M2P and frame-type map."""
+    ram: the RAM GuestMemory; m2p_write(mfn, value) reaches the shim's
+    M2P, page_types the frames' type words."""
 
-    def __init__(self, ram, m2p_write, frame_typed):
+    def __init__(self, ram, m2p_write, page_types):
         self.ram = ram
         self.ram_pages = ram.size >> PAGE_SHIFT
         self.max_pages = self.ram_pages
         self._released = bytearray(self.ram_pages)   # 1: handed back to the host
         self._free: list[int] = []                   # released frames, for increase/populate
-        self._typed_out: list[int] = []              # released but still typed (see _release)
+        self._typed_out: list[int] = []              # released but still in use (see _release)
         self._to_discard: list[int] = []
         self.nr_pages = self.ram_pages
         self._m2p_write = m2p_write
-        self._frame_typed = frame_typed
+        self._page_types = page_types
         self._lock = threading.Lock()                # one balloon operation at a time
 
     # ---- the hypercalls ----
@@ -109,25 +111,26 @@ class Reservation:
         for f in frames:
             self._released[f] = 1
             self._m2p_write(f, INVALID_M2P_ENTRY)
-            # a frame the shim still has typed as a page table may be live:
-            # it keeps its contents until its type is gone (_reap), as Xen
-            # frees such a page only when its last reference is dropped
-            (self._typed_out if self._frame_typed(f) else self._to_discard).append(f)
+            self._to_discard.append(f)
         self._discard_pending()
         return True
 
     def _discard_pending(self) -> None:
+        """Free the frames to discard, but those still in use: a page table
+        may be live, a writer may still write; they keep their contents
+        until their count is zero (_reap), as Xen frees a page only when its
+        last reference is dropped."""
         for f in self._to_discard:
-            self.ram.discard(f << PAGE_SHIFT, PAGE_SIZE)
-        self._free.extend(self._to_discard)
+            if self._page_types.discard_if_unused(f, lambda: self.ram.discard(f << PAGE_SHIFT, PAGE_SIZE)):
+                self._free.append(f)
+            else:
+                self._typed_out.append(f)
         self._to_discard.clear()
 
     def _reap(self) -> None:
-        """Released frames whose page-table type has gone since: free now."""
-        still = []
-        for f in self._typed_out:
-            (still if self._frame_typed(f) else self._to_discard).append(f)
-        self._typed_out = still
+        """Released frames no longer in use: free now."""
+        self._to_discard.extend(self._typed_out)
+        self._typed_out = []
         self._discard_pending()
 
     def _take(self, pages: int) -> int | None:

@@ -11,12 +11,17 @@ would through the MMU, and refuses:
     slot backs, and (for writes) any level without RW.
 The U/S bit is not checked: hypercalls arrive from the guest kernel, whose
 mappings Xen makes user-accessible anyway, and Xen itself ignores U/S here.
+A write also holds a writable reference on each RAM frame it writes
+(page_types.py) from before the first byte to after the last, and refuses a
+frame that is a page table: another vCPU may have dropped the mapping the
+walk found and made the frame a page table since.
 Failures raise GuestPageFault, which the dispatcher turns into -EFAULT.
 """
 from __future__ import annotations
 
 from pyvmm.vmm import x86
-from pyvmm.xen_abi.abi import HYPERVISOR_VIRT_END, HYPERVISOR_VIRT_START, PAGE_SIZE
+from pyvmm.xen_abi.abi import HYPERVISOR_VIRT_END, HYPERVISOR_VIRT_START, PAGE_SHIFT, PAGE_SIZE
+from pyvmm.xen_abi.memory.page_types import NotWritable, PageTypes
 from pyvmm.xen_abi.memory.physmem import GuestPhysicalFault
 
 __all__ = ["GuestVirtualMemory", "GuestPageFault"]
@@ -46,11 +51,14 @@ def is_canonical(va: int) -> bool:
 
 
 class GuestVirtualMemory:
-    """Reads/writes guest-virtual ranges through the page tables rooted at cr3."""
+    """Reads/writes guest-virtual ranges through the page tables rooted at cr3.
+    Writing needs the guest's page_types; without them it only reads."""
 
-    def __init__(self, phys, cr3: int, *, allow_hypervisor_range: bool = False):
+    def __init__(self, phys, cr3: int, *, page_types: PageTypes | None = None,
+                 allow_hypervisor_range: bool = False):
         self.phys = phys
         self.cr3 = cr3 & x86.PTE_ADDR_MASK  # PCID / PWT / PCD bits are not address bits
+        self.page_types = page_types
         self.allow_hypervisor_range = allow_hypervisor_range
 
     # ---- translation ----
@@ -109,18 +117,23 @@ class GuestVirtualMemory:
         return b"".join(parts)
 
     def write(self, va: int, data) -> None:
+        if self.page_types is None:
+            raise RuntimeError("this GuestVirtualMemory was made without page types: it only reads")
         data = memoryview(data).cast("B")
         pieces = self._pieces(va, data.nbytes, True)  # translate all first: no partial writes
         for gpa, take in pieces:
             if not self.phys.contains(gpa, take):
                 raise GuestPageFault(va, True, f"frame {gpa:#x} not in guest memory")
         pos = 0
-        for gpa, take in pieces:
-            try:
-                self.phys.write(gpa, data[pos:pos + take])
-            except GuestPhysicalFault:
-                raise GuestPageFault(va, True, f"frame {gpa:#x} not in guest memory") from None
-            pos += take
+        try:
+            with self.page_types.writing((gpa >> PAGE_SHIFT for gpa, _ in pieces), "hypercall output"):
+                for gpa, take in pieces:
+                    self.phys.write(gpa, data[pos:pos + take])
+                    pos += take
+        except NotWritable as e:     # as a read-only mapping would be
+            raise GuestPageFault(va, True, str(e)) from None
+        except GuestPhysicalFault as e:
+            raise GuestPageFault(va, True, f"frame {e.gpa:#x} not in guest memory") from None
 
     def read_struct(self, struct, va: int):
         return struct.parse(self.read(va, struct.sizeof()))

@@ -192,9 +192,9 @@ static inline int next_used(const u64 *t, int i)
 	return all_zero ? ENTRIES : (int)(p - t) - 1;
 }
 
-/* Xen's get_page_type: one reference of `type` on RAM frame mfn; 0 or
- * -EINVAL (another type is referenced, the count is full, or the frame
- * fails validation as a table). */
+/* Xen's get_page_type: one reference of `type` on RAM frame mfn; 0, or
+ * -EINVAL (another type is referenced, the count is full), or what the
+ * first bad entry got when the frame fails validation as a table. */
 static long get_type(u64 mfn, u32 type)
 {
 	volatile u32 *w = type_word(mfn);
@@ -214,10 +214,10 @@ static long get_type(u64 mfn, u32 type)
 		 * write a new table, or walk a former one) */
 		if (PGT_TYPE(old) != type)
 			smp_flush_stale(G->tlb_stamp[mfn]);
-		if (type == PGT_WRITABLE || !validate(mfn, type))
-			return 0;
-		__atomic_store_n(w, old, __ATOMIC_SEQ_CST);
-		return -XEN_EINVAL;
+		long rc = type == PGT_WRITABLE ? 0 : validate(mfn, type);
+		if (rc)
+			__atomic_store_n(w, old, __ATOMIC_SEQ_CST);
+		return rc;
 	}
 }
 

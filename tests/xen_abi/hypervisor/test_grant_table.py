@@ -1,5 +1,8 @@
-"""Grant table v1: VMM-owned frames, seeding, back-end map/unmap/copy checks."""
+"""Grant table v1: VMM-owned frames, seeding, back-end map/unmap/copy checks,
+and the writable page-type references a back-end holds while it may write."""
 from __future__ import annotations
+
+import logging
 
 import pytest
 
@@ -17,8 +20,11 @@ from pyvmm.xen_abi.abi import (
     PAGE_SIZE,
 )
 from pyvmm.xen_abi.hypervisor.grant_table import GrantError, GrantTable
+from pyvmm.xen_abi.memory.page_types import PGT_L1, PGT_TYPE_SHIFT, PGT_WRITABLE
 
 FRAME = 0x300  # a guest RAM frame used as granted page
+WRITABLE = PGT_WRITABLE << PGT_TYPE_SHIFT
+L1_TABLE = PGT_L1 << PGT_TYPE_SHIFT | 1   # a validated L1, referenced once
 
 
 @pytest.fixture
@@ -162,6 +168,75 @@ def test_guest_revocation_races_map(dom):
 
 def test_constructor_checks(dom):
     with pytest.raises(ValueError):
-        GrantTable(dom.phys, GNTTAB_GPA + 1)
+        GrantTable(dom.phys, GNTTAB_GPA + 1, page_types=dom.page_types)
     with pytest.raises(ValueError):
-        GrantTable(dom.phys, GNTTAB_GPA, max_frames=100000)
+        GrantTable(dom.phys, GNTTAB_GPA, max_frames=100000, page_types=dom.page_types)
+
+
+# ---- page types: a back-end never writes into a page table ----
+
+def test_a_writable_map_holds_a_writable_reference_until_unmap(dom):
+    gt, pt = dom.gnttab, dom.page_types
+    gt.write_entry(40, GTF_permit_access, 0, FRAME)
+    m1 = gt.map(40, domid=0)
+    assert pt.word(FRAME) == WRITABLE | 1
+    m2 = gt.map(40, domid=0)
+    assert pt.word(FRAME) == WRITABLE | 2
+    gt.unmap(m1)
+    assert pt.word(FRAME) == WRITABLE | 1
+    gt.unmap(m2)
+    assert pt.word(FRAME) == WRITABLE, "nothing held; the type stays for the shim"
+
+
+def test_read_only_maps_and_copies_take_no_reference(dom):
+    gt, pt = dom.gnttab, dom.page_types
+    gt.write_entry(41, GTF_permit_access, 0, FRAME)
+    m = gt.map(41, domid=0, readonly=True)
+    assert pt.word(FRAME) == 0
+    gt.copy_from_guest(41, 0, 8)
+    assert pt.word(FRAME) == 0
+    gt.unmap(m)
+    dom.types.set(FRAME, L1_TABLE)
+    gt.unmap(gt.map(41, domid=0, readonly=True))      # reading a page table is fine
+    assert pt.word(FRAME) == L1_TABLE
+
+
+def test_a_page_table_is_not_mapped_writable(dom):
+    gt, pt = dom.gnttab, dom.page_types
+    gt.write_entry(42, GTF_permit_access, 0, FRAME)
+    dom.types.set(FRAME, L1_TABLE)
+    with pytest.raises(GrantError) as e:
+        gt.map(42, domid=0)
+    assert e.value.status == GNTST_general_error
+    assert pt.word(FRAME) == L1_TABLE, "the word is left as it was"
+    assert flags(gt, 42) == GTF_permit_access, "a refusal leaves no flags behind"
+    assert gt.active_mappings() == 0
+
+
+def test_a_copy_into_a_page_table_is_refused(dom):
+    gt, pt = dom.gnttab, dom.page_types
+    gt.write_entry(43, GTF_permit_access, 0, FRAME)
+    gt.copy_to_guest(43, 0, b"data")
+    assert pt.word(FRAME) == WRITABLE, "a copy holds the frame only while it writes"
+    dom.types.set(FRAME, L1_TABLE)
+    dom.ram.write(FRAME * PAGE_SIZE, bytes(8))
+    with pytest.raises(GrantError) as e:
+        gt.copy_to_guest(43, 0, b"forged PTE")
+    assert e.value.status == GNTST_general_error
+    assert dom.ram.read(FRAME * PAGE_SIZE, 8) == bytes(8)
+    assert pt.word(FRAME) == L1_TABLE
+    assert flags(gt, 43) == GTF_permit_access
+
+
+def test_an_unmap_that_finds_its_reference_gone_logs_and_finishes(dom, caplog):
+    """Only a guest that subverted the shim can rewrite the word under a
+    mapping: one line, and the mapping is gone all the same."""
+    gt, pt = dom.gnttab, dom.page_types
+    gt.write_entry(44, GTF_permit_access, 0, FRAME)
+    m = gt.map(44, domid=0)
+    dom.types.set(FRAME, L1_TABLE)
+    with caplog.at_level(logging.ERROR):
+        gt.unmap(m)
+    assert len(caplog.records) == 1 and f"{FRAME:#x}" in caplog.records[0].getMessage()
+    assert pt.word(FRAME) == L1_TABLE
+    assert flags(gt, 44) == GTF_permit_access and gt.active_mappings() == 0

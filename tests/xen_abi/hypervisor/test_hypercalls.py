@@ -62,8 +62,11 @@ from pyvmm.xen_abi.abi import (
 from pyvmm.xen_abi.hypervisor.hypercalls.console_io import CONSOLE_IO_MAX
 from pyvmm.xen_abi.hypervisor.hypercalls.context import DomainShutdown, HypercallContext
 from pyvmm.xen_abi.hypervisor.hypercalls.table import python_handlers
+from pyvmm.xen_abi.memory.page_types import PGT_L1, PGT_TYPE_SHIFT, PGT_WRITABLE
 
 E = XenErrno
+WRITABLE_ONCE = PGT_WRITABLE << PGT_TYPE_SHIFT | 1
+L1_TABLE = PGT_L1 << PGT_TYPE_SHIFT | 1
 UNMAPPED = 0x0000_1234_5678_0000  # a canonical VA with nothing mapped
 ARG = SCRATCH  # argument structure
 BUF = SCRATCH + 0x1000  # a second buffer
@@ -248,6 +251,20 @@ def test_register_vcpu_info(dom):
     assert phys.read_u64(old + VCPU_INFO_PENDING_SEL) == 0
     # second registration
     assert dom.call(Hypercall.vcpu_op, VcpuOp.register_vcpu_info, 0, ARG) == -E.EBUSY
+    # pyvmm and the shim write the page from now on: held writable, once
+    assert dom.page_types.word(mfn) == WRITABLE_ONCE
+
+
+def test_register_vcpu_info_onto_a_page_table(dom):
+    """Xen's map_vcpu_info: get_page_type(PGT_writable_page) fails, -EINVAL."""
+    mfn = 0x700
+    dom.types.set(mfn, L1_TABLE)
+    dom.ram.write(mfn * PAGE_SIZE, bytes(PAGE_SIZE))
+    put(dom, VcpuRegisterVcpuInfo, ARG, {"mfn": mfn, "offset": 0, "rsvd": 0})
+    assert dom.call(Hypercall.vcpu_op, VcpuOp.register_vcpu_info, 0, ARG) == -E.EINVAL
+    assert dom.page_types.word(mfn) == L1_TABLE
+    assert dom.ram.read(mfn * PAGE_SIZE, PAGE_SIZE) == bytes(PAGE_SIZE), "nothing written"
+    assert dom.moved == [] and not dom.dispatcher.vcpus[0].vcpu_info_registered
 
 
 @pytest.mark.parametrize("mfn,off", [(0x700, PAGE_SIZE - VCPU_INFO_SIZE + 8), (0x700, 4),
@@ -257,6 +274,34 @@ def test_register_vcpu_info_rejects(dom, mfn, off):
     put(dom, VcpuRegisterVcpuInfo, ARG, {"mfn": mfn, "offset": off, "rsvd": 0})
     assert dom.call(Hypercall.vcpu_op, VcpuOp.register_vcpu_info, 1, ARG) == -E.EINVAL
     assert dom.moved == [] and not dom.dispatcher.vcpus[1].vcpu_info_registered
+
+
+def test_time_area_frames_are_held_writable_while_registered(dom):
+    """pyvmm writes the time area at the frames its address mapped to when it
+    was registered: they stay writable until the area moves."""
+    first, second = SCRATCH + 0x2000 - 16, SCRATCH + 0x5000   # the first spans two frames
+    pt = dom.page_types
+
+    def frames_of(va):      # the fake kernel maps KBASE + x at x
+        return {(va - KBASE) >> 12, (va + 31 - KBASE) >> 12}
+
+    def register(va):
+        dom.ctx().vm.write_u64(ARG, va)
+        return dom.call(Hypercall.vcpu_op, VcpuOp.register_vcpu_time_memory_area, 0, ARG)
+
+    assert register(first) == 0
+    assert len(frames_of(first)) == 2
+    assert all(pt.word(f) == WRITABLE_ONCE for f in frames_of(first))
+    assert register(second) == 0
+    assert not any(pt.in_use(f) for f in frames_of(first))
+    assert all(pt.word(f) == WRITABLE_ONCE for f in frames_of(second))
+    assert register(0) == 0
+    assert not any(pt.in_use(f) for f in frames_of(second))
+    # an area on a page table: kept by nobody, as a write Xen cannot do
+    (frame,) = frames_of(second)
+    dom.types.set(frame, L1_TABLE)
+    assert register(second) == 0
+    assert pt.word(frame) == L1_TABLE and dom.dispatcher.vcpus[0].time_area_frames == ()
 
 
 def _guest_context(**over):

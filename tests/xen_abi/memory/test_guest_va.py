@@ -7,8 +7,9 @@ from pvfake import (KBASE, RAM_SIZE, SCRATCH, SCRATCH_GPA, SIZE_1G, SIZE_4K, VMM
                     VMM_SIZE, FakeDomain)
 from pyvmm.vmm import x86
 from pyvmm.vmm.memory import GuestMemory
-from pyvmm.xen_abi.abi import HYPERVISOR_VIRT_START, EvtchnBindVirq
+from pyvmm.xen_abi.abi import HYPERVISOR_VIRT_START, EvtchnBindVirq, Hypercall, XenErrno, XenVer
 from pyvmm.xen_abi.memory.guest_va import GuestPageFault, GuestVirtualMemory
+from pyvmm.xen_abi.memory.page_types import PGT_L2, PGT_TYPE_SHIFT
 from pyvmm.xen_abi.memory.physmem import GuestPhysicalFault, PhysicalMemory
 
 
@@ -20,7 +21,7 @@ def dom():
 
 
 def vm_of(d):
-    return GuestVirtualMemory(d.phys, d.pt.cr3)
+    return GuestVirtualMemory(d.phys, d.pt.cr3, page_types=d.page_types)
 
 
 def test_4k_read_write_roundtrip_and_translation(dom):
@@ -113,6 +114,39 @@ def test_malformed_addresses_and_tables(dom):
     # a CR3 outside guest memory
     with pytest.raises(GuestPageFault):
         GuestVirtualMemory(dom.phys, 0x7_0000_0000).read(KBASE, 1)
+
+
+L2_TABLE = PGT_L2 << PGT_TYPE_SHIFT | 1
+
+
+def test_a_write_into_a_page_table_faults(dom):
+    """The walk says writable, but the frame is a page table by now (another
+    vCPU dropped the mapping and pinned it): nothing is written, anywhere."""
+    va = 0x0000_6100_0000_0000
+    dom.pt.map(va, 0x93_0000, SIZE_4K)
+    dom.pt.map(va + SIZE_4K, 0x94_0000, SIZE_4K)
+    vm = vm_of(dom)
+    dom.types.set(0x940, L2_TABLE)
+    with pytest.raises(GuestPageFault, match="0x940"):
+        vm.write(va + SIZE_4K - 2, b"spans")
+    assert dom.ram.read(0x93_0000 + SIZE_4K - 2, 2) == bytes(2), "no partial write"
+    assert not dom.page_types.in_use(0x930), "the first frame's reference was given back"
+    assert dom.page_types.word(0x940) == L2_TABLE
+    vm.write(va, b"ok")
+    assert not dom.page_types.in_use(0x930), "held only while writing"
+
+
+def test_a_hypercall_writing_into_a_page_table_gets_efault(dom):
+    dom.types.set(SCRATCH_GPA >> 12, L2_TABLE)
+    assert dom.call(Hypercall.xen_version, XenVer.platform_parameters, SCRATCH) == -XenErrno.EFAULT
+    assert dom.page_types.word(SCRATCH_GPA >> 12) == L2_TABLE
+
+
+def test_a_view_made_without_page_types_only_reads(dom):
+    vm = GuestVirtualMemory(dom.phys, dom.pt.cr3)
+    assert vm.read(SCRATCH, 4) == dom.ram.read(SCRATCH_GPA, 4)
+    with pytest.raises(RuntimeError):
+        vm.write(SCRATCH, b"x")
 
 
 def test_struct_helpers(dom):

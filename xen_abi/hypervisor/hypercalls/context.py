@@ -63,13 +63,15 @@ class PvVcpuState:
     runstate_entry_ns: int = 0
     runstate_time: list = field(default_factory=lambda: [0, 0, 0, 0])
     time_area_va: int = 0       # VCPUOP_register_vcpu_time_memory_area
+    time_area_frames: tuple = ()   # ... its RAM frames, held writable (vcpu_op.py)
 
 
 class PvDomainBase:
     """Everything the Python hypercall handlers use from a domain, in one place.
 
     Attributes: domid, handle, nr_vcpus, phys (PhysicalMemory), evtchn
-    (EventChannels), gnttab (GrantTable), e820 [(addr, size, type)],
+    (EventChannels), gnttab (GrantTable), page_types (PageTypes: what
+    pyvmm writes in guest RAM it holds writable), e820 [(addr, size, type)],
     shared_info_gpa; derived from the e820: nr_pages, max_pages, max_ram_mfn.
     m2p_va: where XENMEM_machphys_mapping says the M2P is (Xen's address
     unless the domain moves it).
@@ -80,8 +82,9 @@ class PvDomainBase:
     m2p_va = MACH2PHYS_VIRT_START
 
     def __init__(self, *, phys, nr_vcpus: int, e820, shared_info_gpa: int, evtchn, gnttab,
-                 domid: int = 1, handle: bytes = bytes(XEN_DOMAIN_HANDLE_LEN)):
+                 page_types, domid: int = 1, handle: bytes = bytes(XEN_DOMAIN_HANDLE_LEN)):
         self.phys = phys
+        self.page_types = page_types
         self.nr_vcpus = nr_vcpus
         self.e820 = [tuple(e) for e in e820]
         self.shared_info_gpa = shared_info_gpa

@@ -30,6 +30,7 @@ from pyvmm.xen_abi.abi import (
 )
 from pyvmm.xen_abi.hypervisor.hypercalls.context import U32, U64, PvVcpuState, addr_ok, fail
 from pyvmm.xen_abi.memory.guest_va import GuestPageFault, is_canonical
+from pyvmm.xen_abi.memory.page_types import NotWritable, type_name
 
 MAX_GDT_ENTRIES = abi.FIRST_RESERVED_GDT_ENTRY
 MAX_LDT_ENTRIES = 8192
@@ -98,12 +99,16 @@ def _register_time_area(dispatcher, ctx, st: PvVcpuState, arg) -> int:
     and start in the guest's half (-EFAULT); 0 stops the updates.  Then
     force_update_vcpu_system_time: a copy of vcpu_info's time record, best
     effort, and again wherever vcpu_info's is rewritten.  The area is kept
-    as the guest-physical pieces its address maps to now."""
+    as the guest-physical pieces its address maps to now, and their frames
+    held writable while it is (Xen writes through the address each time;
+    pyvmm, writing the frames later, must keep them from becoming page
+    tables meanwhile)."""
     va = ctx.vm.read_u64(arg)
     if not addr_ok(va):
         fail(XenErrno.EFAULT, f"time area at {va:#x}")
     st.time_area_va = va
-    pieces = []
+    d = dispatcher.domain
+    pieces, held = [], ()
     if va:
         try:
             off = 0
@@ -111,9 +116,13 @@ def _register_time_area(dispatcher, ctx, st: PvVcpuState, arg) -> int:
                 n = min(VCPU_TIME_INFO_SIZE - off, PAGE_SIZE - ((va + off) & (PAGE_SIZE - 1)))
                 pieces.append((ctx.vm.translate(va + off, write=True), n))
                 off += n
-        except GuestPageFault:
+            held = d.page_types.take_all_writable(gpa >> PAGE_SHIFT for gpa, _ in pieces)
+        except (GuestPageFault, NotWritable):
             pieces = []      # Xen's copy fails silently; so do later updates
-    dispatcher.domain.vcpu_time_area_moved(st.vcpu_id, pieces)     # the clock writes it now and later
+    for mfn in st.time_area_frames:
+        d.page_types.release_writable(mfn, f"vCPU {st.vcpu_id}'s time area moved")
+    st.time_area_frames = held
+    d.vcpu_time_area_moved(st.vcpu_id, pieces)     # the clock writes it now and later
     return 0
 
 
@@ -160,6 +169,12 @@ def _register_vcpu_info(dispatcher, ctx, st: PvVcpuState, arg, current: bool) ->
     with dispatcher.lock:
         if st.vcpu_info_registered:
             fail(XenErrno.EBUSY, "vcpu_info already registered")
+        # Xen's map_vcpu_info: a writable type reference for as long as the
+        # vCPU uses the page -- here the domain's life (no vCPU reset; a
+        # reboot builds a new domain); pyvmm and the shim write it
+        if not d.page_types.take_writable(info.mfn):
+            fail(XenErrno.EINVAL, f"vcpu_info frame {info.mfn:#x} cannot be written "
+                                  f"({type_name(d.page_types.word(info.mfn))})")
         old = st.vcpu_info_gpa
         if old is not None:
             contents = d.phys.read(old, VCPU_INFO_SIZE)
