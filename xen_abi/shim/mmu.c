@@ -452,21 +452,34 @@ _Static_assert(XEN_MMUEXT_OP_SIZE <= BATCH_REQ_WORDS * 8, "mmuext_op request fit
 
 /* mmu_update and mmuext_op share Xen's batch protocol: `count` requests of
  * `size` bytes at guest VA `reqs`, applied in order up to the first that
- * fails; *done_ptr (when given) learns how many were applied.  Inlined
- * into each, so that `apply` is a direct call the compiler can inline. */
+ * fails; *done_ptr (when given) learns how many were applied.  A long
+ * batch is preempted: the continuation names the rest, with
+ * MMU_UPDATE_PREEMPTED in its count, and *done_ptr keeps adding up across
+ * the pieces (Xen reads it back when resuming).  Inlined into each, so
+ * that `apply` is a direct call the compiler can inline. */
 static inline __attribute__((always_inline))
-long run_batch(struct percpu *pc, u64 reqs, u64 size, u64 count, u64 done_ptr, u64 domid,
+long run_batch(struct percpu *pc, u64 nr, u64 reqs, u64 size, u64 count, u64 done_ptr, u64 domid,
 	       long (*apply)(struct percpu *pc, const u64 *req))
 {
 	u64 i;
+	u32 done = 0;
 	long rc = 0;
-	count &= ~MMU_UPDATE_PREEMPTED;
 	if (check_domid(domid))
 		return -XEN_ESRCH;
+	count = (u32)count;   /* Xen's count is an unsigned int */
+	if (count & MMU_UPDATE_PREEMPTED) {
+		count &= ~MMU_UPDATE_PREEMPTED;
+		if (done_ptr)
+			from_guest(&done, done_ptr, sizeof(done));   /* unreadable: from 0, as Xen */
+	}
 	mmu_lock(pc);
 	boot_types(pc);
 	for (i = 0; i < count; i++) {
 		u64 req[BATCH_REQ_WORDS];
+		if (i && hc_preempt_check(pc)) {
+			hc_continue(pc, nr, reqs + i * size, (count - i) | MMU_UPDATE_PREEMPTED, done_ptr, domid);
+			break;
+		}
 		if (from_guest(req, reqs + i * size, size)) {
 			rc = -XEN_EFAULT;
 			break;
@@ -477,7 +490,7 @@ long run_batch(struct percpu *pc, u64 reqs, u64 size, u64 count, u64 done_ptr, u
 	}
 	mmu_unlock(pc);
 	if (done_ptr) {
-		u32 done = (u32)i;
+		done += (u32)i;
 		to_guest(done_ptr, &done, sizeof(done));
 	}
 	return rc;
@@ -518,7 +531,8 @@ static NOINLINE long mmu_update_single(struct percpu *pc, u64 reqs, u64 domid)
 static NOINLINE long mmu_update_batch(struct percpu *pc, u64 reqs, u64 count, u64 done_ptr,
 				     u64 domid)
 {
-	return run_batch(pc, reqs, XEN_MMU_UPDATE_SIZE, count, done_ptr, domid, mmu_update_one);
+	return run_batch(pc, HC_mmu_update, reqs, XEN_MMU_UPDATE_SIZE, count, done_ptr, domid,
+			 mmu_update_one);
 }
 
 long do_mmu_update(struct percpu *pc, u64 reqs, u64 count, u64 done_ptr, u64 domid)
@@ -751,7 +765,7 @@ static long mmuext_one(struct percpu *pc, const u64 *op)
 
 long do_mmuext_op(struct percpu *pc, u64 ops, u64 count, u64 done_ptr, u64 domid)
 {
-	return run_batch(pc, ops, XEN_MMUEXT_OP_SIZE, count, done_ptr, domid, mmuext_one);
+	return run_batch(pc, HC_mmuext_op, ops, XEN_MMUEXT_OP_SIZE, count, done_ptr, domid, mmuext_one);
 }
 
 /* ---------------- writable page tables ---------------- */

@@ -207,6 +207,10 @@ static NOINLINE long do_set_trap_table(struct percpu *pc, u64 ptr)
 	}
 	for (;; ptr += XEN_TRAP_INFO_SIZE) {
 		u64 t[2];  /* vector:8 flags:8 cs:16 pad:32, address */
+		if (hc_preempt_check(pc)) {   /* a list can be as long as memory */
+			hc_continue(pc, HC_set_trap_table, ptr, 0, 0, 0);
+			return 0;
+		}
 		if (from_guest(t, ptr, sizeof(t)))
 			return -XEN_EFAULT;
 		if (!t[1])
@@ -307,9 +311,22 @@ static NOIPA long do_multicall(struct percpu *pc, u64 rip, u64 list, u64 count)
 	for (u64 i = 0; i < count; i++) {
 		u64 e[8];  /* op, result, args[6] */
 		u64 va = list + i * XEN_MULTICALL_ENTRY_SIZE;
+		if (i && hc_preempt_check(pc)) {
+			hc_continue(pc, HC_multicall, va, count - i, 0, 0);
+			return 0;
+		}
 		if (from_guest(e, va, sizeof(e)))
 			return -XEN_EFAULT;
 		long rc = (e[0] == HC_iret || e[0] == HC_multicall) ? -XEN_EINVAL : hypercall(pc, rip, e[0], &e[2]);
+		if (pc->cont_set) {
+			/* the entry itself was preempted (Xen's multicall
+			 * continuation): its rest goes back into the entry, and
+			 * the multicall resumes there; no result yet */
+			if (to_guest(va + 16, pc->cont_args, 4 * 8))
+				return -XEN_EFAULT;
+			hc_continue(pc, HC_multicall, va, count - i, 0, 0);
+			return 0;
+		}
 		if (to_guest(va + 8, &rc, 8))
 			return -XEN_EFAULT;
 	}
@@ -420,7 +437,20 @@ int shim_hypercall(struct hc_frame *h)
 		do_iret(pc, h);
 		back = 2;
 	} else {
-		h->rax = (u64)hypercall(pc, h->rip, h->rax, h->args);
+		pc->hc_work_left = HYPERCALL_WORK_BUDGET;
+		long rc = hypercall(pc, h->rip, h->rax, h->args);
+		if (pc->cont_set) {
+			/* preempted: the guest re-executes the syscall with the
+			 * rest of the work (Xen: regs->rip -= 2), events first */
+			pc->cont_set = 0;
+			h->rax = pc->cont_nr;
+			for (int i = 0; i < 4; i++)
+				h->args[i] = pc->cont_args[i];
+			h->rip -= 2;
+			back = 2;
+		} else {
+			h->rax = (u64)rc;
+		}
 	}
 	if (events_due(pc)) {
 		h->vec = VEC_HC_EVENTS;

@@ -125,7 +125,36 @@ struct percpu {
 	u64 vcr0_ts;
 	struct trap_ent traps[256];
 	struct desc_state desc;
+	/* Preemption of long hypercalls (Xen's hypercall_preempt_check and
+	 * hypercall_create_continuation): each guest hypercall may do
+	 * HYPERCALL_WORK_BUDGET units of work (batch entries, multicall entries,
+	 * trap-table entries) before the loop doing them stops and asks for a
+	 * continuation: the guest re-executes the hypercall with cont_args,
+	 * taking its pending events first. */
+	u64 hc_work_left;
+	u64 cont_set;
+	u64 cont_nr;
+	u64 cont_args[6];
 };
+
+#define HYPERCALL_WORK_BUDGET 256
+
+/* One unit of a long hypercall's work: 1 when it is time to stop. */
+static inline int hc_preempt_check(struct percpu *pc)
+{
+	return pc->hc_work_left-- == 0;
+}
+
+/* Ask the guest to re-execute hypercall nr with these arguments. */
+static inline void hc_continue(struct percpu *pc, u64 nr, u64 a0, u64 a1, u64 a2, u64 a3)
+{
+	pc->cont_set = 1;
+	pc->cont_nr = nr;
+	pc->cont_args[0] = a0;
+	pc->cont_args[1] = a1;
+	pc->cont_args[2] = a2;
+	pc->cont_args[3] = a3;
+}
 
 /* The globals page, written by Python (SG_* in shim_layout.h). */
 struct globals {

@@ -64,6 +64,15 @@ def test_set_segment_base_as_xen_4_17():
     assert "gs_selector" in observed
 
 
+def test_long_hypercalls_are_preempted_and_resumed():
+    """mmu_update and mmuext_op batches, a multicall, a multicall entry that
+    is itself a long batch and a long trap table stop part-way, the guest
+    takes a timer upcall in the middle, and each resumes from its
+    continuation: all the work done once, the done counts adding up across
+    the pieces, a failing request still ending its batch (preempt.c)."""
+    run_pass("preempt")
+
+
 def test_multicall_as_xen_4_17():
     """Every entry's result in its own slot, failures (nested multicall
     -EINVAL, unknown hypercall -ENOSYS, bad pointers) not stopping the
