@@ -295,15 +295,21 @@ static inline u64 entry_ref(u32 level, u64 e)
 	return mfn;
 }
 
-static ALWAYS_INLINE void entry_put(u32 level, u64 e)
+/* Give back the reference held on mfn (from entry_ref) by an entry of a
+ * level-`level` table. */
+static ALWAYS_INLINE void ref_put(u32 level, u64 mfn)
 {
-	u64 mfn = entry_ref(level, e);
 	if (mfn == ~0UL)
 		return;
 	if (level == PGT_L1)
 		put_writable(mfn);
 	else
 		put_type(mfn);
+}
+
+static ALWAYS_INLINE void entry_put(u32 level, u64 e)
+{
+	ref_put(level, entry_ref(level, e));
 }
 
 /* Promotion (Xen's alloc_l?_table): every present entry takes its
@@ -347,7 +353,7 @@ static long entry_update(u32 level, u64 *p, u64 val, int preserve_ad)
 		return -XEN_EINVAL;
 	/* under mmu_lock only the CPU's A/D bits change *p meanwhile, so the
 	 * reference the old entry holds is known before the write */
-	u64 had = entry_ref(level, *(volatile u64 *)p), nv = adjust_pte(val), old;
+	u64 had = entry_ref(level, *(volatile u64 *)p), nv = adjust_pte(val);
 	int same = had != ~0UL && had == entry_ref(level, val);   /* e.g. RW kept, flags changed */
 	if (!same && (val & PTE_P)) {
 		long rc = entry_get(level, val);
@@ -355,14 +361,15 @@ static long entry_update(u32 level, u64 *p, u64 val, int preserve_ad)
 			return rc;
 	}
 	if (preserve_ad) {
+		u64 old;
 		do
 			old = *(volatile u64 *)p;
 		while (!cas64(p, old, nv | (old & (PTE_A | PTE_D))));
 	} else {
-		old = __atomic_exchange_n(p, nv, __ATOMIC_SEQ_CST);
+		*(volatile u64 *)p = nv;   /* the CPU's A/D bits of the old entry go with it */
 	}
 	if (!same)
-		entry_put(level, old);
+		ref_put(level, had);
 	return 0;
 }
 
