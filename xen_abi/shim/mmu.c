@@ -180,14 +180,13 @@ static long validate(u64 mfn, u32 level);
 static void release_entries(u64 mfn, u32 level, int upto);
 
 /* The first non-zero entry of t[i..ENTRIES), or ENTRIES: a run of empty
- * entries costs one interpreted instruction on kvm_pvm (repe scasq). */
+ * entries costs one interpreted instruction on kvm_pvm (repe scasq).  For
+ * an empty t[i] only: dense tables pay nothing for it. */
 static inline int next_used(const u64 *t, int i)
 {
 	const u64 *p = t + i;
 	u64 n = (u64)(ENTRIES - i);
 	int all_zero;
-	if (i >= ENTRIES)
-		return ENTRIES;
 	__asm__ volatile("repe scasq" : "+D"(p), "+c"(n), "=@ccz"(all_zero) : "a"(0UL) : "memory");
 	return all_zero ? ENTRIES : (int)(p - t) - 1;
 }
@@ -315,13 +314,16 @@ static ALWAYS_INLINE void entry_put(u32 level, u64 e)
 /* Promotion (Xen's alloc_l?_table): every present entry takes its
  * reference and gets _PAGE_USER; on the first bad one, those taken are
  * given back.  The frame's word is ours (count 1) meanwhile. */
-static long validate(u64 mfn, u32 level)
+/* One loop per level (the level a constant in each): an L1 promotion
+ * visits 512 entries, each a few interpreted instructions. */
+static ALWAYS_INLINE long validate_level(u64 *t, u64 mfn, u32 level)
 {
-	u64 *t = frame_ptr(mfn);
-	if (level == PGT_L4)
-		install_hv_slots(t);
-	for (int i = next_used(t, 0); i < ENTRIES; i = next_used(t, i + 1)) {
+	for (int i = 0; i < ENTRIES; i++) {
 		u64 e = t[i];
+		if (!e) {
+			i = next_used(t, i) - 1;
+			continue;
+		}
 		if (!(e & PTE_P) || (level == PGT_L4 && hv_slot(i)))
 			continue;
 		long rc = entry_get(level, e);
@@ -335,12 +337,39 @@ static long validate(u64 mfn, u32 level)
 	return 0;
 }
 
+static long validate(u64 mfn, u32 level)
+{
+	u64 *t = frame_ptr(mfn);
+	switch (level) {
+	case PGT_L1: return validate_level(t, mfn, PGT_L1);
+	case PGT_L2: return validate_level(t, mfn, PGT_L2);
+	case PGT_L3: return validate_level(t, mfn, PGT_L3);
+	default:
+		install_hv_slots(t);
+		return validate_level(t, mfn, PGT_L4);
+	}
+}
+
+static ALWAYS_INLINE void release_level(u64 *t, u32 level, int upto)
+{
+	for (int i = 0; i < upto; i++) {
+		u64 e = t[i];
+		if (!e) {
+			i = next_used(t, i) - 1;
+			continue;
+		}
+		if ((e & PTE_P) && !(level == PGT_L4 && hv_slot(i)))
+			entry_put(level, e);
+	}
+}
+
 static void release_entries(u64 mfn, u32 level, int upto)
 {
 	u64 *t = frame_ptr(mfn);
-	for (int i = next_used(t, 0); i < upto; i = next_used(t, i + 1))
-		if ((t[i] & PTE_P) && !(level == PGT_L4 && hv_slot(i)))
-			entry_put(level, t[i]);
+	if (level == PGT_L1)
+		release_level(t, PGT_L1, upto);
+	else
+		release_level(t, level, upto);
 }
 
 /* Replace the entry at p, in a validated table of `level`, by val: the new
