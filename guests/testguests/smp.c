@@ -12,11 +12,9 @@
  *     an unreadable context, -EINVAL for non-canonical rip/rsp/kernel_sp/
  *     callbacks/gs_base/trap address, a misaligned or oversized LDT, too
  *     many GDT entries, a writable GDT frame, !VGCF_in_kernel without a
- *     user cr3, a cr3 that is not an L4 or not a frame; each leaves the
- *     vCPU uninitialised (is_up 0, VCPUOP_up -EINVAL).  The two that need
- *     page type reference counts (a writable GDT frame, a writable page as
- *     cr3) run only with "refcount_checks" on the command line and are
- *     then only noted ("KNOWN GAP"): THREAT_MODEL.md, issue 11 item 1.
+ *     user cr3, a cr3 that is not an L4 or not a frame, a GDT frame or a
+ *     cr3 mapped writable (page types); each leaves the vCPU
+ *     uninitialised (is_up 0, VCPUOP_up -EINVAL).
  *  2  Bring-up as Linux does (arch/x86/xen/smp_pv.c cpu_initialize_context):
  *     VGCF_IN_KERNEL, rip/rsp, FLAT_KERNEL_CS/SS, rflags 0x1000, the trap
  *     table, kernel_ss/sp, cr3 = the L4 of start_info.pt_base, callbacks,
@@ -587,23 +585,12 @@ static void step_is_up(int want_nr)
  * with the next spare vCPU (nr-1 down to 2; none when nr == 2). */
 static u8 tainted[MAXCPU];
 static int bad_t;            /* the vCPU step 3a is using, 0: none left */
-static int known_gap;        /* the next bad_init is a THREAT_MODEL.md known gap */
-static int refcount_checks;  /* "refcount_checks" on the command line */
 static void bad_init(const char *what, long want)
 {
 	if (!bad_t)
 		return;
 	long rc = vop(VCPUOP_initialise, bad_t, &ctx);
-	if (known_gap && rc != want) {
-		/* Xen refuses a frame with a writable mapping as a GDT or L4
-		 * (page type reference counts); the shim has none yet
-		 * (THREAT_MODEL.md "Known gaps", issue 11 item 1): noted only */
-		tg_puts("smp: KNOWN GAP (no page type reference counts): "); tg_puts(what);
-		tg_puts(" got "); tg_hex(rc); tg_puts(" (Xen: "); tg_hex(want); tg_puts(")\n");
-	} else {
-		CK(what, rc, want);
-	}
-	known_gap = 0;
+	CK(what, rc, want);
 	if (rc == 0) {
 		tainted[bad_t] = 1;
 		tg_puts("smp: step 3: vCPU "); tg_dec(bad_t);
@@ -644,17 +631,9 @@ static void step_bad_uninitialised(void)
 	BAD(ctx.ctrlreg[3] = 1UL << 40, "step 3: cr3 = a frame the domain does not own", -XEN_EINVAL);
 	BAD(ctx.trap_ctxt[14].address = NONCANON, "step 3: non-canonical trap_ctxt[14].address", -XEN_EINVAL);
 	BAD(ctx.flags = 0, "step 3: not VGCF_in_kernel and no user cr3 (ctrlreg[1])", -XEN_EINVAL);
-	/* only with "refcount_checks" on the command line: the shim accepts
-	 * these (no reference counts yet) and each would cost a spare vCPU */
-	if (!refcount_checks) {
-		step_end();
-		return;
-	}
-	known_gap = 1;
+	/* page types: Xen refuses a frame mapped writable as a GDT or an L4 */
 	BAD(ctx.gdt_ents = 16; ctx.gdt_frames[0] = mfn_of(wpage), "step 3: writable GDT frame", -XEN_EINVAL);
-	known_gap = 1;
 	BAD(ctx.ctrlreg[3] = mfn_of(wpage) << 12, "step 3: cr3 = a writable data page", -XEN_EINVAL);
-	known_gap = 0;
 	step_end();
 }
 
@@ -1034,7 +1013,6 @@ void tg_main(struct start_info *s)
 {
 	start = s;
 	int want_nr = cmdline_opt(s->cmd_line, "nr_vcpus");
-	refcount_checks = cmdline_opt(s->cmd_line, "refcount_checks") > 0;
 	u64 pte = s->shared_info | PTE_P | PTE_RW | PTE_A | PTE_D;
 	long rc = HC3(HC_update_va_mapping, si_page, pte, UVMF_INVLPG);
 	CHECK_EQ("map shared_info", rc, 0);

@@ -626,6 +626,7 @@ long do_update_va_mapping(struct percpu *pc, u64 va, u64 val, u64 flags)
 /* ---------------- mmuext_op ---------------- */
 
 static u64 *gdt_base(void);
+static int copy_ok(u64 *d, u64 pages);
 static long validate_desc_frame(u64 mfn);
 static inline void rep_stosq(void *d, u64 n);
 static inline void rep_movsq(void *d, const void *s, u64 n);
@@ -637,6 +638,7 @@ static inline void rep_movsq(void *d, const void *s, u64 n);
 static long set_ldt(struct percpu *pc, u64 base, u64 ents)
 {
 	u64 frames[SHIM_MAX_LDT_FRAMES];
+	long rc = 0;
 	u64 nr = (ents * 8 + PAGE_SIZE - 1) / PAGE_SIZE;
 	for (u64 i = 0; i < nr; i++) {
 		int level = 0, ch = 0;
@@ -653,11 +655,16 @@ static long set_ldt(struct percpu *pc, u64 base, u64 ents)
 		rep_movsq(ldt + i * DESCS_PER_PAGE, frame_ptr(frames[i]), DESCS_PER_PAGE);
 		pc->desc.ldt_frames[i] = frames[i];
 	}
-	pc->desc.ldt_base = base;
+	if (!copy_ok(ldt, nr)) {
+		rep_stosq(ldt, nr * DESCS_PER_PAGE);
+		ents = 0;
+		rc = -XEN_EINVAL;
+	}
+	pc->desc.ldt_base = ents ? base : 0;
 	pc->desc.ldt_ents = ents;
 	if (!ents) {
 		__asm__ volatile("lldt %w0" :: "r"(0));
-		return 0;
+		return rc;
 	}
 	/* 16-byte system descriptor: type 2 (LDT), present, DPL 0 */
 	u64 va = (u64)ldt, limit = ents * 8 - 1;
@@ -1112,14 +1119,21 @@ static int check_descriptor(u64 *d)
 	return 1;
 }
 
-/* A frame becoming part of a GDT or LDT: RAM, not a page table, every
- * descriptor acceptable (Xen's validate_segdesc_page); fix-ups are
- * written back to the frame as Xen does, through a writable reference.
- * Under mmu_lock. */
+/* A frame mapped writable now, or a page table: Xen's get_page_type
+ * (PGT_seg_desc_page) fails on it, so it cannot be part of a GDT or LDT. */
+static int desc_frame_refused(u64 mfn)
+{
+	return mfn >= G->ram_pages || (*type_word(mfn) & PGT_COUNT_MASK);
+}
+
+/* A frame becoming part of a GDT or LDT: RAM, not mapped writable, not a
+ * page table, every descriptor acceptable (Xen's validate_segdesc_page);
+ * fix-ups are written back to the frame as Xen does, through a writable
+ * reference of the shim's own.  Under mmu_lock. */
 static long validate_desc_frame(u64 mfn)
 {
 	long rc = 0;
-	if (mfn >= G->ram_pages || get_type(mfn, PGT_WRITABLE))
+	if (desc_frame_refused(mfn) || get_type(mfn, PGT_WRITABLE))
 		return -XEN_EINVAL;
 	u64 *fr = frame_ptr(mfn);
 	for (int j = 0; j < DESCS_PER_PAGE; j++) {
@@ -1135,6 +1149,25 @@ static long validate_desc_frame(u64 mfn)
 	}
 	put_type(mfn);
 	return rc;
+}
+
+/* Descriptors copied from guest frames are checked again in the copy, the
+ * one the CPU will use: the frames stay writable to the guest's other
+ * vCPUs and to a back-end it granted them to, so what was validated in a
+ * frame may have changed before it was copied.  1 if every present
+ * descriptor of the `pages` pages at d is acceptable (fixed up in place). */
+static int copy_ok(u64 *d, u64 pages)
+{
+	for (u64 p = 0; p < pages; p++, d += DESCS_PER_PAGE)
+		for (int j = 0; j < DESCS_PER_PAGE; j++) {
+			if (!d[j]) {
+				j = next_used(d, j) - 1;
+				continue;
+			}
+			if ((d[j] & ((u64)SEG_P << 32)) && !check_descriptor(&d[j]))
+				return 0;
+		}
+	return 1;
 }
 
 static u64 *gdt_base(void)
@@ -1169,6 +1202,11 @@ long do_set_gdt(struct percpu *pc, u64 frames_ptr, u64 entries)
 	}
 	for (u64 i = nr; i < old; i++)
 		rep_stosq(gdt + i * DESCS_PER_PAGE, DESCS_PER_PAGE);
+	if (!copy_ok(gdt, nr)) {   /* changed under us: no GDT rather than that one */
+		rep_stosq(gdt, nr * DESCS_PER_PAGE);
+		pc->desc.gdt_ents = 0;
+		return -XEN_EINVAL;
+	}
 	pc->desc.gdt_ents = entries;
 	return 0;
 }
@@ -1195,14 +1233,13 @@ long mmu_vcpu_context(struct percpu *pc, struct percpu *t, u64 *gdt, u64 ctx)
 	boot_types(pc);
 	for (u64 i = 0; i < nr; i++) {
 		u64 *fr = frame_ptr(frames[i]);
-		if (!fr || is_table(frames[i]))
-			goto bad;   /* not RAM, or a page table */
+		if (desc_frame_refused(frames[i]))
+			goto bad;
 		rep_movsq(gdt + i * DESCS_PER_PAGE, fr, DESCS_PER_PAGE);
 		t->desc.gdt_frames[i] = frames[i];
 	}
-	for (u64 j = 0; j < nr * DESCS_PER_PAGE; j++)
-		if ((gdt[j] & ((u64)SEG_P << 32)) && !check_descriptor(&gdt[j]))
-			goto bad;
+	if (!copy_ok(gdt, nr))
+		goto bad;
 	/* the base pointers hold their L4s (64-bit: plain addresses) */
 	u64 kernel = cr[3] >> 12, user = cr[1] >> 12;
 	if (kernel >= G->ram_pages || get_type(kernel, PGT_L4))
