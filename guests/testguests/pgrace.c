@@ -16,13 +16,20 @@
  * mapping and nothing forged appears in it; PIN_L1 answers 0 or -EINVAL,
  * never what a forged entry would get.  The result line gives each side's
  * counts; both must have succeeded, and been refused, a few times, or the
- * sides never met and the test proved nothing.  Only vCPU 0 expects
- * faults (both vCPUs share tg_resume_rip). */
+ * sides never met and the test proved nothing.
+ *
+ * Meeting: on two host CPUs the vCPUs run side by side, but a KVM under
+ * single-threaded TCG (the faithful lane) runs one at a time, switching on
+ * an interrupt between its CPUs, else every 100 ms -- time enough for all
+ * of one side's rounds.  So each side kicks the other (an event-channel
+ * IPI on a masked port: an interrupt, no TLB flush) after each attempt,
+ * holding F or not, and after giving F back.  Only vCPU 0 expects faults
+ * (both vCPUs share tg_resume_rip). */
 #include "mmutest.h"
 #include "vcpu_ctx.h"
 const char tg_name[] = "pgrace";
 
-#define NR_ROUNDS 300       /* each side: at most 4 hypercalls (or 3 and a fault) a round */
+#define NR_ROUNDS 200       /* each side: at most 6 hypercalls (or 5 and a fault) a round */
 #define HOLD 16             /* looks by vCPU 1 while F is pinned */
 #define MIN_EACH 3          /* successes and refusals each side must see */
 #define PROBE 7             /* F's entry vCPU 0's stale store aims at */
@@ -34,6 +41,8 @@ enum { S = 3 };             /* slot of the tool L1 (hooked at TEST_VA) */
 
 PAGE(tool_l1);
 PAGE(f);
+static u8 si_page[4096] __attribute__((aligned(4096)));   /* shared_info */
+static u32 kick_port[2];    /* the IPI port that kicks vCPU n */
 static u8 stack1[16384] __attribute__((aligned(4096)));
 static struct vcpu_guest_context ctx;
 
@@ -64,6 +73,30 @@ static void breathe(u64 *seed)
 	*seed = *seed * 6364136223846793005UL + 1442695040888963407UL;
 	for (u64 n = (*seed >> 33) % 3; n; n--)
 		HC2(HC_xen_version, XENVER_version, 0);
+}
+
+struct evtchn_bind_ipi { u32 vcpu, port; };
+
+/* Kick vCPU n: its port's pending bit cleared first, so that every send
+ * raises it anew (a masked port that becomes pending kicks its vCPU). */
+static void kick(int n)
+{
+	u32 port = kick_port[n];
+	__atomic_and_fetch((u64 *)(si_page + SI_EVTCHN_PENDING) + port / 64, ~(1UL << (port % 64)),
+			   __ATOMIC_SEQ_CST);
+	HC2(HC_event_channel_op, EVTCHNOP_send, &port);
+}
+
+static long bind_kick_port(int n)
+{
+	struct evtchn_bind_ipi b = { (u32)n, 0 };
+	long rc = HC2(HC_event_channel_op, EVTCHNOP_bind_ipi, &b);
+	if (rc)
+		return rc;
+	kick_port[n] = b.port;
+	__atomic_or_fetch((u64 *)(si_page + SI_EVTCHN_MASK) + b.port / 64, 1UL << (b.port % 64),
+			  __ATOMIC_SEQ_CST);
+	return 0;
 }
 
 static int wait_for(volatile u64 *flag)
@@ -98,11 +131,13 @@ void vcpu1_main(void)
 	if (wait_for(&go))
 		for (int n = 0; n < NR_ROUNDS; n++, breathe(&seed)) {
 			long rc = mmuext1(MMUEXT_PIN_L1_TABLE, pfn(f), 0);
+			kick(0);
 			if (rc == 0) {
 				me->ok++;
 				hold_pinned(me);
 				if (mmuext1(MMUEXT_UNPIN_TABLE, pfn(f), 0))
 					me->unpin_bad++;
+				kick(0);
 			} else if (rc == -XEN_EINVAL) {
 				me->refused++;
 			} else if (!me->other++) {
@@ -128,12 +163,14 @@ static void vcpu0_rounds(u64 nr_pages)
 	u64 forged = (read_cr3() & PTE_ADDR) | RW, oob = (nr_pages << 12) | RO, seed = 2;
 	for (int n = 0; n < NR_ROUNDS; n++, breathe(&seed)) {
 		long rc = tool_map(pte(f, RW));
+		kick(1);
 		if (rc == 0) {
 			me->ok++;
 			w[n & 511] = forged;
 			w[n & 511] = 0;
 			if (tool_map(0))
 				me->unmap_bad++;
+			kick(1);
 		} else if (rc == -XEN_EBUSY) {
 			me->refused++;
 			if (me->stale)
@@ -183,11 +220,19 @@ void tg_main(struct start_info *si)
 	tg_check(rc == 0, "hook the tool L1", rc, 0);
 	rc = uvm((u64)f, pte(f, RO), UVMF_INVLPG);   /* F's only writable mapping: slot S */
 	tg_check(rc == 0, "make F's own mapping read-only", rc, 0);
+	rc = uvm((u64)si_page, si->shared_info | RW, UVMF_INVLPG);
+	tg_check(rc == 0, "map shared_info", rc, 0);
 	if (tg_failures)
 		return;
 	rc = start_vcpu1();
 	tg_check(rc == 0, "VCPUOP_initialise + VCPUOP_up of vCPU 1", rc, 0);
 	if (rc)
+		return;
+	for (int n = 0; n < 2; n++) {
+		rc = bind_kick_port(n);
+		tg_check(rc == 0, "EVTCHNOP_bind_ipi", rc, 0);
+	}
+	if (tg_failures)
 		return;
 	if (!wait_for(&started1)) {
 		tg_check(0, "vCPU 1 runs", 0, 1);
