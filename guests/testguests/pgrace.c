@@ -24,7 +24,12 @@
  * of one side's rounds.  So each side kicks the other (an event-channel
  * IPI on a masked port: an interrupt, no TLB flush) after each attempt,
  * holding F or not, and after giving F back.  Only vCPU 0 expects faults
- * (both vCPUs share tg_resume_rip). */
+ * (both vCPUs share tg_resume_rip).
+ *
+ * A missing remote flush shows only on hardware: on kvm_pvm the shim's
+ * page-table writes (emulated at CPL0) reach KVM's shadow tables at once,
+ * and in the faithful lane each switch between the vCPUs is a VM exit,
+ * which QEMU carries out with a full TLB flush. */
 #include "mmutest.h"
 #include "vcpu_ctx.h"
 const char tg_name[] = "pgrace";

@@ -19,6 +19,11 @@
  *      and filled with forged entries (the live L4, writable): reads at R
  *      (the page touched while it was a table) and at R + 2 pages (never
  *      touched: only a stale walk through the old L1 could map it) fault
+ * Stale translations exist on hardware and in the faithful lane (QEMU's
+ * TLB); on kvm_pvm the shim's page-table writes (emulated at CPL0) reach
+ * KVM's shadow tables at once, so there the checks hold even without the
+ * flush.  c's never-touched page needs paging-structure caches (hardware;
+ * QEMU has none) to show a missing flush.
  * Each check runs ROUNDS times (any exit to the VMM may flush the TLB as a
  * side effect and hide a missing flush in one round), uses frames and slots
  * of its own, and stops at its first wrong answer; a check whose forged
