@@ -75,3 +75,11 @@ def test_page_types_hostile_guest():
     tables, writable mappings of tables, pins, base pointers, counts."""
     res, _, _ = run_guest("pgtypes")
     assert_pass("pgtypes", res)
+
+
+def test_stale_translations_across_type_changes():
+    """A change of page type flushes stale translations (issue 11): a frame
+    unmapped without a flush and then pinned cannot be written through its
+    old mapping, and a released L1 made writable is not walked through."""
+    res, _, _ = run_guest("stalepte")
+    assert_pass("stalepte", res)

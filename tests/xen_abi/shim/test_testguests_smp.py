@@ -44,3 +44,20 @@ def test_smp_four_vcpus_as_xen_4_17():
     !VGCF_in_kernel without a user cr3) leave it uninitialised, and it comes
     up afterwards; the shootdowns reach three reading vCPUs."""
     run_smp(4)
+
+
+def test_page_type_race_two_vcpus(capsys):
+    """Page-type races between vCPUs (issue 11): vCPU 1 pins and unpins a
+    frame while vCPU 0 maps it writable and writes forged PTEs into it;
+    never both at once, and vCPU 1's pin flushes the writable translation
+    vCPU 0's TLB kept.  The guest counts each side's successes and
+    refusals and insists on a few of each."""
+    with Domain(str(build_testguest("pgrace")), nr_vcpus=2) as dom:
+        res = dom.run(timeout=600)
+    assert res.reason == abi.ShutdownReason.poweroff, (res.reason, res.crash_info, res.text)
+    lines = res.text.strip().splitlines()
+    assert lines and lines[-1] == "TESTGUEST pgrace: PASS", res.text
+    counts = re.search(r"^pgrace: .*$", res.text, re.M)
+    assert counts, res.text
+    with capsys.disabled():
+        print("\n  " + counts.group(0))
