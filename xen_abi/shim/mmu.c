@@ -313,9 +313,9 @@ static ALWAYS_INLINE void entry_put(u32 level, u64 e)
 
 /* Promotion (Xen's alloc_l?_table): every present entry takes its
  * reference and gets _PAGE_USER; on the first bad one, those taken are
- * given back.  The frame's word is ours (count 1) meanwhile. */
-/* One loop per level (the level a constant in each): an L1 promotion
- * visits 512 entries, each a few interpreted instructions. */
+ * given back.  The frame's word is ours (count 1) meanwhile.  One loop per
+ * level (the level a constant in each): an L1 promotion visits 512
+ * entries, each a few interpreted instructions. */
 static ALWAYS_INLINE long validate_level(u64 *t, u64 mfn, u32 level)
 {
 	for (int i = 0; i < ENTRIES; i++) {
