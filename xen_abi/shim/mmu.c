@@ -105,11 +105,10 @@ static inline int cas64(u64 *p, u64 old, u64 new)
 
 static void flush_tlb(struct percpu *pc) { load_cr3(pc->vcpu_id, read_cr3()); }
 
+/* Xen's slots of an L4 being promoted: all of them, whatever the frame
+ * held (a guest may have written any of them while it was not a table). */
 static void install_hv_slots(u64 *l4)
 {
-	/* cheap test first: this runs on every context switch */
-	if (l4[HYPERVISOR_L4_FIRST_SLOT + 1] == G->l4_slots[1] && l4[HYPERVISOR_L4_FIRST_SLOT] == G->l4_slots[0])
-		return;
 	for (int i = 0; i < HYPERVISOR_L4_SLOTS; i++)
 		l4[HYPERVISOR_L4_FIRST_SLOT + i] = G->l4_slots[i];
 }
@@ -383,7 +382,11 @@ static long entry_update(u32 level, u64 *p, u64 val, int preserve_ad)
 	/* under mmu_lock only the CPU's A/D bits change *p meanwhile, so the
 	 * reference the old entry holds is known before the write */
 	u64 had = entry_ref(level, *(volatile u64 *)p), nv = adjust_pte(val);
-	int same = had != ~0UL && had == entry_ref(level, val);   /* e.g. RW kept, flags changed */
+	/* the same reference kept (e.g. RW kept, other flags changed): the
+	 * new entry is still checked, as entry_get would (no superpages) */
+	int same = had != ~0UL && had == entry_ref(level, val);
+	if (same && level != PGT_L1 && (val & PTE_PS))
+		return -XEN_EINVAL;
 	if (!same && (val & PTE_P)) {
 		long rc = entry_get(level, val);
 		if (rc)
