@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 
 from pyvmm.guests.testguests import build_testguest
 from pyvmm.xen_abi import abi
-from pyvmm.xen_abi.hypervisor.domain import Domain
+from pyvmm.xen_abi.hypervisor.domain import Domain, ShimPanic
 from pyvmm.xen_abi.memory import vmm_region as R
 from pyvmm.xen_abi.memory.page_types import (PGT_COUNT_MASK, PGT_L1, PGT_L4, PGT_NONE, PGT_PINNED,
                                              PGT_TYPE_MASK, PGT_TYPE_SHIFT, PGT_WRITABLE, type_name)
@@ -216,11 +216,12 @@ def run_seed(seed: int, ops: int, check_every: int = 20, *, trace: bool = False,
     "A-B,C"), checked every `check_every` ops and at the end; stopped at
     the first violation of class `stop_at` ("": any)."""
     out = MmuFuzzRun(seed, ops)
+    last = [0]      # the op count at the last check
     with Domain(str(build_testguest("mmufuzz")), cmdline=cmdline(seed, ops, check_every, trace, only)) as dom:
         def on_output(data: bytes) -> None:
             if data.startswith(MARKER):
                 out.checks += 1
-                op = int(data[len(MARKER):].split()[0])
+                op = last[0] = int(data[len(MARKER):].split()[0])
                 for cls, what in check(dom):
                     out.violations.setdefault(cls, (op, what))
                 if stop_at is not None and any(stop_at in cls for cls in out.violations):
@@ -238,7 +239,12 @@ def run_seed(seed: int, ops: int, check_every: int = 20, *, trace: bool = False,
                 out.trace.append(data.decode().rstrip("\n"))
 
         dom.on_console_output.add(on_output)
-        res = dom.run(timeout=timeout)
+        try:
+            res = dom.run(timeout=timeout)
+        except ShimPanic as e:      # the shim faulted in CPL0: what its tables let it reach broke
+            out.violations.setdefault("shim fault", (last[0] + 1, str(e)))
+            out.tail = dom.console.decode(errors="replace")[-2000:]
+            return out
     out.reason, out.crash_info, out.elapsed = res.reason, res.crash_info, res.elapsed
     out.tail = res.text[-2000:]
     return out
