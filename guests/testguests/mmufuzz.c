@@ -15,7 +15,10 @@
  * single and batched; update_va_mapping in test windows; MMUEXT pin,
  * unpin, NEW_BASEPTR, NEW_USER_BASEPTR, CLEAR_PAGE, COPY_PAGE and flushes,
  * single and batched; multicalls of these; now and then a batch longer
- * than the shim's work budget (preempted and resumed).
+ * than the shim's work budget (preempted and resumed); direct writes to
+ * pool frames through their own mapping (the writable-page-table
+ * emulation when that is read-only and the frame an L1, a bounced #PF
+ * the guest skips when it is no L1, a plain store when it is writable).
  *
  * Entry values name pool frames, untouched RAM, the guest's own data
  * frames, the live L4, frames past RAM and VMM-region frames, with random
@@ -173,10 +176,10 @@ static int chance(u32 pct) { return below(100) < pct; }
 /* ---------------- frames and values ---------------- */
 
 enum kind { K_PT, K_PTAD, K_M2P, K_BADCMD, K_UVM, K_PIN, K_UNPIN, K_BASE, K_UBASE, K_CLEAR, K_COPY,
-	    K_FLUSH, K_BADCALL, NKIND };
+	    K_FLUSH, K_BADCALL, K_PTWR, NKIND };
 static const char *const kind_name[NKIND] = {
 	"pt_update", "pt_update_ad", "machphys", "bad_cmd", "update_va_mapping", "pin", "unpin",
-	"new_baseptr", "new_user_baseptr", "clear_page", "copy_page", "flush", "bad_call",
+	"new_baseptr", "new_user_baseptr", "clear_page", "copy_page", "flush", "bad_call", "direct_write",
 };
 static u64 tried[NKIND], okay[NKIND];
 
@@ -591,14 +594,68 @@ static void op_bad(u64 i)
 	trace_mmu(i, "mmu-bad", reqs, 1, rc, 0);
 }
 
+/* Writes that may fault: a bounced #PF resumes after the instruction. */
+u64 tg_resume_rip;
+extern char tg_trap_14[];
+static volatile struct faults_seen pf;
+
+void tg_trap(u64 vec, u64 *f, int has_err)
+{
+	take_expected_fault(&pf, 14, vec, f, has_err);
+}
+
+#define MAY_FAULT(insn, ...) \
+	__asm__ volatile("leaq 1f(%%rip), %%r11; movq %%r11, tg_resume_rip(%%rip);" insn "\n1:" __VA_ARGS__)
+
+/* A store or read-modify-write, in one of the forms Linux uses on PTEs,
+ * to an entry of a pool frame through the frame's own mapping. */
+static void op_direct(u64 i)
+{
+	static const u64 bits[] = { PTE_P, PTE_RW, PTE_US, PTE_PS, PTE_NX, PTE_A | PTE_D, 1UL << 12 };
+	u32 k = below(NPOOL), idx = pick_index(), form = below(100);
+	if (idx == KSLOT && form >= 50)
+		idx--;   /* entry 511 only ever gets the live L4's (whole stores below) */
+	volatile u64 *p = &pool[k][idx];
+	u64 v = gen_val(frames[k], idx), mask = bits[below(sizeof(bits) / sizeof(bits[0]))], n0 = pf.count;
+	note(K_PTWR);
+	if (form < 50) {
+		MAY_FAULT("movq %1, %0", : "=m"(*p) : "r"(v) : "r11", "memory");
+	} else if (form < 62) {
+		MAY_FAULT("xchgq %0, %1", : "+r"(v), "+m"(*p) :: "r11", "memory");
+	} else if (form < 76) {
+		u64 acc = chance(80) ? *p : v ^ PTE_P;
+		MAY_FAULT("lock cmpxchgq %2, %1", : "+a"(acc), "+m"(*p) : "r"(v) : "r11", "memory", "cc");
+	} else if (form < 86) {
+		volatile u32 *h = (volatile u32 *)p + below(2);
+		u32 half = (u32)(h == (volatile u32 *)p ? v : v >> 32);
+		MAY_FAULT("movl %1, %0", : "=m"(*h) : "r"(half) : "r11", "memory");
+	} else if (form < 91) {
+		MAY_FAULT("lock orq %1, %0", : "+m"(*p) : "r"(mask) : "r11", "memory", "cc");
+	} else if (form < 96) {
+		MAY_FAULT("lock andq %1, %0", : "+m"(*p) : "r"(~mask) : "r11", "memory", "cc");
+	} else {
+		u64 bit = (u64)__builtin_ctzl(mask);
+		MAY_FAULT("lock btcq %1, %0", : "+m"(*p) : "r"(bit) : "r11", "memory", "cc");
+	}
+	tg_resume_rip = 0;
+	int faulted = pf.count != n0;
+	account(0, 1, !faulted);
+	if (trace) {
+		lput("op "); ldec((long)i); lput(" direct form="); ldec(form); lput(" at="); lhex((frames[k] << 12) + 8 * idx);
+		lput(" val="); lhex(v); lput(" mask="); lhex(mask); lput(faulted ? " faulted" : " done"); lend();
+	}
+}
+
 static void run_op(u64 seed, u64 i)
 {
 	rs = splitmix(seed ^ splitmix(i + 1)) | 1;
 	nreq = 0;
 	has_switch = has_copy = 0;
 	u32 r = below(1000);
-	if (r < 280)
+	if (r < 240)
 		op_mmu_single(i);
+	else if (r < 280)
+		op_direct(i);
 	else if (r < 380)
 		op_mmu_batch(i, 0);
 	else if (r < 540)
@@ -633,13 +690,16 @@ void tg_main(struct start_info *si)
 	trace = opt_num(cl, "trace", 0) != 0;
 	only = opt(cl, "only");
 	nr_pages = si->nr_pages;
+	static struct trap_info traps[] = { { 14, 0, 0xe030, 0, (u64)tg_trap_14 }, { 0, 0, 0, 0, 0 } };
+	long rc = HC1(HC_set_trap_table, traps);
+	tg_check(rc == 0, "set_trap_table", rc, 0);
 
 	orig_l4 = cur_l4 = read_cr3() >> 12;
 	kl3 = (pfn_va(orig_l4)[KSLOT] & PTE_ADDR) >> 12;
 	kl2 = (pfn_va(kl3)[KL3_SLOT] & PTE_ADDR) >> 12;
 	for (int i = 0; i < NPOOL; i++) {
 		frames[i] = va_to_pfn((const void *)pool_va(i));
-		long rc = tg_map_readonly((const void *)pool_va(i));   /* the first MMU op: the builder's tables are typed */
+		rc = tg_map_readonly((const void *)pool_va(i));   /* the first MMU op: the builder's tables are typed */
 		tg_check(rc == 0, "pool page mapped read-only", rc, 0);
 	}
 	/* the end of RAM: past the builder's mapping (no L1 in the kernel L2) */
