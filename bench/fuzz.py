@@ -87,7 +87,8 @@ def report(stats, args, out: dict, harness=None) -> None:
     elapsed = time.monotonic() - stats.t0
     rate = stats.rate()
     ops = getattr(harness, "ops_total", None)     # a guest surface: the ops inside its inputs
-    per_s = f"{rate:.0f} inputs/s" if ops is None else f"{rate:.3f} inputs/s, {ops} ops, {ops / elapsed:.0f} ops/s"
+    per_s = f"{rate:.0f} inputs/s" if ops is None else (
+        f"{rate:.3f} inputs/s, {len(harness.seeds)} distinct seeds, {ops} ops, {ops / elapsed:.0f} ops/s")
     print(f"{stats.surface}: {stats.inputs} inputs in {elapsed:.0f} s, {per_s}, "
           f"{len(stats.findings)} distinct findings", flush=True)
     for key, (count, data) in stats.findings.items():
@@ -96,7 +97,7 @@ def report(stats, args, out: dict, harness=None) -> None:
                           "inputs_per_s": round(rate) if ops is None else round(rate, 3), "engine": args.engine,
                           "findings": {k: c for k, (c, _) in stats.findings.items()}}
     if ops is not None:
-        out[stats.surface]["ops"] = ops
+        out[stats.surface].update(ops=ops, seeds=len(harness.seeds))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
 

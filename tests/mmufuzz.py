@@ -302,11 +302,13 @@ class Harness:
 
     def __init__(self):
         self.ops_total = 0
+        self.seeds: set[int] = set()       # distinct seeds run (an engine may repeat an input)
 
     def one(self, data: bytes) -> None:
         seed, ops = struct.unpack("<IH", bytes(data[:6]).ljust(6, b"\0"))
         ops = self.MIN_OPS + ops % (self.SPAN + 1)
         r = run_seed(seed, ops, self.CHECK_EVERY)
+        self.seeds.add(seed)
         self.ops_total += r.ops_run
         if not r.ok:
             raise InvariantViolation(f"{r.finding()}\n{r.summary()}")
