@@ -2,6 +2,11 @@
 
     .venv/bin/python bench/fuzz.py --surface xenstore --inputs 200000 [--engine hypothesis|atheris] [--seed N]
     .venv/bin/python bench/fuzz.py --surface all --inputs 1000000     # split evenly
+    .venv/bin/python bench/fuzz.py --surface shim-mmu --inputs 500     # a test guest per input
+
+The byte-level surfaces (tests/fuzz/) take thousands of inputs a second;
+"shim-mmu" runs the mmufuzz test guest per input (tests/mmufuzz.py: a seed
+and an op count, seconds each; it also prints ops/s) and is not in "all".
 
 Prints inputs, inputs/s and the findings (distinct first lines, with a count
 and the first input that gave each, hex, to replay with --replay).  A
@@ -22,10 +27,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests" / "fuzz"), str(ROOT / "tests")]
 
 SURFACES = ("xenstore", "blkif", "netif", "xenbus", "hypercalls", "console", "loader")
+GUEST_SURFACES = {"shim-mmu": "mmufuzz"}     # surface -> module in tests/ with its Harness
 
 
 def load(surface: str):
-    return importlib.import_module(f"test_fuzz_{surface}")
+    return importlib.import_module(GUEST_SURFACES.get(surface) or f"test_fuzz_{surface}")
 
 
 def one(oracle, harness, stats, data: bytes) -> None:
@@ -77,23 +83,28 @@ def run_atheris(mod, harness, oracle, stats, n: int, seed: int, done) -> None:
     atheris.Fuzz()
 
 
-def report(stats, args, out: dict) -> None:
+def report(stats, args, out: dict, harness=None) -> None:
     elapsed = time.monotonic() - stats.t0
-    line = (f"{stats.surface}: {stats.inputs} inputs in {elapsed:.0f} s, "
-            f"{stats.rate():.0f} inputs/s, {len(stats.findings)} distinct findings")
-    print(line, flush=True)
+    rate = stats.rate()
+    ops = getattr(harness, "ops_total", None)     # a guest surface: the ops inside its inputs
+    per_s = f"{rate:.0f} inputs/s" if ops is None else (
+        f"{rate:.3f} inputs/s, {len(harness.seeds)} distinct seeds, {ops} ops, {ops / elapsed:.0f} ops/s")
+    print(f"{stats.surface}: {stats.inputs} inputs in {elapsed:.0f} s, {per_s}, "
+          f"{len(stats.findings)} distinct findings", flush=True)
     for key, (count, data) in stats.findings.items():
         print(f"  FINDING x{count}: {key}\n    first input: {data.hex()}", flush=True)
     out[stats.surface] = {"inputs": stats.inputs, "seconds": round(elapsed, 1),
-                          "inputs_per_s": round(stats.rate()), "engine": args.engine,
+                          "inputs_per_s": round(rate) if ops is None else round(rate, 3), "engine": args.engine,
                           "findings": {k: c for k, (c, _) in stats.findings.items()}}
+    if ops is not None:
+        out[stats.surface].update(ops=ops, seeds=len(harness.seeds))
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--surface", choices=SURFACES + ("all",), required=True)
+    ap.add_argument("--surface", choices=SURFACES + tuple(GUEST_SURFACES) + ("all",), required=True)
     ap.add_argument("--inputs", type=int, default=10000, help="inputs in total (split evenly with 'all')")
     ap.add_argument("--engine", choices=("hypothesis", "atheris"), default="hypothesis")
     ap.add_argument("--seed", type=int, default=1)
@@ -131,10 +142,10 @@ def main(argv=None) -> int:
         with Oracle(mem_limit, max(args.mem_every, 1)) as oracle:
             if args.engine == "atheris":
                 run_atheris(mod, harness, oracle, stats, per, args.seed,
-                            lambda: report(stats, args, out))
+                            lambda: report(stats, args, out, harness))
             else:
                 run_hypothesis(mod, harness, oracle, stats, per, args.seed)
-        report(stats, args, out)
+        report(stats, args, out, harness)
         close = getattr(harness, "close", None)
         if close:
             close()

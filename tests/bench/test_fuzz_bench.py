@@ -34,3 +34,13 @@ def test_short_run_reports(tmp_path, engine):
 def test_replay_one_input():
     r = _run("--surface", "hypercalls", "--replay", "00" * 64)
     assert r.returncode == 0 and "no finding" in r.stdout, r.stderr[-2000:]
+
+
+def test_guest_surface_counts_ops(tmp_path):
+    """shim-mmu: an input is a whole test-guest run; the ops inside are counted."""
+    out = tmp_path / "fuzz.json"
+    r = _run("--surface", "shim-mmu", "--inputs", "1", "--json", str(out))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "shim-mmu: 1 inputs in" in r.stdout and " ops/s, " in r.stdout, r.stdout
+    figures = json.loads(out.read_text())["shim-mmu"]
+    assert figures["inputs"] == 1 and figures["ops"] >= 500, figures
