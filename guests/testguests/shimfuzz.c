@@ -45,6 +45,7 @@ const char tg_name[] = "shimfuzz";
 #define FLAT_KERNEL_CS 0xe030UL
 #define FLAT_KERNEL_SS 0xe02bUL
 #define RF_TF 0x100UL
+#define RF_RF 0x10000UL
 
 struct mc { u64 op, result, args[6]; };
 _Static_assert(sizeof(struct mc) == XEN_MULTICALL_ENTRY_SIZE, "multicall_entry");
@@ -274,12 +275,12 @@ static u64 any_vcpu(void)
 
 /* ---------------- kinds and bookkeeping ---------------- */
 
-enum kind { K_TRAPS, K_CALLBACK, K_STACK, K_FPU, K_SEGBASE, K_SETDR, K_GETDR, K_DESC, K_GDT, K_VCPU,
-	    K_SCHED, K_EVTCHN, K_XENVER, K_PHYSDEV, K_BADHC, K_MULTICALL, K_IRET, K_PRIV, NKIND };
+enum kind { K_TRAPS, K_CALLBACK, K_TIMER, K_STACK, K_FPU, K_SEGBASE, K_SETDR, K_GETDR, K_DESC, K_GDT, K_VCPU,
+	    K_SCHED, K_EVTCHN, K_XENVER, K_PHYSDEV, K_BADHC, K_MULTICALL, K_IRET, K_PRIV, K_WATCH, NKIND };
 static const char *const kind_name[NKIND] = {
-	"set_trap_table", "callback_op", "stack_switch", "fpu_taskswitch", "set_segment_base",
+	"set_trap_table", "callback_op", "set_timer_op", "stack_switch", "fpu_taskswitch", "set_segment_base",
 	"set_debugreg", "get_debugreg", "update_descriptor", "set_gdt", "vcpu_op", "sched_op",
-	"event_channel_op", "xen_version", "physdev_op", "bad_hypercall", "multicall", "iret", "priv_insn",
+	"event_channel_op", "xen_version", "physdev_op", "bad_hypercall", "multicall", "iret", "priv_insn", "watch",
 };
 static u64 tried[NKIND], okay[NKIND];
 static int trace;
@@ -304,6 +305,8 @@ static void trace_call(u64 i, const char *what, const struct call *c, long rc)
 }
 
 /* ---------------- generators: one call each ---------------- */
+
+static u64 now(void) { return now_ns(); }
 
 static void gen_traps(struct call *c)
 {
@@ -349,12 +352,17 @@ static void gen_callback(struct call *c)
 static void gen_simple(struct call *c)
 {
 	u32 r = below(100);
-	if (r < 25) {
+	if (r < 15) {
+		c->k = K_TIMER;
+		c->nr = HC_set_timer_op;
+		u32 t = below(100);
+		c->a[0] = t < 40 ? now() + below(2000000) : t < 60 ? now() - below(1000000000) : t < 75 ? 0 : rnd();
+	} else if (r < 35) {
 		c->k = K_STACK;
 		c->nr = HC_stack_switch;   /* only used entering kernel mode from user mode: never here */
 		c->a[0] = chance(50) ? FLAT_KERNEL_SS : rnd() & 0xffff;
 		c->a[1] = any_addr();
-	} else if (r < 50) {
+	} else if (r < 60) {
 		c->k = K_FPU;
 		c->nr = HC_fpu_taskswitch;
 		c->a[0] = chance(60) ? below(2) : rnd();
@@ -407,8 +415,6 @@ static void gen_desc_call(struct call *c)
 	c->a[1] = r < 50 ? 1 + below(512) : r < 70 ? below(1024) : r < 80 ? FIRST_RESERVED_GDT_ENTRY - below(2)
 		: r < 90 ? FIRST_RESERVED_GDT_ENTRY + below(2) : rnd();
 }
-
-static u64 now(void) { return now_ns(); }
 
 static void gen_vcpu(struct call *c)
 {
@@ -677,8 +683,10 @@ void tg_trap(u64 vec, u64 *f, int has_err)
 		HC1(HC_fpu_taskswitch, 0);
 		return;
 	}
-	if (vec == 1)
+	if (vec == 1) {   /* no single-stepping on; an instruction breakpoint not again */
 		*rflags &= ~RF_TF;
+		*rflags |= RF_RF;
+	}
 	if (tg_resume_rip) {
 		*rip = tg_resume_rip;
 		tg_resume_rip = 0;
@@ -716,6 +724,7 @@ static void follow_up(const struct call *c, long rc)
 		else
 			MAY_FAULT("movw %0, %%gs", :: "r"(sel) : "r11", "memory");
 		tg_resume_rip = 0;
+		HC2(HC_set_segment_base, SEGBASE_GS_USER_SEL, sel);   /* loaded by the shim, in CPL0 */
 	} else if (c->k == K_FPU && chance(60)) {
 		MAY_FAULT("fnop", ::: "r11", "memory");
 		tg_resume_rip = 0;
@@ -788,40 +797,97 @@ static void op_multicall(u64 i)
 
 /* HYPERVISOR_iret to the next instruction with random flags (TF, AC, DF,
  * NT, IF...), a kernel CS of any RPL but 3 (3 is a return to user mode,
- * which this guest has no tables for), and a random in-syscall flag. */
+ * which this guest has no tables for), and a random in-syscall flag.  The
+ * instruction there is a hypercall (sched_op yield: rax comes from the
+ * frame) or a push: with TF, the single-step trap lands in the shim's
+ * syscall entry or after the push. */
+#define IRET_TO(first)                                                        \
+	__asm__ volatile(                                                     \
+		"movq %%rsp, %%rax\n"                                         \
+		"pushq $0xe02b\n"                                             \
+		"pushq %%rax\n"                                               \
+		"pushq %[fl]\n"                                               \
+		"pushq %[cs]\n"                                               \
+		"leaq 1f(%%rip), %%rax\n"                                     \
+		"pushq %%rax\n"                                               \
+		"pushq %[how]\n"                                              \
+		"pushq %%rcx\n"                                               \
+		"pushq %%r11\n"                                               \
+		"pushq $29\n"                                                 \
+		"movl $23, %%eax\n"                                           \
+		"syscall\n"                                                   \
+		"ud2\n"                                                       \
+		"1: " first "\n"                                              \
+		"pushq $2\n"                                                  \
+		"popfq\n"                                                     \
+		: "+D"(di) : [fl] "r"(flags), [cs] "r"(cs), [how] "r"(how)   \
+		: "rax", "rcx", "rdx", "rsi", "r8", "r9", "r10", "r11", "memory", "cc")
+
 static void op_iret(u64 i)
 {
 	u64 cs = FLAT_KERNEL_CS | below(3), flags = rnd() & (chance(50) ? 0x254dd5UL : ~0UL);
 	u64 how = chance(80) ? 0 : VGCF_IN_SYSCALL;
-	u64 n0 = traps_seen[1];
+	u64 n0 = traps_seen[1], di = SCHEDOP_yield;   /* the hypercall's registers, as tg_syscall_hc's */
+	int sc = chance(50);
 	if (!chance(30))
 		flags &= ~RF_TF;
-	__asm__ volatile(
-		"movq %%rsp, %%rax\n"
-		"pushq $0xe02b\n"
-		"pushq %%rax\n"
-		"pushq %[fl]\n"
-		"pushq %[cs]\n"
-		"leaq 1f(%%rip), %%rax\n"
-		"pushq %%rax\n"
-		"pushq %[how]\n"
-		"pushq %%rcx\n"
-		"pushq %%r11\n"
-		"pushq %%rax\n"
-		"movl $23, %%eax\n"
-		"syscall\n"
-		"ud2\n"
-		"1: pushq $2\n"
-		"popfq\n"
-		: : [fl] "r"(flags), [cs] "r"(cs), [how] "r"(how)
-		: "rax", "rcx", "r11", "memory", "cc");
+	if (sc)
+		IRET_TO("syscall");
+	else
+		IRET_TO("pushq $0; popq %%rax");
 	vi->upcall_mask = 1;
 	tried[K_IRET]++;
 	okay[K_IRET]++;
 	if (trace) {
 		lput("op "); ldec((long)i); lput(" iret cs="); lhex(cs); lput(" flags="); lhex(flags);
-		lput(" how="); lhex(how); lput(" db="); ldec((long)(traps_seen[1] - n0)); lend();
+		lput(" how="); lhex(how); lput(sc ? " then syscall" : " then push"); lput(" db=");
+		ldec((long)(traps_seen[1] - n0)); lend();
 	}
+}
+
+/* A hardware breakpoint (DR0..3 and DR7, with the kind and length drawn)
+ * on memory the shim reads or writes in CPL0 (argument scratch, the trap
+ * table restore() passes, vcpu_info, the stack bounce frames go to) or on
+ * code the guest runs, then a generated call and a touch of the word.  A
+ * #DB in the shim is dropped, one in the guest bounced. */
+static void op_watch(u64 i)
+{
+	static const u32 kinds[] = { 1, 3, 1, 3, 0 };   /* write, read/write, execute (not I/O) */
+	u32 k = below(4), kind = kinds[below(5)], len = kind ? below(4) : 0;
+	u64 where, there = 0;
+	u32 r = below(100);
+	if (kind == 0)
+		where = chance(50) ? (u64)restore : (u64)do_call;
+	else if (r < 30)
+		where = (u64)argbuf() + 8 * below(8);
+	else if (r < 45)
+		where = (u64)&traps[below(4)];
+	else if (r < 60)
+		where = (u64)vi + below(16);
+	else if (r < 80) {
+		__asm__ volatile("movq %%rsp, %0" : "=r"(there));
+		where = (there - 8 * below(24)) & ~7UL;   /* where a bounce frame goes */
+	} else
+		where = (u64)scr(below(NSCRATCH)) + 8 * below(512);
+	where &= ~((len == 2 ? 8UL : len + 1UL) - 1);
+	u64 n0 = traps_seen[1];
+	long rc1 = HC2(HC_set_debugreg, k, where);
+	u64 dr7 = (1UL << (2 * k)) | ((u64)kind << (16 + 4 * k)) | ((u64)len << (18 + 4 * k)) | (chance(30) ? 0x300 : 0);
+	long rc2 = HC2(HC_set_debugreg, 7, dr7);
+	dirty |= D_DR;
+	struct call c;
+	gen_any(&c);
+	long rc = do_call(&c);
+	if (kind && chance(50))
+		*(volatile u64 *)(where & ~7UL) = *(volatile u64 *)(where & ~7UL);
+	tried[K_WATCH]++;
+	okay[K_WATCH] += rc1 == 0 && rc2 == 0;
+	if (trace) {
+		lput("op "); ldec((long)i); lput(" watch dr"); ldec(k); lput("="); lhex(where); lput(" dr7="); lhex(dr7);
+		lput(" rc="); ldec(rc1); lput(","); ldec(rc2); lput(" db="); ldec((long)(traps_seen[1] - n0)); lend();
+		trace_call(i, "watched", &c, rc);
+	}
+	follow_up(&c, rc);
 }
 
 static const u32 msrs[] = {
@@ -967,6 +1033,8 @@ static void run_op(u64 seed, u64 i)
 		op_multicall(i);
 	else if (r < 800)
 		op_iret(i);
+	else if (r < 850)
+		op_watch(i);
 	else
 		op_priv(i);
 	restore();
