@@ -71,7 +71,8 @@ static struct trap_info traps[] = {
 	{ 17, 0, 0xe030, 0, (u64)tg_trap_17 }, { 19, 0, 0xe030, 0, (u64)tg_trap_19 },
 	{ 0, 0, 0, 0, 0 } };
 
-static u64 nr_pages, l4_mfn, l3_mfn, shinfo_mfn, code_mfn, cr4_0;
+static u64 nr_pages, l4_mfn, l3_mfn, shinfo_mfn, code_mfn, cr4_0, xcr0_0 = 1;
+#define CR4_OSXSAVE (1UL << 18)
 static u16 sel0[4];   /* ds es fs gs at start */
 
 /* ---------------- command line ---------------- */
@@ -287,7 +288,7 @@ static int trace;
 
 /* what an op may have changed, put back by restore() */
 enum { D_TRAPS = 1, D_CB = 2, D_FPU = 4, D_SEG = 8, D_DR = 16, D_GDT = 32, D_PERIODIC = 64, D_RUNSTATE = 128,
-       D_IO = 256, D_CR = 512, D_SHUTDOWN = 1024 };
+       D_IO = 256, D_CR = 512, D_SHUTDOWN = 1024, D_XCR = 2048 };
 static u32 dirty;
 
 /* one generated call: number and arguments */
@@ -600,6 +601,10 @@ static void gen_any(struct call *c)
 
 /* ---------------- restoring ---------------- */
 
+/* an instruction whose fault the trap handler skips (tg_trap) */
+#define MAY_FAULT(insn, ...) \
+	__asm__ volatile("leaq 1f(%%rip), %%r11; movq %%r11, tg_resume_rip(%%rip);" insn "\n1:" __VA_ARGS__)
+
 static inline void load_sel(int which, u16 s)
 {
 	switch (which) {
@@ -638,6 +643,17 @@ static void restore(void)
 	}
 	if (dirty & (D_FPU | D_CR))
 		must(HC1(HC_fpu_taskswitch, 0), "clear TS");
+	if (dirty & D_XCR) {
+		u64 c4 = cr4_0 | CR4_OSXSAVE;
+		MAY_FAULT("movq %0, %%cr4", :: "r"(c4) : "r11", "memory");
+		tg_resume_rip = 0;
+		MAY_FAULT("xsetbv", :: "a"(xcr0_0), "d"(xcr0_0 >> 32), "c"(0UL) : "r11", "memory");
+		tg_resume_rip = 0;
+	}
+	if (dirty & D_CR) {
+		MAY_FAULT("movq %0, %%cr4", :: "r"(cr4_0) : "r11", "memory");
+		tg_resume_rip = 0;
+	}
 	if (dirty & D_DR)
 		must(HC2(HC_set_debugreg, 7, 0), "DR7 = 0");
 	if (dirty & D_GDT) {
@@ -698,8 +714,6 @@ void tg_trap(u64 vec, u64 *f, int has_err)
 	tg_finish();
 }
 
-#define MAY_FAULT(insn, ...) \
-	__asm__ volatile("leaq 1f(%%rip), %%r11; movq %%r11, tg_resume_rip(%%rip);" insn "\n1:" __VA_ARGS__)
 
 /* ---------------- the ops ---------------- */
 
@@ -901,7 +915,7 @@ static const u32 msrs[] = {
  * a fault the shim bounces resumes after it. */
 static void op_priv(u64 i)
 {
-	u32 r = below(33);
+	u32 r = below(35);
 	u64 a = rnd(), d = rnd(), cx = rnd();
 	u16 port = (u16)(chance(40) ? 0x40 + below(4) : chance(20) ? 0x61 : rnd());
 	volatile u8 *buf = scr(1);
@@ -1005,6 +1019,22 @@ static void op_priv(u64 i)
 		dirty |= D_FPU;
 		break;
 	}
+	case 32: {   /* xsetbv (an exit to Python), OSXSAVE set for it; xgetbv */
+		static const u64 xcr0s[] = { 1, 3, 7, 2, 5, 0xe7, 0x207, 0x20007, 0 };
+		u64 v = chance(80) ? xcr0s[below(9)] : rnd(), xc = chance(85) ? 0 : below(3);
+		if (chance(70)) {
+			u64 c4 = cr4_0 | CR4_OSXSAVE;
+			MAY_FAULT("movq %0, %%cr4", :: "r"(c4) : "r11", "memory");
+			tg_resume_rip = 0;
+		}
+		MAY_FAULT("xsetbv", :: "a"(v), "d"(v >> 32), "c"(xc) : "r11", "memory");
+		tg_resume_rip = 0;
+		MAY_FAULT("xgetbv", : "=a"(a), "=d"(d) : "c"(xc) : "r11", "memory");
+		a = v;
+		dirty |= D_CR | D_XCR;
+		break;
+	}
+	case 33: MAY_FAULT("rdtscp", : "=a"(a), "=d"(d), "=c"(cx) :: "r11", "memory"); break;
 	default: {
 		u32 w = below(5);
 		if (w == 0) MAY_FAULT("int3", ::: "r11", "memory");
@@ -1016,6 +1046,10 @@ static void op_priv(u64 i)
 	}
 	}
 	tg_resume_rip = 0;
+	if (chance(30)) {   /* whatever CR0.TS the op left, the FPU: #NM only with the virtual TS */
+		MAY_FAULT("fnop", ::: "r11", "memory");
+		tg_resume_rip = 0;
+	}
 	tried[K_PRIV]++;
 	if (trace) {
 		lput("op "); ldec((long)i); lput(" priv insn="); ldec(r); lput(" port="); lhex(port); lput(" msr="); lhex(cx);
@@ -1062,6 +1096,14 @@ void tg_main(struct start_info *s)
 			 : "=m"(sel0[0]), "=m"(sel0[1]), "=m"(sel0[2]), "=m"(sel0[3]));
 	MAY_FAULT("movq %%cr4, %0", : "=r"(cr4_0) :: "r11", "memory");
 	tg_resume_rip = 0;
+	u64 c4 = cr4_0 | CR4_OSXSAVE, lo = 1, hi = 0;   /* XCR0 as the guest starts, for restore() */
+	MAY_FAULT("movq %0, %%cr4", :: "r"(c4) : "r11", "memory");
+	tg_resume_rip = 0;
+	MAY_FAULT("xgetbv", : "+a"(lo), "+d"(hi) : "c"(0UL) : "r11", "memory");
+	tg_resume_rip = 0;
+	MAY_FAULT("movq %0, %%cr4", :: "r"(cr4_0) : "r11", "memory");
+	tg_resume_rip = 0;
+	xcr0_0 = (u32)lo | hi << 32;
 
 	u64 n = 0;
 	for (u64 i = 0; i < ops; i++) {
