@@ -3,10 +3,12 @@
     .venv/bin/python bench/fuzz.py --surface xenstore --inputs 200000 [--engine hypothesis|atheris] [--seed N]
     .venv/bin/python bench/fuzz.py --surface all --inputs 1000000     # split evenly
     .venv/bin/python bench/fuzz.py --surface shim-mmu --inputs 500     # a test guest per input
+    .venv/bin/python bench/fuzz.py --surface shim-hc --inputs 500
 
 The byte-level surfaces (tests/fuzz/) take thousands of inputs a second;
-"shim-mmu" runs the mmufuzz test guest per input (tests/mmufuzz.py: a seed
-and an op count, seconds each; it also prints ops/s) and is not in "all".
+"shim-mmu" and "shim-hc" run a test guest per input (tests/mmufuzz.py,
+tests/shimfuzz.py: a seed and an op count, seconds each; they also print
+ops/s) and are not in "all".
 
 Prints inputs, inputs/s and the findings (distinct first lines, with a count
 and the first input that gave each, hex, to replay with --replay).  A
@@ -27,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT / "tests" / "fuzz"), str(ROOT / "tests")]
 
 SURFACES = ("xenstore", "blkif", "netif", "xenbus", "hypercalls", "console", "loader")
-GUEST_SURFACES = {"shim-mmu": "mmufuzz"}     # surface -> module in tests/ with its Harness
+GUEST_SURFACES = {"shim-mmu": "mmufuzz", "shim-hc": "shimfuzz"}     # surface -> module in tests/ with its Harness
 
 
 def load(surface: str):

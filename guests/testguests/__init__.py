@@ -21,7 +21,7 @@ EXTRA_SOURCES = {"usermode": ("traps_entry.S",), "mmu": ("traps_entry.S",),
                  "xsave": ("traps_entry.S",), "shimcost": ("traps_entry.S",),
                  "softint": ("traps_entry.S",), "debugreg": ("traps_entry.S",),
                  "stalepte": ("traps_entry.S",), "pgrace": ("traps_entry.S",),
-                 "mmufuzz": ("traps_entry.S",)}
+                 "mmufuzz": ("traps_entry.S",), "shimfuzz": ("traps_entry.S",)}
 CFLAGS = ["-O2", "-std=gnu11", "-ffreestanding", "-nostdlib", "-fno-builtin", "-mno-red-zone",
           "-mgeneral-regs-only", "-mcmodel=kernel", "-fno-pic", "-fno-pie", "-fno-stack-protector",
           "-fno-asynchronous-unwind-tables", "-fcf-protection=none", "-Wall", "-Werror"]

@@ -36,11 +36,12 @@ def test_replay_one_input():
     assert r.returncode == 0 and "no finding" in r.stdout, r.stderr[-2000:]
 
 
-def test_guest_surface_counts_ops(tmp_path):
-    """shim-mmu: an input is a whole test-guest run; the ops inside are counted."""
+@pytest.mark.parametrize("surface", ["shim-mmu", "shim-hc"])
+def test_guest_surface_counts_ops(tmp_path, surface):
+    """shim-mmu, shim-hc: an input is a whole test-guest run; the ops inside are counted."""
     out = tmp_path / "fuzz.json"
-    r = _run("--surface", "shim-mmu", "--inputs", "1", "--json", str(out))
+    r = _run("--surface", surface, "--inputs", "1", "--json", str(out))
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "shim-mmu: 1 inputs in" in r.stdout and " ops/s, " in r.stdout, r.stdout
-    figures = json.loads(out.read_text())["shim-mmu"]
+    assert f"{surface}: 1 inputs in" in r.stdout and " ops/s, " in r.stdout, r.stdout
+    figures = json.loads(out.read_text())[surface]
     assert figures["inputs"] == 1 and figures["ops"] >= 500, figures

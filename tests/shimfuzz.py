@@ -1,0 +1,237 @@
+"""Fuzzing the shim's non-MMU hypercalls and its privileged-instruction
+emulation (xen_abi/shim/shim.c, events.c, priv.c; issue 11) through the
+shimfuzz test guest (guests/testguests/shimfuzz.c), which issues a
+generated sequence of them from a seed and puts back after each op what
+the op may have changed, so that it keeps running.  The oracle:
+
+  - the guest finishes its ops (its PASS line) and powers off;
+  - the shim never faults itself (ShimPanic);
+  - no hang (the run's timeout, DomainTimeout);
+  - the domain is not crashed (a crash reason the shim gives for a guest
+    fault is still a finding: this guest should survive everything);
+  - pyvmm logs no traceback (a handler's exception, dispatch.py).
+
+    res = run_seed(seed=7, ops=300)      # a ShimFuzzRun: .ok, .finding(), ...
+    python3 tests/shimfuzz.py --seed 7 --ops 300 [--trace] [--minimise]
+
+bench/fuzz.py's surface "shim-hc" runs this with seeds from its engine
+(`Harness`).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+
+from pyvmm.guests.testguests import build_testguest
+from pyvmm.xen_abi import abi
+from pyvmm.xen_abi.hypervisor.domain import Domain, DomainTimeout, ShimPanic
+from pyvmm.xen_abi.hypervisor.trace import describe_crash
+
+PASS = "TESTGUEST shimfuzz: PASS"
+
+
+@dataclass
+class ShimFuzzRun:
+    seed: int
+    ops: int
+    reason: abi.ShutdownReason | None = None
+    crash_info: dict | None = None
+    panic: str = ""                       # ShimPanic's text
+    hang: str = ""                        # DomainTimeout's text
+    tracebacks: list[str] = field(default_factory=list)   # pyvmm log records with a traceback
+    stats: dict[str, tuple[int, int]] = field(default_factory=dict)   # kind -> (succeeded, tried)
+    traps: dict[int, int] = field(default_factory=dict)   # vector -> faults the guest took
+    ops_run: int = 0
+    elapsed: float = 0.0
+    trace: list[str] = field(default_factory=list)
+    tail: str = ""                        # the console's end
+
+    @property
+    def ok(self) -> bool:
+        return (self.reason == abi.ShutdownReason.poweroff and not self.panic and not self.hang
+                and not self.tracebacks and self.tail.rstrip().endswith(PASS))
+
+    def finding(self) -> str:
+        """One line naming the kind of failure, for grouping many runs'."""
+        if self.panic:
+            return "shim fault: " + self.panic.splitlines()[0][:160]
+        if self.hang:
+            return "hang"
+        if self.tracebacks:
+            return "pyvmm traceback: " + self.tracebacks[0].splitlines()[0][:160]
+        if self.reason == abi.ShutdownReason.crash:
+            ci = self.crash_info or {}
+            return f"domain crashed: {describe_crash(ci['info']) if 'info' in ci else ci}"
+        if self.reason == abi.ShutdownReason.poweroff:
+            lines = self.tail.strip().splitlines()
+            return "guest did not finish: " + (lines[-1][:160] if lines else "no output")
+        return f"guest ended: {self.reason.name if self.reason is not None else '?'}"
+
+    def summary(self) -> str:
+        head = f"seed {self.seed}: {self.ops_run} ops, {self.elapsed:.1f} s: "
+        if self.ok:
+            return head + "ok"
+        return "\n".join([head + self.finding(), f"  crash {self.crash_info}; panic {self.panic[:600]}",
+                          *self.tracebacks[:2], f"  console: ...{self.tail[-600:]}"])
+
+
+class _Tracebacks(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.seen: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info:
+            self.seen.append(self.format(record))
+
+
+def cmdline(seed: int, ops: int, trace: bool, only: str | None) -> str:
+    parts = [f"seed={seed}", f"ops={ops}"]
+    if trace:
+        parts.append("trace=1")
+    if only:
+        parts.append(f"only={only}")
+    return " ".join(parts)
+
+
+def run_seed(seed: int, ops: int, *, trace: bool = False, only: str | None = None,
+             timeout: float = 120.0) -> ShimFuzzRun:
+    """One guest run: `ops` ops from `seed` (those named by `only`, "A-B,C")."""
+    out = ShimFuzzRun(seed, ops)
+    tb = _Tracebacks()
+    t0 = time.monotonic()
+    root = logging.getLogger()
+    root.addHandler(tb)
+    try:
+        with Domain(str(build_testguest("shimfuzz")), cmdline=cmdline(seed, ops, trace, only)) as dom:
+            def on_output(data: bytes) -> None:
+                if data.startswith(b"SHIMFUZZ STATS"):
+                    fields = data.decode().split()
+                    out.ops_run = int(fields[2].split("=")[1])
+                    for f in fields[3:]:
+                        k, v = f.split("=")
+                        ok, tried = v.split("/")
+                        out.stats[k] = (int(ok), int(tried))
+                elif data.startswith(b"SHIMFUZZ TRAPS"):
+                    out.traps = {int(k): int(v) for k, v in (f.split("=") for f in data.decode().split()[2:])}
+                elif trace and data.startswith(b"op "):
+                    out.trace.append(data.decode().rstrip("\n"))
+
+            dom.on_console_output.add(on_output)
+            try:
+                res = dom.run(timeout=timeout)
+            except ShimPanic as e:
+                out.panic = str(e) or repr(e)
+            except DomainTimeout as e:
+                out.hang = str(e)
+            if out.panic or out.hang:
+                out.elapsed = time.monotonic() - t0
+                out.tail = dom.console.decode(errors="replace")[-2000:]
+                return out
+    finally:
+        root.removeHandler(tb)
+        out.tracebacks = tb.seen
+    out.reason, out.crash_info, out.elapsed = res.reason, res.crash_info, res.elapsed
+    out.tail = res.text[-2000:]
+    return out
+
+
+def _ranges(ops: list[int]) -> str:
+    out, i = [], 0
+    while i < len(ops):
+        j = i
+        while j + 1 < len(ops) and ops[j + 1] == ops[j] + 1:
+            j += 1
+        out.append(str(ops[i]) if i == j else f"{ops[i]}-{ops[j]}")
+        i = j + 1
+    return ",".join(out)
+
+
+def minimise(seed: int, ops: int, log=print) -> tuple[int, str]:
+    """The shortest prefix of the seed's ops that still fails the same way
+    (the same finding line), then ops dropped while it does (ddmin).
+    Returns (ops, only)."""
+    first = run_seed(seed, ops)
+    if first.ok:
+        raise ValueError(f"seed {seed}, {ops} ops: nothing to minimise")
+    want = first.finding()
+    lo, hi = 1, ops           # the shortest failing prefix, by bisection
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if run_seed(seed, mid).finding() == want:
+            hi = mid
+        else:
+            lo = mid + 1
+    keep = list(range(hi))
+    log(f"prefix: {hi} ops ({want})")
+
+    def fails(subset: list[int]) -> bool:
+        r = run_seed(seed, hi, only=_ranges(subset))
+        return not r.ok and r.finding() == want
+
+    chunk = max(len(keep) // 2, 1)
+    while chunk >= 1:
+        i, changed = 0, False
+        while i < len(keep):
+            trial = keep[:i] + keep[i + chunk:]
+            if trial and len(_ranges(trial)) < 900 and fails(trial):
+                keep, changed = trial, True
+                log(f"  {len(keep)} ops left")
+            else:
+                i += chunk
+        if not changed:
+            chunk //= 2
+    return hi, _ranges(keep)
+
+
+class Harness:
+    """bench/fuzz.py's surface "shim-hc": an input is a seed (4 bytes) and
+    an op count (2 bytes: MIN_OPS + a share of SPAN)."""
+    MAX_SIZE = 6
+    MIN_OPS, SPAN = 500, 2000
+    MEM_LIMIT = 64 << 20
+
+    def __init__(self):
+        self.ops_total = 0
+        self.seeds: set[int] = set()       # distinct seeds run (an engine may repeat an input)
+
+    def one(self, data: bytes) -> None:
+        seed, ops = struct.unpack("<IH", bytes(data[:6]).ljust(6, b"\0"))
+        ops = self.MIN_OPS + ops % (self.SPAN + 1)
+        r = run_seed(seed, ops)
+        self.seeds.add(seed)
+        self.ops_total += r.ops_run
+        if not r.ok:
+            raise ShimFuzzFailure(f"{r.finding()}\n{r.summary()}")
+
+
+class ShimFuzzFailure(AssertionError):
+    """The shim faulted, hung, crashed the domain, or pyvmm logged a traceback."""
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="run the shimfuzz guest once, or minimise a failing seed")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--ops", type=int, default=300)
+    ap.add_argument("--only", help="run only these ops: A-B,C,...")
+    ap.add_argument("--trace", action="store_true", help="print each op and its answer")
+    ap.add_argument("--minimise", action="store_true", help="minimise the seed's failure")
+    args = ap.parse_args(argv)
+    if args.minimise:
+        args.ops, args.only = minimise(args.seed, args.ops)
+        args.trace = True
+        print(f"minimal: --seed {args.seed} --ops {args.ops} --only {args.only} --trace")
+    r = run_seed(args.seed, args.ops, trace=args.trace, only=args.only)
+    print("\n".join(r.trace))
+    print(r.summary())
+    print("stats: " + " ".join(f"{k}={ok}/{tried}" for k, (ok, tried) in r.stats.items()))
+    print("traps: " + " ".join(f"{v}={n}" for v, n in sorted(r.traps.items())))
+    return 0 if r.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
