@@ -39,6 +39,7 @@
  *  - update_va_mapping of a pool page's own address maps that page again,
  *    read-only or writable: the guest reads the pool through them. */
 #include "mmutest.h"
+#include "fuzzguest.h"
 const char tg_name[] = "mmufuzz";
 
 #define NPOOL 10            /* pool frames in the image, readable */
@@ -51,8 +52,6 @@ const char tg_name[] = "mmufuzz";
 #define LONG_BATCH 300      /* more than the shim's work budget (256) */
 #define BIG (LONG_BATCH + 64)   /* a long batch and a multicall's other entries */
 
-struct mc { u64 op, result, args[6]; };
-_Static_assert(sizeof(struct mc) == XEN_MULTICALL_ENTRY_SIZE, "multicall_entry");
 
 /* written only by the shim: volatile */
 static volatile u64 pool[NPOOL][512] __attribute__((aligned(4096)));
@@ -62,116 +61,6 @@ extern char tg_stack[];
 static u64 frames[NALL];                 /* the pool's frames */
 static u64 own[4], wild[6], nr_pages;
 static u64 orig_l4, kl3, kl2, kl3e, cur_l4;
-
-/* ---------------- command line ---------------- */
-
-static const char *opt(const char *s, const char *key)
-{
-	for (int i = 0; s[i] && i < 1024; i++) {
-		if (i && s[i - 1] != ' ')
-			continue;
-		int k = 0;
-		while (key[k] && s[i + k] == key[k])
-			k++;
-		if (!key[k] && s[i + k] == '=')
-			return s + i + k + 1;
-	}
-	return 0;
-}
-
-static u64 num(const char **p)
-{
-	u64 v = 0;
-	while (**p >= '0' && **p <= '9')
-		v = v * 10 + (u64)(*(*p)++ - '0');
-	return v;
-}
-
-static u64 opt_num(const char *s, const char *key, u64 dflt)
-{
-	const char *p = opt(s, key);
-	return p ? num(&p) : dflt;
-}
-
-static const char *only;   /* "A-B,C,..." or 0: every op */
-
-static int selected(u64 i)
-{
-	if (!only)
-		return 1;
-	for (const char *p = only; *p >= '0' && *p <= '9';) {
-		u64 a = num(&p), b = a;
-		if (*p == '-') {
-			p++;
-			b = num(&p);
-		}
-		if (i >= a && i <= b)
-			return 1;
-		if (*p != ',')
-			break;
-		p++;
-	}
-	return 0;
-}
-
-/* ---------------- output: one console write per line ---------------- */
-
-static char line[1024];
-static int llen;
-
-static void lput(const char *s) { while (*s && llen < (int)sizeof(line) - 24) line[llen++] = *s++; }
-
-static void lhex(u64 v)
-{
-	char b[16];
-	int n = 0;
-	do { b[n++] = "0123456789abcdef"[v & 15]; v >>= 4; } while (v);
-	lput("0x");
-	while (n && llen < (int)sizeof(line) - 2)
-		line[llen++] = b[--n];
-}
-
-static void ldec(long v)
-{
-	char b[20];
-	int n = 0;
-	u64 u = v < 0 ? -(u64)v : (u64)v;
-	if (v < 0)
-		lput("-");
-	do { b[n++] = '0' + u % 10; u /= 10; } while (u);
-	while (n && llen < (int)sizeof(line) - 2)
-		line[llen++] = b[--n];
-}
-
-static void lend(void)
-{
-	line[llen++] = '\n';
-	tg_write(line, llen);
-	llen = 0;
-}
-
-/* ---------------- random numbers ---------------- */
-
-static u64 rs;
-
-static u64 splitmix(u64 x)
-{
-	x += 0x9e3779b97f4a7c15UL;
-	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9UL;
-	x = (x ^ (x >> 27)) * 0x94d049bb133111ebUL;
-	return x ^ (x >> 31);
-}
-
-static u64 rnd(void)   /* xorshift64* */
-{
-	rs ^= rs >> 12;
-	rs ^= rs << 25;
-	rs ^= rs >> 27;
-	return rs * 0x2545f4914f6cdd1dUL;
-}
-
-static u32 below(u32 n) { return (u32)(((rnd() >> 32) * n) >> 32); }
-static int chance(u32 pct) { return below(100) < pct; }
 
 /* ---------------- frames and values ---------------- */
 
@@ -183,7 +72,6 @@ static const char *const kind_name[NKIND] = {
 };
 static u64 tried[NKIND], okay[NKIND];
 
-static int trace;
 
 /* The frame's contents if the guest can read them (pool in the image,
  * the builder's L4..L2), else 0. */
@@ -648,7 +536,7 @@ static void op_direct(u64 i)
 
 static void run_op(u64 seed, u64 i)
 {
-	rs = splitmix(seed ^ splitmix(i + 1)) | 1;
+	seed_op(seed, i);
 	nreq = 0;
 	has_switch = has_copy = 0;
 	u32 r = below(1000);

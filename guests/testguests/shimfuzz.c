@@ -3,7 +3,7 @@
  * host (tests/shimfuzz.py): the guest must reach its PASS line, with no
  * fault of the shim, no hang and no crash of the domain.
  *
- * Command line: seed=N ops=K [trace=1] [only=A-B,C,...], as mmufuzz's: op
+ * Command line: seed=N ops=K [trace=1] [only=A-B,C,...], as mmufuzz's (fuzzguest.h): op
  * i draws its random numbers from (seed, i) alone, so a shorter run is a
  * prefix of a longer one and only= keeps each op's draws.  Return codes
  * are not judged; the guest counts what succeeded per kind and prints it
@@ -37,6 +37,7 @@
  *  - a faulting instruction is run under MAY_FAULT: the bounced fault
  *    resumes after it; #NM clears TS and retries; #DB clears TF. */
 #include "mmutest.h"
+#include "fuzzguest.h"
 #include "tg_events.h"
 const char tg_name[] = "shimfuzz";
 
@@ -47,8 +48,6 @@ const char tg_name[] = "shimfuzz";
 #define RF_TF 0x100UL
 #define RF_RF 0x10000UL
 
-struct mc { u64 op, result, args[6]; };
-_Static_assert(sizeof(struct mc) == XEN_MULTICALL_ENTRY_SIZE, "multicall_entry");
 struct sched_poll { u64 ports; u32 nr_ports, _p; u64 timeout; };
 
 /* written by the shim and Python: volatile */
@@ -74,116 +73,6 @@ static struct trap_info traps[] = {
 static u64 nr_pages, l4_mfn, l3_mfn, shinfo_mfn, code_mfn, cr4_0, xcr0_0 = 1;
 #define CR4_OSXSAVE (1UL << 18)
 static u16 sel0[4];   /* ds es fs gs at start */
-
-/* ---------------- command line ---------------- */
-
-static const char *opt(const char *s, const char *key)
-{
-	for (int i = 0; s[i] && i < 1024; i++) {
-		if (i && s[i - 1] != ' ')
-			continue;
-		int k = 0;
-		while (key[k] && s[i + k] == key[k])
-			k++;
-		if (!key[k] && s[i + k] == '=')
-			return s + i + k + 1;
-	}
-	return 0;
-}
-
-static u64 num(const char **p)
-{
-	u64 v = 0;
-	while (**p >= '0' && **p <= '9')
-		v = v * 10 + (u64)(*(*p)++ - '0');
-	return v;
-}
-
-static u64 opt_num(const char *s, const char *key, u64 dflt)
-{
-	const char *p = opt(s, key);
-	return p ? num(&p) : dflt;
-}
-
-static const char *only;   /* "A-B,C,..." or 0: every op */
-
-static int selected(u64 i)
-{
-	if (!only)
-		return 1;
-	for (const char *p = only; *p >= '0' && *p <= '9';) {
-		u64 a = num(&p), b = a;
-		if (*p == '-') {
-			p++;
-			b = num(&p);
-		}
-		if (i >= a && i <= b)
-			return 1;
-		if (*p != ',')
-			break;
-		p++;
-	}
-	return 0;
-}
-
-/* ---------------- output: one console write per line ---------------- */
-
-static char line[1024];
-static int llen;
-
-static void lput(const char *s) { while (*s && llen < (int)sizeof(line) - 24) line[llen++] = *s++; }
-
-static void lhex(u64 v)
-{
-	char b[16];
-	int n = 0;
-	do { b[n++] = "0123456789abcdef"[v & 15]; v >>= 4; } while (v);
-	lput("0x");
-	while (n && llen < (int)sizeof(line) - 2)
-		line[llen++] = b[--n];
-}
-
-static void ldec(long v)
-{
-	char b[20];
-	int n = 0;
-	u64 u = v < 0 ? -(u64)v : (u64)v;
-	if (v < 0)
-		lput("-");
-	do { b[n++] = '0' + u % 10; u /= 10; } while (u);
-	while (n && llen < (int)sizeof(line) - 2)
-		line[llen++] = b[--n];
-}
-
-static void lend(void)
-{
-	line[llen++] = '\n';
-	tg_write(line, llen);
-	llen = 0;
-}
-
-/* ---------------- random numbers ---------------- */
-
-static u64 rs;
-
-static u64 splitmix(u64 x)
-{
-	x += 0x9e3779b97f4a7c15UL;
-	x = (x ^ (x >> 30)) * 0xbf58476d1ce4e5b9UL;
-	x = (x ^ (x >> 27)) * 0x94d049bb133111ebUL;
-	return x ^ (x >> 31);
-}
-
-static u64 rnd(void)   /* xorshift64* */
-{
-	rs ^= rs >> 12;
-	rs ^= rs << 25;
-	rs ^= rs >> 27;
-	return rs * 0x2545f4914f6cdd1dUL;
-}
-
-static u32 below(u32 n) { return (u32)(((rnd() >> 32) * n) >> 32); }
-static int chance(u32 pct) { return below(100) < pct; }
 
 /* ---------------- values ---------------- */
 
@@ -284,7 +173,6 @@ static const char *const kind_name[NKIND] = {
 	"event_channel_op", "xen_version", "physdev_op", "bad_hypercall", "multicall", "iret", "priv_insn", "watch",
 };
 static u64 tried[NKIND], okay[NKIND];
-static int trace;
 
 /* what an op may have changed, put back by restore() */
 enum { D_TRAPS = 1, D_CB = 2, D_FPU = 4, D_SEG = 8, D_DR = 16, D_GDT = 32, D_PERIODIC = 64, D_RUNSTATE = 128,
@@ -1059,7 +947,7 @@ static void op_priv(u64 i)
 
 static void run_op(u64 seed, u64 i)
 {
-	rs = splitmix(seed ^ splitmix(i + 1)) | 1;
+	seed_op(seed, i);
 	u32 r = below(1000);
 	if (r < 620)
 		op_single(i);
