@@ -28,13 +28,12 @@ bench/fuzz.py's surface "shim-mmu" runs this with seeds from its engine
 """
 from __future__ import annotations
 
-import argparse
-import struct
 import sys
 from array import array
 from collections import Counter
 from dataclasses import dataclass, field
 
+from guestfuzz import GuestFuzzRun, GuestHarness, arg_parser, cmdline, ddmin, ranges
 from pyvmm.guests.testguests import build_testguest
 from pyvmm.xen_abi import abi
 from pyvmm.xen_abi.hypervisor.domain import Domain, ShimPanic
@@ -156,20 +155,11 @@ def check(dom: Domain) -> list[tuple[str, str]]:
 
 
 @dataclass
-class MmuFuzzRun:
-    seed: int
-    ops: int
-    reason: abi.ShutdownReason | None = None
-    crash_info: dict | None = None
+class MmuFuzzRun(GuestFuzzRun):
     checks: int = 0
     # each class of violation seen: (the op count at the check that first saw it, what)
     violations: dict[str, tuple[int, str]] = field(default_factory=dict)
-    stats: dict[str, tuple[int, int]] = field(default_factory=dict)   # kind -> (succeeded, tried)
-    ops_run: int = 0
-    elapsed: float = 0.0
     frames: str = ""                      # the guest's "MMUFUZZ FRAMES" line
-    trace: list[str] = field(default_factory=list)
-    tail: str = ""                        # the console's end
 
     @property
     def ok(self) -> bool:
@@ -201,15 +191,6 @@ class MmuFuzzRun:
         return "\n".join(lines)
 
 
-def cmdline(seed: int, ops: int, check_every: int, trace: bool, only: str | None) -> str:
-    parts = [f"seed={seed}", f"ops={ops}", f"check={check_every}"]
-    if trace:
-        parts.append("trace=1")
-    if only:
-        parts.append(f"only={only}")
-    return " ".join(parts)
-
-
 def run_seed(seed: int, ops: int, check_every: int = 20, *, trace: bool = False, only: str | None = None,
              stop_at: str | None = None, timeout: float = 600.0) -> MmuFuzzRun:
     """One guest run: `ops` ops from `seed` (those named by `only`,
@@ -217,7 +198,7 @@ def run_seed(seed: int, ops: int, check_every: int = 20, *, trace: bool = False,
     the first violation of class `stop_at` ("": any)."""
     out = MmuFuzzRun(seed, ops)
     last = [0]      # the op count at the last check
-    with Domain(str(build_testguest("mmufuzz")), cmdline=cmdline(seed, ops, check_every, trace, only)) as dom:
+    with Domain(str(build_testguest("mmufuzz")), cmdline=cmdline(seed, ops, trace, only, check=check_every)) as dom:
         def on_output(data: bytes) -> None:
             if data.startswith(MARKER):
                 out.checks += 1
@@ -227,12 +208,7 @@ def run_seed(seed: int, ops: int, check_every: int = 20, *, trace: bool = False,
                 if stop_at is not None and any(stop_at in cls for cls in out.violations):
                     dom.stop()
             elif data.startswith(b"MMUFUZZ STATS"):
-                fields = data.decode().split()
-                out.ops_run = int(fields[2].split("=")[1])
-                for f in fields[3:]:
-                    k, v = f.split("=")
-                    ok, tried = v.split("/")
-                    out.stats[k] = (int(ok), int(tried))
+                out.take_stats(data)
             elif data.startswith(b"MMUFUZZ FRAMES"):
                 out.frames = data.decode().strip()
             elif trace and data.startswith(b"op "):
@@ -250,17 +226,6 @@ def run_seed(seed: int, ops: int, check_every: int = 20, *, trace: bool = False,
     return out
 
 
-def _ranges(ops: list[int]) -> str:
-    out, i = [], 0
-    while i < len(ops):
-        j = i
-        while j + 1 < len(ops) and ops[j + 1] == ops[j] + 1:
-            j += 1
-        out.append(str(ops[i]) if i == j else f"{ops[i]}-{ops[j]}")
-        i = j + 1
-    return ",".join(out)
-
-
 def minimise(seed: int, ops: int, cls: str = "", log=print) -> tuple[int, str]:
     """The shortest prefix of the seed's ops that breaks an invariant of
     class `cls` ("": any; checked after every op), then ops dropped while
@@ -274,57 +239,28 @@ def minimise(seed: int, ops: int, cls: str = "", log=print) -> tuple[int, str]:
     log(f"prefix: {n} ops")
 
     def fails(subset: list[int]) -> bool:
-        r = run_seed(seed, n, 1, only=_ranges(subset), stop_at=cls)
+        r = run_seed(seed, n, 1, only=ranges(subset), stop_at=cls)
         return any(cls in c for c in r.violations)
 
-    chunk = max(len(keep) // 2, 1)
-    while chunk >= 1:
-        i, changed = 0, False
-        while i < len(keep):
-            trial = keep[:i] + keep[i + chunk:]
-            if trial and len(_ranges(trial)) < 900 and fails(trial):
-                keep, changed = trial, True
-                log(f"  {len(keep)} ops left")
-            else:
-                i += chunk
-        if not changed:
-            chunk //= 2
-    return n, _ranges(keep)
-
-
-class Harness:
-    """bench/fuzz.py's surface "shim-mmu": an input is a seed (4 bytes) and
-    an op count (2 bytes: MIN_OPS + a share of SPAN)."""
-    MAX_SIZE = 6
-    MIN_OPS, SPAN = 500, 2000
-    MEM_LIMIT = 64 << 20
-    CHECK_EVERY = 25
-
-    def __init__(self):
-        self.ops_total = 0
-        self.seeds: set[int] = set()       # distinct seeds run (an engine may repeat an input)
-
-    def one(self, data: bytes) -> None:
-        seed, ops = struct.unpack("<IH", bytes(data[:6]).ljust(6, b"\0"))
-        ops = self.MIN_OPS + ops % (self.SPAN + 1)
-        r = run_seed(seed, ops, self.CHECK_EVERY)
-        self.seeds.add(seed)
-        self.ops_total += r.ops_run
-        if not r.ok:
-            raise InvariantViolation(f"{r.finding()}\n{r.summary()}")
+    return n, ranges(ddmin(keep, fails, log))
 
 
 class InvariantViolation(AssertionError):
     """The page-type words disagree with the tables (or the guest died)."""
 
 
+class Harness(GuestHarness):
+    """bench/fuzz.py's surface "shim-mmu" (guestfuzz.GuestHarness)."""
+    CHECK_EVERY = 25
+    Failure = InvariantViolation
+
+    def run(self, seed: int, ops: int) -> MmuFuzzRun:
+        return run_seed(seed, ops, self.CHECK_EVERY)
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="run the mmufuzz guest once, or minimise a failing seed")
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--ops", type=int, default=300)
+    ap = arg_parser("mmufuzz")
     ap.add_argument("--check", type=int, default=20, help="check every N ops")
-    ap.add_argument("--only", help="run only these ops: A-B,C,...")
-    ap.add_argument("--trace", action="store_true", help="print each op and its answer")
     ap.add_argument("--minimise", metavar="CLASS", nargs="?", const="",
                     help="minimise the seed's first violation (of a class containing CLASS)")
     args = ap.parse_args(argv)
@@ -336,7 +272,7 @@ def main(argv=None) -> int:
     print(r.frames)
     print("\n".join(r.trace))
     print(r.summary())
-    print("stats: " + " ".join(f"{k}={ok}/{tried}" for k, (ok, tried) in r.stats.items()))
+    print(r.stats_line())
     return 0 if r.ok else 1
 
 

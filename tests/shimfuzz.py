@@ -19,13 +19,12 @@ bench/fuzz.py's surface "shim-hc" runs this with seeds from its engine
 """
 from __future__ import annotations
 
-import argparse
 import logging
-import struct
 import sys
 import time
 from dataclasses import dataclass, field
 
+from guestfuzz import GuestFuzzRun, GuestHarness, arg_parser, cmdline, ddmin, ranges
 from pyvmm.guests.testguests import build_testguest
 from pyvmm.xen_abi import abi
 from pyvmm.xen_abi.hypervisor.domain import Domain, DomainTimeout, ShimPanic
@@ -35,20 +34,11 @@ PASS = "TESTGUEST shimfuzz: PASS"
 
 
 @dataclass
-class ShimFuzzRun:
-    seed: int
-    ops: int
-    reason: abi.ShutdownReason | None = None
-    crash_info: dict | None = None
+class ShimFuzzRun(GuestFuzzRun):
     panic: str = ""                       # ShimPanic's text
     hang: str = ""                        # DomainTimeout's text
     tracebacks: list[str] = field(default_factory=list)   # pyvmm log records with a traceback
-    stats: dict[str, tuple[int, int]] = field(default_factory=dict)   # kind -> (succeeded, tried)
     traps: dict[int, int] = field(default_factory=dict)   # vector -> faults the guest took
-    ops_run: int = 0
-    elapsed: float = 0.0
-    trace: list[str] = field(default_factory=list)
-    tail: str = ""                        # the console's end
 
     @property
     def ok(self) -> bool:
@@ -89,15 +79,6 @@ class _Tracebacks(logging.Handler):
             self.seen.append(self.format(record))
 
 
-def cmdline(seed: int, ops: int, trace: bool, only: str | None) -> str:
-    parts = [f"seed={seed}", f"ops={ops}"]
-    if trace:
-        parts.append("trace=1")
-    if only:
-        parts.append(f"only={only}")
-    return " ".join(parts)
-
-
 def run_seed(seed: int, ops: int, *, trace: bool = False, only: str | None = None,
              timeout: float = 120.0) -> ShimFuzzRun:
     """One guest run: `ops` ops from `seed` (those named by `only`, "A-B,C")."""
@@ -110,12 +91,7 @@ def run_seed(seed: int, ops: int, *, trace: bool = False, only: str | None = Non
         with Domain(str(build_testguest("shimfuzz")), cmdline=cmdline(seed, ops, trace, only)) as dom:
             def on_output(data: bytes) -> None:
                 if data.startswith(b"SHIMFUZZ STATS"):
-                    fields = data.decode().split()
-                    out.ops_run = int(fields[2].split("=")[1])
-                    for f in fields[3:]:
-                        k, v = f.split("=")
-                        ok, tried = v.split("/")
-                        out.stats[k] = (int(ok), int(tried))
+                    out.take_stats(data)
                 elif data.startswith(b"SHIMFUZZ TRAPS"):
                     out.traps = {int(k): int(v) for k, v in (f.split("=") for f in data.decode().split()[2:])}
                 elif trace and data.startswith(b"op "):
@@ -140,17 +116,6 @@ def run_seed(seed: int, ops: int, *, trace: bool = False, only: str | None = Non
     return out
 
 
-def _ranges(ops: list[int]) -> str:
-    out, i = [], 0
-    while i < len(ops):
-        j = i
-        while j + 1 < len(ops) and ops[j + 1] == ops[j] + 1:
-            j += 1
-        out.append(str(ops[i]) if i == j else f"{ops[i]}-{ops[j]}")
-        i = j + 1
-    return ",".join(out)
-
-
 def minimise(seed: int, ops: int, log=print) -> tuple[int, str]:
     """The shortest prefix of the seed's ops that still fails the same way
     (the same finding line), then ops dropped while it does (ddmin).
@@ -170,55 +135,26 @@ def minimise(seed: int, ops: int, log=print) -> tuple[int, str]:
     log(f"prefix: {hi} ops ({want})")
 
     def fails(subset: list[int]) -> bool:
-        r = run_seed(seed, hi, only=_ranges(subset))
+        r = run_seed(seed, hi, only=ranges(subset))
         return not r.ok and r.finding() == want
 
-    chunk = max(len(keep) // 2, 1)
-    while chunk >= 1:
-        i, changed = 0, False
-        while i < len(keep):
-            trial = keep[:i] + keep[i + chunk:]
-            if trial and len(_ranges(trial)) < 900 and fails(trial):
-                keep, changed = trial, True
-                log(f"  {len(keep)} ops left")
-            else:
-                i += chunk
-        if not changed:
-            chunk //= 2
-    return hi, _ranges(keep)
-
-
-class Harness:
-    """bench/fuzz.py's surface "shim-hc": an input is a seed (4 bytes) and
-    an op count (2 bytes: MIN_OPS + a share of SPAN)."""
-    MAX_SIZE = 6
-    MIN_OPS, SPAN = 500, 2000
-    MEM_LIMIT = 64 << 20
-
-    def __init__(self):
-        self.ops_total = 0
-        self.seeds: set[int] = set()       # distinct seeds run (an engine may repeat an input)
-
-    def one(self, data: bytes) -> None:
-        seed, ops = struct.unpack("<IH", bytes(data[:6]).ljust(6, b"\0"))
-        ops = self.MIN_OPS + ops % (self.SPAN + 1)
-        r = run_seed(seed, ops)
-        self.seeds.add(seed)
-        self.ops_total += r.ops_run
-        if not r.ok:
-            raise ShimFuzzFailure(f"{r.finding()}\n{r.summary()}")
+    return hi, ranges(ddmin(keep, fails, log))
 
 
 class ShimFuzzFailure(AssertionError):
     """The shim faulted, hung, crashed the domain, or pyvmm logged a traceback."""
 
 
+class Harness(GuestHarness):
+    """bench/fuzz.py's surface "shim-hc" (guestfuzz.GuestHarness)."""
+    Failure = ShimFuzzFailure
+
+    def run(self, seed: int, ops: int) -> ShimFuzzRun:
+        return run_seed(seed, ops)
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description="run the shimfuzz guest once, or minimise a failing seed")
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--ops", type=int, default=300)
-    ap.add_argument("--only", help="run only these ops: A-B,C,...")
-    ap.add_argument("--trace", action="store_true", help="print each op and its answer")
+    ap = arg_parser("shimfuzz")
     ap.add_argument("--minimise", action="store_true", help="minimise the seed's failure")
     args = ap.parse_args(argv)
     if args.minimise:
@@ -228,7 +164,7 @@ def main(argv=None) -> int:
     r = run_seed(args.seed, args.ops, trace=args.trace, only=args.only)
     print("\n".join(r.trace))
     print(r.summary())
-    print("stats: " + " ".join(f"{k}={ok}/{tried}" for k, (ok, tried) in r.stats.items()))
+    print(r.stats_line())
     print("traps: " + " ".join(f"{v}={n}" for v, n in sorted(r.traps.items())))
     return 0 if r.ok else 1
 
