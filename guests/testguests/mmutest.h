@@ -25,6 +25,22 @@ static inline u64 read_cr3(void)   /* emulated by the shim */
 	return v;
 }
 
+/* The guest frame of p, a PTE mapping it with flags, and CR3's frame address. */
+static inline u64 pfn(const void *p) { return va_to_pfn(p); }
+static inline u64 pte(const void *p, u64 flags) { return (pfn(p) << 12) | flags; }
+static inline u64 cr3(void) { return read_cr3() & PTE_ADDR; }
+
+/* In a check function returning int: report and leave it (returning 1) at
+ * the first wrong answer. */
+#define EXPECT(ok, what, got, want)                                     \
+	do {                                                            \
+		if (!(ok)) {                                            \
+			tg_check(0, what, (u64)(got), (u64)(want));     \
+			return 1;                                       \
+		}                                                       \
+	} while (0)
+#define EXPECT_RC(rc, want, what) EXPECT((rc) == (want), what, rc, want)
+
 static inline long mmu_update(struct mmu_update *r, u64 n, u32 *done, u64 dom)
 {
 	return HC4(HC_mmu_update, r, n, done, dom);

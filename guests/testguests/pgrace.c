@@ -72,8 +72,6 @@ static volatile u64 started1, go, done1;
 static volatile u64 step;            /* lockstep: whose turn (see lockstep0/1) */
 static volatile u64 lockstep_bad, lockstep_what, lockstep_rc;
 
-static u64 pfn(const void *p) { return va_to_pfn(p); }
-static u64 pte(const void *p, u64 flags) { return (pfn(p) << 12) | flags; }
 static long tool_map(u64 val) { return mmu_update1((pfn(tool_l1) << 12) + 8 * S, val); }
 #define cpu_relax() __asm__ volatile("pause" ::: "memory")
 

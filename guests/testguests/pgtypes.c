@@ -59,19 +59,6 @@ PAGE(f_data); PAGE(f_ref);
 
 static u64 l2m, nr_pages;
 
-/* Report and leave the check (returning 1) at the first wrong answer. */
-#define EXPECT(ok, what, got, want)                                     \
-	do {                                                            \
-		if (!(ok)) {                                            \
-			tg_check(0, what, (u64)(got), (u64)(want));     \
-			return 1;                                       \
-		}                                                       \
-	} while (0)
-#define EXPECT_RC(rc, want, what) EXPECT((rc) == (want), what, rc, want)
-
-static u64 pfn(const void *p) { return va_to_pfn(p); }
-static u64 pte(const void *p, u64 flags) { return (pfn(p) << 12) | flags; }
-static u64 cr3(void) { return read_cr3() & PTE_ADDR; }
 static u64 *l2(void) { return pfn_va(l2m >> 12); }
 static long hook(int slot, const void *l1) { return mmu_update1(l2m + 8 * slot, pte(l1, RW)); }
 static long unhook(int slot) { return mmu_update1(l2m + 8 * slot, 0); }

@@ -62,18 +62,6 @@ void tg_trap(u64 vec, u64 *f, int has_err)
 	pf_cr2 = vi->cr2;
 }
 
-#define EXPECT(ok, what, got, want)                                     \
-	do {                                                            \
-		if (!(ok)) {                                            \
-			tg_check(0, what, (u64)(got), (u64)(want));     \
-			return 1;                                       \
-		}                                                       \
-	} while (0)
-#define EXPECT_RC(rc, want, what) EXPECT((rc) == (want), what, rc, want)
-
-static u64 pfn(const void *p) { return va_to_pfn(p); }
-static u64 pte(const void *p, u64 flags) { return (pfn(p) << 12) | flags; }
-static u64 cr3(void) { return read_cr3() & PTE_ADDR; }
 static u64 slot_va(int slot) { return TEST_VA + ((u64)slot << 12); }
 static long tool_map(int slot, u64 val) { return mmu_update1((pfn(tool_l1) << 12) + 8 * slot, val); }
 static long map(const void *p, u64 flags) { return uvm((u64)p, pte(p, flags), UVMF_INVLPG); }
