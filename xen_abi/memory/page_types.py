@@ -103,14 +103,6 @@ class PageTypes:
     def word(self, mfn: int) -> int:
         return ctypes.c_uint32.from_address(self._addr(mfn)).value
 
-    def type_of(self, mfn: int) -> int:
-        return (self.word(mfn) & PGT_TYPE_MASK) >> PGT_TYPE_SHIFT
-
-    def is_page_table(self, mfn: int) -> bool:
-        """A page table now (some level, referenced)."""
-        w = self.word(mfn)
-        return bool(w & PGT_COUNT_MASK) and PGT_L1 <= (w & PGT_TYPE_MASK) >> PGT_TYPE_SHIFT <= PGT_L4
-
     def is_ram(self, mfn: int) -> bool:
         """The frame has a type word (beyond RAM, the VMM region's frames
         can never be page tables)."""

@@ -169,12 +169,6 @@ static inline int table_of_level(u64 mfn, u32 level)
 	return (w & PGT_COUNT_MASK) && PGT_TYPE(w) == level;
 }
 
-static inline int is_table(u64 mfn)
-{
-	u32 w = mfn < G->ram_pages ? *type_word(mfn) : 0;
-	return (w & PGT_COUNT_MASK) && IS_TABLE_TYPE(PGT_TYPE(w));
-}
-
 static long validate(u64 mfn, u32 level);
 static void release_entries(u64 mfn, u32 level, int upto);
 

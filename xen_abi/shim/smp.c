@@ -57,14 +57,19 @@ static inline int away(u8 *ev)
 	return !EVSLOT(ev, EVB_ONLINE) || EVSLOT(ev, EVB_IN_EXIT);
 }
 
+/* The domain's vCPUs (Python's word, bounded by the shim's arrays). */
+static inline u64 nr_vcpus(struct percpu *pc)
+{
+	u64 nr = *(u64 *)((u8 *)pc + PRIV_OFF + PRIV_NR_VCPUS);
+	return nr > MAX_VCPUS ? MAX_VCPUS : nr;
+}
+
 void smp_flush(u64 mask, u64 va)
 {
 	struct percpu *pc = pcpu();
 	u64 self = pc->vcpu_id;
-	u64 nr = *(u64 *)((u8 *)pc + PRIV_OFF + PRIV_NR_VCPUS);
+	u64 nr = nr_vcpus(pc);
 	u64 want[MAX_VCPUS], waiting = 0;
-	if (nr > MAX_VCPUS)
-		nr = MAX_VCPUS;
 	mask &= (1UL << nr) - 1;
 	for (u64 i = 0; i < nr; i++) {
 		if (i == self || !(mask >> i & 1))
@@ -99,9 +104,7 @@ void smp_flush(u64 mask, u64 va)
 
 void smp_flush_stale(u64 stamp)
 {
-	u64 nr = *(u64 *)((u8 *)pcpu() + PRIV_OFF + PRIV_NR_VCPUS), mask = 0;
-	if (nr > MAX_VCPUS)
-		nr = MAX_VCPUS;
+	u64 nr = nr_vcpus(pcpu()), mask = 0;
 	for (u64 i = 0; i < nr; i++)
 		if (tlb_flushed_at[i] < stamp)
 			mask |= 1UL << i;
