@@ -6,7 +6,8 @@
  * call: its upcall must run *during* it (it sees part of the work done).  In the end
  * every piece of work is done once: the done count adds up across the
  * pieces, a failing request still stops its batch with its error, and a
- * multicall entry preempted in the middle keeps its place. */
+ * multicall entry preempted in the middle keeps its place; a count the
+ * guest itself marks preempted resumes from its *done. */
 #include "tg_events.h"
 #include "mmutest.h"
 
@@ -94,6 +95,16 @@ void tg_main(struct start_info *s)
 	rc = mmu_update(reqs, BATCH, (u32 *)&done, DOMID_SELF);
 	tg_check(rc == -XEN_ENOSYS, "mmu_update batch ending in a bad request", rc, -XEN_ENOSYS);
 	tg_check(done == BATCH - 1, "done count up to the bad request", done, BATCH - 1);
+
+	/* a guest may set MMU_UPDATE_PREEMPTED itself (Xen takes it as a
+	 * resumption): *done is read and added to; an unreadable or unwritable
+	 * done pointer changes nothing but the count (Xen ignores the copy) */
+	reqs[BATCH - 1].ptr = (pfn << 12) | MMU_MACHPHYS_UPDATE;
+	done = 5;
+	rc = mmu_update(reqs, 8 | (1U << 31), (u32 *)&done, DOMID_SELF);
+	tg_check(rc == 0 && done == 13, "PREEMPTED from the guest: done read and added to", done, 13);
+	rc = mmu_update(reqs, 8 | (1U << 31), (u32 *)0x1000, DOMID_SELF);
+	tg_check(rc == 0, "PREEMPTED with an unmapped done pointer", rc, 0);
 
 	/* mmuext_op: BATCH local invlpgs */
 	for (int i = 0; i < BATCH; i++) {
