@@ -1,7 +1,7 @@
 """Device throughput: the default guest's disk and network through pyvmm's
 back-ends, next to the host doing the same transfer itself.
 
-    python bench/devices.py [--size-mb 64] [--no-net] [--json]
+    python bench/devices.py [--size-mb 64] [--no-net] [--json] [--profile]
 
 Boots the default guest (in process, Domain API) with one disk, a raw image
 of --size-mb random bytes in a temporary directory, and, when this runs as
@@ -18,7 +18,9 @@ Baselines, run side by side on the host: the same dd commands on the image
 file (page cache warm, as the guest's read is), and wget of the same URL
 from inside the namespace (loopback, through the same Python server).
 Figures, not pass/fail; the ratio guest/host is what carries over from a
-kvm_pvm machine to real hardware.  Progress on stderr, the table (or
+kvm_pvm machine to real hardware.  With --profile, each transfer's shim
+entries are also sampled (bench/entry_sampler.py) and printed by kind, guest
+code site and caller, with what the back-end's worker spent per request.  Progress on stderr, the table (or
 --json) on stdout.
 """
 from __future__ import annotations
@@ -154,7 +156,7 @@ class CostMeter:
         return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
 
 
-def run(size_mb: int, with_net: bool, extra_cmdline: str = "") -> dict:
+def run(size_mb: int, with_net: bool, extra_cmdline: str = "", profile: bool = False) -> dict:
     from pyvmm.backends.blkback import BlockBackend, DiskImage
     from pyvmm.backends.netback import NetBackend
     from pyvmm.guests.default import build_default_guest
@@ -190,11 +192,21 @@ def run(size_mb: int, with_net: bool, extra_cmdline: str = "") -> dict:
             con.expect(PROMPT, BOOT_TIMEOUT, "first prompt")
             meter = CostMeter(dom)
             costs = results["costs"] = {}
+            sampler = None
+            if profile:
+                from entry_sampler import EntrySampler, kernel_symbols
+                sampler = EntrySampler(dom, kernel_symbols(g.kernel.name, say))
+                sampler.label = None
+                sampler.start()
 
             def timed(key: str, command: str) -> None:
                 say(key.replace("_", " "))
                 before = meter.snapshot()
+                if sampler:
+                    sampler.label = key
                 results[f"{key}_guest_s"] = con.timed(command)
+                if sampler:
+                    sampler.label = None
                 costs[key] = meter.delta(before, meter.snapshot())
 
             timed("disk_read", "dd if=/dev/xvda of=/dev/null bs=1M 2>/dev/null")
@@ -203,6 +215,9 @@ def run(size_mb: int, with_net: bool, extra_cmdline: str = "") -> dict:
                 con.run(f"ifconfig eth0 {GUEST_IP} netmask 255.255.255.0 up")
                 con.run(f"ping -c 1 -W 10 {HOST_IP} >/dev/null")
                 timed("net_rx", f"wget -q -O /dev/null http://{HOST_IP}:{PORT}/blob")
+            if sampler:
+                sampler.stop()
+                results["profile"] = {key: sampler.table(key) for key in costs}
             dom.send_console_input(b"poweroff -f\n")
             th.join(120)
             if th.is_alive():
@@ -251,6 +266,19 @@ def table(r: dict) -> str:
             out.append(f"{label:<22} {c.get('cpl0_insns', 0) / mb:>11.0f} {c.get('kvm_exits', 0) / mb:>10.0f} "
                        f"{c.get('python_exits', 0) / mb:>10.1f} {sum(entries.values()) / mb:>13.0f}  "
                        + ", ".join(f"{k} {v / mb:.0f}" for k, v in top))
+    if costs:
+        out += ["", f"{'back-end, per MiB':<22} {'requests':>11} {'wake-ups':>10} {'wall ms':>10} {'CPU ms':>10}"]
+        for label, key in rows:
+            c = costs.get(key)
+            if not c:
+                continue
+            be = "NetBackend[" if key.startswith("net") else "BlockBackend["
+            mine = lambda name: sum(v for k, v in c.items() if k.startswith(be) and k.endswith("] " + name))
+            requests = sum(mine(n) for n in ("read", "write", "flush", "tx_packets", "rx_packets"))
+            out.append(f"{label:<22} {requests / mb:>11.1f} {mine('worker_runs') / mb:>10.1f} "
+                       f"{mine('worker_wall_us') / mb / 1000:>10.2f} {mine('worker_cpu_us') / mb / 1000:>10.2f}")
+    for key, text in r.get("profile", {}).items():
+        out += ["", f"{key}: sampled shim entries (shares of entries, not of time)", text]
     return "\n".join(out)
 
 
@@ -259,13 +287,15 @@ def main() -> int:
     ap.add_argument("--size-mb", type=int, default=64)
     ap.add_argument("--no-net", action="store_true", help="skip the network transfer")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--profile", action="store_true",
+                    help="also sample each transfer's shim entries by kind, code site and caller")
     ap.add_argument("--extra-cmdline", default="", metavar="STR",
                     help="appended to the guest's command line (e.g. a module parameter to compare)")
     args = ap.parse_args()
     with_net = not args.no_net and net_available()
     if not args.no_net and not with_net:
         say("no network transfer: it needs root, /dev/net/tun and iproute2")
-    r = run(args.size_mb, with_net, args.extra_cmdline)
+    r = run(args.size_mb, with_net, args.extra_cmdline, args.profile)
     print(json.dumps(r) if args.json else table(r))
     return 0
 
