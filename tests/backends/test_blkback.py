@@ -391,3 +391,109 @@ def test_indirect_requests(host, tmp_path):
     assert open(path, "rb").read() == before
     assert host.gnttab.active_mappings() == 1
     img.close()
+
+
+# ---- persistent grants (feature-persistent) ----
+def _persistent_disk(host, tmp_path):
+    path = _image(tmp_path)
+    img, be, fe = _attach(host, path)
+    assert fe.backend_key("feature-persistent") == "1"
+    host.store.write(f"{fe.path}/feature-persistent", "1")
+    fe.connect()
+    assert be.persistent
+    return path, img, be, fe
+
+
+def _entry_flags(host, ref: int) -> int:
+    return host.gnttab.read_entry(ref).flags
+
+
+def test_persistent_grants_stay_mapped_until_the_frontend_disconnects(host, tmp_path):
+    """With feature-persistent on both ends, each pool page is mapped once
+    (writable, GTF_reading|GTF_writing set, its frame typed writable) and
+    reused by later requests in both directions; the device's disconnect
+    lets every one go."""
+    from pyvmm.xen_abi.abi import GTF_reading, GTF_writing
+    from pyvmm.xen_abi.memory.page_types import PGT_COUNT_MASK
+    path, img, be, fe = _persistent_disk(host, tmp_path)
+    ram = host.ram
+    pfns = [FakeFrontend.DATA_PFN + i for i in range(4)]
+    refs = [fe.grant(p) for p in pfns]
+    payload = os.urandom(4 * PAGE_SIZE)
+    for i, p in enumerate(pfns):
+        ram.write(p * PAGE_SIZE, payload[i * PAGE_SIZE:(i + 1) * PAGE_SIZE])
+    segs = [(r, 0, 7) for r in refs]
+    assert fe.do(fe.request(BlkifOp.write, 32, segs)) == BlkifStatus.okay
+    assert _sector(path, 32, 32) == payload
+    assert host.gnttab.active_mappings() == 1 + 4              # the ring and the pool pages
+    for r, p in zip(refs, pfns):
+        assert _entry_flags(host, r) & (GTF_reading | GTF_writing) == GTF_reading | GTF_writing
+        assert host.types.page_types.word(p) & PGT_COUNT_MASK == 1
+    for p in pfns:
+        ram.fill(p * PAGE_SIZE, PAGE_SIZE, 0)
+    assert fe.do(fe.request(BlkifOp.read, 32, segs[::-1])) == BlkifStatus.okay
+    assert b"".join(ram.read(p * PAGE_SIZE, PAGE_SIZE) for p in pfns[::-1]) == payload
+    assert be.stats["persistent_maps"] == 4                  # mapped once, used twice
+    fe.state(XenbusState.Closing)
+    wait_for(lambda: host.gnttab.active_mappings() == 0, "every mapping released")
+    for r, p in zip(refs, pfns):
+        assert _entry_flags(host, r) & (GTF_reading | GTF_writing) == 0
+        assert host.types.page_types.word(p) & PGT_COUNT_MASK == 0
+    img.close()
+
+
+def test_persistent_grant_revoked_and_regranted_keeps_the_page_first_mapped(host, tmp_path):
+    """Hostile frontend: it rewrites a grant entry the back-end holds mapped
+    (revoked, then the same reference granted for another page).  As with
+    Xen's grant maps, the mapping outlives the entry: the back-end keeps
+    using the page first granted (the guest's own, still held), never the
+    new one; a reference revoked before it was ever mapped is refused."""
+    path, img, be, fe = _persistent_disk(host, tmp_path)
+    ram = host.ram
+    first, other = FakeFrontend.DATA_PFN, FakeFrontend.DATA_PFN + 50
+    ref = fe.grant(first)
+    ram.fill(first * PAGE_SIZE, PAGE_SIZE, 0)
+    assert fe.do(fe.request(BlkifOp.read, 8, [(ref, 0, 7)])) == BlkifStatus.okay
+    assert ram.read(first * PAGE_SIZE, 4096) == _sector(path, 8, 8)
+    host.gnttab.write_entry(ref, 0, 0, 0)                          # revoked under the mapping
+    host.gnttab.write_entry(ref, GTF_permit_access, 0, other)       # and re-granted elsewhere
+    ram.fill(first * PAGE_SIZE, PAGE_SIZE, 0)
+    ram.fill(other * PAGE_SIZE, PAGE_SIZE, 0xAB)
+    assert fe.do(fe.request(BlkifOp.read, 16, [(ref, 0, 7)])) == BlkifStatus.okay
+    assert ram.read(first * PAGE_SIZE, 4096) == _sector(path, 16, 8)
+    assert ram.read(other * PAGE_SIZE, 4096) == b"\xab" * 4096      # the new page untouched
+    ram.write(first * PAGE_SIZE, b"F" * 4096)
+    assert fe.do(fe.request(BlkifOp.write, 24, [(ref, 0, 7)])) == BlkifStatus.okay
+    assert _sector(path, 24, 8) == b"F" * 4096                       # read from the first page
+    never = fe.grant(FakeFrontend.DATA_PFN + 60)
+    host.gnttab.write_entry(never, 0, 0, 0)
+    before = open(path, "rb").read()
+    assert fe.do(fe.request(BlkifOp.write, 0, [(never, 0, 7)])) == BlkifStatus.error
+    assert open(path, "rb").read() == before
+    fe.state(XenbusState.Closing)
+    wait_for(lambda: host.gnttab.active_mappings() == 0, "every mapping released")
+    img.close()
+
+
+def test_persistent_pool_is_bounded_and_read_only_grants_are_mapped_per_request(host, tmp_path, monkeypatch):
+    """A frontend cannot make the back-end hold more than MAX_PERSISTENT_GRANTS
+    pages: past it, segments are mapped for their request only.  A read-only
+    grant (which cannot be kept writable) still serves a write."""
+    from pyvmm.backends import blkback
+    monkeypatch.setattr(blkback, "MAX_PERSISTENT_GRANTS", 3)
+    path, img, be, fe = _persistent_disk(host, tmp_path)
+    refs = [fe.grant(FakeFrontend.DATA_PFN + i) for i in range(6)]
+    assert fe.do(fe.request(BlkifOp.read, 0, [(r, 0, 7) for r in refs])) == BlkifStatus.okay
+    assert host.gnttab.active_mappings() == 1 + 3
+    more = [fe.grant(FakeFrontend.DATA_PFN + 10 + i) for i in range(6)]
+    assert fe.do(fe.request(BlkifOp.read, 0, [(r, 0, 7) for r in more])) == BlkifStatus.okay
+    assert host.gnttab.active_mappings() == 1 + 3
+    ro_page = FakeFrontend.DATA_PFN + 30
+    host.ram.write(ro_page * PAGE_SIZE, b"R" * 4096)
+    monkeypatch.setattr(blkback, "MAX_PERSISTENT_GRANTS", 10)
+    ro = fe.grant(ro_page, readonly=True)
+    assert fe.do(fe.request(BlkifOp.write, 40, [(ro, 0, 7)])) == BlkifStatus.okay
+    assert _sector(path, 40, 8) == b"R" * 4096
+    assert fe.do(fe.request(BlkifOp.read, 40, [(ro, 0, 7)])) == BlkifStatus.error
+    assert host.gnttab.active_mappings() == 1 + 3
+    img.close()
