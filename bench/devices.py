@@ -173,6 +173,7 @@ def run(size_mb: int, with_net: bool, extra_cmdline: str = "", profile: bool = F
         data = os.urandom(size_mb << 20)
         img.write_bytes(data)
         blob.write_bytes(data)
+        (work / "empty").write_bytes(b"")
         del data
         image = DiskImage.open(str(img))
         tap = None
@@ -209,11 +210,16 @@ def run(size_mb: int, with_net: bool, extra_cmdline: str = "", profile: bool = F
                     sampler.label = None
                 costs[key] = meter.delta(before, meter.snapshot())
 
+            # each command also run for 0 bytes: its fixed cost (processes
+            # started, a flush), taken off to give the steady state per MiB
+            timed("disk_read_0", "dd if=/dev/xvda of=/dev/null bs=1M count=0 2>/dev/null")
             timed("disk_read", "dd if=/dev/xvda of=/dev/null bs=1M 2>/dev/null")
+            timed("disk_write_0", "dd if=/dev/zero of=/dev/xvda bs=1M count=0 conv=fsync 2>/dev/null")
             timed("disk_write", f"dd if=/dev/zero of=/dev/xvda bs=1M count={size_mb} conv=fsync 2>/dev/null")
             if tap is not None:
                 con.run(f"ifconfig eth0 {GUEST_IP} netmask 255.255.255.0 up")
                 con.run(f"ping -c 1 -W 10 {HOST_IP} >/dev/null")
+                timed("net_rx_0", f"wget -q -O /dev/null http://{HOST_IP}:{PORT}/empty")
                 timed("net_rx", f"wget -q -O /dev/null http://{HOST_IP}:{PORT}/blob")
             if sampler:
                 sampler.stop()
@@ -241,44 +247,60 @@ def run(size_mb: int, with_net: bool, extra_cmdline: str = "", profile: bool = F
     return results
 
 
+ROWS = (("disk read", "disk_read"), ("disk write (fsync)", "disk_write"), ("net receive (HTTP)", "net_rx"))
+
+
+def _shim_entries(c: dict) -> dict:
+    """A cost delta's shim entries by kind (traps, interrupts, syscall-instruction entries)."""
+    return {k[5:]: v for k, v in c.items() if k.startswith("shim ") and
+            (k.startswith("shim trap") or k in ("shim interrupts", "shim syscall entries"))}
+
+
+def _backend_counter(c: dict, key: str, name: str) -> int:
+    be = "NetBackend[" if key.startswith("net") else "BlockBackend["
+    return sum(v for k, v in c.items() if k.startswith(be) and k.endswith("] " + name))
+
+
 def table(r: dict) -> str:
     mb = r["size_mb"]
-    rows = [("disk read", "disk_read"), ("disk write (fsync)", "disk_write"), ("net receive (HTTP)", "net_rx")]
+    costs = r.get("costs", {})
     out = [f"{'transfer of %d MiB' % mb:<22} {'guest MB/s':>11} {'host MB/s':>10} {'guest/host':>11}"]
-    for label, key in rows:
+    for label, key in ROWS:
         g, h = r.get(f"{key}_guest_s"), r.get(f"{key}_host_s")
         if g is None or h is None:
             continue
         gm, hm = mb / max(g, 0.01), mb / max(h, 0.001)
         out.append(f"{label:<22} {gm:>11.1f} {hm:>10.1f} {gm / hm:>11.3f}")
-    costs = r.get("costs", {})
-    if costs:
-        out += ["", f"{'per MiB moved':<22} {'CPL0 insns':>11} {'KVM exits':>10} {'to Python':>10} "
-                f"{'shim entries':>13}  top shim entries per MiB"]
-        for label, key in rows:
-            c = costs.get(key)
-            if not c:
-                continue
-            entries = {k[5:]: v for k, v in c.items() if k.startswith("shim ") and
-                       (k.startswith("shim trap") or k in ("shim interrupts", "shim syscall entries"))}
-            hcalls = {k[15:]: v for k, v in c.items() if k.startswith("shim hypercall ")}
-            top = sorted({**entries, **hcalls}.items(), key=lambda kv: -kv[1])[:6]
-            out.append(f"{label:<22} {c.get('cpl0_insns', 0) / mb:>11.0f} {c.get('kvm_exits', 0) / mb:>10.0f} "
-                       f"{c.get('python_exits', 0) / mb:>10.1f} {sum(entries.values()) / mb:>13.0f}  "
-                       + ", ".join(f"{k} {v / mb:.0f}" for k, v in top))
-    if costs:
-        out += ["", f"{'back-end, per MiB':<22} {'requests':>11} {'wake-ups':>10} {'wall ms':>10} {'CPU ms':>10}"]
-        for label, key in rows:
-            c = costs.get(key)
-            if not c:
-                continue
-            be = "NetBackend[" if key.startswith("net") else "BlockBackend["
-            mine = lambda name: sum(v for k, v in c.items() if k.startswith(be) and k.endswith("] " + name))
-            requests = sum(mine(n) for n in ("read", "write", "flush", "tx_packets", "rx_packets"))
-            out.append(f"{label:<22} {requests / mb:>11.1f} {mine('worker_runs') / mb:>10.1f} "
-                       f"{mine('worker_wall_us') / mb / 1000:>10.2f} {mine('worker_cpu_us') / mb / 1000:>10.2f}")
+    measured = [(label, key, costs[key]) for label, key in ROWS if costs.get(key)]
+    if not measured:
+        return "\n".join(out)
+    out += ["", f"{'per MiB moved':<22} {'CPL0 insns':>11} {'KVM exits':>10} {'to Python':>10} "
+            f"{'shim entries':>13}  top shim entries per MiB"]
+    for label, key, c in measured:
+        entries = _shim_entries(c)
+        hcalls = {k[15:]: v for k, v in c.items() if k.startswith("shim hypercall ")}
+        top = sorted({**entries, **hcalls}.items(), key=lambda kv: -kv[1])[:6]
+        out.append(f"{label:<22} {c.get('cpl0_insns', 0) / mb:>11.0f} {c.get('kvm_exits', 0) / mb:>10.0f} "
+                   f"{c.get('python_exits', 0) / mb:>10.1f} {sum(entries.values()) / mb:>13.0f}  "
+                   + ", ".join(f"{k} {v / mb:.0f}" for k, v in top))
+    out += ["", f"{'steady state, per MiB':<22} {'guest MB/s':>11} {'CPL0 insns':>11} "
+            f"{'shim entries':>13}   (less the same command moving 0 bytes)"]
+    for label, key, c in measured:
+        c0, t, t0 = costs.get(f"{key}_0"), r.get(f"{key}_guest_s"), r.get(f"{key}_0_guest_s")
+        if c0 is None or t is None or t0 is None:
+            continue
+        out.append(f"{label:<22} {mb / max(t - t0, 0.01):>11.1f} "
+                   f"{(c.get('cpl0_insns', 0) - c0.get('cpl0_insns', 0)) / mb:>11.0f} "
+                   f"{(sum(_shim_entries(c).values()) - sum(_shim_entries(c0).values())) / mb:>13.0f}")
+    out += ["", f"{'back-end, per MiB':<22} {'requests':>11} {'wake-ups':>10} {'wall ms':>10} {'CPU ms':>10}"]
+    for label, key, c in measured:
+        requests = sum(_backend_counter(c, key, n) for n in ("read", "write", "flush", "tx_packets", "rx_packets"))
+        out.append(f"{label:<22} {requests / mb:>11.1f} {_backend_counter(c, key, 'worker_runs') / mb:>10.1f} "
+                   f"{_backend_counter(c, key, 'worker_wall_us') / mb / 1000:>10.2f} "
+                   f"{_backend_counter(c, key, 'worker_cpu_us') / mb / 1000:>10.2f}")
     for key, text in r.get("profile", {}).items():
-        out += ["", f"{key}: sampled shim entries (shares of entries, not of time)", text]
+        if not key.endswith("_0"):
+            out += ["", f"{key}: sampled shim entries (shares of entries, not of time)", text]
     return "\n".join(out)
 
 

@@ -138,6 +138,20 @@ def test_devices_table_ratios_and_missing_rows():
     assert lines[1].split()[-3:] == ["16.0", "1600.0", "0.010"]
     assert lines[2].split()[-3:] == ["8.0", "128.0", "0.062"]
     assert len(lines) == 3                     # no network row without its figures
+    # with costs: per MiB, the steady state (less the 0-byte run), the back-end's work
+    t = devices.table({"size_mb": 4, "disk_read_guest_s": 3.0, "disk_read_host_s": 0.04,
+                       "disk_read_0_guest_s": 1.0,
+                       "costs": {"disk_read_0": {"cpl0_insns": 4000, "shim syscall entries": 40},
+                                 "disk_read": {"cpl0_insns": 12000, "shim syscall entries": 60,
+                                               "shim hypercall iret": 20, "BlockBackend[0] read": 4,
+                                               "BlockBackend[0] worker_runs": 6,
+                                               "BlockBackend[0] worker_wall_us": 8000,
+                                               "BlockBackend[0] worker_cpu_us": 2000}}})
+    lines = t.splitlines()
+    assert lines[1].split()[-1] == "0.013" and "iret 5" in t
+    steady = lines[lines.index(next(x for x in lines if x.startswith("steady"))) + 1]
+    assert steady.split()[2:] == ["2.0", "2000", "5"]          # 4 MiB in 2 s; (12000-4000)/4; (60-40)/4
+    assert lines[-1].split()[2:] == ["1.0", "1.5", "2.00", "0.50"]
 
 
 def test_cpl0_costs_prints_every_price():
