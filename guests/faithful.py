@@ -393,10 +393,16 @@ def _under(path: Path, root: Path) -> bool:
 
 
 def default_shares(cwd: Path) -> list[tuple[Path, bool]]:
-    """(host path, read-only) shares mounted in the L1 at the same paths."""
+    """(host path, read-only) shares mounted in the L1 at the same paths:
+    the host's programs, the repository, and pyvmm's cache (the guests and
+    tools built on the host, where apt works; the L1 has no network)."""
+    from pyvmm.cache import cache_root
     shares: list[tuple[Path, bool]] = [(Path("/usr"), True), (Path("/etc"), True)]
     shares += [(p, True) for p in _python_prefixes()]
     shares.append((repo_root(), False))
+    cache = cache_root()
+    cache.mkdir(parents=True, exist_ok=True)
+    shares.append((cache, False))
     if not any(_under(cwd, p) for p, _ in shares):
         shares.append((cwd, False))
     return _dedupe(shares)

@@ -116,6 +116,8 @@ def test_shares_cover_python_and_repo():
     paths = {p: ro for p, ro in shares}
     assert paths[Path("/usr")] is True
     assert paths[REPO] is False
+    from pyvmm.cache import cache_root
+    assert paths[cache_root()] is False         # guests built on the host, used offline in the L1
     exe = Path(sys.executable).resolve()
     assert any(exe.is_relative_to(p) for p in paths), "the interpreter must be visible in the L1"
 
