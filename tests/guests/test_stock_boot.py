@@ -188,7 +188,7 @@ SEGFAULT = re.compile(rb"segfault at|Segmentation fault|general protection")
 IDLE_SETTLE_S, IDLE_WINDOW_S, IDLE_MAX_INTERRUPTS_PER_S = 5.0, 15.0, 3.0
 
 
-def _idle_check(con: ConsoleSession, dom) -> dict:
+def _idle_check(dom) -> dict:
     """Count the shim entries of vCPU 0 while the shell waits for input:
     interrupts (the guest's timer, event channels) and blocks."""
     from pyvmm.xen_abi.shim import priv
@@ -305,8 +305,8 @@ def _net_checks(con: ConsoleSession, command_timeout: float, peer) -> None:
 def test_default_guest_shell_on_console(tmp_path):
     """Boot the default guest, check the boot milestones in order, then use
     its busybox shell over the console ring: uname, sleep, the timer
-    interrupt count, pipelines, and `poweroff -f` ending the domain with
-    poweroff."""
+    interrupt count, pipelines, how often the idle guest wakes, and
+    `poweroff -f` ending the domain with poweroff."""
     _boot_in_process(tmp_path, with_devices=False)
 
 
@@ -369,7 +369,7 @@ def _boot_in_process(tmp_path, with_devices: bool) -> None:
                 _net_checks(con, command_timeout, peer)
             else:
                 figures = _shell_checks(con, command_timeout)
-                figures["idle_per_s"] = _idle_check(con, dom)
+                figures["idle_per_s"] = _idle_check(dom)
             dom.send_console_input(b"poweroff -f\n")
             th.join(command_timeout)
         except AssertionError as e:     # a command got no answer: where are the guest and devices?
