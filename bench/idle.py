@@ -4,15 +4,18 @@
 
 Boots the default guest (to its shell, which then waits on the console),
 lets boot-time work settle, then measures this process's CPU time (the
-vCPU thread and pyvmm's own threads) over --seconds, and which shim entries
-the idle guest makes per second (the shim's counters).  Figures, not
-pass/fail; on kvm_pvm every shim entry costs tens to hundreds of
-microseconds (bench/cpl0_costs.py), so entries per second times that price
-is the idle cost.
+vCPU thread and pyvmm's own threads) over --seconds, which shim entries
+the idle guest makes per second (the shim's counters), the vCPU's KVM
+statistics (CPL0 instructions interpreted, exits, halts) and each host
+thread's CPU time and context switches (no pyvmm thread should wake while
+the guest idles).  Figures, not pass/fail; on kvm_pvm every shim entry
+costs tens to hundreds of microseconds (bench/cpl0_costs.py), so entries
+per second times that price is the idle cost.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import threading
@@ -22,6 +25,42 @@ import time
 def cpu_seconds() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
+
+
+def thread_ticks() -> dict[int, tuple[int, int]]:
+    """{tid: (CPU clock ticks, context switches)} of this process's threads."""
+    import os
+    out = {}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+            with open(f"/proc/self/task/{tid}/status") as f:
+                switches = sum(int(line.split()[1]) for line in f if "ctxt_switches" in line)
+        except OSError:
+            continue            # the thread ended
+        out[int(tid)] = (int(fields[11]) + int(fields[12]), switches)   # utime + stime
+    return out
+
+
+def thread_name(tid: int) -> str:
+    for t in threading.enumerate():
+        if t.native_id == tid:
+            return t.name
+    return f"thread {tid} (not Python's)"
+
+
+# the vCPU's KVM statistics worth a line: CPL0 instructions KVM interpreted
+# (kvm_pvm), exits, the halts (SCHEDOP_block's hlt), their wake-ups and the
+# time KVM spent polling before it let the thread sleep (halt_poll_ns)
+KVM_STATS = ("insn_emulation", "exits", "halt_exits", "halt_wakeup", "halt_poll_success_ns", "halt_poll_fail_ns")
+
+
+def kvm_stats(dom):
+    try:
+        return dom.vcpu.stats()
+    except Exception:       # KVM without KVM_GET_STATS_FD: figures without them
+        return None
 
 
 def main(argv=None) -> int:
@@ -62,12 +101,20 @@ def main(argv=None) -> int:
               file=sys.stderr, flush=True)
         time.sleep(args.settle)
         percpu = dom.region.vcpus[0].percpu_off
+        stats = kvm_stats(dom)
+        k0, py0, th0 = stats.read() if stats else {}, sum(dom.exit_counts.values()), thread_ticks()
         before, cpu0, t0 = priv.read_counters(dom.region.mem, percpu), cpu_seconds(), time.monotonic()
         time.sleep(args.seconds)
         after, cpu1, t1 = priv.read_counters(dom.region.mem, percpu), cpu_seconds(), time.monotonic()
+        k1, py1, th1 = stats.read() if stats else {}, sum(dom.exit_counts.values()), thread_ticks()
         span = t1 - t0
         result["cpu_percent"] = 100 * (cpu1 - cpu0) / span
         result["entries"] = {k: (n - before.get(k, 0)) / span for k, n in after.items() if n != before.get(k, 0)}
+        result["kvm"] = {k: (k1[k] - k0.get(k, 0)) / span for k in KVM_STATS if k in k1}
+        result["kvm"]["exits to Python"] = (py1 - py0) / span
+        # which host threads ran (no pyvmm thread should wake while the guest idles)
+        result["threads"] = {thread_name(tid): (ticks - th0.get(tid, (0, 0))[0], sw - th0.get(tid, (0, 0))[1])
+                             for tid, (ticks, sw) in th1.items()}
         dom.stop()
 
     dom.on_console_output.add(watch)
@@ -80,10 +127,21 @@ def main(argv=None) -> int:
     if "error" in result:
         print(f"idle: {result['error']}", file=sys.stderr)
         return 1
+    # each way into the shim once (bench/console.py's shim_entries): a
+    # hypercall is a "syscall entry" (kvm_pvm) *and* its "hypercall" line
+    entries = sum(v for k, v in result["entries"].items()
+                  if k.startswith(("trap ", "fast ")) or k in ("interrupts", "syscall entries"))
     print(f"idle guest ({args.memory}): {result['cpu_percent']:.2f}% of a core, "
-          f"{sum(result['entries'].values()):.0f} shim entries/s")
+          f"{entries:.1f} shim entries/s (hypercalls among them by kind below)")
     for kind, rate in sorted(result["entries"].items(), key=lambda kv: -kv[1]):
-        print(f"  {rate:8.1f}/s  {kind}")
+        print(f"  {rate:8.2f}/s  {kind}")
+    print("vCPU 0 (KVM statistics, exits to Python):")
+    for kind, rate in result["kvm"].items():
+        print(f"  {rate:8.2f}/s  {kind}")
+    hz = os.sysconf("SC_CLK_TCK")
+    print(f"host threads (CPU, context switches in {args.seconds:g} s):")
+    for name, (ticks, switches) in sorted(result["threads"].items()):
+        print(f"  {ticks / hz:6.2f} s  {switches:6d}  {name}")
     return 0
 
 

@@ -28,7 +28,7 @@ from .initramfs import Initramfs
 from .kmod import ModuleIndex, module_bytes
 
 __all__ = ["DefaultGuest", "build_default_guest", "default_init_script",
-           "BANNER", "DEFAULT_CMDLINE", "DEFAULT_MODULES"]
+           "BANNER", "DEFAULT_CMDLINE", "DEFAULT_MODULES", "IDLE_CMDLINE"]
 
 # hvc_xen is built into the cloud kernel, so the console is hvc0 from the
 # start; earlyprintk=xen prints through console_io before hvc0 exists.
@@ -42,7 +42,22 @@ __all__ = ["DefaultGuest", "build_default_guest", "default_init_script",
 # back-end offers; each request costs the guest the same shim entries
 # whatever its size, so a sequential read takes 24% fewer CPL0 instructions
 # per MiB (bench/README.md).  /init passes it to insmod, as modprobe would.
-DEFAULT_CMDLINE = "console=hvc0 earlyprintk=xen noreplace-smp xen_blkfront.max_indirect_segments=256"
+# The rest keeps an idle guest asleep (issue 8; bench/README.md, idle.py:
+# ~10 timer interrupts a second before, one per ~4.3 s after, the longest
+# one-shot Linux's Xen clockevent asks for).  Each is a periodic timer that
+# wakes an idle CPU of this kernel:
+#   tsc=nowatchdog  the clocksource watchdog checks the TSC against the Xen
+#                   clocksource every 0.5 s (the TSC is registered, though
+#                   the Xen clocksource is the one in use);
+#   sysctl.vm.compaction_proactiveness=0  kcompactd's proactive compaction
+#                   check every 0.5 s;
+#   psi=0           pressure-stall averaging every 2 s;
+#   nowatchdog      the soft-lockup detector's 4 s hrtimer and the stopper
+#                   thread it wakes (false alarms anyway when the host
+#                   deschedules the vCPU; the NMI one is off under Xen).
+IDLE_CMDLINE = "tsc=nowatchdog sysctl.vm.compaction_proactiveness=0 psi=0 nowatchdog"
+DEFAULT_CMDLINE = ("console=hvc0 earlyprintk=xen noreplace-smp xen_blkfront.max_indirect_segments=256 "
+                   + IDLE_CMDLINE)
 # Front-ends the cloud kernel builds as modules (in load order requested;
 # dependencies are added before them).
 DEFAULT_MODULES = ("xen-blkfront", "xen-netfront")

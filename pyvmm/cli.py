@@ -27,7 +27,9 @@ from pyvmm.errors import ExitStatus, UserError, print_error
 DEFAULT_MEMORY = 256 << 20
 # noreplace-smp: see guests/default.py (halves a one-vCPU boot on kvm_pvm);
 # so is the blkfront option (1 MiB disk requests: -24% CPL0 work per MiB)
-DEFAULT_CMDLINE = "console=hvc0 noreplace-smp xen_blkfront.max_indirect_segments=256"
+# and the options that keep an idle guest asleep (IDLE_CMDLINE there)
+DEFAULT_CMDLINE = ("console=hvc0 noreplace-smp xen_blkfront.max_indirect_segments=256 "
+                   "tsc=nowatchdog sysctl.vm.compaction_proactiveness=0 psi=0 nowatchdog")
 MIN_MEMORY = 16 << 20
 MAX_MEMORY = 64 << 30
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")

@@ -333,6 +333,17 @@ def test_compressed_module_and_bad_elf(tmp_path):
 
 # ---------------------------------------------------------------- default guest
 
+def test_default_command_lines_keep_an_idle_guest_asleep():
+    """The options that stop an idle Linux guest's periodic wake-ups (issue
+    8) are on both default command lines: the default guest's and the one
+    `pyvmm --xen-pv KERNEL` uses without --cmdline."""
+    from pyvmm import cli
+    idle = default.IDLE_CMDLINE.split()
+    assert set(idle) == {"tsc=nowatchdog", "sysctl.vm.compaction_proactiveness=0", "psi=0", "nowatchdog"}
+    for line in (default.DEFAULT_CMDLINE, cli.DEFAULT_CMDLINE):
+        assert set(idle) <= set(line.split()), line
+
+
 def test_default_guest_image():
     g = default.build_default_guest(progress=False)
     assert g.cmdline == default.DEFAULT_CMDLINE and "console=hvc0" in g.cmdline
