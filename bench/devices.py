@@ -132,6 +132,11 @@ def net_available() -> bool:
     return os.geteuid() == 0 and os.path.exists("/dev/net/tun") and shutil.which("ip") is not None
 
 
+#: The vCPU's KVM statistics that say why it left the guest (KVM_GET_STATS_FD).
+KVM_EXIT_KINDS = ("halt_exits", "io_exits", "mmio_exits", "irq_exits", "irq_window_exits",
+                  "request_irq_exits", "signal_exits", "pf_taken", "hypercalls")
+
+
 class CostMeter:
     """What one transfer cost the guest's vCPU: CPL0 instructions the KVM
     interpreted (kvm_pvm's insn_emulation; 0 on a KVM that interprets
@@ -146,6 +151,7 @@ class CostMeter:
         s = self.stats.read()
         snap = {"cpl0_insns": s.get("insn_emulation", 0), "kvm_exits": s.get("exits", 0),
                 "python_exits": sum(self.dom.exit_counts.values())}
+        snap.update({f"kvm {k}": s[k] for k in KVM_EXIT_KINDS if k in s})
         snap.update({f"shim {k}": v for k, v in self.trace.shim_counters(self.dom).items()})
         for i, be in enumerate(self.dom.backends):
             snap.update({f"{type(be).__name__}[{i}] {k}": v for k, v in be.stats.items()})
@@ -292,6 +298,10 @@ def table(r: dict) -> str:
         out.append(f"{label:<22} {mb / max(t - t0, 0.01):>11.1f} "
                    f"{(c.get('cpl0_insns', 0) - c0.get('cpl0_insns', 0)) / mb:>11.0f} "
                    f"{(sum(_shim_entries(c).values()) - sum(_shim_entries(c0).values())) / mb:>13.0f}")
+    out += ["", f"{'KVM exits, per MiB':<22} by reason (the vCPU's KVM statistics)"]
+    for label, key, c in measured:
+        kinds = sorted(((k[4:], v) for k, v in c.items() if k.startswith("kvm ") and v), key=lambda kv: -kv[1])
+        out.append(f"{label:<22} " + ", ".join(f"{k} {v / mb:.0f}" for k, v in kinds))
     out += ["", f"{'back-end, per MiB':<22} {'requests':>11} {'wake-ups':>10} {'wall ms':>10} {'CPU ms':>10}"]
     for label, key, c in measured:
         requests = sum(_backend_counter(c, key, n) for n in ("read", "write", "flush", "tx_packets", "rx_packets"))
