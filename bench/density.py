@@ -2,18 +2,21 @@
 CPU and memory.
 
     python bench/density.py [--guests 10] [--wave 10] [--memory 96M]
-                            [--settle 10] [--seconds 20] [--json]
+                            [--settle 10] [--seconds 20] [--png density.png] [--json]
 
 Starts --guests default guests (the CLI, `--detach`, each its own pyvmm
 process), --wave of them at a time (the next wave once the previous one
 reached its shell), and times each from its start to the default guest's
-banner in its log (`Run /init` too).  Once all are up and --settle seconds
-have passed, it measures over --seconds each process's CPU time
-(/proc/PID/stat) and memory (/proc/PID/smaps_rollup: RSS, the guest RAM
-the guest touched (the memfd, Shmem), anonymous memory, and PSS, which
-splits shared libraries between the processes that map them), then shuts
-them all down.  "Overhead" is what a guest costs beyond the RAM it
-touched: PSS minus Shmem.
+banner in its log (`Run /init` too).  After each wave, once --settle
+seconds have passed, it measures over --seconds each running process's CPU
+time (/proc/PID/stat) and memory (/proc/PID/smaps_rollup: RSS, the guest
+RAM the guest touched (the memfd, Shmem), anonymous memory, and PSS, which
+splits shared libraries between the processes that map them), and the
+host's MemAvailable; at the end it shuts them all down.  "Overhead" is
+what a guest costs beyond the RAM it touched: PSS minus Shmem; the host's
+view (MemAvailable's drop per guest) adds what the kernel holds for each
+(KVM, page tables).  The per-wave points are a table and, with matplotlib
+(`pip install 'pyvmm[bench]'`), a chart against the number of guests.
 
 Figures, not pass/fail; progress on stderr, the table (or --json) on
 stdout.  Guests are named density-N; any left from an interrupted run are
@@ -93,6 +96,49 @@ def boot_wave(names: list[str], memory: str, log_dir: Path, timeout: float) -> d
     return seen
 
 
+def mem_available_kib() -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1])
+    return 0
+
+
+def measure(pids: dict[str, int], seconds: float) -> tuple[dict, dict]:
+    """Each guest's CPU (% of a core over `seconds`) and memory (KiB, smaps_rollup)."""
+    hz = os.sysconf("SC_CLK_TCK")
+    before = {n: cpu_ticks(p) for n, p in pids.items()}
+    time.sleep(seconds)
+    cpu = {n: 100.0 * (cpu_ticks(p) - before[n]) / hz / seconds for n, p in pids.items()}
+    return cpu, {n: memory_kib(p) for n, p in pids.items()}
+
+
+def draw(series: list[dict], path: Path, title: str) -> bool:
+    """CPU and memory per guest against the number of guests, as a PNG;
+    False without matplotlib (the optional `bench` extra)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    n = [p["guests"] for p in series]
+    fig, (cpu_ax, mem_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    cpu_ax.plot(n, [p["idle_cpu_pct"] for p in series], "o-", label="per guest (median)")
+    cpu_ax.plot(n, [p["idle_cpu_pct_sum"] / p["guests"] for p in series], "s--", label="all guests / N")
+    cpu_ax.set(xlabel="guests running", ylabel="idle CPU, % of a core", title="idle CPU per guest")
+    cpu_ax.legend()
+    mem_ax.plot(n, [p["overhead_mib"] for p in series], "o-", label="PSS - guest RAM (median)")
+    mem_ax.plot(n, [p["host_mib_per_guest"] for p in series], "s--", label="host MemAvailable drop / N")
+    mem_ax.plot(n, [p["touched_ram_mib"] for p in series], "^:", label="guest RAM touched (median)")
+    mem_ax.set(xlabel="guests running", ylabel="MiB", title="memory per guest")
+    mem_ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--guests", type=int, default=10)
@@ -101,6 +147,7 @@ def main(argv=None) -> int:
     ap.add_argument("--settle", type=float, default=10.0)
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--timeout", type=float, default=1800.0, help="per wave, to all banners")
+    ap.add_argument("--png", default="density.png", help="the chart (needs matplotlib: pip install 'pyvmm[bench]')")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
 
@@ -114,21 +161,21 @@ def main(argv=None) -> int:
         pyvmm("destroy", name)
     wave = args.wave or args.guests
     boots: dict[str, dict] = {}
+    series: list[dict] = []         # one point per wave: the guests up so far, idle
+    host_before = mem_available_kib()
     t0 = time.monotonic()
     try:
         for i in range(0, len(names), wave):
             say(f"starting {', '.join(names[i:i + wave])}")
             boots.update(boot_wave(names[i:i + wave], args.memory, runtime_dir(), args.timeout))
-        all_up = time.monotonic() - t0
-        pids = {n: p for n, p in running().items() if n in names}
-        say(f"all {len(pids)} up after {all_up:.1f} s; settling {args.settle:g} s, "
-            f"then measuring {args.seconds:g} s")
-        time.sleep(args.settle)
-        hz = os.sysconf("SC_CLK_TCK")
-        before = {n: cpu_ticks(p) for n, p in pids.items()}
-        time.sleep(args.seconds)
-        cpu = {n: 100.0 * (cpu_ticks(p) - before[n]) / hz / args.seconds for n, p in pids.items()}
-        mem = {n: memory_kib(p) for n, p in pids.items()}
+            up = time.monotonic() - t0
+            pids = {n: p for n, p in running().items() if n in names}
+            say(f"{len(pids)} up after {up:.1f} s; settling {args.settle:g} s, "
+                f"then measuring {args.seconds:g} s")
+            time.sleep(args.settle)
+            cpu, mem = measure(pids, args.seconds)
+            series.append(summarize(pids, cpu, mem, host_before - mem_available_kib(), up))
+        all_up = series[-1]["up_s"]
     finally:
         say("shutting the guests down")
         for name in names:
@@ -141,17 +188,15 @@ def main(argv=None) -> int:
          "init_s": med(b["init"] for b in boots.values() if "init" in b),
          "banner_s": med(b["banner"] for b in boots.values()),
          "slowest_banner_s": max(b["banner"] for b in boots.values()),
-         "idle_cpu_pct": med(cpu.values()), "idle_cpu_pct_sum": sum(cpu.values()),
-         "rss_mib": med(m["Rss"] for m in mem.values()) / 1024,
-         "pss_mib": med(m["Pss"] for m in mem.values()) / 1024,
-         "touched_ram_mib": med(m["Pss_Shmem"] for m in mem.values()) / 1024,
-         "anon_mib": med(m["Anonymous"] for m in mem.values()) / 1024,
-         "overhead_mib": med((m["Pss"] - m["Pss_Shmem"]) for m in mem.values()) / 1024,
+         **{k: v for k, v in series[-1].items() if k not in ("guests", "up_s")},
+         "series": series,
          "per_guest": {n: {"boot": boots[n], "cpu_pct": cpu[n], "memory_kib": mem[n]} for n in pids}}
+    title = f"{args.guests} guests of {args.memory}, {wave} started at a time"
+    drawn = draw(series, Path(args.png), title)
     if args.json:
         print(json.dumps(r, indent=1))
         return 0
-    print(f"{args.guests} guests of {args.memory}, {wave} started at a time (medians per guest)")
+    print(f"{title} (medians per guest)")
     print(f"  all at their shell after   {r['all_up_s']:.1f} s "
           f"(each: Run /init {r['init_s']:.1f} s, shell {r['banner_s']:.1f} s, "
           f"slowest {r['slowest_banner_s']:.1f} s)")
@@ -160,7 +205,28 @@ def main(argv=None) -> int:
     print(f"  RSS                        {r['rss_mib']:.1f} MiB, of which guest RAM touched "
           f"{r['touched_ram_mib']:.1f} MiB")
     print(f"  overhead (PSS - guest RAM) {r['overhead_mib']:.1f} MiB (anonymous {r['anon_mib']:.1f} MiB)")
+    print(f"  host memory per guest      {r['host_mib_per_guest']:.1f} MiB (MemAvailable's drop / guests)")
+    print()
+    print(f"  {'guests':>6} {'up after s':>10} {'idle CPU %':>10} {'all CPU %':>9} "
+          f"{'overhead MiB':>12} {'host MiB/guest':>14}")
+    for p in series:
+        print(f"  {p['guests']:>6} {p['up_s']:>10.1f} {p['idle_cpu_pct']:>10.2f} {p['idle_cpu_pct_sum']:>9.1f} "
+              f"{p['overhead_mib']:>12.1f} {p['host_mib_per_guest']:>14.1f}")
+    print(f"  chart: {args.png}" if drawn else "  (no chart: pip install 'pyvmm[bench]' for matplotlib)")
     return 0
+
+
+def summarize(pids: dict, cpu: dict, mem: dict, host_used_kib: int, up_s: float) -> dict:
+    """One point of the series: the guests up so far, idle."""
+    med = statistics.median
+    return {"guests": len(pids), "up_s": up_s,
+            "idle_cpu_pct": med(cpu.values()), "idle_cpu_pct_sum": sum(cpu.values()),
+            "rss_mib": med(m["Rss"] for m in mem.values()) / 1024,
+            "pss_mib": med(m["Pss"] for m in mem.values()) / 1024,
+            "touched_ram_mib": med(m["Pss_Shmem"] for m in mem.values()) / 1024,
+            "anon_mib": med(m["Anonymous"] for m in mem.values()) / 1024,
+            "overhead_mib": med((m["Pss"] - m["Pss_Shmem"]) for m in mem.values()) / 1024,
+            "host_mib_per_guest": host_used_kib / 1024 / max(len(pids), 1)}
 
 
 if __name__ == "__main__":
