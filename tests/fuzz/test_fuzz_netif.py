@@ -25,8 +25,8 @@ from hypothesis import strategies as st
 
 from fuzzhost import NR_REFS, RAM_PAGES, FuzzHost, handshake, track_busy, wait, wait_idle
 from fuzzlib import Finding, Input, Oracle, ci_settings
-from pyvmm.backends.netback import MAX_PACKET, MAX_RX_SLOTS, MAX_TX_SLOTS, NetBackend, SocketLink, \
-    fill_blank_checksum
+from pyvmm.backends.netback import MAX_PACKET, MAX_RX_SLOTS, MAX_TX_EXTRAS, MAX_TX_SLOTS, NetBackend, \
+    SocketLink, fill_blank_checksum
 from pyvmm.xen_abi.abi import (
     DOMID_SELF,
     GTF_permit_access,
@@ -42,6 +42,11 @@ from pyvmm.xen_abi.abi import (
     PAGE_SIZE,
     SRING_HEADER_SIZE,
     XEN_NETIF_EXTRA_FLAG_MORE,
+    XEN_NETIF_EXTRA_TYPE_GSO,
+    XEN_NETIF_EXTRA_TYPE_MAX,
+    XEN_NETIF_EXTRA_TYPE_MCAST_ADD,
+    XEN_NETIF_EXTRA_TYPE_MCAST_DEL,
+    NetifExtraGso,
     NetifExtraInfo,
     NetifRxRequest,
     NetifRxResponse,
@@ -183,8 +188,7 @@ class Harness:
                                   if bogus else 0)
         self._publish(TX_PFN, tx_prod)
         self._publish(RX_PFN, self.rx_prod)
-        with be._rx_lock:
-            be.rx_queue.extend(frames)
+        be.queue_frames(frames)
         be.kick()
         # the model, run first, says how many responses to wait for
         ram = bytearray(ram0)
@@ -209,6 +213,7 @@ class Harness:
                 break
         with be._rx_lock:
             be.rx_queue.clear()        # frames no buffer took: not carried into the next input
+            be._rx_queued_bytes = 0
 
         if bogus or tx_fatal:
             if not be.failed and not self.raced:
@@ -259,8 +264,14 @@ class Harness:
                                           offset=page_off if inp.chance(240) else inp.u16(),
                                           flags=f & 0xFFFF, id=inp.u16(), size=size & 0xFFFF))
                 if i == 0 and f & NETTXF_extra_info:
-                    for _ in range(1 + inp.below(3)):
-                        e = NetifExtraInfo(type=inp.u8(), flags=XEN_NETIF_EXTRA_FLAG_MORE if inp.chance(60) else 0)
+                    for _ in range(1 + inp.below(MAX_TX_EXTRAS + 2)):
+                        more = XEN_NETIF_EXTRA_FLAG_MORE if inp.chance(60) else 0
+                        etype = inp.choice((XEN_NETIF_EXTRA_TYPE_GSO,) * 4 + (2, 3, 4, 5, 0, 6, 255))
+                        if etype == XEN_NETIF_EXTRA_TYPE_GSO:
+                            e = NetifExtraGso(type=etype, flags=more, size=inp.choice((1448, 0, 1, inp.u16())),
+                                              gso_type=inp.choice((1, 2, 0, 3, inp.u8())))
+                        else:
+                            e = NetifExtraInfo(type=etype if inp.chance(240) else inp.u8(), flags=more)
                         out.append(NetifTxRequest.from_buffer_copy(bytes(e).ljust(12, b"\0")))
                         if not e.flags & XEN_NETIF_EXTRA_FLAG_MORE:
                             break
@@ -298,27 +309,38 @@ def model_tx(reqs: list, ram: bytearray, gnttab):
         first = reqs[i]
         i += 1
         slots, out = [first], [(first.id, NetifStatus.okay)]
+        extras = {}
         if first.flags & NETTXF_extra_info:
             while True:
-                if i >= len(reqs):
-                    return rsps, frames, True
+                if i >= len(reqs) or len(extras) >= MAX_TX_EXTRAS:
+                    return rsps, frames, True       # missing, or a chain too long
                 extra = NetifExtraInfo.from_buffer_copy(bytes(reqs[i]))
                 i += 1
                 out.append((0, NetifStatus.null))
+                if not 0 < extra.type < XEN_NETIF_EXTRA_TYPE_MAX:
+                    return rsps, frames, True
+                extras[len(extras)] = extra
                 if not extra.flags & XEN_NETIF_EXTRA_FLAG_MORE:
                     break
+        types = {e.type for e in extras.values()}
+        if types & {XEN_NETIF_EXTRA_TYPE_MCAST_ADD, XEN_NETIF_EXTRA_TYPE_MCAST_DEL}:
+            rsps += out                             # a filter change alone: no packet
+            continue
         while slots[-1].flags & NETTXF_more_data:
             if len(slots) >= MAX_TX_SLOTS or i >= len(reqs):
                 return rsps, frames, True
             slots.append(reqs[i])
             out.append((reqs[i].id, NetifStatus.okay))
             i += 1
+        gso = [NetifExtraGso.from_buffer_copy(bytes(e)) for e in extras.values()
+               if e.type == XEN_NETIF_EXTRA_TYPE_GSO]
+        if gso and (gso[-1].size == 0 or gso[-1].gso_type not in (1, 2)):
+            return rsps, frames, True               # Xen's xenvif_set_skb_gso: fatal
         frame = _gather(slots, ram, gnttab)
-        if frame is None:
+        # a plain link takes no GSO packet, and a blank checksum must be found
+        if frame is None or gso or (first.flags & NETTXF_csum_blank and not fill_blank_checksum(frame)):
             out = [(rid, NetifStatus.error if s == NetifStatus.okay else s) for rid, s in out]
         else:
-            if first.flags & NETTXF_csum_blank:
-                fill_blank_checksum(frame)
             frames.append(bytes(frame))
         rsps += out
     return rsps, frames, False
@@ -355,11 +377,12 @@ def model_rx(frames: list, reqs: list, ram: bytearray, gnttab) -> list:
             r += 1
             chunk = frame[k * PAGE_SIZE:(k + 1) * PAGE_SIZE]
             f = _frame(gnttab, req.gref, writable=True)
+            flags = NETRXF_more_data if k < need - 1 else 0
             if f is None:
-                out.append((req.id, 0, 0, NetifStatus.error))
+                out.append((req.id, 0, flags, NetifStatus.error))     # flags kept: the chain goes on
                 continue
             ram[f * PAGE_SIZE:f * PAGE_SIZE + len(chunk)] = chunk
-            out.append((req.id, 0, NETRXF_more_data if k < need - 1 else 0, len(chunk)))
+            out.append((req.id, 0, flags, len(chunk)))
     return out, r
 
 
