@@ -808,7 +808,7 @@ class NetBackend(XenbusBackend):
         head_parts, tail = [], []          # tail: (slot, offset, size) still to map
         for s, size in zip(slots, sizes):
             take = min(size, want)
-            if take:
+            if take or not size:         # (a slot of no bytes: its grant is still checked)
                 head_parts.append(gnttab.copy_from_guest(s.gref, s.offset, take, BACKEND_DOMID))
                 want -= take
             if size > take:
