@@ -770,3 +770,59 @@ def test_an_empty_slot_with_a_bad_grant_drops_the_packet():
         host.evtchn.send(fe.port)
         assert [r.status for r in fe.tx_responses(2)] == [NetifStatus.error] * 2
         assert be.stats["tx_errors"] == 1 and be.connected
+
+
+@pytest.fixture(scope="module")
+def rx_property_be():
+    """One connected backend for the property below (its frontend takes
+    TCPv4 GSO and blank checksums, not TCPv6 GSO)."""
+    with _vnet_interface({"feature-gso-tcpv4": 1, "feature-ipv6-csum-offload": 1}) as (host, be, fe, link, peer):
+        yield be
+
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_u16 = st.one_of(st.sampled_from([0, 6, 14, 16, 34, 54, 74, 1448, 0xFFFF]), st.integers(0, 0xFFFF))
+_frames = st.one_of(
+    st.builds(_tcp_frame, st.integers(0, 9000), st.booleans(), st.integers(5, 15), st.booleans()),
+    st.binary(max_size=200),
+    st.builds(lambda f, n: f[:n], st.builds(_tcp_frame, st.integers(0, 100), st.booleans()), st.integers(0, 80)))
+
+
+@settings(max_examples=400, derandomize=True, database=None, deadline=None)
+@given(flags=st.one_of(st.sampled_from([0, 1, 2, 3]), st.integers(0, 255)),
+       gso_type=st.one_of(st.sampled_from([0, 1, 4, 3, 5, 0x80, 0x81, 0x84]), st.integers(0, 255)),
+       hdr_len=_u16, gso_size=_u16, csum_start=_u16, csum_offset=_u16, frame=_frames, honest=st.booleans())
+def test_rx_entry_never_passes_a_lying_header(rx_property_be, flags, gso_type, hdr_len, gso_size, csum_start,
+                                              csum_offset, frame, honest):
+    """Whatever header and frame the link gives: dropped (and counted), or
+    delivered with netif flags the frame backs up, never an exception.
+    (`honest`: the checksum place and hdr_len as the headers say, so that
+    the rest of the header gets its chance to lie.)"""
+    be = rx_property_be
+    if honest:
+        try:
+            csum_start, csum_offset, _, _, hdr_len = locate_checksum(frame, len(frame))
+            flags |= VIRTIO_NET_HDR_F_NEEDS_CSUM
+        except BadHeaders:
+            pass
+    raw = _vnet(flags, gso_type, hdr_len, gso_size, csum_start, csum_offset) + frame
+    before = sum(be.stats.values())
+    entry = be._rx_entry(raw)
+    if entry is None:
+        assert sum(be.stats.values()) == before + 1
+        return
+    data, rx_flags, extra = entry
+    assert bytes(data) == frame and len(frame) >= 14 and hdr_len <= len(frame)
+    if rx_flags & NETRXF_csum_blank:
+        assert flags & VIRTIO_NET_HDR_F_NEEDS_CSUM
+        assert locate_checksum(frame, len(frame))[:2] == (csum_start, csum_offset)
+        assert csum_start + csum_offset + 2 <= len(frame)
+    if extra is not None:
+        e = NetifExtraGso.from_buffer_copy(extra)
+        assert e.type == XEN_NETIF_EXTRA_TYPE_GSO and e.size == gso_size > 0
+        assert e.gso_type == XEN_NETIF_GSO_TYPE_TCPV4 and gso_type & 0x7F == VIRTIO_NET_HDR_GSO_TCPV4
+        assert rx_flags & NETRXF_csum_blank and locate_checksum(frame, len(frame))[2:4] == (4, 6)
+    else:
+        assert gso_type == 0
+
