@@ -617,7 +617,8 @@ class NetBackend(XenbusBackend):
         if hdr_len > n:
             self._rx_drop(f"hdr_len {hdr_len} past the {n}-byte frame")
             return None
-        gso = gso_type & ~VIRTIO_NET_HDR_GSO_ECN       # netif has no ECN flag: Xen's netback drops it too
+        # netif has no ECN flag: such a packet goes on as plain TCP GSO, as Xen's netback passes it
+        gso = gso_type & ~VIRTIO_NET_HDR_GSO_ECN
         if gso not in (VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6) \
                 or (gso == VIRTIO_NET_HDR_GSO_NONE and gso_type):
             self._rx_drop(f"GSO type {gso_type:#x} (only TCP is offered)")
@@ -805,7 +806,7 @@ class NetBackend(XenbusBackend):
         flags = slots[0].flags
         # the head: copied, slot by slot, until TX_HEAD_COPY bytes
         want = min(total, TX_HEAD_COPY)
-        head_parts, tail = [], []          # tail: (slot, offset, size) still to map
+        head_parts, tail = [], []          # tail: (gref, offset, size) still to map
         for s, size in zip(slots, sizes):
             take = min(size, want)
             if take or not size:         # (a slot of no bytes: its grant is still checked)

@@ -320,8 +320,6 @@ def test_a_closed_link_drops_frames_not_the_device(net):
 # peer reads and writes the virtio_net_hdr itself): checksum offload and TCP
 # GSO pass between the guest's rings and the link, no checksum is computed.
 
-import socket as _socket
-
 from pyvmm.backends.netback import (
     MAX_TX_EXTRAS,
     RX_QUEUE_BYTES,
@@ -500,7 +498,7 @@ def _tx_statuses(fe, frame, flags, extras=()):
     return [r.status for r in fe.tx_responses(n)]
 
 
-def test_hostile_transmits_are_dropped_with_errors(net=None):
+def test_hostile_transmits_are_dropped_with_errors():
     """Packets a guest gets wrong but that do not break the ring protocol:
     NETIF_RSP_ERROR for each of their slots (NULL for extra-info slots), the
     packet dropped, the device goes on.  (Xen's netback answers OKAY and
