@@ -2,20 +2,51 @@
 
 The guest's xen-netfront posts transmit requests (its packets, in pages it
 granted read-only) on one ring and receive requests (empty pages granted
-writable) on the other; this back-end copies each transmitted packet out
-to the link (a TAP device, or one end of a socket pair) and each packet
-from the link into the next posted receive page, as Xen's netback does in
-its copy mode (feature-rx-copy, the only mode Linux's frontend accepts).
+writable) on the other; this back-end hands each transmitted packet to the
+link (a TAP device, or one end of a socket pair) and copies each packet
+from the link into posted receive pages, as Xen's netback does in its copy
+mode (feature-rx-copy, the only mode Linux's frontend accepts).
 
-Transmit packets may span slots (NETTXF_more_data, feature-sg); the
-checksum of a TCP/UDP packet the guest left blank (NETTXF_csum_blank, the
-frontend's checksum offload) is filled in here before it leaves.  Received
-packets larger than a page are spread over several slots.
+Offload.  A TAP is opened with IFF_VNET_HDR: every frame crossing it carries
+a virtio_net_hdr, so checksums and TCP segmentation are passed between the
+guest's kernel and the host's, and pyvmm computes no checksum and splits no
+segment (a 64 KiB TCP send crosses the rings as one packet, not ~45):
+
+* offered to the guest (backend keys): feature-sg, feature-ipv6-csum-offload,
+  and, on a link with vnet headers, feature-gso-tcpv4 and feature-gso-tcpv6
+  (IPv4 checksum offload needs no key).  A link without them (a SocketLink
+  to a Python test peer) gets no GSO, and blank checksums are filled in
+  here (fill_blank_checksum), the one place Python still sums a packet;
+* guest -> host: NETTXF_csum_blank becomes VIRTIO_NET_HDR_F_NEEDS_CSUM with
+  csum_start/csum_offset found in the L3/L4 headers (locate_checksum, which
+  follows Linux's skb_checksum_setup that Xen's netback uses);
+  NETTXF_data_validated becomes F_DATA_VALID; a GSO extra-info slot (TCPv4
+  or TCPv6, its size) becomes the header's gso_type/gso_size.  The frame
+  goes out in one writev: the header, the first TX_HEAD_COPY bytes copied
+  out of the guest (the headers, parsed from that copy), then the rest
+  straight from the granted pages, mapped read-only for the call;
+* host -> guest: frames are read with their header; the TAP is told
+  (TUNSETOFFLOAD) what the frontend announced in its own directory
+  (feature-gso-tcpv4/6 with feature-sg, blank IPv4 checksums unless
+  feature-no-csum-offload, IPv6 ones with feature-ipv6-csum-offload), so the
+  host kernel finishes whatever the guest cannot take.  F_NEEDS_CSUM becomes
+  NETRXF_csum_blank|NETRXF_data_validated, F_DATA_VALID NETRXF_data_validated,
+  and a GSO frame's first response carries NETRXF_extra_info with the
+  netif_extra_info GSO entry in the next ring slot (it uses up a request),
+  then the data slots, as in Xen's xenvif_rx_skb.
 
 Each transmit slot is checked before use (grant, offset + size within the
-page, sizes adding up); a bad packet is answered NETIF_RSP_ERROR and
-dropped, a packet whose slots run past what the frontend produced, or a
-bogus ring index, ends the device.
+page, sizes adding up); a bad packet (sizes that lie, headers that do not
+say where a blank checksum goes, GSO on a packet that is not TCP of its IP
+version) is answered NETIF_RSP_ERROR and dropped.  What Xen's netback calls
+fatal ends the device: a packet whose slots run past what the frontend
+produced or over 18 slots, a bogus ring index, an extra-info type 0 or
+unknown, a GSO size of 0 or an unknown GSO type, and (pyvmm's bound) an
+extra-info chain over MAX_TX_EXTRAS slots.  A frame from the link whose
+virtio_net_hdr lies (GSO size 0, hdr_len past the frame, a checksum place
+outside the frame or not where its headers say, an unknown GSO type) or
+that the guest did not ask for is dropped and counted (stats), never
+delivered; the queue towards the guest is bounded in frames and bytes.
 """
 from __future__ import annotations
 
@@ -29,17 +60,37 @@ import socket
 import struct
 import threading
 
-
 from pyvmm.xen_abi.abi import (
     NETIF_RX_ENTRY_SIZE,
     NETIF_TX_ENTRY_SIZE,
+    NETRXF_csum_blank,
+    NETRXF_data_validated,
+    NETRXF_extra_info,
     NETRXF_more_data,
     NETTXF_csum_blank,
+    NETTXF_data_validated,
     NETTXF_extra_info,
     NETTXF_more_data,
     PAGE_SIZE,
+    TUN_F_CSUM,
+    TUN_F_TSO4,
+    TUN_F_TSO6,
+    VIRTIO_NET_HDR_F_DATA_VALID,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_FORMAT,
+    VIRTIO_NET_HDR_GSO_ECN,
+    VIRTIO_NET_HDR_GSO_NONE,
+    VIRTIO_NET_HDR_GSO_TCPV4,
+    VIRTIO_NET_HDR_GSO_TCPV6,
+    VIRTIO_NET_HDR_SIZE,
     XEN_NETIF_EXTRA_FLAG_MORE,
-    NetifExtraInfo,
+    XEN_NETIF_EXTRA_TYPE_GSO,
+    XEN_NETIF_EXTRA_TYPE_MAX,
+    XEN_NETIF_EXTRA_TYPE_MCAST_ADD,
+    XEN_NETIF_EXTRA_TYPE_MCAST_DEL,
+    XEN_NETIF_GSO_TYPE_TCPV4,
+    XEN_NETIF_GSO_TYPE_TCPV6,
+    NetifExtraGso,
     NetifRxRequest,
     NetifRxResponse,
     NetifStatus,
@@ -53,25 +104,49 @@ from .xenbus import BackRing, ProtocolError, XenbusBackend
 
 log = logging.getLogger(__name__)
 
-__all__ = ["NetBackend", "TapDevice", "SocketLink", "NetError", "default_mac", "parse_mac"]
+__all__ = ["NetBackend", "TapDevice", "SocketLink", "NetError", "BadHeaders", "default_mac", "parse_mac",
+           "locate_checksum", "fill_blank_checksum"]
 
 # A packet may use at most this many transmit slots (XEN_NETBK_LEGACY_SLOTS_MAX).
 MAX_TX_SLOTS = 18
 MAX_PACKET = 65535 + 14
 RX_QUEUE_MAX = 512          # packets from the link waiting for receive buffers
+RX_QUEUE_BYTES = 2 << 20    # ... and at most this many bytes of them
 READ_BATCH = 64             # frames read from the link per wake-up
 MAX_RX_SLOTS = 17           # a received packet over more pages than this is dropped
+# a read from a link with vnet headers: the header and the largest frame the
+# guest can take, plus one byte so that a longer (truncated) one shows as too big
+VNET_READ_SIZE = VIRTIO_NET_HDR_SIZE + MAX_RX_SLOTS * PAGE_SIZE + 1
+# bytes of a transmitted packet copied out of the guest's pages (the headers
+# are parsed from this copy, never from pages the guest can still rewrite);
+# the rest goes to the link straight from the granted pages
+TX_HEAD_COPY = 256
+# a netif_extra_info chain longer than this is fatal: an honest frontend sends
+# each type at most once (Xen bounds the chain only by the ring)
+MAX_TX_EXTRAS = XEN_NETIF_EXTRA_TYPE_MAX - 1
 XEN_OUI = "00:16:3e"        # Xen's MAC prefix
 
 _TUNSETIFF = 0x400454CA
-_IFF_TAP, _IFF_NO_PI = 0x0002, 0x1000
+_TUNSETOFFLOAD = 0x400454D0          # _IOW('T', 208, unsigned int)
+_TUNSETVNETHDRSZ = 0x400454D8        # _IOW('T', 216, int)
+_IFF_TAP, _IFF_NO_PI, _IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
 # linux/sockios.h: interface flags, and a port added to a bridge (what
 # `ip link set TAP master BR` does, without needing iproute2)
 _SIOCGIFFLAGS, _SIOCSIFFLAGS, _SIOCBRADDIF = 0x8913, 0x8914, 0x89A2
 _IFF_UP = 0x1
+_ETH_HLEN = 14
 _ETH_P_IP, _ETH_P_IPV6, _ETH_P_8021Q = 0x0800, 0x86DD, 0x8100
 _IPPROTO_TCP, _IPPROTO_UDP = 6, 17
+_IPPROTO_HOPOPTS, _IPPROTO_ROUTING, _IPPROTO_FRAGMENT, _IPPROTO_AH, _IPPROTO_DSTOPTS = 0, 43, 44, 51, 60
 _CSUM_FIELD = {_IPPROTO_TCP: 16, _IPPROTO_UDP: 6}
+_VNET = struct.Struct(VIRTIO_NET_HDR_FORMAT)
+_NO_VNET_HDR = bytes(VIRTIO_NET_HDR_SIZE)
+_GSO_TO_XEN = {VIRTIO_NET_HDR_GSO_TCPV4: XEN_NETIF_GSO_TYPE_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6: XEN_NETIF_GSO_TYPE_TCPV6}
+_XEN_TO_GSO = {v: k for k, v in _GSO_TO_XEN.items()}
+_GSO_IP_VERSION = {VIRTIO_NET_HDR_GSO_TCPV4: 4, VIRTIO_NET_HDR_GSO_TCPV6: 6}
+# what a link with vnet headers can carry towards the host: checksums left
+# blank and TCP segments over the MTU, both ways
+VNET_OFFLOADS = frozenset({"csum", "tso4", "tso6"})
 
 
 class NetError(Exception):
@@ -95,10 +170,22 @@ def parse_mac(text: str) -> str:
 
 
 # ---------------------------------------------------------------- host links
-class TapDevice:
-    """A Linux TAP interface (Ethernet frames, no packet-info header)."""
+# A link is what the back-end moves Ethernet frames to and from.  It has
+#   vnet_hdr   True if every frame it takes and gives starts with a
+#              virtio_net_hdr (checksum and GSO offload information);
+#   offloads   what it can carry towards the host (VNET_OFFLOADS, or none);
+#   set_offload(TUN_F_*)  what the back-end can take from it (the guest's
+#              receive features); a link with no such control ignores it;
+#   fileno(), recv() -> one frame or None, send(frame), sendv(buffers) (one
+#   frame gathered from several buffers), close().
 
-    def __init__(self, name: str):
+class TapDevice:
+    """A Linux TAP interface (Ethernet frames, no packet-info header), by
+    default with IFF_VNET_HDR: frames carry a virtio_net_hdr, so the host
+    kernel and the guest pass checksum and segmentation offload to each
+    other instead of pyvmm doing either."""
+
+    def __init__(self, name: str, vnet_hdr: bool = True):
         if not name or len(name.encode()) > 15 or "/" in name or " " in name:
             raise NetError(f"bad interface name {name!r}: at most 15 characters, no '/' or spaces")
         try:
@@ -107,8 +194,14 @@ class TapDevice:
             raise NetError("/dev/net/tun is missing: load the tun module (modprobe tun)") from None
         except PermissionError:
             raise NetError("/dev/net/tun: permission denied (TAP devices need root or CAP_NET_ADMIN)") from None
+        flags = _IFF_TAP | _IFF_NO_PI | (_IFF_VNET_HDR if vnet_hdr else 0)
         try:
-            fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH22x", name.encode(), _IFF_TAP | _IFF_NO_PI))
+            fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH22x", name.encode(), flags))
+            if vnet_hdr:
+                # the 10-byte header, whatever an earlier user of a persistent
+                # device set; nothing offloaded to us until a guest says it copes
+                fcntl.ioctl(fd, _TUNSETVNETHDRSZ, struct.pack("i", VIRTIO_NET_HDR_SIZE))
+                fcntl.ioctl(fd, _TUNSETOFFLOAD, 0)
         except OSError as e:
             os.close(fd)
             if e.errno == 16:       # EBUSY
@@ -119,6 +212,9 @@ class TapDevice:
             raise NetError(f"TAP device {name}: {e.strerror}") from None
         self.fd = fd
         self.name = name
+        self.vnet_hdr = vnet_hdr
+        self.offloads = VNET_OFFLOADS if vnet_hdr else frozenset()
+        self.offload_flags = 0
         self.bridge: str | None = None
 
     @staticmethod
@@ -142,18 +238,32 @@ class TapDevice:
                 raise NetError(f"cannot add TAP device {self.name} to bridge {bridge}: {e.strerror}") from None
         self.bridge = bridge
 
+    def set_offload(self, flags: int) -> None:
+        """TUNSETOFFLOAD: the TUN_F_* the reader (the guest) can take; the
+        host kernel finishes checksums and segments itself for the rest."""
+        if not self.vnet_hdr or flags == self.offload_flags or self.fd < 0:
+            return
+        fcntl.ioctl(self.fd, _TUNSETOFFLOAD, flags)
+        self.offload_flags = flags
+
     def fileno(self) -> int:
         return self.fd
 
-    def send(self, frame: bytes) -> None:
+    def send(self, frame) -> None:
         try:
             os.write(self.fd, frame)
         except BlockingIOError:
             pass                      # the host side is not keeping up: drop, as a NIC would
 
+    def sendv(self, buffers: list) -> None:
+        try:
+            os.writev(self.fd, buffers)
+        except BlockingIOError:
+            pass
+
     def recv(self) -> bytes | None:
         try:
-            return os.read(self.fd, MAX_PACKET)
+            return os.read(self.fd, VNET_READ_SIZE if self.vnet_hdr else MAX_PACKET)
         except BlockingIOError:
             return None
 
@@ -169,29 +279,43 @@ class TapDevice:
 class SocketLink:
     """One end of a SOCK_SEQPACKET socket pair: each message one frame.
     `SocketLink.pair()` gives the back-end's end and the peer's socket (a
-    cable to a test's Python peer, or to another guest's back-end)."""
+    cable to a test's Python peer, or to another guest's back-end).  With
+    vnet_hdr each message is a virtio_net_hdr and the frame, as on a TAP
+    with IFF_VNET_HDR (the peer must speak it too)."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, vnet_hdr: bool = False):
         sock.setblocking(False)
         self.sock = sock
+        self.vnet_hdr = vnet_hdr
+        self.offloads = VNET_OFFLOADS if vnet_hdr else frozenset()
+        self.offload_flags = 0
 
     @classmethod
-    def pair(cls) -> tuple["SocketLink", socket.socket]:
+    def pair(cls, vnet_hdr: bool = False) -> tuple["SocketLink", socket.socket]:
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        return cls(a), b
+        return cls(a, vnet_hdr), b
 
     def fileno(self) -> int:
         return self.sock.fileno()
 
-    def send(self, frame: bytes) -> None:
+    def set_offload(self, flags: int) -> None:
+        self.offload_flags = flags    # the peer may read it; a socket cannot enforce it
+
+    def send(self, frame) -> None:
         try:
             self.sock.send(frame)
         except BlockingIOError:
             pass                      # the peer is not keeping up: drop
 
+    def sendv(self, buffers: list) -> None:
+        try:
+            self.sock.sendmsg(buffers)
+        except BlockingIOError:
+            pass
+
     def recv(self) -> bytes | None:
         try:
-            data = self.sock.recv(MAX_PACKET)
+            data = self.sock.recv(VNET_READ_SIZE if self.vnet_hdr else MAX_PACKET)
         except BlockingIOError:
             return None
         except ConnectionError:
@@ -204,7 +328,82 @@ class SocketLink:
         self.sock.close()
 
 
-# ---------------------------------------------------------------- checksums
+# ---------------------------------------------------------------- headers and checksums
+class BadHeaders(ValueError):
+    """A frame whose L3/L4 headers do not say where its checksum goes."""
+
+
+def locate_checksum(frame, length: int) -> tuple[int, int, int, int, int]:
+    """Where a CHECKSUM_PARTIAL frame's TCP/UDP checksum goes, found from its
+    headers as Linux's skb_checksum_setup (Xen's netback) finds it: (csum_start,
+    csum_offset, IP version, L4 protocol, end of the L4 header).  `frame` holds
+    at least the headers (a prefix of the frame), `length` is the whole
+    frame's.  Raises BadHeaders for what Linux refuses: not IPv4/IPv6, an IP
+    fragment, IPv6 extension headers that do not end, neither TCP nor UDP,
+    headers past the frame.  One 802.1Q tag is allowed (Linux's netback sees
+    the tagged protocol and refuses those)."""
+    have = min(len(frame), length)
+    if have < _ETH_HLEN:
+        raise BadHeaders(f"{length}-byte frame shorter than an Ethernet header")
+    l3, ethertype = _ETH_HLEN, (frame[12] << 8) | frame[13]
+    if ethertype == _ETH_P_8021Q:
+        if have < 18:
+            raise BadHeaders("802.1Q header past the frame")
+        l3, ethertype = 18, (frame[16] << 8) | frame[17]
+    if ethertype == _ETH_P_IP:
+        if have < l3 + 20:
+            raise BadHeaders("IPv4 header past the frame")
+        if frame[l3] >> 4 != 4 or frame[l3] & 0xF < 5:
+            raise BadHeaders(f"bad IPv4 version/IHL byte {frame[l3]:#x}")
+        if ((frame[l3 + 6] << 8) | frame[l3 + 7]) & 0x3FFF:     # MF or a fragment offset
+            raise BadHeaders("IPv4 fragment")
+        version, proto, l4 = 4, frame[l3 + 9], l3 + (frame[l3] & 0xF) * 4
+    elif ethertype == _ETH_P_IPV6:
+        if have < l3 + 40:
+            raise BadHeaders("IPv6 header past the frame")
+        if frame[l3] >> 4 != 6:
+            raise BadHeaders(f"bad IPv6 version byte {frame[l3]:#x}")
+        proto, off = frame[l3 + 6], 40
+        end = 40 + ((frame[l3 + 4] << 8) | frame[l3 + 5])
+        done = False
+        while off <= end and not done:              # skb_checksum_setup_ipv6's walk
+            if proto in (_IPPROTO_HOPOPTS, _IPPROTO_ROUTING, _IPPROTO_DSTOPTS, _IPPROTO_AH,
+                         _IPPROTO_FRAGMENT):
+                if have < l3 + off + 8:
+                    raise BadHeaders("IPv6 extension header past the frame")
+                if proto == _IPPROTO_FRAGMENT:
+                    if ((frame[l3 + off + 2] << 8) | frame[l3 + off + 3]) & 0xFFF9:   # offset or M
+                        raise BadHeaders("IPv6 fragment")
+                    size = 8
+                elif proto == _IPPROTO_AH:
+                    size = (frame[l3 + off + 1] + 2) * 4
+                else:
+                    size = (frame[l3 + off + 1] + 1) * 8
+                proto = frame[l3 + off]
+                off += size
+            else:
+                done = True
+        if not done:
+            raise BadHeaders("IPv6 extension headers run past the payload length")
+        version, l4 = 6, l3 + off
+    else:
+        raise BadHeaders(f"ethertype {ethertype:#06x} is neither IPv4 nor IPv6")
+    field = _CSUM_FIELD.get(proto)
+    if field is None:
+        raise BadHeaders(f"L4 protocol {proto} is neither TCP nor UDP")
+    if proto == _IPPROTO_TCP:
+        if have < l4 + 20:
+            raise BadHeaders("TCP header past the frame")
+        l4_end = l4 + (frame[l4 + 12] >> 4) * 4
+        if l4_end < l4 + 20 or l4_end > length:
+            raise BadHeaders(f"TCP data offset {frame[l4 + 12] >> 4} outside [5, the frame]")
+    else:
+        if have < l4 + 8:
+            raise BadHeaders("UDP header past the frame")
+        l4_end = l4 + 8
+    return l4, field, version, proto, l4_end
+
+
 def _ones_complement_sum(data: bytes) -> int:
     if len(data) % 2:
         data = bytes(data) + b"\0"
@@ -219,20 +418,12 @@ def _ones_complement_sum(data: bytes) -> int:
 def fill_blank_checksum(frame: bytearray) -> bool:
     """Complete the TCP/UDP checksum of a CHECKSUM_PARTIAL frame: its
     checksum field holds the pseudo-header sum, the rest is to be summed
-    over the transport header and payload.  False for what it cannot parse
-    (sent as is, as a NIC without that offload would)."""
-    l3, ethertype = 14, int.from_bytes(frame[12:14], "big")
-    if ethertype == _ETH_P_8021Q:
-        l3, ethertype = 18, int.from_bytes(frame[16:18], "big")
-    if ethertype == _ETH_P_IP and len(frame) >= l3 + 20:
-        l4 = l3 + (frame[l3] & 0xF) * 4
-        proto = frame[l3 + 9]
-    elif ethertype == _ETH_P_IPV6 and len(frame) >= l3 + 40:
-        l4, proto = l3 + 40, frame[l3 + 6]          # no extension headers
-    else:
-        return False
-    field = _CSUM_FIELD.get(proto)
-    if field is None or len(frame) < l4 + field + 2:
+    over the transport header and payload.  Only for links without vnet
+    headers (a socket to a Python peer), where nothing else would; False for
+    a frame whose headers do not say where the checksum goes."""
+    try:
+        l4, field, _, proto, _ = locate_checksum(frame, len(frame))
+    except BadHeaders:
         return False
     csum = ~_ones_complement_sum(frame[l4:]) & 0xFFFF
     if proto == _IPPROTO_UDP and csum == 0:
@@ -246,6 +437,14 @@ class _DropPacket(Exception):
     """This packet is refused (NETIF_RSP_ERROR); the device goes on."""
 
 
+def _flag(read, key: str) -> bool:
+    """A frontend feature key: absent or not "1" is off."""
+    try:
+        return read(key).strip() == "1"
+    except ProtocolError:
+        return False
+
+
 class NetBackend(XenbusBackend):
     """Network interface `index` (vif<domid>.<index>, the guest's eth<index>)
     connected to `link` (TapDevice or SocketLink; the caller closes it)."""
@@ -254,25 +453,32 @@ class NetBackend(XenbusBackend):
 
     def __init__(self, host, index: int, link, mac: str, tx_limiter=None, rx_limiter=None):
         self.link = link
+        self.vnet = bool(getattr(link, "vnet_hdr", False))
         self.mac = parse_mac(mac)
         # ratelimit.RateLimiter each, or None: from the guest, and to it
         self.tx_limiter, self.rx_limiter = tx_limiter, rx_limiter
         self.limiters = {k: v for k, v in (("transmit", tx_limiter), ("receive", rx_limiter)) if v is not None}
         self.tx: BackRing | None = None
         self.rx: BackRing | None = None
-        self.rx_queue: collections.deque[bytes] = collections.deque()
+        # (frame data, NETRXF_* flags, GSO extra slot or None) per queued frame
+        self.rx_queue: collections.deque[tuple] = collections.deque()
+        self._rx_queued_bytes = 0
         self._rx_lock = threading.Lock()
         self._reader: threading.Thread | None = None
         self._stop_r = self._stop_w = -1
+        # what the frontend can receive (its own feature keys, read at connect)
+        self.rx_csum4 = self.rx_csum6 = False
+        self.rx_gso: frozenset[int] = frozenset()       # VIRTIO_NET_HDR_GSO_* it takes
         self.stats = collections.Counter()
         super().__init__(host, index, name=f"vif{index}",
                          frontend={"handle": index, "mac": self.mac})
 
     # ---- handshake ----
     def features(self) -> dict:
+        offloads = getattr(self.link, "offloads", frozenset())
         return {"handle": self.devid, "mac": self.mac, "feature-rx-copy": 1, "feature-rx-flip": 0,
                 "feature-sg": 1, "feature-ipv6-csum-offload": 1,
-                "feature-gso-tcpv4": 0, "feature-gso-tcpv6": 0}
+                "feature-gso-tcpv4": int("tso4" in offloads), "feature-gso-tcpv6": int("tso6" in offloads)}
 
     def connect(self, read) -> dict:
         try:
@@ -286,17 +492,49 @@ class NetBackend(XenbusBackend):
             port = int(read("event-channel"))
         except ValueError as e:
             raise ProtocolError(f"bad ring reference or event channel: {e}") from None
+        self._read_receive_features(read)
         self.tx = BackRing(self.map_grant(tx_ref), NETIF_TX_ENTRY_SIZE, NetifTxRequest, NetifTxResponse)
         self.rx = BackRing(self.map_grant(rx_ref), NETIF_RX_ENTRY_SIZE, NetifRxRequest, NetifRxResponse)
         self.bind_event_channel(port)
         self._start_reader()
         return {}
 
+    def _read_receive_features(self, read) -> None:
+        """What the guest can take, as Xen's netback reads it (xenbus.c):
+        blank IPv4 checksums unless feature-no-csum-offload, IPv6 ones with
+        feature-ipv6-csum-offload, TCP GSO per feature-gso-tcpv4/6 (and only
+        with feature-sg: a GSO packet spans slots).  The TAP is told the
+        same, so the host kernel finishes what the guest cannot."""
+        self.rx_csum4 = not _flag(read, "feature-no-csum-offload")
+        self.rx_csum6 = _flag(read, "feature-ipv6-csum-offload")
+        sg = _flag(read, "feature-sg")
+        gso = set()
+        if self.vnet and sg and self.rx_csum4 and _flag(read, "feature-gso-tcpv4"):
+            gso.add(VIRTIO_NET_HDR_GSO_TCPV4)
+        if self.vnet and sg and self.rx_csum6 and _flag(read, "feature-gso-tcpv6"):
+            gso.add(VIRTIO_NET_HDR_GSO_TCPV6)
+        self.rx_gso = frozenset(gso)
+        # TUN_F_CSUM is all protocols at once: only if the guest takes both
+        offload = 0
+        if self.rx_csum4 and self.rx_csum6:
+            offload = TUN_F_CSUM
+            offload |= TUN_F_TSO4 if VIRTIO_NET_HDR_GSO_TCPV4 in gso else 0
+            offload |= TUN_F_TSO6 if VIRTIO_NET_HDR_GSO_TCPV6 in gso else 0
+        self._set_link_offload(offload if self.vnet else 0)
+
+    def _set_link_offload(self, flags: int) -> None:
+        try:
+            self.link.set_offload(flags)
+        except (AttributeError, OSError) as e:   # the link went away, or is not one that can
+            log.info("%s of domain %d: link offload %#x not set: %s", self.name, self.domid, flags, e)
+
     def disconnect(self) -> None:
         self._stop_reader()
         self.tx = self.rx = None
+        self._set_link_offload(0)
         with self._rx_lock:
             self.rx_queue.clear()
+            self._rx_queued_bytes = 0
 
     def close(self) -> None:
         super().close()
@@ -337,14 +575,93 @@ class NetBackend(XenbusBackend):
             except (EOFError, OSError):
                 log.info("%s of domain %d: the link closed", self.name, self.domid)
                 return
-            with self._rx_lock:
-                for frame in frames:
-                    if len(self.rx_queue) >= RX_QUEUE_MAX:
-                        self.stats["rx_dropped_queue_full"] += 1
-                    else:
-                        self.rx_queue.append(frame)
-            if frames:
+            if self.queue_frames(frames):
                 self.kick()
+
+    def queue_frames(self, frames) -> int:
+        """Queue frames as read from the link for the guest (any thread):
+        each is checked and its offload information turned into netif's,
+        what the guest cannot take is dropped and counted.  How many queued."""
+        entries = []
+        for frame in frames:
+            entry = self._rx_entry(frame) if self.vnet else (frame, 0, None)
+            if entry is not None:
+                entries.append(entry)
+        queued = 0
+        with self._rx_lock:
+            for entry in entries:
+                size = len(entry[0])
+                if len(self.rx_queue) >= RX_QUEUE_MAX or self._rx_queued_bytes + size > RX_QUEUE_BYTES:
+                    self.stats["rx_dropped_queue_full"] += 1
+                else:
+                    self.rx_queue.append(entry)
+                    self._rx_queued_bytes += size
+                    queued += 1
+        return queued
+
+    def _rx_drop(self, why: str, counter: str = "rx_dropped_bad_vnet_hdr") -> None:
+        self.stats[counter] += 1
+        log.debug("%s of domain %d: frame from the link dropped: %s", self.name, self.domid, why)
+
+    def _rx_entry(self, raw: bytes):
+        """A frame from a vnet link: (data, NETRXF flags, GSO extra or None),
+        or None when it is dropped.  The header is the host kernel's (or a
+        socket peer's) word and is checked against the frame: a frame the
+        guest would refuse or misread never reaches its ring."""
+        if len(raw) < VIRTIO_NET_HDR_SIZE + _ETH_HLEN:
+            self._rx_drop(f"{len(raw)} bytes: shorter than a virtio_net_hdr and an Ethernet header")
+            return None
+        flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = _VNET.unpack_from(raw)
+        data = memoryview(raw)[VIRTIO_NET_HDR_SIZE:]
+        n = len(data)
+        if hdr_len > n:
+            self._rx_drop(f"hdr_len {hdr_len} past the {n}-byte frame")
+            return None
+        # netif has no ECN flag: such a packet goes on as plain TCP GSO, as Xen's netback passes it
+        gso = gso_type & ~VIRTIO_NET_HDR_GSO_ECN
+        if gso not in (VIRTIO_NET_HDR_GSO_NONE, VIRTIO_NET_HDR_GSO_TCPV4, VIRTIO_NET_HDR_GSO_TCPV6) \
+                or (gso == VIRTIO_NET_HDR_GSO_NONE and gso_type):
+            self._rx_drop(f"GSO type {gso_type:#x} (only TCP is offered)")
+            return None
+        rx_flags = 0
+        if flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+            if csum_start + csum_offset + 2 > n:
+                self._rx_drop(f"checksum at {csum_start}+{csum_offset} outside the {n}-byte frame")
+                return None
+            try:
+                start, offset, version, proto, _ = locate_checksum(data[:TX_HEAD_COPY], n)
+            except BadHeaders as e:
+                self._rx_drop(f"checksum to fill in, but {e}")
+                return None
+            if (start, offset) != (csum_start, csum_offset):
+                # the guest finds the checksum from the headers (netfront's
+                # checksum_setup): a header saying otherwise is not to be believed
+                self._rx_drop(f"checksum at {csum_start}+{csum_offset}, the headers say {start}+{offset}")
+                return None
+            if not (self.rx_csum4 if version == 4 else self.rx_csum6):
+                self._rx_drop(f"blank IPv{version} checksum, the guest cannot take it", "rx_dropped_offload")
+                return None
+            rx_flags = NETRXF_csum_blank | NETRXF_data_validated
+        elif flags & VIRTIO_NET_HDR_F_DATA_VALID:
+            rx_flags = NETRXF_data_validated
+        extra = None
+        if gso != VIRTIO_NET_HDR_GSO_NONE:
+            if not gso_size:
+                self._rx_drop("GSO size 0")
+                return None
+            if not rx_flags & NETRXF_csum_blank:
+                self._rx_drop("GSO without a checksum to fill in")
+                return None
+            if proto != _IPPROTO_TCP or version != _GSO_IP_VERSION[gso]:
+                self._rx_drop(f"TCPv{_GSO_IP_VERSION[gso]} GSO on an IPv{version} protocol {proto} frame")
+                return None
+            if gso not in self.rx_gso:
+                self._rx_drop(f"TCPv{_GSO_IP_VERSION[gso]} GSO, the guest did not ask for it",
+                              "rx_dropped_offload")
+                return None
+            extra = bytes(NetifExtraGso(type=XEN_NETIF_EXTRA_TYPE_GSO, size=gso_size,
+                                        gso_type=_GSO_TO_XEN[gso]))
+        return data, rx_flags, extra
 
     # ---- the rings (worker thread) ----
     def process(self) -> None:
@@ -361,6 +678,39 @@ class NetBackend(XenbusBackend):
             if not more:
                 return
 
+    def _take_extras(self, tx: BackRing, responses: list) -> dict:
+        """The netif_extra_info slots after a packet's first: {type: raw 8
+        bytes}.  As Xen's xenvif_get_extras: a missing slot or a type 0 or
+        beyond XEN_NETIF_EXTRA_TYPE_MAX is fatal; a chain over
+        MAX_TX_EXTRAS slots is fatal too (pyvmm's bound; Xen's is the ring)."""
+        extras = {}
+        for _ in range(MAX_TX_EXTRAS):
+            if not tx.unconsumed():
+                raise ProtocolError("packet's extra-info slot missing from the ring")
+            raw = bytes(tx.take_request())[:8]
+            responses.append((None, NetifStatus.null))      # extra-info slots are answered NULL
+            etype, eflags = raw[0], raw[1]
+            if not 0 < etype < XEN_NETIF_EXTRA_TYPE_MAX:
+                raise ProtocolError(f"invalid extra-info type {etype}")
+            extras[etype] = raw
+            if not eflags & XEN_NETIF_EXTRA_FLAG_MORE:
+                return extras
+        raise ProtocolError(f"extra-info chain over {MAX_TX_EXTRAS} slots")
+
+    @staticmethod
+    def _gso(extras: dict) -> tuple[int, int] | None:
+        """(VIRTIO_NET_HDR_GSO_*, size) from a GSO extra; a size of 0 or an
+        unknown type is fatal, as in Xen's xenvif_set_skb_gso."""
+        raw = extras.get(XEN_NETIF_EXTRA_TYPE_GSO)
+        if raw is None:
+            return None
+        e = NetifExtraGso.from_buffer_copy(raw)
+        if not e.size:
+            raise ProtocolError("GSO size must not be zero")
+        if e.gso_type not in _XEN_TO_GSO:
+            raise ProtocolError(f"bad GSO type {e.gso_type}")
+        return _XEN_TO_GSO[e.gso_type], e.size
+
     def _transmit(self) -> bool:
         """Send what the guest queued; True if a rate limit held some back."""
         tx, held = self.tx, False
@@ -372,14 +722,14 @@ class NetBackend(XenbusBackend):
                 break
             first = tx.take_request()
             slots, responses = [first], [(first.id, NetifStatus.okay)]
-            if first.flags & NETTXF_extra_info:
-                while True:                 # extra-info slots carry no data: answered NULL
-                    if not tx.unconsumed():
-                        raise ProtocolError("packet's extra-info slot missing from the ring")
-                    extra = NetifExtraInfo.from_buffer_copy(bytes(tx.take_request()))
-                    responses.append((None, NetifStatus.null))
-                    if not extra.flags & XEN_NETIF_EXTRA_FLAG_MORE:
-                        break
+            extras = self._take_extras(tx, responses) if first.flags & NETTXF_extra_info else {}
+            if XEN_NETIF_EXTRA_TYPE_MCAST_ADD in extras or XEN_NETIF_EXTRA_TYPE_MCAST_DEL in extras:
+                # a multicast filter change, no packet: Xen answers the
+                # request alone (and its more_data slots as packets of their
+                # own).  Nothing is filtered here, so there is nothing to change.
+                for rid, status in responses:
+                    tx.put_response(NetifTxResponse(id=rid or 0, status=status))
+                continue
             while slots[-1].flags & NETTXF_more_data:
                 if len(slots) >= MAX_TX_SLOTS:
                     raise ProtocolError(f"packet over {MAX_TX_SLOTS} slots")
@@ -387,48 +737,131 @@ class NetBackend(XenbusBackend):
                     raise ProtocolError("packet's following slot missing from the ring")
                 slots.append(tx.take_request())
                 responses.append((slots[-1].id, NetifStatus.okay))
+            gso = self._gso(extras) if extras else None
             try:
-                frame = self._gather(slots)
-                if first.flags & NETTXF_csum_blank:
-                    fill_blank_checksum(frame)
-                try:
-                    self.link.send(bytes(frame))
-                except OSError as e:   # the link refused it (down, closed, too big): drop it
-                    self.stats["tx_link_errors"] += 1
-                    log.info("%s of domain %d: link refused a frame: %s", self.name, self.domid, e)
-                else:
-                    self.stats["tx_packets"] += 1
-                    self.stats["tx_bytes"] += len(frame)
-                    if self.tx_limiter is not None:
-                        self.tx_limiter.consume(len(frame))
+                size = self._send_packet(slots, gso)
             except (_DropPacket, GrantError) as e:
                 log.info("%s of domain %d: transmit dropped: %s", self.name, self.domid, e)
                 self.stats["tx_errors"] += 1
                 responses = [(i, NetifStatus.error if s == NetifStatus.okay else s) for i, s in responses]
+            except OSError as e:   # the link refused it (down, closed, too big): drop it
+                self.stats["tx_link_errors"] += 1
+                log.info("%s of domain %d: link refused a frame: %s", self.name, self.domid, e)
+            else:
+                self.stats["tx_packets"] += 1
+                self.stats["tx_bytes"] += size
+                if gso is not None:
+                    self.stats["tx_gso_packets"] += 1
+                if self.tx_limiter is not None:
+                    self.tx_limiter.consume(size)
             for rid, status in responses:
                 tx.put_response(NetifTxResponse(id=rid or 0, status=status))
         if tx.push_responses():
             self.notify_frontend()
         return held
 
-    def _gather(self, slots: list) -> bytearray:
-        """The packet's bytes from its slots' granted pages."""
-        total = slots[0].size                # the first slot gives the packet's size
+    @staticmethod
+    def _slot_sizes(slots: list) -> list[int]:
+        """Bytes of the packet in each slot: the first slot's size is the
+        packet's.  Sizes that do not add up, or a slot crossing its page,
+        drop the packet (Xen's netback drops the first and ends the device
+        for the second; a drop is kinder and as safe here)."""
+        total = slots[0].size
         rest = sum(s.size for s in slots[1:])
-        if rest > total or total > MAX_PACKET or total < 14:
+        if rest > total or total > MAX_PACKET or total < _ETH_HLEN:
             raise _DropPacket(f"slot sizes {[s.size for s in slots]} do not add up")
         sizes = [total - rest] + [s.size for s in slots[1:]]
-        frame = bytearray()
-        gnttab = self.host.gnttab
         for s, size in zip(slots, sizes):
             if s.offset + size > PAGE_SIZE:
                 raise _DropPacket(f"slot [{s.offset}, +{size}) crosses its page")
+        return sizes
+
+    def _send_packet(self, slots: list, gso) -> int:
+        """Hand one packet to the link; its size.  Raises _DropPacket (or
+        GrantError) for a packet refused, OSError for one the link refused."""
+        sizes = self._slot_sizes(slots)
+        if self.vnet:
+            return self._send_vnet(slots, sizes, gso)
+        if gso is not None:
+            raise _DropPacket("a GSO packet, and the link takes no vnet header (feature-gso-* was 0)")
+        frame = bytearray()
+        gnttab = self.host.gnttab
+        for s, size in zip(slots, sizes):
             frame += gnttab.copy_from_guest(s.gref, s.offset, size, BACKEND_DOMID)
-        return frame
+        if slots[0].flags & NETTXF_csum_blank and not fill_blank_checksum(frame):
+            raise _DropPacket("a blank checksum, and the headers do not say where it goes")
+        self.link.send(frame)
+        return len(frame)
+
+    def _send_vnet(self, slots: list, sizes: list, gso) -> int:
+        """One writev to the link: a virtio_net_hdr, the packet's first
+        TX_HEAD_COPY bytes copied out (its headers, parsed from the copy),
+        and the rest straight from the granted pages, mapped read-only for
+        the call (Xen's netback copies its first 128 bytes and maps the rest
+        the same way).  No checksum is computed: a blank one (NETTXF_csum_blank)
+        goes out as VIRTIO_NET_HDR_F_NEEDS_CSUM with csum_start/csum_offset
+        found in the headers, as Xen's skb_checksum_setup finds them."""
+        gnttab = self.host.gnttab
+        total = slots[0].size
+        flags = slots[0].flags
+        # the head: copied, slot by slot, until TX_HEAD_COPY bytes
+        want = min(total, TX_HEAD_COPY)
+        head_parts, tail = [], []          # tail: (gref, offset, size) still to map
+        for s, size in zip(slots, sizes):
+            take = min(size, want)
+            if take or not size:         # (a slot of no bytes: its grant is still checked)
+                head_parts.append(gnttab.copy_from_guest(s.gref, s.offset, take, BACKEND_DOMID))
+                want -= take
+            if size > take:
+                tail.append((s.gref, s.offset + take, size - take))
+        head = head_parts[0] if len(head_parts) == 1 else b"".join(head_parts)
+        if flags & NETTXF_csum_blank or gso is not None:
+            try:
+                start, offset, version, proto, l4_end = locate_checksum(head, total)
+            except BadHeaders as e:
+                raise _DropPacket(f"a blank checksum, and {e}") from None
+            if gso is None:
+                hdr = _VNET.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_NONE, l4_end, 0, start, offset)
+            else:
+                gso_type, gso_size = gso
+                if not flags & NETTXF_csum_blank:
+                    # Xen's netback recomputes the pseudo-header sum of such a
+                    # "buggy peer's" packet; Linux's netfront never sends one
+                    raise _DropPacket("a GSO packet without NETTXF_csum_blank")
+                if proto != _IPPROTO_TCP or version != _GSO_IP_VERSION[gso_type]:
+                    raise _DropPacket(f"TCPv{_GSO_IP_VERSION[gso_type]} GSO on an IPv{version} "
+                                      f"protocol {proto} packet")
+                hdr = _VNET.pack(VIRTIO_NET_HDR_F_NEEDS_CSUM, gso_type, l4_end, gso_size, start, offset)
+        elif flags & NETTXF_data_validated:
+            hdr = _VNET.pack(VIRTIO_NET_HDR_F_DATA_VALID, 0, 0, 0, 0, 0)
+        else:
+            hdr = _NO_VNET_HDR
+        if not tail:
+            self.link.sendv([hdr, head])
+            return total
+        maps = []
+        try:
+            parts = [hdr, head]
+            for gref, off, size in tail:
+                m = gnttab.map(gref, BACKEND_DOMID, readonly=True)
+                maps.append(m)
+                parts.append(m.view[off:off + size])
+            self.link.sendv(parts)
+            del parts
+        finally:
+            for m in maps:
+                try:
+                    gnttab.unmap(m)
+                except GrantError:
+                    pass
+        return total
 
     def _receive(self) -> tuple[bool, int]:
         """Deliver queued frames while buffers last: whether a rate limit held
-        some back, and the buffers the next queued frame waits for (0: none)."""
+        some back, and the buffers the next queued frame waits for (0: none).
+        A frame is spread over receive buffers a page each; with a GSO extra
+        (NETRXF_extra_info on its first slot) the second slot carries the
+        netif_extra_info, as Xen's netback lays it out (xenvif_rx_skb)."""
         rx = self.rx
         gnttab = self.host.gnttab
         delivered = waiting = 0
@@ -444,32 +877,43 @@ class NetBackend(XenbusBackend):
             with self._rx_lock:
                 if not self.rx_queue:
                     break
-                frame = self.rx_queue[0]
-                need = max(1, -(-len(frame) // PAGE_SIZE))
-                if need > MAX_RX_SLOTS:
+                frame, flags, extra = self.rx_queue[0]
+                pages = max(1, -(-len(frame) // PAGE_SIZE))
+                if pages > MAX_RX_SLOTS:
                     self.rx_queue.popleft()
+                    self._rx_queued_bytes -= len(frame)
                     self.stats["rx_dropped_too_big"] += 1
                     continue
+                need = pages + (extra is not None)
                 if rx.unconsumed() < need:
                     waiting = need           # wait for the guest to post buffers
                     break
                 self.rx_queue.popleft()
-            for i in range(need):
+                self._rx_queued_bytes -= len(frame)
+            if extra is not None:
+                flags |= NETRXF_extra_info
+            for i in range(pages):
                 req = rx.take_request()
                 chunk = frame[i * PAGE_SIZE:(i + 1) * PAGE_SIZE]
-                status, flags = len(chunk), NETRXF_more_data if i < need - 1 else 0
+                f = (flags if i == 0 else 0) | (NETRXF_more_data if i < pages - 1 else 0)
+                status = len(chunk)
                 try:
                     gnttab.copy_to_guest(req.gref, 0, chunk, BACKEND_DOMID)
                 except GrantError as e:
+                    # the slot's flags stay: the frontend walks the packet by them
                     log.info("%s of domain %d: receive buffer refused: %s", self.name, self.domid, e)
-                    status, flags = NetifStatus.error, 0
-                rx.put_response(NetifRxResponse(id=req.id, offset=0, flags=flags, status=status))
+                    status = NetifStatus.error
+                rx.put_response(NetifRxResponse(id=req.id, offset=0, flags=f, status=status))
+                if i == 0 and extra is not None:
+                    rx.take_request()        # the extra-info takes a buffer's slot, not its page
+                    rx.put_response(NetifExtraGso.from_buffer_copy(extra))
             delivered += 1
             self.stats["rx_packets"] += 1
             self.stats["rx_bytes"] += len(frame)
+            if extra is not None:
+                self.stats["rx_gso_packets"] += 1
             if self.rx_limiter is not None:
                 self.rx_limiter.consume(len(frame))
         if delivered and rx.push_responses():
             self.notify_frontend()
         return held, waiting
-

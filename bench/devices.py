@@ -1,7 +1,7 @@
 """Device throughput: the default guest's disk and network through pyvmm's
 back-ends, next to the host doing the same transfer itself.
 
-    python bench/devices.py [--size-mb 64] [--no-net] [--json] [--profile]
+    python bench/devices.py [--size-mb 64] [--no-net] [--no-disk] [--json] [--profile]
 
 Boots the default guest (in process, Domain API) with one disk, a raw image
 of --size-mb random bytes in a temporary directory, and, when this runs as
@@ -13,10 +13,15 @@ resolution, so sizes that take seconds):
     disk read     dd if=/dev/xvda of=/dev/null bs=1M
     disk write    dd if=/dev/zero of=/dev/xvda bs=1M count=N conv=fsync
     net receive   wget -O /dev/null http://<host end of the TAP>/blob
+    net transmit  the other way: the guest's busybox httpd serves a copy of the
+                  disk from its RAM (/tmp/www/blob), the host wgets it from the
+                  namespace (timed on the host; httpd sends with sendfile, so
+                  the guest's kernel, not a 1 KiB-buffer tool, sets the pace)
 
 Baselines, run side by side on the host: the same dd commands on the image
 file (page cache warm, as the guest's read is), and wget of the same URL
-from inside the namespace (loopback, through the same Python server).
+from inside the namespace (loopback, through the same Python server; the
+baseline of both network rows).
 Figures, not pass/fail; the ratio guest/host is what carries over from a
 kvm_pvm machine to real hardware.  With --profile, each transfer's shim
 entries are also sampled (bench/entry_sampler.py) and printed by kind, guest
@@ -39,7 +44,7 @@ from pathlib import Path
 
 PROMPT = re.compile(rb"pyvmm:/# ")
 REAL = re.compile(rb"real\s+(\d+)m\s*([\d.]+)s")
-GUEST_IP, HOST_IP, PORT = "10.0.3.15", "10.0.3.1", 8000
+GUEST_IP, HOST_IP, PORT, GUEST_PORT = "10.0.3.15", "10.0.3.1", 8000, 8080
 BOOT_TIMEOUT, COMMAND_TIMEOUT = 900.0, 900.0
 
 
@@ -162,7 +167,8 @@ class CostMeter:
         return {k: v - before.get(k, 0) for k, v in after.items() if v != before.get(k, 0)}
 
 
-def run(size_mb: int, with_net: bool, extra_cmdline: str = "", profile: bool = False) -> dict:
+def run(size_mb: int, with_net: bool, extra_cmdline: str = "", with_disk: bool = True,
+        profile: bool = False) -> dict:
     from pyvmm.backends.blkback import BlockBackend, DiskImage
     from pyvmm.backends.netback import NetBackend
     from pyvmm.guests.default import build_default_guest
@@ -218,15 +224,28 @@ def run(size_mb: int, with_net: bool, extra_cmdline: str = "", profile: bool = F
 
             # each command also run for 0 bytes: its fixed cost (processes
             # started, a flush), taken off to give the steady state per MiB
-            timed("disk_read_0", "dd if=/dev/xvda of=/dev/null bs=1M count=0 2>/dev/null")
-            timed("disk_read", "dd if=/dev/xvda of=/dev/null bs=1M 2>/dev/null")
-            timed("disk_write_0", "dd if=/dev/zero of=/dev/xvda bs=1M count=0 conv=fsync 2>/dev/null")
-            timed("disk_write", f"dd if=/dev/zero of=/dev/xvda bs=1M count={size_mb} conv=fsync 2>/dev/null")
+            if with_disk:
+                timed("disk_read_0", "dd if=/dev/xvda of=/dev/null bs=1M count=0 2>/dev/null")
+                timed("disk_read", "dd if=/dev/xvda of=/dev/null bs=1M 2>/dev/null")
+                timed("disk_write_0", "dd if=/dev/zero of=/dev/xvda bs=1M count=0 conv=fsync 2>/dev/null")
+                timed("disk_write", f"dd if=/dev/zero of=/dev/xvda bs=1M count={size_mb} conv=fsync 2>/dev/null")
             if tap is not None:
                 con.run(f"ifconfig eth0 {GUEST_IP} netmask 255.255.255.0 up")
                 con.run(f"ping -c 1 -W 10 {HOST_IP} >/dev/null")
                 timed("net_rx_0", f"wget -q -O /dev/null http://{HOST_IP}:{PORT}/empty")
                 timed("net_rx", f"wget -q -O /dev/null http://{HOST_IP}:{PORT}/blob")
+                con.run(f"mkdir -p /tmp/www && dd if=/dev/xvda of=/tmp/www/blob bs=1M 2>/dev/null && "
+                        f"httpd -p {GUEST_PORT} -h /tmp/www")
+                say("net tx")
+                before = meter.snapshot()
+                if sampler:
+                    sampler.label = "net_tx"
+                results["net_tx_guest_s"] = host_time(["ip", "netns", "exec", ns.name, "wget", "-q", "-O",
+                                                       "/dev/null", f"http://{GUEST_IP}:{GUEST_PORT}/blob"])
+                if sampler:
+                    sampler.label = None
+                costs["net_tx"] = meter.delta(before, meter.snapshot())
+                con.run("killall httpd; rm -r /tmp/www")
             if sampler:
                 sampler.stop()
                 results["profile"] = {key: sampler.table(key) for key in costs}
@@ -240,12 +259,14 @@ def run(size_mb: int, with_net: bool, extra_cmdline: str = "", profile: bool = F
         if tap is not None:
             tap.close()
         say("host baselines")
-        results["disk_read_host_s"] = host_time(["dd", f"if={img}", "of=/dev/null", "bs=1M"])
-        results["disk_write_host_s"] = host_time(["dd", "if=/dev/zero", f"of={img}", "bs=1M",
-                                                  f"count={size_mb}", "conv=fsync,notrunc"])
+        if with_disk:
+            results["disk_read_host_s"] = host_time(["dd", f"if={img}", "of=/dev/null", "bs=1M"])
+            results["disk_write_host_s"] = host_time(["dd", "if=/dev/zero", f"of={img}", "bs=1M",
+                                                      f"count={size_mb}", "conv=fsync,notrunc"])
         if ns is not None:
             results["net_rx_host_s"] = host_time(["ip", "netns", "exec", ns.name, "wget", "-q", "-O",
                                                   "/dev/null", f"http://{HOST_IP}:{PORT}/blob"])
+            results["net_tx_host_s"] = results["net_rx_host_s"]     # the same loopback transfer
     finally:
         if ns is not None:
             ns.close()
@@ -253,7 +274,8 @@ def run(size_mb: int, with_net: bool, extra_cmdline: str = "", profile: bool = F
     return results
 
 
-ROWS = (("disk read", "disk_read"), ("disk write (fsync)", "disk_write"), ("net receive (HTTP)", "net_rx"))
+ROWS = (("disk read", "disk_read"), ("disk write (fsync)", "disk_write"), ("net receive (HTTP)", "net_rx"),
+        ("net transmit (HTTP)", "net_tx"))
 
 
 def _shim_entries(c: dict) -> dict:
@@ -311,13 +333,24 @@ def table(r: dict) -> str:
     for key, text in r.get("profile", {}).items():
         if not key.endswith("_0"):
             out += ["", f"{key}: sampled shim entries (shares of entries, not of time)", text]
+    # the network rows: packets through netif's rings (GSO: one per up to 64 KiB)
+    net = [(label, c) for label, key, c in measured if key.startswith("net_")]
+    if net:
+        out += ["", f"{'netif packets per MiB':<22} {'guest->host':>11} {'host->guest':>11} "
+                f"{'GSO tx':>7} {'GSO rx':>7}"]
+        for label, c in net:
+            def per(stat):
+                return sum(v for k, v in c.items() if k.startswith("NetBackend") and k.endswith(f" {stat}")) / mb
+            out.append(f"{label:<22} {per('tx_packets'):>11.1f} {per('rx_packets'):>11.1f} "
+                       f"{per('tx_gso_packets'):>7.1f} {per('rx_gso_packets'):>7.1f}")
     return "\n".join(out)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size-mb", type=int, default=64)
-    ap.add_argument("--no-net", action="store_true", help="skip the network transfer")
+    ap.add_argument("--no-net", action="store_true", help="skip the network transfers")
+    ap.add_argument("--no-disk", action="store_true", help="skip the disk transfers")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--profile", action="store_true",
                     help="also sample each transfer's shim entries by kind, code site and caller")
@@ -327,7 +360,7 @@ def main() -> int:
     with_net = not args.no_net and net_available()
     if not args.no_net and not with_net:
         say("no network transfer: it needs root, /dev/net/tun and iproute2")
-    r = run(args.size_mb, with_net, args.extra_cmdline, args.profile)
+    r = run(args.size_mb, with_net, args.extra_cmdline, with_disk=not args.no_disk, profile=args.profile)
     print(json.dumps(r) if args.json else table(r))
     return 0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import struct
 
 from construct import (
     Array,
@@ -992,6 +993,19 @@ NETRXF_csum_blank = 1 << 1
 NETRXF_more_data = 1 << 2
 NETRXF_extra_info = 1 << 3
 XEN_NETIF_EXTRA_FLAG_MORE = 1 << 0
+# netif_extra_info types (a slot after a packet's first, NETTXF/NETRXF_extra_info)
+XEN_NETIF_EXTRA_TYPE_NONE = 0
+XEN_NETIF_EXTRA_TYPE_GSO = 1
+XEN_NETIF_EXTRA_TYPE_MCAST_ADD = 2
+XEN_NETIF_EXTRA_TYPE_MCAST_DEL = 3
+XEN_NETIF_EXTRA_TYPE_HASH = 4
+XEN_NETIF_EXTRA_TYPE_XDP = 5
+XEN_NETIF_EXTRA_TYPE_MAX = 6
+# the GSO extra's u.gso.type
+XEN_NETIF_GSO_TYPE_NONE = 0
+XEN_NETIF_GSO_TYPE_TCPV4 = 1
+XEN_NETIF_GSO_TYPE_TCPV6 = 2
+XEN_NETIF_NR_SLOTS_MIN = 18       # data slots a frontend must accept for one packet
 
 
 class NetifStatus(enum.IntEnum):
@@ -1010,6 +1024,12 @@ class NetifExtraInfo(ctypes.LittleEndianStructure):
     _fields_ = [("type", ctypes.c_uint8), ("flags", ctypes.c_uint8), ("u", ctypes.c_uint8 * 6)]
 
 
+class NetifExtraGso(ctypes.LittleEndianStructure):
+    """A netif_extra_info slot of type XEN_NETIF_EXTRA_TYPE_GSO (u.gso)."""
+    _fields_ = [("type", ctypes.c_uint8), ("flags", ctypes.c_uint8), ("size", ctypes.c_uint16),
+                ("gso_type", ctypes.c_uint8), ("pad", ctypes.c_uint8), ("features", ctypes.c_uint16)]
+
+
 class NetifTxResponse(ctypes.LittleEndianStructure):
     _fields_ = [("id", ctypes.c_uint16), ("status", ctypes.c_int16)]
 
@@ -1024,9 +1044,39 @@ class NetifRxResponse(ctypes.LittleEndianStructure):
 
 
 assert ctypes.sizeof(NetifTxRequest) == 12 and ctypes.sizeof(NetifExtraInfo) == 8
+assert ctypes.sizeof(NetifExtraGso) == 8 and NetifExtraGso.size.offset == 2
 assert ctypes.sizeof(NetifRxRequest) == 8 and ctypes.sizeof(NetifRxResponse) == 8
 NETIF_TX_ENTRY_SIZE = 12          # union of tx request (12), extra info (8) and response (4)
 NETIF_RX_ENTRY_SIZE = 8
 NET_TX_RING_SIZE = ring_entries(PAGE_SIZE, NETIF_TX_ENTRY_SIZE)   # 256
 NET_RX_RING_SIZE = ring_entries(PAGE_SIZE, NETIF_RX_ENTRY_SIZE)   # 256
 ETH_MAX_FRAME = 1514              # MTU 1500 + the Ethernet header: what fits one rx page
+
+# ---------------------------------------------------------------------------
+# Linux's TAP device with IFF_VNET_HDR (include/uapi/linux/virtio_net.h,
+# if_tun.h): each frame read or written is preceded by a virtio_net_hdr
+# saying what the kernel left undone (checksum) or may split (GSO)
+# ---------------------------------------------------------------------------
+
+VIRTIO_NET_HDR_F_NEEDS_CSUM = 1   # checksum over [csum_start, end) goes at csum_start + csum_offset
+VIRTIO_NET_HDR_F_DATA_VALID = 2   # the checksums were verified
+VIRTIO_NET_HDR_GSO_NONE = 0
+VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VIRTIO_NET_HDR_GSO_UDP = 3
+VIRTIO_NET_HDR_GSO_TCPV6 = 4
+VIRTIO_NET_HDR_GSO_ECN = 0x80     # a flag on the type: the TCP segments carry ECN (CWR)
+TUN_F_CSUM = 0x01                 # TUNSETOFFLOAD: what the reader of the TAP can take
+TUN_F_TSO4 = 0x02
+TUN_F_TSO6 = 0x04
+
+
+class VirtioNetHdr(ctypes.LittleEndianStructure):
+    """struct virtio_net_hdr (the 10-byte legacy header; little-endian on x86)."""
+    _fields_ = [("flags", ctypes.c_uint8), ("gso_type", ctypes.c_uint8), ("hdr_len", ctypes.c_uint16),
+                ("gso_size", ctypes.c_uint16), ("csum_start", ctypes.c_uint16),
+                ("csum_offset", ctypes.c_uint16)]
+
+
+VIRTIO_NET_HDR_SIZE = 10
+VIRTIO_NET_HDR_FORMAT = "<BBHHHH"   # the same fields for struct.Struct, on the per-packet paths
+assert ctypes.sizeof(VirtioNetHdr) == VIRTIO_NET_HDR_SIZE == struct.calcsize(VIRTIO_NET_HDR_FORMAT)

@@ -5,7 +5,10 @@ indices, and grant entries rewritten while the back-end uses them.
 
 The device is the real NetBackend with its worker thread, on one end of a
 socket pair (the peer reads what the guest transmits; received frames are
-queued as the link reader queues them).  Oracles:
+queued as the link reader queues them), once without vnet headers (blank
+checksums filled in, GSO refused) and once with them (blank checksums and
+GSO passed in a virtio_net_hdr, the packet written from mapped grants).
+Oracles:
 * every transmit slot and every used receive buffer gets one response, in
   order, with its id; slots that run past the producer, a packet over 18
   slots or a bogus index end the device with its error in xenstore;
@@ -25,8 +28,8 @@ from hypothesis import strategies as st
 
 from fuzzhost import NR_REFS, RAM_PAGES, FuzzHost, handshake, track_busy, wait, wait_idle
 from fuzzlib import Finding, Input, Oracle, ci_settings
-from pyvmm.backends.netback import MAX_PACKET, MAX_RX_SLOTS, MAX_TX_SLOTS, NetBackend, SocketLink, \
-    fill_blank_checksum
+from pyvmm.backends.netback import MAX_PACKET, MAX_RX_SLOTS, MAX_TX_EXTRAS, MAX_TX_SLOTS, TX_HEAD_COPY, \
+    VNET_READ_SIZE, BadHeaders, NetBackend, SocketLink, fill_blank_checksum, locate_checksum
 from pyvmm.xen_abi.abi import (
     DOMID_SELF,
     GTF_permit_access,
@@ -37,18 +40,27 @@ from pyvmm.xen_abi.abi import (
     NETIF_TX_ENTRY_SIZE,
     NETRXF_more_data,
     NETTXF_csum_blank,
+    NETTXF_data_validated,
     NETTXF_extra_info,
     NETTXF_more_data,
     PAGE_SIZE,
     SRING_HEADER_SIZE,
     XEN_NETIF_EXTRA_FLAG_MORE,
+    XEN_NETIF_EXTRA_TYPE_GSO,
+    XEN_NETIF_EXTRA_TYPE_MAX,
+    XEN_NETIF_EXTRA_TYPE_MCAST_ADD,
+    XEN_NETIF_EXTRA_TYPE_MCAST_DEL,
+    NetifExtraGso,
     NetifExtraInfo,
     NetifRxRequest,
     NetifRxResponse,
     NetifStatus,
     NetifTxRequest,
     NetifTxResponse,
+    VIRTIO_NET_HDR_F_DATA_VALID,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
     SharedRingHeader,
+    VirtioNetHdr,
     XenbusState,
 )
 
@@ -58,7 +70,7 @@ FRAMES = DATA_PFNS * 4 + (40, RAM_PAGES - 1, RAM_PAGES, 0xFFFFFFFF)
 REFS = tuple(range(8, 48))
 # packets the checksum offload can parse: Ethernet + IPv4 + TCP, 802.1Q + IPv6 + UDP
 _TCP4 = (b"\x00\x16\x3e\x00\x00\x01" * 2 + b"\x08\x00" + b"\x45\x00\x00\x28" + bytes(5) + b"\x06"
-         + bytes(10) + bytes(20))
+         + bytes(10) + bytes(12) + b"\x50" + bytes(7))
 _UDP6 = (b"\x00\x16\x3e\x00\x00\x01" * 2 + b"\x81\x00\x00\x01\x86\xdd" + b"\x60" + bytes(5) + b"\x11\x40"
          + bytes(32) + bytes(8))
 
@@ -72,7 +84,8 @@ def _not_ring(ref: int) -> int:
 class Harness:
     MAX_SIZE = 3000
 
-    def __init__(self):
+    def __init__(self, vnet: bool = False):
+        self.vnet = vnet
         self.fh = FuzzHost()
         self.fh.pinned_refs = {TX_REF, RX_REF}
         self.be = None
@@ -103,7 +116,7 @@ class Harness:
             page[:SRING_HEADER_SIZE] = bytes(SharedRingHeader(req_event=1, rsp_event=1))
         self.tx_prod = self.tx_cons = self.rx_prod = self.rx_cons = 0
         self.rx_left = []
-        self.link, self.peer = SocketLink.pair()
+        self.link, self.peer = SocketLink.pair(vnet_hdr=self.vnet)
         self.peer.setblocking(False)
         port = self.port = fh.host.evtchn.alloc_unbound(DOMID_SELF, 0)
         self.be = NetBackend(fh.host, self.devices % 16, self.link, "00:16:3e:00:00:02")
@@ -164,7 +177,7 @@ class Harness:
         rx = [NetifRxRequest(id=inp.u16(), gref=inp.choice(REFS) if inp.chance(240)
                              else _not_ring(inp.interesting(32)))
               for _ in range(inp.below(24) if len(self.rx_left) < 200 else 0)]
-        frames = [inp.choice((b"", b"\xaa" * 60, bytes(range(256)) * 6, b"\x55" * PAGE_SIZE,
+        frames = [(bytes(10) if self.vnet else b"") + inp.choice((b"", b"\xaa" * 60, bytes(range(256)) * 6, b"\x55" * PAGE_SIZE,
                               b"\x66" * (PAGE_SIZE + 1), b"\x77" * (3 * PAGE_SIZE - 5),
                               b"\x88" * (MAX_RX_SLOTS * PAGE_SIZE + 1), inp.blob(100)))
                   for _ in range(inp.below(6))]
@@ -183,15 +196,16 @@ class Harness:
                                   if bogus else 0)
         self._publish(TX_PFN, tx_prod)
         self._publish(RX_PFN, self.rx_prod)
-        with be._rx_lock:
-            be.rx_queue.extend(frames)
+        be.queue_frames(frames)
         be.kick()
         # the model, run first, says how many responses to wait for
         ram = bytearray(ram0)
-        want_tx, want_frames, tx_fatal = model_tx(tx, ram, fh.gnttab)
+        want_tx, want_frames, tx_fatal = model_tx(tx, ram, fh.gnttab, self.vnet)
         # buffers posted earlier and still unused come first
         posted = self.rx_left + rx
-        want_rx, used = model_rx(frames, posted, ram, fh.gnttab)
+        # a vnet link's frames lose their (all-zero) header; runts are dropped
+        rx_frames = [f[10:] for f in frames if len(f) >= 24] if self.vnet else frames
+        want_rx, used = model_rx(rx_frames, posted, ram, fh.gnttab)
         self.rx_left = posted[used:]
         wait(lambda: (be.failed and be.backend_state() == XenbusState.Closing)
              or ((self._hdr(TX_PFN).rsp_prod - self.tx_cons) & 0xFFFFFFFF >= len(want_tx)
@@ -204,11 +218,12 @@ class Harness:
         sent = []
         while True:
             try:
-                sent.append(self.peer.recv(MAX_PACKET + 1))
+                sent.append(self.peer.recv(VNET_READ_SIZE))
             except BlockingIOError:
                 break
         with be._rx_lock:
             be.rx_queue.clear()        # frames no buffer took: not carried into the next input
+            be._rx_queued_bytes = 0
 
         if bogus or tx_fatal:
             if not be.failed and not self.raced:
@@ -247,7 +262,8 @@ class Harness:
             sizes = [inp.choice((14, 60, 100, 1500, 4096, 0, 13, 4097)) if inp.chance(200)
                      else inp.u16() for _ in range(nslots)]
             first_size = sum(sizes) if inp.chance(220) else inp.u16()
-            flags = inp.choice((0, NETTXF_csum_blank)) | (NETTXF_extra_info if inp.chance(30) else 0)
+            flags = inp.choice((0, NETTXF_csum_blank, NETTXF_data_validated)) \
+                | (NETTXF_extra_info if inp.chance(30) else 0)
             if inp.chance(10):
                 flags = inp.u16()
             for i in range(nslots):
@@ -259,8 +275,14 @@ class Harness:
                                           offset=page_off if inp.chance(240) else inp.u16(),
                                           flags=f & 0xFFFF, id=inp.u16(), size=size & 0xFFFF))
                 if i == 0 and f & NETTXF_extra_info:
-                    for _ in range(1 + inp.below(3)):
-                        e = NetifExtraInfo(type=inp.u8(), flags=XEN_NETIF_EXTRA_FLAG_MORE if inp.chance(60) else 0)
+                    for _ in range(1 + inp.below(MAX_TX_EXTRAS + 2)):
+                        more = XEN_NETIF_EXTRA_FLAG_MORE if inp.chance(60) else 0
+                        etype = inp.choice((XEN_NETIF_EXTRA_TYPE_GSO,) * 4 + (2, 3, 4, 5, 0, 6, 255))
+                        if etype == XEN_NETIF_EXTRA_TYPE_GSO:
+                            e = NetifExtraGso(type=etype, flags=more, size=inp.choice((1448, 0, 1, inp.u16())),
+                                              gso_type=inp.choice((1, 2, 0, 3, inp.u8())))
+                        else:
+                            e = NetifExtraInfo(type=etype if inp.chance(240) else inp.u8(), flags=more)
                         out.append(NetifTxRequest.from_buffer_copy(bytes(e).ljust(12, b"\0")))
                         if not e.flags & XEN_NETIF_EXTRA_FLAG_MORE:
                             break
@@ -289,7 +311,26 @@ def _frame(gnttab, ref: int, writable: bool):
     return e.frame if e.frame < RAM_PAGES else None
 
 
-def model_tx(reqs: list, ram: bytearray, gnttab):
+def _vnet_header(frame: bytes, flags: int, gso) -> bytes | None:
+    """The virtio_net_hdr a packet leaves with, or None for a packet dropped."""
+    if not flags & NETTXF_csum_blank and not gso:
+        return bytes(VirtioNetHdr(flags=VIRTIO_NET_HDR_F_DATA_VALID if flags & NETTXF_data_validated else 0))
+    if gso and not flags & NETTXF_csum_blank:
+        return None
+    try:
+        start, offset, version, proto, l4_end = locate_checksum(frame[:TX_HEAD_COPY], len(frame))
+    except BadHeaders:
+        return None
+    if not gso:
+        return bytes(VirtioNetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, 0, l4_end, 0, start, offset))
+    g = gso[-1]
+    if proto != 6 or version != (4 if g.gso_type == 1 else 6):
+        return None
+    return bytes(VirtioNetHdr(VIRTIO_NET_HDR_F_NEEDS_CSUM, 1 if g.gso_type == 1 else 4, l4_end, g.size,
+                              start, offset))
+
+
+def model_tx(reqs: list, ram: bytearray, gnttab, vnet: bool = False):
     """netif transmit as Xen's netback answers it: [(id, status)], the
     frames sent, and whether the ring's contents break the protocol."""
     rsps, frames = [], []
@@ -298,28 +339,44 @@ def model_tx(reqs: list, ram: bytearray, gnttab):
         first = reqs[i]
         i += 1
         slots, out = [first], [(first.id, NetifStatus.okay)]
+        extras = {}
         if first.flags & NETTXF_extra_info:
             while True:
-                if i >= len(reqs):
-                    return rsps, frames, True
+                if i >= len(reqs) or len(extras) >= MAX_TX_EXTRAS:
+                    return rsps, frames, True       # missing, or a chain too long
                 extra = NetifExtraInfo.from_buffer_copy(bytes(reqs[i]))
                 i += 1
                 out.append((0, NetifStatus.null))
+                if not 0 < extra.type < XEN_NETIF_EXTRA_TYPE_MAX:
+                    return rsps, frames, True
+                extras[len(extras)] = extra
                 if not extra.flags & XEN_NETIF_EXTRA_FLAG_MORE:
                     break
+        types = {e.type for e in extras.values()}
+        if types & {XEN_NETIF_EXTRA_TYPE_MCAST_ADD, XEN_NETIF_EXTRA_TYPE_MCAST_DEL}:
+            rsps += out                             # a filter change alone: no packet
+            continue
         while slots[-1].flags & NETTXF_more_data:
             if len(slots) >= MAX_TX_SLOTS or i >= len(reqs):
                 return rsps, frames, True
             slots.append(reqs[i])
             out.append((reqs[i].id, NetifStatus.okay))
             i += 1
+        gso = [NetifExtraGso.from_buffer_copy(bytes(e)) for e in extras.values()
+               if e.type == XEN_NETIF_EXTRA_TYPE_GSO]
+        if gso and (gso[-1].size == 0 or gso[-1].gso_type not in (1, 2)):
+            return rsps, frames, True               # Xen's xenvif_set_skb_gso: fatal
         frame = _gather(slots, ram, gnttab)
-        if frame is None:
+        hdr = _vnet_header(bytes(frame), first.flags, gso) if vnet and frame is not None else None
+        if vnet:
+            dropped = frame is None or hdr is None
+        else:
+            # a plain link takes no GSO packet, and a blank checksum must be found
+            dropped = frame is None or gso or (first.flags & NETTXF_csum_blank and not fill_blank_checksum(frame))
+        if dropped:
             out = [(rid, NetifStatus.error if s == NetifStatus.okay else s) for rid, s in out]
         else:
-            if first.flags & NETTXF_csum_blank:
-                fill_blank_checksum(frame)
-            frames.append(bytes(frame))
+            frames.append((hdr or b"") + bytes(frame))
         rsps += out
     return rsps, frames, False
 
@@ -355,11 +412,12 @@ def model_rx(frames: list, reqs: list, ram: bytearray, gnttab) -> list:
             r += 1
             chunk = frame[k * PAGE_SIZE:(k + 1) * PAGE_SIZE]
             f = _frame(gnttab, req.gref, writable=True)
+            flags = NETRXF_more_data if k < need - 1 else 0
             if f is None:
-                out.append((req.id, 0, 0, NetifStatus.error))
+                out.append((req.id, 0, flags, NetifStatus.error))     # flags kept: the chain goes on
                 continue
             ram[f * PAGE_SIZE:f * PAGE_SIZE + len(chunk)] = chunk
-            out.append((req.id, 0, NETRXF_more_data if k < need - 1 else 0, len(chunk)))
+            out.append((req.id, 0, flags, len(chunk)))
     return out, r
 
 
@@ -374,8 +432,26 @@ def test_fuzz_netif(harness, data):
             raise
 
 
+@ci_settings(300)
+@given(st.binary(max_size=Harness.MAX_SIZE))
+def test_fuzz_netif_vnet(vnet_harness, data):
+    with Oracle() as oracle:
+        try:
+            oracle.run(vnet_harness, data)
+        except BaseException:
+            vnet_harness.reset()
+            raise
+
+
 @pytest.fixture(scope="module")
 def harness():
     h = Harness()
+    yield h
+    h.close()
+
+
+@pytest.fixture(scope="module")
+def vnet_harness():
+    h = Harness(vnet=True)
     yield h
     h.close()
