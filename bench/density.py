@@ -67,8 +67,12 @@ def memory_kib(pid: int) -> dict[str, int]:
 
 
 def boot_wave(names: list[str], memory: str, log_dir: Path, timeout: float) -> dict[str, dict]:
-    starts = {}
+    starts, offsets = {}, {}
     for name in names:
+        try:            # a log left by an earlier guest of this name: only what follows counts
+            offsets[name] = (log_dir / f"{name}.log").stat().st_size
+        except FileNotFoundError:
+            offsets[name] = 0
         starts[name] = time.monotonic()
         p = pyvmm("--default-guest", "--memory", memory, "--name", name, "--detach")
         if p.returncode:
@@ -86,6 +90,9 @@ def boot_wave(names: list[str], memory: str, log_dir: Path, timeout: float) -> d
                 log = (log_dir / f"{name}.log").read_bytes()
             except FileNotFoundError:
                 continue
+            if len(log) < offsets[name]:        # the log was started afresh
+                offsets[name] = 0
+            log = log[offsets[name]:]
             now = time.monotonic() - starts[name]
             if "init" not in s and INIT in log:
                 s["init"] = now
