@@ -47,6 +47,7 @@ from pyvmm.xen_abi.abi import (
     BLKIF_MAX_SEGMENTS_PER_REQUEST,
     BLKIF_SEGMENTS_PER_INDIRECT_PAGE,
     BLKIF_RING_ENTRY_SIZE,
+    BLKIF_SEGMENT_STRUCT,
     BLKIF_SECTOR_SIZE,
     BLKIF_SECTORS_PER_PAGE,
     VDISK_READONLY,
@@ -174,6 +175,7 @@ class BlockBackend(XenbusBackend):
         self.ring: BackRing | None = None
         self.persistent = False              # both ends offered feature-persistent
         self._persistent: dict[int, object] = {}    # gref -> GrantMapping, until disconnect
+        self._persistent_views: dict[int, memoryview] = {}  # gref -> its page, for the iovecs
         self.stats = {"read": 0, "write": 0, "flush": 0, "discard": 0, "error": 0,
                       "bytes_read": 0, "bytes_written": 0}
         devid = xvd_devid(index)
@@ -219,7 +221,7 @@ class BlockBackend(XenbusBackend):
     def disconnect(self) -> None:
         self.ring = None
         self.persistent = False
-        maps, self._persistent = self._persistent, {}
+        maps, self._persistent, self._persistent_views = self._persistent, {}, {}
         for m in maps.values():
             try:
                 self.host.gnttab.unmap(m)
@@ -287,10 +289,11 @@ class BlockBackend(XenbusBackend):
 
     @staticmethod
     def _direct_segments(req: BlkifRequest) -> list:
+        """(gref, first_sect, last_sect, pad) of each segment in the request."""
         n = req.nr_segments
         if not 1 <= n <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
             raise _BadRequest(f"{n} segments")
-        return [req.seg[i] for i in range(n)]
+        return [(s.gref, s.first_sect, s.last_sect, 0) for s in req.seg[:n]]
 
     def _indirect_segments(self, req: BlkifRequestIndirect) -> list:
         """The segment list from the request's indirect pages (copied out:
@@ -309,7 +312,17 @@ class BlockBackend(XenbusBackend):
                 raw += m.view[:count * _SEGMENT_SIZE]
             else:
                 raw += self.host.gnttab.copy_from_guest(gref, 0, count * _SEGMENT_SIZE, BACKEND_DOMID)
-        return list((BlkifSegment * n).from_buffer(raw))
+        return list(BLKIF_SEGMENT_STRUCT.iter_unpack(raw))
+
+    def _persistent_iov(self, segments: list) -> list | None:
+        """The iovec list when every segment's grant is already mapped
+        persistently (a frontend's steady state: one dictionary look-up and a
+        slice per segment, ~1/4 of the general path's Python); else None."""
+        views, sector = self._persistent_views, BLKIF_SECTOR_SIZE
+        try:
+            return [views[g][f * sector:(last + 1) * sector] for g, f, last, _ in segments]
+        except KeyError:
+            return None
 
     def _persistent_map(self, gref: int):
         """The device-lifetime writable mapping of gref, made on first use;
@@ -322,30 +335,34 @@ class BlockBackend(XenbusBackend):
             except GrantError:
                 return None
             self._persistent[gref] = m
+            self._persistent_views[gref] = m.view
             self.stats["persistent_maps"] = self.stats.get("persistent_maps", 0) + 1
         return m
 
     def _rw(self, sector_number: int, segments: list, write: bool) -> None:
+        """segments: (gref, first_sect, last_sect, pad) tuples."""
         if write and self.image.readonly:
             raise _BadRequest("write to a read-only disk")
-        spans, total = [], 0
-        for i, seg in enumerate(segments):
-            if not seg.first_sect <= seg.last_sect < BLKIF_SECTORS_PER_PAGE:
-                raise _BadRequest(f"segment {i}: sectors {seg.first_sect}..{seg.last_sect} of a page")
-            spans.append((seg.gref, seg.first_sect * BLKIF_SECTOR_SIZE,
-                          (seg.last_sect - seg.first_sect + 1) * BLKIF_SECTOR_SIZE))
-            total += spans[-1][2]
-        self._check_range(sector_number, total // BLKIF_SECTOR_SIZE)
+        per_page = BLKIF_SECTORS_PER_PAGE
+        if not all(first <= last < per_page for _, first, last, _ in segments):
+            i, (_, first, last, _) = next((i, s) for i, s in enumerate(segments) if not s[1] <= s[2] < per_page)
+            raise _BadRequest(f"segment {i}: sectors {first}..{last} of a page")
+        sectors = sum(last - first for _, first, last, _ in segments) + len(segments)
+        self._check_range(sector_number, sectors)
+        total = sectors * BLKIF_SECTOR_SIZE
         gnttab = self.host.gnttab
         # a read fills guest pages: map them writable; a write only reads them
         maps, iov = [], []          # maps: this request's own, unmapped at its end
         try:
-            for gref, off, length in spans:
-                m = self._persistent_map(gref) if self.persistent else None
-                if m is None:
-                    m = gnttab.map(gref, BACKEND_DOMID, readonly=write)
-                    maps.append(m)
-                iov.append(m.view[off:off + length])
+            iov = self._persistent_iov(segments) if self.persistent else None
+            if iov is None:
+                iov = []
+                for gref, first, last, _ in segments:
+                    m = self._persistent_map(gref) if self.persistent else None
+                    if m is None:
+                        m = gnttab.map(gref, BACKEND_DOMID, readonly=write)
+                        maps.append(m)
+                    iov.append(m.view[first * BLKIF_SECTOR_SIZE:(last + 1) * BLKIF_SECTOR_SIZE])
             pos = sector_number * BLKIF_SECTOR_SIZE
             done = 0
             while done < total:       # short transfers: go on from where it stopped
