@@ -171,6 +171,15 @@ class Oracle:
                 raise Finding(f"the fuzzing process grew to {rss >> 20} MiB")
         self.check()
 
+    def run_or_reset(self, harness, data: bytes) -> None:
+        """run(), and the harness reset if the input failed (so that the
+        next input hypothesis tries, e.g. while shrinking, starts clean)."""
+        try:
+            self.run(harness, data)
+        except BaseException:
+            harness.reset()
+            raise
+
     def _thread_died(self, args):
         self.thread_errors.append(args)
 

@@ -365,11 +365,7 @@ def model_request(req, ram: bytearray, disk: bytearray, gnttab) -> int:
 @given(st.binary(max_size=Harness.MAX_SIZE))
 def test_fuzz_blkif(harness, data):
     with Oracle() as oracle:
-        try:
-            oracle.run(harness, data)
-        except BaseException:
-            harness.reset()
-            raise
+        oracle.run_or_reset(harness, data)
 
 
 

@@ -425,22 +425,14 @@ def model_rx(frames: list, reqs: list, ram: bytearray, gnttab) -> list:
 @given(st.binary(max_size=Harness.MAX_SIZE))
 def test_fuzz_netif(harness, data):
     with Oracle() as oracle:
-        try:
-            oracle.run(harness, data)
-        except BaseException:
-            harness.reset()
-            raise
+        oracle.run_or_reset(harness, data)
 
 
 @ci_settings(300)
 @given(st.binary(max_size=Harness.MAX_SIZE))
 def test_fuzz_netif_vnet(vnet_harness, data):
     with Oracle() as oracle:
-        try:
-            oracle.run(vnet_harness, data)
-        except BaseException:
-            vnet_harness.reset()
-            raise
+        oracle.run_or_reset(vnet_harness, data)
 
 
 @pytest.fixture(scope="module")
