@@ -83,7 +83,8 @@ from pyvmm.xen_abi.abi import (
 from pyvmm.xen_abi.hypervisor.evtchn import BACKEND_DOMID
 from pyvmm.xen_abi.hypervisor.grant_table import GrantError
 
-from .xenbus import BackendQueue, BackRing, ProtocolError, XenbusBackend, queue_dir, read_num_queues
+from .xenbus import (MAX_QUEUES, BackendQueue, BackRing, ProtocolError, XenbusBackend, check_distinct,
+                     default_max_queues, queue_dir, read_num_queues)
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +97,6 @@ MAX_INDIRECT_SEGMENTS = 256
 #: max_persistent_grants default, per ring there too): bounds what a
 #: frontend can make us hold, MAX_QUEUES times this at most.
 MAX_PERSISTENT_GRANTS = 1056
-#: The most queues offered (multi-queue-max-queues), whatever the vCPUs.
-MAX_QUEUES = 4
 _SEGMENT_SIZE = ctypes.sizeof(BlkifSegment)
 _PAGE = BLKIF_SECTORS_PER_PAGE * BLKIF_SECTOR_SIZE
 
@@ -194,11 +193,6 @@ class _BlkQueue(BackendQueue):
         self.persistent: dict[int, object] = {}
 
 
-def default_max_queues(host) -> int:
-    """One queue per vCPU the guest may have, at most MAX_QUEUES."""
-    return max(1, min(MAX_QUEUES, int(getattr(host, "nr_vcpus", 1) or 1)))
-
-
 class BlockBackend(XenbusBackend):
     """Disk `index` (xvda, xvdb, ...) of a guest, served from `image`
     (which the caller opened and closes).  `max_queues`: what
@@ -248,7 +242,7 @@ class BlockBackend(XenbusBackend):
                 keys.append((int(read(f"{d}ring-ref")), int(read(f"{d}event-channel"))))
             except ValueError as e:
                 raise ProtocolError(f"bad {d}ring-ref/event-channel: {e}") from None
-        _check_distinct(keys, ("ring-ref", "event-channel"))
+        check_distinct({"ring-ref": [k[0] for k in keys], "event-channel": [k[1] for k in keys]})
         self.persistent = self._optional(read, "feature-persistent", "0") == "1"
         queues = []
         for i, (ref, port) in enumerate(keys):
@@ -467,17 +461,6 @@ class BlockBackend(XenbusBackend):
         _punch_hole(self.image.fd, req.sector_number * BLKIF_SECTOR_SIZE,
                     req.nr_sectors * BLKIF_SECTOR_SIZE)
         q.stats["discard"] += 1
-
-
-def _check_distinct(keys: list[tuple], names: tuple[str, ...]) -> None:
-    """No ring page or event channel named for two queues (or, for a vif,
-    for both rings of one): each value of each column once."""
-    for col, name in enumerate(names):
-        seen: dict[int, int] = {}
-        for i, row in enumerate(keys):
-            if row[col] in seen:
-                raise ProtocolError(f"queue {i}'s {name} {row[col]} is queue {seen[row[col]]}'s too")
-            seen[row[col]] = i
 
 
 def _skip(iov: list[memoryview], n: int) -> list[memoryview]:

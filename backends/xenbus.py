@@ -60,7 +60,7 @@ from pyvmm.xen_abi.xenstore.toolstack import add_device
 log = logging.getLogger(__name__)
 
 __all__ = ["XenbusBackend", "BackRing", "ProtocolError", "BackendHost", "BackendQueue", "QueueWorker",
-           "read_num_queues", "queue_dir"]
+           "read_num_queues", "queue_dir", "check_distinct", "default_max_queues", "MAX_QUEUES"]
 
 _MASK32 = 0xFFFFFFFF
 
@@ -176,6 +176,31 @@ class BackendQueue:
         """Tell the frontend, on this queue's port, that responses are ready."""
         if self.port is not None:
             self.port.notify()
+
+
+#: The most queues a device offers (multi-queue-max-queues), whatever the
+#: vCPUs: Linux's blkfront uses at most 4 by default, and each queue here
+#: is a Python thread: past the host's few cores more only contend for the GIL.
+MAX_QUEUES = 4
+
+
+def default_max_queues(host) -> int:
+    """One queue per vCPU the guest may have (Xen's backends offer one per
+    host CPU; the guest uses at most one per vCPU), at most MAX_QUEUES."""
+    n = getattr(host, "nr_vcpus", None) or getattr(getattr(host, "evtchn", None), "nr_vcpus", 1)
+    return max(1, min(MAX_QUEUES, int(n or 1)))
+
+
+def check_distinct(columns: dict[str, list[int]]) -> None:
+    """No ring page or event channel named twice: `columns` maps a kind of
+    key ("ring-ref", "event-channel") to its value for each queue (a vif's
+    two rings per queue both in "ring-ref")."""
+    for name, values in columns.items():
+        seen: dict[int, int] = {}
+        for i, v in enumerate(values):
+            if v in seen:
+                raise ProtocolError(f"{name} {v} named twice (entries {seen[v]} and {i})")
+            seen[v] = i
 
 
 def read_num_queues(read, max_queues: int) -> int:

@@ -241,7 +241,7 @@ def test_waiting_for_buffers_does_not_spin():
         fe.connect()
         calls = []
         receive = be._receive
-        be._receive = lambda: (calls.append(1), receive())[1]
+        be._receive = lambda q: (calls.append(1), receive(q))[1]
         raw.send(bytes(range(256)) * 36)                 # 9216 bytes: three pages
         wait_for(lambda: be.rx_queue, "the frame queued")
         fe.post_rx(1)
@@ -693,7 +693,7 @@ def test_rx_queue_is_bounded_in_bytes():
         for _ in range(n):
             peer.send(frame)
         wait_for(lambda: len(be.rx_queue) + be.stats["rx_dropped_queue_full"] == n, "all frames read")
-        assert be._rx_queued_bytes <= RX_QUEUE_BYTES and be.stats["rx_dropped_queue_full"] >= n // 2
+        assert be.queues[0].rx_queued_bytes <= RX_QUEUE_BYTES and be.stats["rx_dropped_queue_full"] >= n // 2
 
 
 def test_locate_checksum_follows_skb_checksum_setup():
