@@ -547,12 +547,12 @@ class XenbusBackend:
             if not self.connected and self.failed is None and be == XenbusState.InitWait:
                 self._write_backend(self.connect(self._read_frontend))
                 self.connected = True
-                self._set_state(XenbusState.Connected)
-                log.info("%s of domain %d connected%s", self.name, self.domid,
-                         f", {len(self.queues)} queues" if len(self.queues) > 1 else "")
                 for w in self._queue_workers:
                     w.start()
                     w.kick()                # requests queued before we bound
+                self._set_state(XenbusState.Connected)
+                log.info("%s of domain %d connected%s", self.name, self.domid,
+                         f", {len(self.queues)} queues" if len(self.queues) > 1 else "")
                 self.kick()
         elif fe == XenbusState.Closing:
             self._teardown()
