@@ -527,6 +527,8 @@ class XenbusBackend:
         for the GIL): the first queue's counters, as only this thread
         serves it."""
         queues = self.queues
+        if len(queues) > 1:
+            return          # each queue's worker serves, and counts, its own queue
         self._timed(self.process, queues[0].stats if queues else self._device_stats)
 
     @staticmethod
