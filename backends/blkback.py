@@ -68,6 +68,7 @@ from pyvmm.xen_abi.abi import (
     BLKIF_MAX_SEGMENTS_PER_REQUEST,
     BLKIF_SEGMENTS_PER_INDIRECT_PAGE,
     BLKIF_RING_ENTRY_SIZE,
+    BLKIF_SEGMENT_STRUCT,
     BLKIF_SECTOR_SIZE,
     BLKIF_SECTORS_PER_PAGE,
     VDISK_READONLY,
@@ -88,7 +89,7 @@ from .xenbus import (MAX_QUEUES, BackendQueue, BackRing, ProtocolError, XenbusBa
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BlockBackend", "DiskImage", "DiskError", "xvd_devid", "xvd_name"]
+__all__ = ["BlockBackend", "DiskImage", "DiskError", "xvd_devid", "xvd_name", "MAX_QUEUES"]
 
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 #: Segments per indirect request we accept (Linux's blkback offers the same).
@@ -191,6 +192,7 @@ class _BlkQueue(BackendQueue):
         super().__init__(index)
         self.ring = ring
         self.persistent: dict[int, object] = {}
+        self.persistent_views: dict[int, memoryview] = {}   # gref -> its page, for the iovecs
 
 
 class BlockBackend(XenbusBackend):
@@ -269,7 +271,7 @@ class BlockBackend(XenbusBackend):
         # uses these mappings any more
         self.persistent = False
         for q in self.queues:
-            maps, q.persistent = q.persistent, {}
+            maps, q.persistent, q.persistent_views = q.persistent, {}, {}
             for m in maps.values():
                 try:
                     self.host.gnttab.unmap(m)
@@ -367,10 +369,11 @@ class BlockBackend(XenbusBackend):
 
     @staticmethod
     def _direct_segments(req: BlkifRequest) -> list:
+        """(gref, first_sect, last_sect, pad) of each segment in the request."""
         n = req.nr_segments
         if not 1 <= n <= BLKIF_MAX_SEGMENTS_PER_REQUEST:
             raise _BadRequest(f"{n} segments")
-        return [req.seg[i] for i in range(n)]
+        return [(s.gref, s.first_sect, s.last_sect, 0) for s in req.seg[:n]]
 
     def _indirect_segments(self, q: _BlkQueue, req: BlkifRequestIndirect) -> list:
         """The segment list from the request's indirect pages (copied out:
@@ -389,7 +392,19 @@ class BlockBackend(XenbusBackend):
                 raw += m.view[:count * _SEGMENT_SIZE]
             else:
                 raw += self.host.gnttab.copy_from_guest(gref, 0, count * _SEGMENT_SIZE, BACKEND_DOMID)
-        return list((BlkifSegment * n).from_buffer(raw))
+        return list(BLKIF_SEGMENT_STRUCT.iter_unpack(raw))
+
+    @staticmethod
+    def _persistent_iov(q: _BlkQueue, segments: list) -> list | None:
+        """The iovec list when every segment's grant is already mapped
+        persistently on this queue (a frontend's steady state: one dictionary
+        look-up and a slice per segment, ~1/4 of the general path's Python);
+        else None."""
+        views, sector = q.persistent_views, BLKIF_SECTOR_SIZE
+        try:
+            return [views[g][f * sector:(last + 1) * sector] for g, f, last, _ in segments]
+        except KeyError:
+            return None
 
     def _persistent_map(self, q: _BlkQueue, gref: int):
         """The connection-lifetime writable mapping of gref on this queue,
@@ -404,30 +419,34 @@ class BlockBackend(XenbusBackend):
             except GrantError:
                 return None
             pool[gref] = m
+            q.persistent_views[gref] = m.view
             q.stats["persistent_maps"] += 1
         return m
 
     def _rw(self, q: _BlkQueue, sector_number: int, segments: list, write: bool) -> None:
+        """segments: (gref, first_sect, last_sect, pad) tuples."""
         if write and self.image.readonly:
             raise _BadRequest("write to a read-only disk")
-        spans, total = [], 0
-        for i, seg in enumerate(segments):
-            if not seg.first_sect <= seg.last_sect < BLKIF_SECTORS_PER_PAGE:
-                raise _BadRequest(f"segment {i}: sectors {seg.first_sect}..{seg.last_sect} of a page")
-            spans.append((seg.gref, seg.first_sect * BLKIF_SECTOR_SIZE,
-                          (seg.last_sect - seg.first_sect + 1) * BLKIF_SECTOR_SIZE))
-            total += spans[-1][2]
-        self._check_range(sector_number, total // BLKIF_SECTOR_SIZE)
+        per_page = BLKIF_SECTORS_PER_PAGE
+        if not all(first <= last < per_page for _, first, last, _ in segments):
+            i, (_, first, last, _) = next((i, s) for i, s in enumerate(segments) if not s[1] <= s[2] < per_page)
+            raise _BadRequest(f"segment {i}: sectors {first}..{last} of a page")
+        sectors = sum(last - first for _, first, last, _ in segments) + len(segments)
+        self._check_range(sector_number, sectors)
+        total = sectors * BLKIF_SECTOR_SIZE
         gnttab = self.host.gnttab
         # a read fills guest pages: map them writable; a write only reads them
         maps, iov = [], []          # maps: this request's own, unmapped at its end
         try:
-            for gref, off, length in spans:
-                m = self._persistent_map(q, gref) if self.persistent else None
-                if m is None:
-                    m = gnttab.map(gref, BACKEND_DOMID, readonly=write)
-                    maps.append(m)
-                iov.append(m.view[off:off + length])
+            iov = self._persistent_iov(q, segments) if self.persistent else None
+            if iov is None:
+                iov = []
+                for gref, first, last, _ in segments:
+                    m = self._persistent_map(q, gref) if self.persistent else None
+                    if m is None:
+                        m = gnttab.map(gref, BACKEND_DOMID, readonly=write)
+                        maps.append(m)
+                    iov.append(m.view[first * BLKIF_SECTOR_SIZE:(last + 1) * BLKIF_SECTOR_SIZE])
             pos = sector_number * BLKIF_SECTOR_SIZE
             done = 0
             while done < total:       # short transfers: go on from where it stopped
