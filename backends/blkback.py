@@ -9,8 +9,27 @@ discard (feature-discard -> FALLOC_FL_PUNCH_HOLE, regular files only),
 indirect segments (feature-max-indirect-segments: up to 256 segments, 1 MiB,
 per request, listed in granted pages), persistent grants (feature-persistent,
 below), read-only disks (mode "r": VDISK_READONLY, writes and discards
-refused).  Not (yet): multi-page rings, multiple queues; the frontend falls
-back to the basic protocol for each.
+refused), multiple queues (below).  Not (yet): multi-page rings; the
+frontend falls back to one page per ring.
+
+Multiple queues: multi-queue-max-queues is the guest's vCPU count, at most
+MAX_QUEUES (Linux's blkfront uses at most 4 by default, and each queue
+here is a Python thread: past the host's few cores more only contend for
+the GIL).  A frontend that asks for N > 1 (multi-queue-num-queues) gives
+queue-K/ring-ref and queue-K/event-channel per queue; each queue gets its
+own ring, port, persistent-grant pool and worker thread, and its
+responses go on its own ring and port.  The workers run in parallel where
+it counts: preadv/pwritev and fdatasync release the GIL, so one queue's
+disk I/O overlaps another's Python.  Queues share only the image's fd
+(pread/pwrite at explicit offsets need no lock; the kernel orders
+overlapping requests no worse than two in flight on one queue) and the
+rate limiter (locked).  Refused, ending the device: num-queues 0, above
+the maximum or not a number (as Linux's blkback), a queue's key missing
+or not a number, one ring-ref or event channel named for two queues (Xen
+refuses the second bind of a port; a ring page shared by two queues Linux
+would map twice, pyvmm refuses), a bogus ring index on any queue (Linux's
+blkback halts only that ring and leaves the guest's requests on it
+unanswered; pyvmm ends the device as it does with one queue).
 
 Persistent grants: when both ends offer feature-persistent, the frontend
 keeps a pool of granted pages and copies data through them, and this
@@ -18,7 +37,8 @@ back-end keeps each pool page it meets mapped (writable, as Linux's blkback
 maps them) until the device disconnects, so a request costs a dictionary
 look-up per segment instead of a grant map and unmap (~20-60 us each in
 Python: 5-15 ms per MiB).  At most MAX_PERSISTENT_GRANTS stay mapped per
-device (Linux blkback's default); past that, and for a grant that cannot be
+queue (Linux blkback's default, per ring as there: each queue's frontend
+ring has its own pool); past that, and for a grant that cannot be
 mapped writable, segments are mapped for the one request.  As with Xen, a
 mapping outlives what the guest later writes into the grant entry: a
 frontend that rewrites or revokes a reference it left mapped keeps reading
@@ -37,6 +57,7 @@ import ctypes
 import ctypes.util
 import errno
 import fcntl
+import collections
 import logging
 import os
 import stat
@@ -63,17 +84,19 @@ from pyvmm.xen_abi.abi import (
 from pyvmm.xen_abi.hypervisor.evtchn import BACKEND_DOMID
 from pyvmm.xen_abi.hypervisor.grant_table import GrantError
 
-from .xenbus import BackRing, ProtocolError, XenbusBackend
+from .xenbus import (MAX_QUEUES, BackendQueue, BackRing, ProtocolError, XenbusBackend, check_distinct,
+                     default_max_queues, queue_dir, read_num_queues)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BlockBackend", "DiskImage", "DiskError", "xvd_devid", "xvd_name"]
+__all__ = ["BlockBackend", "DiskImage", "DiskError", "xvd_devid", "xvd_name", "MAX_QUEUES"]
 
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 #: Segments per indirect request we accept (Linux's blkback offers the same).
 MAX_INDIRECT_SEGMENTS = 256
-#: Grants kept mapped per device with feature-persistent (Linux blkback's
-#: max_persistent_grants default): bounds what a frontend can make us hold.
+#: Grants kept mapped per queue with feature-persistent (Linux blkback's
+#: max_persistent_grants default, per ring there too): bounds what a
+#: frontend can make us hold, MAX_QUEUES times this at most.
 MAX_PERSISTENT_GRANTS = 1056
 _SEGMENT_SIZE = ctypes.sizeof(BlkifSegment)
 _PAGE = BLKIF_SECTORS_PER_PAGE * BLKIF_SECTOR_SIZE
@@ -161,23 +184,34 @@ class _BadRequest(Exception):
     """This one request is refused (BLKIF_RSP_ERROR); the device goes on."""
 
 
+class _BlkQueue(BackendQueue):
+    """One ring of a disk: the ring, and the persistent grants met on it
+    (gref -> GrantMapping, until disconnect).  Only its worker touches it."""
+
+    def __init__(self, index: int, ring: BackRing):
+        super().__init__(index)
+        self.ring = ring
+        self.persistent: dict[int, object] = {}
+        self.persistent_views: dict[int, memoryview] = {}   # gref -> its page, for the iovecs
+
+
 class BlockBackend(XenbusBackend):
     """Disk `index` (xvda, xvdb, ...) of a guest, served from `image`
-    (which the caller opened and closes)."""
+    (which the caller opened and closes).  `max_queues`: what
+    multi-queue-max-queues offers (default: the guest's vCPUs, at most
+    MAX_QUEUES)."""
 
     kind = "vbd"
 
-    def __init__(self, host, index: int, image: DiskImage, limiter=None):
+    def __init__(self, host, index: int, image: DiskImage, limiter=None, max_queues: int | None = None):
         self.image = image
         self.index = index
         self.limiter = limiter               # ratelimit.RateLimiter or None
         self.limiters = {"requests": limiter} if limiter is not None else {}
-        self.ring: BackRing | None = None
+        self.max_queues = default_max_queues(host) if max_queues is None else max(1, int(max_queues))
         self.persistent = False              # both ends offered feature-persistent
-        self._persistent: dict[int, object] = {}    # gref -> GrantMapping, until disconnect
-        self._persistent_views: dict[int, memoryview] = {}  # gref -> its page, for the iovecs
-        self.stats = {"read": 0, "write": 0, "flush": 0, "discard": 0, "error": 0,
-                      "bytes_read": 0, "bytes_written": 0}
+        self._device_stats = collections.Counter(
+            {"read": 0, "write": 0, "flush": 0, "discard": 0, "error": 0, "bytes_read": 0, "bytes_written": 0})
         devid = xvd_devid(index)
         super().__init__(host, devid, name=f"vbd-{xvd_name(index)}",
                          frontend={"virtual-device": devid, "device-type": "disk"})
@@ -187,7 +221,8 @@ class BlockBackend(XenbusBackend):
         f = {"params": self.image.path, "mode": "r" if self.image.readonly else "w",
              "type": "file", "dev": xvd_name(self.index), "removable": 0,
              "feature-flush-cache": 1, "feature-barrier": 0, "feature-persistent": 1,
-             "feature-max-indirect-segments": MAX_INDIRECT_SEGMENTS, "max-ring-page-order": 0}
+             "feature-max-indirect-segments": MAX_INDIRECT_SEGMENTS, "max-ring-page-order": 0,
+             "multi-queue-max-queues": self.max_queues}
         if self.image.is_file and not self.image.readonly:
             f.update({"feature-discard": 1, "discard-granularity": _PAGE,
                       "discard-alignment": 0, "discard-secure": 0})
@@ -199,15 +234,28 @@ class BlockBackend(XenbusBackend):
             raise ProtocolError(f"unsupported ring protocol {protocol!r}")
         if self._optional(read, "ring-page-order", "0") != "0":
             raise ProtocolError("multi-page rings were not offered")
-        try:
-            ref = int(read("ring-ref"))
-            port = int(read("event-channel"))
-        except ValueError as e:
-            raise ProtocolError(f"bad ring-ref/event-channel: {e}") from None
-        page = self.map_grant(ref)
-        self.ring = BackRing(page, BLKIF_RING_ENTRY_SIZE, BlkifRequest, BlkifResponse)
+        n = read_num_queues(read, self.max_queues)
+        # every queue's keys first: nothing is mapped for a frontend whose
+        # later queue is bad, and no page or port serves two queues
+        keys = []
+        for i in range(n):
+            d = queue_dir(i, n)
+            try:
+                keys.append((int(read(f"{d}ring-ref")), int(read(f"{d}event-channel"))))
+            except ValueError as e:
+                raise ProtocolError(f"bad {d}ring-ref/event-channel: {e}") from None
+        check_distinct({"ring-ref": [k[0] for k in keys], "event-channel": [k[1] for k in keys]})
         self.persistent = self._optional(read, "feature-persistent", "0") == "1"
-        self.bind_event_channel(port)
+        queues = []
+        for i, (ref, port) in enumerate(keys):
+            q = _BlkQueue(i, BackRing(self.map_grant(ref), BLKIF_RING_ENTRY_SIZE, BlkifRequest, BlkifResponse))
+            if n > 1:
+                w = self.new_queue_worker(q, lambda q=q: self._serve_queue(q))
+                q.port = self.bind_event_channel(port, w.kick)
+            else:
+                q.port = self.bind_event_channel(port)
+            queues.append(q)
+        self.queues = queues
         return {"sectors": self.image.sectors, "info": VDISK_READONLY if self.image.readonly else 0,
                 "sector-size": BLKIF_SECTOR_SIZE, "physical-sector-size": BLKIF_SECTOR_SIZE}
 
@@ -219,67 +267,99 @@ class BlockBackend(XenbusBackend):
             return default
 
     def disconnect(self) -> None:
-        self.ring = None
+        # the queue workers are stopped (xenbus.py's teardown): nothing
+        # uses these mappings any more
         self.persistent = False
-        maps, self._persistent, self._persistent_views = self._persistent, {}, {}
-        for m in maps.values():
-            try:
-                self.host.gnttab.unmap(m)
-            except GrantError:
-                pass
+        for q in self.queues:
+            maps, q.persistent, q.persistent_views = q.persistent, {}, {}
+            for m in maps.values():
+                try:
+                    self.host.gnttab.unmap(m)
+                except GrantError:
+                    pass
+
+    @property
+    def ring(self) -> BackRing | None:
+        """The first queue's ring (the only one with one queue)."""
+        queues = self.queues
+        return queues[0].ring if queues else None
+
+    @property
+    def _persistent(self) -> dict:
+        """Every queue's persistent grants (gref -> mapping), for reports;
+        a gref used on two queues is counted once here, mapped once per queue."""
+        out = {}
+        for q in list(self.queues):
+            out.update(q.persistent)
+        return out
 
     def rings(self) -> dict:
-        return {"blk": self.ring} if self.ring is not None else {}
+        queues = list(self.queues)
+        if len(queues) == 1:
+            return {"blk": queues[0].ring}
+        return {f"blk{q.index}": q.ring for q in queues}
 
-    # ---- the ring ----
+    # ---- the rings ----
     def process(self) -> None:
-        ring = self.ring
-        while ring is not None:
+        """The device's worker: serves the ring when there is one queue
+        (with several, each queue's worker runs _serve_queue)."""
+        queues = self.queues
+        if len(queues) == 1:
+            self._serve_queue(queues[0])
+
+    def _serve_queue(self, q: _BlkQueue) -> None:
+        """Answer what is on one queue's ring, on that ring and its port
+        (the one thread serving this queue)."""
+        ring = q.ring
+        while True:
             while ring.unconsumed():
                 wait = self.limiter.wait() if self.limiter is not None else 0
                 if wait:                     # over the rate: what is done goes out, the rest waits
                     if ring.push_responses():
-                        self.notify_frontend()
-                    self.retry_later(wait)
+                        q.notify()
+                    self.retry_queue_later(q, wait)
                     return
+                if q.worker is not None and q.worker.stopping:
+                    break                    # teardown: leave the rest on the ring
                 req = ring.take_request()
-                status = self._serve(req)
+                status = self._serve(q, req)
                 # an indirect request is answered with the operation it carried
                 op = req.operation
                 if op == BlkifOp.indirect:
                     op = BlkifRequestIndirect.from_buffer_copy(req).indirect_op
                 ring.put_response(BlkifResponse(id=req.id, operation=op, status=status))
             if ring.push_responses():
-                self.notify_frontend()
-            if not ring.final_check():
+                q.notify()
+            if (q.worker is not None and q.worker.stopping) or not ring.final_check():
                 return
 
-    def _serve(self, req: BlkifRequest) -> int:
+    def _serve(self, q: _BlkQueue, req: BlkifRequest) -> int:
         op = req.operation
+        stats = q.stats
         try:
             if op in (BlkifOp.read, BlkifOp.write):
-                self._rw(req.sector_number, self._direct_segments(req), write=op == BlkifOp.write)
+                self._rw(q, req.sector_number, self._direct_segments(req), write=op == BlkifOp.write)
             elif op == BlkifOp.indirect:
                 ind = BlkifRequestIndirect.from_buffer_copy(req)
                 if ind.indirect_op not in (BlkifOp.read, BlkifOp.write):
                     raise _BadRequest(f"indirect operation {ind.indirect_op}")
-                self._rw(ind.sector_number, self._indirect_segments(ind),
+                self._rw(q, ind.sector_number, self._indirect_segments(q, ind),
                          write=ind.indirect_op == BlkifOp.write)
             elif op == BlkifOp.flush_diskcache:
-                self._flush(req)
+                self._flush(q, req)
             elif op == BlkifOp.discard:
-                self._discard(BlkifRequestDiscard.from_buffer_copy(req))
+                self._discard(q, BlkifRequestDiscard.from_buffer_copy(req))
             else:
-                self.stats["error"] += 1
+                stats["error"] += 1
                 return BlkifStatus.eopnotsupp
         except (_BadRequest, GrantError) as e:
             log.info("%s of domain %d: request %#x refused: %s", self.name, self.domid, req.id, e)
-            self.stats["error"] += 1
+            stats["error"] += 1
             return BlkifStatus.error
         except OSError as e:
             log.warning("%s of domain %d: I/O error on %s: %s", self.name, self.domid,
                         self.image.path, e.strerror)
-            self.stats["error"] += 1
+            stats["error"] += 1
             return BlkifStatus.error
         return BlkifStatus.okay
 
@@ -295,7 +375,7 @@ class BlockBackend(XenbusBackend):
             raise _BadRequest(f"{n} segments")
         return [(s.gref, s.first_sect, s.last_sect, 0) for s in req.seg[:n]]
 
-    def _indirect_segments(self, req: BlkifRequestIndirect) -> list:
+    def _indirect_segments(self, q: _BlkQueue, req: BlkifRequestIndirect) -> list:
         """The segment list from the request's indirect pages (copied out:
         the guest may rewrite them while we work)."""
         n = req.nr_segments
@@ -307,39 +387,43 @@ class BlockBackend(XenbusBackend):
         for i in range(pages):
             count = min(n - i * BLKIF_SEGMENTS_PER_INDIRECT_PAGE, BLKIF_SEGMENTS_PER_INDIRECT_PAGE)
             gref = req.indirect_grefs[i]
-            m = self._persistent_map(gref) if self.persistent else None
+            m = self._persistent_map(q, gref) if self.persistent else None
             if m is not None:
                 raw += m.view[:count * _SEGMENT_SIZE]
             else:
                 raw += self.host.gnttab.copy_from_guest(gref, 0, count * _SEGMENT_SIZE, BACKEND_DOMID)
         return list(BLKIF_SEGMENT_STRUCT.iter_unpack(raw))
 
-    def _persistent_iov(self, segments: list) -> list | None:
+    @staticmethod
+    def _persistent_iov(q: _BlkQueue, segments: list) -> list | None:
         """The iovec list when every segment's grant is already mapped
-        persistently (a frontend's steady state: one dictionary look-up and a
-        slice per segment, ~1/4 of the general path's Python); else None."""
-        views, sector = self._persistent_views, BLKIF_SECTOR_SIZE
+        persistently on this queue (a frontend's steady state: one dictionary
+        look-up and a slice per segment, ~1/4 of the general path's Python);
+        else None."""
+        views, sector = q.persistent_views, BLKIF_SECTOR_SIZE
         try:
             return [views[g][f * sector:(last + 1) * sector] for g, f, last, _ in segments]
         except KeyError:
             return None
 
-    def _persistent_map(self, gref: int):
-        """The device-lifetime writable mapping of gref, made on first use;
-        None when the pool is full or the grant cannot be mapped writable
-        (the caller maps it for this request, which reports any error)."""
-        m = self._persistent.get(gref)
-        if m is None and len(self._persistent) < MAX_PERSISTENT_GRANTS:
+    def _persistent_map(self, q: _BlkQueue, gref: int):
+        """The connection-lifetime writable mapping of gref on this queue,
+        made on first use; None when the queue's pool is full or the grant
+        cannot be mapped writable (the caller maps it for this request,
+        which reports any error)."""
+        pool = q.persistent
+        m = pool.get(gref)
+        if m is None and len(pool) < MAX_PERSISTENT_GRANTS:
             try:
                 m = self.host.gnttab.map(gref, BACKEND_DOMID, readonly=False)
             except GrantError:
                 return None
-            self._persistent[gref] = m
-            self._persistent_views[gref] = m.view
-            self.stats["persistent_maps"] = self.stats.get("persistent_maps", 0) + 1
+            pool[gref] = m
+            q.persistent_views[gref] = m.view
+            q.stats["persistent_maps"] += 1
         return m
 
-    def _rw(self, sector_number: int, segments: list, write: bool) -> None:
+    def _rw(self, q: _BlkQueue, sector_number: int, segments: list, write: bool) -> None:
         """segments: (gref, first_sect, last_sect, pad) tuples."""
         if write and self.image.readonly:
             raise _BadRequest("write to a read-only disk")
@@ -354,11 +438,11 @@ class BlockBackend(XenbusBackend):
         # a read fills guest pages: map them writable; a write only reads them
         maps, iov = [], []          # maps: this request's own, unmapped at its end
         try:
-            iov = self._persistent_iov(segments) if self.persistent else None
+            iov = self._persistent_iov(q, segments) if self.persistent else None
             if iov is None:
                 iov = []
                 for gref, first, last, _ in segments:
-                    m = self._persistent_map(gref) if self.persistent else None
+                    m = self._persistent_map(q, gref) if self.persistent else None
                     if m is None:
                         m = gnttab.map(gref, BACKEND_DOMID, readonly=write)
                         maps.append(m)
@@ -376,18 +460,18 @@ class BlockBackend(XenbusBackend):
                 v.release()
             for m in maps:
                 gnttab.unmap(m)
-        self.stats["write" if write else "read"] += 1
-        self.stats["bytes_written" if write else "bytes_read"] += total
+        q.stats["write" if write else "read"] += 1
+        q.stats["bytes_written" if write else "bytes_read"] += total
         if self.limiter is not None:
             self.limiter.consume(total)
 
-    def _flush(self, req: BlkifRequest) -> None:
+    def _flush(self, q: _BlkQueue, req: BlkifRequest) -> None:
         os.fdatasync(self.image.fd)
-        self.stats["flush"] += 1
+        q.stats["flush"] += 1
         if self.limiter is not None:
             self.limiter.consume(0)          # an operation, no bytes
 
-    def _discard(self, req: BlkifRequestDiscard) -> None:
+    def _discard(self, q: _BlkQueue, req: BlkifRequestDiscard) -> None:
         if self.image.readonly:
             raise _BadRequest("discard on a read-only disk")
         self._check_range(req.sector_number, req.nr_sectors)
@@ -395,7 +479,7 @@ class BlockBackend(XenbusBackend):
             return                  # a block device: discard is only a hint
         _punch_hole(self.image.fd, req.sector_number * BLKIF_SECTOR_SIZE,
                     req.nr_sectors * BLKIF_SECTOR_SIZE)
-        self.stats["discard"] += 1
+        q.stats["discard"] += 1
 
 
 def _skip(iov: list[memoryview], n: int) -> list[memoryview]:

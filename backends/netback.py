@@ -47,6 +47,23 @@ virtio_net_hdr lies (GSO size 0, hdr_len past the frame, a checksum place
 outside the frame or not where its headers say, an unknown GSO type) or
 that the guest did not ask for is dropped and counted (stats), never
 delivered; the queue towards the guest is bounded in frames and bytes.
+
+Multiple queues (multi-queue-max-queues: the guest's vCPUs, at most
+xenbus.MAX_QUEUES): a frontend asking for N > 1 gives queue-K/tx-ring-ref,
+rx-ring-ref and event-channel per queue (split event channels are not
+offered).  Each queue has its own rings, port, worker thread and bounded
+queue of frames towards the guest (RX_QUEUE_MAX frames, RX_QUEUE_BYTES
+per queue, as Linux's netback bounds each queue).  What the guest sends on
+a queue goes to the link from that queue's worker (one writev per frame,
+so frames from different queues never interleave); a frame from the link
+goes to the queue its flow hashes to (flow_queue: IP addresses, protocol
+and TCP/UDP ports, so one flow stays in order on one queue, as Linux's
+netback picks a queue by the skb's flow hash; anything else to queue 0).
+Refused, ending the device: num-queues 0, above the maximum or not a
+number, a queue's key missing or not a number, a ring page named twice
+(two queues, or a queue's tx and rx), an event channel named for two
+queues, and a bogus ring index on any queue (Linux's netback disables the
+whole vif for it too).
 """
 from __future__ import annotations
 
@@ -59,6 +76,7 @@ import select
 import socket
 import struct
 import threading
+import zlib
 
 from pyvmm.xen_abi.abi import (
     NETIF_RX_ENTRY_SIZE,
@@ -100,12 +118,13 @@ from pyvmm.xen_abi.abi import (
 from pyvmm.xen_abi.hypervisor.evtchn import BACKEND_DOMID
 from pyvmm.xen_abi.hypervisor.grant_table import GrantError
 
-from .xenbus import BackRing, ProtocolError, XenbusBackend
+from .xenbus import (BackendQueue, BackRing, ProtocolError, XenbusBackend, check_distinct, default_max_queues,
+                     queue_dir, read_num_queues)
 
 log = logging.getLogger(__name__)
 
 __all__ = ["NetBackend", "TapDevice", "SocketLink", "NetError", "BadHeaders", "default_mac", "parse_mac",
-           "locate_checksum", "fill_blank_checksum"]
+           "locate_checksum", "fill_blank_checksum", "flow_queue"]
 
 # A packet may use at most this many transmit slots (XEN_NETBK_LEGACY_SLOTS_MAX).
 MAX_TX_SLOTS = 18
@@ -432,6 +451,32 @@ def fill_blank_checksum(frame: bytearray) -> bool:
     return True
 
 
+def flow_queue(frame, n: int) -> int:
+    """The queue (0..n-1) a frame from the link goes to: a hash of its flow
+    (IP addresses and protocol, with TCP/UDP ports when it is not a
+    fragment), so a flow stays on one queue; a frame that is not IP (ARP,
+    ...) goes to queue 0."""
+    if n <= 1 or len(frame) < _ETH_HLEN:
+        return 0
+    l3, ethertype = _ETH_HLEN, (frame[12] << 8) | frame[13]
+    if ethertype == _ETH_P_8021Q and len(frame) >= 18:
+        l3, ethertype = 18, (frame[16] << 8) | frame[17]
+    if ethertype == _ETH_P_IP and len(frame) >= l3 + 20:
+        proto = frame[l3 + 9]
+        key = bytes(frame[l3 + 12:l3 + 20]) + bytes((proto,))
+        l4 = l3 + (frame[l3] & 0xF) * 4
+        fragment = ((frame[l3 + 6] << 8) | frame[l3 + 7]) & 0x3FFF
+    elif ethertype == _ETH_P_IPV6 and len(frame) >= l3 + 40:
+        proto = frame[l3 + 6]
+        key = bytes(frame[l3 + 8:l3 + 40]) + bytes((proto,))
+        l4, fragment = l3 + 40, 0
+    else:
+        return 0
+    if proto in (_IPPROTO_TCP, _IPPROTO_UDP) and not fragment and len(frame) >= l4 + 4:
+        key += bytes(frame[l4:l4 + 4])
+    return zlib.crc32(key) % n
+
+
 # ---------------------------------------------------------------- the back-end
 class _DropPacket(Exception):
     """This packet is refused (NETIF_RSP_ERROR); the device goes on."""
@@ -445,31 +490,45 @@ def _flag(read, key: str) -> bool:
         return False
 
 
+class _NetQueue(BackendQueue):
+    """One queue of a vif: its transmit and receive rings (served by one
+    thread) and the frames from the link waiting for its receive buffers
+    (filled by the link's reader, taken by the queue's thread: `lock`)."""
+
+    def __init__(self, index: int, tx: BackRing, rx: BackRing):
+        super().__init__(index)
+        self.tx, self.rx = tx, rx
+        # (frame data, NETRXF_* flags, GSO extra slot or None) per queued frame
+        self.rx_queue: collections.deque[tuple] = collections.deque()
+        self.rx_queued_bytes = 0
+        self.lock = threading.Lock()
+
+
 class NetBackend(XenbusBackend):
     """Network interface `index` (vif<domid>.<index>, the guest's eth<index>)
-    connected to `link` (TapDevice or SocketLink; the caller closes it)."""
+    connected to `link` (TapDevice or SocketLink; the caller closes it).
+    `max_queues`: what multi-queue-max-queues offers (default: the guest's
+    vCPUs, at most xenbus.MAX_QUEUES)."""
 
     kind = "vif"
 
-    def __init__(self, host, index: int, link, mac: str, tx_limiter=None, rx_limiter=None):
+    def __init__(self, host, index: int, link, mac: str, tx_limiter=None, rx_limiter=None,
+                 max_queues: int | None = None):
         self.link = link
         self.vnet = bool(getattr(link, "vnet_hdr", False))
         self.mac = parse_mac(mac)
         # ratelimit.RateLimiter each, or None: from the guest, and to it
         self.tx_limiter, self.rx_limiter = tx_limiter, rx_limiter
         self.limiters = {k: v for k, v in (("transmit", tx_limiter), ("receive", rx_limiter)) if v is not None}
-        self.tx: BackRing | None = None
-        self.rx: BackRing | None = None
-        # (frame data, NETRXF_* flags, GSO extra slot or None) per queued frame
-        self.rx_queue: collections.deque[tuple] = collections.deque()
-        self._rx_queued_bytes = 0
-        self._rx_lock = threading.Lock()
+        self.max_queues = default_max_queues(host) if max_queues is None else max(1, int(max_queues))
+        # the link reader's own counters (drops before a frame has a queue)
+        self._link_lock = threading.Lock()
         self._reader: threading.Thread | None = None
         self._stop_r = self._stop_w = -1
         # what the frontend can receive (its own feature keys, read at connect)
         self.rx_csum4 = self.rx_csum6 = False
         self.rx_gso: frozenset[int] = frozenset()       # VIRTIO_NET_HDR_GSO_* it takes
-        self.stats = collections.Counter()
+        self._device_stats = collections.Counter()
         super().__init__(host, index, name=f"vif{index}",
                          frontend={"handle": index, "mac": self.mac})
 
@@ -478,7 +537,8 @@ class NetBackend(XenbusBackend):
         offloads = getattr(self.link, "offloads", frozenset())
         return {"handle": self.devid, "mac": self.mac, "feature-rx-copy": 1, "feature-rx-flip": 0,
                 "feature-sg": 1, "feature-ipv6-csum-offload": 1,
-                "feature-gso-tcpv4": int("tso4" in offloads), "feature-gso-tcpv6": int("tso6" in offloads)}
+                "feature-gso-tcpv4": int("tso4" in offloads), "feature-gso-tcpv6": int("tso6" in offloads),
+                "multi-queue-max-queues": self.max_queues}
 
     def connect(self, read) -> dict:
         try:
@@ -487,15 +547,29 @@ class NetBackend(XenbusBackend):
             copy = "0"
         if copy != "1":
             raise ProtocolError("the frontend wants page flipping; only rx-copy is offered")
-        try:
-            tx_ref, rx_ref = int(read("tx-ring-ref")), int(read("rx-ring-ref"))
-            port = int(read("event-channel"))
-        except ValueError as e:
-            raise ProtocolError(f"bad ring reference or event channel: {e}") from None
+        n = read_num_queues(read, self.max_queues)
+        keys = []           # (tx-ring-ref, rx-ring-ref, event-channel) per queue, all read first
+        for i in range(n):
+            d = queue_dir(i, n)
+            try:
+                keys.append((int(read(f"{d}tx-ring-ref")), int(read(f"{d}rx-ring-ref")),
+                             int(read(f"{d}event-channel"))))
+            except ValueError as e:
+                raise ProtocolError(f"bad {d} ring reference or event channel: {e}") from None
+        if n > 1:           # (one queue: as before, the frontend's own business)
+            check_distinct({"ring-ref": [r for k in keys for r in k[:2]], "event-channel": [k[2] for k in keys]})
         self._read_receive_features(read)
-        self.tx = BackRing(self.map_grant(tx_ref), NETIF_TX_ENTRY_SIZE, NetifTxRequest, NetifTxResponse)
-        self.rx = BackRing(self.map_grant(rx_ref), NETIF_RX_ENTRY_SIZE, NetifRxRequest, NetifRxResponse)
-        self.bind_event_channel(port)
+        queues = []
+        for i, (tx_ref, rx_ref, port) in enumerate(keys):
+            q = _NetQueue(i, BackRing(self.map_grant(tx_ref), NETIF_TX_ENTRY_SIZE, NetifTxRequest, NetifTxResponse),
+                          BackRing(self.map_grant(rx_ref), NETIF_RX_ENTRY_SIZE, NetifRxRequest, NetifRxResponse))
+            if n > 1:
+                w = self.new_queue_worker(q, lambda q=q: self._serve_queue(q))
+                q.port = self.bind_event_channel(port, w.kick)
+            else:
+                q.port = self.bind_event_channel(port)
+            queues.append(q)
+        self.queues = queues
         self._start_reader()
         return {}
 
@@ -530,18 +604,42 @@ class NetBackend(XenbusBackend):
 
     def disconnect(self) -> None:
         self._stop_reader()
-        self.tx = self.rx = None
         self._set_link_offload(0)
-        with self._rx_lock:
-            self.rx_queue.clear()
-            self._rx_queued_bytes = 0
+        self.drop_queued_frames()
+
+    def drop_queued_frames(self) -> None:
+        """Forget every frame waiting for a receive buffer."""
+        for q in list(self.queues):
+            with q.lock:
+                q.rx_queue.clear()
+                q.rx_queued_bytes = 0
 
     def close(self) -> None:
         super().close()
         self._stop_reader()
 
+    @property
+    def tx(self) -> BackRing | None:
+        """The first queue's transmit ring (the only one with one queue)."""
+        queues = self.queues
+        return queues[0].tx if queues else None
+
+    @property
+    def rx(self) -> BackRing | None:
+        queues = self.queues
+        return queues[0].rx if queues else None
+
+    @property
+    def rx_queue(self) -> collections.deque:
+        """Frames waiting for the first queue's receive buffers."""
+        queues = self.queues
+        return queues[0].rx_queue if queues else collections.deque()
+
     def rings(self) -> dict:
-        return {k: r for k, r in (("tx", self.tx), ("rx", self.rx)) if r is not None}
+        queues = list(self.queues)
+        if len(queues) == 1:
+            return {"tx": queues[0].tx, "rx": queues[0].rx}
+        return {f"{k}{q.index}": r for q in queues for k, r in (("tx", q.tx), ("rx", q.rx))}
 
     # ---- packets from the link ----
     def _start_reader(self) -> None:
@@ -581,26 +679,40 @@ class NetBackend(XenbusBackend):
     def queue_frames(self, frames) -> int:
         """Queue frames as read from the link for the guest (any thread):
         each is checked and its offload information turned into netif's,
-        what the guest cannot take is dropped and counted.  How many queued."""
-        entries = []
-        for frame in frames:
-            entry = self._rx_entry(frame) if self.vnet else (frame, 0, None)
-            if entry is not None:
-                entries.append(entry)
-        queued = 0
-        with self._rx_lock:
+        what the guest cannot take is dropped and counted, the rest goes to
+        its flow's queue (whose worker is woken when there are several; with
+        one the caller kicks the device).  How many queued."""
+        queues = self.queues
+        if not queues:
+            return 0
+        n = len(queues)
+        with self._link_lock:          # the device's own counters: one writer at a time
+            entries = []
+            for frame in frames:
+                entry = self._rx_entry(frame) if self.vnet else (frame, 0, None)
+                if entry is not None:
+                    entries.append(entry)
+            queued, woken = 0, set()
             for entry in entries:
+                q = queues[flow_queue(entry[0], n)]
                 size = len(entry[0])
-                if len(self.rx_queue) >= RX_QUEUE_MAX or self._rx_queued_bytes + size > RX_QUEUE_BYTES:
-                    self.stats["rx_dropped_queue_full"] += 1
+                with q.lock:
+                    full = len(q.rx_queue) >= RX_QUEUE_MAX or q.rx_queued_bytes + size > RX_QUEUE_BYTES
+                    if not full:
+                        q.rx_queue.append(entry)
+                        q.rx_queued_bytes += size
+                if full:
+                    self._device_stats["rx_dropped_queue_full"] += 1
                 else:
-                    self.rx_queue.append(entry)
-                    self._rx_queued_bytes += size
                     queued += 1
+                    woken.add(q)
+        for q in woken:
+            if q.worker is not None:
+                q.worker.kick()
         return queued
 
     def _rx_drop(self, why: str, counter: str = "rx_dropped_bad_vnet_hdr") -> None:
-        self.stats[counter] += 1
+        self._device_stats[counter] += 1
         log.debug("%s of domain %d: frame from the link dropped: %s", self.name, self.domid, why)
 
     def _rx_entry(self, raw: bytes):
@@ -665,16 +777,24 @@ class NetBackend(XenbusBackend):
 
     # ---- the rings (worker thread) ----
     def process(self) -> None:
-        while self.tx is not None:
-            held = self._transmit()
-            rx_held, waiting = self._receive()
+        """The device's worker: serves the rings when there is one queue
+        (with several, each queue's worker runs _serve_queue)."""
+        queues = self.queues
+        if len(queues) == 1:
+            self._serve_queue(queues[0])
+
+    def _serve_queue(self, q: _NetQueue) -> None:
+        """One queue's rings, by the one thread serving that queue."""
+        while not (q.worker is not None and q.worker.stopping):
+            held = self._transmit(q)
+            rx_held, waiting = self._receive(q)
             if held or rx_held:          # a rate limit: retry_later() brings us back
                 return
-            more = self.tx.final_check()
+            more = q.tx.final_check()
             if waiting:
                 # ask to hear of new receive buffers; look again only if the
                 # waiting frame now fits (else we would spin until it does)
-                more |= self.rx.final_check() and self.rx.unconsumed() >= waiting
+                more |= q.rx.final_check() and q.rx.unconsumed() >= waiting
             if not more:
                 return
 
@@ -711,13 +831,13 @@ class NetBackend(XenbusBackend):
             raise ProtocolError(f"bad GSO type {e.gso_type}")
         return _XEN_TO_GSO[e.gso_type], e.size
 
-    def _transmit(self) -> bool:
-        """Send what the guest queued; True if a rate limit held some back."""
-        tx, held = self.tx, False
+    def _transmit(self, q: _NetQueue) -> bool:
+        """Send what the guest queued on one queue; True if a rate limit held some back."""
+        tx, held, stats = q.tx, False, q.stats
         while tx.unconsumed():
             wait = self.tx_limiter.wait() if self.tx_limiter is not None else 0
             if wait:                     # over the rate: the packets wait on the ring
-                self.retry_later(wait)
+                self.retry_queue_later(q, wait)
                 held = True
                 break
             first = tx.take_request()
@@ -742,22 +862,22 @@ class NetBackend(XenbusBackend):
                 size = self._send_packet(slots, gso)
             except (_DropPacket, GrantError) as e:
                 log.info("%s of domain %d: transmit dropped: %s", self.name, self.domid, e)
-                self.stats["tx_errors"] += 1
+                stats["tx_errors"] += 1
                 responses = [(i, NetifStatus.error if s == NetifStatus.okay else s) for i, s in responses]
             except OSError as e:   # the link refused it (down, closed, too big): drop it
-                self.stats["tx_link_errors"] += 1
+                stats["tx_link_errors"] += 1
                 log.info("%s of domain %d: link refused a frame: %s", self.name, self.domid, e)
             else:
-                self.stats["tx_packets"] += 1
-                self.stats["tx_bytes"] += size
+                stats["tx_packets"] += 1
+                stats["tx_bytes"] += size
                 if gso is not None:
-                    self.stats["tx_gso_packets"] += 1
+                    stats["tx_gso_packets"] += 1
                 if self.tx_limiter is not None:
                     self.tx_limiter.consume(size)
             for rid, status in responses:
                 tx.put_response(NetifTxResponse(id=rid or 0, status=status))
         if tx.push_responses():
-            self.notify_frontend()
+            q.notify()
         return held
 
     @staticmethod
@@ -856,40 +976,40 @@ class NetBackend(XenbusBackend):
                     pass
         return total
 
-    def _receive(self) -> tuple[bool, int]:
+    def _receive(self, q: _NetQueue) -> tuple[bool, int]:
         """Deliver queued frames while buffers last: whether a rate limit held
         some back, and the buffers the next queued frame waits for (0: none).
         A frame is spread over receive buffers a page each; with a GSO extra
         (NETRXF_extra_info on its first slot) the second slot carries the
         netif_extra_info, as Xen's netback lays it out (xenvif_rx_skb)."""
-        rx = self.rx
+        rx, stats, rx_queue = q.rx, q.stats, q.rx_queue
         gnttab = self.host.gnttab
         delivered = waiting = 0
         held = False
         while True:
-            with self._rx_lock:
-                queued = bool(self.rx_queue)
+            with q.lock:
+                queued = bool(rx_queue)
             wait = self.rx_limiter.wait() if queued and self.rx_limiter is not None else 0
             if wait:                     # over the rate: frames wait in rx_queue (bounded)
-                self.retry_later(wait)
+                self.retry_queue_later(q, wait)
                 held = True
                 break
-            with self._rx_lock:
-                if not self.rx_queue:
+            with q.lock:
+                if not rx_queue:
                     break
-                frame, flags, extra = self.rx_queue[0]
+                frame, flags, extra = rx_queue[0]
                 pages = max(1, -(-len(frame) // PAGE_SIZE))
                 if pages > MAX_RX_SLOTS:
-                    self.rx_queue.popleft()
-                    self._rx_queued_bytes -= len(frame)
-                    self.stats["rx_dropped_too_big"] += 1
+                    rx_queue.popleft()
+                    q.rx_queued_bytes -= len(frame)
+                    stats["rx_dropped_too_big"] += 1
                     continue
                 need = pages + (extra is not None)
                 if rx.unconsumed() < need:
                     waiting = need           # wait for the guest to post buffers
                     break
-                self.rx_queue.popleft()
-                self._rx_queued_bytes -= len(frame)
+                rx_queue.popleft()
+                q.rx_queued_bytes -= len(frame)
             if extra is not None:
                 flags |= NETRXF_extra_info
             for i in range(pages):
@@ -908,12 +1028,12 @@ class NetBackend(XenbusBackend):
                     rx.take_request()        # the extra-info takes a buffer's slot, not its page
                     rx.put_response(NetifExtraGso.from_buffer_copy(extra))
             delivered += 1
-            self.stats["rx_packets"] += 1
-            self.stats["rx_bytes"] += len(frame)
+            stats["rx_packets"] += 1
+            stats["rx_bytes"] += len(frame)
             if extra is not None:
-                self.stats["rx_gso_packets"] += 1
+                stats["rx_gso_packets"] += 1
             if self.rx_limiter is not None:
                 self.rx_limiter.consume(len(frame))
         if delivered and rx.push_responses():
-            self.notify_frontend()
+            q.notify()
         return held, waiting

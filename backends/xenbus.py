@@ -13,15 +13,35 @@ Linux's xenbus back-end core does:
   that starts again (module reload, kexec) finds the back-end in InitWait;
 * one worker thread per device, woken by the frontend's event channel and
   by state changes, so a slow disk never holds up the console or xenstore;
+* multi-queue devices (``multi-queue-max-queues``): a frontend that asks
+  for N > 1 queues gets N `QueueWorker` threads, each woken by its own
+  queue's event channel and serving only its own queue's rings (see
+  "Locking" below); a device with one queue keeps the single worker;
 * a guest that breaks the protocol (a wild grant, a ring index out of
   range, a missing key) loses that device, with the reason in the
   backend's ``error`` node and the log; pyvmm and other devices go on.
 
 A new back-end implements `connect`, `process` and `disconnect` (and
 usually `features`); see backends/blkback.py.
+
+Locking.  The device's worker thread runs the handshake (`connect`,
+`disconnect`) and, with one queue, `process`; nothing else touches the
+rings, so they need no lock.  With N queues each `QueueWorker` owns its
+queue (`BackendQueue`: rings, port, counters) and nothing else: no two
+threads ever touch one ring, and a queue's counters are written by its
+worker only (`stats` sums them when read).  What the queues share is
+either read-only while connected (the disk image's fd, the link, feature
+flags) or locked where it lives (grant table, event channels, a rate
+limiter).  Teardown runs on the device's worker (or in `close` after it
+stopped): it stops and joins every queue worker before `disconnect`
+unmaps anything, so no queue is served from a ring being unmapped.  A
+queue worker that meets a protocol error does not tear down itself: it
+reports to the device's worker (`_queue_failed`) and stops; the device's
+worker ends the whole device, as for a single queue.
 """
 from __future__ import annotations
 
+import collections
 import ctypes
 import logging
 import threading
@@ -39,7 +59,8 @@ from pyvmm.xen_abi.xenstore.toolstack import add_device
 
 log = logging.getLogger(__name__)
 
-__all__ = ["XenbusBackend", "BackRing", "ProtocolError", "BackendHost"]
+__all__ = ["XenbusBackend", "BackRing", "ProtocolError", "BackendHost", "BackendQueue", "QueueWorker",
+           "read_num_queues", "queue_dir", "check_distinct", "default_max_queues", "MAX_QUEUES"]
 
 _MASK32 = 0xFFFFFFFF
 
@@ -139,6 +160,141 @@ class BackRing:
         return self.unconsumed() > 0
 
 
+class BackendQueue:
+    """One queue of a connected device: its event channel (`port`), its
+    counters (`stats`, written only by the thread that serves the queue) and
+    its `worker` when the device has several queues.  Subclasses add the
+    rings and whatever else is per queue."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.port: BackendPort | None = None
+        self.worker: QueueWorker | None = None
+        self.stats: collections.Counter = collections.Counter()
+
+    def notify(self) -> None:
+        """Tell the frontend, on this queue's port, that responses are ready."""
+        if self.port is not None:
+            self.port.notify()
+
+
+#: The most queues a device offers (multi-queue-max-queues), whatever the
+#: vCPUs: Linux's blkfront uses at most 4 by default, and each queue here
+#: is a Python thread: past the host's few cores more only contend for the GIL.
+MAX_QUEUES = 4
+
+
+def default_max_queues(host) -> int:
+    """One queue per vCPU the guest may have (Xen's backends offer one per
+    host CPU; the guest uses at most one per vCPU), at most MAX_QUEUES."""
+    n = getattr(host, "nr_vcpus", None) or getattr(getattr(host, "evtchn", None), "nr_vcpus", 1)
+    return max(1, min(MAX_QUEUES, int(n or 1)))
+
+
+def check_distinct(columns: dict[str, list[int]]) -> None:
+    """No ring page or event channel named twice: `columns` maps a kind of
+    key ("ring-ref", "event-channel") to its value for each queue (a vif's
+    two rings per queue both in "ring-ref")."""
+    for name, values in columns.items():
+        seen: dict[int, int] = {}
+        for i, v in enumerate(values):
+            if v in seen:
+                raise ProtocolError(f"{name} {v} named twice (entries {seen[v]} and {i})")
+            seen[v] = i
+
+
+def read_num_queues(read, max_queues: int) -> int:
+    """The frontend's multi-queue-num-queues (1 when absent), as Linux's
+    blkback and netback read it; 0, above `max_queues` or not a number is
+    the frontend's error.  (Linux reads it with %u and a default: a value
+    that does not parse counts as absent there, and a multi-queue frontend
+    that wrote one then fails on the top-level keys it did not write; pyvmm
+    says what was wrong at once.)"""
+    try:
+        text = read("multi-queue-num-queues")
+    except ProtocolError:
+        return 1
+    try:
+        n = int(text.strip(), 10)
+    except ValueError:
+        raise ProtocolError(f"multi-queue-num-queues {text[:32]!r} is not a number") from None
+    if not 1 <= n <= max_queues:
+        raise ProtocolError(f"guest requested {n} queues, the valid range is 1 - {max_queues}")
+    return n
+
+
+def queue_dir(index: int, num_queues: int) -> str:
+    """Where a queue's keys are in the frontend's directory: the top level
+    with one queue, ``queue-N/`` with several (blkfront's
+    write_per_ring_nodes, netfront's write_queue_xenstore_keys)."""
+    return "" if num_queues == 1 else f"queue-{index}/"
+
+
+class QueueWorker:
+    """The thread serving one queue of a multi-queue device: woken by that
+    queue's event channel (`kick`) or its own retry timer, it runs
+    `serve()` and nothing else.  Created before the queue's port is bound
+    (a send before `start` is remembered), stopped and joined by the
+    device's teardown."""
+
+    def __init__(self, backend: "XenbusBackend", index: int, serve, stats):
+        self.backend, self.index, self.serve, self.stats = backend, index, serve, stats
+        self._cond = threading.Condition()
+        self._kicked = False
+        self._stopping = False
+        self._retry: threading.Timer | None = None
+        self.thread = threading.Thread(target=self._run, name=f"pyvmm-{backend.name}-q{index}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def kick(self) -> None:
+        with self._cond:
+            self._kicked = True
+            self._cond.notify()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def retry_later(self, seconds: float) -> None:
+        with self._cond:
+            if self._stopping or (self._retry is not None and self._retry.is_alive()):
+                return
+            self._retry = threading.Timer(seconds, self.kick)
+            self._retry.daemon = True
+            self._retry.start()
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify()
+            if self._retry is not None:
+                self._retry.cancel()
+        if self.thread.ident is not None and self.thread is not threading.current_thread():
+            self.thread.join(timeout=10)
+            if self.thread.is_alive():
+                log.warning("%s queue %d: worker still busy after 10 s", self.backend.name, self.index)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._kicked or self._stopping):
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                self._kicked = False
+            try:
+                self.backend._timed(self.serve, self.stats)
+            except (ProtocolError, GrantError) as e:
+                self.backend._queue_failed(f"queue {self.index}: {e}")
+                return
+            except Exception as e:          # a back-end bug: lose the device, not pyvmm
+                log.exception("%s queue %d: back-end failed", self.backend.name, self.index)
+                self.backend._queue_failed(f"internal error: {e}")
+                return
+
+
 class XenbusBackend:
     """Base class of an in-process back-end for one device of one guest.
 
@@ -152,6 +308,13 @@ class XenbusBackend:
       return keys to write before Connected;
     * `process()`: the frontend notified us (worker thread); serve the ring;
     * `disconnect()`: undo `connect` (also on errors and at close).
+
+    A multi-queue back-end keeps its queues in `queues` (BackendQueue
+    subclasses); with several, `connect` gives each a `QueueWorker` with
+    `new_queue_worker` and binds each queue's port to it, and the workers
+    start once connect returns.  `stats` is the sum of the device's own
+    counters (`_device_stats`), every queue's, and those of queues gone
+    with earlier connections.
     """
 
     kind = "device"
@@ -164,8 +327,15 @@ class XenbusBackend:
         self.name = name or f"{self.kind}-{devid}"
         self.connected = False
         self.failed: str | None = None
-        self._port: BackendPort | None = None
+        self._port: BackendPort | None = None       # the first (with one queue: the) port
+        self._ports: list[BackendPort] = []
         self._maps: list[GrantMapping] = []
+        self.queues: list[BackendQueue] = []
+        self._queue_workers: list[QueueWorker] = []
+        self._queue_failure: str | None = None
+        if not hasattr(self, "_device_stats"):
+            self._device_stats = collections.Counter()
+        self._retired_stats = collections.Counter()
         self._cond = threading.Condition()
         self._kicked = False
         self._state_seen = False
@@ -202,16 +372,18 @@ class XenbusBackend:
         parts = [f"{self.name}: backend {self.backend_state().name} frontend {self.frontend_state().name}"]
         if self.failed:
             parts.append(f"failed: {self.failed}")
-        port = self._port
-        if port is not None and port.guest_port is not None:
-            ev = self.host.evtchn
-            gp = port.guest_port
-            parts.append(f"port {gp} pending {int(ev.is_pending(gp))} masked {int(ev.is_masked(gp))}")
+        for port in list(self._ports):
+            if port.guest_port is not None:
+                ev = self.host.evtchn
+                gp = port.guest_port
+                parts.append(f"port {gp} pending {int(ev.is_pending(gp))} masked {int(ev.is_masked(gp))}")
         for name, ring in self.rings().items():
             parts.append(f"{name} ring: {ring.state()}")
-        stats = getattr(self, "stats", None)
+        stats = self.stats
         if stats:
             parts.append(", ".join(f"{k}={v}" for k, v in dict(stats).items()))
+        if len(self.queues) > 1:
+            parts.append(f"{len(self.queues)} queues")
         for what, limiter in getattr(self, "limiters", {}).items():
             parts.append(f"{what} limited to {limiter.describe()}")
         with self._cond:
@@ -225,16 +397,57 @@ class XenbusBackend:
         self._maps.append(m)
         return m.view
 
-    def bind_event_channel(self, guest_port: int) -> None:
-        """Bind to the frontend's unbound port; its sends wake the worker."""
+    @property
+    def stats(self) -> collections.Counter:
+        """The device's counters: its own, every queue's (each written by
+        one thread only), and those of earlier connections' queues."""
+        total = collections.Counter(self._device_stats)
+        total.update(self._retired_stats)
+        for q in list(self.queues):
+            total.update(q.stats)
+        return total
+
+    def bind_event_channel(self, guest_port: int, on_notify=None) -> BackendPort:
+        """Bind to the frontend's unbound port; its sends wake the worker
+        (or call `on_notify`: a queue worker's kick).  A port already bound,
+        e.g. named for two queues, is the frontend's error, as in Xen,
+        where the second EVTCHNOP_bind_interdomain fails."""
         try:
-            self._port = self.host.evtchn.backend_bind(guest_port, self.kick)
+            port = self.host.evtchn.backend_bind(guest_port, on_notify or self.kick)
         except HypercallError as e:         # the port the frontend named is not one
             raise ProtocolError(f"event channel {guest_port}: {e}") from None
+        self._ports.append(port)
+        if self._port is None:
+            self._port = port
+        return port
+
+    def new_queue_worker(self, queue: BackendQueue, serve) -> QueueWorker:
+        """A worker for one queue of several (called from `connect`): it
+        runs `serve()` when the queue's port fires; started when connect
+        returns, stopped at teardown."""
+        w = QueueWorker(self, queue.index, serve, queue.stats)
+        queue.worker = w
+        self._queue_workers.append(w)
+        return w
 
     def notify_frontend(self) -> None:
         if self._port is not None:
             self._port.notify()
+
+    def _queue_failed(self, why: str) -> None:
+        """A queue worker met a protocol error (its thread): the device's
+        worker ends the device."""
+        with self._cond:
+            if self._queue_failure is None:
+                self._queue_failure = why
+            self._cond.notify()
+
+    def retry_queue_later(self, queue: BackendQueue, seconds: float) -> None:
+        """`retry_later` for one queue: its own worker's timer with several."""
+        if queue.worker is not None:
+            queue.worker.retry_later(seconds)
+        else:
+            self.retry_later(seconds)
 
     def kick(self) -> None:
         """The frontend sent on our channel (any thread): run process() soon."""
@@ -287,13 +500,17 @@ class XenbusBackend:
     def _worker(self) -> None:
         while True:
             with self._cond:
-                while not (self._kicked or self._state_seen or self._closing):
+                while not (self._kicked or self._state_seen or self._closing
+                           or self._queue_failure is not None):
                     self._cond.wait()
                 if self._closing:
                     return
                 state_changed, self._state_seen = self._state_seen, False
                 kicked, self._kicked = self._kicked, False
+                queue_failure, self._queue_failure = self._queue_failure, None
             try:
+                if queue_failure is not None and self.connected:
+                    self._fail(queue_failure)
                 if state_changed:
                     self._frontend_changed()
                 if kicked and self.connected:
@@ -307,17 +524,23 @@ class XenbusBackend:
     def _timed_process(self) -> None:
         """process(), with what it cost in the back-end's stats (the I/O cost
         model: wake-ups, wall and CPU time; wall minus CPU is I/O and waits
-        for the GIL)."""
+        for the GIL): the first queue's counters, as only this thread
+        serves it."""
+        queues = self.queues
+        if len(queues) > 1:
+            return          # each queue's worker serves, and counts, its own queue
+        self._timed(self.process, queues[0].stats if queues else self._device_stats)
+
+    @staticmethod
+    def _timed(fn, stats) -> None:
         wall, cpu = time.perf_counter_ns(), time.thread_time_ns()
         try:
-            self.process()
+            fn()
         finally:
-            stats = getattr(self, "stats", None)
-            if stats is not None:
-                for key, n in (("worker_runs", 1),
-                               ("worker_wall_us", (time.perf_counter_ns() - wall) // 1000),
-                               ("worker_cpu_us", (time.thread_time_ns() - cpu) // 1000)):
-                    stats[key] = stats.get(key, 0) + n
+            for key, n in (("worker_runs", 1),
+                           ("worker_wall_us", (time.perf_counter_ns() - wall) // 1000),
+                           ("worker_cpu_us", (time.thread_time_ns() - cpu) // 1000)):
+                stats[key] = stats.get(key, 0) + n
 
     def _frontend_changed(self) -> None:
         fe = self.frontend_state()
@@ -326,9 +549,13 @@ class XenbusBackend:
             if not self.connected and self.failed is None and be == XenbusState.InitWait:
                 self._write_backend(self.connect(self._read_frontend))
                 self.connected = True
+                for w in self._queue_workers:
+                    w.start()
+                    w.kick()                # requests queued before we bound
                 self._set_state(XenbusState.Connected)
-                log.info("%s of domain %d connected", self.name, self.domid)
-                self.kick()                 # requests queued before we bound
+                log.info("%s of domain %d connected%s", self.name, self.domid,
+                         f", {len(self.queues)} queues" if len(self.queues) > 1 else "")
+                self.kick()
         elif fe == XenbusState.Closing:
             self._teardown()
             self._set_state(XenbusState.Closing)
@@ -343,12 +570,22 @@ class XenbusBackend:
         was = self.connected
         self.connected = False
         try:
+            # no queue is served past this point: then rings may go
+            workers, self._queue_workers = self._queue_workers, []
+            for w in workers:
+                w.stop()
+            with self._cond:
+                self._queue_failure = None
             if was:
                 self.disconnect()
         finally:
-            if self._port is not None:
-                self._port.close()
-                self._port = None
+            queues, self.queues = self.queues, []
+            for q in queues:
+                self._retired_stats.update(q.stats)
+            ports, self._ports = self._ports, []
+            self._port = None
+            for port in ports:
+                port.close()
             for m in self._maps:
                 try:
                     self.host.gnttab.unmap(m)

@@ -2,6 +2,7 @@
 back-ends, next to the host doing the same transfer itself.
 
     python bench/devices.py [--size-mb 64] [--no-net] [--no-disk] [--json] [--profile]
+                            [--vcpus N] [--max-queues M]
 
 Boots the default guest (in process, Domain API) with one disk, a raw image
 of --size-mb random bytes in a temporary directory, and, when this runs as
@@ -19,6 +20,16 @@ resolution, so sizes that take seconds):
                   disk from its RAM (/tmp/www/blob), the host wgets it from the
                   namespace (timed on the host; httpd sends with sendfile, so
                   the guest's kernel, not a 1 KiB-buffer tool, sets the pace)
+
+With --vcpus N (N > 1) the guest has N vCPUs, so its xen-blkfront and
+xen-netfront negotiate up to N queues (--max-queues caps what the back-ends
+offer: --max-queues 1 is the single-queue comparison), and two more disk
+rows read the disk with O_DIRECT (no guest page cache): one reader, and N
+readers at once, each pinned to its own vCPU (so on its own queue) and
+reading its share:
+
+    direct, 1 reader     dd if=/dev/xvda of=/dev/null bs=1M iflag=direct
+    direct, N readers    taskset <cpu> dd ... count=size/N skip=k*size/N iflag=direct &  (x N); wait
 
 Baselines, run side by side on the host: the same dd commands on the image
 file (page cache warm, as the guest's read is), and wget of the same URL
@@ -170,7 +181,7 @@ class CostMeter:
 
 
 def run(size_mb: int, with_net: bool, extra_cmdline: str = "", with_disk: bool = True,
-        profile: bool = False) -> dict:
+        profile: bool = False, vcpus: int = 1, max_queues: int | None = None) -> dict:
     from pyvmm.backends.blkback import BlockBackend, DiskImage
     from pyvmm.backends.netback import NetBackend
     from pyvmm.guests.default import build_default_guest
@@ -178,7 +189,7 @@ def run(size_mb: int, with_net: bool, extra_cmdline: str = "", with_disk: bool =
 
     g = build_default_guest(progress=True)
     work = Path(tempfile.mkdtemp(prefix="pyvmm-bench-"))
-    results: dict = {"size_mb": size_mb}
+    results: dict = {"size_mb": size_mb, "vcpus": vcpus, "max_queues": max_queues}
     ns = None
     try:
         img = work / "disk.img"
@@ -195,10 +206,10 @@ def run(size_mb: int, with_net: bool, extra_cmdline: str = "", with_disk: bool =
             ns = Namespace(work)
             tap = ns.open_tap()
         with Domain(str(g.kernel), ram_size=256 << 20, cmdline=" ".join(filter(None, (g.cmdline, extra_cmdline))),
-                    initrd=g.initrd.read_bytes()) as dom:
-            dom.attach(BlockBackend(dom, 0, image))
+                    initrd=g.initrd.read_bytes(), nr_vcpus=vcpus) as dom:
+            dom.attach(BlockBackend(dom, 0, image, max_queues=max_queues))
             if tap is not None:
-                dom.attach(NetBackend(dom, 0, tap, "00:16:3e:00:0b:01"))
+                dom.attach(NetBackend(dom, 0, tap, "00:16:3e:00:0b:01", max_queues=max_queues))
             box: dict = {}
             th = threading.Thread(target=lambda: box.setdefault("r", dom.run(timeout=None)), daemon=True)
             say("booting the default guest")
@@ -236,6 +247,13 @@ def run(size_mb: int, with_net: bool, extra_cmdline: str = "", with_disk: bool =
                 timed("disk_reread", "dd if=/dev/xvda of=/dev/null bs=1M 2>/dev/null")
                 costs["disk_reread_0"] = costs["disk_read_0"]
                 results["disk_reread_0_guest_s"] = results["disk_read_0_guest_s"]
+                if vcpus > 1:
+                    share = size_mb // vcpus
+                    timed("disk_read_direct", "dd if=/dev/xvda of=/dev/null bs=1M iflag=direct 2>/dev/null")
+                    timed("disk_read_parallel", " ".join(
+                        f"taskset {1 << c} dd if=/dev/xvda of=/dev/null bs=1M count={share} skip={c * share} "
+                        f"iflag=direct 2>/dev/null &" for c in range(vcpus)) + " wait")
+                    results["queues"] = [len(be.queues) for be in dom.backends]
                 timed("disk_write_0", "dd if=/dev/zero of=/dev/xvda bs=1M count=0 conv=fsync 2>/dev/null")
                 timed("disk_write", f"dd if=/dev/zero of=/dev/xvda bs=1M count={size_mb} conv=fsync 2>/dev/null")
             if tap is not None:
@@ -271,6 +289,9 @@ def run(size_mb: int, with_net: bool, extra_cmdline: str = "", with_disk: bool =
         if with_disk:
             results["disk_read_host_s"] = host_time(["dd", f"if={img}", "of=/dev/null", "bs=1M"])
             results["disk_reread_host_s"] = results["disk_read_host_s"]    # the host's page cache is warm for both
+            if vcpus > 1:                # the same bytes read: the same baseline
+                results["disk_read_direct_host_s"] = results["disk_read_parallel_host_s"] = \
+                    results["disk_read_host_s"]
             results["disk_write_host_s"] = host_time(["dd", "if=/dev/zero", f"of={img}", "bs=1M",
                                                       f"count={size_mb}", "conv=fsync,notrunc"])
         if ns is not None:
@@ -284,7 +305,8 @@ def run(size_mb: int, with_net: bool, extra_cmdline: str = "", with_disk: bool =
     return results
 
 
-ROWS = (("disk read", "disk_read"), ("disk re-read", "disk_reread"), ("disk write (fsync)", "disk_write"),
+ROWS = (("disk read", "disk_read"), ("disk re-read", "disk_reread"), ("disk read, direct", "disk_read_direct"),
+        ("  ... N readers", "disk_read_parallel"), ("disk write (fsync)", "disk_write"),
         ("net receive (HTTP)", "net_rx"), ("net transmit (HTTP)", "net_tx"))
 
 
@@ -302,7 +324,11 @@ def _backend_counter(c: dict, key: str, name: str) -> int:
 def table(r: dict) -> str:
     mb = r["size_mb"]
     costs = r.get("costs", {})
-    out = [f"{'transfer of %d MiB' % mb:<22} {'guest MB/s':>11} {'host MB/s':>10} {'guest/host':>11}"]
+    out = []
+    if r.get("vcpus", 1) > 1:
+        out.append(f"{r['vcpus']} vCPUs, queues per device {r.get('queues')} "
+                   f"(back-ends offered {r.get('max_queues') or 'one per vCPU'})")
+    out.append(f"{'transfer of %d MiB' % mb:<22} {'guest MB/s':>11} {'host MB/s':>10} {'guest/host':>11}")
     for label, key in ROWS:
         g, h = r.get(f"{key}_guest_s"), r.get(f"{key}_host_s")
         if g is None or h is None:
@@ -366,11 +392,16 @@ def main() -> int:
                     help="also sample each transfer's shim entries by kind, code site and caller")
     ap.add_argument("--extra-cmdline", default="", metavar="STR",
                     help="appended to the guest's command line (e.g. a module parameter to compare)")
+    ap.add_argument("--vcpus", type=int, default=1, metavar="N",
+                    help="the guest's vCPUs (its devices use up to N queues); N > 1 adds the direct-read rows")
+    ap.add_argument("--max-queues", type=int, default=None, metavar="M",
+                    help="what the back-ends offer as multi-queue-max-queues (default: one per vCPU)")
     args = ap.parse_args()
     with_net = not args.no_net and net_available()
     if not args.no_net and not with_net:
         say("no network transfer: it needs root, /dev/net/tun and iproute2")
-    r = run(args.size_mb, with_net, args.extra_cmdline, with_disk=not args.no_disk, profile=args.profile)
+    r = run(args.size_mb, with_net, args.extra_cmdline, with_disk=not args.no_disk, profile=args.profile,
+            vcpus=args.vcpus, max_queues=args.max_queues)
     print(json.dumps(r) if args.json else table(r))
     return 0
 

@@ -48,11 +48,11 @@ def run(vnet: bool, size: int, gso: bool, mib: int) -> tuple[float, float]:
         busy = 0.0
         transmit = be._transmit
 
-        def timed():
+        def timed(q):
             nonlocal busy
             t0 = time.perf_counter()
             try:
-                return transmit()
+                return transmit(q)
             finally:
                 busy += time.perf_counter() - t0
 

@@ -497,3 +497,251 @@ def test_persistent_pool_is_bounded_and_read_only_grants_are_mapped_per_request(
     assert fe.do(fe.request(BlkifOp.read, 40, [(ro, 0, 7)])) == BlkifStatus.error
     assert host.gnttab.active_mappings() == 1 + 3
     img.close()
+
+
+# ---- multiple queues (multi-queue-max-queues) ----
+class MultiQueueFrontend(FakeFrontend):
+    """xen-blkfront with several rings (negotiate_mq, talk_to_blkback):
+    multi-queue-num-queues at the top, queue-N/ring-ref and
+    queue-N/event-channel per queue, each ring its own page and port."""
+
+    RING_PFN = 0x40
+    RING_REF = 40
+
+    def __init__(self, host, ram, devid: int, nq: int, num_queues: str | None = None):
+        self.host, self.ram, self.devid = host, ram, devid
+        self.path = f"/local/domain/{DOMID}/device/vbd/{devid}"
+        self.rings, self.ports, self.ring_refs = [], [], []
+        store = host.store
+        for i in range(nq):
+            self.rings.append(FrontRing(ram, self.RING_PFN + i, BLKIF_RING_ENTRY_SIZE, BLKIF_RING_SIZE))
+            host.gnttab.write_entry(self.RING_REF + i, GTF_permit_access, 0, self.RING_PFN + i)
+            self.ring_refs.append(self.RING_REF + i)
+            self.ports.append(host.evtchn.alloc_unbound(DOMID_SELF, 0))
+            store.write(f"{self.path}/queue-{i}/ring-ref", str(self.RING_REF + i))
+            store.write(f"{self.path}/queue-{i}/event-channel", str(self.ports[i]))
+        store.write(f"{self.path}/multi-queue-num-queues", str(nq) if num_queues is None else num_queues)
+        store.write(f"{self.path}/protocol", "x86_64-abi")
+        self.ring, self.port = self.rings[0], self.ports[0]
+        self.next_ref = 100
+
+    def on(self, q: int) -> "MultiQueueFrontend":
+        """Requests and responses on queue q from now on."""
+        self.ring, self.port = self.rings[q], self.ports[q]
+        return self
+
+    def key(self, q: int, name: str, value) -> None:
+        self.host.store.write(f"{self.path}/queue-{q}/{name}", str(value))
+
+
+def _mq_attach(host, path: str, nq: int, max_queues: int = 4, num_queues: str | None = None):
+    img = DiskImage.open(path)
+    be = BlockBackend(host, 0, img, max_queues=max_queues)
+    host.backends.append(be)
+    return img, be, MultiQueueFrontend(host, host.ram, xvd_devid(0), nq, num_queues)
+
+
+def _queue_threads(be) -> list[str]:
+    import threading
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith(f"pyvmm-{be.name}-q"))
+
+
+def _fails_with(fe, text: str) -> None:
+    wait_for(lambda: fe.backend_state() == XenbusState.InitWait, "InitWait")
+    fe.state(XenbusState.Initialised)
+    wait_for(lambda: fe.backend_state() == XenbusState.Closing, "Closing")
+    assert text in fe.backend_key("error"), fe.backend_key("error")
+
+
+def test_max_queues_is_the_guest_s_vcpus_at_most_four(host, tmp_path):
+    from pyvmm.backends.xenbus import MAX_QUEUES
+    img = DiskImage.open(_image(tmp_path))
+    assert MAX_QUEUES == 4
+    for vcpus, want in ((1, 1), (2, 2), (4, 4), (8, 4)):
+        host.nr_vcpus = vcpus
+        be = BlockBackend(host, 0, img)
+        assert be.backend_state() == XenbusState.InitWait
+        assert host.store.read_str(f"{be.be_path}/multi-queue-max-queues") == str(want)
+        be.close()
+    img.close()
+
+
+def test_each_queue_answers_on_its_own_ring_and_port(host, tmp_path):
+    """Three queues: each has its own worker thread; a request on queue k
+    is answered on ring k and notifies port k only; data written through
+    one queue reads back through another."""
+    path = _image(tmp_path)
+    img, be, fe = _mq_attach(host, path, 3)
+    assert fe.backend_key("multi-queue-max-queues") == "4"
+    fe.connect()
+    assert len(be.queues) == 3 and be.connected
+    assert _queue_threads(be) == [f"pyvmm-vbd-xvda-q{i}" for i in range(3)]
+    assert host.gnttab.active_mappings() == 3
+    ram = host.ram
+    for q in range(3):
+        pfn = FakeFrontend.DATA_PFN + q
+        payload = bytes([0x41 + q]) * PAGE_SIZE
+        ram.write(pfn * PAGE_SIZE, payload)
+        for p in fe.ports:
+            host.evtchn.clear_pending(p)
+        ref = fe.grant(pfn, readonly=True)
+        assert fe.on(q).do(fe.request(BlkifOp.write, 8 * q, [(ref, 0, 7)], req_id=q)) == BlkifStatus.okay
+        assert [host.evtchn.is_pending(p) for p in fe.ports] == [i == q for i in range(3)]
+        assert all(r.responses_ready() == 0 for i, r in enumerate(fe.rings) if i != q)
+        assert _sector(path, 8 * q, 8) == payload
+    # read queue 0's sectors back through queue 2
+    out = FakeFrontend.DATA_PFN + 10
+    ram.fill(out * PAGE_SIZE, PAGE_SIZE, 0)
+    ref = fe.grant(out)
+    assert fe.on(2).do(fe.request(BlkifOp.read, 0, [(ref, 0, 7)])) == BlkifStatus.okay
+    assert ram.read(out * PAGE_SIZE, PAGE_SIZE) == b"A" * PAGE_SIZE
+    assert be.stats["write"] == 3 and be.stats["read"] == 1 and be.stats["bytes_written"] == 3 * PAGE_SIZE
+    assert "3 queues" in be.describe() and "blk2 ring" in be.describe()
+    # the frontend goes away: every worker stops, every ring is let go
+    fe.state(XenbusState.Closing)
+    wait_for(lambda: host.gnttab.active_mappings() == 0 and not _queue_threads(be), "queues gone")
+    assert be.stats["write"] == 3              # counters outlive the connection
+    img.close()
+
+
+def test_queues_are_served_in_parallel(host, tmp_path, monkeypatch):
+    """A request that blocks on its queue (a slow disk) holds up only that
+    queue: another queue's request is answered meanwhile."""
+    import threading
+    path = _image(tmp_path)
+    img, be, fe = _mq_attach(host, path, 2)
+    fe.connect()
+    gate, entered = threading.Event(), threading.Event()
+    real = os.preadv
+
+    def slow_preadv(fd, bufs, pos):
+        if pos == 512 * 1000:              # queue 0's request: held until released
+            entered.set()
+            gate.wait(10)
+        return real(fd, bufs, pos)
+    monkeypatch.setattr(os, "preadv", slow_preadv)
+    r0, r1 = fe.grant(FakeFrontend.DATA_PFN), fe.grant(FakeFrontend.DATA_PFN + 1)
+    fe.on(0).push(fe.request(BlkifOp.read, 1000, [(r0, 0, 0)], req_id=1))
+    assert entered.wait(5)
+    assert fe.on(1).do(fe.request(BlkifOp.read, 7, [(r1, 0, 0)], req_id=2)) == BlkifStatus.okay
+    assert fe.rings[0].responses_ready() == 0
+    gate.set()
+    (rsp,) = fe.on(0).responses(1)
+    assert rsp.id == 1 and rsp.status == BlkifStatus.okay
+    img.close()
+
+
+def test_one_queue_keeps_the_top_level_keys_and_one_worker(host, tmp_path):
+    """multi-queue-num-queues 1 (or absent): the keys at the top level, as
+    Linux's blkfront writes them, served by the device's own worker."""
+    path = _image(tmp_path)
+    img = DiskImage.open(path)
+    be = BlockBackend(host, 0, img, max_queues=4)
+    host.backends.append(be)
+    fe = FakeFrontend(host, host.ram, xvd_devid(0))
+    host.store.write(f"{fe.path}/multi-queue-num-queues", "1")
+    fe.connect()
+    assert len(be.queues) == 1 and be.queues[0].worker is None and not _queue_threads(be)
+    ref = fe.grant(FakeFrontend.DATA_PFN)
+    assert fe.do(fe.request(BlkifOp.read, 5, [(ref, 0, 0)])) == BlkifStatus.okay
+    assert host.ram.read(FakeFrontend.DATA_PFN * PAGE_SIZE, 8) == (5).to_bytes(8, "little")
+    img.close()
+
+
+@pytest.mark.parametrize("num_queues, why", [
+    ("0", "valid range is 1 - 4"),
+    ("5", "guest requested 5 queues"),
+    ("4294967297", "valid range"),
+    ("-1", "valid range"),
+    ("two", "is not a number"),
+    ("", "is not a number"),
+])
+def test_bad_number_of_queues_ends_the_device(host, tmp_path, num_queues, why):
+    """As Linux's blkback (connect_ring): 0 or above the maximum is a buggy
+    or malicious guest; pyvmm refuses what is not a number too."""
+    img, be, fe = _mq_attach(host, _image(tmp_path), 2, num_queues=num_queues)
+    _fails_with(fe, why)
+    assert host.gnttab.active_mappings() == 0 and not _queue_threads(be)
+    img.close()
+
+
+@pytest.mark.parametrize("case", ["missing ring-ref", "bad event-channel", "event channel no port",
+                                  "wild ring-ref", "ring-ref twice", "event channel twice"])
+def test_bad_queue_keys_end_the_device_and_release_everything(host, tmp_path, case):
+    img, be, fe = _mq_attach(host, _image(tmp_path), 3)
+    if case == "missing ring-ref":
+        host.store.rm(f"{fe.path}/queue-2/ring-ref")
+        why = "queue-2/ring-ref' missing"
+    elif case == "bad event-channel":
+        fe.key(1, "event-channel", "seven")
+        why = "bad queue-1/ring-ref/event-channel"
+    elif case == "event channel no port":
+        fe.key(2, "event-channel", 4000)
+        why = "event channel 4000"
+    elif case == "wild ring-ref":
+        fe.key(2, "ring-ref", 99999)
+        why = "99999"
+    elif case == "ring-ref twice":
+        fe.key(2, "ring-ref", fe.ring_refs[0])
+        why = f"ring-ref {fe.ring_refs[0]} named twice"
+    else:
+        fe.key(1, "event-channel", fe.ports[0])
+        why = f"event-channel {fe.ports[0]} named twice"
+    _fails_with(fe, why)
+    # nothing of the queues set up before the bad one is left behind
+    assert host.gnttab.active_mappings() == 0 and not _queue_threads(be)
+    for p in fe.ports:                        # every port back to unbound, for a fresh start
+        be2 = host.evtchn.backend_bind(p, lambda: None)
+        be2.close()
+    img.close()
+
+
+def test_bogus_index_on_one_queue_ends_the_device_then_it_starts_over(host, tmp_path):
+    """A ring overflow on queue 1 ends the whole device (Linux's blkback
+    halts only that ring and leaves its requests unanswered): every queue's
+    worker stops, every ring is let go; the frontend starts over and gets a
+    working device."""
+    img, be, fe = _mq_attach(host, _image(tmp_path), 2)
+    fe.connect()
+    ref = fe.grant(FakeFrontend.DATA_PFN)
+    fe.on(1).push(fe.request(BlkifOp.read, 0, [(ref, 0, 0)]), req_prod=BLKIF_RING_SIZE + 5)
+    wait_for(lambda: fe.backend_state() == XenbusState.Closing, "the device closing")
+    assert fe.backend_key("error").startswith("queue 1: ring overflow")
+    wait_for(lambda: not _queue_threads(be), "the queue workers stop")
+    assert host.gnttab.active_mappings() == 0 and not be.connected
+    fe.state(XenbusState.Closed)
+    wait_for(lambda: fe.backend_state() == XenbusState.Closed, "backend Closed")
+    fe.state(XenbusState.Initialising)
+    wait_for(lambda: fe.backend_state() == XenbusState.InitWait, "InitWait again")
+    MultiQueueFrontend.RING_PFN, MultiQueueFrontend.RING_REF = 0x50, 60
+    try:
+        fe2 = MultiQueueFrontend(host, host.ram, xvd_devid(0), 2)
+    finally:
+        MultiQueueFrontend.RING_PFN, MultiQueueFrontend.RING_REF = 0x40, 40
+    fe2.connect()
+    ref2 = fe2.grant(FakeFrontend.DATA_PFN + 2)
+    assert fe2.on(1).do(fe2.request(BlkifOp.read, 9, [(ref2, 0, 0)])) == BlkifStatus.okay
+    assert host.ram.read((FakeFrontend.DATA_PFN + 2) * PAGE_SIZE, 8) == (9).to_bytes(8, "little")
+    img.close()
+
+
+def test_persistent_pools_are_per_queue_and_bounded(host, tmp_path, monkeypatch):
+    """Each queue keeps its own pool (Linux's blkback: per ring), each
+    bounded by MAX_PERSISTENT_GRANTS; a grant used on two queues is mapped
+    once per queue; disconnect lets all of them go."""
+    from pyvmm.backends import blkback
+    monkeypatch.setattr(blkback, "MAX_PERSISTENT_GRANTS", 3)
+    img, be, fe = _mq_attach(host, _image(tmp_path), 2)
+    host.store.write(f"{fe.path}/feature-persistent", "1")
+    fe.connect()
+    assert be.persistent
+    refs = [fe.grant(FakeFrontend.DATA_PFN + i) for i in range(8)]
+    for q in (0, 1):
+        assert fe.on(q).do(fe.request(BlkifOp.read, 0, [(r, 0, 7) for r in refs[:6]])) == BlkifStatus.okay
+        assert fe.on(q).do(fe.request(BlkifOp.read, 0, [(r, 0, 7) for r in refs[2:]])) == BlkifStatus.okay
+    assert [len(q.persistent) for q in be.queues] == [3, 3]
+    assert host.gnttab.active_mappings() == 2 + 2 * 3
+    assert be.stats["persistent_maps"] == 6
+    fe.state(XenbusState.Closing)
+    wait_for(lambda: host.gnttab.active_mappings() == 0, "every mapping released")
+    img.close()

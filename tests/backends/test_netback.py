@@ -241,7 +241,7 @@ def test_waiting_for_buffers_does_not_spin():
         fe.connect()
         calls = []
         receive = be._receive
-        be._receive = lambda: (calls.append(1), receive())[1]
+        be._receive = lambda q: (calls.append(1), receive(q))[1]
         raw.send(bytes(range(256)) * 36)                 # 9216 bytes: three pages
         wait_for(lambda: be.rx_queue, "the frame queued")
         fe.post_rx(1)
@@ -693,7 +693,7 @@ def test_rx_queue_is_bounded_in_bytes():
         for _ in range(n):
             peer.send(frame)
         wait_for(lambda: len(be.rx_queue) + be.stats["rx_dropped_queue_full"] == n, "all frames read")
-        assert be._rx_queued_bytes <= RX_QUEUE_BYTES and be.stats["rx_dropped_queue_full"] >= n // 2
+        assert be.queues[0].rx_queued_bytes <= RX_QUEUE_BYTES and be.stats["rx_dropped_queue_full"] >= n // 2
 
 
 def test_locate_checksum_follows_skb_checksum_setup():
@@ -824,3 +824,220 @@ def test_rx_entry_never_passes_a_lying_header(rx_property_be, flags, gso_type, h
     else:
         assert gso_type == 0
 
+
+
+# ---- multiple queues (multi-queue-max-queues) ----
+class MultiQueueNetfront(FakeNetfront):
+    """xen-netfront with several queues (talk_to_netback): multi-queue-num-queues
+    at the top, queue-N/tx-ring-ref, rx-ring-ref and event-channel per queue."""
+
+    def __init__(self, host, nq: int, num_queues: str | None = None):
+        self.host, self.ram, self.gnt = host, host.ram, host.gnttab
+        self.path = "/local/domain/1/device/vif/0"
+        s = host.store
+        self.queues = []
+        for q in range(nq):
+            tx_pfn, rx_pfn = 0x20 + 2 * q, 0x21 + 2 * q
+            tx_ref, rx_ref = 20 + 2 * q, 21 + 2 * q
+            self.gnt.write_entry(tx_ref, GTF_permit_access, 0, tx_pfn)
+            self.gnt.write_entry(rx_ref, GTF_permit_access, 0, rx_pfn)
+            port = host.evtchn.alloc_unbound(DOMID_SELF, 0)
+            self.queues.append({"tx": FrontRing(self.ram, tx_pfn, NETIF_TX_ENTRY_SIZE, NET_TX_RING_SIZE),
+                                "rx": FrontRing(self.ram, rx_pfn, NETIF_RX_ENTRY_SIZE, NET_RX_RING_SIZE),
+                                "port": port, "rx_posted": 0, "tx_ref": tx_ref, "rx_ref": rx_ref})
+            for k, v in {"tx-ring-ref": tx_ref, "rx-ring-ref": rx_ref, "event-channel": port}.items():
+                s.write(f"{self.path}/queue-{q}/{k}", str(v))
+        for k, v in {"multi-queue-num-queues": nq if num_queues is None else num_queues,
+                     "request-rx-copy": 1, "feature-rx-notify": 1, "feature-sg": 1}.items():
+            s.write(f"{self.path}/{k}", str(v))
+        self.q = 0
+        self.next_tx_ref = 100
+        self.on(0)
+
+    def on(self, q: int) -> "MultiQueueNetfront":
+        self.queues[self.q]["rx_posted"] = getattr(self, "rx_posted", 0)
+        self.q = q
+        d = self.queues[q]
+        self.tx, self.rx, self.port, self.rx_posted = d["tx"], d["rx"], d["port"], d["rx_posted"]
+        return self
+
+    def post_rx(self, n: int) -> None:
+        for _ in range(n):
+            i = self.rx_posted % 64            # 64 pages per queue's buffers
+            ref = 1000 + 64 * self.q + i
+            self.gnt.write_entry(ref, GTF_permit_access, 0, self.RX_DATA_PFN + 64 * self.q + i)
+            self.rx.put(NetifRxRequest(id=i, gref=ref))
+            self.rx_posted += 1
+        self.rx.publish()
+        self.host.evtchn.send(self.port)
+
+    def received(self, n: int, timeout: float = 10) -> list:
+        out = []
+        for rsp in self.rx.take_responses(n, NetifRxResponse, timeout):
+            data = b""
+            if rsp.status > 0:
+                data = self.ram.read((self.RX_DATA_PFN + 64 * self.q + rsp.id) * PAGE_SIZE + rsp.offset,
+                                     rsp.status)
+            out.append((rsp, data))
+        return out
+
+    def key(self, q: int, name: str, value) -> None:
+        self.host.store.write(f"{self.path}/queue-{q}/{name}", str(value))
+
+
+@contextlib.contextmanager
+def _mq_interface(nq: int, max_queues: int = 4, num_queues: str | None = None):
+    with backend_host() as host:
+        link, far_end = SocketLink.pair()
+        be = NetBackend(host, 0, link, GUEST_MAC, max_queues=max_queues)
+        host.backends.append(be)
+        try:
+            yield host, be, MultiQueueNetfront(host, nq, num_queues), far_end
+        finally:
+            be.close()
+            link.close()
+            far_end.close()
+
+
+def _udp_frame(sport: int, dport: int = 7, payload: bytes = b"x" * 32) -> bytes:
+    from netpeer import udp
+    src, dst = ip_bytes(PEER_IP), ip_bytes(GUEST_IP)
+    return (mac_bytes(GUEST_MAC) + mac_bytes(PEER_MAC) + struct.pack("!H", ETH_P_IP)
+            + ipv4(src, dst, IPPROTO_UDP, udp(src, dst, sport, dport, payload)))
+
+
+def _net_queue_threads(be) -> list[str]:
+    import threading
+    return sorted(t.name for t in threading.enumerate() if t.name.startswith(f"pyvmm-{be.name}-q"))
+
+
+def test_flow_queue_keeps_a_flow_on_one_queue_and_spreads_flows():
+    from pyvmm.backends.netback import flow_queue
+    frames = [_udp_frame(40000 + i) for i in range(64)]
+    picks = [flow_queue(f, 4) for f in frames]
+    assert set(picks) == {0, 1, 2, 3}                   # 64 flows over all four queues
+    assert all(flow_queue(f, 4) == p for f, p in zip(frames, picks))
+    assert all(flow_queue(f, 1) == 0 for f in frames)
+    arp = _arp_request(mac_bytes(PEER_MAC), ip_bytes(PEER_IP), ip_bytes(GUEST_IP))
+    assert flow_queue(arp, 4) == 0 and flow_queue(b"\x00" * 10, 4) == 0
+    # a fragment's ports are not looked at: every fragment of a datagram goes one way
+    frag = bytearray(frames[0])
+    frag[20] |= 0x20                                    # more fragments
+    other = bytearray(frames[1])
+    other[20] |= 0x20
+    assert flow_queue(bytes(frag), 4) == flow_queue(bytes(other), 4)
+
+
+def test_each_queue_transmits_and_receives_on_its_own_rings():
+    """Two queues: a packet sent on queue 1 leaves on the link and is
+    answered on queue 1's ring and port; frames from the link arrive on the
+    queue their flow hashes to, in order, and only there."""
+    from pyvmm.backends.netback import flow_queue
+    with _mq_interface(2) as (host, be, fe, far):
+        assert fe.backend_key("multi-queue-max-queues") == "4"
+        fe.connect()
+        assert len(be.queues) == 2 and _net_queue_threads(be) == ["pyvmm-vif0-q0", "pyvmm-vif0-q1"]
+        assert host.gnttab.active_mappings() == 4
+        far.settimeout(5)
+        for q in (1, 0):
+            for d in fe.queues:
+                host.evtchn.clear_pending(d["port"])
+            frame = _udp_frame(5000 + q)
+            fe.on(q).send(frame)
+            assert [r.status for r in fe.tx_responses(1)] == [NetifStatus.okay]
+            assert [host.evtchn.is_pending(d["port"]) for d in fe.queues] == [i == q for i in range(2)]
+            assert far.recv(4096) == frame
+        # from the link: flows to both queues, three frames each
+        flows = {}
+        sport = 40000
+        while len(flows) < 2:
+            flows.setdefault(flow_queue(_udp_frame(sport), 2), sport)
+            sport += 1
+        for q in (0, 1):
+            fe.on(q).post_rx(8)
+        sent = {q: [_udp_frame(flows[q], payload=bytes([k]) * 40) for k in range(3)] for q in (0, 1)}
+        for k in range(3):
+            for q in (0, 1):
+                far.send(sent[q][k])
+        for q in (0, 1):
+            got = fe.on(q).received(3)
+            assert [d for _, d in got] == sent[q]
+        time.sleep(0.2)
+        assert all(d["rx"].responses_ready() == 0 for d in fe.queues)
+        assert be.stats["rx_packets"] == 6 and be.stats["tx_packets"] == 2
+        fe.host.store.write(f"{fe.path}/state", str(int(XenbusState.Closing)))
+        wait_for(lambda: host.gnttab.active_mappings() == 0 and not _net_queue_threads(be), "queues gone")
+
+
+@pytest.mark.parametrize("num_queues, why", [
+    ("0", "valid range is 1 - 4"), ("9", "guest requested 9 queues"), ("many", "is not a number")])
+def test_bad_number_of_net_queues_ends_the_device(num_queues, why):
+    """Linux's netback refuses above the maximum (and, since 2026, 0); pyvmm
+    refuses both and a value that is not a number."""
+    with _mq_interface(2, num_queues=num_queues) as (host, be, fe, far):
+        wait_for(lambda: fe.backend_key("state") == str(int(XenbusState.InitWait)), "InitWait")
+        host.store.write(f"{fe.path}/state", str(int(XenbusState.Connected)))
+        wait_for(lambda: fe.backend_key("state") == str(int(XenbusState.Closing)), "Closing")
+        assert why in fe.backend_key("error")
+        assert host.gnttab.active_mappings() == 0 and not _net_queue_threads(be)
+
+
+@pytest.mark.parametrize("case", ["missing rx-ring-ref", "bad tx-ring-ref", "tx is rx",
+                                  "ring of another queue", "event channel twice", "event channel no port"])
+def test_bad_net_queue_keys_end_the_device(case):
+    with _mq_interface(3) as (host, be, fe, far):
+        if case == "missing rx-ring-ref":
+            host.store.rm(f"{fe.path}/queue-2/rx-ring-ref")
+            why = "queue-2/rx-ring-ref' missing"
+        elif case == "bad tx-ring-ref":
+            fe.key(1, "tx-ring-ref", "0x15")
+            why = "bad queue-1/ ring reference"
+        elif case == "tx is rx":
+            fe.key(1, "rx-ring-ref", fe.queues[1]["tx_ref"])
+            why = f"ring-ref {fe.queues[1]['tx_ref']} named twice"
+        elif case == "ring of another queue":
+            fe.key(2, "tx-ring-ref", fe.queues[0]["rx_ref"])
+            why = f"ring-ref {fe.queues[0]['rx_ref']} named twice"
+        elif case == "event channel twice":
+            fe.key(2, "event-channel", fe.queues[0]["port"])
+            why = f"event-channel {fe.queues[0]['port']} named twice"
+        else:
+            fe.key(1, "event-channel", 4000)
+            why = "event channel 4000"
+        wait_for(lambda: fe.backend_key("state") == str(int(XenbusState.InitWait)), "InitWait")
+        host.store.write(f"{fe.path}/state", str(int(XenbusState.Connected)))
+        wait_for(lambda: fe.backend_key("state") == str(int(XenbusState.Closing)), "Closing")
+        assert why in fe.backend_key("error"), fe.backend_key("error")
+        assert host.gnttab.active_mappings() == 0 and not _net_queue_threads(be)
+
+
+def test_bogus_index_on_one_net_queue_ends_the_whole_device():
+    """As Linux's netback (xenvif_fatal_tx_err disables the whole vif): a
+    transmit ring overflow on queue 1 ends the device, every queue."""
+    with _mq_interface(2) as (host, be, fe, far):
+        fe.connect()
+        q1 = fe.on(1)
+        q1.tx.put(NetifTxRequest(gref=100, offset=0, flags=0, id=0, size=60))
+        q1.tx.publish(NET_TX_RING_SIZE + 9)
+        host.evtchn.send(q1.port)
+        wait_for(lambda: fe.backend_key("state") == str(int(XenbusState.Closing)), "Closing")
+        assert fe.backend_key("error").startswith("queue 1: ring overflow")
+        wait_for(lambda: not _net_queue_threads(be), "queue workers gone")
+        assert host.gnttab.active_mappings() == 0 and not be.connected
+
+
+def test_each_net_queue_s_backlog_is_bounded():
+    """A link flooding one flow at a guest posting no buffers: that queue
+    holds at most RX_QUEUE_MAX frames, the rest is dropped and counted."""
+    from pyvmm.backends.netback import RX_QUEUE_MAX
+    with _mq_interface(2) as (host, be, fe, far):
+        fe.connect()
+        frame = _udp_frame(40000)
+        n = RX_QUEUE_MAX + 100
+        far.settimeout(None)
+        for _ in range(n):
+            far.send(frame)
+        wait_for(lambda: sum(len(q.rx_queue) for q in be.queues) + be.stats["rx_dropped_queue_full"] == n,
+                 "all frames read")
+        assert max(len(q.rx_queue) for q in be.queues) == RX_QUEUE_MAX
+        assert be.stats["rx_dropped_queue_full"] == 100

@@ -177,7 +177,8 @@ def _asleep(be) -> bool:
 
 def wait_idle(be) -> None:
     """Until the worker sleeps with nothing to do."""
-    wait(lambda: not (be._kicked or be._state_seen or be.busy) and _asleep(be), "the worker idle")
+    wait(lambda: not (be._kicked or be._state_seen or be.busy or be._queue_failure is not None) and _asleep(be),
+         "the worker idle")
 
 
 def handshake(store, be, fe_path: str, keys: dict) -> None:

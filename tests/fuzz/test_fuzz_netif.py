@@ -221,9 +221,7 @@ class Harness:
                 sent.append(self.peer.recv(VNET_READ_SIZE))
             except BlockingIOError:
                 break
-        with be._rx_lock:
-            be.rx_queue.clear()        # frames no buffer took: not carried into the next input
-            be._rx_queued_bytes = 0
+        be.drop_queued_frames()        # frames no buffer took: not carried into the next input
 
         if bogus or tx_fatal:
             if not be.failed and not self.raced:

@@ -1,6 +1,7 @@
 """Fuzzing the xenbus handshake of the back-ends: the frontend keys a guest
 writes into xenstore (ring-ref, event-channel, protocol, ring-page-order,
-request-rx-copy...) and the sequence of frontend states it goes through.
+request-rx-copy, multi-queue-num-queues and queue-N/...) and the sequence of
+frontend states it goes through.
 
 Each input attaches a block or network back-end, writes fuzzed keys and a
 grant entry for the ring, then walks the frontend through fuzzed states
@@ -8,7 +9,7 @@ grant entry for the ring, then walks the frontend through fuzzed states
 traceback logged (a guest's mistake is never an internal error), no thread
 dies; a failed device says why in its `error` node and sits in Closing;
 once closed, the back-end holds no grant mapping, no bound port and no
-thread.
+thread (queue workers included).
 """
 from __future__ import annotations
 
@@ -33,6 +34,7 @@ BLK_KEYS = {"protocol": ("x86_64-abi",) * 6 + ("x86_32-abi", "", "x" * 300),
             "ring-page-order": ("0",) * 6 + ("1", "x", "")}
 NET_KEYS = {"request-rx-copy": ("1",) * 6 + ("0", "", "yes"), "feature-rx-notify": ("1", "0")}
 CONNECT = (str(int(XenbusState.Initialised)), str(int(XenbusState.Connected)))
+NUM_QUEUES = ("2", "2", "2", "3", "1", "0", "5", "-1", "x", "", "4294967298")
 
 
 class Harness:
@@ -63,18 +65,34 @@ class Harness:
         net = inp.chance(100)
         link = peer = None
         port = fh.host.evtchn.alloc_unbound(DOMID_SELF, 0)
+        ports = [port]
+        # multi-queue: the back-end offers 1 to 4 queues, the frontend asks for some
+        mq = inp.chance(100)
+        max_queues = inp.choice((1, 2, 4)) if mq else 1
+        nq = 1
         if net:
             link, peer = SocketLink.pair()
-            be = NetBackend(fh.host, self.n % 8, link, "00:16:3e:00:00:03")
-            keys = {"tx-ring-ref": inp.choice(RING_REFS), "rx-ring-ref": inp.choice(RING_REFS)}
+            be = NetBackend(fh.host, self.n % 8, link, "00:16:3e:00:00:03", max_queues=max_queues)
+            ring_keys = ("tx-ring-ref", "rx-ring-ref")
             extra = NET_KEYS
         else:
-            be = BlockBackend(fh.host, self.n % 8, self.image)
-            keys = {"ring-ref": inp.choice(RING_REFS)}
+            be = BlockBackend(fh.host, self.n % 8, self.image, max_queues=max_queues)
+            ring_keys = ("ring-ref",)
             extra = BLK_KEYS
+        keys = {}
+        if mq:
+            num = inp.choice(NUM_QUEUES)
+            keys["multi-queue-num-queues"] = num
+            nq = int(num) if num in ("1", "2", "3") else 2
         track_busy(be)
         try:
-            keys["event-channel"] = inp.choice(PORTS).format(port=port)
+            while len(ports) < nq:
+                ports.append(fh.host.evtchn.alloc_unbound(DOMID_SELF, 0))
+            for q in range(nq):
+                d = f"queue-{q}/" if mq and not (nq == 1 and inp.chance(200)) else ""
+                for k in ring_keys:
+                    keys[d + k] = inp.choice(RING_REFS)
+                keys[d + "event-channel"] = inp.choice(PORTS).format(port=ports[q if inp.chance(220) else 0])
             for k, values in extra.items():
                 if inp.chance(200):
                     keys[k] = inp.choice(values)
@@ -92,7 +110,8 @@ class Harness:
                 state = inp.choice(CONNECT) if i == 0 and inp.chance(200) else inp.choice(STATES)
                 store.write(f"{be.fe_path}/state", state)
                 if inp.chance(40):           # the frontend rewrites a key meanwhile
-                    store.write(f"{be.fe_path}/event-channel", inp.choice(PORTS).format(port=port))
+                    store.write(f"{be.fe_path}/{inp.choice(sorted(keys)) if keys else 'event-channel'}",
+                                inp.choice(PORTS).format(port=port))
                 wait_idle(be)
             was_connected = be.connected
             if be.failed:
@@ -105,13 +124,19 @@ class Harness:
             if link:
                 link.close()
                 peer.close()
-            try:
-                fh.host.evtchn.close(port)
-            except Exception:
-                pass
+            for p in ports:
+                try:
+                    fh.host.evtchn.close(p)
+                except Exception:
+                    pass
         self.connected += was_connected
         if be._thread.is_alive() or (net and be._reader is not None):
             raise Finding("a back-end thread outlived close()")
+        if be._queue_workers or be.queues:
+            raise Finding("queue workers or queues outlived close()")
+        import threading
+        if any(t.name.startswith(f"pyvmm-{be.name}-q") for t in threading.enumerate()):
+            raise Finding("a queue worker thread outlived close()")
         fh.check_released(keep_mapped=0)
         if fh.host.evtchn.backend_ports:
             raise Finding(f"ports {list(fh.host.evtchn.backend_ports)} still bound after close()")

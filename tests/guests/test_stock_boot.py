@@ -319,7 +319,41 @@ def test_default_guest_disks_and_network(tmp_path):
     _boot_in_process(tmp_path, with_devices=True)
 
 
-def _boot_in_process(tmp_path, with_devices: bool) -> None:
+@pytest.mark.slow
+def test_default_guest_two_vcpus_multi_queue_disk_and_network(tmp_path):
+    """The devices' boot with two vCPUs: xen-blkfront and xen-netfront
+    each negotiate two queues (multi-queue-max-queues is the guest's
+    vCPUs): /sys/block/xvda/mq has two hardware queues and eth0 tx-0/tx-1;
+    a direct read pinned to each CPU goes through that CPU's ring (the
+    back-end's per-queue counters say so) and reads the image's bytes;
+    the whole-disk hashes, the write, ping and TFTP pass as with one vCPU."""
+    _boot_in_process(tmp_path, with_devices=True, vcpus=2)
+
+
+def _multi_queue_checks(con: ConsoleSession, command_timeout: float, dom, rw_data: bytes) -> list:
+    """Two queues on each device, each disk queue used: a direct read of
+    xvda's first 512 KiB (untouched by the write) pinned to each CPU."""
+    import hashlib
+    con.command("nproc", re.compile(rb"^2\r?$", re.M), command_timeout)
+    con.command("ls /sys/block/xvda/mq | tr '\\n' ' '; echo", re.compile(rb"^0 1 \r?$", re.M), command_timeout)
+    con.command("ls /sys/class/net/eth0/queues | tr '\\n' ' '; echo",
+                re.compile(rb"^rx-0 rx-1 tx-0 tx-1 \r?$", re.M), command_timeout)
+    vbd = next(be for be in dom.backends if be.kind == "vbd")
+    assert len(vbd.queues) == 2, vbd.describe()
+    want = hashlib.md5(rw_data[:WRITE_AT * 4096]).hexdigest().encode()
+    for cpu in (0, 1):
+        before = vbd.queues[cpu].stats["read"]
+        got = con.command(f"taskset {1 << cpu} dd if=/dev/xvda iflag=direct bs=64k count=8 2>/dev/null | md5sum",
+                          HASH, command_timeout).group(1)
+        assert got == want, f"CPU {cpu}: the guest read other bytes"
+        assert vbd.queues[cpu].stats["read"] > before, \
+            f"CPU {cpu}'s read did not use queue {cpu}: {[dict(q.stats) for q in vbd.queues]}"
+    vif = next(be for be in dom.backends if be.kind == "vif")
+    assert len(vif.queues) == 2, vif.describe()
+    return [[dict(q.stats) for q in be.queues] for be in (vbd, vif)]
+
+
+def _boot_in_process(tmp_path, with_devices: bool, vcpus: int = 1) -> None:
     import threading
 
     from netpeer import NetPeer
@@ -340,7 +374,7 @@ def _boot_in_process(tmp_path, with_devices: bool) -> None:
         images = [DiskImage.open(str(rw)), DiskImage.open(str(ro), readonly=True)]
     t0 = time.monotonic()
     with Domain(str(g.kernel), ram_size=RAM_MB << 20, cmdline=g.cmdline + " loglevel=8",
-                initrd=g.initrd.read_bytes()) as dom:
+                initrd=g.initrd.read_bytes(), nr_vcpus=vcpus) as dom:
         for index, image in enumerate(images):
             dom.attach(BlockBackend(dom, index, image))
         if with_devices:
@@ -367,6 +401,8 @@ def _boot_in_process(tmp_path, with_devices: bool) -> None:
             if with_devices:
                 wrote = _disk_checks(con, command_timeout, rw_data, ro_data)
                 _net_checks(con, command_timeout, peer)
+                if vcpus > 1:
+                    figures["queue_counters"] = _multi_queue_checks(con, command_timeout, dom, rw_data)
             else:
                 figures = _shell_checks(con, command_timeout)
                 figures["idle_per_s"] = _idle_check(dom)
