@@ -1,0 +1,359 @@
+"""Disk and network with real tools: fio and iperf3 in the default guest,
+next to the same runs on the host.
+
+    python bench/tools.py [--size-mb 256] [--runtime 10] [--no-disk] [--no-net] [--json]
+
+fio and iperf3 come from Debian's packages (``apt-get download``, cached
+under the pyvmm cache by ``pyvmm.guests.debian``) with every shared library
+they load and the dynamic loader (``pyvmm.guests.bundle``), in an initramfs
+layer appended to the default guest's (``build_default_guest(extra_files=)``).
+The guest boots in process through the Domain API (bench/devices.py's
+console driver and TAP-in-a-namespace), with one disk, a raw image of
+--size-mb random bytes, and, as root with /dev/net/tun and iproute2, one
+network interface on a TAP device in a network namespace this benchmark
+creates, with an ``iperf3 -s`` on its host end.
+
+In the guest (``--output-format=json`` / ``-J``, the JSON read back from
+the console and parsed here):
+
+    fio  sequential read, 1 MiB blocks, direct=1, queue depth --seq-iodepth
+    fio  sequential write, the same
+    fio  random read, 4 KiB blocks, direct=1, queue depth 32
+         (each --runtime seconds, time based, engine libaio; io_uring, then
+         psync if the kernel refuses it: the table says which)
+    iperf3 TCP guest -> host and host -> guest (-R), 1 and 4 streams (-P 4)
+
+Side by side on the host, after the guest has powered off: the same fio
+jobs on the same image file and iperf3 over loopback (client and server in
+the namespace), the same binaries run with the fetched libraries.  Figures,
+not pass/fail; guest/host is the ratio (for latencies a multiple: above 1 is
+slower).  Progress on stderr, the table (or --json) on stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from devices import (GUEST_IP, HOST_IP, CostMeter, Namespace, net_available,  # noqa: E402
+                     start_guest, stop_guest)
+
+PROGRAMS = {"fio": ["usr/bin/fio"], "iperf3": ["usr/bin/iperf3"]}
+ENGINES = ("libaio", "io_uring", "psync")
+#: (key, label, fio options); each runs on its own, --runtime seconds.
+FIO_JOBS = (("seqread", "fio seq read 1 MiB", ["--rw=read", "--bs=1M"]),
+            ("seqwrite", "fio seq write 1 MiB", ["--rw=write", "--bs=1M"]),
+            ("randread", "fio rand read 4 KiB QD32", ["--rw=randread", "--bs=4k", "--iodepth=32"]))
+#: (key, label, iperf3 options)
+IPERF_RUNS = (("tx1", "iperf3 guest->host 1 stream", []),
+              ("tx4", "iperf3 guest->host 4 streams", ["-P", "4"]),
+              ("rx1", "iperf3 host->guest 1 stream", ["-R"]),
+              ("rx4", "iperf3 host->guest 4 streams", ["-R", "-P", "4"]))
+IPERF_PORT = 5201
+GUEST_RAM_MB = 512
+OUT = re.compile(rb"@@rc=(\d+)\r?\n@@BEGIN\r?\n(.*?)@@ERR\r?\n(.*?)@@END", re.S)
+
+
+_T0 = time.monotonic()
+
+
+def say(msg: str) -> None:
+    print(f"tools: [{time.monotonic() - _T0:6.1f} s] {msg}", file=sys.stderr, flush=True)
+
+
+class ToolError(RuntimeError):
+    pass
+
+
+# --------------------------------------------------------------------------
+# running a tool and reading its JSON
+
+def guest_capture(con, command: str) -> tuple[int, str, str]:
+    """Exit status, stdout and the tail of stderr of *command* in the guest's
+    shell.  The markers are split in the typed line so that its echo does
+    not match them."""
+    m = con.run(f'{command} >/tmp/o 2>/tmp/e; echo "@@rc=$?"; echo @@BE""GIN; cat /tmp/o; '
+                f'echo @@E""RR; tail -c 1500 /tmp/e; echo @@E""ND', OUT)
+    clean = [g.replace(b"\r\n", b"\n").decode(errors="replace") for g in m.groups()[1:]]
+    return int(m.group(1)), clean[0], clean[1]
+
+
+def json_of(text: str, what: str) -> dict:
+    """The JSON object in *text* (a tool's output; kernel messages may come before it)."""
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or end < start:
+        raise ToolError(f"{what}: no JSON in its output: {text[-300:]!r}")
+    try:
+        return json.loads(text[start:end + 1])
+    except ValueError as e:
+        raise ToolError(f"{what}: bad JSON ({e}): {text[-300:]!r}") from None
+
+
+def fio_figures(report: dict) -> dict:
+    """MB/s, IOPS and completion latency p50/p99 (µs) of a one-job fio report."""
+    job = report["jobs"][0]
+    side = max((job[d] for d in ("read", "write")), key=lambda s: s.get("io_bytes", 0))
+    pct = side.get("clat_ns", {}).get("percentile", {})
+
+    def p(q: str):
+        v = next((v for k, v in pct.items() if float(k) == float(q)), None)
+        return None if v is None else v / 1000.0
+    return {"MB/s": side["bw_bytes"] / 1e6, "IOPS": side["iops"],
+            "p50 us": p("50"), "p99 us": p("99"), "io_bytes": side["io_bytes"]}
+
+
+def iperf_figures(report: dict) -> dict:
+    if "error" in report:
+        raise ToolError(f"iperf3: {report['error']}")
+    end = report["end"]
+    return {"Gbit/s": end["sum_received"]["bits_per_second"] / 1e9,
+            "sent Gbit/s": end["sum_sent"]["bits_per_second"] / 1e9,
+            "retransmits": end["sum_sent"].get("retransmits")}
+
+
+def fio_argv(filename: str, engine: str, runtime: float, seq_iodepth: int, opts: list[str]) -> list[str]:
+    argv = ["fio", "--output-format=json", "--name=job", f"--filename={filename}", "--direct=1",
+            f"--ioengine={engine}", "--time_based", f"--runtime={runtime:g}", f"--iodepth={seq_iodepth}"]
+    return argv + opts          # a later --iodepth wins
+
+
+def iperf_argv(server: str, runtime: float, opts: list[str]) -> list[str]:
+    return ["iperf3", "-c", server, "-p", str(IPERF_PORT), "-t", f"{runtime:g}", "-J", *opts]
+
+
+# --------------------------------------------------------------------------
+
+class HostTools:
+    """The fetched binaries run on the host with the fetched libraries."""
+
+    def __init__(self, bundle):
+        self.bundle = bundle
+        self.env = dict(os.environ, LD_LIBRARY_PATH=bundle.library_path)
+
+    def argv(self, argv: list[str]) -> list[str]:
+        return [str(self.bundle.host_programs[argv[0]]), *argv[1:]]
+
+    def run(self, argv: list[str], ns: Namespace | None = None, timeout: float = 600) -> tuple[int, str, str]:
+        full = self.argv(argv)
+        if ns is not None:
+            full = ns.argv(["env", f"LD_LIBRARY_PATH={self.bundle.library_path}", *full])
+        p = subprocess.run(full, capture_output=True, text=True, env=self.env, timeout=timeout)
+        return p.returncode, p.stdout, p.stderr[-1500:]
+
+
+def run_fio(run, filename: str, runtime: float, seq_iodepth: int, engine: str | None,
+            on_job=None) -> tuple[str, dict]:
+    """The fio jobs through *run* (argv -> rc, out, err); the engine used
+    (the first of ENGINES that works unless *engine* is given) and figures."""
+    out: dict = {}
+    engines = [engine] if engine else list(ENGINES)
+    for key, label, opts in FIO_JOBS:
+        say(label)
+        while True:
+            before = on_job() if on_job else None
+            rc, text, err = run(fio_argv(filename, engines[0], runtime, seq_iodepth, opts))
+            if rc == 0:
+                break
+            if len(engines) > 1 and not out:
+                say(f"fio with --ioengine={engines[0]} failed ({err.strip().splitlines()[-1:]}): "
+                    f"trying {engines[1]}")
+                engines.pop(0)
+                continue
+            raise ToolError(f"{label} failed (exit {rc}): {err.strip()[-500:]}")
+        out[key] = fio_figures(json_of(text, label))
+        if on_job:
+            out[key]["costs"] = on_job(before)
+    return engines[0], out
+
+
+def run_iperf(run, server: str, runtime: float) -> dict:
+    out: dict = {}
+    for key, label, opts in IPERF_RUNS:
+        say(label)
+        for attempt in range(3):
+            rc, text, err = run(iperf_argv(server, runtime, opts))
+            if rc == 0 or attempt == 2 or "connect" not in (text + err):
+                break
+            time.sleep(1.0)             # the server not listening yet
+        report = json_of(text, label) if "{" in text else {"error": err.strip()[-300:] or f"exit {rc}"}
+        out[key] = iperf_figures(report)
+    return out
+
+
+def wait_listening(ns: Namespace, port: int, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        p = subprocess.run(ns.argv(["ss", "-ltnH", f"sport = :{port}"]), capture_output=True, text=True)
+        if p.stdout.strip():
+            return
+        time.sleep(0.2)
+    raise ToolError(f"iperf3 -s in {ns.name} is not listening on port {port} after {timeout:.0f} s")
+
+
+def run(size_mb: int, runtime: float, seq_iodepth: int, with_disk: bool, with_net: bool,
+        engine: str | None = None, memory_mb: int = GUEST_RAM_MB) -> dict:
+    from pyvmm.backends.blkback import BlockBackend, DiskImage
+    from pyvmm.backends.netback import NetBackend
+    from pyvmm.guests.bundle import bundle_programs
+    from pyvmm.guests.default import build_default_guest
+    from pyvmm.xen_abi.hypervisor.domain import Domain
+
+    say(f"fetching {' and '.join(PROGRAMS)} with their libraries (Debian packages, cached)")
+    bundle = bundle_programs(PROGRAMS, progress=True)
+    g = build_default_guest(progress=True, extra_files=bundle.files)
+    host = HostTools(bundle)
+    work = Path(tempfile.mkdtemp(prefix="tools-bench-"))
+    results: dict = {"config": {"size_mb": size_mb, "runtime_s": runtime, "seq_iodepth": seq_iodepth,
+                                "guest_ram_mb": memory_mb,
+                                "packages": bundle.packages}, "guest": {}, "host": {}}
+    ns = server = tap = None
+    try:
+        img = work / "disk.img"
+        if with_disk:
+            say(f"writing a {size_mb} MiB image of random bytes")
+            with open(img, "wb") as f:
+                for _ in range(size_mb):
+                    f.write(os.urandom(1 << 20))
+        if with_net:
+            ns = Namespace()
+            server = subprocess.Popen(ns.argv(["env", f"LD_LIBRARY_PATH={bundle.library_path}",
+                                               *host.argv(["iperf3", "-s", "-p", str(IPERF_PORT)])]),
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            wait_listening(ns, IPERF_PORT)
+            tap = ns.open_tap()
+        image = DiskImage.open(str(img)) if with_disk else None
+        with Domain(str(g.kernel), ram_size=memory_mb << 20, cmdline=g.cmdline,
+                    initrd=g.initrd.read_bytes()) as dom:
+            if image is not None:
+                dom.attach(BlockBackend(dom, 0, image))
+            if tap is not None:
+                dom.attach(NetBackend(dom, 0, tap, "00:16:3e:00:0b:02"))
+            say(f"booting the default guest with the tools layer ({g.initrd.stat().st_size >> 20} MiB initrd, "
+                f"{memory_mb} MiB RAM)")
+            th, con = start_guest(dom)
+            meter = CostMeter(dom)
+
+            def costs(before=None):
+                return meter.snapshot() if before is None else meter.delta(before, meter.snapshot())
+
+            def grun(argv: list[str]):
+                return guest_capture(con, " ".join(argv))
+            try:
+                rc, out, err = grun(["fio", "--version"])
+                if rc != 0:
+                    raise ToolError(f"fio does not run in the guest (exit {rc}): {err.strip()[-300:]}")
+                say(f"guest runs {out.strip()}")
+                if with_disk:
+                    eng, results["guest"]["fio"] = run_fio(grun, "/dev/xvda", runtime, seq_iodepth,
+                                                           engine, costs)
+                    results["guest"]["fio_engine"] = eng
+                if tap is not None:
+                    con.run(f"ifconfig eth0 {GUEST_IP} netmask 255.255.255.0 up")
+                    con.run(f"ping -c 1 -W 10 {HOST_IP} >/dev/null")
+                    results["guest"]["iperf3"] = run_iperf(grun, HOST_IP, runtime)
+            finally:
+                stop_guest(dom, th)
+        if image is not None:
+            image.close()
+        if tap is not None:
+            tap.close()
+        say("host side: the same runs")
+        if with_disk:
+            eng, results["host"]["fio"] = run_fio(host.run, str(img), runtime, seq_iodepth, engine)
+            results["host"]["fio_engine"] = eng
+        if ns is not None:
+            results["host"]["iperf3"] = run_iperf(lambda argv: host.run(argv, ns), "127.0.0.1", runtime)
+    finally:
+        if server is not None:
+            server.kill()
+            server.wait(30)
+        if ns is not None:
+            ns.close()
+        shutil.rmtree(work, ignore_errors=True)
+    return results
+
+
+# --------------------------------------------------------------------------
+
+def rows(r: dict) -> list[tuple[str, str, float | None, float | None]]:
+    """(test, metric, guest, host) for every figure present on either side."""
+    out = []
+    g, h = r.get("guest", {}), r.get("host", {})
+    for key, label, _ in FIO_JOBS:
+        gj, hj = g.get("fio", {}).get(key), h.get("fio", {}).get(key)
+        if gj is None and hj is None:
+            continue
+        if key != "randread":
+            label += f" QD{r['config']['seq_iodepth']}"
+        for metric in ("MB/s", "IOPS", "p50 us", "p99 us"):
+            out.append((label, metric, (gj or {}).get(metric), (hj or {}).get(metric)))
+    for key, label, _ in IPERF_RUNS:
+        gi, hi = g.get("iperf3", {}).get(key), h.get("iperf3", {}).get(key)
+        if gi is None and hi is None:
+            continue
+        out.append((label, "Gbit/s", (gi or {}).get("Gbit/s"), (hi or {}).get("Gbit/s")))
+    return out
+
+
+def ratio(guest: float | None, host: float | None) -> float | None:
+    if guest is None or host is None or host <= 0:
+        return None
+    return guest / host
+
+
+def table(r: dict) -> str:
+    def num(v):
+        if v is None:
+            return "-"
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.0f}"
+    c = r["config"]
+    head = (f"fio: {c['size_mb']} MiB image, {c['runtime_s']:g} s per job, direct=1, engine "
+            f"guest {r['guest'].get('fio_engine', '-')}, host {r['host'].get('fio_engine', '-')}; "
+            f"iperf3: TCP, {c['runtime_s']:g} s per run; latency = fio clat percentiles")
+    lines = [head, f"{'test':<30} {'metric':<7} {'guest':>10} {'host':>10} {'guest/host':>11}"]
+    for test, metric, gv, hv in rows(r):
+        q = ratio(gv, hv)
+        lines.append(f"{test:<30} {metric:<7} {num(gv):>10} {num(hv):>10} "
+                     f"{'-' if q is None else f'{q:.3g}':>11}")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--size-mb", type=int, default=256, help="disk image size (default 256)")
+    ap.add_argument("--runtime", type=float, default=10.0, help="seconds per fio job and iperf3 run")
+    ap.add_argument("--seq-iodepth", type=int, default=8, help="queue depth of the sequential jobs")
+    ap.add_argument("--ioengine", choices=ENGINES, default=None,
+                    help="fio engine (default: the first of libaio, io_uring, psync that works)")
+    ap.add_argument("--memory-mb", type=int, default=GUEST_RAM_MB, help="guest RAM")
+    ap.add_argument("--no-disk", action="store_true", help="skip fio")
+    ap.add_argument("--no-net", action="store_true", help="skip iperf3")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+    with_net = not args.no_net and net_available()
+    if not args.no_net and not with_net:
+        say("no iperf3 runs: they need root, /dev/net/tun and iproute2")
+    from pyvmm.guests.debian import DebianError
+    try:
+        r = run(args.size_mb, args.runtime, args.seq_iodepth, not args.no_disk, with_net,
+                args.ioengine, args.memory_mb)
+    except DebianError as e:
+        print(f"tools: cannot fetch the benchmark tools: {e}", file=sys.stderr)
+        return 1
+    except ToolError as e:
+        print(f"tools: {e}", file=sys.stderr)
+        return 1
+    print(json.dumps(r) if args.json else table(r))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
