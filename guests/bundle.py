@@ -79,7 +79,7 @@ def elf_info(path: Path) -> ElfInfo:
             if tag == _DT_NEEDED:
                 needed.append(data[base + val:data.index(b"\0", base + val)].decode())
         return ElfInfo(interp, tuple(needed))
-    except (struct.error, ValueError, IndexError, UnicodeDecodeError):
+    except (struct.error, ValueError, IndexError, OverflowError, UnicodeDecodeError):
         raise DebianError(f"{path}: malformed ELF headers") from None
 
 
