@@ -245,8 +245,8 @@ def test_tools_figures_and_table_from_tool_reports():
 def test_tools_bench_runs_fio_and_iperf3_in_the_guest():
     """The whole bench/tools.py at its smallest: the tools fetched and
     layered, the guest boots, every fio job and (as root with a TAP)
-    iperf3 run gives figures on both sides, every ratio positive.  About
-    5 minutes on kvm_pvm, hence heavy."""
+    iperf3 run gives figures on both sides, every ratio positive.  3.5 to 5
+    minutes on kvm_pvm, hence heavy."""
     p = subprocess.run([sys.executable, str(REPO / "bench" / "tools.py"), "--size-mb", "16",
                         "--runtime", "1", "--json"], capture_output=True, text=True, timeout=1500)
     assert p.returncode == 0, p.stderr[-3000:]
