@@ -6,8 +6,10 @@
 theirs, until none is missing.  A library is taken from the packages
 fetched so far, else from the host (``ldconfig -p``; the guest kernels are
 the host's Debian release, so the host's glibc and friends fit); when some
-are still missing, the ``lib*`` dependencies of the packages fetched so far
-that the host has not installed are fetched, one level at a time.
+are still missing, ``lib*`` packages already unpacked in the cache that have
+them are used (no apt needed: the faithful lane's L1 has none), else the
+``lib*`` dependencies of the packages fetched so far that the host has not
+installed are fetched, one level at a time.
 
 The result maps paths inside the image to host files: programs where their
 package puts them, every library as a regular file under
@@ -112,6 +114,15 @@ def _package_libraries(root: Path) -> dict[str, Path]:
     return out
 
 
+def _unpacked_packages() -> list[str]:
+    """Packages unpacked completely in the cache whose names say library."""
+    base = debian.debian_cache()
+    if not base.is_dir():
+        return []
+    return sorted(d.name for d in base.iterdir()
+                  if d.name.startswith("lib") and (d / debian._COMPLETE_MARKER).is_file())
+
+
 def _lib_dependencies(packages: list[str]) -> list[str]:
     """The ``lib*`` packages *packages* depend on (first of each alternative)."""
     r = subprocess.run(["apt-cache", "depends", "--no-recommends", "--no-suggests",
@@ -173,15 +184,25 @@ def bundle_programs(programs: dict[str, list[str]], progress: bool = True) -> Bu
     host = host_libraries()
     tried: set[str] = set(roots)
 
-    for depth in range(MAX_DEPTH + 1):
+    depth = 0
+    while True:
         missing, libs, interp = _resolve([b.files[p.lstrip("/")] for p in b.programs.values()],
                                          fetched, host)
         if not missing:
             break
+        # Packages an earlier run unpacked need no apt (the faithful lane's
+        # L1 has none: it shares the host's cache).
+        cached = [p for p in _unpacked_packages() if p not in roots
+                  and missing & set(_package_libraries(debian.debian_cache() / p))]
+        if cached:
+            for p in cached:
+                fetch(p)
+            continue
+        depth += 1
         candidates = [p for p in _lib_dependencies(sorted(roots)) if p not in tried]
         tried.update(candidates)
         candidates = [p for p in candidates if p not in _installed_on_host(candidates)]
-        if not candidates or depth == MAX_DEPTH:
+        if not candidates or depth > MAX_DEPTH:
             raise DebianError(f"no package found for {', '.join(sorted(missing))} "
                               f"(needed by {', '.join(b.programs)})")
         say(f"{len(missing)} libraries missing ({', '.join(sorted(missing)[:4])}"
