@@ -238,6 +238,29 @@ def test_tools_figures_and_table_from_tool_reports():
     assert body[("fio seq write 1 MiB QD8", "MB/s")] == ["-", "2000", "-"]    # one side only
     assert body[("iperf3 guest->host 1 stream", "Gbit/s")] == ["0.1", "20", "0.005"]
     assert len(lines) == 2 + 4 + 4 + 1                 # no rows for runs neither side made
+    r["qemu"] = {"fio_engine": "io_uring", "fio": {"seqread": wr}}
+    lines = tools.table(r).splitlines()
+    assert lines[1].split()[-2:] == ["qemu", "guest/qemu"] and "qemu io_uring" in lines[0]
+    assert lines[2].split()[-5:] == ["4", "2000", "0.002", "2000", "0.002"]
+
+
+def test_tools_qemu_console_drives_a_stand_in(tmp_path):
+    """bench/tools.py's QemuConsole gives bench/devices.py's Console QEMU's
+    serial stdio: here a stand-in shell that prints a prompt and runs what
+    it is sent, so guest_capture's markers and exit status round-trip."""
+    tools = _load_tools()
+    from devices import PROMPT, Console
+    proc = subprocess.Popen(["sh", "-c", "printf 'pyvmm:/# '; while read -r l; do sh -c \"$l\"; "
+                             "printf 'pyvmm:/# '; done"], cwd=tmp_path,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        con = Console(tools.QemuConsole(proc))
+        con.expect(PROMPT, 30, "first prompt")
+        rc, out, err = tools.guest_capture(con, "echo '{\"a\": 1}'; echo oops >&2; false", tmp=str(tmp_path))
+        assert rc == 1 and json.loads(out) == {"a": 1} and err.strip() == "oops"
+    finally:
+        proc.stdin.close()
+        proc.wait(30)
 
 
 @pytest.mark.heavy
@@ -255,7 +278,7 @@ def test_tools_bench_runs_fio_and_iperf3_in_the_guest():
     r = json.loads(p.stdout)
     rows = tools.rows(r)
     assert len(rows) >= 12
-    for test, metric, guest, host in rows:
+    for test, metric, guest, host, _qemu in rows:
         q = tools.ratio(guest, host)
         assert q is not None and q > 0, (test, metric, guest, host)
     assert tools.table(r).count("\n") == len(rows) + 1
