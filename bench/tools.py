@@ -2,6 +2,7 @@
 next to the same runs on the host.
 
     python bench/tools.py [--size-mb 256] [--runtime 10] [--no-disk] [--no-net] [--json]
+    python bench/tools.py --lane faithful --qemu-peer [...]
 
 fio and iperf3 come from Debian's packages (``apt-get download``, cached
 under the pyvmm cache by ``pyvmm.guests.debian``) with every shared library
@@ -25,7 +26,16 @@ the console and parsed here):
 
 Side by side on the host, after the guest has powered off: the same fio
 jobs on the same image file and iperf3 over loopback (client and server in
-the namespace), the same binaries run with the fetched libraries.  Figures,
+the namespace), the same binaries run with the fetched libraries.
+
+--qemu-peer adds the same kernel and initramfs under QEMU/KVM: the cloud
+kernel's virtio modules ride in the tools layer and are loaded over the
+serial console, virtio-blk on the same image, virtio-net on the same TAP
+(QEMU started inside the namespace), the same fio and iperf3 steps; the
+table gets a qemu column and guest/qemu.  QEMU cannot run this kernel on
+kvm_pvm, so that is for real KVM or --lane faithful, which runs this script
+inside the faithful lane's L1 (pyvmm.guests.faithful, the pyvmm cache
+shared) and prints its table here.  Figures,
 not pass/fail; guest/host is the ratio (for latencies a multiple: above 1 is
 slower).  Progress on stderr, the table (or --json) on stdout.
 """
