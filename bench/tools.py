@@ -276,15 +276,21 @@ VIRTIO_DIR = "lib/modules/pyvmm-virtio"
 QEMU_CMDLINE = "console=ttyS0"
 
 
-def virtio_modules(progress: bool = True) -> tuple[dict[str, Path], list[str]]:
-    """The cloud kernel's virtio modules, decompressed into the cache:
-    (image path -> file, insmod order of image paths)."""
+def virtio_modules(g) -> tuple[dict[str, Path], list[str]]:
+    """The virtio modules of the default guest *g*'s kernel, decompressed
+    into the cache: (image path -> file, insmod order of image paths).  The
+    kernel package is found from *g*, without apt (the L1 has none)."""
     from pyvmm.cache import cache_dir
-    from pyvmm.guests import debian, kmod
+    from pyvmm.guests import kmod
 
-    kernel = debian.cloud_kernel(progress)
-    index = kmod.ModuleIndex(kernel.modules_dir)
-    out_dir = cache_dir("tools") / f"virtio-{kernel.version}"
+    root = Path(g.kernel).parent.parent          # <package>/boot/vmlinuz-<version>
+    modules_dir = next((d for d in (root / "lib" / "modules" / g.kernel_version,
+                                    root / "usr" / "lib" / "modules" / g.kernel_version) if d.is_dir()),
+                       None)
+    if modules_dir is None:
+        raise ToolError(f"no modules of {g.kernel_version} next to {g.kernel}")
+    index = kmod.ModuleIndex(modules_dir)
+    out_dir = cache_dir("tools") / f"virtio-{g.kernel_version}"
     out_dir.mkdir(parents=True, exist_ok=True)
     files, order = {}, []
     for name in index.load_order(list(VIRTIO_MODULES)):
@@ -382,7 +388,7 @@ def run(size_mb: int, runtime: float, seq_iodepth: int, with_disk: bool, with_ne
     bundle = bundle_programs(PROGRAMS, progress=True)
     extra, modules = dict(bundle.files), []
     if qemu_peer:
-        vfiles, modules = virtio_modules()
+        vfiles, modules = virtio_modules(build_default_guest(progress=True))
         extra.update(vfiles)
     g = build_default_guest(progress=True, extra_files=extra)
     host = HostTools(bundle)
@@ -504,7 +510,7 @@ def run_faithful(args) -> dict:
     bundle = bundle_programs(PROGRAMS, progress=True)
     extra = dict(bundle.files)
     if args.qemu_peer:
-        extra.update(virtio_modules()[0])
+        extra.update(virtio_modules(build_default_guest(progress=True))[0])
     build_default_guest(progress=True, extra_files=extra)
     argv = [sys.executable, os.path.abspath(__file__), "--inner", "--size-mb", str(args.size_mb),
             "--runtime", f"{args.runtime:g}", "--seq-iodepth", str(args.seq_iodepth),
