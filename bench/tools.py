@@ -323,6 +323,10 @@ class QemuConsole:
                 self.buf += chunk
 
     def read_console(self, offset: int = 0) -> tuple[bytes, int]:
+        if not self.reader.is_alive() and self.proc.poll() is not None:
+            # QEMU is gone (no KVM, a bad option): say so now, not at the prompt's timeout
+            raise ToolError(f"QEMU exited with status {self.proc.returncode}; its output ends: "
+                            + bytes(self.buf[-800:]).decode(errors="replace"))
         with self.lock:
             return bytes(self.buf[offset:]), len(self.buf)
 

@@ -261,6 +261,8 @@ def test_tools_qemu_console_drives_a_stand_in(tmp_path):
     finally:
         proc.stdin.close()
         proc.wait(30)
+    with pytest.raises(tools.ToolError, match="QEMU exited with status 0"):
+        con.expect(PROMPT, 30, "a prompt that never comes")
 
 
 @pytest.mark.heavy
