@@ -94,6 +94,24 @@ class Console:
         return int(m.group(1)) * 60 + float(m.group(2))
 
 
+def start_guest(dom) -> tuple[threading.Thread, Console]:
+    """Run *dom* on a thread of its own; return it and a Console at the first prompt."""
+    th = threading.Thread(target=lambda: dom.run(timeout=None), daemon=True)
+    th.start()
+    con = Console(dom)
+    con.expect(PROMPT, BOOT_TIMEOUT, "first prompt")
+    return th, con
+
+
+def stop_guest(dom, th: threading.Thread) -> None:
+    """Power the guest off from its shell (stop it if that does not end it)."""
+    dom.send_console_input(b"poweroff -f\n")
+    th.join(120)
+    if th.is_alive():
+        dom.stop()
+        th.join(30)
+
+
 def host_time(argv: list[str]) -> float:
     t = time.monotonic()
     subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -101,19 +119,30 @@ def host_time(argv: list[str]) -> float:
 
 
 class Namespace:
-    """A network namespace with a TAP device and an HTTP server on its host end."""
+    """A network namespace with a TAP device and, given a directory, an HTTP
+    server on its host end (bench/tools.py starts its own server instead)."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path | None = None):
         self.name, self.tap = f"pyvmm-b{os.getpid()}", "pvbench0"
         self._ip("netns", "add", self.name)
-        self._ip("-n", self.name, "tuntap", "add", "dev", self.tap, "mode", "tap")
-        self._ip("-n", self.name, "addr", "add", f"{HOST_IP}/24", "dev", self.tap)
-        self._ip("-n", self.name, "link", "set", self.tap, "up")
-        self._ip("-n", self.name, "link", "set", "lo", "up")
-        self.server = subprocess.Popen(
-            ["ip", "netns", "exec", self.name, sys.executable, "-m", "http.server", str(PORT),
-             "--bind", HOST_IP, "--directory", str(directory)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.server = None
+        try:
+            self._ip("-n", self.name, "tuntap", "add", "dev", self.tap, "mode", "tap")
+            self._ip("-n", self.name, "addr", "add", f"{HOST_IP}/24", "dev", self.tap)
+            self._ip("-n", self.name, "link", "set", self.tap, "up")
+            self._ip("-n", self.name, "link", "set", "lo", "up")
+            if directory is not None:
+                self.server = subprocess.Popen(
+                    self.argv([sys.executable, "-m", "http.server", str(PORT),
+                               "--bind", HOST_IP, "--directory", str(directory)]),
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except BaseException:
+            self.close()
+            raise
+
+    def argv(self, argv: list[str]) -> list[str]:
+        """*argv* run inside the namespace."""
+        return ["ip", "netns", "exec", self.name, *argv]
 
     @staticmethod
     def _ip(*args):
@@ -141,8 +170,9 @@ class Namespace:
         return out["tap"]
 
     def close(self):
-        self.server.kill()
-        self.server.wait(30)
+        if self.server is not None:
+            self.server.kill()
+            self.server.wait(30)
         subprocess.run(["ip", "netns", "delete", self.name], capture_output=True)
 
 
@@ -210,12 +240,8 @@ def run(size_mb: int, with_net: bool, extra_cmdline: str = "", with_disk: bool =
             dom.attach(BlockBackend(dom, 0, image, max_queues=max_queues))
             if tap is not None:
                 dom.attach(NetBackend(dom, 0, tap, "00:16:3e:00:0b:01", max_queues=max_queues))
-            box: dict = {}
-            th = threading.Thread(target=lambda: box.setdefault("r", dom.run(timeout=None)), daemon=True)
             say("booting the default guest")
-            th.start()
-            con = Console(dom)
-            con.expect(PROMPT, BOOT_TIMEOUT, "first prompt")
+            th, con = start_guest(dom)
             meter = CostMeter(dom)
             costs = results["costs"] = {}
             sampler = None
@@ -267,8 +293,8 @@ def run(size_mb: int, with_net: bool, extra_cmdline: str = "", with_disk: bool =
                 before = meter.snapshot()
                 if sampler:
                     sampler.label = "net_tx"
-                results["net_tx_guest_s"] = host_time(["ip", "netns", "exec", ns.name, "wget", "-q", "-O",
-                                                       "/dev/null", f"http://{GUEST_IP}:{GUEST_PORT}/blob"])
+                results["net_tx_guest_s"] = host_time(ns.argv(["wget", "-q", "-O",
+                                                       "/dev/null", f"http://{GUEST_IP}:{GUEST_PORT}/blob"]))
                 if sampler:
                     sampler.label = None
                 costs["net_tx"] = meter.delta(before, meter.snapshot())
@@ -276,11 +302,7 @@ def run(size_mb: int, with_net: bool, extra_cmdline: str = "", with_disk: bool =
             if sampler:
                 sampler.stop()
                 results["profile"] = {key: sampler.table(key) for key in costs}
-            dom.send_console_input(b"poweroff -f\n")
-            th.join(120)
-            if th.is_alive():
-                dom.stop()
-                th.join(30)
+            stop_guest(dom, th)
             results["device_counters"] = [dict(be.stats) for be in dom.backends]
         image.close()
         if tap is not None:
@@ -295,8 +317,8 @@ def run(size_mb: int, with_net: bool, extra_cmdline: str = "", with_disk: bool =
             results["disk_write_host_s"] = host_time(["dd", "if=/dev/zero", f"of={img}", "bs=1M",
                                                       f"count={size_mb}", "conv=fsync,notrunc"])
         if ns is not None:
-            results["net_rx_host_s"] = host_time(["ip", "netns", "exec", ns.name, "wget", "-q", "-O",
-                                                  "/dev/null", f"http://{HOST_IP}:{PORT}/blob"])
+            results["net_rx_host_s"] = host_time(ns.argv(["wget", "-q", "-O", "/dev/null",
+                                                          f"http://{HOST_IP}:{PORT}/blob"]))
             results["net_tx_host_s"] = results["net_rx_host_s"]     # the same loopback transfer
     finally:
         if ns is not None:

@@ -15,10 +15,12 @@ few local ``apt-cache`` look-ups and no building.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -191,13 +193,61 @@ def _newest_cached_guest(cmdline: str) -> DefaultGuest | None:
 
 
 def build_default_guest(progress: bool = True,
-                        cmdline: str = DEFAULT_CMDLINE) -> DefaultGuest:
+                        cmdline: str = DEFAULT_CMDLINE,
+                        extra_files: Mapping[str, Path] | None = None) -> DefaultGuest:
     """Fetch (cached) the cloud kernel and busybox and build (cached) the
     initramfs; return the kernel, initrd and command line.
+
+    *extra_files* (path inside the image -> host file, mode kept) go into a
+    second newc archive appended to the default one (the kernel unpacks
+    concatenated archives in order), cached by content: a guest with
+    extra programs (bench/tools.py's fio and iperf3) shares the default
+    image and its cache entry.
 
     Without a usable apt (no package lists, no network: e.g. inside the
     faithful lane's L1, which shares the cache), the newest default guest
     already built in the cache is used instead."""
+    base = _build_default_guest(progress, cmdline)
+    if not extra_files:
+        return base
+    return dataclasses.replace(base, initrd=_with_layer(base.initrd, extra_files, progress))
+
+
+def _with_layer(base_initrd: Path, extra_files: Mapping[str, Path], progress: bool) -> Path:
+    """*base_initrd* followed by a gzip newc archive of *extra_files* (cached)."""
+    digest = hashlib.sha256(base_initrd.read_bytes())
+    for path in sorted(extra_files):
+        src = Path(extra_files[path])
+        try:
+            st = src.stat()
+            digest.update(f"{path}\0{st.st_mode & 0o7777:o}\0".encode())
+            digest.update(hashlib.sha256(src.read_bytes()).digest())
+        except OSError as e:
+            raise DebianError(f"extra file for the initramfs {src}: {e.strerror}") from None
+    out_dir = debian.cache_root() / "guests" / f"layered-{digest.hexdigest()[:16]}"
+    initrd = out_dir / "initrd.img"
+    if initrd.is_file():
+        return initrd
+    total = sum(Path(p).stat().st_size for p in extra_files.values())
+    say(f"building an initramfs layer of {len(extra_files)} extra files "
+        f"({total / 1e6:.1f} MB) ...", progress)
+    t0 = time.monotonic()
+    layer = Initramfs()
+    for path, src in sorted(extra_files.items()):
+        layer.add_file(path, Path(src), mode=Path(src).stat().st_mode)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = initrd.with_name("initrd.img.tmp")
+    tmp.write_bytes(base_initrd.read_bytes() + layer.to_bytes(compress=True))
+    tmp.replace(initrd)
+    (out_dir / "inputs.json").write_text(json.dumps(
+        {"base": str(base_initrd), "extra_files": {k: str(v) for k, v in sorted(extra_files.items())}},
+        indent=1))
+    say(f"initramfs {initrd} ({initrd.stat().st_size // 1024} KiB) done in "
+        f"{time.monotonic() - t0:.1f} s", progress)
+    return initrd
+
+
+def _build_default_guest(progress: bool, cmdline: str) -> DefaultGuest:
     try:
         kernel = debian.cloud_kernel(progress)
         busybox = debian.busybox_static(progress)

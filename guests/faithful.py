@@ -44,6 +44,7 @@ L1_MODULES: tuple[str, ...] = (
     "irqbypass", "ccp", "kvm", "kvm-amd",
     "virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev",
     "virtio_pci", "netfs", "fscache", "9pnet", "9pnet_virtio", "9p",
+    "tun",      # TAP devices: bench/tools.py's netback and QEMU peer
 )
 
 #: Environment variable /init sets for the command it runs.
@@ -357,10 +358,11 @@ def prepare_l1(progress: Callable[[str], None] | None = None) -> L1Image:
     except Exception as exc:  # network, apt, unpack: say which in one line
         msg = " ".join(str(exc).split()) or type(exc).__name__
         raise FaithfulLaneError(f"faithful lane: download of the L1 kernel/busybox impossible: {msg}") from exc
-    # The initramfs depends on the kernel's modules, busybox and /init.
+    # The initramfs depends on the kernel's modules, the ones it loads, busybox and /init.
     key = hashlib.sha256()
     key.update(str(kernel.version).encode())
     key.update(_init_script().encode())
+    key.update(" ".join(L1_MODULES).encode())
     key.update(Path(busybox).read_bytes())
     initrd = cache / f"initrd-{kernel.version}-{key.hexdigest()[:12]}.cpio.gz"
     if not initrd.is_file():

@@ -25,6 +25,8 @@ import pytest
 from pyvmm.vmm.quirks import on_kvm_pvm
 
 LANES = ("host", "faithful")
+#: Set to run the tests marked heavy, as --heavy does (the faithful lane's L1 inherits it).
+HEAVY_ENV = "PYVMM_HEAVY"
 #: Upper bound of one inner run (boot included), unless --faithful-timeout.
 DEFAULT_FAITHFUL_TIMEOUT = 2400.0
 
@@ -60,6 +62,9 @@ def pytest_addoption(parser):
                     help="host: this machine's KVM (default); faithful: re-run the tests "
                          "marked faithful/faithful_only (and any named explicitly) inside "
                          "KVM-in-QEMU/TCG")
+    group.addoption("--heavy", action="store_true", default=False,
+                    help="also run the tests marked heavy (minutes each: full benchmark "
+                         "runs; also with $PYVMM_HEAVY=1), which the default suite skips")
     group.addoption("--faithful-timeout", type=float, default=DEFAULT_FAITHFUL_TIMEOUT,
                     help="seconds for the whole faithful-lane run, boot included")
     group.addoption("--faithful-smp", type=int, default=None, metavar="N",
@@ -114,7 +119,11 @@ def pytest_collection_modifyitems(config, items):
         return
     pvm = on_kvm_pvm()
     lane = _lane_here()
+    heavy = config.getoption("heavy") or os.environ.get(HEAVY_ENV, "") not in ("", "0")
     for item in items:
+        if not heavy and item.get_closest_marker("heavy"):
+            item.add_marker(pytest.mark.skip(
+                reason=f"heavy (minutes): run with --heavy or {HEAVY_ENV}=1"))
         if pvm and item.get_closest_marker("faithful_only"):
             item.add_marker(pytest.mark.skip(
                 reason=f"needs real-KVM behaviour; skipped on the {lane}: "

@@ -202,3 +202,99 @@ def test_shim_costs_prices_every_operation():
         assert all(r["insns"] > 0 for r in first.values())
         exact = ("stack_switch", "mmu_update", "iret", "int3_bounce_iret")
         assert [first[k]["insns"] for k in exact] == [second[k]["insns"] for k in exact]
+
+
+def _load_tools():
+    spec = importlib.util.spec_from_file_location("bench_tools", REPO / "bench" / "tools.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _fio_report(rw: str, bw: int, iops: float, p50_ns: int, p99_ns: int) -> dict:
+    side = {"io_bytes": bw * 2, "bw_bytes": bw, "iops": iops,
+            "clat_ns": {"percentile": {"1.000000": 1, "50.000000": p50_ns, "99.000000": p99_ns}}}
+    idle = {"io_bytes": 0, "bw_bytes": 0, "iops": 0.0, "clat_ns": {}}
+    return {"fio version": "fio-3.33",
+            "jobs": [{"jobname": "job", "read": side if rw == "read" else idle,
+                      "write": side if rw == "write" else idle}]}
+
+
+def _iperf_report(bps: float) -> dict:
+    return {"start": {}, "intervals": [],
+            "end": {"sum_sent": {"bits_per_second": bps * 1.01, "retransmits": 3},
+                    "sum_received": {"bits_per_second": bps}}}
+
+
+def test_tools_figures_and_table_from_tool_reports():
+    """bench/tools.py: fio's and iperf3's JSON (as they print it, after
+    console noise) to figures, and the table's rows and ratios."""
+    tools = _load_tools()
+    noisy = "[   12.5] xen_netfront: something {not json\n" + json.dumps(_fio_report("read", 4_000_000, 3.8, 2_000_000, 9_000_000))
+    rd = tools.fio_figures(tools.json_of(noisy[noisy.index("\n") + 1:], "x"))
+    assert rd["MB/s"] == 4.0 and rd["IOPS"] == 3.8 and rd["p50 us"] == 2000 and rd["p99 us"] == 9000
+    wr = tools.fio_figures(_fio_report("write", 2_000_000_000, 1900, 300_000, 900_000))
+    assert wr["MB/s"] == 2000
+    with pytest.raises(tools.ToolError):
+        tools.json_of("fio: engine libaio not loadable\n", "fio")
+    with pytest.raises(tools.ToolError):
+        tools.iperf_figures({"error": "unable to connect to server"})
+    r = {"config": {"size_mb": 16, "runtime_s": 1, "seq_iodepth": 8},
+         "guest": {"fio_engine": "libaio", "fio": {"seqread": rd},
+                   "iperf3": {"tx1": tools.iperf_figures(_iperf_report(1e8))}},
+         "host": {"fio_engine": "libaio", "fio": {"seqread": wr, "seqwrite": wr},
+                  "iperf3": {"tx1": tools.iperf_figures(_iperf_report(2e10))}}}
+    lines = tools.table(r).splitlines()
+    assert "engine guest libaio, host libaio" in lines[0]
+    assert lines[1].split()[-3:] == ["guest", "host", "guest/host"]
+    body = {(" ".join(l.split()[:-4]), l.split()[-4]): l.split()[-3:] for l in lines[2:]}
+    assert body[("fio seq read 1 MiB QD8", "MB/s")] == ["4", "2000", "0.002"]
+    assert body[("fio seq write 1 MiB QD8", "MB/s")] == ["-", "2000", "-"]    # one side only
+    assert body[("iperf3 guest->host 1 stream", "Gbit/s")] == ["0.1", "20", "0.005"]
+    assert len(lines) == 2 + 4 + 4 + 1                 # no rows for runs neither side made
+    r["qemu"] = {"fio_engine": "io_uring", "fio": {"seqread": wr}}
+    lines = tools.table(r).splitlines()
+    assert lines[1].split()[-2:] == ["qemu", "guest/qemu"] and "qemu io_uring" in lines[0]
+    assert lines[2].split()[-5:] == ["4", "2000", "0.002", "2000", "0.002"]
+
+
+def test_tools_qemu_console_drives_a_stand_in(tmp_path):
+    """bench/tools.py's QemuConsole gives bench/devices.py's Console QEMU's
+    serial stdio: here a stand-in shell that prints a prompt and runs what
+    it is sent, so guest_capture's markers and exit status round-trip."""
+    tools = _load_tools()
+    from devices import PROMPT, Console
+    proc = subprocess.Popen(["sh", "-c", "printf 'pyvmm:/# '; while read -r l; do sh -c \"$l\"; "
+                             "printf 'pyvmm:/# '; done"], cwd=tmp_path,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        con = Console(tools.QemuConsole(proc))
+        con.expect(PROMPT, 30, "first prompt")
+        rc, out, err = tools.guest_capture(con, "echo '{\"a\": 1}'; echo oops >&2; false", tmp=str(tmp_path))
+        assert rc == 1 and json.loads(out) == {"a": 1} and err.strip() == "oops"
+    finally:
+        proc.stdin.close()
+        proc.wait(30)
+    with pytest.raises(tools.ToolError, match="QEMU exited with status 0"):
+        con.expect(PROMPT, 30, "a prompt that never comes")
+
+
+@pytest.mark.heavy
+@pytest.mark.slow
+def test_tools_bench_runs_fio_and_iperf3_in_the_guest():
+    """The whole bench/tools.py at its smallest: the tools fetched and
+    layered, the guest boots, every fio job and (as root with a TAP)
+    iperf3 run gives figures on both sides, every ratio positive.  3.5 to 5
+    minutes on kvm_pvm, hence heavy."""
+    p = subprocess.run([sys.executable, str(REPO / "bench" / "tools.py"), "--size-mb", "16",
+                        "--runtime", "1", "--json"], capture_output=True, text=True, timeout=1500)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "tools: " in p.stderr and "booting" in p.stderr          # progress on stderr
+    tools = _load_tools()
+    r = json.loads(p.stdout)
+    rows = tools.rows(r)
+    assert len(rows) >= 12
+    for test, metric, guest, host, _qemu in rows:
+        q = tools.ratio(guest, host)
+        assert q is not None and q > 0, (test, metric, guest, host)
+    assert tools.table(r).count("\n") == len(rows) + 1

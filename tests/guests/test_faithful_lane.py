@@ -179,6 +179,26 @@ def test_lane_markers_on_this_host(tmp_path):
         assert "exercises a kvm_pvm workaround; no kvm_pvm in the host lane" in out
 
 
+@pytest.mark.skipif(INSIDE_L1, reason="checks host-lane skip rules")
+def test_heavy_tests_skipped_unless_asked_for(tmp_path):
+    (tmp_path / "conftest.py").write_text(CONFTEST.read_text())
+    (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n heavy: x\n")
+    (tmp_path / "test_h.py").write_text(
+        "import pytest\n@pytest.mark.heavy\ndef test_big(): pass\ndef test_small(): pass\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYVMM_HEAVY"}
+    for extra, heavy_env, ran in (([], None, False), (["--heavy"], None, True), ([], "1", True),
+                                  ([], "0", False)):
+        run_env = dict(env, **({"PYVMM_HEAVY": heavy_env} if heavy_env is not None else {}))
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-rs", "-v",
+                               *extra, "test_h.py"], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120, env=run_env)
+        assert proc.returncode == 0, proc.stdout
+        assert "test_small PASSED" in proc.stdout
+        assert ("test_big PASSED" if ran else "test_big SKIPPED") in proc.stdout, (extra, heavy_env)
+        if not ran:
+            assert "heavy (minutes): run with --heavy or PYVMM_HEAVY=1" in proc.stdout
+
+
 def test_explicit_ids_match_nodeids_and_params():
     ids = ["tests/test_x.py::test_a", "tests/test_x.py::TestC"]
     assert faithful_conftest()._named("tests/test_x.py::test_a", ids)

@@ -8,6 +8,8 @@ import shutil
 import stat
 import struct
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -395,3 +397,62 @@ def test_default_guest_cached(capsys):
     g2 = default.build_default_guest(progress=True)
     assert g2 == g1 and g2.initrd.stat().st_mtime_ns == m1
     assert "building initramfs" not in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- extra programs
+
+def test_elf_info_of_a_host_program_and_bad_input(tmp_path):
+    from pyvmm.guests import bundle
+    info = bundle.elf_info(Path(os.path.realpath(sys.executable)))
+    assert info.interpreter and info.interpreter.endswith(".so.2")
+    assert "libc.so.6" in info.needed or any(n.startswith("libpython") for n in info.needed)
+    for bad in (b"", b"#!/bin/sh\n", b"\x7fELF\x02\x01" + b"\xff" * 58):
+        f = tmp_path / "bad"
+        f.write_bytes(bad)
+        with pytest.raises(debian.DebianError):
+            bundle.elf_info(f)
+
+
+def test_bundle_resolves_libraries_from_packages_before_the_host(tmp_path):
+    """_resolve: a soname fetched wins over the host's, the host fills in the
+    rest transitively, one nobody has is reported missing, the loader is
+    not copied as a library."""
+    from pyvmm.guests import bundle
+    host = bundle.host_libraries()
+    assert "libc.so.6" in host
+    prog = Path(os.path.realpath("/bin/ls"))
+    fetched = {"libc.so.6": host["libc.so.6"]}
+    missing, libs, interp = bundle._resolve([prog], fetched, host)
+    assert not missing and interp == bundle.elf_info(prog).interpreter
+    assert libs["libc.so.6"] == host["libc.so.6"] and Path(interp).name not in libs
+    missing, libs, _ = bundle._resolve([prog], {}, {})
+    assert missing == set(bundle.elf_info(prog).needed) and not libs
+
+
+def test_extra_files_are_an_appended_initramfs_layer(tmp_path, monkeypatch):
+    """build_default_guest(extra_files=): the default image unchanged, then a
+    second gzip newc archive with the files (modes kept), cached by content."""
+    monkeypatch.setenv("PYVMM_CACHE", str(tmp_path / "cache"))
+    base_img = Initramfs()
+    base_img.add_file("init", b"#!/bin/sh\n", mode=0o755)
+    base = tmp_path / "base.img"
+    base_img.write(base)
+    tool = tmp_path / "tool"
+    tool.write_bytes(b"\x7fELF pretend")
+    tool.chmod(0o755)
+    lib = tmp_path / "libx.so.1"
+    lib.write_bytes(b"library")
+    lib.chmod(0o644)
+    extra = {"usr/bin/tool": tool, "usr/lib/x86_64-linux-gnu/libx.so.1": lib}
+    out = default._with_layer(base, extra, progress=False)
+    blob = out.read_bytes()
+    assert blob.startswith(base.read_bytes())
+    layer = {e.name: e for e in parse_newc(blob[len(base.read_bytes()):])}
+    assert layer["usr/bin/tool"].data == tool.read_bytes()
+    assert layer["usr/bin/tool"].mode & 0o777 == 0o755
+    assert layer["usr/lib/x86_64-linux-gnu/libx.so.1"].mode & 0o777 == 0o644
+    assert default._with_layer(base, extra, progress=False) == out      # cached
+    lib.write_bytes(b"another library")
+    assert default._with_layer(base, extra, progress=False) != out      # keyed by content
+    with pytest.raises(debian.DebianError):
+        default._with_layer(base, {"usr/bin/gone": tmp_path / "gone"}, progress=False)
