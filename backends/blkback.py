@@ -249,11 +249,7 @@ class BlockBackend(XenbusBackend):
         queues = []
         for i, (ref, port) in enumerate(keys):
             q = _BlkQueue(i, BackRing(self.map_grant(ref), BLKIF_RING_ENTRY_SIZE, BlkifRequest, BlkifResponse))
-            if n > 1:
-                w = self.new_queue_worker(q, lambda q=q: self._serve_queue(q))
-                q.port = self.bind_event_channel(port, w.kick)
-            else:
-                q.port = self.bind_event_channel(port)
+            self.bind_queue(q, port, lambda q=q: self._serve_queue(q), several=n > 1)
             queues.append(q)
         self.queues = queues
         return {"sectors": self.image.sectors, "info": VDISK_READONLY if self.image.readonly else 0,

@@ -563,11 +563,7 @@ class NetBackend(XenbusBackend):
         for i, (tx_ref, rx_ref, port) in enumerate(keys):
             q = _NetQueue(i, BackRing(self.map_grant(tx_ref), NETIF_TX_ENTRY_SIZE, NetifTxRequest, NetifTxResponse),
                           BackRing(self.map_grant(rx_ref), NETIF_RX_ENTRY_SIZE, NetifRxRequest, NetifRxResponse))
-            if n > 1:
-                w = self.new_queue_worker(q, lambda q=q: self._serve_queue(q))
-                q.port = self.bind_event_channel(port, w.kick)
-            else:
-                q.port = self.bind_event_channel(port)
+            self.bind_queue(q, port, lambda q=q: self._serve_queue(q), several=n > 1)
             queues.append(q)
         self.queues = queues
         self._start_reader()

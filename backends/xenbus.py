@@ -430,6 +430,15 @@ class XenbusBackend:
         self._queue_workers.append(w)
         return w
 
+    def bind_queue(self, queue: BackendQueue, guest_port: int, serve, several: bool) -> None:
+        """Bind `queue`'s event channel (called from `connect`): with several
+        queues it wakes the queue's own worker, which runs `serve()`; with
+        one, the device's worker (which runs `process`)."""
+        if several:
+            queue.port = self.bind_event_channel(guest_port, self.new_queue_worker(queue, serve).kick)
+        else:
+            queue.port = self.bind_event_channel(guest_port)
+
     def notify_frontend(self) -> None:
         if self._port is not None:
             self._port.notify()
