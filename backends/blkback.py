@@ -280,15 +280,6 @@ class BlockBackend(XenbusBackend):
         queues = self.queues
         return queues[0].ring if queues else None
 
-    @property
-    def _persistent(self) -> dict:
-        """Every queue's persistent grants (gref -> mapping), for reports;
-        a gref used on two queues is counted once here, mapped once per queue."""
-        out = {}
-        for q in list(self.queues):
-            out.update(q.persistent)
-        return out
-
     def rings(self) -> dict:
         queues = list(self.queues)
         if len(queues) == 1:

@@ -332,7 +332,7 @@ ROWS = (("disk read", "disk_read"), ("disk re-read", "disk_reread"), ("disk read
         ("net receive (HTTP)", "net_rx"), ("net transmit (HTTP)", "net_tx"))
 
 
-def _shim_entries(c: dict) -> dict:
+def shim_entries(c: dict) -> dict:
     """A cost delta's shim entries by kind (traps, interrupts, syscall-instruction entries)."""
     return {k[5:]: v for k, v in c.items() if k.startswith("shim ") and
             (k.startswith("shim trap") or k in ("shim interrupts", "shim syscall entries"))}
@@ -363,7 +363,7 @@ def table(r: dict) -> str:
     out += ["", f"{'per MiB moved':<22} {'CPL0 insns':>11} {'KVM exits':>10} {'to Python':>10} "
             f"{'shim entries':>13}  top shim entries per MiB"]
     for label, key, c in measured:
-        entries = _shim_entries(c)
+        entries = shim_entries(c)
         hcalls = {k[15:]: v for k, v in c.items() if k.startswith("shim hypercall ")}
         top = sorted({**entries, **hcalls}.items(), key=lambda kv: -kv[1])[:6]
         out.append(f"{label:<22} {c.get('cpl0_insns', 0) / mb:>11.0f} {c.get('kvm_exits', 0) / mb:>10.0f} "
@@ -377,7 +377,7 @@ def table(r: dict) -> str:
             continue
         out.append(f"{label:<22} {mb / max(t - t0, 0.01):>11.1f} "
                    f"{(c.get('cpl0_insns', 0) - c0.get('cpl0_insns', 0)) / mb:>11.0f} "
-                   f"{(sum(_shim_entries(c).values()) - sum(_shim_entries(c0).values())) / mb:>13.0f}")
+                   f"{(sum(shim_entries(c).values()) - sum(shim_entries(c0).values())) / mb:>13.0f}")
     out += ["", f"{'KVM exits, per MiB':<22} by reason (the vCPU's KVM statistics)"]
     for label, key, c in measured:
         kinds = sorted(((k[4:], v) for k, v in c.items() if k.startswith("kvm ") and v), key=lambda kv: -kv[1])

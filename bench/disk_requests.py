@@ -64,8 +64,7 @@ def main() -> int:
 
     r = {"bs": args.bs, "reads": [n0, n1], "ms": (t1 - t0) / extra * 1000,
          "cpl0_insns": per("cpl0_insns"), "kvm_exits": per("kvm_exits"),
-         "shim_entries": per("shim syscall entries") + per("shim interrupts")
-         + sum(per(k) for k in c1 if k.startswith("shim trap")),
+         "shim_entries": (sum(devices.shim_entries(c1).values()) - sum(devices.shim_entries(c0).values())) / extra,
          "interrupts": per("shim interrupts"), "backend_wall_us": per("BlockBackend[0] worker_wall_us"),
          "backend_wakeups": per("BlockBackend[0] worker_runs")}
     if args.json:
