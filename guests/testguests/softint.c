@@ -28,7 +28,7 @@ extern char tg_trap_0x21[], tg_trap_0x22[], tg_trap_0x24[], tg_trap_0x80[];
 extern char user_code_start[], user_code_end[];
 extern char u_int21[], u_int24[], u_int3[], u_int_3[], u_int4[], u_int80[], u_pf_read[], u_pf_write[];
 extern char u_ud[], u_gp[], u_nm[], u_tf[], u_tf_nop[], u_sel[], u_sel_mov[], u_int24_pfx[];
-void run_user(u64 rip, u64 rsp);
+void run_user(u64 rip, u64 rsp, u64 rax, u64 rbx);
 void tg_back_to_kernel(void) __attribute__((noreturn));
 
 u64 tg_resume_rip, k_at, k_after;
@@ -73,7 +73,7 @@ static void expect(const char *what, u64 vec, u64 err, u64 rip, int user)
 			 "1: " insn "\n2: nop\n3:" ::: "rax", "rcx", "r11", "memory")
 
 static u64 uva(const char *sym) { return USER_CODE_VA + (u64)(sym - user_code_start); }
-static void user(const char *sym) { run_user(uva(sym), USER_STACK_TOP); }
+static void user(const char *sym) { run_user(uva(sym), USER_STACK_TOP, 0, 0); }
 
 /* A behaviour kvm_pvm does not give (README "Two test lanes"): printed
  * as "OBSERVE <name> ok|differs" for the test to judge by lane. */

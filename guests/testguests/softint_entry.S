@@ -1,6 +1,5 @@
-/* softint guest: trap entries for the vectors traps_entry.S lacks, the
- * user-mode snippets, and run_user / tg_back_to_kernel, which enter user
- * mode and come back from a trap handler as setjmp/longjmp would. */
+/* softint guest: trap entries for the vectors traps_entry.S lacks and the
+ * user-mode snippets (run by user_run.S's run_user). */
 	.section .note.GNU-stack, "", @progbits
 	.text
 #include "tg_trap.h"
@@ -11,27 +10,6 @@
 	TRAP 0x22, 0
 	TRAP 0x24, 0
 	TRAP 0x80, 0
-
-/* u64 run_user(u64 rip, u64 rsp): iret to user mode; "returns" when a
- * handler calls tg_back_to_kernel() */
-	.globl run_user, tg_back_to_kernel
-run_user:
-	pushq %rbx; pushq %rbp; pushq %r12; pushq %r13; pushq %r14; pushq %r15
-	movq %rsp, tg_kctx(%rip)
-	pushq $0xe02b
-	pushq %rsi
-	pushq $0x202
-	pushq $0xe033
-	pushq %rdi
-	jmp tg_xen_iret
-tg_back_to_kernel:
-	movq tg_kctx(%rip), %rsp
-	popq %r15; popq %r14; popq %r13; popq %r12; popq %rbp; popq %rbx
-	ret
-
-	.bss
-	.balign 8
-tg_kctx: .quad 0
 
 /* user-mode code, copied to a user page (position independent); each
  * snippet traps at its first instruction unless its comment says */
