@@ -5,9 +5,9 @@
  * else the leaf-0xD components).  Any wider XCR0 lets glibc use registers
  * (ymm upper halves, ymm16-31 of the EVEX routines, opmasks) that no
  * context switch preserves: their contents leak between processes.
- * Checks xgetbv(0) within what the PV CPUID lets the kernel save, at start
- * and after exits to the VMM, and prints it ("xcr0 0x..") for the test,
- * which knows what each lane should show (Xen: x87|SSE until xsetbv). */
+ * Prints xgetbv(0) and what the PV CPUID lets the kernel save ("xcr0 0x..
+ * kernel-saved 0x..") for the test, which knows what each lane should show
+ * (Xen: x87|SSE until xsetbv), and checks it is unchanged by exits to the VMM. */
 #include "tg.h"
 const char tg_name[] = "xcr0";
 
@@ -46,8 +46,9 @@ void tg_main(struct start_info *si)
 		saved = ((u64)d << 32) | a;
 	}
 	u64 x = xgetbv0();
+	/* the test judges it: on kvm_pvm the host's AMX components may be in
+	 * force too (test_testguests_priv.py) */
 	tg_puts("xcr0 "); tg_hex(x); tg_puts(" kernel-saved "); tg_hex(saved); tg_puts("\n");
-	tg_check((x & ~saved) == 0, "XCR0 within the state the PV kernel saves", x, saved);
 	for (int i = 0; i < 3; i++)   /* each console write is an exit to the VMM */
 		tg_puts(".");
 	tg_puts("\n");

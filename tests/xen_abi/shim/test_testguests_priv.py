@@ -63,7 +63,8 @@ def test_xsave_xcr0_reaches_the_cpu():
     so XSAVE/XRSTOR of a Linux-style signal frame (header forced to x87|SSE)
     works at CPL3.  Where the PV CPUID hides XSAVE the guest says so and
     only checks nothing breaks (kvm_pvm offers it: see test_xcr0_...)."""
-    from pyvmm.vmm.quirks import on_kvm_pvm
+    from pyvmm.vmm import hostcpu
+    from pyvmm.vmm.quirks import detect_quirks, on_kvm_pvm
     with Domain(str(build_testguest("xsave"))) as dom:
         res = dom.run(timeout=60)
         state = priv.read_state(dom.region.mem, dom.region.vcpus[0].percpu_off)
@@ -74,8 +75,11 @@ def test_xsave_xcr0_reaches_the_cpu():
     if "XSAVE absent" in res.text:
         assert not on_kvm_pvm(), "kvm_pvm's PV CPUID must offer XSAVE (host XCR0 in force)"
         return
-    m = re.search(r"xcr0 (0x[0-9a-f]+)", res.text)
+    m = re.search(r"xcr0 (0x[0-9a-f]+) xgetbv (0x[0-9a-f]+)", res.text)
     assert m and int(m.group(1), 16) == state["xcr0"] == xcr0, (res.text, state, xcr0)
+    # what guest code sees: the XCR0 set, or on kvm_pvm the host's (README "Two test lanes")
+    in_force = hostcpu.xgetbv(0) if detect_quirks().xcr0_is_host_at_cpl3 else xcr0
+    assert int(m.group(2), 16) == in_force, (res.text, hex(in_force))
 
 
 def test_xcr0_in_force_is_what_the_guest_kernel_saves():
@@ -89,6 +93,7 @@ def test_xcr0_in_force_is_what_the_guest_kernel_saves():
     from pyvmm.vmm import hostcpu
     from pyvmm.vmm.quirks import detect_quirks
     from pyvmm.xen_abi.hypervisor.domain import XSTATE_FP_SSE
+    XSTATE_AMX = 3 << 17       # XTILECFG, XTILEDATA
     with Domain(str(build_testguest("xcr0"))) as dom:
         res = dom.run(timeout=60)
     lines = res.text.strip().splitlines()
@@ -99,6 +104,10 @@ def test_xcr0_in_force_is_what_the_guest_kernel_saves():
     xcr0, saved = int(m.group(1), 16), int(m.group(2), 16)
     if detect_quirks().xcr0_is_host_at_cpl3:
         assert xcr0 == hostcpu.xgetbv(0), (hex(xcr0), res.text)
-        assert saved == xcr0, "kvm_pvm: the PV CPUID must offer exactly the host's XCR0"
+        # the PV CPUID offers the host's XCR0, but for AMX: KVM withholds the
+        # tile components from guests (they need XFD, which PV lacks) and the
+        # host fences tile data with XFD for pyvmm's threads (THREAT_MODEL.md)
+        assert saved == xcr0 & ~XSTATE_AMX, (hex(xcr0), hex(saved))
     else:
         assert xcr0 == XSTATE_FP_SSE, res.text
+        assert xcr0 & ~saved == 0, (hex(xcr0), hex(saved))
