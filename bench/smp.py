@@ -2,10 +2,20 @@
 host running the same job on 1 and on 2 of its CPUs.
 
     python bench/smp.py [--jobs 2] [--loop 200000] [--repeat 3] [--json]
+    python bench/smp.py --stress SECONDS [--vcpus 2]
 
 It also measures what a vCPU that stays idle costs while the other one
-runs: one loop pinned to vCPU 0 (busybox taskset), and the host CPU time
-each vCPU's thread used meanwhile, in percent of the wall time.
+runs: one loop pinned to vCPU 0 (busybox taskset), and per vCPU meanwhile
+the host CPU time of its thread (in percent of the wall time), its shim
+entries and KVM's halt figures (halts, wake-ups, time spent polling
+before the thread slept: halt_poll_ns), per second.
+
+--stress is issue 9's soak instead: for SECONDS, on every vCPU at once,
+short processes started and reaped without pause (fork, exec, exit: IPIs
+and TLB shootdowns) beside a `taskset`-pinned memory writer per vCPU
+(dd through a pipe), then the guest's kernel log is searched for an oops,
+a WARNING, a lock-up or an RCU stall; the bench reports rounds done per
+vCPU and exits 1 if the guest hung or logged one.
 
 The job is --jobs copies of a busybox shell loop (CPL3 code: native speed
 on kvm_pvm) started together and waited for, timed by busybox `time` in
@@ -34,6 +44,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from devices import PROMPT, Console  # noqa: E402  (the same console driver)
 
 BOOT_TIMEOUT = 900.0
+KVM_HALT_STATS = ("halt_exits", "halt_wakeup", "halt_poll_success_ns", "halt_poll_fail_ns")
+# what the kernel prints when something went wrong under the soak
+TROUBLE = "Oops|BUG:|WARNING:|soft lockup|hard LOCKUP|rcu_sched self-detected|rcu: INFO|hung_task|Call Trace"
 
 
 def say(msg: str) -> None:
@@ -72,14 +85,92 @@ def guest_times(nr_vcpus: int, command: str, repeat: int, idle_probe: str | None
                 say(f"  {nr_vcpus} vCPU(s), run {k + 1}/{repeat}: {times[-1]:.2f} s")
             idle = {}
             if idle_probe:
-                before = {i: thread_cpu_s(t) for i, t in dom.vcpu_tids.items()}
-                t = time.monotonic()
-                con.timed(idle_probe)
-                wall = time.monotonic() - t
-                idle = {f"vcpu{i}_cpu_pct": round(100 * (thread_cpu_s(tid) - before[i]) / wall, 2)
-                        for i, tid in dom.vcpu_tids.items()}
-                say(f"  one loop pinned to vCPU 0: host CPU per vCPU thread {idle}")
+                idle = per_vcpu_costs(dom, lambda: con.timed(idle_probe))
+                say(f"  one loop pinned to vCPU 0: {idle}")
             return times, idle
+        finally:
+            dom.stop()
+            th.join(60)
+
+
+def per_vcpu_costs(dom, work) -> dict:
+    """Per vCPU while work() runs: its thread's host CPU (% of the wall),
+    shim entries and KVM's halt statistics per second."""
+    from pyvmm.xen_abi.hypervisor.trace import shim_counters
+
+    def entries(i):
+        return sum(shim_counters(dom, i).values())
+
+    def kvm(i):
+        try:
+            return dom.vcpus[i].stats().read()
+        except Exception:        # a KVM without binary stats: the other figures only
+            return {}
+    ids = sorted(dom.vcpu_tids)
+    before = {i: (thread_cpu_s(dom.vcpu_tids[i]), entries(i), kvm(i)) for i in ids}
+    t = time.monotonic()
+    work()
+    wall = time.monotonic() - t
+    out = {}
+    for i in ids:
+        cpu0, ent0, k0 = before[i]
+        k1 = kvm(i)
+        out[f"vcpu{i}_cpu_pct"] = round(100 * (thread_cpu_s(dom.vcpu_tids[i]) - cpu0) / wall, 2)
+        out[f"vcpu{i}_shim_entries_per_s"] = round((entries(i) - ent0) / wall)
+        for k in KVM_HALT_STATS:
+            if k in k1 and k in k0:
+                v = (k1[k] - k0[k]) / wall
+                out[f"vcpu{i}_{k.replace('_ns', '_ms')}_per_s"] = round(v / 1e6 if k.endswith("_ns") else v, 2)
+    return out
+
+
+def stress(nr_vcpus: int, seconds: float) -> int:
+    """Issue 9's soak; 0 if the guest stayed well for *seconds*."""
+    import re
+
+    from pyvmm.guests.default import build_default_guest
+    from pyvmm.xen_abi.hypervisor.domain import Domain
+
+    g = build_default_guest(progress=True)
+    with Domain(str(g.kernel), ram_size=256 << 20, cmdline=g.cmdline, initrd=g.initrd.read_bytes(),
+                nr_vcpus=nr_vcpus) as dom:
+        th = threading.Thread(target=lambda: dom.run(timeout=None), daemon=True)
+        say(f"booting the default guest with {nr_vcpus} vCPUs")
+        th.start()
+        con = Console(dom)
+        try:
+            con.expect(PROMPT, BOOT_TIMEOUT, "first prompt")
+            con.run("dmesg -c > /dev/null")
+            end = f"$(( $(cut -d. -f1 /proc/uptime) + {int(seconds)} ))"
+            for cpu in range(nr_vcpus):
+                # a forker and a memory writer per vCPU, each counting its rounds
+                con.run(f"(e={end}; n=0; while [ $(cut -d. -f1 /proc/uptime) -lt $e ]; do "
+                        f"for j in 1 2 3 4 5 6 7 8; do /bin/true & done; wait; n=$((n+1)); done; "
+                        f"echo $n > /tmp/fork{cpu}) &", None)
+                con.run(f"(e={end}; n=0; while [ $(cut -d. -f1 /proc/uptime) -lt $e ]; do "
+                        f"taskset -c {cpu} dd if=/dev/zero bs=1M count=16 2>/dev/null | "
+                        f"taskset -c {cpu} dd of=/dev/null bs=64k 2>/dev/null; n=$((n+1)); done; "
+                        f"echo $n > /tmp/write{cpu}) &", None)
+            say(f"soaking for {seconds:.0f} s")
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < seconds:
+                time.sleep(min(30.0, seconds))
+                say(f"  {time.monotonic() - t0:.0f} s")
+            m = con.run("wait; cat /tmp/fork* /tmp/write* | tr '\\n' ' '; echo; echo DONE",
+                        re.compile(rb"([\d ]+)\r?\nDONE"))
+            rounds = m.group(1).decode().split()
+            found = con.run(f"dmesg | grep -E -c '{TROUBLE}'; echo END", re.compile(rb"(\d+)\r?\nEND"))
+            troubles = int(found.group(1))
+            if troubles:
+                con.run(f"dmesg | grep -E -A20 '{TROUBLE}' | head -60")
+                print(dom.read_console()[0][-6000:].decode(errors="replace"))
+            forks, writes = rounds[:nr_vcpus], rounds[nr_vcpus:]
+            print(f"{seconds:.0f} s on {nr_vcpus} vCPUs: fork rounds per vCPU {forks}, "
+                  f"16 MiB writes per vCPU {writes}, kernel log lines of trouble: {troubles}")
+            return 1 if troubles or not all(int(r) > 0 for r in rounds) else 0
+        except RuntimeError as e:       # Console timed out: the guest hung
+            print(f"the guest stopped answering: {e}")
+            return 1
         finally:
             dom.stop()
             th.join(60)
@@ -100,9 +191,13 @@ def main(argv=None) -> int:
     ap.add_argument("--loop", type=int, default=200000, help="iterations of each loop")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--stress", type=float, metavar="SECONDS", help="run the soak instead (see above)")
+    ap.add_argument("--vcpus", type=int, default=2, help="vCPUs for --stress (default 2)")
     args = ap.parse_args(argv)
     from pyvmm.guests.debian import busybox_static
 
+    if args.stress:
+        return stress(args.vcpus, args.stress)
     if (os.cpu_count() or 1) < 2 or not shutil.which("taskset"):
         sys.exit("smp: needs 2 host CPUs and taskset (util-linux)")
     busybox = str(busybox_static(progress=True))
@@ -130,6 +225,10 @@ def main(argv=None) -> int:
     print(f"guest on 2 vCPUs takes {res['guest_vs_host_2cpu']:.2f}x the host's time on 2 CPUs")
     print(f"one loop pinned to vCPU 0: host CPU of vCPU 0's thread {idle.get('vcpu0_cpu_pct')}%, "
           f"of idle vCPU 1's {idle.get('vcpu1_cpu_pct')}%")
+    for i in (0, 1):
+        print(f"  vCPU {i} per second: " + ", ".join(f"{k.split('_', 1)[1].replace('_per_s', '')} {v}"
+                                                    for k, v in idle.items()
+                                                    if k.startswith(f"vcpu{i}_") and k.endswith("_per_s")))
     return 0
 
 
