@@ -145,7 +145,7 @@ def stress(nr_vcpus: int, seconds: float) -> int:
             for cpu in range(nr_vcpus):
                 # a forker and a memory writer per vCPU, each counting its rounds
                 con.run(f"(e={end}; n=0; while [ $(cut -d. -f1 /proc/uptime) -lt $e ]; do "
-                        f"for j in 1 2 3 4 5 6 7 8; do /bin/true & done; wait; n=$((n+1)); done; "
+                        f"for j in 1 2 3 4 5 6 7 8; do taskset -c {cpu} true & done; wait; n=$((n+1)); done; "
                         f"echo $n > /tmp/fork{cpu}) &", None)
                 con.run(f"(e={end}; n=0; while [ $(cut -d. -f1 /proc/uptime) -lt $e ]; do "
                         f"taskset -c {cpu} dd if=/dev/zero bs=1M count=16 2>/dev/null | "
