@@ -7,8 +7,9 @@ host running the same job on 1 and on 2 of its CPUs.
 It also measures what a vCPU that stays idle costs while the other one
 runs: one loop pinned to vCPU 0 (busybox taskset), and per vCPU meanwhile
 the host CPU time of its thread (in percent of the wall time), its shim
-entries and KVM's halt figures (halts, wake-ups, time spent polling
-before the thread slept: halt_poll_ns), per second.
+entries, KVM's halt figures (halts, wake-ups, time spent polling
+before the thread slept: halt_poll_ns) and, for the idle vCPU, its
+interrupts by source (the guest's /proc/interrupts), per second.
 
 --stress is issue 9's soak instead: for SECONDS, on every vCPU at once,
 short processes started and reaped without pause (fork, exec, exit: IPIs
@@ -85,12 +86,39 @@ def guest_times(nr_vcpus: int, command: str, repeat: int, idle_probe: str | None
                 say(f"  {nr_vcpus} vCPU(s), run {k + 1}/{repeat}: {times[-1]:.2f} s")
             idle = {}
             if idle_probe:
+                before = guest_interrupts(con)
+                t = time.monotonic()
                 idle = per_vcpu_costs(dom, lambda: con.timed(idle_probe))
+                wall = time.monotonic() - t
+                after = guest_interrupts(con)
+                # what woke the idle vCPU: its interrupts per second by source
+                idle["vcpu1_interrupts_per_s"] = {
+                    name: round((after[name][1] - before.get(name, (0, 0))[1]) / wall, 1)
+                    for name in after if len(after[name]) > 1
+                    and after[name][1] - before.get(name, (0, 0))[1] > 0}
                 say(f"  one loop pinned to vCPU 0: {idle}")
             return times, idle
         finally:
             dom.stop()
             th.join(60)
+
+
+def guest_interrupts(con) -> dict[str, tuple[int, ...]]:
+    """The guest's /proc/interrupts: source -> count per CPU."""
+    import re
+
+    m = con.run('echo IRQ""BEGIN; cat /proc/interrupts; echo IRQ""END',
+                re.compile(rb"IRQBEGIN\r?\n(.*?)IRQEND", re.S))
+    lines = m.group(1).decode(errors="replace").splitlines()
+    ncpu = len(lines[0].split())
+    out = {}
+    for line in lines[1:]:
+        f = line.split()
+        if len(f) < ncpu + 1 or not all(x.isdigit() for x in f[1:ncpu + 1]):
+            continue
+        name = " ".join(f[ncpu + 1:]) or f[0]
+        out[f"{f[0]} {name}"] = tuple(int(x) for x in f[1:ncpu + 1])
+    return out
 
 
 def per_vcpu_costs(dom, work) -> dict:
@@ -228,7 +256,9 @@ def main(argv=None) -> int:
     for i in (0, 1):
         print(f"  vCPU {i} per second: " + ", ".join(f"{k.split('_', 1)[1].replace('_per_s', '')} {v}"
                                                     for k, v in idle.items()
-                                                    if k.startswith(f"vcpu{i}_") and k.endswith("_per_s")))
+                                                    if k.startswith(f"vcpu{i}_") and k.endswith("_per_s")
+                                                    and not isinstance(v, dict)))
+    print(f"  vCPU 1's interrupts per second: {idle.get('vcpu1_interrupts_per_s')}")
     return 0
 
 
