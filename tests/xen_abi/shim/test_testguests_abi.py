@@ -81,6 +81,15 @@ def test_fsgsbase_instructions_as_xen_4_17():
     assert {"fsgsbase_offered", "fsgsbase_ud", "noncanonical_gp"} <= set(observed)
 
 
+def test_user_mode_port_io_through_iopl_3_or_the_io_bitmap():
+    """From guest user mode (virtual ring 3): IOPL 3 allows every port, 1
+    and 2 do not; below it the I/O bitmap decides, read through the
+    kernel's page tables (port + size <= nr_ports, bits clear); a refused
+    access is #GP(0) at it with a user frame, an allowed one reads all
+    ones or is dropped."""
+    run_pass("userio")
+
+
 def test_long_hypercalls_are_preempted_and_resumed():
     """mmu_update and mmuext_op batches, a multicall, a multicall entry that
     is itself a long batch and a long trap table stop part-way, the guest
