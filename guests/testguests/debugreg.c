@@ -12,7 +12,9 @@
  *     HYPERVISOR_iret resumes), a data breakpoint traps after the write,
  *     TF single-steps; DR6 shows B0-3 / BS and accumulates until written;
  *   - a data breakpoint on memory the hypervisor writes (a multicall's
- *     result) is not the guest's #DB. */
+ *     result) is not the guest's #DB;
+ *   - I/O breakpoints (CR4.DE): checked on every in/out the hypervisor
+ *     emulates, #DB after the instruction with their B bits in DR6. */
 /* kvm_pvm loads no guest breakpoints at CPL3: the guest reports those
  * cases as OBSERVE lines.  In the faithful lane (nested KVM on QEMU 7.2's
  * TCG) a breakpoint does not survive the vCPU's next exit to the VMM, so
@@ -59,6 +61,59 @@ static u64 read_cr4(void) { u64 v; __asm__ volatile("mov %%cr4, %0" : "=r"(v)); 
 static void write_cr4(u64 v) { __asm__ volatile("mov %0, %%cr4" :: "r"(v)); }
 
 struct multicall_entry { u64 op, result, args[6]; };
+
+/* I/O breakpoints (CR4.DE set by the caller): Xen checks them on each
+ * in/out it emulates -- every one, for a PV guest -- and raises #DB after
+ * the instruction, the matching B bits added to DR6. */
+static void io_breakpoints(void)
+{
+	u32 iopl = 1;
+	u64 after, r = 0;
+	expect_rc(HC2(HC_physdev_op, PHYSDEVOP_set_iopl, &iopl), 0, "set_iopl(1) for kernel-mode I/O");
+	expect_rc(setdr(6, 0), 0, "DR6 cleared");
+	expect_rc(setdr(0, 0x80), 0, "DR0 = port 0x80");
+	expect_rc(setdr(1, 0x60), 0, "DR1 = port 0x60");
+	/* L0: I/O, 1 byte; L1: I/O, 4 bytes (0x60-0x63) */
+	expect_rc(setdr(7, 0x1 | (2UL << 16) | 0x4 | (2UL << 20) | (3UL << 22)), 0, "DR7: two I/O breakpoints");
+	last.n = 0;
+	__asm__ volatile("leaq 1f(%%rip), %0; outb %%al, $0x80\n1:" : "=&r"(after) : "a"(0) : "memory");
+	tg_check(last.n == 1 && last.vec == 1, "outb 0x80: #DB", last.n, 1);
+	tg_check(last.rip == after, "I/O breakpoint: #DB after the instruction", last.rip, after);
+	tg_check((last.dr6 & 0xf) == 1, "outb 0x80: DR6.B0", last.dr6, 0xffff0ff1);
+	last.n = 0;
+	__asm__ volatile("inb $0x81, %%al" : "+a"(r) :: "memory");
+	__asm__ volatile("inb $0x64, %%al" : "+a"(r) :: "memory");
+	__asm__ volatile("outb %%al, $0x5f" :: "a"(0) : "memory");
+	tg_check(last.n == 0, "ports beside the breakpoints: no #DB", last.n, 0);
+	__asm__ volatile("leaq 1f(%%rip), %0; inb $0x63, %%al\n1:" : "=&r"(after), "+a"(r) :: "memory");
+	tg_check(last.n == 1 && last.rip == after, "inb 0x63, inside DR1's 4 bytes: #DB", last.n, 1);
+	tg_check((last.dr6 & 0xf) == 3, "DR6: B1 added to B0 (accumulates until written)", last.dr6, 0xffff0ff3);
+	expect_rc(setdr(6, 0), 0, "DR6 cleared");
+	last.n = 0;
+	__asm__ volatile("inw %%dx, %%ax" : "+a"(r) : "d"(0x5f) : "memory");
+	tg_check(last.n == 1, "inw 0x5f overlaps 0x60: #DB", last.n, 1);
+	tg_check((last.dr6 & 0xf) == 2, "inw 0x5f overlaps 0x60: DR6.B1", last.dr6, 0xffff0ff2);
+	expect_rc(setdr(6, 0), 0, "DR6 cleared");
+	last.n = 0;
+	static const u8 two[2] = { 1, 2 };
+	const u8 *src = two;
+	u64 count = 2;
+	__asm__ volatile("leaq 1f(%%rip), %0; rep outsb\n1:"
+			 : "=&r"(after), "+S"(src), "+c"(count) : "d"(0x80) : "memory");
+	tg_check(last.n == 1 && last.rip == after, "rep outsb to 0x80: one #DB after it", last.n, 1);
+	tg_check((last.dr6 & 0xf) == 1 && count == 0, "rep outsb: DR6.B0, all done", last.dr6, 0xffff0ff1);
+	/* without CR4.DE Xen does not look at them */
+	write_cr4(read_cr4() & ~8UL);
+	last.n = 0;
+	__asm__ volatile("outb %%al, $0x80" :: "a"(0) : "memory");
+	tg_check(last.n == 0, "CR4.DE clear: I/O breakpoints ignored", last.n, 0);
+	write_cr4(read_cr4() | 8);
+	iopl = 0;
+	HC2(HC_physdev_op, PHYSDEVOP_set_iopl, &iopl);
+	setdr(6, 0);
+	setdr(0, 0);
+	setdr(1, 0);
+}
 
 void tg_main(struct start_info *si)
 {
@@ -124,9 +179,10 @@ void tg_main(struct start_info *si)
 	tg_check(last.n == 1 && last.vec == 6, "mov %dr4 with CR4.DE: #UD", last.vec, 6);
 	expect_rc(setdr(7, 0x20001), 0, "an enabled I/O breakpoint with CR4.DE");
 	expect_rc(getdr(7), 0x20401, "the I/O breakpoint's enable reads back");
+	tg_resume_rip = 0;
+	io_breakpoints();
 	setdr(7, 0);
 	write_cr4(read_cr4() & ~8UL);
-	tg_resume_rip = 0;
 
 	/* an instruction breakpoint set while DR7 is off fires once it is on */
 	last.n = 0;

@@ -82,6 +82,8 @@ shim_fast_start:
         je 6f
         cmpq $0, PERCPU_IN_BLOCK+PRIV_OFF+PRIV_IOPL(%rcx)
         je shim_fast_fault
+        cmpq $0, PERCPU_IN_BLOCK+PRIV_OFF+PRIV_DR7_EMUL(%rcx)
+        jne shim_fast_fault     /* an I/O breakpoint is armed: priv.c checks it */
         movl %edx, %eax
         orb $1, %al
         cmpb $0xfb, %al         /* fa cli, fb sti */

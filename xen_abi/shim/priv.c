@@ -394,6 +394,38 @@ static int emulate_string_io(struct percpu *pc, struct frame *f, u8 op, int size
 	return 1;
 }
 
+/* Xen's check_guest_io_breakpoint: with CR4.DE, the enabled I/O
+ * breakpoints (kept in dr7_emul, never loaded) whose [DRi, DRi + len)
+ * overlaps [port, port + size): their DR6 B bits. */
+static u64 io_breakpoints(struct percpu *pc, u16 port, int size)
+{
+	static const u8 len_bytes[4] = { 1, 2, 8, 4 };   /* DR7 LEN 00, 01, 10, 11 */
+	u64 enabled = PRIV(pc, PRIV_DR7_EMUL), match = 0;
+	if (!enabled || !(guest_cr4(pc) & CR4_DE))
+		return 0;
+	u64 dr7 = PRIV(pc, PRIV_DR + 7 * 8);
+	for (int i = 0; i < 4; i++) {
+		if (!(enabled >> (2 * i) & 3))
+			continue;
+		u64 start = PRIV(pc, PRIV_DR + i * 8), width = len_bytes[(dr7 >> (18 + 4 * i)) & 3];
+		if (start < (u64)port + size && start + width > port)
+			match |= 1UL << i;
+	}
+	return match;
+}
+
+/* An emulated in/out (or ins/outs) done: EMUL_DONE, or EMUL_DONE_DEBUG
+ * with DR6 updated when it hit an I/O breakpoint (Xen: dr6 |= bpmatch,
+ * then #DB as a trap, after the instruction). */
+static int io_done(struct percpu *pc, u16 port, int size)
+{
+	u64 hit = io_breakpoints(pc, port, size);
+	if (!hit)
+		return EMUL_DONE;
+	PRIV(pc, PRIV_DR + 6 * 8) = (PRIV(pc, PRIV_DR + 6 * 8) | hit) & DR6_KEEP & 0xffffffffUL;
+	return EMUL_DONE_DEBUG;
+}
+
 static int decode(struct percpu *pc, struct frame *f)
 {
 	u8 b[16] = { 0 };
@@ -424,14 +456,17 @@ static int decode(struct percpu *pc, struct frame *f)
 		u16 port = (op >= 0xe4 && op <= 0xe7) ? b[i + 1] : (u16)f->rdx;
 		if (!io_ok(pc, port, size))
 			return 0;
-		if (op >= 0x6c && op <= 0x6f)
-			return emulate_string_io(pc, f, op, size, rep, i + 1);
+		if (op >= 0x6c && op <= 0x6f) {
+			if (!emulate_string_io(pc, f, op, size, rep, i + 1))
+				return 0;
+			return io_done(pc, port, size);
+		}
 		if (op == 0xe4 || op == 0xe5 || op == 0xec || op == 0xed)
 			io_read(f, port, size);
 		else
 			io_write(port, size, f->rax);
 		f->rip += i + (op <= 0xe7 ? 2 : 1);   /* e4-e7 carry an imm8 port */
-		return 1;
+		return io_done(pc, port, size);
 	}
 	if (op == 0xfa || op == 0xfb) {   /* cli/sti: IF is the upcall mask */
 		if (!pc->kernel_mode)
@@ -572,7 +607,7 @@ static int decode(struct percpu *pc, struct frame *f)
 int emulate_priv(struct percpu *pc, struct frame *f)
 {
 	int done = decode(pc, f);
-	if (done == EMUL_DONE)
+	if (done == EMUL_DONE || done == EMUL_DONE_DEBUG)
 		PRIV(pc, PRIV_EMULATED)++;
 	return done;
 }

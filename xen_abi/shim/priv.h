@@ -31,9 +31,11 @@ static inline void priv_count(void *pc, u64 idx)
 struct percpu;
 struct frame;
 /* #GP(0) from the guest: EMUL_DONE (rip advanced), EMUL_RAISE_UD (the
- * guest's #UD, as Xen's emulator raises it), else 0 (the guest's #GP) */
+ * guest's #UD, as Xen's emulator raises it), EMUL_DONE_DEBUG (done, and
+ * it hit an I/O breakpoint: the guest's #DB trap), else 0 (the guest's #GP) */
 #define EMUL_DONE 1
 #define EMUL_RAISE_UD 2
+#define EMUL_DONE_DEBUG 3
 int emulate_priv(struct percpu *pc, struct frame *f);
 /* #UD: 1 if it was the forced-emulation CPUID prefix (answered, rip += 7) */
 int emulate_forced_cpuid(struct percpu *pc, struct frame *f);

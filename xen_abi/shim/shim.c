@@ -556,6 +556,11 @@ static NOINLINE void do_gp(struct percpu *pc, struct frame *f)
 			bounce_trap(pc, f, VEC_UD);
 			return;
 		}
+		if (r == EMUL_DONE_DEBUG) {   /* an I/O breakpoint: #DB after the in/out */
+			f->vec = VEC_DB;
+			bounce_trap(pc, f, VEC_DB);
+			return;
+		}
 	}
 	bounce_trap(pc, f, VEC_GP);
 }

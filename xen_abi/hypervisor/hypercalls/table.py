@@ -84,7 +84,7 @@ OWNERS = (
     _unsupported(H.sched_op_compat, "the pre-3.0.2 form of sched_op"),
     _unsupported(H.platform_op, "dom0 only"),
     _shim(H.set_debugreg, "priv.c:do_set_debugreg",
-          note="loaded into the CPU; I/O breakpoints (CR4.DE) kept, not emulated"),
+          note="loaded into the CPU; I/O breakpoints (CR4.DE) checked on each emulated in/out (priv.c)"),
     _shim(H.get_debugreg, "priv.c:do_get_debugreg"),
     _shim(H.update_descriptor, "mmu.c:do_update_descriptor"),
     _python(H.memory_op, memory_op),
