@@ -133,13 +133,14 @@ static int check_host_map(void)
 	u64 p = tool_l1[T_HOST];
 	EXPECT((p & PTE_ADDR) == pfn(gpage) << 12 && (p & (PTE_P | PTE_RW)) == (PTE_P | PTE_RW) && (p & PTE_NX),
 	       "map: the PTE (frame, P, RW, NX)", p, pfn(gpage) << 12);
+	/* the page is all zeros (a valid L1): only the map's reference stops this */
+	rc = mmuext1(MMUEXT_PIN_L1_TABLE, pfn(gpage), 0);
+	EXPECT_RC(rc, -XEN_EINVAL, "map: a frame mapped writable by a grant is not pinned as an L1");
 	second[5] = 0x1234567890abcdefUL;
 	EXPECT(gpage[5] == 0x1234567890abcdefUL, "map: a write through the map is seen at home", gpage[5], 0);
 	rc = mmu_update1((pfn(gpage) << 12) + 8 * 6, 0x77);       /* a write at home ... */
 	EXPECT_RC(rc, 0, "map: write the page through mmu_update");
 	EXPECT(second[6] == 0x77, "map: ... is seen through the map", second[6], 0x77);
-	rc = mmuext1(MMUEXT_PIN_L1_TABLE, pfn(gpage), 0);
-	EXPECT_RC(rc, -XEN_EINVAL, "map: a frame mapped writable by a grant is not pinned as an L1");
 	EXPECT_RC(unmap(SLOT_VA(T_HOST) + 4096, 0, m.handle), GNTST_general_error,
 		  "unmap: host_addr that is not the map's");
 	EXPECT_RC(unmap(SLOT_VA(T_HOST), 0, m.handle + 1000), GNTST_bad_handle, "unmap: a handle never issued");
@@ -262,6 +263,29 @@ static int check_revoke_and_replace(void)
 	rc = tool_map(T_HOST, 0);
 	EXPECT_RC(rc, 0, "replace: clear it");
 	EXPECT(v1()[17].flags == GTF_permit_access, "replace: the grant is free", v1()[17].flags, 1);
+	return 0;
+}
+
+/* several host maps in one call: the shim answers each PTE request in turn */
+static int check_batch(void)
+{
+	grant_v1(18, GTF_permit_access, pfn(gpage2));
+	grant_v1(19, GTF_permit_access | GTF_readonly, pfn(ropage));
+	struct map_op m[3] = {
+		{ SLOT_VA(T_HOST), GNTMAP_host_map, 18, MY_DOMID, 99, 0, 0 },
+		{ SLOT_VA(T_HOST), GNTMAP_host_map, 100000, MY_DOMID, 99, 0, 0 },    /* a bad one between */
+		{ SLOT_VA(T_RO), GNTMAP_host_map | GNTMAP_readonly, 19, MY_DOMID, 99, 0, 0 },
+	};
+	long rc = gnttab(GNTTABOP_map_grant_ref, m, 3);
+	EXPECT_RC(rc, 0, "batch: map 3");
+	EXPECT(m[0].status == GNTST_okay && m[1].status == GNTST_bad_gntref && m[2].status == GNTST_okay,
+	       "batch: each op its own status", (u16)m[1].status, (u16)GNTST_bad_gntref);
+	EXPECT((tool_l1[T_HOST] & PTE_ADDR) == pfn(gpage2) << 12 && (tool_l1[T_RO] & PTE_ADDR) == pfn(ropage) << 12,
+	       "batch: both PTEs", tool_l1[T_RO], pfn(ropage) << 12);
+	struct unmap_op u[2] = { { SLOT_VA(T_HOST), 0, m[0].handle, 99, 0 }, { SLOT_VA(T_RO), 0, m[2].handle, 99, 0 } };
+	rc = gnttab(GNTTABOP_unmap_grant_ref, u, 2);
+	EXPECT(rc == 0 && u[0].status == GNTST_okay && u[1].status == GNTST_okay, "batch: unmap 2", u[1].status, 0);
+	EXPECT(tool_l1[T_HOST] == 0 && tool_l1[T_RO] == 0, "batch: both PTEs gone", tool_l1[T_RO], 0);
 	return 0;
 }
 
@@ -459,7 +483,7 @@ void tg_main(struct start_info *si)
 {
 	static int (*const checks[])(void) = {
 		check_host_map, check_contains_pte_and_readonly, check_refusals, check_device_map,
-		check_revoke_and_replace, check_copy, check_swap_flush_dump, check_v2,
+		check_revoke_and_replace, check_batch, check_copy, check_swap_flush_dump, check_v2,
 		check_overwritten_pte,   /* last: its grant stays in use */
 	};
 	nr_pages = si->nr_pages;

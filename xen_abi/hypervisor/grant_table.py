@@ -124,7 +124,7 @@ class GrantMapping:
     active: bool = True
 
 
-@dataclass
+@dataclass(slots=True)     # up to MAX_MAPTRACK_HANDLES of them: ~170 bytes each, 45 MiB at most
 class SelfMap:
     """A map handle of the domain's own (its maptrack entry): what
     GNTTABOP_map_grant_ref made of one of its own grants. host_addr is
