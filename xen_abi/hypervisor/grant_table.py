@@ -63,6 +63,9 @@ from pyvmm.xen_abi.abi import (
     GTF_writing,
     PAGE_SHIFT,
     PAGE_SIZE,
+    GrantEntryV1,
+    GrantEntryV2,
+    GrantTransitiveV2,
     XenErrno,
 )
 from pyvmm.xen_abi.memory.page_types import NotWritable, PageTypes, type_name
@@ -248,17 +251,15 @@ class GrantTable:
     def read_entry(self, ref: int) -> GrantEntry:
         self._check_ref(ref)
         raw = self.phys.read(self.entry_gpa(ref), self.entry_size)
-        flags, domid = int.from_bytes(raw[0:2], "little"), int.from_bytes(raw[2:4], "little")
         if self.version == 1:
-            return GrantEntry(flags, domid, int.from_bytes(raw[4:8], "little"),
-                              status=flags & (GTF_reading | GTF_writing))
-        status = self.phys.read(self.status_gpa(ref), GNTTAB_STATUS_SIZE)
-        return GrantEntry(flags, domid, int.from_bytes(raw[8:16], "little"),
-                          status=int.from_bytes(status, "little"),
-                          page_off=int.from_bytes(raw[4:6], "little") if flags & GTF_sub_page else 0,
-                          length=int.from_bytes(raw[6:8], "little") if flags & GTF_sub_page else PAGE_SIZE,
-                          trans_domid=int.from_bytes(raw[4:6], "little"),
-                          gref=int.from_bytes(raw[8:12], "little"))
+            e = GrantEntryV1.parse(raw)
+            return GrantEntry(e.flags, e.domid, e.frame, status=e.flags & (GTF_reading | GTF_writing))
+        e, t = GrantEntryV2.parse(raw), GrantTransitiveV2.parse(raw)
+        status = int.from_bytes(self.phys.read(self.status_gpa(ref), GNTTAB_STATUS_SIZE), "little")
+        sub = bool(e.flags & GTF_sub_page)
+        return GrantEntry(e.flags, e.domid, e.frame, status=status,
+                          page_off=e.page_off if sub else 0, length=e.length if sub else PAGE_SIZE,
+                          trans_domid=t.trans_domid, gref=t.gref)
 
     def write_entry(self, ref: int, flags: int, domid: int, frame: int, *,
                     page_off: int = 0, length: int = 0) -> None:
@@ -267,12 +268,11 @@ class GrantTable:
         self._check_ref(ref)
         gpa = self.entry_gpa(ref)
         if self.version == 1:
-            self.phys.write_u32(gpa + 4, frame & _FRAME_MASK)
+            raw = GrantEntryV1.build(dict(flags=0, domid=domid & 0xFFFF, frame=frame & _FRAME_MASK))
         else:
-            self.phys.write(gpa + 4, (page_off & 0xFFFF).to_bytes(2, "little")
-                            + (length & 0xFFFF).to_bytes(2, "little"))
-            self.phys.write_u64(gpa + 8, frame)
-        self.phys.write(gpa + 2, (domid & 0xFFFF).to_bytes(2, "little"))
+            raw = GrantEntryV2.build(dict(flags=0, domid=domid & 0xFFFF, page_off=page_off & 0xFFFF,
+                                          length=length & 0xFFFF, frame=frame))
+        self.phys.write(gpa + 2, raw[2:])
         self.phys.write(gpa, (flags & 0xFFFF).to_bytes(2, "little"))
 
     def seed_reserved(self, console_gfn: int, xenstore_gfn: int, backend_domid: int = 0) -> None:
@@ -314,16 +314,15 @@ class GrantTable:
             self.phys.write(self.base_gpa, bytes(self.nr_frames * PAGE_SIZE))
             self.phys.write(self.status_base_gpa, bytes(self.max_status_frames * PAGE_SIZE))
             self.version = version
+            busy = GTF_reading | GTF_writing
             for ref, (flags, domid, frame) in enumerate(kept):
-                gpa = self.entry_gpa(ref)
                 if version == 1:
-                    self.phys.write(gpa, (flags | domid << 16 | (frame & _FRAME_MASK) << 32)
-                                    .to_bytes(8, "little"))
+                    raw = GrantEntryV1.build(dict(flags=flags, domid=domid, frame=frame & _FRAME_MASK))
                 else:
-                    self.phys.write_u64(gpa + 8, frame)
-                    self.phys.write_u32(gpa, (flags & ~(GTF_reading | GTF_writing)) | domid << 16)
-                    self.phys.write(self.status_gpa(ref),
-                                    (flags & (GTF_reading | GTF_writing)).to_bytes(2, "little"))
+                    raw = GrantEntryV2.build(dict(flags=flags & ~busy, domid=domid, page_off=0, length=0,
+                                                  frame=frame))
+                    self.phys.write(self.status_gpa(ref), (flags & busy).to_bytes(2, "little"))
+                self.phys.write(self.entry_gpa(ref), raw)
             return 0
 
     # ---- pinning (caller holds self.lock) ----
@@ -422,6 +421,9 @@ class GrantTable:
 
     def pinned(self, ref: int) -> bool:
         return ref in self._pins
+
+    def pinned_count(self) -> int:
+        return len(self._pins)
 
     @staticmethod
     def _sub_range(pin: _Pin, ref: int, offset: int, length: int) -> None:
@@ -586,8 +588,6 @@ class GrantTable:
     def own_mappings(self) -> int:
         return len(self._own)
 
-    def own_frames_mapped(self, frame: int) -> bool:
-        return any(m.frame == frame for m in self._own.values())
 
     # ---- GNTTABOP_swap_grant_ref ----
     def swap(self, ref_a: int, ref_b: int) -> None:

@@ -150,7 +150,7 @@ def grant_table_op(dispatcher, ctx, cmd, uop, count, *_):
         else:
             gt = d.gnttab
             log.info("grant table of domain %d: v%d, %d frames, %d pinned, %d own maps", d.domid,
-                     gt.version, gt.nr_frames, len(gt._pins), gt.own_mappings())
+                     gt.version, gt.nr_frames, gt.pinned_count(), gt.own_mappings())
         ctx.vm.write_struct(GnttabDumpTable, uop, dict(o, status=status))
         return 0
     # transfer: see the README (a page handed to itself: not done)
