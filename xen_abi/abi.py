@@ -757,7 +757,6 @@ assert GnttabUnmapGrantRef.sizeof() == 24
 GnttabUnmapAndReplace = Struct("host_addr" / Int64ul, "new_addr" / Int64ul, "handle" / Int32ul,
                                "status" / Int16sl, Padding(2))
 assert GnttabUnmapAndReplace.sizeof() == 24
-GnttabDumpTable = Struct("dom" / Int16ul, "status" / Int16sl)
 GnttabTransfer = Struct("mfn" / Int64ul, "domid" / Int16ul, Padding(2), "ref" / Int32ul,
                         "status" / Int16sl, Padding(6))
 assert GnttabTransfer.sizeof() == 24

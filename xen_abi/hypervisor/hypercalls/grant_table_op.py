@@ -16,12 +16,11 @@ is a page-table entry of the guest's, changed under the shim's lock with
 its type reference, and only the shim can flush the other vCPUs.
 
 copy: either side a grant ref (of DOMID_SELF or the domain's id) or, for
-DOMID_SELF, a frame of the guest's RAM. swap_grant_ref, cache_flush,
-dump_table as Xen does them. transfer stays -ENOSYS (README: why).
+DOMID_SELF, a frame of the guest's RAM. swap_grant_ref, cache_flush
+as Xen does them; dump_table is -ENOSYS, as in Xen 4.17 (it has no
+handler); transfer stays -ENOSYS (README: why).
 """
 from __future__ import annotations
-
-import logging
 
 from pyvmm.xen_abi.abi import (
     DOMID_SELF,
@@ -46,7 +45,6 @@ from pyvmm.xen_abi.abi import (
     PAGE_SIZE,
     GnttabCacheFlush,
     GnttabCopy,
-    GnttabDumpTable,
     GnttabGetStatusFrames,
     GnttabGetVersion,
     GnttabMapGrantRef,
@@ -71,8 +69,6 @@ from pyvmm.xen_abi.hypervisor.hypercalls.context import (
 )
 from pyvmm.xen_abi.memory.guest_va import GuestPageFault
 from pyvmm.xen_abi.shim.layout import GrantPte, MailboxOp
-
-log = logging.getLogger(__name__)
 
 SINGLE_ARGUMENT_OPS = frozenset({GnttabOp.setup_table, GnttabOp.query_size, GnttabOp.get_status_frames})
 BATCH_OPS = {GnttabOp.map_grant_ref: GnttabMapGrantRef, GnttabOp.unmap_grant_ref: GnttabUnmapGrantRef,
@@ -142,18 +138,8 @@ def grant_table_op(dispatcher, ctx, cmd, uop, count, *_):
         return _swap(d, ctx.vm, uop, count)
     if op == GnttabOp.cache_flush:
         return _cache_flush(d, ctx.vm, uop, count, opaque)
-    if op == GnttabOp.dump_table:
-        o = ctx.vm.read_struct(GnttabDumpTable, uop)
-        status = GNTST_okay
-        if o.dom != DOMID_SELF and o.dom != d.domid:
-            status = GNTST_permission_denied if o.dom == 0 else GNTST_bad_domain
-        else:
-            gt = d.gnttab
-            log.info("grant table of domain %d: v%d, %d frames, %d pinned, %d own maps", d.domid,
-                     gt.version, gt.nr_frames, gt.pinned_count(), gt.own_mappings())
-        ctx.vm.write_struct(GnttabDumpTable, uop, dict(o, status=status))
-        return 0
-    # transfer: see the README (a page handed to itself: not done)
+    # transfer: see the README (a page handed to itself: not done); dump_table:
+    # Xen 4.17 has no handler for it (removed in 2005), -ENOSYS there too
     return dispatcher.unsupported(Hypercall.grant_table_op, op)
 
 

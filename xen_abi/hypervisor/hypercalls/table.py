@@ -99,7 +99,7 @@ OWNERS = (
     _unsupported(H.physdev_op_compat, "the pre-3.0.2 form of physdev_op"),
     _python(H.grant_table_op, grant_table_op,
             note="a host map's PTE is put in and taken out by the shim (mmu.c mmu_grant_pte), asked "
-                 "mid-hypercall (MBOP_GRANT_PTE); transfer -ENOSYS"),
+                 "mid-hypercall (MBOP_GRANT_PTE); dump_table -ENOSYS as Xen 4.17; transfer -ENOSYS"),
     _python(H.vm_assist, vm_assist),
     _unsupported(H.update_va_mapping_otherdomain, "another domain's page tables: there is none"),
     _shim(H.iret, "shim.c:do_iret", note="reached from shim_hypercall, not the hypercall switch"),
