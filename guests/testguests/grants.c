@@ -290,6 +290,30 @@ static int check_batch(void)
 	return 0;
 }
 
+/* what a host map and its unmap cost (each a hypercall exit to Python and
+ * one shim request), against a device map (no PTE) */
+static int check_cost(void)
+{
+	enum { N = 16 };
+	grant_v1(26, GTF_permit_access, pfn(gpage2));
+	u64 t0 = rdtsc();
+	for (int i = 0; i < N; i++) {
+		struct map_op m = map_op(SLOT_VA(T_HOST), GNTMAP_host_map, 26, MY_DOMID);
+		EXPECT_RC(m.status, GNTST_okay, "cost: host map");
+		EXPECT_RC(unmap(SLOT_VA(T_HOST), 0, m.handle), GNTST_okay, "cost: host unmap");
+	}
+	u64 t1 = rdtsc();
+	for (int i = 0; i < N; i++) {
+		struct map_op m = map_op(0, GNTMAP_device_map, 26, MY_DOMID);
+		EXPECT_RC(m.status, GNTST_okay, "cost: device map");
+		EXPECT_RC(unmap(0, pfn(gpage2) << 12, m.handle), GNTST_okay, "cost: device unmap");
+	}
+	u64 t2 = rdtsc();
+	report_cycles("host_map_unmap", t1 - t0, N);
+	report_cycles("device_map_unmap", t2 - t1, N);
+	return 0;
+}
+
 /* the guest overwrites a grant PTE with mmu_update: the reference the PTE
  * held goes with it (the frame can become a table), the map cannot be
  * unmapped by that address any more, and it stays (Xen: "active grants
@@ -484,7 +508,7 @@ void tg_main(struct start_info *si)
 {
 	static int (*const checks[])(void) = {
 		check_host_map, check_contains_pte_and_readonly, check_refusals, check_device_map,
-		check_revoke_and_replace, check_batch, check_copy, check_swap_flush_dump, check_v2,
+		check_revoke_and_replace, check_batch, check_copy, check_swap_flush_dump, check_v2, check_cost,
 		check_overwritten_pte,   /* last: its grant stays in use */
 	};
 	nr_pages = si->nr_pages;
