@@ -23,6 +23,10 @@ from hypothesis import strategies as st
 from fuzzlib import Finding, Input, Oracle, ci_settings
 from pvfake import KBASE, PT_POOL, RAM_SIZE, SCRATCH, SCRATCH_GPA, FakeDomain
 from pyvmm.xen_abi.abi import (
+    GTF_permit_access,
+    GTF_reading,
+    GTF_readonly,
+    GTF_writing,
     ConsoleIoCmd,
     EvtchnOp,
     GnttabOp,
@@ -36,7 +40,7 @@ from pyvmm.xen_abi.abi import (
     XenVer,
 )
 from pyvmm.xen_abi.hypervisor.grant_table import GrantTable
-from pyvmm.xen_abi.hypervisor.hypercalls.context import DomainShutdown
+from pyvmm.xen_abi.hypervisor.hypercalls.context import DomainShutdown, ShimRequest
 from pyvmm.xen_abi.hypervisor.hypercalls.dispatch import HypercallDispatcher
 from pyvmm.xen_abi.hypervisor.reservation import Reservation
 from pyvmm.xen_abi.memory.page_types import PGT_L1, PGT_TYPE_SHIFT
@@ -89,6 +93,10 @@ class Harness:
         d.types.clear()
         d.gnttab = GrantTable(d.phys, GNTTAB_GPA, max_frames=GNTTAB_MAX_FRAMES, domid=1,
                               page_types=d.page_types)
+        # a few grants of the domain to itself (refs the words often name)
+        for ref in range(8, 24):
+            d.gnttab.write_entry(ref, GTF_permit_access | (GTF_readonly if ref % 4 == 0 else 0), 1,
+                                 0x200 + ref)
         d.m2p = {}
         d.reservation = Reservation(d.ram, m2p_write=d.m2p.__setitem__, page_types=d.page_types)
         d.dispatcher = HypercallDispatcher(d)
@@ -145,12 +153,20 @@ class Harness:
             ctx.in_kernel_mode = inp.chance(245)
             try:
                 rv = d.dispatcher.dispatch(ctx, nr, args)
+                while isinstance(rv, ShimRequest):     # the shim's grant PTEs (pvfake)
+                    rv = d.dispatcher.resume(ctx, d.grant_pte(*rv.args))
             except DomainShutdown:
                 return
             if not isinstance(rv, int):
                 raise Finding(f"hypercall {nr}({sub:#x}) returned {rv!r}")
             if rv < 0 and -rv not in ERRNOS:
                 raise Finding(f"hypercall {nr}({sub:#x}) returned {rv}, not -errno")
+            gt = d.gnttab
+            for ref in range(min(64, gt.nr_entries)):
+                e, pin = gt.read_entry(ref), gt._pins.get(ref)
+                want = 0 if pin is None else GTF_reading | (GTF_writing if pin.writers else 0)
+                if e.status != want:
+                    raise Finding(f"grant ref {ref}: status {e.status:#x}, its pin wants {want:#x}")
             r = d.reservation
             if not 0 <= r.nr_pages <= r.max_pages or r.nr_pages != r.ram_pages - sum(r._released):
                 raise Finding(f"reservation holds {r.nr_pages} of {r.max_pages} pages, "
