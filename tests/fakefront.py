@@ -20,18 +20,23 @@ RAM = 4 << 20
 VMM_GPA = 0x1000_0000          # shared_info + grant frames, outside RAM
 
 
+GRANT_VERSION = 1     # the table's version (tests/backends/conftest.py runs both)
+
+
 @contextlib.contextmanager
 def backend_host():
     """A BackendHost for domain 1; .ram is its RAM, .types its frames' type
-    words (typewords.py), .backends are closed at the end."""
+    words (typewords.py), .backends are closed at the end; its grant table
+    is of version GRANT_VERSION (the back-ends work with either)."""
     ram = GuestMemory(RAM, name="ram")
     vmm = GuestMemory(64 * PAGE_SIZE, name="vmm")
     types = TypeWords(RAM // PAGE_SIZE)
     phys = PhysicalMemory([(0, ram), (VMM_GPA, vmm)])
     h = BackendHost(domid=DOMID, store=XenstoreStore(),
                     evtchn=EventChannels(phys, VMM_GPA, 1, domid=DOMID),
-                    gnttab=GrantTable(phys, VMM_GPA + PAGE_SIZE, max_frames=4, initial_frames=4, domid=DOMID,
+                    gnttab=GrantTable(phys, VMM_GPA + PAGE_SIZE, max_frames=8, initial_frames=8, domid=DOMID,
                                       page_types=types.page_types))
+    assert h.gnttab.set_version(GRANT_VERSION) == 0
     h.ram = ram
     h.types = types
     h.backends = []

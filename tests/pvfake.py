@@ -6,11 +6,12 @@ from __future__ import annotations
 
 from pyvmm.vmm import x86
 from pyvmm.vmm.memory import GuestMemory
-from pyvmm.xen_abi.abi import E820_RAM, PAGE_SIZE
+from pyvmm.xen_abi.abi import E820_RAM, GNTMAP_contains_pte, GNTST_general_error, GNTST_okay, PAGE_SIZE
 from pyvmm.xen_abi.hypervisor.evtchn import EventChannels
 from pyvmm.xen_abi.hypervisor.grant_table import GrantTable
 from pyvmm.xen_abi.memory.guest_va import GuestVirtualMemory
-from pyvmm.xen_abi.hypervisor.hypercalls.context import HypercallContext, PvDomainBase
+from pyvmm.xen_abi.hypervisor.hypercalls.context import HypercallContext, PvDomainBase, ShimRequest
+from pyvmm.xen_abi.shim.layout import GrantPte
 from pyvmm.xen_abi.hypervisor.hypercalls.dispatch import HypercallDispatcher
 from pyvmm.xen_abi.memory.physmem import PhysicalMemory
 from typewords import TypeWords
@@ -59,6 +60,21 @@ class PageTables:
                     self.phys.write_u64(slot, e)
                 table = e & x86.PTE_ADDR_MASK
 
+    def slot(self, va: int, level: int):
+        """The guest-physical address of va's entry at level, or None where
+        a table above is missing (or a large page ends the walk)."""
+        table = self.cr3
+        v = va & ((1 << 48) - 1)
+        for lvl, shift in zip((4, 3, 2, 1), (39, 30, 21, 12)):
+            slot = table + ((v >> shift) & 0x1FF) * 8
+            if lvl == level:
+                return slot
+            e = self.phys.read_u64(slot)
+            if not e & x86.PTE_P or e & x86.PTE_PS:
+                return None
+            table = e & x86.PTE_ADDR_MASK
+        return None
+
     def set_entry(self, va: int, level: int, value: int):
         """Overwrite the entry for va at level (4 = L4 ... 1 = L1)."""
         table = self.cr3
@@ -96,6 +112,7 @@ class FakeDomain(PvDomainBase):
         self.pt.map(KBASE, 0, 4 << 20, page=SIZE_4K)
         self.pt.map(KBASE + (4 << 20), 4 << 20, 12 << 20, page=SIZE_2M)
         self.dispatcher = HypercallDispatcher(self)
+        self.shim_requests = []
 
     # hooks
     def _kick(self, v):
@@ -128,7 +145,55 @@ class FakeDomain(PvDomainBase):
                                 self.phys)
 
     def call(self, nr, *args, vcpu: int = 0):
-        return self.dispatcher.dispatch(self.ctx(vcpu), int(nr), args)
+        """dispatch, answering the handler's ShimRequests as the shim would."""
+        ctx = self.ctx(vcpu)
+        rc = self.dispatcher.dispatch(ctx, int(nr), args)
+        while isinstance(rc, ShimRequest):
+            self.shim_requests.append(rc)
+            rc = self.dispatcher.resume(ctx, self.grant_pte(*rc.args))
+        return rc
+
+    # ---- the shim's grant PTEs (shim/mmu.c mmu_grant_pte), on the fake's tables ----
+    def l1_frames(self) -> set:
+        """The L1 tables of the 4 KiB kernel mapping (the "validated" L1s)."""
+        return {self.pt.slot(KBASE + off, 1) >> 12 for off in range(0, 4 << 20, 2 << 20)}
+
+    def grant_slot(self, addr: int, flags: int):
+        if flags & GNTMAP_contains_pte:
+            slot = addr if not addr & 7 else None
+        else:
+            slot = self.pt.slot(addr, 1)
+        return slot if slot is not None and slot >> 12 in self.l1_frames() else None
+
+    def _put(self, pte: int) -> None:
+        if pte & x86.PTE_P and pte & x86.PTE_RW and (pte & x86.PTE_ADDR_MASK) < RAM_SIZE:
+            self.page_types.release_writable((pte & x86.PTE_ADDR_MASK) >> 12, "fake shim")
+
+    def grant_pte(self, kind, addr, flags, a3, a4, a5) -> int:
+        if kind == GrantPte.INSTALL:
+            slot = self.grant_slot(addr, flags)
+            if slot is None:
+                return GNTST_general_error
+            if a3 & x86.PTE_RW and not self.page_types.take_writable((a3 & x86.PTE_ADDR_MASK) >> 12):
+                return GNTST_general_error
+            self._put(self.phys.read_u64(slot))
+            self.phys.write_u64(slot, a3)
+            return GNTST_okay
+        moved = 0
+        if a5:
+            q = None if flags & GNTMAP_contains_pte else self.grant_slot(a5, 0)
+            if q is None:
+                return GNTST_general_error
+            moved = self.phys.read_u64(q)
+            self.phys.write_u64(q, 0)
+        slot = self.grant_slot(addr, flags)
+        old = self.phys.read_u64(slot) if slot is not None else 0
+        if slot is not None and (old & x86.PTE_ADDR_MASK) >> 12 == a3 and not (old ^ a4) & 3:
+            self.phys.write_u64(slot, moved)
+            self._put(old)
+            return GNTST_okay
+        self._put(moved)
+        return GNTST_general_error
 
     def close(self):
         self.ram.close()

@@ -340,6 +340,26 @@ GTF_PWT = 1 << 5
 GTF_PCD = 1 << 6
 GTF_PAT = 1 << 7
 GTF_sub_page = 1 << 8
+GTF_transitive = 3           # v2 only: the type GTF_transfer_completed has in v1
+GTF_transfer_committed = 1 << 2   # GTF_accept_transfer subflags
+GTF_transfer_completed = 1 << 3
+
+# GNTMAP_* (gnttab_map_grant_ref.flags)
+GNTMAP_device_map = 1 << 0
+GNTMAP_host_map = 1 << 1
+GNTMAP_readonly = 1 << 2
+GNTMAP_application_map = 1 << 3
+GNTMAP_contains_pte = 1 << 4
+# GNTCOPY_* (gnttab_copy.flags)
+GNTCOPY_source_gref = 1 << 0
+GNTCOPY_dest_gref = 1 << 1
+# gnttab_cache_flush.op
+GNTTAB_CACHE_CLEAN = 1 << 0
+GNTTAB_CACHE_INVAL = 1 << 1
+GNTTAB_CACHE_SOURCE_GREF = 1 << 31
+# the hypercall's cmd: the op in the low bits, a continuation's progress
+# above (accepted for cache_flush only)
+GNTTABOP_CMD_MASK = (1 << 12) - 1
 
 GNTTAB_RESERVED_CONSOLE = 0
 GNTTAB_RESERVED_XENSTORE = 1
@@ -714,6 +734,41 @@ GnttabQuerySize = Struct("dom" / Int16ul, Padding(2), "nr_frames" / Int32ul, "ma
 assert GnttabQuerySize.sizeof() == 16
 GnttabSetVersion = Struct("version" / Int32ul)
 GnttabGetVersion = Struct("dom" / Int16ul, Padding(2), "version" / Int32ul)
+# v2: a 16-byte entry (header, then per type: full_page.frame u64 at 8;
+# sub_page.page_off/length u16 at 4/6 and frame at 8; transitive.trans_domid
+# u16 at 4 and gref u32 at 8) and a separate status word (GTF_reading/writing)
+GrantEntryV2 = Struct("flags" / Int16ul, "domid" / Int16ul, "page_off" / Int16ul, "length" / Int16ul,
+                      "frame" / Int64ul)
+GNTTAB_V2_ENTRY_SIZE = 16
+assert GrantEntryV2.sizeof() == GNTTAB_V2_ENTRY_SIZE
+GrantTransitiveV2 = Struct("flags" / Int16ul, "domid" / Int16ul, "trans_domid" / Int16ul, Padding(2),
+                           "gref" / Int32ul, Padding(4))
+assert GrantTransitiveV2.sizeof() == GNTTAB_V2_ENTRY_SIZE
+GNTTAB_STATUS_SIZE = 2       # grant_status_t
+GnttabGetStatusFrames = Struct("nr_frames" / Int32ul, "dom" / Int16ul, "status" / Int16sl,
+                               "frame_list" / Int64ul)
+assert GnttabGetStatusFrames.sizeof() == 16
+GnttabMapGrantRef = Struct("host_addr" / Int64ul, "flags" / Int32ul, "ref" / Int32ul, "dom" / Int16ul,
+                           "status" / Int16sl, "handle" / Int32ul, "dev_bus_addr" / Int64ul)
+assert GnttabMapGrantRef.sizeof() == 32
+GnttabUnmapGrantRef = Struct("host_addr" / Int64ul, "dev_bus_addr" / Int64ul, "handle" / Int32ul,
+                             "status" / Int16sl, Padding(2))
+assert GnttabUnmapGrantRef.sizeof() == 24
+GnttabUnmapAndReplace = Struct("host_addr" / Int64ul, "new_addr" / Int64ul, "handle" / Int32ul,
+                               "status" / Int16sl, Padding(2))
+assert GnttabUnmapAndReplace.sizeof() == 24
+GnttabTransfer = Struct("mfn" / Int64ul, "domid" / Int16ul, Padding(2), "ref" / Int32ul,
+                        "status" / Int16sl, Padding(6))
+assert GnttabTransfer.sizeof() == 24
+# gnttab_copy_ptr: u is a grant ref (u32) or a gmfn (u64), by the flags
+GnttabCopyPtr = Struct("u" / Int64ul, "domid" / Int16ul, "offset" / Int16ul, Padding(4))
+GnttabCopy = Struct("source" / GnttabCopyPtr, "dest" / GnttabCopyPtr, "len" / Int16ul,
+                    "flags" / Int16ul, "status" / Int16sl, Padding(2))
+assert GnttabCopy.sizeof() == 40
+GnttabSwapGrantRef = Struct("ref_a" / Int32ul, "ref_b" / Int32ul, "status" / Int16sl, Padding(2))
+assert GnttabSwapGrantRef.sizeof() == 12
+GnttabCacheFlush = Struct("a" / Int64ul, "offset" / Int16ul, "length" / Int16ul, "op" / Int32ul)
+assert GnttabCacheFlush.sizeof() == 16
 
 XenMemoryMap = Struct("nr_entries" / Int32ul, Padding(4), "buffer" / Int64ul)
 E820Entry = Struct("addr" / Int64ul, "size" / Int64ul, "type" / Int32ul)

@@ -22,7 +22,17 @@ from hypothesis import strategies as st
 
 from fuzzlib import Finding, Input, Oracle, ci_settings
 from pvfake import KBASE, PT_POOL, RAM_SIZE, SCRATCH, SCRATCH_GPA, FakeDomain
+
+GRANT_VA = KBASE + 0x300000     # a 4 KiB-mapped kernel page: its L1 slot takes grant maps
 from pyvmm.xen_abi.abi import (
+    GTF_permit_access,
+    GTF_reading,
+    GTF_readonly,
+    GTF_writing,
+    DOMID_SELF,
+    GnttabCopy,
+    GnttabMapGrantRef,
+    GnttabUnmapAndReplace,
     ConsoleIoCmd,
     EvtchnOp,
     GnttabOp,
@@ -36,7 +46,7 @@ from pyvmm.xen_abi.abi import (
     XenVer,
 )
 from pyvmm.xen_abi.hypervisor.grant_table import GrantTable
-from pyvmm.xen_abi.hypervisor.hypercalls.context import DomainShutdown
+from pyvmm.xen_abi.hypervisor.hypercalls.context import DomainShutdown, ShimRequest
 from pyvmm.xen_abi.hypervisor.hypercalls.dispatch import HypercallDispatcher
 from pyvmm.xen_abi.hypervisor.reservation import Reservation
 from pyvmm.xen_abi.memory.page_types import PGT_L1, PGT_TYPE_SHIFT
@@ -89,6 +99,12 @@ class Harness:
         d.types.clear()
         d.gnttab = GrantTable(d.phys, GNTTAB_GPA, max_frames=GNTTAB_MAX_FRAMES, domid=1,
                               page_types=d.page_types)
+        for va in (GRANT_VA, GRANT_VA + 4096):     # empty L1 slots for grant maps (the fake's
+            d.pt.set_entry(va, 1, 0)                # tables are untyped: no references to undo)
+        # a few grants of the domain to itself (refs the words often name)
+        for ref in range(8, 24):
+            d.gnttab.write_entry(ref, GTF_permit_access | (GTF_readonly if ref % 4 == 0 else 0), 1,
+                                 0x200 + ref)
         d.m2p = {}
         d.reservation = Reservation(d.ram, m2p_write=d.m2p.__setitem__, page_types=d.page_types)
         d.dispatcher = HypercallDispatcher(d)
@@ -117,6 +133,30 @@ class Harness:
         return inp.choice((0, 8, KBASE + RAM_SIZE, KBASE + RAM_SIZE - 4, 1 << 47, (1 << 64) - 8,
                            0xFFFF_8000_0000_0000, SCRATCH + SCRATCH_SIZE * 64 - 4, inp.u64()))
 
+    def _grant_op(self, inp: Input, sub: int, va: int) -> None:
+        """A map / unmap / copy op that is nearly right (refs the domain
+        granted itself, its domid, slots of a kernel L1), written at va."""
+        vm = self.d.ctx().vm
+        ref = lambda: 8 + inp.below(16) if inp.chance(220) else inp.u32()          # noqa: E731
+        dom = lambda: inp.choice((1, 1, 1, DOMID_SELF, 0, inp.u16()))              # noqa: E731
+        addr = lambda: inp.choice((GRANT_VA, GRANT_VA + 4096, self.d.pt.slot(GRANT_VA, 1),   # noqa: E731
+                                   0, 1 << 47, inp.u64()))
+        try:
+            if sub == GnttabOp.map_grant_ref:
+                vm.write_struct(GnttabMapGrantRef, va, dict(host_addr=addr(), flags=inp.below(32),
+                                                              ref=ref(), dom=dom(), status=0, handle=0,
+                                                              dev_bus_addr=0))
+            elif sub in (GnttabOp.unmap_grant_ref, GnttabOp.unmap_and_replace):
+                vm.write_struct(GnttabUnmapAndReplace, va, dict(host_addr=addr(), new_addr=addr(),
+                                                                handle=inp.below(4), status=0))
+            elif sub == GnttabOp.copy:
+                side = lambda: dict(u=inp.choice((ref(), 0x200 + inp.below(32))), domid=dom(),   # noqa: E731
+                                    offset=inp.below(4200))
+                vm.write_struct(GnttabCopy, va, dict(source=side(), dest=side(), len=inp.below(4200),
+                                                     flags=inp.below(4), status=0))
+        except Exception:      # va not mapped: the call will say -EFAULT
+            pass
+
     def one(self, data: bytes) -> None:
         inp = Input(data)
         self._fresh()
@@ -139,18 +179,28 @@ class Harness:
                 args[1:3] = [inp.below(300) if inp.chance(230) else inp.interesting(32), self._pointer(inp)]
             elif nr == H.grant_table_op:
                 args[2] = 1 if inp.chance(220) else inp.interesting(32)
+                if inp.chance(128):
+                    self._grant_op(inp, sub, args[1])
             if inp.chance(40):      # the shim made a frame a page table
                 d.types.set(inp.below(RAM_SIZE // 4096), PGT_L1 << PGT_TYPE_SHIFT | 1)
             ctx = d.ctx(inp.below(2))
             ctx.in_kernel_mode = inp.chance(245)
             try:
                 rv = d.dispatcher.dispatch(ctx, nr, args)
+                while isinstance(rv, ShimRequest):     # the shim's grant PTEs (pvfake)
+                    rv = d.dispatcher.resume(ctx, d.grant_pte(*rv.args))
             except DomainShutdown:
                 return
             if not isinstance(rv, int):
                 raise Finding(f"hypercall {nr}({sub:#x}) returned {rv!r}")
             if rv < 0 and -rv not in ERRNOS:
                 raise Finding(f"hypercall {nr}({sub:#x}) returned {rv}, not -errno")
+            gt = d.gnttab
+            for ref in range(min(64, gt.nr_entries)):
+                e, pin = gt.read_entry(ref), gt._pins.get(ref)
+                want = 0 if pin is None else GTF_reading | (GTF_writing if pin.writers else 0)
+                if e.status != want:
+                    raise Finding(f"grant ref {ref}: status {e.status:#x}, its pin wants {want:#x}")
             r = d.reservation
             if not 0 <= r.nr_pages <= r.max_pages or r.nr_pages != r.ram_pages - sum(r._released):
                 raise Finding(f"reservation holds {r.nr_pages} of {r.max_pages} pages, "

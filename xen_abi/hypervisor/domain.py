@@ -42,7 +42,8 @@ from pyvmm.xen_abi.hypervisor.evtchn import EventChannels
 from pyvmm.xen_abi.hypervisor.grant_table import GrantTable
 from pyvmm.xen_abi.memory.guest_va import GuestVirtualMemory
 from pyvmm.xen_abi.memory.page_types import PageTypes
-from pyvmm.xen_abi.hypervisor.hypercalls.context import DomainShutdown, HypercallContext, PvDomainBase
+from pyvmm.xen_abi.hypervisor.hypercalls.context import (DomainShutdown, HypercallContext, PvDomainBase,
+                                                         ShimRequest)
 from pyvmm.xen_abi.hypervisor.hypercalls.dispatch import HypercallDispatcher
 from pyvmm.xen_abi.hypervisor.listeners import Listeners, SlowHypercall
 from pyvmm.xen_abi.hypervisor.notify import EventNotifier
@@ -163,6 +164,7 @@ class Domain(PvDomainBase):
         self._pause_requested = False
         self._cond = threading.Condition()     # the run state below (module docstring)
         self._hypercall_lock = threading.RLock()
+        self._shim_requests: dict = {}   # vCPU -> (ctx, nr, args, rip) of a hypercall waiting on the shim
         self._online = [i == 0 for i in range(nr_vcpus)]   # VCPUOP_up / down
         self._started = [False] * nr_vcpus     # has a thread (vCPU 0: run())
         self._parked = set()                   # vCPU threads waiting: paused or down
@@ -392,18 +394,29 @@ class Domain(PvDomainBase):
         mb = self._mailbox(index)
         p = self.phys
         op = MAILBOX.read(p, mb, "op")
-        if op == MailboxOp.HYPERCALL:
-            nr = MAILBOX.read(p, mb, "nr")
-            args = tuple(MAILBOX.read(p, mb, "args", i) for i in range(6))
-            cr3 = MAILBOX.read(p, mb, "cr3")
-            vm = GuestVirtualMemory(p, cr3, page_types=self.page_types)
-            ctx = HypercallContext(vcpu_id=index, vm=vm, phys=p,
-                                   in_kernel_mode=bool(MAILBOX.read(p, mb, "kmode")))
-            rip = MAILBOX.read(p, mb, "rip")
+        if op in (MailboxOp.HYPERCALL, MailboxOp.GRANT_PTE):
+            if op == MailboxOp.HYPERCALL:
+                if index in self._shim_requests:
+                    raise ShimPanic(f"vCPU {index}: a hypercall while one waits on the shim")
+                nr = MAILBOX.read(p, mb, "nr")
+                args = tuple(MAILBOX.read(p, mb, "args", i) for i in range(6))
+                cr3 = MAILBOX.read(p, mb, "cr3")
+                vm = GuestVirtualMemory(p, cr3, page_types=self.page_types)
+                ctx = HypercallContext(vcpu_id=index, vm=vm, phys=p,
+                                       in_kernel_mode=bool(MAILBOX.read(p, mb, "kmode")))
+                rip = MAILBOX.read(p, mb, "rip")
+                call = lambda: self.dispatcher.dispatch(ctx, nr, args)   # noqa: E731
+            else:   # the shim's answer to a ShimRequest (grant PTEs: shim/mmu.c)
+                if index not in self._shim_requests:
+                    raise ShimPanic(f"vCPU {index}: a shim answer with no request outstanding")
+                ctx, nr, args, rip = self._shim_requests.pop(index)
+                answer = MAILBOX.read(p, mb, "info")
+                answer -= (answer >> 63) << 64
+                call = lambda: self.dispatcher.resume(ctx, answer)   # noqa: E731
             self.notifier.enter_exit(index)
             try:
                 with self._hypercall_lock:
-                    rc = self.dispatcher.dispatch(ctx, nr, args)
+                    rc = call()
             except BaseException as e:
                 self.on_hypercall(SlowHypercall(index, nr, args, rip, error=e))
                 if isinstance(e, DomainShutdown):
@@ -411,6 +424,13 @@ class Domain(PvDomainBase):
                 raise
             finally:
                 self.notifier.enter_exit(None)
+            if isinstance(rc, ShimRequest):
+                self._shim_requests[index] = (ctx, nr, args, rip)
+                for i, v in enumerate(rc.args):
+                    p.write_u64(mb + MAILBOX.offset("args", i), v & MASK64)
+                MAILBOX.write(p, mb, op=rc.op)
+                return None, None
+            MAILBOX.write(p, mb, op=MailboxOp.HYPERCALL)
             self.on_hypercall(SlowHypercall(index, nr, args, rip, result=rc))
             self.clock.after_hypercall(nr, self.evtchn)
             MAILBOX.write(p, mb, result=rc & MASK64)

@@ -54,6 +54,7 @@ class _Atomics:
         self.fetch_and_1 = fn("__atomic_fetch_and_1", u8, vp, u8, i)
         self.exchange_1 = fn("__atomic_exchange_1", u8, vp, u8, i)
         self.fetch_and_2 = fn("__atomic_fetch_and_2", u16, vp, u16, i)
+        self.fetch_or_2 = fn("__atomic_fetch_or_2", u16, vp, u16, i)
         self.load_8 = fn("__atomic_load_8", u64, vp, i)
         self.exchange_8 = fn("__atomic_exchange_8", u64, vp, u64, i)
         self.exchange_4 = fn("__atomic_exchange_4", u32, vp, u32, i)
@@ -212,6 +213,9 @@ class PhysicalMemory:
 
     def atomic_and_u16(self, gpa: int, bits: int) -> int:
         return atomics.fetch_and_2(self.host_address(gpa, 2, 2), bits & 0xFFFF, SEQ_CST)
+
+    def atomic_or_u16(self, gpa: int, bits: int) -> int:
+        return atomics.fetch_or_2(self.host_address(gpa, 2, 2), bits & 0xFFFF, SEQ_CST)
 
     def cmpxchg_u16(self, gpa: int, expected: int, new: int) -> tuple[bool, int]:
         """LOCK CMPXCHG; returns (swapped, value seen)."""

@@ -43,11 +43,16 @@ M2P_ALIAS_VA = 0xFFFF_8200_0000_0000
 SHARED_INFO_OFF = 0x0
 GRANT_OFF = 0x1000
 MAX_GRANT_FRAMES = 32
-GLOBALS_OFF = GRANT_OFF + MAX_GRANT_FRAMES * PAGE      # 0x21000
-CPUID_OFF = GLOBALS_OFF + PAGE                          # 0x22000
-IDT_OFF = CPUID_OFF + PAGE                              # 0x23000
-ZERO_OFF = IDT_OFF + PAGE                               # 0x24000: backs unused GDT pages
-PORT_MAP_OFF = ZERO_OFF + PAGE                          # 0x25000: event-channel routing (shim/layout.py)
+# grant table v2's status frames (one grant_status_t per entry, 256 v2
+# entries per shared frame): Xen's grant_to_status_frames(MAX_GRANT_FRAMES)
+STATUS_OFF = GRANT_OFF + MAX_GRANT_FRAMES * PAGE       # 0x21000
+MAX_STATUS_FRAMES = -(-MAX_GRANT_FRAMES * (PAGE // abi.GNTTAB_V2_ENTRY_SIZE) * abi.GNTTAB_STATUS_SIZE // PAGE)
+GUEST_MAPPABLE_END = STATUS_OFF + MAX_STATUS_FRAMES * PAGE   # shared_info, grant and status frames
+GLOBALS_OFF = GUEST_MAPPABLE_END                        # 0x25000
+CPUID_OFF = GLOBALS_OFF + PAGE                          # 0x26000
+IDT_OFF = CPUID_OFF + PAGE                              # 0x27000
+ZERO_OFF = IDT_OFF + PAGE                               # 0x28000: backs unused GDT pages
+PORT_MAP_OFF = ZERO_OFF + PAGE                          # 0x29000: event-channel routing (shim/layout.py)
 SHIM_OFF = 0x40000
 SHIM_MAX = 0x40000
 VCPU_OFF = SHIM_OFF + SHIM_MAX                          # 0x80000

@@ -225,6 +225,20 @@ class MailboxOp(enum.IntEnum):
     CRASH = 3       # guest crashed (unhandled trap, bounce failed): info = why (trace.py)
     BLOCK = 4       # SCHEDOP_block with nothing pending
     SET_XCR0 = 5    # emulated xsetbv: args[0] = value; result 0 = set (KVM_SET_XCRS)
+    # Python, mid-hypercall (grant_table_op on the domain's own grants), asks
+    # the shim for a grant PTE: args = GrantPte request, info = GNTST_* back;
+    # the shim answers and exits again with this op (shim/mmu.c mmu_grant_pte)
+    GRANT_PTE = 6
+
+
+class GrantPte(enum.IntEnum):
+    """MBOP_GRANT_PTE requests: args[0] = kind, args[1] = host_addr (linear,
+    or the PTE's machine address with GNTMAP_contains_pte), args[2] =
+    GNTMAP_* flags; INSTALL: args[3] = the PTE; REMOVE: args[3] = the frame
+    the PTE must map, args[4] = its P/RW bits, args[5] = new_addr (its PTE
+    moves to host_addr: unmap_and_replace) or 0."""
+    INSTALL = 1
+    REMOVE = 2
 
 
 SHIM_EXIT_PORT = 0x0700     # not a PIC port: the in-kernel irqchip would swallow those
@@ -397,6 +411,26 @@ def xen_numbers() -> list[tuple[str, list[tuple[str, int, str]]]]:
         ("EVTCHN_2L_NR_CHANNELS", abi.EVTCHN_2L_NR_CHANNELS, ""),
         ("XENSTORE_RING_SIZE", abi.XENSTORE_RING_SIZE, ""),
     ]))
+    sections.append(("grant tables", [
+        (name, getattr(abi, name), "") for name in (
+            "GTF_permit_access", "GTF_accept_transfer", "GTF_transitive", "GTF_type_mask",
+            "GTF_readonly", "GTF_reading", "GTF_writing", "GTF_sub_page",
+            "GNTMAP_device_map", "GNTMAP_host_map", "GNTMAP_readonly", "GNTMAP_application_map",
+            "GNTMAP_contains_pte", "GNTCOPY_source_gref", "GNTCOPY_dest_gref",
+            "GNTTAB_CACHE_CLEAN", "GNTTAB_CACHE_INVAL", "GNTTAB_CACHE_SOURCE_GREF",
+            "GNTTAB_V1_ENTRY_SIZE", "GNTTAB_V2_ENTRY_SIZE", "GNTTAB_STATUS_SIZE",
+            "GNTTAB_NR_RESERVED_ENTRIES")
+    ] + [(f"GNTST_{n[6:]}", getattr(abi, n), "") for n in dir(abi) if n.startswith("GNTST_")] + [
+        ("XEN_GNTTAB_MAP_GRANT_REF_SIZE", abi.GnttabMapGrantRef.sizeof(), ""),
+        ("XEN_GNTTAB_UNMAP_GRANT_REF_SIZE", abi.GnttabUnmapGrantRef.sizeof(), ""),
+        ("XEN_GNTTAB_UNMAP_AND_REPLACE_SIZE", abi.GnttabUnmapAndReplace.sizeof(), ""),
+        ("XEN_GNTTAB_COPY_SIZE", abi.GnttabCopy.sizeof(), ""),
+        ("XEN_GNTTAB_SETUP_TABLE_SIZE", abi.GnttabSetupTable.sizeof(), ""),
+        ("XEN_GNTTAB_GET_STATUS_FRAMES_SIZE", abi.GnttabGetStatusFrames.sizeof(), ""),
+        ("XEN_GNTTAB_SWAP_GRANT_REF_SIZE", abi.GnttabSwapGrantRef.sizeof(), ""),
+        ("XEN_GNTTAB_CACHE_FLUSH_SIZE", abi.GnttabCacheFlush.sizeof(), ""),
+        ("XEN_GNTTAB_TRANSFER_SIZE", abi.GnttabTransfer.sizeof(), ""),
+    ]))
     sections.append(("selectors and the hypervisor hole", [
         ("FLAT_RING3_CS32", abi.FLAT_RING3_CS32, ""), ("FLAT_RING3_CS64", abi.FLAT_RING3_CS64, ""),
         ("FLAT_RING3_SS64", abi.FLAT_RING3_SS64, ""), ("FLAT_RING3_DS32", abi.FLAT_RING3_DS32, ""),
@@ -455,8 +489,8 @@ def shim_layout() -> list[tuple[str, list[tuple[str, int, str]]]]:
             ("MAX_VCPUS", R.MAX_VCPUS, ""),
             ("VCPU_LDT_FROM_GDT", R.VCPU_LDT_OFF - R.VCPU_GDT_OFF, "the LDT copy, from the GDT pages"),
             ("SHIM_LDT_SEL", R.SHIM_LDT, "the LDT descriptor the shim fills"),
-            ("GUEST_REGION_FRAMES", (R.GRANT_OFF + R.MAX_GRANT_FRAMES * R.PAGE) // R.PAGE,
-             "region frames a guest may map: shared_info + the grant frames"),
+            ("GUEST_REGION_FRAMES", R.GUEST_MAPPABLE_END // R.PAGE,
+             "region frames a guest may map: shared_info, the grant and status frames"),
         ]),
         ("counted page types (memory/page_types.py)", [
             ("PGT_COUNT_MASK", PT.PGT_COUNT_MASK, "references of the current type"),
@@ -472,7 +506,7 @@ def shim_layout() -> list[tuple[str, list[tuple[str, int, str]]]]:
         ("CPUID policy table entries", [("CPUID_ENT_SIZE", CPUID_ENT.size, ""),
                                         ("CPUID_ANY_SUBLEAF", ANY_SUBLEAF, "")]),
         (MAILBOX.doc, MAILBOX.c_defines() + enum_defines("MBOP_", MailboxOp)
-         + enum_defines("CRASH_", CrashKind)),
+         + enum_defines("GRANT_PTE_", GrantPte) + enum_defines("CRASH_", CrashKind)),
         (FRAME.doc, FRAME.c_defines()),
         ("ports and pseudo vectors", [
             ("SHIM_EXIT_PORT", SHIM_EXIT_PORT, "`out` here: the exit to Python"),

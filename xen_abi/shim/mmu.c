@@ -620,6 +620,90 @@ long do_update_va_mapping(struct percpu *pc, u64 va, u64 val, u64 flags)
 	return 0;
 }
 
+/* ---------------- grant maps of the domain's own grants ----------------
+ *
+ * GNTTABOP_map_grant_ref / unmap_grant_ref / unmap_and_replace with
+ * GNTMAP_host_map: Python decides the grant (hypervisor/grant_table.py:
+ * entry, pin, status bits, map handle) and asks for the PTE here
+ * (MBOP_GRANT_PTE, slow_hypercall's loop).  The PTE is one of the guest's
+ * page-table entries, so it is changed the way mmu_update changes one:
+ * under mmu_lock, the new entry taking its writable reference (refused
+ * over a page table: -EBUSY, GNTST_general_error), the old one's given
+ * back.  The grant holds no reference of its own on the frame (Xen's
+ * grant code takes the ones a PTE would, and a PTE overwritten by
+ * mmu_update gives them back in a release build): the guest overwriting
+ * the PTE, or freeing its L1, leaves the counts right.  Python cannot do
+ * this itself: another vCPU may be changing the same table under
+ * mmu_lock, and only the shim can flush the other vCPUs' TLBs.  The path
+ * is cold (a loopback back-end), so nothing here is tuned. */
+
+/* The validated L1 slot host_addr names (Xen's map_guest_l1e, or the
+ * machine address of the PTE with GNTMAP_contains_pte), or 0. */
+static u64 *grant_slot(u64 addr, u64 flags)
+{
+	u64 *p;
+	if (flags & GNTMAP_contains_pte) {
+		if (addr & 7)
+			return 0;
+		p = phys_ptr(addr);
+	} else {
+		int level = 0, ch = 0;
+		if (!range_ok(addr, 1))
+			return 0;
+		p = walk(read_cr3(), addr, 0, &ch, &level);
+		if (level != 1)
+			return 0;
+	}
+	if (!p || !table_of_level(((u64)p - (u64)G->directmap) >> 12, PGT_L1))
+		return 0;
+	return p;
+}
+
+/* Xen's create_grant_pv_mapping (INSTALL) and replace_grant_pv_mapping
+ * (REMOVE, with steal_linear_address for unmap_and_replace's new_addr).
+ * GNTST_okay or GNTST_general_error. */
+long mmu_grant_pte(struct percpu *pc, const u64 *r)
+{
+	u64 kind = r[0], addr = r[1], flags = r[2];
+	long rc = GNTST_general_error;
+	mmu_lock(pc);
+	boot_types(pc);
+	if (kind == GRANT_PTE_INSTALL) {
+		u64 *p = grant_slot(addr, flags);
+		if (p && !entry_update(PGT_L1, p, r[3], 0))
+			rc = GNTST_okay;
+		mmu_unlock(pc);
+		return rc;
+	}
+	if (kind != GRANT_PTE_REMOVE) {
+		mmu_unlock(pc);
+		return rc;
+	}
+	/* the entry at new_addr moves to host_addr with its reference */
+	u64 moved = 0, *q = 0;
+	if (r[5]) {
+		if ((flags & GNTMAP_contains_pte) || !(q = grant_slot(r[5], 0))) {
+			mmu_unlock(pc);
+			return rc;
+		}
+		moved = __atomic_exchange_n(q, 0, __ATOMIC_SEQ_CST);
+	}
+	u64 *p = grant_slot(addr, flags);
+	u64 old = p ? *(volatile u64 *)p : 0;
+	/* still the grant's: its frame, present, RW as it was mapped */
+	if (p && ((old & PTE_ADDR) >> 12) == r[3] && !((old ^ r[4]) & (PTE_P | PTE_RW))) {
+		u64 had = entry_ref(PGT_L1, old);
+		__atomic_store_n(p, moved, __ATOMIC_SEQ_CST);
+		ref_put(PGT_L1, had);
+		rc = GNTST_okay;
+	} else if (moved) {
+		entry_put(PGT_L1, moved);   /* Xen: the stolen entry is dropped */
+	}
+	mmu_unlock(pc);
+	smp_flush(~0UL, FLUSH_ALL_VA);   /* Xen's gnttab_flush_tlb */
+	return rc;
+}
+
 /* ---------------- mmuext_op ---------------- */
 
 static u64 *gdt_base(void);

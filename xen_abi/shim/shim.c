@@ -145,6 +145,11 @@ static long slow_hypercall(struct percpu *pc, u64 rip, u64 nr, const u64 *a)
 	mb->rip = rip;
 	mb->result = (u64)-XEN_ENOSYS;
 	exit_to_python();
+	/* Python may ask for grant PTEs before it answers (mmu_grant_pte) */
+	while (mb->op == MBOP_GRANT_PTE) {
+		mb->info = (u64)mmu_grant_pte(pc, mb->args);
+		exit_to_python();
+	}
 	return (long)mb->result;
 }
 

@@ -275,6 +275,7 @@ long do_update_descriptor(struct percpu *pc, u64 maddr, u64 desc);
  * emulated page-table write), 0 to bounce it to the guest. */
 int mmu_page_fault(struct percpu *pc, struct frame *f, u64 cr2);
 void mmu_type_boot_tables(struct percpu *pc);
+long mmu_grant_pte(struct percpu *pc, const u64 *req);
 /* End the guest: the mailbox says why (CRASH_*), at rip, with err. */
 __attribute__((noreturn)) void crash_at(struct percpu *pc, u64 rip, u64 err, u64 why);
 long mmu_vcpu_context(struct percpu *pc, struct percpu *target, u64 *target_gdt, u64 ctx);

@@ -1,4 +1,4 @@
-"""Grant table v1: VMM-owned frames, seeding, back-end map/unmap/copy checks,
+"""Grant tables v1 and v2: VMM-owned frames, seeding, back-end map/unmap/copy checks,
 and the writable page-type references a back-end holds while it may write."""
 from __future__ import annotations
 
@@ -8,6 +8,16 @@ import pytest
 
 from pvfake import GNTTAB_GPA, GNTTAB_MAX_FRAMES, RAM_SIZE, FakeDomain
 from pyvmm.xen_abi.abi import (
+    GNTMAP_device_map,
+    GNTMAP_host_map,
+    GNTMAP_readonly,
+    GNTST_eagain,
+    GNTST_no_space,
+    GTF_accept_transfer,
+    GTF_sub_page,
+    GTF_transitive,
+    GrantTransitiveV2,
+    XenErrno as E,
     GNTST_bad_copy_arg,
     GNTST_bad_gntref,
     GNTST_bad_handle,
@@ -19,6 +29,7 @@ from pyvmm.xen_abi.abi import (
     GTF_writing,
     PAGE_SIZE,
 )
+from pyvmm.xen_abi.hypervisor import grant_table
 from pyvmm.xen_abi.hypervisor.grant_table import GrantError, GrantTable
 from pyvmm.xen_abi.memory.page_types import PGT_L1, PGT_TYPE_SHIFT, PGT_WRITABLE
 
@@ -240,3 +251,245 @@ def test_an_unmap_that_finds_its_reference_gone_logs_and_finishes(dom, caplog):
     assert len(caplog.records) == 1 and f"{FRAME:#x}" in caplog.records[0].getMessage()
     assert pt.word(FRAME) == L1_TABLE
     assert flags(gt, 44) == GTF_permit_access and gt.active_mappings() == 0
+
+
+# ---- version 2 ----
+
+def to_v2(gt):
+    assert gt.set_version(2) == 0 and gt.version == 2
+
+
+def test_v2_geometry_and_status_frames(dom):
+    gt = dom.gnttab
+    assert gt.get_status_frames(0) == []
+    with pytest.raises(GrantError) as e:
+        gt.get_status_frames(1)          # none under v1
+    assert e.value.status == GNTST_general_error
+    to_v2(gt)
+    assert (gt.entry_size, gt.entries_per_frame, gt.nr_entries) == (16, 256, 256)
+    assert gt.nr_status_frames == 1
+    status_base = (GNTTAB_GPA >> 12) + GNTTAB_MAX_FRAMES     # right after the shared frames
+    assert gt.get_status_frames(1) == [status_base]
+    with pytest.raises(GrantError):
+        gt.get_status_frames(2)
+    gt.setup_table(9)                    # 9 frames of 256 entries: 2 status frames
+    assert gt.nr_status_frames == 2 and gt.get_status_frames(2) == [status_base, status_base + 1]
+    assert gt.max_status_frames == 4     # Xen's grant_to_status_frames(32)
+    with pytest.raises(GrantError) as e:
+        gt.map(9 * 256, domid=0)
+    assert e.value.status == GNTST_bad_gntref
+
+
+def test_v2_backend_map_sets_the_status_word_not_the_entry(dom):
+    gt = dom.gnttab
+    to_v2(gt)
+    gt.write_entry(10, GTF_permit_access, 0, FRAME)
+    assert dom.phys.read_u64(gt.entry_gpa(10) + 8) == FRAME, "full_page.frame: 64 bits at offset 8"
+    m = gt.map(10, domid=0)
+    e = gt.read_entry(10)
+    assert e.flags == GTF_permit_access and e.status == GTF_reading | GTF_writing
+    assert dom.phys.read(gt.status_gpa(10), 2) == bytes([GTF_reading | GTF_writing, 0])
+    m.view[0:2] = b"v2"
+    assert dom.ram.read(FRAME * PAGE_SIZE, 2) == b"v2"
+    gt.unmap(m)
+    assert gt.read_entry(10).status == 0
+    gt.copy_to_guest(10, 8, b"copy")
+    assert gt.copy_from_guest(10, 8, 4) == b"copy"
+    gt.write_entry(11, GTF_permit_access | GTF_readonly, 0, FRAME)
+    with pytest.raises(GrantError):
+        gt.map(11, domid=0)
+    assert gt.read_entry(11).status == 0, "a refused writable pin leaves no status bits"
+
+
+def test_v2_frames_are_64_bit(dom):
+    gt = dom.gnttab
+    to_v2(gt)
+    gt.write_entry(12, GTF_permit_access, 0, (1 << 32) | FRAME)   # v1 could not say it: not RAM
+    with pytest.raises(GrantError) as e:
+        gt.map(12, domid=0)
+    assert e.value.status == GNTST_bad_page
+
+
+def test_v2_sub_page_copies_within_its_range_and_never_maps(dom):
+    gt = dom.gnttab
+    to_v2(gt)
+    gt.write_entry(20, GTF_permit_access | GTF_sub_page, 0, FRAME, page_off=512, length=64)
+    with pytest.raises(GrantError) as e:
+        gt.map(20, domid=0)
+    assert e.value.status == GNTST_general_error
+    gt.copy_to_guest(20, 512, b"x" * 64)
+    assert dom.ram.read(FRAME * PAGE_SIZE + 512, 64) == b"x" * 64
+    for off, n in ((511, 1), (540, 40), (0, 8)):
+        with pytest.raises(GrantError) as e:
+            gt.copy_from_guest(20, off, n)
+        assert e.value.status == GNTST_general_error
+    assert gt.read_entry(20).status == 0
+
+
+def test_v2_transitive_entries_are_refused(dom):
+    gt = dom.gnttab
+    to_v2(gt)
+    gpa = gt.entry_gpa(21)
+    dom.phys.write(gpa, GrantTransitiveV2.build(dict(flags=GTF_transitive, domid=0, trans_domid=1, gref=5)))
+    for op in (lambda: gt.map(21, domid=0), lambda: gt.copy_from_guest(21, 0, 8)):
+        with pytest.raises(GrantError) as e:
+            op()
+        assert e.value.status == GNTST_general_error
+    assert gt.read_entry(21).status == 0
+
+
+def test_set_version_refused_while_a_grant_past_the_reserved_ones_is_in_use(dom):
+    gt = dom.gnttab
+    gt.write_entry(3, GTF_permit_access, 0, FRAME)
+    gt.write_entry(8, GTF_permit_access, 0, FRAME + 1)
+    m3 = gt.map(3, domid=0)
+    assert gt.set_version(2) == 0, "the first 8 may stay in use (xenstore / console keep them mapped)"
+    assert gt.set_version(1) == 0
+    gt.write_entry(8, GTF_permit_access, 0, FRAME + 1)
+    m8 = gt.map(8, domid=0)
+    assert gt.set_version(2) == -E.EBUSY and gt.version == 1
+    gt.unmap(m8)
+    assert gt.set_version(2) == 0
+    assert gt.read_entry(3).status == GTF_reading | GTF_writing, "the reserved entry's bits moved along"
+    gt.unmap(m3)
+    assert gt.read_entry(3).status == 0 and gt.read_entry(3).flags == GTF_permit_access
+    assert gt.set_version(7) == -E.EINVAL and gt.set_version(2) == 0
+
+
+def test_set_version_carries_the_reserved_entries_and_clears_the_rest(dom):
+    gt = dom.gnttab
+    gt.seed_reserved(console_gfn=0x123, xenstore_gfn=0x456)
+    gt.write_entry(7, GTF_permit_access | GTF_readonly, 3, 0x789)
+    gt.write_entry(9, GTF_permit_access, 0, FRAME)
+    gt.write_entry(511, GTF_permit_access, 0, FRAME)
+    to_v2(gt)
+    got = [gt.read_entry(r) for r in (0, 1, 7, 9, 255)]
+    assert [(e.flags, e.domid, e.frame) for e in got] == [
+        (GTF_permit_access, 0, 0x123), (GTF_permit_access, 0, 0x456),
+        (GTF_permit_access | GTF_readonly, 3, 0x789), (0, 0, 0), (0, 0, 0)]
+    assert dom.phys.read(GNTTAB_GPA + 16, 16) == bytes([1, 0, 0, 0, 0, 0, 0, 0, 0x56, 0x04, 0, 0, 0, 0, 0, 0])
+    gt.write_entry(2, GTF_accept_transfer, 0, 0x99)       # not permit_access: dropped going back
+    gt.write_entry(4, GTF_permit_access, 0, 1 << 32)       # not expressible in v1
+    assert gt.set_version(1) == -E.ERANGE and gt.version == 2
+    gt.write_entry(4, GTF_permit_access, 0, 0x44)
+    dom.phys.write(gt.entry_gpa(5), GrantTransitiveV2.build(dict(flags=GTF_transitive, domid=0,
+                                                                trans_domid=1, gref=5)))
+    assert gt.set_version(1) == -E.ERANGE
+    gt.write_entry(5, 0, 0, 0)
+    assert gt.set_version(1) == 0
+    assert [(gt.read_entry(r).flags, gt.read_entry(r).frame) for r in (0, 1, 2, 4, 7)] == [
+        (GTF_permit_access, 0x123), (GTF_permit_access, 0x456), (0, 0), (GTF_permit_access, 0x44),
+        (GTF_permit_access | GTF_readonly, 0x789)]
+    assert dom.phys.read(gt.status_base_gpa, PAGE_SIZE) == bytes(PAGE_SIZE), "status frames cleared"
+
+
+def test_swap_exchanges_entries_and_status_and_refuses_busy_refs(dom):
+    gt = dom.gnttab
+    for version in (1, 2):
+        assert gt.set_version(version) == 0
+        gt.write_entry(30, GTF_permit_access, 0, FRAME)
+        gt.write_entry(31, GTF_permit_access | GTF_readonly, 2, FRAME + 1)
+        gt.swap(30, 31)
+        assert (gt.read_entry(30).frame, gt.read_entry(31).frame) == (FRAME + 1, FRAME)
+        assert gt.read_entry(30).flags == GTF_permit_access | GTF_readonly
+        gt.swap(30, 30)
+        m = gt.map(31, domid=0)
+        with pytest.raises(GrantError) as e:
+            gt.swap(30, 31)
+        assert e.value.status == GNTST_eagain
+        gt.unmap(m)
+        with pytest.raises(GrantError) as e:
+            gt.swap(30, 1 << 20)
+        assert e.value.status == GNTST_bad_gntref
+
+
+# ---- the domain's own maps ----
+
+def test_own_maps_have_their_own_handles_and_a_bound(dom, monkeypatch):
+    gt = dom.gnttab
+    gt.write_entry(40, GTF_permit_access, 1, FRAME)          # granted to ourselves (domain 1)
+    backend = gt.write_entry(41, GTF_permit_access, 0, FRAME) or gt.map(41, domid=0)
+    with pytest.raises(GrantError) as e:
+        gt.own_lookup(backend.handle)                        # a back-end's handle is not ours
+    assert e.value.status == GNTST_bad_handle
+    monkeypatch.setattr(grant_table, "MAX_MAPTRACK_HANDLES", 3)
+    maps = [gt.own_map_begin(40, GNTMAP_device_map | GNTMAP_readonly) for _ in range(3)]
+    with pytest.raises(GrantError) as e:
+        gt.own_map_begin(40, GNTMAP_device_map | GNTMAP_readonly)
+    assert e.value.status == GNTST_no_space
+    with pytest.raises(GrantError) as e:
+        gt.own_lookup(maps[0].handle)                        # still pending
+    assert e.value.status == GNTST_bad_handle
+    for m in maps:
+        gt.own_map_end(m, True)
+    gt.own_unmap(gt.own_lookup(maps[1].handle), GNTMAP_device_map)
+    again = gt.own_map_begin(40, GNTMAP_device_map | GNTMAP_readonly)
+    assert again.handle == maps[1].handle, "a handle given back is reused: the table never grows"
+    assert gt.own_mappings() == 3
+    gt.own_map_end(again, False)
+    assert gt.own_mappings() == 2
+    for h in (maps[0].handle, maps[2].handle):
+        gt.own_unmap(gt.own_lookup(h), GNTMAP_device_map)
+    assert gt.own_mappings() == 0 and gt.read_entry(40).status == 0
+    gt.unmap(backend)
+
+
+def test_own_pins_are_per_domain_and_bounded(dom):
+    gt = dom.gnttab
+    gt.write_entry(42, GTF_permit_access, 0, FRAME)
+    m = gt.map(42, domid=0)
+    with pytest.raises(GrantError) as e:          # pinned by domain 0: not ours to map
+        gt.own_map_begin(42, GNTMAP_device_map)
+    assert e.value.status == GNTST_general_error
+    gt.unmap(m)
+    gt.write_entry(43, GTF_permit_access, 1, FRAME)
+    held = [gt.own_map_begin(43, GNTMAP_device_map | GNTMAP_readonly) for _ in range(128)]
+    with pytest.raises(GrantError) as e:          # Xen's 8-bit pin counters
+        gt.own_map_begin(43, GNTMAP_device_map | GNTMAP_readonly)
+    assert e.value.status == GNTST_general_error
+    for h in held:
+        gt.own_map_end(h, False)
+    assert not gt.pinned(43)
+
+
+def test_own_writable_device_map_holds_the_frame_writable(dom):
+    gt, pt = dom.gnttab, dom.page_types
+    gt.write_entry(44, GTF_permit_access, 1, FRAME)
+    m = gt.own_map_begin(44, GNTMAP_device_map)
+    gt.own_map_end(m, True)
+    assert pt.word(FRAME) == WRITABLE | 1
+    gt.own_unmap(m, GNTMAP_device_map)
+    assert pt.word(FRAME) == WRITABLE
+    dom.types.set(FRAME, L1_TABLE)
+    with pytest.raises(GrantError) as e:
+        gt.own_map_begin(44, GNTMAP_device_map)
+    assert e.value.status == GNTST_general_error and not gt.pinned(44)
+    m = gt.own_map_begin(44, GNTMAP_host_map)      # a host map's reference is its PTE's (the shim's)
+    assert pt.word(FRAME) == L1_TABLE
+    gt.own_map_end(m, False)
+
+
+def test_copy_own(dom):
+    gt = dom.gnttab
+    gt.write_entry(50, GTF_permit_access, 1, FRAME)
+    gt.write_entry(51, GTF_permit_access | GTF_readonly, 1, FRAME + 1)
+    dom.ram.write(FRAME * PAGE_SIZE, b"source")
+    gt.copy_own((True, 50, 0), (False, FRAME + 2, 100), 6)
+    assert dom.ram.read((FRAME + 2) * PAGE_SIZE + 100, 6) == b"source"
+    gt.copy_own((False, FRAME + 2, 100), (True, 50, 10), 6)
+    assert dom.ram.read(FRAME * PAGE_SIZE + 10, 6) == b"source"
+    cases = [((True, 51, 0), (True, 51, 0), 1, GNTST_general_error),       # into a read-only grant
+             ((True, 50, 4090), (False, FRAME, 0), 8, GNTST_bad_copy_arg),
+             ((False, RAM_SIZE // PAGE_SIZE, 0), (False, FRAME, 0), 8, GNTST_bad_page),
+             ((False, FRAME, 0), (True, 1 << 20, 0), 8, GNTST_bad_gntref)]
+    for src, dst, n, status in cases:
+        with pytest.raises(GrantError) as e:
+            gt.copy_own(src, dst, n)
+        assert e.value.status == status
+    dom.types.set(FRAME + 3, L1_TABLE)
+    with pytest.raises(GrantError) as e:
+        gt.copy_own((False, FRAME, 0), (False, FRAME + 3, 0), 8)
+    assert e.value.status == GNTST_general_error
+    assert dom.page_types.word(FRAME + 3) == L1_TABLE
+    assert not gt.pinned(50) and not gt.pinned(51)
+    assert dom.page_types.word(FRAME) == WRITABLE, "the destination's reference given back"

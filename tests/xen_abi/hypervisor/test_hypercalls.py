@@ -514,16 +514,20 @@ def test_grant_setup_query_version(dom):
     for count in (0, 2, 1 << 31, (1 << 32) - 1):
         assert dom.call(Hypercall.grant_table_op, GnttabOp.setup_table, ARG, count) == -E.EINVAL
     vm.write_u32(ARG, 2)
-    assert dom.call(Hypercall.grant_table_op, GnttabOp.set_version, ARG, 1) == -E.EOPNOTSUPP
-    assert vm.read_u32(ARG) == 1, "the current version is written back"
-    vm.write_u32(ARG, 1)
     assert dom.call(Hypercall.grant_table_op, GnttabOp.set_version, ARG, 1) == 0
+    assert vm.read_u32(ARG) == 2
+    put(dom, GnttabGetVersion, ARG, {"dom": DOMID_SELF, "version": 0})
+    assert dom.call(Hypercall.grant_table_op, GnttabOp.get_version, ARG, 1) == 0
+    assert get(dom, GnttabGetVersion, ARG).version == 2
     vm.write_u32(ARG, 7)
     assert dom.call(Hypercall.grant_table_op, GnttabOp.set_version, ARG, 1) == -E.EINVAL
+    assert vm.read_u32(ARG) == 2, "the current version is written back"
+    vm.write_u32(ARG, 1)
+    assert dom.call(Hypercall.grant_table_op, GnttabOp.set_version, ARG, 1) == 0
     put(dom, GnttabGetVersion, ARG, {"dom": DOMID_SELF, "version": 0})
     assert dom.call(Hypercall.grant_table_op, GnttabOp.get_version, ARG, 1) == 0
     assert get(dom, GnttabGetVersion, ARG).version == 1
-    assert dom.call(Hypercall.grant_table_op, GnttabOp.map_grant_ref, ARG, 1) == -E.ENOSYS
+    assert dom.call(Hypercall.grant_table_op, GnttabOp.transfer, ARG, 1) == -E.ENOSYS
 
 
 # ---------------------------------------------------------------- physdev, vm_assist

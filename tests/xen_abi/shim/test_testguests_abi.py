@@ -99,6 +99,16 @@ def test_long_hypercalls_are_preempted_and_resumed():
     run_pass("preempt")
 
 
+def test_grant_table_ops_on_own_grants():
+    """grant_table_op as Xen 4.17 answers a domain using its own grants
+    (grants.c): host maps at a linear address and at a PTE's machine
+    address (the shim's PTE, with its type reference), read-only and
+    device maps, unmap by handle and unmap_and_replace, copy by gref and
+    gmfn, swap, cache_flush, dump_table, v2 and back (status frames,
+    sub_page, transitive), with Xen's error for every hostile input."""
+    run_pass("grants")
+
+
 def test_multicall_as_xen_4_17():
     """Every entry's result in its own slot, failures (nested multicall
     -EINVAL, unknown hypercall -ENOSYS, bad pointers) not stopping the

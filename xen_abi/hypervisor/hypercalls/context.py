@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import NamedTuple, Optional
 
 from pyvmm.xen_abi.abi import (
     HYPERVISOR_VIRT_END,
@@ -64,6 +64,7 @@ class PvVcpuState:
     runstate_time: list = field(default_factory=lambda: [0, 0, 0, 0])
     time_area_va: int = 0       # VCPUOP_register_vcpu_time_memory_area
     time_area_frames: tuple = ()   # ... its RAM frames, held writable (vcpu_op.py)
+    pending: Optional[tuple] = None  # (nr, args, handler) waiting on the shim (dispatch.resume)
 
 
 class PvDomainBase:
@@ -156,6 +157,14 @@ class PvDomainBase:
 
     def vcpu_down(self, vcpu_id: int) -> None:
         pass
+
+
+class ShimRequest(NamedTuple):
+    """What a handler written as a generator yields: the shim is to do
+    `op` (a MailboxOp) with `args` and the handler resumes with the
+    shim's answer (dispatch.py; domain.py carries it through the mailbox)."""
+    op: int
+    args: tuple
 
 
 def fail(errno: XenErrno, why: str = ""):

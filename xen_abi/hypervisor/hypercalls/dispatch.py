@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import types
 from typing import Optional
 
 from construct import ConstructError
@@ -30,7 +31,7 @@ from pyvmm.xen_abi.abi import (
     HypercallError,
     XenErrno,
 )
-from pyvmm.xen_abi.hypervisor.hypercalls.context import U64, DomainShutdown, PvVcpuState, fail
+from pyvmm.xen_abi.hypervisor.hypercalls.context import U64, DomainShutdown, PvVcpuState, ShimRequest, fail
 from pyvmm.xen_abi.hypervisor.hypercalls.table import python_handlers
 from pyvmm.xen_abi.memory.guest_va import GuestPageFault
 from pyvmm.xen_abi.memory.physmem import GuestPhysicalFault
@@ -55,16 +56,40 @@ class HypercallDispatcher:
         self.handlers = python_handlers()  # Hypercall -> handler(dispatcher, ctx, *args)
         self._logged: set = set()
 
-    def dispatch(self, ctx, nr: int, args=()) -> int:
-        """Run hypercall nr; the value for the guest's rax (negative = -errno)."""
+    def dispatch(self, ctx, nr: int, args=()):
+        """Run hypercall nr; the value for the guest's rax (negative = -errno),
+        or a ShimRequest: the handler waits for the shim's answer (resume)."""
         a = tuple(int(x) & U64 for x in args[:6]) + (0,) * (6 - min(len(args), 6))
         handler = self.handlers.get(nr)
         if handler is None:
             return self.unsupported(nr, None)
         if not ctx.in_kernel_mode:
             return -XenErrno.EPERM  # hypercalls are for the guest kernel only
+        return self._guarded(ctx, nr, a, lambda: handler(self, ctx, *a))
+
+    def resume(self, ctx, value: int):
+        """The shim's answer to the ShimRequest the vCPU's hypercall is
+        waiting on: the handler goes on; as dispatch() returns."""
+        st = self.vcpu_state(ctx.vcpu_id)
+        if st.pending is None:
+            raise RuntimeError(f"vCPU {ctx.vcpu_id}: a shim answer with no request outstanding")
+        nr, a, gen = st.pending
+        st.pending = None
+        return self._guarded(ctx, nr, a, lambda: gen.send(value), gen)
+
+    def _guarded(self, ctx, nr: int, a, step, gen=None):
+        """Run one step of a handler; a generator handler that yields a
+        ShimRequest is kept (per vCPU) until resume()."""
         try:
-            return int(handler(self, ctx, *a))
+            rc = step()
+            if isinstance(rc, types.GeneratorType):
+                gen, rc = rc, rc.send(None)
+            if isinstance(rc, ShimRequest):
+                self.vcpu_state(ctx.vcpu_id).pending = (nr, a, gen)
+                return rc
+            return int(rc)
+        except StopIteration as done:
+            return int(done.value)
         except DomainShutdown:
             raise
         except HypercallError as e:

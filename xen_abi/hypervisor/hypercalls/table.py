@@ -97,7 +97,9 @@ OWNERS = (
            "shim: XENVER_version (Linux's force_evtchn_callback); Python: the other sub-ops"),
     _python(H.console_io, console_io),
     _unsupported(H.physdev_op_compat, "the pre-3.0.2 form of physdev_op"),
-    _python(H.grant_table_op, grant_table_op),
+    _python(H.grant_table_op, grant_table_op,
+            note="a host map's PTE is put in and taken out by the shim (mmu.c mmu_grant_pte), asked "
+                 "mid-hypercall (MBOP_GRANT_PTE); dump_table -ENOSYS as Xen 4.17; transfer -ENOSYS"),
     _python(H.vm_assist, vm_assist),
     _unsupported(H.update_va_mapping_otherdomain, "another domain's page tables: there is none"),
     _shim(H.iret, "shim.c:do_iret", note="reached from shim_hypercall, not the hypercall switch"),
