@@ -534,6 +534,7 @@ class Domain(PvDomainBase):
         pc = PERCPU.read(self.region.mem, self.region.vcpus[index].percpu_off,
                          "cr3_kernel" if kernel else "cr3_user")
         self._setup_sregs(index, cr3=pc, cs=u.cs, ss=u.ss)
+        self._load_ldtr(index)
         r = self.vcpus[index].get_regs()
         for name in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9", "r10",
                      "r11", "r12", "r13", "r14", "r15", "rip"):
@@ -545,6 +546,20 @@ class Domain(PvDomainBase):
         self._setup_msrs(index, fs_base=c.fs_base, gs_base=gs, kernel_gs_base=shadow)
         # with the in-kernel LAPIC a vCPU other than the BSP waits for INIT/SIPI
         self.vcpus[index].set_mp_state(KVM_MP_STATE_RUNNABLE)
+
+    def _load_ldtr(self, index: int) -> None:
+        """LDTR from the LDT descriptor the shim wrote into the vCPU's GDT
+        when it took the context's LDT (mmu.c mmu_vcpu_context); none if
+        it is not present."""
+        v = self.region.vcpus[index]
+        lo, hi = struct.unpack("<QQ", self.region.mem.read(v.gdt_off + R.SHIM_LDT, 16))
+        if not lo >> 47 & 1:
+            return
+        base = (lo >> 16 & 0xFFFFFF) | (lo >> 56 & 0xFF) << 24 | (hi & 0xFFFFFFFF) << 32
+        limit = (lo & 0xFFFF) | (lo >> 48 & 0xF) << 16
+        s = self.vcpus[index].get_sregs()
+        s.ldt = KvmSegment(base=base, limit=limit, selector=R.SHIM_LDT, type=x86.SYS_TYPE_LDT, present=1)
+        self.vcpus[index].set_sregs(s)
 
     def vcpu_up(self, vcpu_id: int) -> None:
         """VCPUOP_up (vcpu_op.py checked it is initialised): start its thread

@@ -461,6 +461,7 @@ def xen_numbers() -> list[tuple[str, list[tuple[str, int, str]]]]:
     ]))
     sections.append(("vcpu_guest_context byte offsets (VCPUOP_initialise)", [
         ("VGC_FLAGS", _offsetof(abi.VcpuGuestContext, "flags"), ""),
+        ("VGC_LDT_BASE", _offsetof(abi.VcpuGuestContext, "ldt_base"), "then ldt_ents"),
         ("VGC_GDT_FRAMES", _offsetof(abi.VcpuGuestContext, "gdt_frames"), ""),
         ("VGC_GDT_ENTS", _offsetof(abi.VcpuGuestContext, "gdt_ents"), ""),
         ("VGC_CTRLREG", _offsetof(abi.VcpuGuestContext, "ctrlreg"), "[8]"),

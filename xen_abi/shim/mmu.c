@@ -712,49 +712,59 @@ static long validate_desc_frame(u64 mfn);
 static inline void rep_stosq(void *d, u64 n);
 static inline void rep_movsq(void *d, const void *s, u64 n);
 
-/* MMUEXT_SET_LDT.  Xen maps the LDT pages lazily on the first #PF in its
- * per-vCPU LDT area; the shim validates and copies them into this vCPU's
- * LDT area (VCPU_LDT_OFF) at once and points the GDT's LDT descriptor
- * there.  Descriptor writes reach the copy through update_descriptor. */
-static long set_ldt(struct percpu *pc, u64 base, u64 ents)
+/* An LDT into vCPU t's LDT area (VCPU_LDT_OFF, beside its GDT pages
+ * `gdt`), its pages found through the L4 at cr3: validated, copied, and
+ * the GDT's LDT descriptor pointed there (0 entries: none).  The caller
+ * loads LDTR.  Xen maps the LDT pages lazily on the first #PF in its
+ * per-vCPU LDT area; the shim takes them at once, and descriptor writes
+ * reach the copy through update_descriptor. */
+static long load_ldt(struct percpu *t, u64 *gdt, u64 cr3, u64 base, u64 ents)
 {
 	u64 frames[SHIM_MAX_LDT_FRAMES];
 	long rc = 0;
 	u64 nr = (ents * 8 + PAGE_SIZE - 1) / PAGE_SIZE;
 	for (u64 i = 0; i < nr; i++) {
 		int level = 0, ch = 0;
-		u64 *e = walk(read_cr3(), base + i * PAGE_SIZE, 0, &ch, &level);
+		u64 *e = walk(cr3, base + i * PAGE_SIZE, 0, &ch, &level);
 		if (!e || level != 1 || !(*e & PTE_P))
 			return -XEN_EINVAL;
 		frames[i] = (*e & PTE_ADDR) >> 12;
 		if (validate_desc_frame(frames[i]))
 			return -XEN_EINVAL;
 	}
-	u64 *gdt = gdt_base();
 	u64 *ldt = (u64 *)((u64)gdt + VCPU_LDT_FROM_GDT);
 	for (u64 i = 0; i < nr; i++) {
 		rep_movsq(ldt + i * DESCS_PER_PAGE, frame_ptr(frames[i]), DESCS_PER_PAGE);
-		pc->desc.ldt_frames[i] = frames[i];
+		t->desc.ldt_frames[i] = frames[i];
 	}
 	if (!copy_ok(ldt, nr)) {
 		rep_stosq(ldt, nr * DESCS_PER_PAGE);
 		ents = 0;
 		rc = -XEN_EINVAL;
 	}
-	pc->desc.ldt_base = ents ? base : 0;
-	pc->desc.ldt_ents = ents;
+	t->desc.ldt_base = ents ? base : 0;
+	t->desc.ldt_ents = ents;
+	u64 *d = &gdt[SHIM_LDT_SEL >> 3];
 	if (!ents) {
-		__asm__ volatile("lldt %w0" :: "r"(0));
+		d[0] = d[1] = 0;
 		return rc;
 	}
 	/* 16-byte system descriptor: type 2 (LDT), present, DPL 0 */
 	u64 va = (u64)ldt, limit = ents * 8 - 1;
-	u64 *d = &gdt[SHIM_LDT_SEL >> 3];
 	d[0] = (limit & 0xffff) | ((va & 0xffffff) << 16) | (0x82UL << 40)
 	       | (((limit >> 16) & 0xf) << 48) | (((va >> 24) & 0xff) << 56);
 	d[1] = va >> 32;
-	__asm__ volatile("lldt %w0" :: "r"(SHIM_LDT_SEL));
 	return 0;
+}
+
+/* MMUEXT_SET_LDT on the calling vCPU, through its current tables */
+static long set_ldt(struct percpu *pc, u64 base, u64 ents)
+{
+	long rc = load_ldt(pc, gdt_base(), read_cr3(), base, ents);
+	if (rc == -XEN_EINVAL && pc->desc.ldt_ents)   /* refused before the copy: the old one stays */
+		return rc;
+	__asm__ volatile("lldt %w0" :: "r"(pc->desc.ldt_ents ? SHIM_LDT_SEL : 0));
+	return rc;
 }
 
 /* MMUEXT_NEW_BASEPTR / NEW_USER_BASEPTR: the base pointer holds its L4. */
@@ -1299,8 +1309,9 @@ long do_set_gdt(struct percpu *pc, u64 frames_ptr, u64 entries)
  * is the target's percpu; it is not running (shim.c vcpu_initialise). */
 long mmu_vcpu_context(struct percpu *pc, struct percpu *t, u64 *gdt, u64 ctx)
 {
-	u64 frames[SHIM_MAX_GDT_FRAMES], ents, cr[4];
-	if (from_guest(&ents, ctx + VGC_GDT_ENTS, 8) || from_guest(cr, ctx + VGC_CTRLREG, sizeof(cr)))
+	u64 frames[SHIM_MAX_GDT_FRAMES], ents, cr[4], ldt[2];   /* ldt: base, entries */
+	if (from_guest(&ents, ctx + VGC_GDT_ENTS, 8) || from_guest(cr, ctx + VGC_CTRLREG, sizeof(cr))
+	    || from_guest(ldt, ctx + VGC_LDT_BASE, sizeof(ldt)))
 		return -XEN_EFAULT;
 	if (ents > FIRST_RESERVED_GDT_ENTRY)
 		return -XEN_EINVAL;
@@ -1329,6 +1340,12 @@ long mmu_vcpu_context(struct percpu *pc, struct percpu *t, u64 *gdt, u64 ctx)
 		put_type(kernel);
 		goto bad;
 	}
+	/* the LDT, through the context's own kernel tables; Python refuses a
+	 * misaligned or oversized one.  Pages it cannot take now leave the
+	 * vCPU without an LDT (its uses fault) where Xen would map them at
+	 * first use. */
+	if (ldt[1] > MAX_LDT_ENTS || (ldt[0] & (PAGE_SIZE - 1)) || load_ldt(t, gdt, kernel << 12, ldt[0], ldt[1]))
+		load_ldt(t, gdt, 0, 0, 0);
 	mmu_unlock(pc);
 	t->desc.gdt_ents = ents;
 	t->cr3_kernel = kernel << 12;
@@ -1353,6 +1370,7 @@ void mmu_vcpu_context_undo(struct percpu *t)
 	mmu_unlock(pc);
 	t->cr3_kernel = t->cr3_user = 0;
 	t->desc.gdt_ents = 0;
+	t->desc.ldt_ents = 0;
 }
 
 long do_update_descriptor(struct percpu *pc, u64 maddr, u64 desc)

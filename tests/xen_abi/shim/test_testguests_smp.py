@@ -61,3 +61,21 @@ def test_page_type_race_two_vcpus(capsys):
     assert counts, res.text
     with capsys.disabled():
         print("\n  " + counts.group(0))
+
+
+def test_vcpu_context_with_an_ldt():
+    """VCPUOP_initialise takes the context's LDT (ldt_base, ldt_ents), as
+    Xen's arch_set_info_guest does: the new vCPU loads an LDT selector at
+    its first instruction; a context whose LDT page is not mapped is
+    accepted (Xen maps LDT pages at first use) and that vCPU's load is
+    #GP(selector).  LAR's view of the descriptor is an OBSERVE line:
+    kvm_pvm answers it from the host's tables."""
+    from pyvmm.vmm.quirks import on_kvm_pvm
+    with Domain(str(build_testguest("vcpuldt")), nr_vcpus=3) as dom:
+        res = dom.run(timeout=120)
+    lines = res.text.strip().splitlines()
+    assert res.reason == abi.ShutdownReason.poweroff, (res.reason, res.crash_info, res.text)
+    assert lines and lines[-1] == "TESTGUEST vcpuldt: PASS", res.text
+    observed = dict(re.findall(r"^OBSERVE (\w+) (ok|differs)$", res.text, re.M))
+    assert "ldt_lar" in observed, res.text
+    assert observed["ldt_lar"] == "ok" or on_kvm_pvm(), res.text

@@ -213,9 +213,6 @@ def _vcpu_initialise(dispatcher, ctx, st: PvVcpuState, arg) -> int:
         fail(XenErrno.EINVAL, "too many GDT entries")
     if c.ldt_ents > MAX_LDT_ENTRIES or (c.ldt_ents and c.ldt_base % PAGE_SIZE):
         fail(XenErrno.EINVAL, "bad LDT")
-    if c.ldt_ents:   # Xen would load it; not here yet (README "PV ABI coverage")
-        fail(XenErrno.EINVAL, "a vCPU context with an LDT is not supported; give ldt_ents 0 "
-                              "and load the LDT with MMUEXT_SET_LDT on the vCPU")
     domain = dispatcher.domain
     nr_gdt_frames = (c.gdt_ents + PAGE_SIZE // 8 - 1) // (PAGE_SIZE // 8)
     for f in c.gdt_frames[:nr_gdt_frames]:
