@@ -151,10 +151,14 @@ static void nmi_kick(u64 vcpu)
 	wrmsr(MSR_X2APIC_ICR, (vcpu << 32) | EV_NMI_VECTOR);   /* x2APIC ID = vCPU id */
 }
 
-/* VCPUOP_send_nmi (Xen's arch_do_vcpu_op): vcpu is one the domain has.
- * A flood costs one IPI per NMI the target takes. */
+/* VCPUOP_send_nmi (Xen's arch_do_vcpu_op): hypercall() answered -ENOENT
+ * for a vCPU the domain does not have; the shim's own bound is kept here
+ * too, since the id picks the block written.  A flood costs one IPI per
+ * NMI the target takes. */
 static NOINLINE long send_nmi(u64 vcpu, u64 arg)
 {
+	if (vcpu >= MAX_VCPUS)
+		return -XEN_ENOENT;
 	if (arg)
 		return -XEN_EINVAL;
 	struct percpu *t = (struct percpu *)(vcpu_block(vcpu) + PERCPU_IN_BLOCK);
