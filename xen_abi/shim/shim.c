@@ -185,6 +185,10 @@ static NOINLINE void nmi_interrupt(struct percpu *pc, struct frame *f)
 	if ((f->cs & 3) == 0) {
 		if (f->rip == (u64)shim_halt_insn)
 			f->rip++;   /* taken before the hlt: do not sleep through it */
+		/* back to the hlt's `cli` with interrupts off already: the
+		 * kick raised again must wait for the guest, not come back
+		 * here at once (and again, for ever: the faithful lane does) */
+		f->rflags &= ~RFLAGS_IF;
 		if (pc->nmi_pending && !pc->nmi_masked)
 			nmi_kick(pc->vcpu_id);
 		return;
