@@ -197,6 +197,7 @@ static NOINLINE void nmi_interrupt(struct percpu *pc, struct frame *f)
 		struct trap_ent *t = &pc->traps[VEC_NMI];
 		pc->nmi_pending = 0;
 		if (t->addr) {
+			priv_count(pc, VEC_NMI);   /* "trap 2": NMIs bounced */
 			pc->nmi_masked = 1;
 			f->vec = VEC_NMI;   /* for crash reports */
 			bounce(pc, f, t->addr, 0, 0, (t->flags & TI_MASK_EVENTS) != 0);
