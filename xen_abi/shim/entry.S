@@ -20,10 +20,10 @@ shim_vectors:
         .align 16
         .if vec == 13
         jmp shim_gp_entry       /* port I/O fast path first */
-        .elseif (vec == 1) || (vec == 7)
+        .elseif (vec == 1) || (vec == 7) || (vec == EV_NMI_VECTOR)
         pushq $0
         pushq $vec
-        jmp shim_common_cold    /* #DB, #NM: off the hot dispatch */
+        jmp shim_common_cold    /* #DB, #NM, the virtual NMI: off the hot dispatch */
         .else
         .if (vec == 8) || (vec == 10) || (vec == 11) || (vec == 12) || (vec == 14) || (vec == 17) || (vec == 21) || (vec == 29) || (vec == 30)
         .else
@@ -275,7 +275,7 @@ shim_common_restore:
 shim_iret_insn:
         iretq
 
-/* #DB and #NM (shim.c shim_trap_cold): the same save and restore, another
+/* #DB, #NM and the NMI kick (shim.c shim_trap_cold): the same save and restore, another
  * C entry, so that the hot vectors' dispatch in shim_trap stays as short. */
 shim_common_cold:
         SAVE_FRAME

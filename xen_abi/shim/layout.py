@@ -131,7 +131,8 @@ PERCPU = Block(
     Field("event_cb", "callbacks (CALLBACKOP_register)"),
     Field("failsafe_cb"),
     Field("syscall_cb"),
-    Field("nmi_cb"),
+    Field("nmi_pending", "an NMI waits (VCPUOP_send_nmi; Xen's nmi_pending): set by any vCPU"),
+    Field("nmi_masked", "NMIs held until HYPERVISOR_iret (Xen's async_exception_mask)"),
     Field("syscall32_cb"),
     Field("sysenter_cb"),
     Field("cb_mask", "bit n: callback type n masks events"),
@@ -308,6 +309,7 @@ class EventsFlag(enum.IntFlag):
 EV_TIMER_VECTOR = 0xF0      # LAPIC timer (LVT)
 EV_CHECK_VECTOR = 0xF1      # "event check" MSI from the VMM (a kick)
 EV_FLUSH_VECTOR = 0xF2      # TLB flush IPI from another vCPU's shim (smp.c)
+EV_NMI_VECTOR = 0xF3        # virtual NMI kick (shim.c send_nmi), to another vCPU or to itself
 # Event-channel routing (region page PORT_MAP_OFF), one byte per port,
 # written by Python (notify.py) whenever a port is bound, moved or closed:
 # the vCPU it notifies (Xen's notify_vcpu_id, 0 for closed ports), and
@@ -518,7 +520,7 @@ def shim_layout() -> list[tuple[str, list[tuple[str, int, str]]]]:
         (HC_FRAME.doc, HC_FRAME.c_defines()),
         (EVENTS.doc, EVENTS.c_defines() + enum_defines("EVF_", EventsFlag) + [
             ("EV_TIMER_VECTOR", EV_TIMER_VECTOR, ""), ("EV_CHECK_VECTOR", EV_CHECK_VECTOR, ""),
-            ("EV_FLUSH_VECTOR", EV_FLUSH_VECTOR, ""),
+            ("EV_FLUSH_VECTOR", EV_FLUSH_VECTOR, ""), ("EV_NMI_VECTOR", EV_NMI_VECTOR, ""),
             ("EV_SPURIOUS_VECTOR", EV_SPURIOUS_VECTOR, "")]),
         (PRIV.doc, [("PRIV_OFF", PRIV_OFF, "into the percpu pages")] + PRIV.c_defines() + [
             ("PRIV_CNT_TRAPS", PRIV_CNT_TRAPS, ""), ("PRIV_CNT_IRQ", PRIV_CNT_IRQ, ""),

@@ -130,6 +130,82 @@ static void check_events(struct percpu *pc, struct frame *f)
 	}
 }
 
+/* ---------------- virtual NMIs ----------------
+ *
+ * Xen's: VCPUOP_send_nmi sets the target's nmi_pending (once) and kicks
+ * it; on its way back to guest code a pending NMI that is not masked is
+ * taken (pending cleared), and with a callback (virtual IDT vector 2)
+ * bounced to it like an exception without error code, NMIs then masked
+ * until HYPERVISOR_iret; without one it is dropped.
+ *
+ * The kick is an IPI on EV_NMI_VECTOR, also to itself: the shim runs with
+ * interrupts off, so it is taken right after the return to guest code, and
+ * the bounce is made there (nmi_interrupt) -- the hot return paths never
+ * look at NMIs.  The kick of a vCPU halted in SCHEDOP_block / poll wakes
+ * it and is raised again, for its return.  HYPERVISOR_iret that unmasks
+ * with one pending raises it the same way. */
+extern char shim_halt_insn[];   /* events.c halt(): the one hlt the shim waits in */
+
+static void nmi_kick(u64 vcpu)
+{
+	wrmsr(MSR_X2APIC_ICR, (vcpu << 32) | EV_NMI_VECTOR);   /* x2APIC ID = vCPU id */
+}
+
+/* VCPUOP_send_nmi (Xen's arch_do_vcpu_op): hypercall() answered -ENOENT
+ * for a vCPU the domain does not have; the shim's own bound is kept here
+ * too, since the id picks the block written.  A flood costs one IPI per
+ * NMI the target takes. */
+static NOINLINE long send_nmi(u64 vcpu, u64 arg)
+{
+	if (vcpu >= MAX_VCPUS)
+		return -XEN_ENOENT;
+	if (arg)
+		return -XEN_EINVAL;
+	struct percpu *t = (struct percpu *)(vcpu_block(vcpu) + PERCPU_IN_BLOCK);
+	if (!__atomic_exchange_n(&t->nmi_pending, 1, __ATOMIC_SEQ_CST))
+		nmi_kick(vcpu);
+	return 0;
+}
+
+static NOINLINE void nmi_unmask(struct percpu *pc)
+{
+	pc->nmi_masked = 0;
+	if (pc->nmi_pending)
+		nmi_kick(pc->vcpu_id);
+}
+
+/* The kick arrived (entry.S: shim_common_cold).  Guest code was
+ * interrupted: take the NMI now.  The shim was (its hlt, the one place
+ * where it runs with interrupts on): wake, and raise the kick again so
+ * that the NMI is taken on the way back to the guest. */
+static NOINLINE void nmi_interrupt(struct percpu *pc, struct frame *f)
+{
+	priv_count(pc, PRIV_CNT_IRQ);
+	wrmsr(MSR_X2APIC_EOI, 0);
+	if ((f->cs & 3) == 0) {
+		if (f->rip == (u64)shim_halt_insn)
+			f->rip++;   /* taken before the hlt: do not sleep through it */
+		/* back to the hlt's `cli` with interrupts off already: the
+		 * kick raised again must wait for the guest, not come back
+		 * here at once (and again, for ever: the faithful lane does) */
+		f->rflags &= ~RFLAGS_IF;
+		if (pc->nmi_pending && !pc->nmi_masked)
+			nmi_kick(pc->vcpu_id);
+		return;
+	}
+	if (pc->nmi_pending && !pc->nmi_masked) {
+		struct trap_ent *t = &pc->traps[VEC_NMI];
+		pc->nmi_pending = 0;
+		if (t->addr) {
+			priv_count(pc, VEC_NMI);   /* "trap 2": NMIs bounced */
+			pc->nmi_masked = 1;
+			f->vec = VEC_NMI;   /* for crash reports */
+			bounce(pc, f, t->addr, 0, 0, (t->flags & TI_MASK_EVENTS) != 0);
+		}
+	}
+	check_events(pc, f);
+}
+
 /* ---------------- the slow path ---------------- */
 
 static long slow_hypercall(struct percpu *pc, u64 rip, u64 nr, const u64 *a)
@@ -201,6 +277,8 @@ static void do_iret(struct percpu *pc, struct hc_frame *h)
 	h->rsp = c[7];
 	h->ss = (c[8] | 3) & 0xffff;
 	vcpu_info(pc)[VI_UPCALL_MASK] = !(c[6] & RFLAGS_IF);
+	if (pc->nmi_masked)   /* Xen's async_exception_cleanup */
+		nmi_unmask(pc);
 }
 
 static NOINLINE long do_set_trap_table(struct percpu *pc, u64 ptr)
@@ -232,7 +310,9 @@ static NOINLINE long do_set_trap_table(struct percpu *pc, u64 ptr)
  * type is accepted (syscall32 and sysenter are kept, though a guest without
  * 32-bit code never gets them), a non-canonical NMI callback is refused,
  * and only the NMI callback can be unregistered (-EINVAL for the others,
- * -ENOSYS for unknown types). */
+ * -ENOSYS for unknown types).  The NMI callback is the virtual IDT's
+ * vector 2 (Xen's register_guest_nmi_callback writes trap_ctxt[2], events
+ * masked, whatever the flags say; set_trap_table can set it too). */
 static NOINLINE long do_callback_op(struct percpu *pc, u64 cmd, u64 ptr)
 {
 	u64 cb[2];  /* register: type:16 flags:16 pad:32, address; unregister: type:16 pad:16 */
@@ -247,7 +327,7 @@ static NOINLINE long do_callback_op(struct percpu *pc, u64 cmd, u64 ptr)
 		case CALLBACKTYPE_syscall32: case CALLBACKTYPE_sysenter:
 			return -XEN_EINVAL;
 		case CALLBACKTYPE_nmi:
-			pc->nmi_cb = 0;
+			pc->traps[VEC_NMI].addr = pc->traps[VEC_NMI].flags = 0;
 			return 0;
 		}
 		return -XEN_ENOSYS;
@@ -262,8 +342,9 @@ static NOINLINE long do_callback_op(struct percpu *pc, u64 cmd, u64 ptr)
 	case CALLBACKTYPE_nmi:
 		if (!canonical(cb[1]))
 			return -XEN_EINVAL;
-		slot = &pc->nmi_cb;
-		break;
+		pc->traps[VEC_NMI].addr = cb[1];
+		pc->traps[VEC_NMI].flags = TI_MASK_EVENTS;
+		return 0;
 	default: return -XEN_ENOSYS;
 	}
 	*slot = cb[1];
@@ -355,6 +436,8 @@ static NOINLINE long events_or_python(struct percpu *pc, u64 rip, u64 nr, const 
 	long rc;
 	if (ev_hypercall(nr, a, &rc))
 		return rc;
+	if (nr == HC_vcpu_op && a[0] == VCPUOP_send_nmi)   /* hypercall() checked the id */
+		return send_nmi(a[1], a[2]);
 	if (nr == HC_physdev_op) {
 		/* set_iopl, set_iobitmap: Python validates, priv.c remembers */
 		rc = slow_hypercall(pc, rip, nr, a);
@@ -582,8 +665,6 @@ static void do_pf(struct percpu *pc, struct frame *f)
 	bounce_trap(pc, f, VEC_PF);
 }
 
-extern char shim_halt_insn[];   /* events.c halt(): the one hlt the shim waits in */
-
 /* entry.S: the #GP fast paths read guest memory in [start, end) */
 extern char shim_fast_start[], shim_fast_end[], shim_fast_fault[];
 
@@ -666,13 +747,17 @@ static void do_nm(struct percpu *pc, struct frame *f)
 	bounce_trap(pc, f, VEC_NM);
 }
 
-/* #DB and #NM (entry.S shim_common_cold).  #DB in the shim itself (a
+/* #DB, #NM and the NMI kick (entry.S shim_common_cold).  #DB in the shim itself (a
  * guest data breakpoint on memory the shim touched, the single-step trap
  * of a `syscall`) is dropped, as Xen drops a #DB in its own context;
  * kvm_pvm delivers that last one at the syscall's landing point, at CPL3. */
 void shim_trap_cold(struct frame *f)
 {
 	struct percpu *pc = pcpu();
+	if (f->vec == EV_NMI_VECTOR) {
+		nmi_interrupt(pc, f);
+		return;
+	}
 	priv_count(pc, f->vec);
 	if (f->vec == VEC_DB) {
 		u64 dr6 = priv_take_dr6();

@@ -119,7 +119,10 @@ struct percpu {
 	struct mailbox *mailbox;
 	u64 syscall_rsp;
 	/* shim-private */
-	u64 event_cb, failsafe_cb, syscall_cb, nmi_cb;
+	u64 event_cb, failsafe_cb, syscall_cb;
+	/* the NMI callback is traps[VEC_NMI], as Xen keeps it in trap_ctxt */
+	u64 nmi_pending;       /* written by any vCPU (shim.c send_nmi) */
+	u64 nmi_masked;        /* from the NMI's bounce until HYPERVISOR_iret */
 	u64 syscall32_cb, sysenter_cb;   /* kept as Xen keeps them; no 32-bit code runs */
 	u64 cb_mask;           /* bit n: callback type n masks events */
 	u64 vcr0_ts;

@@ -33,8 +33,8 @@ FAITHFUL_DIFFERS = {
 }
 
 
-def run_pass(name: str, timeout: float = 120):
-    with Domain(str(build_testguest(name))) as dom:
+def run_pass(name: str, timeout: float = 120, nr_vcpus: int = 1):
+    with Domain(str(build_testguest(name)), nr_vcpus=nr_vcpus, cmdline=f"nr_vcpus={nr_vcpus}") as dom:
         res = dom.run(timeout=timeout)
     lines = res.text.strip().splitlines()
     assert res.reason == abi.ShutdownReason.poweroff, (res.reason, res.crash_info, res.text)
@@ -123,6 +123,17 @@ def test_vcpu_op_with_one_vcpu_as_xen_4_17():
     guest's half; filled at once), send_nmi with an argument and
     get_physid -EINVAL."""
     run_pass("vcpuop")
+
+
+def test_virtual_nmis_as_xen_4_17():
+    """VCPUOP_send_nmi (-EINVAL with an argument, -ENOENT for an absent
+    vCPU) delivered to the NMI callback (callback_op, or trap_ctxt[2]) with
+    Xen's bounce frame and events masked, at once to itself; held while
+    the handler runs and delivered once at HYPERVISOR_iret; dropped with no
+    callback; waking a vCPU blocked in SCHEDOP_block or poll; a flood of
+    sends and a handler that never irets wedge nothing."""
+    res, _ = run_pass("nmi", timeout=300, nr_vcpus=2)
+    assert "nmi: vCPU 1 in SCHEDOP_poll" in res.text, res.text
 
 
 def test_memory_op_answers_as_xen_4_17():

@@ -103,9 +103,10 @@ OWNERS = (
     _python(H.vm_assist, vm_assist),
     _unsupported(H.update_va_mapping_otherdomain, "another domain's page tables: there is none"),
     _shim(H.iret, "shim.c:do_iret", note="reached from shim_hypercall, not the hypercall switch"),
-    _split(H.vcpu_op, ("shim.c:hypercall", "shim.c:vcpu_initialise", "events.c:ev_hypercall"), vcpu_op,
+    _split(H.vcpu_op, ("shim.c:hypercall", "shim.c:vcpu_initialise", "events.c:ev_hypercall",
+                       "shim.c:send_nmi"), vcpu_op,
            "shim: -ENOENT for absent vCPUs, the caller's set/stop_singleshot_timer and "
-           "stop_periodic_timer, initialise's GDT and base pointers; Python: the rest"),
+           "stop_periodic_timer, initialise's GDT and base pointers, send_nmi; Python: the rest"),
     _shim(H.set_segment_base, "shim.c:do_set_segment_base"),
     _shim(H.mmuext_op, "mmu.c:do_mmuext_op"),
     _unsupported(H.xsm_op, "no XSM policy"),

@@ -1,10 +1,10 @@
 """vcpu_op, the sub-ops the shim passes on: is_up, the runstate area,
 register_vcpu_info, set_periodic_timer, initialise/up/down, the vcpu_time
-area, and what Xen 4.17's arch_do_vcpu_op answers a PV domU for send_nmi
-(-EINVAL for an argument) and get_physid (-EINVAL: dom0's pinned vCPUs
-only).  The shim answers -ENOENT for vCPUs that do not exist (shim.c
-hypercall) and the caller's own singleshot timer and stop_periodic_timer
-(events.c)."""
+area, and what Xen 4.17's arch_do_vcpu_op answers a PV domU for
+get_physid (-EINVAL: dom0's pinned vCPUs only).  The shim answers -ENOENT
+for vCPUs that do not exist (shim.c hypercall), the caller's own
+singleshot timer and stop_periodic_timer (events.c), and send_nmi (shim.c
+send_nmi: the virtual NMI is the shim's alone)."""
 from __future__ import annotations
 
 from pyvmm.xen_abi import abi
@@ -87,10 +87,6 @@ def vcpu_op(dispatcher, ctx, cmd, vcpuid, arg, *_):
         return _register_time_area(dispatcher, ctx, st, arg)
     if cmd == VcpuOp.get_physid:
         return -XenErrno.EINVAL      # is_hwdom_pinned_vcpu(): never for a domU
-    if cmd == VcpuOp.send_nmi:
-        if arg:
-            fail(XenErrno.EINVAL, "send_nmi takes no argument")
-        # virtual NMIs are not delivered (the shim has no NMI bounce)
     return dispatcher.unsupported(Hypercall.vcpu_op, cmd)
 
 
