@@ -48,6 +48,7 @@ CPUID_OFF = GLOBALS_OFF + PAGE                          # 0x22000
 IDT_OFF = CPUID_OFF + PAGE                              # 0x23000
 ZERO_OFF = IDT_OFF + PAGE                               # 0x24000: backs unused GDT pages
 PORT_MAP_OFF = ZERO_OFF + PAGE                          # 0x25000: event-channel routing (shim/layout.py)
+FIFO_OFF = PORT_MAP_OFF + PAGE                          # 0x26000: FIFO event channels (shim/layout.py FIFO)
 SHIM_OFF = 0x40000
 SHIM_MAX = 0x40000
 VCPU_OFF = SHIM_OFF + SHIM_MAX                          # 0x80000
