@@ -196,8 +196,9 @@ class EventChannels:
     def clear_pending(self, port: int) -> None:
         self._check_port(port)
         if self.fifo:   # Xen's evtchn_fifo_clear_pending: the guest unlinks it
-            self._fifo_pending.discard(port)
-            self._fifo_and(port, ~(1 << EVTCHN_FIFO_PENDING))
+            with self.lock:
+                self._fifo_pending.discard(port)
+                self._fifo_and(port, ~(1 << EVTCHN_FIFO_PENDING))
             return
         self.phys.atomic_and_u64(self._word_gpa(SHARED_INFO_EVTCHN_PENDING, port),
                                  ~(1 << (port % BITS_PER_WORD)))
@@ -205,7 +206,8 @@ class EventChannels:
     def mask(self, port: int) -> None:
         self._check_port(port)
         if self.fifo:
-            self._fifo_or(port, 1 << EVTCHN_FIFO_MASKED)
+            with self.lock:
+                self._fifo_or(port, 1 << EVTCHN_FIFO_MASKED)
             return
         self.phys.atomic_or_u64(self._word_gpa(SHARED_INFO_EVTCHN_MASK, port),
                                 1 << (port % BITS_PER_WORD))
@@ -444,12 +446,13 @@ class EventChannels:
         evtchn_fifo_unmask)."""
         self._check_port(port)
         if self.fifo:
-            if self._fifo_word_gpa(port) is None:
-                return None
-            self._fifo_and(port, ~(1 << EVTCHN_FIFO_MASKED))
-            if not self._fifo_word(port) >> EVTCHN_FIFO_PENDING & 1:
-                return None
-            v, _ = self._fifo_set_pending(port)
+            with self.lock:
+                if self._fifo_word_gpa(port) is None:
+                    return None
+                self._fifo_and(port, ~(1 << EVTCHN_FIFO_MASKED))
+                if not self._fifo_word(port) >> EVTCHN_FIFO_PENDING & 1:
+                    return None
+                v, _ = self._fifo_set_pending_locked(port)
             if v is not None and self.kick is not None:
                 self.kick(v)
             return v
@@ -556,7 +559,12 @@ class EventChannels:
 
     def _fifo_set_pending(self, port: int) -> tuple[Optional[int], Optional[int]]:
         """Xen's evtchn_fifo_set_pending, the raiser's half: (vCPU to kick
-        because its shim has a port to link, poller vCPU to wake)."""
+        because its shim has a port to link, poller vCPU to wake).  Under
+        the table's lock: reset gives the frames back under it."""
+        with self.lock:
+            return self._fifo_set_pending_locked(port)
+
+    def _fifo_set_pending_locked(self, port: int) -> tuple[Optional[int], Optional[int]]:
         v = self.ports[port].vcpu
         if self._fifo_word_gpa(port) is None:   # its page is not there yet
             self._fifo_pending.add(port)
@@ -638,10 +646,10 @@ class EventChannels:
         return self._fifo_prio[port]
 
     def _fifo_teardown(self) -> None:
+        """Back to 2-level, the table's lock held: once the shim state is
+        down (under the shim's link lock) nothing writes the frames."""
         self.fifo = False
         self.fifo_shim.enable(False)
-        for v in list(self._fifo_cb):
-            self.fifo_shim.set_control_block(v, None)
         frames = [gpa >> PAGE_SHIFT for gpa in self._fifo_cb.values()] + self._fifo_array
         self._fifo_cb.clear()
         self._fifo_array = []

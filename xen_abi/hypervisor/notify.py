@@ -17,6 +17,7 @@ import logging
 import os
 import select
 import threading
+import time
 
 from pyvmm.xen_abi import abi
 from pyvmm.xen_abi.hypervisor import time as E
@@ -49,18 +50,28 @@ class ShimFifo(FifoShim):
         return R.DIRECTMAP_VA + gpa     # event pages are guest RAM (take_frame)
 
     def enable(self, on: bool) -> None:
-        if not on:      # back to 2-level (EVTCHNOP_reset): forget every queue
+        if on:
+            FIFO.write(self.mem, R.FIFO_OFF, on=1)
+            return
+        # back to 2-level (EVTCHNOP_reset): forget every page and queue,
+        # holding the shim's link lock, so that once it is released no
+        # shim writes the frames the caller then gives back
+        lock = self.region.gpa + R.FIFO_OFF + FIFO.offset("lock")
+        while self.phys.atomic_xchg_u64(lock, 1):
+            time.sleep(0)
+        try:
             FIFO.write(self.mem, R.FIFO_OFF, on=0, nr_words=0)
             for i in range(FIFO_ARRAY_PAGES):
                 self.mem.write_u64(R.FIFO_OFF + FIFO.offset("array", i), 0)
             self.mem.write(R.FIFO_OFF + FIFO.offset("lastq"), bytes(FIFO_PORTS))
             for v in self.region.vcpus:
                 base = v.events_off
+                EVENTS.write(self.mem, base, fifo_cb=0)
                 self.mem.write(base + EVENTS.offset("fifo_link_sum"),
                                bytes(8 + 8 * EVENTS.fields["fifo_link"].count))
                 self.mem.write(base + EVENTS.offset("fifo_tail"), bytes(4 * EVENTS.fields["fifo_tail"].count))
-            return
-        FIFO.write(self.mem, R.FIFO_OFF, on=1)
+        finally:
+            self.phys.atomic_xchg_u64(lock, 0)
 
     def set_array_page(self, index: int, gpa: int, nr_words: int) -> None:
         if index < FIFO_ARRAY_PAGES:

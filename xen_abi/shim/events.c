@@ -174,8 +174,10 @@ static int mark_pending(u8 *vi, u64 port)
  * events_due), and it links under the domain's FF_LOCK, which guards every
  * queue tail and each port's last queue: Xen's per-queue locks, folded
  * into one because a port moved to another vCPU or priority invalidates
- * its old queue's tail.  The lock holder waits for nothing, so a vCPU
- * spinning on it with interrupts off always gets it.  The guest may write
+ * its old queue's tail.  Raisers here set PENDING under it too, so that
+ * Python, taking it to tear the FIFO state down (EVTCHNOP_reset), knows
+ * no shim still writes the frames it gives back.  The lock holder waits
+ * for nothing, so a vCPU spinning on it with interrupts off gets it.  The guest may write
  * its event words and control block at any time: we never follow LINK,
  * only write head[] and READY, and retry a cmpxchg a bounded number of
  * times; every walk here is bounded by FIFO_PORTS. */
@@ -207,14 +209,29 @@ static inline void btr32(volatile u32 *w, u32 bit)
 	__asm__ volatile("lock btrl %1, %0" : "+m"(*w) : "r"(bit) : "memory", "cc");
 }
 
+/* The link lock (FF_LOCK): held for bounded work only, with interrupts
+ * off; Python takes it too, to take the FIFO state down (EVTCHNOP_reset),
+ * so nothing here writes a frame after Python gave it back. */
+static inline void fifo_lock(void)
+{
+	volatile u64 *lock = (volatile u64 *)(fifo() + FF_LOCK);
+	while (__atomic_exchange_n(lock, 1, __ATOMIC_ACQUIRE))
+		__asm__ volatile("pause" ::: "memory");
+}
+static inline void fifo_unlock(void)
+{
+	__atomic_store_n((volatile u64 *)(fifo() + FF_LOCK), 0, __ATOMIC_RELEASE);
+}
+
 /* Xen's evtchn_fifo_set_pending, the raiser's half, for port notifying
- * vCPU n: 1 if n needs a kick (it has a port to link, or one became
- * pending while masked: SCHEDOP_poll waits for those too).  A port with no
- * event word yet is dropped: Linux expands the array before it binds. */
-static int fifo_set_pending(u64 n, u64 port)
+ * vCPU n, under the link lock: 1 if n needs a kick (it has a port to
+ * link, or one became pending while masked: SCHEDOP_poll waits for those
+ * too).  A port with no event word yet is dropped: Linux expands the
+ * array before it binds. */
+static int fifo_set_pending_locked(u64 n, u64 port)
 {
 	volatile u32 *w = fifo_word(port);
-	if (!w)
+	if (!w || n >= MAX_VCPUS)
 		return 0;
 	int was = bts32(w, EVTCHN_FIFO_PENDING);
 	u32 now = *w;
@@ -226,6 +243,14 @@ static int fifo_set_pending(u64 n, u64 port)
 	test_and_set((volatile u64 *)(ev + EVB_FIFO_LINK) + port / 64, port % 64);
 	test_and_set((volatile u64 *)(ev + EVB_FIFO_LINK_SUM), port / 64);
 	return 1;
+}
+
+static int fifo_set_pending(u64 n, u64 port)
+{
+	fifo_lock();
+	int kick = fifo_set_pending_locked(n, port);
+	fifo_unlock();
+	return kick;
 }
 
 /* Xen's try_set_link / evtchn_fifo_set_link: LINK of the tail's word :=
@@ -297,11 +322,9 @@ void ev_fifo_drain(void)
 {
 	u8 *ev = evb();
 	u64 sum = __atomic_exchange_n((u64 *)(ev + EVB_FIFO_LINK_SUM), 0, __ATOMIC_SEQ_CST);
-	u8 *cb = *(u8 *volatile *)(ev + EVB_FIFO_CB);
 	u64 self = this_vcpu();
-	volatile u64 *lock = (volatile u64 *)(fifo() + FF_LOCK);
-	while (__atomic_exchange_n(lock, 1, __ATOMIC_ACQUIRE))
-		__asm__ volatile("pause" ::: "memory");
+	fifo_lock();
+	u8 *cb = *(u8 *volatile *)(ev + EVB_FIFO_CB);
 	while (sum) {
 		u64 i = (u64)__builtin_ctzll(sum);
 		sum &= sum - 1;
@@ -315,7 +338,7 @@ void ev_fifo_drain(void)
 				fifo_link(ev, cb, self, i * 64 + b);
 		}
 	}
-	__atomic_store_n(lock, 0, __ATOMIC_RELEASE);
+	fifo_unlock();
 }
 
 /* raise an IPI port on vCPU n, either ABI */
@@ -328,15 +351,18 @@ static void raise_on(u64 n, u64 port)
 /* EVTCHNOP_unmask under FIFO (Xen's evtchn_fifo_unmask) */
 static void fifo_unmask(u64 port)
 {
+	u64 n = port_map(port) & PORT_MAP_VCPU;
+	int kick = 0;
+	fifo_lock();
 	volatile u32 *w = fifo_word(port);
-	if (!w)
-		return;
-	btr32(w, EVTCHN_FIFO_MASKED);
-	if (*w & FIFO_BIT(EVTCHN_FIFO_PENDING)) {
-		u64 n = port_map(port) & PORT_MAP_VCPU;
-		if (fifo_set_pending(n, port))
-			kick_vcpu(n);
+	if (w) {
+		btr32(w, EVTCHN_FIFO_MASKED);
+		if (*w & FIFO_BIT(EVTCHN_FIFO_PENDING))
+			kick = fifo_set_pending_locked(n, port);
 	}
+	fifo_unlock();
+	if (kick)
+		kick_vcpu(n);
 }
 
 /* EVTCHNOP_unmask (Xen's evtchn_2l_unmask): clear the mask; if the port
