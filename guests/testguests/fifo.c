@@ -154,6 +154,24 @@ void tg_main(struct start_info *s)
 	ev_enable();
 	tg_check(ev_norder == 2 && ev_order[0] == c && ev_order[1] == d, "queue order", ev_order[0], c);
 
+	/* ---- a port moved to another queue: its old queue's tail is
+	 * forgotten (Xen's "old_q->tail = 0"), so a later event of the old
+	 * queue starts it afresh instead of linking behind the moved port ---- */
+	ev_disable();
+	ev_send(c);            /* c: the tail of queue 7 */
+	ev_enable();           /* consumed: unlinked, still the shim's tail */
+	tg_check(set_priority(c, 3) == 0, "set_priority 3", 0, 0);
+	ev_disable();
+	ev_send(c);            /* now in queue 3 */
+	ev_send(d);            /* queue 7 again */
+	tg_check(cb->head[3] == c && cb->head[7] == d, "moved port: each queue its head", cb->head[7], d);
+	tg_check(!(words[c] & EVTCHN_FIFO_LINK_MASK), "moved port: nothing linked behind it", words[c], 0);
+	tg_check(cb->ready == ((1u << 3) | (1u << 7)), "moved port: both queues ready", cb->ready, 0x88);
+	ev_norder = 0;
+	ev_enable();
+	tg_check(ev_norder == 2 && ev_order[0] == c && ev_order[1] == d, "moved port: order", ev_order[0], c);
+	tg_check(set_priority(c, EVTCHN_FIFO_PRIORITY_DEFAULT) == 0, "set_priority back", 0, 0);
+
 	/* ---- masked: pending, not linked, until EVTCHNOP_unmask ---- */
 	__atomic_fetch_or(&words[d], MASKED, __ATOMIC_SEQ_CST);
 	u32 hits = ev_hits[d];
