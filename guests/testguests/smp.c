@@ -867,6 +867,33 @@ static void fifo_setup(void)
 	tg_puts("smp: FIFO event channels on\n");
 }
 
+/* FIFO: port b, the tail of vCPU 0's queue 7, moves to vCPU 1 and is
+ * linked there (vCPU 1 not taking events): vCPU 0's queue 7 must forget
+ * it, so the next event there becomes its head instead of being linked
+ * behind b into vCPU 1's queue (Xen's "old_q->tail = 0"). */
+static void fifo_moved_tail(u32 b, u32 other_end)
+{
+	struct evtchn_bind_ipi bi = { 0, 0 };
+	CK("step 4 fifo: bind_ipi for vCPU 0", evtchn_op(EVTCHNOP_bind_ipi, &bi), 0);
+	u32 x = bi.port;
+	CK("step 4 fifo: bind_vcpu back to vCPU 0", bind_vcpu(b, 0), 0);
+	CK("step 4 fifo: send", ev_send(other_end), 0);
+	CK("step 4 fifo: b heads vCPU 0's queue 7", fcb(0)->head[7], b);
+	fifo_consume(0);
+	CK("step 4 fifo: bind_vcpu to vCPU 1", bind_vcpu(b, 1), 0);
+	CK("step 4 fifo: send", ev_send(other_end), 0);
+	/* vCPU 1's shim links it on its way back to vCPU 1 (it yields) */
+	CK("step 4 fifo: b linked on vCPU 1", WAIT_UNTIL(fwords[b] & F_LINKED, WAIT_MS), 1);
+	CK("step 4 fifo: b heads vCPU 1's queue 7", fcb(1)->head[7], b);
+	CK("step 4 fifo: send on vCPU 0's IPI", ev_send(x), 0);
+	CK("step 4 fifo: vCPU 0's queue 7 starts afresh", fcb(0)->head[7], x);
+	CK("step 4 fifo: nothing linked behind b", fwords[b] & EVTCHN_FIFO_LINK_MASK, 0);
+	fifo_consume(0);
+	CK("step 4 fifo: vCPU 0 took its IPI", hits[0][x], 1);
+	post(1, CMD_IPI_SPIN, b, hits[1][b] + 1, 0);
+	CK("step 4 fifo: vCPU 1 takes b", wait_done(1) && cpus[1].res[0], 1);
+}
+
 /* step 4 */
 static u32 ipi1, timer1;
 static void step_events(void)
@@ -976,6 +1003,8 @@ static void step_events(void)
 		CK("step 4: vCPU 1 finished waiting (interdomain)", ok, 1);
 		ABORT_IF_STUCK(ok);
 		CK("step 4: interdomain port moved to vCPU 1 is delivered there", cpus[1].res[0], 1);
+		if (fifo_mode && ok)
+			fifo_moved_tail(b, lu.port);
 	}
 	step_end();
 }
