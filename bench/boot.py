@@ -180,12 +180,31 @@ def one_pyvmm_boot(args) -> dict:
         seen = dict(watch.seen)
         out["exit_counts"] = dict(dom.exit_counts)
         out["slow_exits"] = dom.slow_exits
+        out["cost"] = boot_cost(dom)
     finally:
         dom.close()
     out["milestones"] = seen
     out["printk"] = printk_times(bytes(watch.text), banner_marker())
     out["console_tail"] = bytes(watch.text[-TAIL_CHARS:]).decode(errors="replace")
     return out
+
+
+def boot_cost(dom) -> dict:
+    """What the whole boot cost the guest's vCPUs: CPL0 instructions KVM
+    interpreted (kvm_pvm's insn_emulation; 0 where KVM interprets none)
+    and shim entries (traps, interrupts, syscall-instruction entries, as
+    bench/devices.py counts them)."""
+    from pyvmm.xen_abi.hypervisor import trace
+    insns = 0
+    for vcpu in dom.vcpus:
+        try:
+            insns += vcpu.stats().read().get("insn_emulation", 0)
+        except Exception:       # a KVM without binary stats
+            pass
+    counters = trace.shim_counters(dom)
+    entries = sum(v for k, v in counters.items()
+                  if k.startswith("trap") or k in ("interrupts", "syscall entries"))
+    return {"cpl0_insns": insns, "shim_entries": entries}
 
 
 def pyvmm_boot(args, t_timeout: float) -> dict:
@@ -215,6 +234,8 @@ def pyvmm_boot(args, t_timeout: float) -> dict:
            "console_tail": child.get("console_tail", "")}
     if "crash_info" in child:
         res["crash_info"] = child["crash_info"]
+    if "cost" in child:
+        res["cost"] = child["cost"]
     return res
 
 
@@ -309,6 +330,9 @@ def summarize(boots: list[dict]) -> dict:
                 reasons[r] = reasons.get(r, 0) + n / len(counted)
         out["exits"] = statistics.median(sum(c.values()) for c in counted) if counted else 0
         out["exit_reasons"] = dict(sorted(reasons.items(), key=lambda kv: -kv[1]))
+    costs = [b["cost"] for b in boots if "cost" in b]
+    if costs:        # pyvmm: CPL0 instructions and shim entries, whole boot
+        out["cost"] = {k: statistics.median(c[k] for c in costs) for k in costs[0]}
     out["ends"] = [b["end"] for b in boots]
     pk = {}
     for k in MILESTONE_KEYS:
@@ -477,6 +501,10 @@ def format_table(report: dict) -> str:
             top = list(reasons.items())[:TOP_REASONS]
             lines.append(f"  {name} lane, pyvmm exits by reason (mean per boot, top {len(top)}):")
             lines.append("    " + ", ".join(f"{r} {n:.0f}" for r, n in top))
+        cost = lane.get("pyvmm", {}).get("cost")
+        if cost:
+            lines.append(f"  {name} lane, pyvmm boot cost (median): {cost['cpl0_insns']:.0f} CPL0 "
+                         f"instructions interpreted, {cost['shim_entries']:.0f} shim entries")
         q = lane.get("qemu", {})
         if q.get("boots") and POWEROFF not in q.get("median", {}):
             tail = q["boots"][-1].get("console_tail", "").strip().splitlines()[-3:]

@@ -310,6 +310,30 @@ NR_VIRQS = 24
 # 2-level event channels: 64 words of 64 bits in shared_info.
 EVTCHN_2L_NR_CHANNELS = 64 * 64
 
+# FIFO-based event channels (public/event_channel.h).  One event word
+# (u32) per port in guest pages registered with EVTCHNOP_expand_array; a
+# control block per vCPU (EVTCHNOP_init_control) with the READY bitmap of
+# its 16 queues and each queue's head.
+EVTCHN_FIFO_PRIORITY_MAX = 0
+EVTCHN_FIFO_PRIORITY_DEFAULT = 7
+EVTCHN_FIFO_PRIORITY_MIN = 15
+EVTCHN_FIFO_MAX_QUEUES = EVTCHN_FIFO_PRIORITY_MIN + 1
+EVTCHN_FIFO_PENDING = 31
+EVTCHN_FIFO_MASKED = 30
+EVTCHN_FIFO_LINKED = 29
+EVTCHN_FIFO_BUSY = 28
+EVTCHN_FIFO_LINK_BITS = 17
+EVTCHN_FIFO_LINK_MASK = (1 << EVTCHN_FIFO_LINK_BITS) - 1
+EVTCHN_FIFO_NR_CHANNELS = 1 << EVTCHN_FIFO_LINK_BITS
+EVTCHN_FIFO_EVENT_WORDS_PER_PAGE = 4096 // 4
+# Xen's event array holds at most this many pages (EVTCHN_FIFO_MAX_EVENT_ARRAY_PAGES);
+# expand_array past it is -ENOSPC
+EVTCHN_FIFO_MAX_EVENT_ARRAY_PAGES = EVTCHN_FIFO_NR_CHANNELS // EVTCHN_FIFO_EVENT_WORDS_PER_PAGE
+# The domain's highest port (Xen's max_evtchn_port), xl's default
+# max_event_channels: both ABIs allocate ports 1..1023; the FIFO event
+# array then needs one page.
+MAX_EVTCHN_PORT = 1023
+
 
 class GnttabOp(enum.IntEnum):
     map_grant_ref = 0
@@ -716,6 +740,11 @@ EvtchnBindVirq = Struct("virq" / Int32ul, "vcpu" / Int32ul, "port" / Int32ul)
 EvtchnBindIpi = Struct("vcpu" / Int32ul, "port" / Int32ul)
 EvtchnPort = Struct("port" / Int32ul)  # send, close, unmask
 EvtchnBindVcpu = Struct("port" / Int32ul, "vcpu" / Int32ul)
+EvtchnInitControl = Struct("control_gfn" / Int64ul, "offset" / Int32ul, "vcpu" / Int32ul,
+                           "link_bits" / Int8ul, Padding(7))  # link_bits: OUT
+EvtchnExpandArray = Struct("array_gfn" / Int64ul)
+EvtchnSetPriority = Struct("port" / Int32ul, "priority" / Int32ul)
+EvtchnFifoControlBlock = Struct("ready" / Int32ul, Padding(4), "head" / Array(EVTCHN_FIFO_MAX_QUEUES, Int32ul))
 EvtchnStatusArg = Struct(
     "dom" / Int16ul,
     Padding(2),

@@ -76,7 +76,7 @@ struct cpu {
 	u64 self;            /* &cpus[i]: what %gs points at (gs_base_kernel) */
 } __attribute__((aligned(64)));
 static struct cpu cpus[MAXCPU];
-static volatile u32 hits[MAXCPU][NPORTS];     /* per-vCPU upcall hits */
+/* hits[cpu][port]: per-vCPU upcall hits (below) */
 static volatile u8 port_owner[NPORTS];         /* which vCPU's upcall takes a port */
 static u8 sec_stack[MAXCPU][STACK_SIZE] __attribute__((aligned(4096)));
 static volatile u64 tlb_after;                 /* step 6: "the flush has returned" */
@@ -138,7 +138,72 @@ static u64 stack_top(int c) { return (u64)&sec_stack[c][STACK_SIZE]; }
 static volatile struct vcpu_info *vinfo(int c) { return (volatile struct vcpu_info *)&si->vcpu_info[c]; }
 static volatile u64 *pending_w(u32 port) { return (volatile u64 *)&si->evtchn_pending[port / 64]; }
 static volatile u64 *mask_w(u32 port) { return (volatile u64 *)&si->evtchn_mask[port / 64]; }
-static int is_pending(u32 port) { return (*pending_w(port) >> (port % 64)) & 1; }
+
+/* With "fifo" on the command line the guest switches to the FIFO ABI
+ * before step 4 (a control block per vCPU, one event array page), and
+ * steps 4 and 5 run through the queues. */
+static int want_fifo, fifo_mode;
+static volatile u32 fwords[1024] __attribute__((aligned(4096)));
+static u8 fcb_page[4096] __attribute__((aligned(4096)));
+static u32 fhead[MAXCPU][EVTCHN_FIFO_MAX_QUEUES];
+#define FCB_STRIDE 128
+struct fifo_cb { u32 ready, _rsvd; u32 head[EVTCHN_FIFO_MAX_QUEUES]; };
+static volatile struct fifo_cb *fcb(int cpu) { return (volatile struct fifo_cb *)(fcb_page + cpu * FCB_STRIDE); }
+#define F_PENDING (1u << EVTCHN_FIFO_PENDING)
+#define F_MASKED (1u << EVTCHN_FIFO_MASKED)
+#define F_LINKED (1u << EVTCHN_FIFO_LINKED)
+
+static int is_pending(u32 port)
+{
+	if (fifo_mode)
+		return port < 1024 && (fwords[port] & F_PENDING) != 0;
+	return (*pending_w(port) >> (port % 64)) & 1;
+}
+static void clear_pending(u32 port)
+{
+	if (fifo_mode)
+		__atomic_fetch_and(&fwords[port], ~F_PENDING, __ATOMIC_SEQ_CST);
+	else
+		clear_bit_locked(pending_w(port), port % 64);
+}
+static void mask_port(u32 port)
+{
+	if (fifo_mode)
+		__atomic_fetch_or(&fwords[port], F_MASKED, __ATOMIC_SEQ_CST);
+	else
+		set_bit_locked(mask_w(port), port % 64);
+}
+
+static volatile u32 hits[MAXCPU][NPORTS];
+
+/* Linux's events_fifo.c walk of this vCPU's queues (bounded): whatever
+ * is in them is this vCPU's, wherever the port is bound now */
+static void fifo_consume(int cpu)
+{
+	volatile struct fifo_cb *cb = fcb(cpu);
+	u32 ready = __atomic_exchange_n(&cb->ready, 0, __ATOMIC_SEQ_CST);
+	for (int n = 0; ready && n < 1024; n++) {
+		u32 q = __builtin_ctz(ready);
+		u32 port = fhead[cpu][q] ? fhead[cpu][q] : cb->head[q], next = 0;
+		if (port >= 1024)
+			port = 0;
+		if (port) {
+			u32 old = fwords[port], seen;
+			while ((seen = __sync_val_compare_and_swap(&fwords[port], old, old & ~(F_LINKED | EVTCHN_FIFO_LINK_MASK))) != old)
+				old = seen;
+			next = old & EVTCHN_FIFO_LINK_MASK;
+			if (next >= 1024 || next == port)
+				next = 0;
+		}
+		if (!next)
+			ready &= ~(1u << q);
+		if (port && port < NPORTS && !(fwords[port] & F_MASKED) &&
+		    (__atomic_fetch_and(&fwords[port], ~F_PENDING, __ATOMIC_SEQ_CST) & F_PENDING))
+			hits[cpu][port]++;
+		fhead[cpu][q] = next;
+		ready |= __atomic_exchange_n(&cb->ready, 0, __ATOMIC_SEQ_CST);
+	}
+}
 
 static u64 rdmsr(u32 msr)
 {
@@ -248,6 +313,10 @@ void smp_upcall(void)
 	volatile struct vcpu_info *v = vinfo(cpu);
 	cpus[cpu].upcalls++;
 	v->upcall_pending = 0;
+	if (fifo_mode) {
+		fifo_consume(cpu);
+		return;
+	}
 	u64 sel = __atomic_exchange_n(&((struct vcpu_info *)v)->pending_sel, 0, __ATOMIC_SEQ_CST);
 	while (sel) {
 		int w = __builtin_ctzll(sel);
@@ -371,7 +440,7 @@ static void sec_command(int cpu, struct cpu *p, u32 cmd)
 		p->res[1] = is_pending(port);
 		p->res[2] = is_pending(p->arg[1]);
 		vop(VCPUOP_stop_singleshot_timer, cpu, 0);
-		clear_bit_locked(pending_w(p->arg[1]), p->arg[1] % 64);
+		clear_pending(p->arg[1]);
 		break;
 	}
 	case CMD_DOWN: {
@@ -778,6 +847,53 @@ static void step_tlb(void)
 	step_end();
 }
 
+/* the switch to FIFO (fifo mode): every vCPU's control block, then the
+ * array page; the ports bound so far are carried over */
+static void fifo_setup(void)
+{
+	struct { u64 gfn; u32 offset, vcpu; u8 link_bits, _p[7]; } ic;
+	for (int c = 0; c < nr; c++) {
+		ic.gfn = va_to_pfn(fcb_page);
+		ic.offset = c * FCB_STRIDE;
+		ic.vcpu = c;
+		ic.link_bits = 0;
+		CK("fifo: init_control", evtchn_op(EVTCHNOP_init_control, &ic), 0);
+		CK("fifo: link_bits", ic.link_bits, EVTCHN_FIFO_LINK_BITS);
+	}
+	u64 gfn = va_to_pfn((const void *)fwords);
+	CK("fifo: expand_array", evtchn_op(EVTCHNOP_expand_array, &gfn), 0);
+	fifo_mode = 1;   /* from here on the walks and helpers use the queues */
+	fifo_consume(0);  /* whatever the switch carried over to vCPU 0 */
+	tg_puts("smp: FIFO event channels on\n");
+}
+
+/* FIFO: port b, the tail of vCPU 0's queue 7, moves to vCPU 1 and is
+ * linked there (vCPU 1 not taking events): vCPU 0's queue 7 must forget
+ * it, so the next event there becomes its head instead of being linked
+ * behind b into vCPU 1's queue (Xen's "old_q->tail = 0"). */
+static void fifo_moved_tail(u32 b, u32 other_end)
+{
+	struct evtchn_bind_ipi bi = { 0, 0 };
+	CK("step 4 fifo: bind_ipi for vCPU 0", evtchn_op(EVTCHNOP_bind_ipi, &bi), 0);
+	u32 x = bi.port;
+	CK("step 4 fifo: bind_vcpu back to vCPU 0", bind_vcpu(b, 0), 0);
+	CK("step 4 fifo: send", ev_send(other_end), 0);
+	CK("step 4 fifo: b heads vCPU 0's queue 7", fcb(0)->head[7], b);
+	fifo_consume(0);
+	CK("step 4 fifo: bind_vcpu to vCPU 1", bind_vcpu(b, 1), 0);
+	CK("step 4 fifo: send", ev_send(other_end), 0);
+	/* vCPU 1's shim links it on its way back to vCPU 1 (it yields) */
+	CK("step 4 fifo: b linked on vCPU 1", WAIT_UNTIL(fwords[b] & F_LINKED, WAIT_MS), 1);
+	CK("step 4 fifo: b heads vCPU 1's queue 7", fcb(1)->head[7], b);
+	CK("step 4 fifo: send on vCPU 0's IPI", ev_send(x), 0);
+	CK("step 4 fifo: vCPU 0's queue 7 starts afresh", fcb(0)->head[7], x);
+	CK("step 4 fifo: nothing linked behind b", fwords[b] & EVTCHN_FIFO_LINK_MASK, 0);
+	fifo_consume(0);
+	CK("step 4 fifo: vCPU 0 took its IPI", hits[0][x], 1);
+	post(1, CMD_IPI_SPIN, b, hits[1][b] + 1, 0);
+	CK("step 4 fifo: vCPU 1 takes b", wait_done(1) && cpus[1].res[0], 1);
+}
+
 /* step 4 */
 static u32 ipi1, timer1;
 static void step_events(void)
@@ -869,7 +985,13 @@ static void step_events(void)
 	CK("step 4: bind_interdomain loopback", rc, 0);
 	u32 b = bd.local_port;
 	if (rc == 0 && b < NPORTS) {
-		clear_bit_locked(pending_w(b), b % 64);    /* the bind raised it on vCPU 0 */
+		/* the bind raised it on vCPU 0, which takes no events: take
+		 * it off vCPU 0's queue (FIFO: still linked there, it would
+		 * not be linked on vCPU 1 -- Xen's "already on a queue") */
+		if (fifo_mode)
+			fifo_consume(0);
+		else
+			clear_pending(b);
 		CK("step 4: bind_vcpu of an interdomain port to vCPU 1", bind_vcpu(b, 1), 0);
 		ev_status(b, &st);
 		CK("step 4: interdomain port status.vcpu", st.vcpu, 1);
@@ -881,6 +1003,8 @@ static void step_events(void)
 		CK("step 4: vCPU 1 finished waiting (interdomain)", ok, 1);
 		ABORT_IF_STUCK(ok);
 		CK("step 4: interdomain port moved to vCPU 1 is delivered there", cpus[1].res[0], 1);
+		if (fifo_mode && ok)
+			fifo_moved_tail(b, lu.port);
 	}
 	step_end();
 }
@@ -902,14 +1026,14 @@ static void step_poll(void)
 	long rc = evtchn_op(EVTCHNOP_bind_ipi, &bi);
 	CK("step 5: bind_ipi for vCPU 0", rc, 0);
 	u32 q0 = bi.port;
-	set_bit_locked(mask_w(q0), q0 % 64);
+	mask_port(q0);
 	CK("step 5: send to the masked port", ev_send(q0), 0);
 	u64 t0 = clock_ns(0);
 	rc = poll(&q0, 1, t0 + 3000000000UL);
 	u64 el = clock_ns(0) - t0;
 	CK("step 5: poll of a pending port", rc, 0);
 	check(el < 1000000000UL, "step 5: poll of a pending port returns at once (ns)", el, 0);
-	clear_bit_locked(pending_w(q0), q0 % 64);
+	clear_pending(q0);
 	t0 = clock_ns(0);
 	rc = poll(&q0, 1, t0 + 50000000UL);
 	el = clock_ns(0) - t0;
@@ -923,7 +1047,7 @@ static void step_poll(void)
 	CK("step 5: bind_ipi for vCPU 1", rc, 0);
 	u32 q = b1.port;
 	port_owner[q] = 1;
-	set_bit_locked(mask_w(q), q % 64);
+	mask_port(q);
 	post(1, CMD_POLL, q, timer1, 0);
 	int ok = WAIT_UNTIL(cpus[1].ready, WAIT_MS);
 	CK("step 5: vCPU 1 about to poll", ok, 1);
@@ -982,6 +1106,7 @@ void tg_main(struct start_info *s)
 {
 	start = s;
 	int want_nr = cmdline_opt(s->cmd_line, "nr_vcpus");
+	want_fifo = cmdline_opt(s->cmd_line, "fifo") > 0;
 	u64 pte = s->shared_info | PTE_P | PTE_RW | PTE_A | PTE_D;
 	long rc = HC3(HC_update_va_mapping, si_page, pte, UVMF_INVLPG);
 	CHECK_EQ("map shared_info", rc, 0);
@@ -1015,6 +1140,8 @@ void tg_main(struct start_info *s)
 	step_bring_up();
 	step_bad_initialised(want_nr);
 	step_tlb();
+	if (want_fifo)
+		fifo_setup();
 	step_events();
 	step_poll();
 	step_down_up();

@@ -55,13 +55,72 @@ static inline void set_bit_locked(volatile u64 *w, int bit)
 static inline void clear_bit_locked(volatile u64 *w, int bit) { test_and_clear(w, bit); }
 #define barrier() __asm__ volatile("" ::: "memory")
 
-/* Called by tg_upcall_entry with events masked: Linux's 2-level scan. */
+/* FIFO ABI (fifo.c): the event array page and this vCPU's control block,
+ * once EVTCHNOP_init_control took them; the upcall then walks the queues
+ * as Linux's events_fifo.c does, bounded (the test scribbles on them). */
+struct evtchn_fifo_control_block { u32 ready, _rsvd; u32 head[EVTCHN_FIFO_MAX_QUEUES]; };
+_Static_assert(sizeof(struct evtchn_fifo_control_block) == XEN_EVTCHN_FIFO_CONTROL_BLOCK_SIZE, "control block");
+static volatile u32 *ev_fifo_words;
+static volatile struct evtchn_fifo_control_block *ev_fifo_cb;
+static u32 ev_fifo_head[EVTCHN_FIFO_MAX_QUEUES];   /* Linux's per-cpu q->head */
+static u32 ev_order[64];                            /* ports in the order handled */
+static volatile u32 ev_norder;
+
+static void ev_fifo_handle(u32 port)
+{
+	if (port > MAX_EVTCHN_PORT)
+		return;
+	volatile u32 *w = &ev_fifo_words[port];
+	if ((*w & (1u << EVTCHN_FIFO_MASKED)) ||
+	    !(__atomic_fetch_and(w, ~(1u << EVTCHN_FIFO_PENDING), __ATOMIC_SEQ_CST) & (1u << EVTCHN_FIFO_PENDING)))
+		return;
+	ev_hits[port]++;
+	if (ev_norder < 64)
+		ev_order[ev_norder++] = port;
+	if (ev_hook)
+		ev_hook(port);
+}
+
+static void ev_fifo_consume(void)
+{
+	u32 ready = __atomic_exchange_n(&ev_fifo_cb->ready, 0, __ATOMIC_SEQ_CST);
+	for (int n = 0; ready && n < 256; n++) {
+		u32 q = __builtin_ctz(ready);
+		u32 head = ev_fifo_head[q];
+		if (!head)
+			head = ev_fifo_cb->head[q];
+		u32 port = head > MAX_EVTCHN_PORT ? 0 : head;
+		u32 next = 0;
+		if (port) {   /* clear LINKED and LINK, keep the rest */
+			volatile u32 *w = &ev_fifo_words[port];
+			u32 old = *w, seen;
+			while ((seen = __sync_val_compare_and_swap(w, old, old & ~((1u << EVTCHN_FIFO_LINKED) | EVTCHN_FIFO_LINK_MASK))) != old)
+				old = seen;
+			next = old & EVTCHN_FIFO_LINK_MASK;
+			if (next > MAX_EVTCHN_PORT || next == port)
+				next = 0;
+		}
+		if (!next)
+			ready &= ~(1u << q);
+		if (port)
+			ev_fifo_handle(port);
+		ev_fifo_head[q] = next;
+		ready |= __atomic_exchange_n(&ev_fifo_cb->ready, 0, __ATOMIC_SEQ_CST);
+	}
+}
+
+/* Called by tg_upcall_entry with events masked: Linux's 2-level scan (or
+ * the FIFO queues). */
 void tg_upcall(void);
 void tg_upcall(void)
 {
 	ev_upcalls++;
 	ev_last_tsc = rdtsc();
 	vi->upcall_pending = 0;
+	if (ev_fifo_cb) {
+		ev_fifo_consume();
+		return;
+	}
 	u64 sel = __atomic_exchange_n(&((struct vcpu_info *)vi)->pending_sel, 0, __ATOMIC_SEQ_CST);
 	while (sel) {
 		int w = __builtin_ctzll(sel);

@@ -35,7 +35,7 @@ MILESTONES = [
     ("xen_start_kernel", r"Linux version 6\.1\.\S+"),
     ("xen detected", r"Hypervisor detected: Xen PV"),
     ("start_kernel", r"Kernel command line: .*earlyprintk=xen"),
-    ("event channels", r"xen:events: Using 2-level ABI"),
+    ("event channels", r"xen:events: Using FIFO-based ABI"),   # EVTCHNOP_init_control took
     ("hvc0", r"printk: console \[hvc0\] enabled"),
     ("xen clocksource", r"clocksource: xen: mask"),
     ("xen timer", r"installing Xen timer for CPU 0"),

@@ -46,7 +46,7 @@ from pyvmm.xen_abi.hypervisor.hypercalls.context import (DomainShutdown, Hyperca
                                                          ShimRequest)
 from pyvmm.xen_abi.hypervisor.hypercalls.dispatch import HypercallDispatcher
 from pyvmm.xen_abi.hypervisor.listeners import Listeners, SlowHypercall
-from pyvmm.xen_abi.hypervisor.notify import EventNotifier
+from pyvmm.xen_abi.hypervisor.notify import EventNotifier, ShimFifo
 from pyvmm.xen_abi.hypervisor.reservation import Reservation
 from pyvmm.xen_abi.hypervisor import time as time_
 from pyvmm.xen_abi.hypervisor.time import DomainClock
@@ -184,7 +184,9 @@ class Domain(PvDomainBase):
             shared_info_mfn=self.region.shared_info_mfn,
             hypervisor_l4_entries=self.region.hypervisor_l4_entries())
         self._adjust_bootstrap_tables()
-        evtchn = EventChannels(self.phys, self.region.shared_info_gpa, nr_vcpus, kick=self.kick)
+        # ports 1..MAX_EVTCHN_PORT, either ABI (xl's default max_event_channels)
+        evtchn = EventChannels(self.phys, self.region.shared_info_gpa, nr_vcpus, kick=self.kick,
+                               nr_ports=abi.MAX_EVTCHN_PORT + 1)
         reg = self.region
         page_types = PageTypes(reg.mem.address + reg.page_type_off, reg.ram_pages)
         gnttab = GrantTable(self.phys, self.region.gpa_of(R.GRANT_OFF), max_frames=R.MAX_GRANT_FRAMES,
@@ -204,6 +206,7 @@ class Domain(PvDomainBase):
         EVENTS.write(self.region.mem, self.region.vcpus[0].events_off, online=1, initialised=1)
         self.name = name
         self.notifier = EventNotifier(self.vm, self.region, self.evtchn)
+        self.evtchn.fifo_shim = ShimFifo(self.region, self.phys)
         self.clock = DomainClock(self.kvm, self.vcpus, self.region, self.phys)   # LAPIC timers, pvclock
 
         self.channels = DomainChannels(self.evtchn, self.gnttab, self.ram, self.layout, self.page_types,

@@ -22,6 +22,15 @@ from typing import Callable, Optional
 from pyvmm.xen_abi.abi import (
     DOMID_SELF,
     EVTCHN_2L_NR_CHANNELS,
+    EVTCHN_FIFO_EVENT_WORDS_PER_PAGE,
+    EVTCHN_FIFO_LINKED,
+    EVTCHN_FIFO_MASKED,
+    EVTCHN_FIFO_MAX_EVENT_ARRAY_PAGES,
+    EVTCHN_FIFO_PENDING,
+    EVTCHN_FIFO_PRIORITY_DEFAULT,
+    EVTCHN_FIFO_PRIORITY_MIN,
+    PAGE_SHIFT,
+    PAGE_SIZE,
     NR_VIRQS,
     SHARED_INFO_EVTCHN_MASK,
     SHARED_INFO_EVTCHN_PENDING,
@@ -33,9 +42,10 @@ from pyvmm.xen_abi.abi import (
     HypercallError,
     Virq,
     XenErrno,
+    EvtchnFifoControlBlock,
 )
 
-__all__ = ["EventChannels", "BackendPort", "Port", "BACKEND_DOMID", "PER_VCPU_VIRQS"]
+__all__ = ["EventChannels", "BackendPort", "Port", "BACKEND_DOMID", "PER_VCPU_VIRQS", "FifoShim"]
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +64,20 @@ class Port:
     remote_dom: int = 0  # unbound: who may bind; interdomain: the other end's domain
     remote_port: int = 0  # interdomain: the other end's port number
     backend: Optional["BackendPort"] = None
+
+
+class FifoShim:
+    """Where the FIFO ABI's queues are linked: the shim (notify.ShimFifo).
+    This base does nothing, for an EventChannels without a shim (tests
+    record what would have been asked)."""
+
+    def enable(self, on: bool) -> None: ...
+    def set_array_page(self, index: int, gpa: int, nr_words: int) -> None: ...
+    def set_control_block(self, vcpu: int, gpa: Optional[int]) -> None: ...
+    def set_priority(self, port: int, priority: int) -> None: ...
+    def queue(self, vcpu: int, port: int) -> None:
+        """Ask vcpu's shim to link port (it is PENDING, was neither MASKED
+        nor LINKED); the caller kicks vcpu."""
 
 
 class BackendPort:
@@ -126,6 +150,18 @@ class EventChannels:
         # listener(event, guest_port, backend_port) for event in {"bind", "close"}:
         # lets the domain wire ioeventfds for guest->back-end sends.
         self.listeners: list[Callable[[str, int, BackendPort], None]] = []
+        # FIFO ABI (EVTCHNOP_init_control): off until the guest asks.
+        # take_frame(mfn) -> bool: the frame is the guest's RAM and now held
+        # writable (Xen's get_page_type(PGT_writable_page)); drop_frame(mfn)
+        # gives it back.  The domain sets both; without them nothing maps.
+        self.fifo = False
+        self.fifo_shim = FifoShim()
+        self.take_frame: Optional[Callable[[int], bool]] = None
+        self.drop_frame: Optional[Callable[[int], None]] = None
+        self._fifo_array: list[int] = []                 # event array frames, in order
+        self._fifo_cb: dict[int, int] = {}               # vCPU -> control block GPA
+        self._fifo_pending: set[int] = set()             # raised before their page came (Xen's evtchn->pending)
+        self._fifo_prio = [EVTCHN_FIFO_PRIORITY_DEFAULT] * nr_ports
 
     # ------------------------------------------------------------------
     # vcpu_info location
@@ -144,21 +180,35 @@ class EventChannels:
 
     def is_pending(self, port: int) -> bool:
         self._check_port(port)
+        if self.fifo:
+            return bool(self._fifo_word(port) >> EVTCHN_FIFO_PENDING & 1)
         word = self.phys.atomic_load_u64(self._word_gpa(SHARED_INFO_EVTCHN_PENDING, port))
         return bool(word >> (port % BITS_PER_WORD) & 1)
 
     def is_masked(self, port: int) -> bool:
         self._check_port(port)
+        if self.fifo:   # no event word yet: masked, as Xen's evtchn_fifo_is_masked
+            gpa = self._fifo_word_gpa(port)
+            return gpa is None or bool(self._fifo_word(port) >> EVTCHN_FIFO_MASKED & 1)
         word = self.phys.atomic_load_u64(self._word_gpa(SHARED_INFO_EVTCHN_MASK, port))
         return bool(word >> (port % BITS_PER_WORD) & 1)
 
     def clear_pending(self, port: int) -> None:
         self._check_port(port)
+        if self.fifo:   # Xen's evtchn_fifo_clear_pending: the guest unlinks it
+            with self.lock:
+                self._fifo_pending.discard(port)
+                self._fifo_and(port, ~(1 << EVTCHN_FIFO_PENDING))
+            return
         self.phys.atomic_and_u64(self._word_gpa(SHARED_INFO_EVTCHN_PENDING, port),
                                  ~(1 << (port % BITS_PER_WORD)))
 
     def mask(self, port: int) -> None:
         self._check_port(port)
+        if self.fifo:
+            with self.lock:
+                self._fifo_or(port, 1 << EVTCHN_FIFO_MASKED)
+            return
         self.phys.atomic_or_u64(self._word_gpa(SHARED_INFO_EVTCHN_MASK, port),
                                 1 << (port % BITS_PER_WORD))
 
@@ -187,6 +237,8 @@ class EventChannels:
         """set_pending(), and the port's vCPU if the port became pending
         while masked: a vCPU in SCHEDOP_poll waits for masked ports too."""
         self._check_port(port)
+        if self.fifo:
+            return self._fifo_set_pending(port)
         word, bit = divmod(port, BITS_PER_WORD)
         old = self.phys.atomic_or_u64(self.shared_info_gpa + SHARED_INFO_EVTCHN_PENDING + word * 8,
                                       1 << bit)
@@ -246,7 +298,8 @@ class EventChannels:
     def _alloc_port(self) -> int:
         # Port 0 is reserved (Xen's ECS_RESERVED): never handed out.
         for p in range(1, self.nr_ports):
-            if self.ports[p].state == EvtchnStatus.closed:
+            if self.ports[p].state == EvtchnStatus.closed and not self._fifo_busy(p):
+                self._fifo_init_port(p)
                 return p
         raise _err(XenErrno.ENOSPC, "out of event channel ports")
 
@@ -389,8 +442,20 @@ class EventChannels:
             return out
 
     def unmask(self, port: int) -> Optional[int]:
-        """Clear the mask bit; re-raise if pending (Xen evtchn_2l_unmask)."""
+        """Clear the mask bit; re-raise if pending (Xen evtchn_2l_unmask,
+        evtchn_fifo_unmask)."""
         self._check_port(port)
+        if self.fifo:
+            with self.lock:
+                if self._fifo_word_gpa(port) is None:
+                    return None
+                self._fifo_and(port, ~(1 << EVTCHN_FIFO_MASKED))
+                if not self._fifo_word(port) >> EVTCHN_FIFO_PENDING & 1:
+                    return None
+                v, _ = self._fifo_set_pending_locked(port)
+            if v is not None and self.kick is not None:
+                self.kick(v)
+            return v
         word, bit = divmod(port, BITS_PER_WORD)
         old = self.phys.atomic_and_u64(self.shared_info_gpa + SHARED_INFO_EVTCHN_MASK + word * 8,
                                        ~(1 << bit))
@@ -424,11 +489,174 @@ class EventChannels:
         for p in range(1, self.nr_ports):
             if self.ports[p].state != EvtchnStatus.closed:
                 self.close(p)
+        with self.lock:
+            if self.fifo:   # Xen's evtchn_reset: back to the 2-level ABI
+                self._fifo_teardown()
 
     def _routed(self, p: int) -> None:
         if self.routing is not None:
             pt = self.ports[p]
             self.routing(p, pt.vcpu, pt.state == EvtchnStatus.ipi)
+
+    # ------------------------------------------------------------------
+    # FIFO ABI (Xen's event_fifo.c)
+    #
+    # Locking model.  Python never writes a queue: it has no tail.  Any
+    # raiser (a back-end thread here, or another vCPU's shim) sets PENDING
+    # in the port's event word with one locked OR, and if the word was
+    # neither MASKED nor LINKED, marks the port in the notify vCPU's
+    # "to link" bitmap in shim memory (locked ORs) and kicks that vCPU.
+    # That vCPU's shim links every marked port on its way back to the
+    # guest (events.c fifo_drain), holding the domain's link lock, which
+    # guards all the queue tails and each port's last queue (a port moved
+    # to another vCPU or priority must invalidate its old queue's tail).
+    # The guest may write the event words and control block at any time:
+    # the shim never follows LINK, writes only head[] and READY, and
+    # bounds its cmpxchg retries as Xen does (BUSY held forever costs five
+    # tries, then the link is forced).  Event array pages and control
+    # blocks are guest RAM frames held writable (take_frame) until reset
+    # or the domain's end, so they can neither be ballooned out nor
+    # become page tables.
+    # ------------------------------------------------------------------
+    def _fifo_word_gpa(self, port: int) -> Optional[int]:
+        page, index = divmod(port, EVTCHN_FIFO_EVENT_WORDS_PER_PAGE)
+        if page >= len(self._fifo_array):
+            return None
+        return (self._fifo_array[page] << PAGE_SHIFT) + 4 * index
+
+    def _fifo_word(self, port: int) -> int:
+        gpa = self._fifo_word_gpa(port)
+        if gpa is None:
+            return 0
+        return self.phys.atomic_load_u64(gpa & ~7) >> (gpa & 4) * 8 & 0xFFFFFFFF
+
+    def _fifo_or(self, port: int, bits: int) -> int:
+        """Locked OR into the port's event word (the aligned u64 holding
+        it); its old value (0 when the page is not there)."""
+        gpa = self._fifo_word_gpa(port)
+        if gpa is None:
+            return 0
+        shift = (gpa & 4) * 8
+        return self.phys.atomic_or_u64(gpa & ~7, bits << shift) >> shift & 0xFFFFFFFF
+
+    def _fifo_and(self, port: int, bits: int) -> int:
+        gpa = self._fifo_word_gpa(port)
+        if gpa is None:
+            return 0
+        shift = (gpa & 4) * 8
+        keep = ((bits & 0xFFFFFFFF) << shift) | (0xFFFFFFFF << (32 - shift))
+        return self.phys.atomic_and_u64(gpa & ~7, keep & 0xFFFFFFFFFFFFFFFF) >> shift & 0xFFFFFFFF
+
+    def _fifo_busy(self, port: int) -> bool:
+        """Xen's evtchn_is_busy: a port still LINKED is not handed out again."""
+        return self.fifo and bool(self._fifo_word(port) >> EVTCHN_FIFO_LINKED & 1)
+
+    def _fifo_init_port(self, port: int) -> None:
+        """A port being bound starts at the default priority (evtchn_fifo_init)."""
+        if self._fifo_prio[port] != EVTCHN_FIFO_PRIORITY_DEFAULT:
+            self._fifo_prio[port] = EVTCHN_FIFO_PRIORITY_DEFAULT
+            self.fifo_shim.set_priority(port, EVTCHN_FIFO_PRIORITY_DEFAULT)
+
+    def _fifo_set_pending(self, port: int) -> tuple[Optional[int], Optional[int]]:
+        """Xen's evtchn_fifo_set_pending, the raiser's half: (vCPU to kick
+        because its shim has a port to link, poller vCPU to wake).  Under
+        the table's lock: reset gives the frames back under it."""
+        with self.lock:
+            return self._fifo_set_pending_locked(port)
+
+    def _fifo_set_pending_locked(self, port: int) -> tuple[Optional[int], Optional[int]]:
+        v = self.ports[port].vcpu
+        if self._fifo_word_gpa(port) is None:   # its page is not there yet
+            self._fifo_pending.add(port)
+            return None, None
+        if v not in self._fifo_cb:               # Xen drops it (no control block)
+            return None, None
+        old = self._fifo_or(port, 1 << EVTCHN_FIFO_PENDING)
+        if old & (1 << EVTCHN_FIFO_MASKED | 1 << EVTCHN_FIFO_LINKED):
+            newly = not old >> EVTCHN_FIFO_PENDING & 1
+            return None, (v if newly and old >> EVTCHN_FIFO_MASKED & 1 else None)
+        self.fifo_shim.queue(v, port)
+        return v, None
+
+    def init_control(self, vcpu: int, control_gfn: int, offset: int) -> None:
+        """EVTCHNOP_init_control (Xen's evtchn_fifo_init_control)."""
+        if not 0 <= vcpu < self.nr_vcpus:
+            raise _err(XenErrno.ENOENT, f"no vCPU {vcpu}")
+        if offset > PAGE_SIZE - EvtchnFifoControlBlock.sizeof() or offset % 8:
+            raise _err(XenErrno.EINVAL, f"control block offset {offset:#x}")
+        with self.lock:
+            if vcpu in self._fifo_cb:
+                raise _err(XenErrno.EINVAL, f"vCPU {vcpu} already has a control block")
+            if self.take_frame is None or not self.take_frame(control_gfn):
+                raise _err(XenErrno.EINVAL, f"control block frame {control_gfn:#x}")
+            gpa = (control_gfn << PAGE_SHIFT) + offset
+            self._fifo_cb[vcpu] = gpa
+            self.fifo_shim.set_control_block(vcpu, gpa)
+            if not self.fifo:
+                self._fifo_setup_ports()
+
+    def _fifo_setup_ports(self) -> None:
+        """The switch (Xen's setup_ports): every port keeps its 2-level
+        pending state, raised once its event word exists; all at the
+        default priority."""
+        for p in range(1, self.nr_ports):
+            self._fifo_prio[p] = EVTCHN_FIFO_PRIORITY_DEFAULT
+            self.fifo_shim.set_priority(p, EVTCHN_FIFO_PRIORITY_DEFAULT)
+            if self.ports[p].state != EvtchnStatus.closed:
+                word, bit = divmod(p, BITS_PER_WORD)
+                if self.phys.atomic_load_u64(self._word_gpa(SHARED_INFO_EVTCHN_PENDING, p)) >> bit & 1:
+                    self._fifo_pending.add(p)
+        self.fifo = True
+        self.fifo_shim.enable(True)
+
+    def expand_array(self, array_gfn: int) -> None:
+        """EVTCHNOP_expand_array (Xen's add_page_to_event_array)."""
+        with self.lock:
+            if not self.fifo:
+                raise _err(XenErrno.EOPNOTSUPP, "expand_array before init_control")
+            if len(self._fifo_array) >= EVTCHN_FIFO_MAX_EVENT_ARRAY_PAGES:
+                raise _err(XenErrno.ENOSPC, "event array full")
+            if self.take_frame is None or not self.take_frame(array_gfn):
+                raise _err(XenErrno.EINVAL, f"event array frame {array_gfn:#x}")
+            index = len(self._fifo_array)
+            self._fifo_array.append(array_gfn)
+            first = index * EVTCHN_FIFO_EVENT_WORDS_PER_PAGE
+            nr_words = min(first + EVTCHN_FIFO_EVENT_WORDS_PER_PAGE, self.nr_ports)
+            if first < self.nr_ports:
+                self.fifo_shim.set_array_page(index, array_gfn << PAGE_SHIFT, nr_words)
+            again = sorted(p for p in self._fifo_pending if first <= p < nr_words)
+            self._fifo_pending.difference_update(again)
+        for p in again:    # pending while their page was missing
+            if self.ports[p].state != EvtchnStatus.closed:
+                self.raise_port(p)
+
+    def set_priority(self, port: int, priority: int) -> None:
+        """EVTCHNOP_set_priority: for the port's next link."""
+        self._check_port(port)
+        with self.lock:
+            if not self.fifo:
+                raise _err(XenErrno.ENOSYS, "set_priority under the 2-level ABI")
+            if not 0 <= priority <= EVTCHN_FIFO_PRIORITY_MIN:
+                raise _err(XenErrno.EINVAL, f"priority {priority}")
+            self._fifo_prio[port] = priority
+            self.fifo_shim.set_priority(port, priority)
+
+    def priority(self, port: int) -> int:
+        self._check_port(port)
+        return self._fifo_prio[port]
+
+    def _fifo_teardown(self) -> None:
+        """Back to 2-level, the table's lock held: once the shim state is
+        down (under the shim's link lock) nothing writes the frames."""
+        self.fifo = False
+        self.fifo_shim.enable(False)
+        frames = [gpa >> PAGE_SHIFT for gpa in self._fifo_cb.values()] + self._fifo_array
+        self._fifo_cb.clear()
+        self._fifo_array = []
+        self._fifo_pending.clear()
+        if self.drop_frame is not None:
+            for mfn in frames:
+                self.drop_frame(mfn)
 
     # ------------------------------------------------------------------
     # back-end (domain 0) side

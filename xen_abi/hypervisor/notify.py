@@ -17,15 +17,83 @@ import logging
 import os
 import select
 import threading
+import time
 
 from pyvmm.xen_abi import abi
 from pyvmm.xen_abi.hypervisor import time as E
 from pyvmm.xen_abi.memory import vmm_region as R
-from pyvmm.xen_abi.shim.layout import EV_CHECK_VECTOR, EV_SEND_PORT, PORT_MAP_IPI, PORT_MAP_VCPU
+from pyvmm.xen_abi.hypervisor.evtchn import FifoShim
+from pyvmm.xen_abi.shim.layout import (
+    EV_CHECK_VECTOR,
+    EV_SEND_PORT,
+    EVENTS,
+    FIFO,
+    FIFO_ARRAY_PAGES,
+    FIFO_PORTS,
+    PORT_MAP_IPI,
+    PORT_MAP_VCPU,
+)
 
 log = logging.getLogger(__name__)
 
-__all__ = ["EventNotifier"]
+__all__ = ["EventNotifier", "ShimFifo"]
+
+
+class ShimFifo(FifoShim):
+    """The FIFO ABI's state the shim links with (layout.FIFO and the
+    events blocks' fifo_* fields); the locking model is evtchn.py's."""
+
+    def __init__(self, region, phys):
+        self.region, self.phys, self.mem = region, phys, region.mem
+
+    def _va(self, gpa: int) -> int:
+        return R.DIRECTMAP_VA + gpa     # event pages are guest RAM (take_frame)
+
+    def enable(self, on: bool) -> None:
+        if on:
+            FIFO.write(self.mem, R.FIFO_OFF, on=1)
+            return
+        # back to 2-level (EVTCHNOP_reset): forget every page and queue,
+        # holding the shim's link lock, so that once it is released no
+        # shim writes the frames the caller then gives back
+        lock = self.region.gpa + R.FIFO_OFF + FIFO.offset("lock")
+        while self.phys.atomic_xchg_u64(lock, 1):
+            time.sleep(0)
+        try:
+            FIFO.write(self.mem, R.FIFO_OFF, on=0, nr_words=0)
+            for i in range(FIFO_ARRAY_PAGES):
+                self.mem.write_u64(R.FIFO_OFF + FIFO.offset("array", i), 0)
+            self.mem.write(R.FIFO_OFF + FIFO.offset("lastq"), bytes(FIFO_PORTS))
+            for v in self.region.vcpus:
+                base = v.events_off
+                EVENTS.write(self.mem, base, fifo_cb=0)
+                self.mem.write(base + EVENTS.offset("fifo_link_sum"),
+                               bytes(8 + 8 * EVENTS.fields["fifo_link"].count))
+                self.mem.write(base + EVENTS.offset("fifo_tail"), bytes(4 * EVENTS.fields["fifo_tail"].count))
+        finally:
+            self.phys.atomic_xchg_u64(lock, 0)
+
+    def set_array_page(self, index: int, gpa: int, nr_words: int) -> None:
+        if index < FIFO_ARRAY_PAGES:
+            self.mem.write_u64(R.FIFO_OFF + FIFO.offset("array", index), self._va(gpa))
+            FIFO.write(self.mem, R.FIFO_OFF, nr_words=min(nr_words, FIFO_PORTS))
+
+    def set_control_block(self, vcpu: int, gpa) -> None:
+        if 0 <= vcpu < len(self.region.vcpus):
+            EVENTS.write(self.mem, self.region.vcpus[vcpu].events_off,
+                         fifo_cb=0 if gpa is None else self._va(gpa))
+
+    def set_priority(self, port: int, priority: int) -> None:
+        if 0 <= port < FIFO_PORTS:
+            self.mem.write(R.FIFO_OFF + FIFO.offset("prio", port), bytes([priority]))
+
+    def queue(self, vcpu: int, port: int) -> None:
+        if not (0 <= vcpu < len(self.region.vcpus) and 0 <= port < FIFO_PORTS):
+            return
+        ev = self.region.gpa + self.region.vcpus[vcpu].events_off
+        word, bit = divmod(port, 64)
+        self.phys.atomic_or_u64(ev + EVENTS.offset("fifo_link", word), 1 << bit)
+        self.phys.atomic_or_u64(ev + EVENTS.offset("fifo_link_sum"), 1 << word)
 
 
 class EventNotifier:

@@ -53,6 +53,7 @@ CPUID_OFF = GLOBALS_OFF + PAGE                          # 0x26000
 IDT_OFF = CPUID_OFF + PAGE                              # 0x27000
 ZERO_OFF = IDT_OFF + PAGE                               # 0x28000: backs unused GDT pages
 PORT_MAP_OFF = ZERO_OFF + PAGE                          # 0x29000: event-channel routing (shim/layout.py)
+FIFO_OFF = PORT_MAP_OFF + PAGE                          # 0x2a000: FIFO event channels (shim/layout.py FIFO)
 SHIM_OFF = 0x40000
 SHIM_MAX = 0x40000
 VCPU_OFF = SHIM_OFF + SHIM_MAX                          # 0x80000

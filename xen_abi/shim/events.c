@@ -8,8 +8,12 @@
  * it sends after raising a port from Python).  Either way the upcall itself
  * is made by check_events() in shim.c on the way back to the guest.
  *
+ * Under the FIFO ABI (EVTCHNOP_init_control) the same sources raise ports
+ * in the guest's event array instead; see "FIFO event channels" below.
+ *
  * Hooks called from shim.c:
  *   ev_hypercall(nr, args, &ret)  hot hypercalls done here (1 = handled)
+ *   ev_fifo_drain()               link the FIFO ports raised for this vCPU
  *   ev_interrupt(vector)          any vector >= 32, from CPL3 or from the
  *                                 shim's own `sti; hlt` in SCHEDOP_block
  *
@@ -159,10 +163,205 @@ static int mark_pending(u8 *vi, u64 port)
 	return 1;
 }
 
-/* ... on vCPU n (an IPI port) */
+/* ---------------- FIFO event channels (Xen's event_fifo.c) ----------------
+ *
+ * Locking model (the Python half is evtchn.py's "FIFO ABI" section): a
+ * raiser -- this shim for VIRQ_TIMER, IPIs and unmask, Python for the
+ * rest -- sets PENDING with one locked bit operation and, if the word was
+ * neither MASKED nor LINKED, marks the port in the notify vCPU's fifo_link
+ * bitmap (and fifo_link_sum) and kicks that vCPU.  Only a vCPU's own shim
+ * drains its bitmap (fifo_drain, on every way back to the guest: shim.c
+ * events_due), and it links under the domain's FF_LOCK, which guards every
+ * queue tail and each port's last queue: Xen's per-queue locks, folded
+ * into one because a port moved to another vCPU or priority invalidates
+ * its old queue's tail.  Raisers here set PENDING under it too, so that
+ * Python, taking it to tear the FIFO state down (EVTCHNOP_reset), knows
+ * no shim still writes the frames it gives back.  The lock holder waits
+ * for nothing, so a vCPU spinning on it with interrupts off gets it.  The guest may write
+ * its event words and control block at any time: we never follow LINK,
+ * only write head[] and READY, and retry a cmpxchg a bounded number of
+ * times; every walk here is bounded by FIFO_PORTS. */
+#define FIFO_BIT(b) (1u << (b))
+
+static inline u8 *fifo(void) { return (u8 *)(REGION_VA + FIFO_OFF); }
+static inline int fifo_on(void) { return SLOT(fifo(), FF_ON) != 0; }
+static inline u8 *events_of(u64 n) { return (u8 *)(REGION_VA + VCPU_OFF + n * VCPU_STRIDE + VCPU_EVENTS_OFF); }
+
+/* the port's event word, or 0 while its page is not registered */
+static volatile u32 *fifo_word(u64 port)
+{
+	u8 *f = fifo();
+	if (port >= FIFO_PORTS || port >= SLOT(f, FF_NR_WORDS))
+		return 0;
+	u8 *page = *(u8 *volatile *)(f + FF_ARRAY + port / EVTCHN_FIFO_EVENT_WORDS_PER_PAGE * 8);
+	return page ? (volatile u32 *)page + port % EVTCHN_FIFO_EVENT_WORDS_PER_PAGE : 0;
+}
+
+static inline int bts32(volatile u32 *w, u32 bit)
+{
+	u8 old;
+	__asm__ volatile("lock btsl %2, %0; setc %1" : "+m"(*w), "=q"(old) : "r"(bit) : "memory", "cc");
+	return old;
+}
+
+static inline void btr32(volatile u32 *w, u32 bit)
+{
+	__asm__ volatile("lock btrl %1, %0" : "+m"(*w) : "r"(bit) : "memory", "cc");
+}
+
+/* The link lock (FF_LOCK): held for bounded work only, with interrupts
+ * off; Python takes it too, to take the FIFO state down (EVTCHNOP_reset),
+ * so nothing here writes a frame after Python gave it back. */
+static inline void fifo_lock(void)
+{
+	volatile u64 *lock = (volatile u64 *)(fifo() + FF_LOCK);
+	while (__atomic_exchange_n(lock, 1, __ATOMIC_ACQUIRE))
+		__asm__ volatile("pause" ::: "memory");
+}
+static inline void fifo_unlock(void)
+{
+	__atomic_store_n((volatile u64 *)(fifo() + FF_LOCK), 0, __ATOMIC_RELEASE);
+}
+
+/* Xen's evtchn_fifo_set_pending, the raiser's half, for port notifying
+ * vCPU n, under the link lock: 1 if n needs a kick (it has a port to
+ * link, or one became pending while masked: SCHEDOP_poll waits for those
+ * too).  A port with no event word yet is dropped: Linux expands the
+ * array before it binds. */
+static int fifo_set_pending_locked(u64 n, u64 port)
+{
+	volatile u32 *w = fifo_word(port);
+	if (!w || n >= MAX_VCPUS)
+		return 0;
+	int was = bts32(w, EVTCHN_FIFO_PENDING);
+	u32 now = *w;
+	if (now & FIFO_BIT(EVTCHN_FIFO_LINKED))
+		return 0;
+	if (now & FIFO_BIT(EVTCHN_FIFO_MASKED))
+		return !was;
+	u8 *ev = events_of(n);
+	test_and_set((volatile u64 *)(ev + EVB_FIFO_LINK) + port / 64, port % 64);
+	test_and_set((volatile u64 *)(ev + EVB_FIFO_LINK_SUM), port / 64);
+	return 1;
+}
+
+static int fifo_set_pending(u64 n, u64 port)
+{
+	fifo_lock();
+	int kick = fifo_set_pending_locked(n, port);
+	fifo_unlock();
+	return kick;
+}
+
+/* Xen's try_set_link / evtchn_fifo_set_link: LINK of the tail's word :=
+ * port iff the tail is still LINKED (1), or 0 if the guest unlinked it.
+ * The guest may only change MASKED, PENDING and LINKED meanwhile; BUSY
+ * keeps it from unmasking, so after four more failures the link is
+ * given up (Xen warns and forces it as linked: the event is lost). */
+static int try_set_link(volatile u32 *word, u32 *w, u32 link)
+{
+	if (!(*w & FIFO_BIT(EVTCHN_FIFO_LINKED)))
+		return 0;
+	u32 old = *w, new = (old & ~(FIFO_BIT(EVTCHN_FIFO_BUSY) | EVTCHN_FIFO_LINK_MASK)) | link;
+	*w = __sync_val_compare_and_swap(word, old, new);
+	return *w == old ? 1 : -1;
+}
+
+static int set_link(volatile u32 *word, u32 link)
+{
+	u32 w = *word;
+	int r = try_set_link(word, &w, link);
+	if (r >= 0)
+		return r;
+	bts32(word, EVTCHN_FIFO_BUSY);
+	w = *word;
+	for (int i = 0; i < 4; i++) {
+		r = try_set_link(word, &w, link);
+		if (r >= 0) {
+			if (!r)
+				btr32(word, EVTCHN_FIFO_BUSY);
+			return r;
+		}
+	}
+	btr32(word, EVTCHN_FIFO_BUSY);
+	return 1;
+}
+
+/* link port into queue prio of this vCPU (self, control block cb) */
+static void fifo_link(u8 *ev, u8 *cb, u64 self, u64 port)
+{
+	volatile u32 *w = fifo_word(port);
+	if (!w || (*w & FIFO_BIT(EVTCHN_FIFO_MASKED)) || bts32(w, EVTCHN_FIFO_LINKED))
+		return;
+	u8 *f = fifo();
+	u64 prio = f[FF_PRIO + port] & (EVTCHN_FIFO_MAX_QUEUES - 1);
+	u8 last = f[FF_LASTQ + port];
+	/* the port was its old queue's tail: that queue is empty now, and
+	 * must not link after it (it lives on in this queue) */
+	volatile u32 *old_tail = (volatile u32 *)(events_of((last >> 4) % MAX_VCPUS) + EVB_FIFO_TAIL) + (last & 15);
+	if (*old_tail == port)
+		*old_tail = 0;
+	f[FF_LASTQ + port] = (u8)(self << 4 | prio);
+	volatile u32 *tail = (volatile u32 *)(ev + EVB_FIFO_TAIL) + prio;
+	int linked = 0;
+	if (*tail) {
+		volatile u32 *tw = fifo_word(*tail);
+		if (tw)
+			linked = set_link(tw, (u32)port);
+	}
+	if (!linked)
+		((volatile u32 *)(cb + EVTCHN_FIFO_CB_HEAD))[prio] = (u32)port;
+	*tail = (u32)port;
+	if (!linked && !bts32((volatile u32 *)(cb + EVTCHN_FIFO_CB_READY), (u32)prio))
+		*(volatile u8 *)(vcpu_info() + VI_UPCALL_PENDING) = 1;
+}
+
+/* Link every port raised for this vCPU (shim.c calls it when
+ * fifo_link_sum is set, before it looks at upcall_pending). */
+void ev_fifo_drain(void)
+{
+	u8 *ev = evb();
+	u64 sum = __atomic_exchange_n((u64 *)(ev + EVB_FIFO_LINK_SUM), 0, __ATOMIC_SEQ_CST);
+	u64 self = this_vcpu();
+	fifo_lock();
+	u8 *cb = *(u8 *volatile *)(ev + EVB_FIFO_CB);
+	while (sum) {
+		u64 i = (u64)__builtin_ctzll(sum);
+		sum &= sum - 1;
+		if (i >= FIFO_PORTS / 64)
+			continue;
+		u64 bits = __atomic_exchange_n((u64 *)(ev + EVB_FIFO_LINK) + i, 0, __ATOMIC_SEQ_CST);
+		while (bits) {
+			u64 b = (u64)__builtin_ctzll(bits);
+			bits &= bits - 1;
+			if (cb)   /* no control block: Xen drops the event */
+				fifo_link(ev, cb, self, i * 64 + b);
+		}
+	}
+	fifo_unlock();
+}
+
+/* raise an IPI port on vCPU n, either ABI */
 static void raise_on(u64 n, u64 port)
 {
-	if (mark_pending(vcpu_info_of(n), port))
+	if (fifo_on() ? fifo_set_pending(n, port) : mark_pending(vcpu_info_of(n), port))
+		kick_vcpu(n);
+}
+
+/* EVTCHNOP_unmask under FIFO (Xen's evtchn_fifo_unmask) */
+static void fifo_unmask(u64 port)
+{
+	u64 n = port_map(port) & PORT_MAP_VCPU;
+	int kick = 0;
+	fifo_lock();
+	volatile u32 *w = fifo_word(port);
+	if (w) {
+		btr32(w, EVTCHN_FIFO_MASKED);
+		if (*w & FIFO_BIT(EVTCHN_FIFO_PENDING))
+			kick = fifo_set_pending_locked(n, port);
+	}
+	fifo_unlock();
+	if (kick)
 		kick_vcpu(n);
 }
 
@@ -172,8 +371,13 @@ static void raise_on(u64 n, u64 port)
 static int unmask(u64 arg, long *ret)
 {
 	u32 port;
-	if (read_guest(&port, arg, 4) || port >= EVTCHN_2L_NR_CHANNELS)
+	if (read_guest(&port, arg, 4) || port > MAX_EVTCHN_PORT)
 		return 0;   /* Python answers (-EFAULT, -EINVAL) */
+	if (fifo_on()) {
+		fifo_unmask(port);
+		*ret = 0;
+		return 1;
+	}
 	u8 *si = shared_info();
 	u64 w = port / 64, b = port % 64, n = port_map(port) & PORT_MAP_VCPU;
 	u8 was;
@@ -207,8 +411,13 @@ void ev_interrupt(unsigned long vec)
 				arm(ev, deadline);
 			} else {
 				SLOT(ev, EVB_ARMED) = 0;
-				if (SLOT(ev, EVB_TIMER_PORT) < EVTCHN_2L_NR_CHANNELS)   /* this vCPU: no kick */
-					mark_pending(vcpu_info(), SLOT(ev, EVB_TIMER_PORT));
+				u64 port = SLOT(ev, EVB_TIMER_PORT);   /* this vCPU: no kick */
+				if (port && port <= MAX_EVTCHN_PORT) {
+					if (fifo_on())
+						fifo_set_pending(this_vcpu(), port);
+					else
+						mark_pending(vcpu_info(), port);
+				}
 				SLOT(ev, EVB_RUNSTATE_DUE) = 1;   /* the tick reads steal: ev_runstate_update */
 			}
 		}
@@ -323,6 +532,8 @@ static long block(u8 *ev)
 	SLOT(ev, EVB_BLOCKS)++;
 	vi[VI_UPCALL_MASK] = 0;
 	__asm__ volatile("mfence" ::: "memory");   /* mask store before pending load */
+	if (SLOT(ev, EVB_FIFO_LINK_SUM))
+		ev_fifo_drain();   /* FIFO ports raised for us: linked, maybe an upcall */
 	if (!vi[VI_UPCALL_PENDING])
 		halt(ev);
 	return 0;
@@ -349,11 +560,17 @@ static long poll(u8 *ev, u64 arg)
 	if (n && read_guest(ports, p[0], n * 4))
 		return -XEN_EFAULT;
 	SLOT(ev, EVB_POLLS)++;
+	int fifo_abi = fifo_on();
 	for (u64 i = 0; i < n; i++) {
-		if (ports[i] >= EVTCHN_2L_NR_CHANNELS)
+		if (ports[i] > MAX_EVTCHN_PORT)
 			return -XEN_EINVAL;
-		if (((volatile u64 *)(si + SI_EVTCHN_PENDING))[ports[i] / 64] >> (ports[i] % 64) & 1)
+		if (fifo_abi) {
+			volatile u32 *w = fifo_word(ports[i]);
+			if (w && (*w & FIFO_BIT(EVTCHN_FIFO_PENDING)))
+				return 0;
+		} else if (((volatile u64 *)(si + SI_EVTCHN_PENDING))[ports[i] / 64] >> (ports[i] % 64) & 1) {
 			return 0;
+		}
 	}
 	s64 timeout = (s64)p[2];
 	if (timeout) {
@@ -377,7 +594,7 @@ static long poll(u8 *ev, u64 arg)
 static int send(u8 *ev, u64 arg, long *ret)
 {
 	u32 port;
-	if (read_guest(&port, arg, 4) || port >= EVTCHN_2L_NR_CHANNELS)
+	if (read_guest(&port, arg, 4) || port > MAX_EVTCHN_PORT)
 		return 0;
 	u8 route = port_map(port);
 	if (route & PORT_MAP_IPI) {

@@ -18,5 +18,6 @@ int ev_hypercall(unsigned long nr, const unsigned long *a, long *ret);  /* 1 = h
 void ev_interrupt(unsigned long vec);    /* any vector >= 32, CPL3 or the shim's hlt */
 long ev_now_ns(void);                   /* guest system time, as the guest's pvclock gives it */
 void ev_runstate_update(void);          /* write the guest's runstate area (kernel mode) */
+void ev_fifo_drain(void);               /* link this vCPU's raised FIFO ports (EVB_FIFO_LINK) */
 #endif
 #endif

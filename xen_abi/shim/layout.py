@@ -298,7 +298,33 @@ EVENTS = Block(
           "through EV_SEND_PORT", count=abi.EVTCHN_2L_NR_CHANNELS // 8, width=1, at=512),
     Field("kvm_steal", "KVM's struct kvm_steal_time (MSR_KVM_STEAL_TIME): u64 steal "
           "(ns runnable but not running) first", count=8, at=1024),
+    # FIFO event channels (shim/events.c fifo_*): see FIFO below
+    Field("fifo_cb", "VA of this vCPU's control block (EVTCHNOP_init_control); 0 = none, Python"),
+    Field("fifo_link_sum", "bit w: fifo_link[w] may have bits; any raiser (locked), the shim clears"),
+    Field("fifo_link", "bit per port raised for this vCPU and not yet linked: any raiser "
+          "(locked), this vCPU's shim links and clears", count=abi.MAX_EVTCHN_PORT // 64 + 1),
+    Field("fifo_tail", "each queue's tail port, 0 = none; shim, under FIFO.lock",
+          count=abi.EVTCHN_FIFO_MAX_QUEUES, width=4),
 )
+
+
+# FIFO event channels, per domain (region page FIFO_OFF).  Python writes
+# it at EVTCHNOP_init_control / expand_array / set_priority; the shim links
+# raised ports into the guest's queues (events.c fifo_drain).
+FIFO_PORTS = abi.MAX_EVTCHN_PORT + 1
+FIFO_ARRAY_PAGES = -(-FIFO_PORTS // abi.EVTCHN_FIFO_EVENT_WORDS_PER_PAGE)
+FIFO = Block(
+    "FF", "FIFO event channels of the domain",
+    Field("on", "1 once EVTCHNOP_init_control succeeded, Python"),
+    Field("lock", "held by the shim linking a port (all queue tails, lastq); shim"),
+    Field("nr_words", "ports with an event word (array pages * 1024, at most FIFO_PORTS), Python"),
+    Field("array", "VA of each event array page (the 1:1 map of guest RAM), Python",
+          count=FIFO_ARRAY_PAGES),
+    Field("prio", "each port's priority (EVTCHNOP_set_priority), Python", count=FIFO_PORTS, width=1),
+    Field("lastq", "vCPU << 4 | priority of the queue each port was last linked on; shim "
+          "under lock", count=FIFO_PORTS, width=1),
+)
+assert R.MAX_VCPUS <= 16   # lastq's vCPU nibble
 
 
 class EventsFlag(enum.IntFlag):
@@ -355,7 +381,7 @@ PRIV = Block(
 
 assert PERCPU.size <= PRIV_OFF and PRIV_OFF + PRIV.size <= 2 * abi.PAGE_SIZE
 assert GLOBALS.size <= abi.PAGE_SIZE and MAILBOX.size <= abi.PAGE_SIZE
-assert EVENTS.size <= abi.PAGE_SIZE
+assert EVENTS.size <= abi.PAGE_SIZE and FIFO.size <= abi.PAGE_SIZE
 
 # ---------------------------------------------------------------- C headers
 
@@ -411,6 +437,19 @@ def xen_numbers() -> list[tuple[str, list[tuple[str, int, str]]]]:
         ("TI_DPL_MASK", abi.TI_DPL_MASK, ""), ("TI_MASK_EVENTS", abi.TI_MASK_EVENTS, ""),
         ("DOMID_SELF", abi.DOMID_SELF, ""),
         ("EVTCHN_2L_NR_CHANNELS", abi.EVTCHN_2L_NR_CHANNELS, ""),
+        ("MAX_EVTCHN_PORT", abi.MAX_EVTCHN_PORT, "the domain's highest port (xl's max_event_channels)"),
+        ("EVTCHN_FIFO_PRIORITY_MAX", abi.EVTCHN_FIFO_PRIORITY_MAX, ""),
+        ("EVTCHN_FIFO_PRIORITY_DEFAULT", abi.EVTCHN_FIFO_PRIORITY_DEFAULT, ""),
+        ("EVTCHN_FIFO_PRIORITY_MIN", abi.EVTCHN_FIFO_PRIORITY_MIN, ""),
+        ("EVTCHN_FIFO_MAX_QUEUES", abi.EVTCHN_FIFO_MAX_QUEUES, ""),
+        ("EVTCHN_FIFO_PENDING", abi.EVTCHN_FIFO_PENDING, "event word bits"),
+        ("EVTCHN_FIFO_MASKED", abi.EVTCHN_FIFO_MASKED, ""),
+        ("EVTCHN_FIFO_LINKED", abi.EVTCHN_FIFO_LINKED, ""),
+        ("EVTCHN_FIFO_BUSY", abi.EVTCHN_FIFO_BUSY, ""),
+        ("EVTCHN_FIFO_LINK_BITS", abi.EVTCHN_FIFO_LINK_BITS, ""),
+        ("EVTCHN_FIFO_LINK_MASK", abi.EVTCHN_FIFO_LINK_MASK, ""),
+        ("EVTCHN_FIFO_EVENT_WORDS_PER_PAGE", abi.EVTCHN_FIFO_EVENT_WORDS_PER_PAGE, ""),
+        ("EVTCHN_FIFO_MAX_EVENT_ARRAY_PAGES", abi.EVTCHN_FIFO_MAX_EVENT_ARRAY_PAGES, ""),
         ("XENSTORE_RING_SIZE", abi.XENSTORE_RING_SIZE, ""),
     ]))
     sections.append(("grant tables", [
@@ -460,6 +499,10 @@ def xen_numbers() -> list[tuple[str, list[tuple[str, int, str]]]]:
         ("XEN_MMUEXT_OP_SIZE", abi.MmuextOp.sizeof(), ""),
         ("XEN_MULTICALL_ENTRY_SIZE", abi.MulticallEntry.sizeof(), ""),
         ("XEN_SCHED_POLL_SIZE", abi.SchedPoll.sizeof(), ""),
+        ("XEN_EVTCHN_INIT_CONTROL_SIZE", abi.EvtchnInitControl.sizeof(), ""),
+        ("XEN_EVTCHN_FIFO_CONTROL_BLOCK_SIZE", abi.EvtchnFifoControlBlock.sizeof(), ""),
+        ("EVTCHN_FIFO_CB_READY", _offsetof(abi.EvtchnFifoControlBlock, "ready"), ""),
+        ("EVTCHN_FIFO_CB_HEAD", _offsetof(abi.EvtchnFifoControlBlock, "head"), "u32[16]"),
     ]))
     sections.append(("vcpu_guest_context byte offsets (VCPUOP_initialise)", [
         ("VGC_FLAGS", _offsetof(abi.VcpuGuestContext, "flags"), ""),
@@ -487,6 +530,8 @@ def shim_layout() -> list[tuple[str, list[tuple[str, int, str]]]]:
             ("PORT_MAP_OFF", R.PORT_MAP_OFF, "one byte per 2-level port: PORT_MAP_*"),
             ("PORT_MAP_VCPU", PORT_MAP_VCPU, "the vCPU the port notifies"),
             ("PORT_MAP_IPI", PORT_MAP_IPI, "an IPI port: the shim sends on it"),
+            ("FIFO_OFF", R.FIFO_OFF, "the FIFO event channel block FF_*"),
+            ("FIFO_PORTS", FIFO_PORTS, "ports the FIFO block covers"),
             ("VCPU_STRIDE", R.VCPU_STRIDE, ""),
             ("VCPU_GDT_OFF", R.VCPU_GDT_OFF, "its GDT pages, from the stack block"),
             ("MAX_VCPUS", R.MAX_VCPUS, ""),
@@ -518,6 +563,7 @@ def shim_layout() -> list[tuple[str, list[tuple[str, int, str]]]]:
             ("VEC_HC_EVENTS", VEC_HC_EVENTS, ""),
         ]),
         (HC_FRAME.doc, HC_FRAME.c_defines()),
+        (FIFO.doc, FIFO.c_defines()),
         (EVENTS.doc, EVENTS.c_defines() + enum_defines("EVF_", EventsFlag) + [
             ("EV_TIMER_VECTOR", EV_TIMER_VECTOR, ""), ("EV_CHECK_VECTOR", EV_CHECK_VECTOR, ""),
             ("EV_FLUSH_VECTOR", EV_FLUSH_VECTOR, ""), ("EV_NMI_VECTOR", EV_NMI_VECTOR, ""),

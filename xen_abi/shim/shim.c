@@ -113,9 +113,12 @@ static inline __attribute__((always_inline)) void bounce_trap(struct percpu *pc,
 	bounce(pc, f, t->addr, has_error_code(vec), f->err, (t->flags & TI_MASK_EVENTS) != 0);
 }
 
-/* one 16-bit compare: upcall_pending == 1 && upcall_mask == 0 */
+/* one 16-bit compare: upcall_pending == 1 && upcall_mask == 0; FIFO
+ * ports raised for this vCPU are linked first (one load when none) */
 static int events_due(struct percpu *pc)
 {
+	if (*(volatile u64 *)((u8 *)pc - PERCPU_IN_BLOCK + VCPU_EVENTS_OFF + EVB_FIFO_LINK_SUM))
+		ev_fifo_drain();
 	return *(volatile u16 *)(vcpu_info(pc) + VI_UPCALL_PENDING) == 1 && pc->event_cb;
 }
 

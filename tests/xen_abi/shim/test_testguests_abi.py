@@ -142,3 +142,14 @@ def test_memory_op_answers_as_xen_4_17():
     guest's max_pfn, machine_memory_map -EPERM, memory_map,
     machphys_mfn_list, PoD targets -EINVAL for a PV guest."""
     run_pass("memop")
+
+
+def test_fifo_event_channels_as_xen_4_17():
+    """EVTCHNOP_init_control / expand_array / set_priority with Xen's
+    answers, a 2-level pending port carried over, delivery through the
+    queues from the shim (IPI, VIRQ_TIMER, unmask) and from Python
+    (loopback interdomain), priorities ordering READY and the walk, one
+    queue's LINK order, masked ports linked only by EVTCHNOP_unmask,
+    SCHEDOP_poll on FIFO PENDING, close, a guest scribbling on its words
+    and control block, and EVTCHNOP_reset back to 2-level (fifo.c)."""
+    run_pass("fifo")

@@ -18,9 +18,9 @@ from pyvmm.xen_abi.hypervisor.domain import Domain
 pytestmark = pytest.mark.faithful
 
 
-def run_smp(nr_vcpus: int, timeout: float = 600):
+def run_smp(nr_vcpus: int, timeout: float = 600, fifo: bool = False):
     with Domain(str(build_testguest("smp")), nr_vcpus=nr_vcpus,
-                cmdline=f"nr_vcpus={nr_vcpus}") as dom:
+                cmdline=f"nr_vcpus={nr_vcpus}" + (" fifo" if fifo else "")) as dom:
         res = dom.run(timeout=timeout)
     text = res.text
     failed = re.findall(r"^check failed: .*$", text, re.M)
@@ -29,6 +29,7 @@ def run_smp(nr_vcpus: int, timeout: float = 600):
     assert lines and lines[-1] == "TESTGUEST smp: PASS", "\n".join(failed) + "\n\n" + text
     steps = set(re.findall(r"^smp: step (\d): ok$", text, re.M))
     assert steps == {"1", "2", "3", "4", "5", "6", "7"}, text
+    assert ("smp: FIFO event channels on" in text) == fifo, text
     return res
 
 
@@ -44,6 +45,14 @@ def test_smp_four_vcpus_as_xen_4_17():
     !VGCF_in_kernel without a user cr3) leave it uninitialised, and it comes
     up afterwards; the shootdowns reach three reading vCPUs."""
     run_smp(4)
+
+
+def test_smp_fifo_event_channels_across_vcpus():
+    """Steps 4 and 5 under the FIFO ABI (control blocks for both vCPUs):
+    IPIs to a spinning and a blocked vCPU 1, its VIRQ_TIMER, a loopback
+    port moved by bind_vcpu from vCPU 0's queue to vCPU 1's (its old
+    queue forgets it as tail), SCHEDOP_poll of a masked pending port."""
+    run_smp(2, fifo=True)
 
 
 def test_page_type_race_two_vcpus(capsys):

@@ -91,6 +91,9 @@ class PvDomainBase:
         self.shared_info_gpa = shared_info_gpa
         self.evtchn = evtchn
         self.gnttab = gnttab
+        # the FIFO ABI's pages: guest RAM, held writable while registered
+        evtchn.take_frame = self._take_event_frame
+        evtchn.drop_frame = self._drop_event_frame
         self.domid = domid
         self.handle = handle
         self._boot_ns = time.monotonic_ns()
@@ -108,6 +111,15 @@ class PvDomainBase:
     @property
     def max_pages(self) -> int:
         return self.reservation.max_pages if self.reservation is not None else self._built_pages
+
+    def _take_event_frame(self, mfn: int) -> bool:
+        if not self.is_ram_frame(mfn):
+            return False
+        return self.page_types is None or self.page_types.take_writable(mfn)
+
+    def _drop_event_frame(self, mfn: int) -> None:
+        if self.page_types is not None:
+            self.page_types.release_writable(mfn, "FIFO event channels")
 
     def is_ram_frame(self, mfn: int) -> bool:
         return any(lo <= mfn < hi for lo, hi in self._ram) and \

@@ -1,5 +1,6 @@
 """event_channel_op: everything but EVTCHNOP_send to a back-end port, which
-the shim turns into an `out` an ioeventfd absorbs (events.c send_to_backend).
+the shim turns into an `out` an ioeventfd absorbs (events.c send_to_backend),
+including the FIFO ABI's init_control / expand_array / set_priority.
 The bookkeeping itself is evtchn.EventChannels."""
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ from pyvmm.xen_abi.abi import (
     EvtchnBindIpi,
     EvtchnBindVcpu,
     EvtchnBindVirq,
+    EvtchnExpandArray,
+    EvtchnInitControl,
     EvtchnOp,
+    EvtchnSetPriority,
     EvtchnStatus,
     EvtchnStatusArg,
     Hypercall,
     HypercallError,
+    EVTCHN_FIFO_LINK_BITS,
 )
 from pyvmm.xen_abi.hypervisor.hypercalls.context import U32
 from pyvmm.xen_abi.memory.guest_va import GuestPageFault
@@ -67,7 +72,19 @@ def event_channel_op(dispatcher, ctx, cmd, arg, *_):
         dom = int.from_bytes(vm.read(arg, 2), "little")
         ev.reset(dom)
         return 0
-    # init_control / expand_array / set_priority (FIFO ABI): -ENOSYS keeps Linux on 2-level.
+    if cmd == EvtchnOp.init_control:
+        a = vm.read_struct(EvtchnInitControl, arg)
+        ev.init_control(a.vcpu, a.control_gfn, a.offset)
+        # link_bits is copied out on success only, as Xen does
+        vm.write_struct(EvtchnInitControl, arg, dict(a, link_bits=EVTCHN_FIFO_LINK_BITS))
+        return 0
+    if cmd == EvtchnOp.expand_array:
+        ev.expand_array(vm.read_struct(EvtchnExpandArray, arg).array_gfn)
+        return 0
+    if cmd == EvtchnOp.set_priority:
+        a = vm.read_struct(EvtchnSetPriority, arg)
+        ev.set_priority(a.port, a.priority)
+        return 0
     return dispatcher.unsupported(Hypercall.event_channel_op, cmd)
 
 

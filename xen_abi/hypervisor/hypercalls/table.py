@@ -116,7 +116,8 @@ OWNERS = (
     _shim(H.callback_op, "shim.c:do_callback_op"),
     _unsupported(H.xenoprof_op, "no profiling"),
     _split(H.event_channel_op, ("events.c:send", "events.c:unmask"), event_channel_op,
-           "shim: send to a back-end port (an ioeventfd) or an IPI port, unmask; Python: the rest"),
+           "shim: send to a back-end port (an ioeventfd) or an IPI port, unmask (either ABI); "
+           "Python: the rest, FIFO's init_control / expand_array / set_priority included"),
     _split(H.physdev_op, ("shim.c:events_or_python", "priv.c:priv_physdev_op"), physdev_op,
            "set_iopl, set_iobitmap: Python validates, then the shim keeps them; other sub-ops -ENOSYS"),
     _unsupported(H.hvm_op, "HVM and PVH guests only"),
