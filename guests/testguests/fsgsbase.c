@@ -11,11 +11,9 @@
  *   - with it clear (or not offered) the instructions are #UD.
  * kvm_pvm offers no FSGSBASE (its CR4 bit is KVM's, test_cpuid.py), so
  * there only the not-offered half runs, and the #UD is not seen (below). */
-#include "tg.h"
+#include "tg_user.h"
 const char tg_name[] = "fsgsbase";
 
-#define USER_CODE_VA 0x400000UL
-#define USER_STACK_TOP 0x402000UL
 #define NOERR 0xdeadUL
 #define CR4_FSGSBASE (1UL << 16)
 #define MSR_FS_BASE 0xc0000100
@@ -34,8 +32,7 @@ void tg_back_to_kernel(void) __attribute__((noreturn));
 
 u64 tg_resume_rip, k_at;
 static struct { u64 n, vec, err, rip, cs; } last;
-static u64 pt[4][512] __attribute__((aligned(4096)));      /* user L4 L3 L2 L1 */
-static u8 upages[2][4096] __attribute__((aligned(4096)));  /* code, stack */
+static struct tg_user_space user_space;
 static u8 kstack[16384] __attribute__((aligned(16)));
 
 void tg_trap(u64 vec, u64 *f, int has_err)
@@ -182,25 +179,10 @@ static int disabled_cases(const char *what)
 	return ud;
 }
 
-struct mmuext_op { u32 cmd, _pad; u64 arg1, arg2; };
-
 void tg_main(struct start_info *si)
 {
 	(void)si;
-	u64 U = PTE_P | PTE_RW | PTE_US | PTE_A | PTE_D;
-	pt[0][0] = (va_to_pfn(pt[1]) << 12) | U;
-	pt[1][0] = (va_to_pfn(pt[2]) << 12) | U;
-	pt[2][USER_CODE_VA >> 21] = (va_to_pfn(pt[3]) << 12) | U;
-	for (int i = 0; i < 2; i++)
-		pt[3][((USER_CODE_VA >> 12) & 511) + i] = (va_to_pfn(upages[i]) << 12) | U;
-	tg_memcpy(upages[0], user_code_start, user_code_end - user_code_start);
-	for (int i = 0; i < 4; i++)
-		tg_check(tg_map_readonly(pt[i]) == 0, "page table mapped read-only", i, 0);
-	struct mmuext_op op = { MMUEXT_NEW_USER_BASEPTR, 0, va_to_pfn(pt[0]), 0 };
-	long rc = HC4(HC_mmuext_op, &op, 1, 0, 0x7ff0);
-	tg_check(rc == 0, "NEW_USER_BASEPTR", rc, 0);
-	rc = HC2(HC_stack_switch, 0xe02b, kstack + sizeof(kstack));
-	tg_check(rc == 0, "stack_switch", rc, 0);
+	long rc = tg_user_space_setup(&user_space, user_code_start, user_code_end, kstack + sizeof(kstack));
 	static struct trap_info tt[] = {
 		{ 3, 3, 0xe030, 0, (u64)tg_trap_3 },
 		{ 6, 0, 0xe030, 0, (u64)tg_trap_6 },

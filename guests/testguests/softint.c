@@ -15,11 +15,9 @@
  *     next instruction, CS 0xe030 / 0xe033, the interrupted rsp and ss;
  *   - a trap table with a non-canonical handler: -EINVAL (entries before
  *     it kept). */
-#include "tg.h"
+#include "tg_user.h"
 const char tg_name[] = "softint";
 
-#define USER_CODE_VA 0x400000UL
-#define USER_STACK_TOP 0x402000UL
 #define NOERR 0xdeadUL
 #define UNMAPPED 0x10000000UL
 
@@ -35,8 +33,7 @@ u64 tg_resume_rip, k_at, k_after;
 static struct { u64 n, vec, err, rip, cs, rflags, rsp, ss; } last;
 static volatile struct vcpu_info *vi;
 static u8 shinfo_page[4096] __attribute__((aligned(4096)));
-static u64 pt[4][512] __attribute__((aligned(4096)));      /* user L4 L3 L2 L1 */
-static u8 upages[2][4096] __attribute__((aligned(4096)));  /* code, stack */
+static struct tg_user_space user_space;
 static u8 kstack[16384] __attribute__((aligned(16)));
 
 void tg_trap(u64 vec, u64 *f, int has_err)
@@ -185,8 +182,6 @@ static void user_cases(int with_int80)
 	expect("user TF: #DB after the instruction after popf", 1, NOERR, uva(u_tf_nop) + 1, 1);
 }
 
-struct mmuext_op { u32 cmd, _pad; u64 arg1, arg2; };
-
 void tg_main(struct start_info *si)
 {
 	long rc = HC3(HC_update_va_mapping, shinfo_page, si->shared_info | PTE_P | PTE_RW | PTE_A | PTE_D, UVMF_INVLPG);
@@ -194,20 +189,7 @@ void tg_main(struct start_info *si)
 	vi = (volatile struct vcpu_info *)shinfo_page;
 
 	/* the user address space: code and stack pages at USER_CODE_VA */
-	u64 U = PTE_P | PTE_RW | PTE_US | PTE_A | PTE_D;
-	pt[0][0] = (va_to_pfn(pt[1]) << 12) | U;
-	pt[1][0] = (va_to_pfn(pt[2]) << 12) | U;
-	pt[2][USER_CODE_VA >> 21] = (va_to_pfn(pt[3]) << 12) | U;
-	for (int i = 0; i < 2; i++)
-		pt[3][((USER_CODE_VA >> 12) & 511) + i] = (va_to_pfn(upages[i]) << 12) | U;
-	tg_memcpy(upages[0], user_code_start, user_code_end - user_code_start);
-	for (int i = 0; i < 4; i++)
-		tg_check(tg_map_readonly(pt[i]) == 0, "page table mapped read-only", i, 0);
-	struct mmuext_op op = { MMUEXT_NEW_USER_BASEPTR, 0, va_to_pfn(pt[0]), 0 };
-	rc = HC4(HC_mmuext_op, &op, 1, 0, 0x7ff0);
-	tg_check(rc == 0, "NEW_USER_BASEPTR", rc, 0);
-	rc = HC2(HC_stack_switch, 0xe02b, kstack + sizeof(kstack));
-	tg_check(rc == 0, "stack_switch", rc, 0);
+	rc = tg_user_space_setup(&user_space, user_code_start, user_code_end, kstack + sizeof(kstack));
 
 	/* a non-canonical handler: -EINVAL, the entries before it kept */
 	static struct trap_info bad[] = {

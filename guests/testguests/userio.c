@@ -9,11 +9,9 @@
  *     kernel with a user-mode frame; an allowed one reads all ones (a domU
  *     owns no ports) or is dropped.
  * (privio.c proves the kernel-mode half.) */
-#include "tg.h"
+#include "tg_user.h"
 const char tg_name[] = "userio";
 
-#define USER_CODE_VA 0x400000UL
-#define USER_STACK_TOP 0x402000UL
 #define NOERR 0xdeadUL
 
 extern char tg_trap_3[], tg_trap_6[], tg_trap_13[], tg_trap_14[];
@@ -26,8 +24,7 @@ void tg_back_to_kernel(void) __attribute__((noreturn));
 
 u64 tg_resume_rip;
 static struct { u64 n, vec, err, rip, cs; } last;
-static u64 pt[4][512] __attribute__((aligned(4096)));      /* user L4 L3 L2 L1 */
-static u8 upages[2][4096] __attribute__((aligned(4096)));  /* code, stack */
+static struct tg_user_space user_space;
 static u8 kstack[16384] __attribute__((aligned(16)));
 /* the I/O bitmap: kernel memory, not mapped in the user address space */
 static u8 iobmp[8192] __attribute__((aligned(4096)));
@@ -73,25 +70,10 @@ static long set_iobitmap(u64 bitmap, u64 nr_ports)
 	return HC2(HC_physdev_op, PHYSDEVOP_set_iobitmap, &iobm_arg);
 }
 
-struct mmuext_op { u32 cmd, _pad; u64 arg1, arg2; };
-
 void tg_main(struct start_info *si)
 {
 	(void)si;
-	u64 U = PTE_P | PTE_RW | PTE_US | PTE_A | PTE_D;
-	pt[0][0] = (va_to_pfn(pt[1]) << 12) | U;
-	pt[1][0] = (va_to_pfn(pt[2]) << 12) | U;
-	pt[2][USER_CODE_VA >> 21] = (va_to_pfn(pt[3]) << 12) | U;
-	for (int i = 0; i < 2; i++)
-		pt[3][((USER_CODE_VA >> 12) & 511) + i] = (va_to_pfn(upages[i]) << 12) | U;
-	tg_memcpy(upages[0], user_code_start, user_code_end - user_code_start);
-	for (int i = 0; i < 4; i++)
-		tg_check(tg_map_readonly(pt[i]) == 0, "page table mapped read-only", i, 0);
-	struct mmuext_op op = { MMUEXT_NEW_USER_BASEPTR, 0, va_to_pfn(pt[0]), 0 };
-	long rc = HC4(HC_mmuext_op, &op, 1, 0, 0x7ff0);
-	tg_check(rc == 0, "NEW_USER_BASEPTR", rc, 0);
-	rc = HC2(HC_stack_switch, 0xe02b, kstack + sizeof(kstack));
-	tg_check(rc == 0, "stack_switch", rc, 0);
+	long rc = tg_user_space_setup(&user_space, user_code_start, user_code_end, kstack + sizeof(kstack));
 	static struct trap_info tt[] = {
 		{ 3, 3, 0xe030, 0, (u64)tg_trap_3 },
 		{ 6, 0, 0xe030, 0, (u64)tg_trap_6 },
