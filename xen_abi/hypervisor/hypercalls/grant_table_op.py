@@ -149,8 +149,10 @@ def _other_domain_status(domid: int) -> int:
     return GNTST_permission_denied if domid == 0 else GNTST_bad_domain
 
 
-def _setup_table(d, vm, uop):
-    o = vm.read_struct(GnttabSetupTable, uop)
+def _frame_list_op(d, vm, uop, struct, frames_of):
+    """setup_table and get_status_frames: the same argument (dom, nr_frames,
+    status, frame_list), the frames that frames_of(nr) gives written out."""
+    o = vm.read_struct(struct, uop)
     if o.nr_frames and not (addr_ok(o.frame_list) and addr_ok(o.frame_list + 8 * o.nr_frames - 1)):
         fail(XenErrno.EFAULT, "frame_list leaves the guest's half")
     status = GNTST_okay
@@ -158,7 +160,7 @@ def _setup_table(d, vm, uop):
         status = _other_domain_status(o.dom)
     else:
         try:
-            frames = d.gnttab.setup_table(o.nr_frames)
+            frames = frames_of(o.nr_frames)
         except GrantError as e:
             status = e.status
         else:
@@ -166,8 +168,12 @@ def _setup_table(d, vm, uop):
                 vm.write(o.frame_list, b"".join(f.to_bytes(8, "little") for f in frames))
             except GuestPageFault:
                 status = GNTST_bad_virt_addr
-    vm.write_struct(GnttabSetupTable, uop, dict(o, status=status))
+    vm.write_struct(struct, uop, dict(o, status=status))
     return 0
+
+
+def _setup_table(d, vm, uop):
+    return _frame_list_op(d, vm, uop, GnttabSetupTable, d.gnttab.setup_table)
 
 
 def _query_size(d, vm, uop):
@@ -182,24 +188,7 @@ def _query_size(d, vm, uop):
 
 
 def _get_status_frames(d, vm, uop):
-    o = vm.read_struct(GnttabGetStatusFrames, uop)
-    if o.nr_frames and not (addr_ok(o.frame_list) and addr_ok(o.frame_list + 8 * o.nr_frames - 1)):
-        fail(XenErrno.EFAULT, "frame_list leaves the guest's half")
-    status = GNTST_okay
-    if not is_self(d, o.dom):
-        status = _other_domain_status(o.dom)
-    else:
-        try:
-            frames = d.gnttab.get_status_frames(o.nr_frames)
-        except GrantError as e:
-            status = e.status
-        else:
-            try:
-                vm.write(o.frame_list, b"".join(f.to_bytes(8, "little") for f in frames))
-            except GuestPageFault:
-                status = GNTST_bad_virt_addr
-    vm.write_struct(GnttabGetStatusFrames, uop, dict(o, status=status))
-    return 0
+    return _frame_list_op(d, vm, uop, GnttabGetStatusFrames, d.gnttab.get_status_frames)
 
 
 # ---- map / unmap (generators: a host map asks the shim for its PTE) ----
