@@ -1,8 +1,8 @@
 /* vcpu_op with one vCPU, as Xen 4.17 answers a 64-bit PV domU
  * (common/domain.c do_vcpu_op / common_vcpu_op, arch/x86/domain.c):
- *   - a vCPU id the domain does not have is -ENOENT (Xen's id is an
- *     unsigned int; pyvmm's shim takes one with upper bits set as absent,
- *     README); an unknown sub-op is -ENOSYS;
+ *   - a vCPU id the domain does not have is -ENOENT; the id is an unsigned
+ *     int and the sub-op an int (the upper halves of their registers are
+ *     ignored); an unknown sub-op is -ENOSYS;
  *   - is_up, get_runstate_info (-EFAULT for a bad buffer);
  *   - register_runstate_memory_area and register_vcpu_time_memory_area:
  *     -EFAULT for an unreadable argument or an address outside the
@@ -62,6 +62,12 @@ void tg_main(struct start_info *si)
 		}
 	rc = vop(99, 0, 0);
 	tg_check(rc == -XEN_ENOSYS, "unknown sub-op: -ENOSYS", rc, -XEN_ENOSYS);
+	rc = vop(VCPUOP_is_up, (1UL << 32) | 0, 0);
+	tg_check(rc == 1, "is_up((1 << 32) | 0): vCPU 0, the upper half ignored", rc, 1);
+	rc = vop((0xabcdUL << 32) | VCPUOP_is_up, 0, 0);
+	tg_check(rc == 1, "sub-op with upper bits: an int, the upper half ignored", rc, 1);
+	rc = vop((1UL << 32) | VCPUOP_get_runstate_info, 1UL << 32, (u64)&rs);
+	tg_check(rc == 0 && rs.state == 0, "get_runstate_info with upper bits in both", rc, 0);
 
 	/* runstate */
 	rc = vop(VCPUOP_get_runstate_info, 0, (u64)&rs);

@@ -458,6 +458,10 @@ static long hypercall(struct percpu *pc, u64 rip, u64 nr, const u64 *a)
 	priv_count(pc, PRIV_CNT_HCALL + nr);
 	switch (nr) {
 	case HC_vcpu_op:   /* Linux probes VCPUOP_is_up for all NR_CPUS (8192) */
+		if ((a[0] | a[1]) >> 32) {   /* int cmd, unsigned int vcpuid: Xen drops the upper halves */
+			((u64 *)a)[0] = (u32)a[0];
+			((u64 *)a)[1] = (u32)a[1];
+		}
 		if (priv_no_such_vcpu(pc, a[1]))
 			return -XEN_ENOENT;
 		if (a[0] == VCPUOP_initialise)
