@@ -831,6 +831,36 @@ def _cpus_online(con: ConsoleSession, command_timeout: float) -> bytes:
 
 @pytest.mark.slow
 @pytest.mark.faithful
+def test_default_guest_four_vcpus(tmp_path):
+    """`pyvmm --default-guest --vcpus 4`: the stock kernel brings up all
+    four (nproc agrees), each vCPU takes its own timer events, and short
+    processes pinned to each one in turn run and exit."""
+    import os
+    import sys
+
+    from pyvmm.guests.default import build_default_guest
+
+    prompt_timeout, command_timeout = _timeouts()
+    build_default_guest(progress=False)
+    env = dict(os.environ, PYVMM_RUNTIME_DIR=str(tmp_path / "run"))
+    argv = [sys.executable, "-m", "pyvmm", "--default-guest", "--vcpus", "4", "--name", "smp4"]
+    with _pyvmm_at_prompt(argv, prompt_timeout, env=env) as (run, con):
+        con.command("nproc", re.compile(rb"^4\r?$", re.M), command_timeout)
+        assert _cpus_online(con, command_timeout) == b"0-3"
+        con.command("n=0; for c in 0 1 2 3; do taskset -c $c true && n=$((n+1)); done; echo PINNED $n",
+                    re.compile(rb"^PINNED 4\r?$", re.M), command_timeout)
+        for cpu in range(4):
+            m = con.command(f"grep -E 'timer{cpu}$' /proc/interrupts",
+                            re.compile(rb"^\s*\d+:((?:\s+\d+){4})\s+xen-percpu\s*-virq\s+timer%d\s*$" % cpu, re.M),
+                            command_timeout)
+            assert int(m.group(1).split()[cpu]) > 0, m.group(0)
+        run.send(b"poweroff -f\n")
+        rc = run.proc.wait(command_timeout)
+    assert rc == 0, (rc, run.stderr)
+
+
+@pytest.mark.slow
+@pytest.mark.faithful
 def test_default_guest_smp_ipis_shootdowns_and_cpu_hotplug(tmp_path):
     """`pyvmm --default-guest --vcpus 2,max=3`: the stock kernel brings up
     two vCPUs (VCPUOP_initialise/up), each takes its own timer and IPIs;
