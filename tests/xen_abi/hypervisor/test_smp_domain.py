@@ -64,3 +64,37 @@ def test_a_failing_vcpu_thread_ends_the_domain_and_every_other_thread():
             dom.run(timeout=120)
         assert time.monotonic() - t0 < 60
         assert not any(t.is_alive() for t in dom._threads), dom._threads
+
+
+def _thread_cpu_s(tid: int) -> float:
+    import os
+    fields = open(f"/proc/self/task/{tid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_blocked_vcpu_costs_no_host_cpu_while_another_runs():
+    """vCPU 1 blocks in SCHEDOP_block with nothing that could wake it while
+    vCPU 0 spins: vCPU 1's thread sleeps (KVM's halt, nothing polls), so it
+    uses next to no host CPU.  Polling would show as most of a core."""
+    with Domain(str(build_testguest("blockone")), nr_vcpus=2, cmdline="spin_s=6") as dom:
+        box: dict = {}
+        th = threading.Thread(target=lambda: box.setdefault("r", dom.run(timeout=300)), daemon=True)
+        th.start()
+        deadline = time.monotonic() + 120
+        while "vCPU 1 blocked" not in dom.console.decode(errors="replace") or 1 not in dom.vcpu_tids:
+            assert time.monotonic() < deadline and th.is_alive(), dom.console.decode(errors="replace")
+            time.sleep(0.05)
+        tid, spinner = dom.vcpu_tids[1], dom.vcpu_tids[0]
+        c0, s0, t0 = _thread_cpu_s(tid), _thread_cpu_s(spinner), time.monotonic()
+        time.sleep(2)
+        c1, s1, t1 = _thread_cpu_s(tid), _thread_cpu_s(spinner), time.monotonic()
+        still_spinning = "blockone: done" not in dom.console.decode(errors="replace")
+        th.join(300)
+    res = box["r"]
+    assert res.reason == abi.ShutdownReason.poweroff, (res.reason, res.text)
+    assert res.text.strip().splitlines()[-1] == "TESTGUEST blockone: PASS", res.text
+    assert still_spinning, "vCPU 0 stopped spinning before the window ended: raise spin_s"
+    share, spun = (c1 - c0) / (t1 - t0), (s1 - s0) / (t1 - t0)
+    # the measure sees a busy thread (vCPU 0's, unless the host starved it)
+    assert spun > 0.3, f"the spinning vCPU's thread used only {spun:.1%} of a core"
+    assert share < 0.05, f"the blocked vCPU's thread used {share:.1%} of a core"
