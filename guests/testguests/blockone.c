@@ -42,15 +42,7 @@ static u64 arg(const char *cmdline, const char *key, u64 dflt)
 void tg_main(struct start_info *si)
 {
 	u64 spin_s = arg(si->cmd_line, "spin_s=", 4);
-	ctx.flags = VGCF_IN_KERNEL;
-	ctx.user_regs.rip = (u64)vcpu1_entry;
-	ctx.user_regs.rsp = (u64)stack1 + sizeof(stack1);
-	ctx.user_regs.cs = FLAT_RING3_CS64;
-	ctx.user_regs.ss = FLAT_RING3_SS64;
-	ctx.user_regs.rflags = 0x1000;
-	ctx.kernel_ss = FLAT_RING3_SS64;
-	ctx.kernel_sp = ctx.user_regs.rsp;
-	ctx.ctrlreg[3] = read_cr3() & ~0xfffUL;
+	tg_kernel_context(&ctx, (u64)vcpu1_entry, (u64)stack1 + sizeof(stack1), read_cr3() & ~0xfffUL);
 	long rc = HC3(HC_vcpu_op, VCPUOP_initialise, 1, &ctx);
 	tg_check(rc == 0, "VCPUOP_initialise of vCPU 1", rc, 0);
 	rc = rc ? rc : HC3(HC_vcpu_op, VCPUOP_up, 1, 0);

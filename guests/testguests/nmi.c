@@ -56,7 +56,6 @@ static volatile int cmd1 = C_IDLE;
 static volatile u64 alive1, in_call1, returned1, heartbeat1;
 static volatile long rc1;
 
-void *memset(void *d, int c, size_t n);   /* tg.c */
 #define cpu_relax() __asm__ volatile("pause" ::: "memory")
 static inline u64 ms_ticks(u64 ms) { return ms * tsc_per_ms; }
 static long vop(u64 cmd, u64 vcpu, u64 arg) { return HC3(HC_vcpu_op, cmd, vcpu, arg); }
@@ -207,19 +206,10 @@ static u64 l4_maddr(void) { return ((u64 *)start->mfn_list)[va_to_pfn((void *)st
 
 static int bring_up_vcpu1(void)
 {
-	memset(&ctx, 0, sizeof(ctx));
-	ctx.flags = VGCF_IN_KERNEL;
-	ctx.user_regs.rip = (u64)nmi_secondary_entry;
-	ctx.user_regs.rsp = (u64)sec_stack + STACK_SIZE;
-	ctx.user_regs.cs = FLAT_KERNEL_CS;
-	ctx.user_regs.ss = FLAT_KERNEL_SS;
-	ctx.user_regs.rflags = 0x1000;
+	tg_kernel_context(&ctx, (u64)nmi_secondary_entry, (u64)sec_stack + STACK_SIZE, l4_maddr());
 	/* the NMI handler through the trap table, as Linux sets it (an
 	 * interrupt gate: events masked) */
 	ctx.trap_ctxt[2] = (struct trap_info){ 2, 4, FLAT_KERNEL_CS, 0, (u64)nmi_entry };
-	ctx.kernel_ss = FLAT_KERNEL_SS;
-	ctx.kernel_sp = (u64)sec_stack + STACK_SIZE;
-	ctx.ctrlreg[3] = l4_maddr();
 	ctx.event_callback_eip = (u64)tg_upcall_entry;
 	ctx.failsafe_callback_eip = (u64)nmi_failsafe_entry;
 	long rc = vop(VCPUOP_initialise, 1, (u64)&ctx);

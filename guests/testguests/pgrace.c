@@ -267,16 +267,8 @@ static void vcpu0_rounds(u64 nr_pages)
 
 static long start_vcpu1(void)
 {
-	ctx.flags = VGCF_IN_KERNEL;
-	ctx.user_regs.rip = (u64)vcpu1_entry;
-	ctx.user_regs.rsp = (u64)stack1 + sizeof(stack1);
-	ctx.user_regs.cs = FLAT_RING3_CS64;
-	ctx.user_regs.ss = FLAT_RING3_SS64;
-	ctx.user_regs.rflags = 0x1000;   /* IOPL 1, as Linux */
+	tg_kernel_context(&ctx, (u64)vcpu1_entry, (u64)stack1 + sizeof(stack1), read_cr3() & PTE_ADDR);
 	ctx.trap_ctxt[14] = pf_trap;
-	ctx.kernel_ss = FLAT_RING3_SS64;
-	ctx.kernel_sp = ctx.user_regs.rsp;
-	ctx.ctrlreg[3] = read_cr3() & PTE_ADDR;
 	long rc = HC3(HC_vcpu_op, VCPUOP_initialise, 1, &ctx);
 	return rc ? rc : HC3(HC_vcpu_op, VCPUOP_up, 1, 0);
 }

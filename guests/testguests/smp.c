@@ -100,7 +100,6 @@ static struct start_info *start;
 
 enum { CMD_PING = 1, CMD_TLB_READ, CMD_IPI_SPIN, CMD_IPI_BLOCK, CMD_TIMER, CMD_POLL, CMD_DOWN };
 
-void *memset(void *d, int c, size_t n);   /* tg.c */
 #define cpu_relax() __asm__ volatile("pause" ::: "memory")
 static inline u64 ms_ticks(u64 ms) { return ms * tsc_per_ms; }
 static long vop(u64 cmd, u64 vcpu, const void *arg) { return HC3(HC_vcpu_op, cmd, vcpu, arg); }
@@ -509,13 +508,7 @@ static u64 l4_maddr(void) { return mfn_of((void *)start->pt_base) << 12; }
 
 static void build_ctx(struct vcpu_guest_context *c, int cpu, int with_gdt)
 {
-	memset(c, 0, sizeof(*c));
-	c->flags = VGCF_IN_KERNEL;
-	c->user_regs.rip = (u64)smp_secondary_entry;
-	c->user_regs.rsp = stack_top(cpu);
-	c->user_regs.cs = FLAT_KERNEL_CS;
-	c->user_regs.ss = FLAT_KERNEL_SS;
-	c->user_regs.rflags = 0x1000;        /* IOPL_RING1, as Linux */
+	tg_kernel_context(c, (u64)smp_secondary_entry, stack_top(cpu), l4_maddr());
 	c->user_regs.rdi = cpu;
 	c->user_regs.rsi = MAGIC;
 	for (int i = 0; traps[i].address; i++)
@@ -524,9 +517,6 @@ static void build_ctx(struct vcpu_guest_context *c, int cpu, int with_gdt)
 		c->gdt_frames[0] = mfn_of(gdt1);
 		c->gdt_ents = 16;
 	}
-	c->kernel_ss = FLAT_KERNEL_SS;
-	c->kernel_sp = stack_top(cpu);
-	c->ctrlreg[3] = l4_maddr();
 	c->event_callback_eip = (u64)smp_upcall_entry;
 	c->failsafe_callback_eip = (u64)smp_failsafe_entry;
 	c->syscall_callback_eip = (u64)smp_syscall_entry;

@@ -36,4 +36,24 @@ _Static_assert(sizeof(struct cpu_user_regs) == 200, "cpu_user_regs");
 _Static_assert(offsetof(struct vcpu_guest_context, user_regs) == 520, "user_regs");
 _Static_assert(offsetof(struct vcpu_guest_context, trap_ctxt) == 720, "trap_ctxt");
 _Static_assert(sizeof(struct vcpu_guest_context) == 5168, "vcpu_guest_context");
+
+void *memset(void *d, int c, size_t n);   /* tg.c */
+
+/* A kernel-mode context as Linux's cpu_initialize_context starts one:
+ * cleared, then rip on its own stack (also the kernel stack), the flat
+ * kernel selectors, IOPL 1 (Linux's IOPL_RING1), the base pointer l4.
+ * Callers add their trap table, callbacks, GDT or LDT. */
+static inline void tg_kernel_context(struct vcpu_guest_context *c, u64 rip, u64 stack_top, u64 l4)
+{
+	memset(c, 0, sizeof(*c));
+	c->flags = VGCF_IN_KERNEL;
+	c->user_regs.rip = rip;
+	c->user_regs.rsp = stack_top;
+	c->user_regs.cs = FLAT_RING3_CS64;
+	c->user_regs.ss = FLAT_RING3_SS64;
+	c->user_regs.rflags = 0x1000;
+	c->kernel_ss = FLAT_RING3_SS64;
+	c->kernel_sp = stack_top;
+	c->ctrlreg[3] = l4;
+}
 #endif

@@ -60,16 +60,8 @@ extern char vcpu1_entry[], vcpu2_entry[];
 
 static long start(int n, u64 entry, u64 ldt_base, u64 ldt_ents)
 {
-	ctx.flags = VGCF_IN_KERNEL;
-	ctx.user_regs.rip = entry;
-	ctx.user_regs.rsp = (u64)stack1[n - 1] + sizeof(stack1[0]);
-	ctx.user_regs.cs = FLAT_RING3_CS64;
-	ctx.user_regs.ss = FLAT_RING3_SS64;
-	ctx.user_regs.rflags = 0x1000;
+	tg_kernel_context(&ctx, entry, (u64)stack1[n - 1] + sizeof(stack1[0]), read_cr3() & PTE_ADDR);
 	ctx.trap_ctxt[13] = (struct trap_info){ 13, 0, FLAT_RING3_CS64, 0, (u64)tg_trap_13 };
-	ctx.kernel_ss = FLAT_RING3_SS64;
-	ctx.kernel_sp = ctx.user_regs.rsp;
-	ctx.ctrlreg[3] = read_cr3() & PTE_ADDR;
 	ctx.ldt_base = ldt_base;
 	ctx.ldt_ents = ldt_ents;
 	long rc = HC3(HC_vcpu_op, VCPUOP_initialise, n, &ctx);
