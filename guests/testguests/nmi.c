@@ -26,6 +26,7 @@
 #include "tg_events.h"
 #include "mmutest.h"
 #include "vcpu_ctx.h"
+#include "tg_smp.h"
 
 const char tg_name[] = "nmi";
 
@@ -41,7 +42,6 @@ struct sched_poll { u64 ports; u32 nr_ports, _p; u64 timeout; };
 static u8 sec_stack[STACK_SIZE] __attribute__((aligned(4096)));
 static struct vcpu_guest_context ctx;
 static struct start_info *start;
-static u64 tsc_per_ms = 2000000;
 
 /* per vCPU: NMIs taken, the last frame, the upcall mask seen inside */
 static volatile u64 hits[2], frame[2][7], mask_inside[2];
@@ -56,20 +56,8 @@ static volatile int cmd1 = C_IDLE;
 static volatile u64 alive1, in_call1, returned1, heartbeat1;
 static volatile long rc1;
 
-#define cpu_relax() __asm__ volatile("pause" ::: "memory")
-static inline u64 ms_ticks(u64 ms) { return ms * tsc_per_ms; }
 static long vop(u64 cmd, u64 vcpu, u64 arg) { return HC3(HC_vcpu_op, cmd, vcpu, arg); }
 static long send_nmi(u64 vcpu) { return vop(VCPUOP_send_nmi, vcpu, 0); }
-static long yield(void) { return HC2(HC_sched_op, SCHEDOP_yield, 0); }
-#define WAIT_UNTIL(cond, ms) ({                                         \
-	u64 _d = rdtsc() + ms_ticks(ms); int _ok;                       \
-	for (;;) {                                                      \
-		if (cond) { _ok = 1; break; }                           \
-		if (rdtsc() > _d) { _ok = (cond); break; }              \
-		yield();                                                \
-	}                                                               \
-	_ok; })
-static void delay_ms(u64 ms) { u64 d = rdtsc() + ms_ticks(ms); while (rdtsc() < d) yield(); }
 #define CK(what, got, want) do { s64 _g = (s64)(got), _w = (s64)(want); tg_check(_g == _w, what, _g, _w); } while (0)
 
 static inline int this_cpu(void)
@@ -242,11 +230,7 @@ void tg_main(struct start_info *s)
 {
 	start = s;
 	ev_setup(s);            /* shared_info mapped, an event callback */
-	volatile struct pvclock *t = pvclock();
-	if (t->mul) {
-		u64 k = (1000000UL << 32) / t->mul;
-		tsc_per_ms = t->shift >= 0 ? k >> t->shift : k << -t->shift;
-	}
+	tg_calibrate_tsc();
 	vi->upcall_mask = 0;
 
 	/* no callback: dropped */

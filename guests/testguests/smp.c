@@ -47,6 +47,7 @@
 #include "tg_events.h"
 #include "mmutest.h"
 #include "vcpu_ctx.h"
+#include "tg_smp.h"
 
 const char tg_name[] = "smp";
 
@@ -81,7 +82,6 @@ static volatile u8 port_owner[NPORTS];         /* which vCPU's upcall takes a po
 static u8 sec_stack[MAXCPU][STACK_SIZE] __attribute__((aligned(4096)));
 static volatile u64 tlb_after;                 /* step 6: "the flush has returned" */
 static volatile u32 cur_step;
-static u64 tsc_per_ms = 2000000;
 static int nr;                                 /* vCPUs the domain has */
 static int sec_ok = 1;                          /* vCPU 1 answers commands */
 static int up_ok[MAXCPU];                       /* brought up and answering */
@@ -100,29 +100,8 @@ static struct start_info *start;
 
 enum { CMD_PING = 1, CMD_TLB_READ, CMD_IPI_SPIN, CMD_IPI_BLOCK, CMD_TIMER, CMD_POLL, CMD_DOWN };
 
-#define cpu_relax() __asm__ volatile("pause" ::: "memory")
-static inline u64 ms_ticks(u64 ms) { return ms * tsc_per_ms; }
 static long vop(u64 cmd, u64 vcpu, const void *arg) { return HC3(HC_vcpu_op, cmd, vcpu, arg); }
-static long yield(void) { return HC2(HC_sched_op, SCHEDOP_yield, 0); }
 
-/* bounded waits: vCPU 0 yields, the others spin */
-#define WAIT_UNTIL(cond, ms) ({                                         \
-	u64 _d = rdtsc() + ms_ticks(ms); int _ok;                       \
-	for (;;) {                                                      \
-		if (cond) { _ok = 1; break; }                           \
-		if (rdtsc() > _d) { _ok = (cond); break; }              \
-		yield();                                                \
-	}                                                               \
-	_ok; })
-#define SPIN_UNTIL(cond, ms) ({                                         \
-	u64 _d = rdtsc() + ms_ticks(ms); int _ok;                       \
-	for (;;) {                                                      \
-		if (cond) { _ok = 1; break; }                           \
-		if (rdtsc() > _d) { _ok = (cond); break; }              \
-		cpu_relax();                                            \
-	}                                                               \
-	_ok; })
-static void delay_ms(u64 ms) { u64 d = rdtsc() + ms_ticks(ms); while (rdtsc() < d) yield(); }
 
 static inline int this_cpu(void)
 {
@@ -1110,12 +1089,7 @@ void tg_main(struct start_info *s)
 	for (int c = 0; c < MAXCPU; c++)
 		cpus[c].self = (u64)&cpus[c];
 
-	/* TSC ticks per ms from vCPU 0's pvclock: ns = (ticks << shift) * mul >> 32 */
-	volatile struct pvclock *t = pvclock();
-	if (t->mul) {
-		u64 k = (1000000UL << 32) / t->mul;
-		tsc_per_ms = t->shift >= 0 ? k >> t->shift : k << -t->shift;
-	}
+	tg_calibrate_tsc();   /* from vCPU 0's pvclock */
 	if (want_nr <= 0) {
 		tg_check(0, "no nr_vcpus=N on the command line", 0, 2);
 		return;
