@@ -1344,7 +1344,8 @@ long mmu_vcpu_context(struct percpu *pc, struct percpu *t, u64 *gdt, u64 ctx)
 	 * misaligned or oversized one.  Pages it cannot take now leave the
 	 * vCPU without an LDT (its uses fault) where Xen would map them at
 	 * first use. */
-	if (ldt[1] > MAX_LDT_ENTS || (ldt[0] & (PAGE_SIZE - 1)) || load_ldt(t, gdt, kernel << 12, ldt[0], ldt[1]))
+	if (ldt[1] > MAX_LDT_ENTS || (ldt[0] & (PAGE_SIZE - 1)) || !range_ok(ldt[0], ldt[1] * 8)
+	    || load_ldt(t, gdt, kernel << 12, ldt[0], ldt[1]))
 		load_ldt(t, gdt, 0, 0, 0);
 	mmu_unlock(pc);
 	t->desc.gdt_ents = ents;
