@@ -153,6 +153,9 @@ __asm__(
 	"	call tg_upcall\n"
 	"	popq %r11; popq %r10; popq %r9; popq %r8\n"
 	"	popq %rdi; popq %rsi; popq %rdx; popq %rcx; popq %rax\n"
+	/* HYPERVISOR_iret as Linux's xen_iret: flags 0, rcx, r11, rax */
+	".globl tg_ev_xen_iret\n"
+	"tg_ev_xen_iret:\n"
 	"	pushq $0\n"
 	"	pushq %rcx\n"
 	"	pushq %r11\n"
