@@ -31,20 +31,19 @@ host lane.  Figures, not pass/fail; progress on stderr, the table (or
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
 import statistics
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from devices import PROMPT, Console  # noqa: E402  (the same console driver)
+from devices import start_guest  # noqa: E402  (the same console driver)
 
-BOOT_TIMEOUT = 900.0
 KVM_HALT_STATS = ("halt_exits", "halt_wakeup", "halt_poll_success_ns", "halt_poll_fail_ns")
 # what the kernel prints when something went wrong under the soak
 TROUBLE = "Oops|BUG:|WARNING:|soft lockup|hard LOCKUP|rcu_sched self-detected|rcu: INFO|hung_task|Call Trace"
@@ -65,42 +64,46 @@ def thread_cpu_s(tid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def guest_times(nr_vcpus: int, command: str, repeat: int, idle_probe: str | None = None) -> tuple[list[float], dict]:
+@contextlib.contextmanager
+def default_guest(nr_vcpus: int):
+    """The default guest with nr_vcpus, in this process, at its first
+    prompt: (domain, console); stopped on the way out."""
     from pyvmm.guests.default import build_default_guest
     from pyvmm.xen_abi.hypervisor.domain import Domain
 
     g = build_default_guest(progress=True)
     with Domain(str(g.kernel), ram_size=256 << 20, cmdline=g.cmdline, initrd=g.initrd.read_bytes(),
                 nr_vcpus=nr_vcpus) as dom:
-        box: dict = {}
-        th = threading.Thread(target=lambda: box.setdefault("r", dom.run(timeout=None)), daemon=True)
         say(f"booting the default guest with {nr_vcpus} vCPU(s)")
-        th.start()
-        con = Console(dom)
+        th, con = start_guest(dom)
         try:
-            con.expect(PROMPT, BOOT_TIMEOUT, "first prompt")
-            con.run("nproc")
-            times = []
-            for k in range(repeat):
-                times.append(con.timed(command))
-                say(f"  {nr_vcpus} vCPU(s), run {k + 1}/{repeat}: {times[-1]:.2f} s")
-            idle = {}
-            if idle_probe:
-                before = guest_interrupts(con)
-                t = time.monotonic()
-                idle = per_vcpu_costs(dom, lambda: con.timed(idle_probe))
-                wall = time.monotonic() - t
-                after = guest_interrupts(con)
-                # what woke the idle vCPU: its interrupts per second by source
-                idle["vcpu1_interrupts_per_s"] = {
-                    name: round((after[name][1] - before.get(name, (0, 0))[1]) / wall, 1)
-                    for name in after if len(after[name]) > 1
-                    and after[name][1] - before.get(name, (0, 0))[1] > 0}
-                say(f"  one loop pinned to vCPU 0: {idle}")
-            return times, idle
+            yield dom, con
         finally:
             dom.stop()
             th.join(60)
+
+
+def guest_times(nr_vcpus: int, command: str, repeat: int, idle_probe: str | None = None) -> tuple[list[float], dict]:
+    with default_guest(nr_vcpus) as (dom, con):
+        con.run("nproc")
+        times = []
+        for k in range(repeat):
+            times.append(con.timed(command))
+            say(f"  {nr_vcpus} vCPU(s), run {k + 1}/{repeat}: {times[-1]:.2f} s")
+        idle = {}
+        if idle_probe:
+            before = guest_interrupts(con)
+            t = time.monotonic()
+            idle = per_vcpu_costs(dom, lambda: con.timed(idle_probe))
+            wall = time.monotonic() - t
+            after = guest_interrupts(con)
+            # what woke the idle vCPU: its interrupts per second by source
+            idle["vcpu1_interrupts_per_s"] = {
+                name: round((after[name][1] - before.get(name, (0, 0))[1]) / wall, 1)
+                for name in after if len(after[name]) > 1
+                and after[name][1] - before.get(name, (0, 0))[1] > 0}
+            say(f"  one loop pinned to vCPU 0: {idle}")
+        return times, idle
 
 
 def guest_interrupts(con) -> dict[str, tuple[int, ...]]:
@@ -156,18 +159,8 @@ def stress(nr_vcpus: int, seconds: float) -> int:
     """Issue 9's soak; 0 if the guest stayed well for *seconds*."""
     import re
 
-    from pyvmm.guests.default import build_default_guest
-    from pyvmm.xen_abi.hypervisor.domain import Domain
-
-    g = build_default_guest(progress=True)
-    with Domain(str(g.kernel), ram_size=256 << 20, cmdline=g.cmdline, initrd=g.initrd.read_bytes(),
-                nr_vcpus=nr_vcpus) as dom:
-        th = threading.Thread(target=lambda: dom.run(timeout=None), daemon=True)
-        say(f"booting the default guest with {nr_vcpus} vCPUs")
-        th.start()
-        con = Console(dom)
-        try:
-            con.expect(PROMPT, BOOT_TIMEOUT, "first prompt")
+    try:
+        with default_guest(nr_vcpus) as (dom, con):
             con.run("dmesg -c > /dev/null")
             end = f"$(( $(cut -d. -f1 /proc/uptime) + {int(seconds)} ))"
             for cpu in range(nr_vcpus):
@@ -196,12 +189,9 @@ def stress(nr_vcpus: int, seconds: float) -> int:
             print(f"{seconds:.0f} s on {nr_vcpus} vCPUs: fork rounds per vCPU {forks}, "
                   f"16 MiB writes per vCPU {writes}, kernel log lines of trouble: {troubles}")
             return 1 if troubles or not all(int(r) > 0 for r in rounds) else 0
-        except RuntimeError as e:       # Console timed out: the guest hung
-            print(f"the guest stopped answering: {e}")
-            return 1
-        finally:
-            dom.stop()
-            th.join(60)
+    except RuntimeError as e:       # Console timed out: the guest hung
+        print(f"the guest stopped answering: {e}")
+        return 1
 
 
 def host_times(cpus: str, command: str, busybox: str, repeat: int) -> list[float]:
