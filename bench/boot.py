@@ -396,7 +396,7 @@ def ratios(lane: dict) -> dict:
 # ---------------------------------------------------------------------------
 
 def run_faithful(args) -> dict:
-    from pyvmm.guests.faithful import FaithfulLaneError, run_in_faithful_lane
+    from pyvmm.guests.faithful import PEER_SMP, FaithfulLaneError, default_smp, run_in_faithful_lane
 
     argv = [sys.executable, os.path.abspath(__file__), "--inner", "--runs", str(args.runs),
             "--timeout", str(args.faithful_timeout), "--qemu-timeout", str(args.qemu_timeout),
@@ -431,7 +431,8 @@ def run_faithful(args) -> dict:
         r = run_in_faithful_lane(argv, cwd=str(Path(__file__).resolve().parent.parent),
                                  env={k: v for k, v in os.environ.items()
                                       if k.startswith("PYVMM_") and k != "PYVMM_LANE"},
-                                 timeout=total, shares=shares, progress=say, on_output=relay)
+                                 timeout=total, shares=shares, progress=say, on_output=relay,
+                                 smp=default_smp(PEER_SMP))   # pyvmm and QEMU on the same L1
     except FaithfulLaneError as e:
         return {"lane": "faithful", "error": str(e)}
     lane = _tagged_json(r.stdout)

@@ -525,7 +525,7 @@ def run_faithful(args) -> dict:
     under QEMU/TCG), the pyvmm cache shared so the tools and images built
     here are used there; its JSON line parsed back."""
     from pyvmm.guests.debian import cache_root
-    from pyvmm.guests.faithful import FaithfulLaneError, run_in_faithful_lane
+    from pyvmm.guests.faithful import PEER_SMP, FaithfulLaneError, default_smp, run_in_faithful_lane
     from pyvmm.guests.bundle import bundle_programs
     from pyvmm.guests.default import build_default_guest
 
@@ -552,7 +552,8 @@ def run_faithful(args) -> dict:
                                  env={k: v for k, v in os.environ.items()
                                       if k.startswith("PYVMM_") and k != "PYVMM_LANE"},
                                  timeout=args.faithful_timeout, shares=[(str(cache_root()), False)],
-                                 progress=say, on_output=relay)
+                                 progress=say, on_output=relay,
+                                 smp=default_smp(PEER_SMP))   # pyvmm and QEMU on the same L1
     except FaithfulLaneError as e:
         raise ToolError(str(e)) from None
     for line in reversed(r.stdout.splitlines()):

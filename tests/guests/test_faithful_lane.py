@@ -132,8 +132,11 @@ def test_vcpu_count_from_the_environment_and_its_tcg_threading(monkeypatch):
     monkeypatch.delenv(faithful.SMP_ENV, raising=False)
     monkeypatch.delenv(faithful.TCG_THREAD_ENV, raising=False)
     assert faithful.default_smp() == faithful.DEFAULT_SMP
+    # the benchmarks' L1 (pyvmm beside a QEMU peer) has one vCPU unless told
+    assert faithful.default_smp(faithful.PEER_SMP) == faithful.PEER_SMP == 1
     monkeypatch.setenv(faithful.SMP_ENV, "2")
     assert faithful.default_smp() == 2
+    assert faithful.default_smp(faithful.PEER_SMP) == 2
     assert qemu_args(1) == ("1", "tcg,thread=multi")
     assert qemu_args(2) == ("2", f"tcg,thread={faithful.TCG_THREAD_SMP}")
     monkeypatch.setenv(faithful.TCG_THREAD_ENV, "multi")
