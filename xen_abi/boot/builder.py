@@ -131,8 +131,9 @@ class PvLayout:
 
 
 class _Alloc:
-    def __init__(self, ram, total_pages: int, virt_base: int):
+    def __init__(self, ram, total_pages: int, virt_base: int, ram_is_zero: bool = False):
         self.ram = ram
+        self.ram_is_zero = ram_is_zero   # fresh memory: zeroing it again only costs time
         self.total = total_pages
         self.pfn_end = 0
         self.virt_end = virt_base
@@ -171,7 +172,7 @@ class _Alloc:
         return self.segment(name, PAGE_SIZE)[0]
 
     def _zero(self, pfn: int, pages: int) -> None:
-        if pages:
+        if pages and not self.ram_is_zero:
             self.ram.fill(pfn << PAGE_SHIFT, pages << PAGE_SHIFT, 0)
 
 
@@ -307,9 +308,12 @@ def build_pv_domain(
     console_evtchn: int = 2,
     shared_info_mfn: int,
     hypervisor_l4_entries: dict[int, int] | None = None,
+    ram_is_zero: bool = False,
 ) -> PvLayout:
     """Lay `kernel` (and `initrd`) out in `ram` (guest RAM at GPA 0) like
-    Xen's domain builder; returns where everything went."""
+    Xen's domain builder; returns where everything went.  ram_is_zero:
+    `ram` is fresh (an anonymous memfd reads as zeroes), so the segments
+    need no zeroing, and pages the guest never touches stay unallocated."""
     notes = kernel.notes
     total = ram.size >> PAGE_SHIFT
     virt_base = notes.virt_base
@@ -324,7 +328,7 @@ def build_pv_domain(
     if kernel.virt_kstart & (PAGE_SIZE - 1):
         raise BuildError(f"kernel start {kernel.virt_kstart:#x} is not page aligned")
 
-    a = _Alloc(ram, total, virt_base)
+    a = _Alloc(ram, total, virt_base, ram_is_zero)
 
     # 1. kernel, after padding from virt_base (Linux: 16 MiB of free RAM)
     kpfn, kpages, _ = a.segment("kernel", kernel.virt_kend - kernel.virt_kstart, start=kernel.virt_kstart)
