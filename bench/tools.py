@@ -169,10 +169,11 @@ class HostTools:
 
 
 def run_fio(run, filename: str, runtime: float, seq_iodepth: int, engine: str | None,
-            on_job=None) -> tuple[str, dict]:
+            on_job=None, out: dict | None = None) -> tuple[str, dict]:
     """The fio jobs through *run* (argv -> rc, out, err); the engine used
-    (the first of ENGINES that works unless *engine* is given) and figures."""
-    out: dict = {}
+    (the first of ENGINES that works unless *engine* is given) and figures,
+    each job's added to *out* as it ends (kept if a later one fails)."""
+    out = {} if out is None else out
     engines = [engine] if engine else list(ENGINES)
     direct = True
     for key, label, opts in FIO_JOBS:
@@ -200,8 +201,8 @@ def run_fio(run, filename: str, runtime: float, seq_iodepth: int, engine: str | 
     return engines[0], out
 
 
-def run_iperf(run, server: str, runtime: float) -> dict:
-    out: dict = {}
+def run_iperf(run, server: str, runtime: float, out: dict | None = None) -> dict:
+    out = {} if out is None else out
     for key, label, opts in IPERF_RUNS:
         say(label)
         for attempt in range(3):
@@ -225,9 +226,10 @@ def wait_listening(ns: Namespace, port: int, timeout: float = 20.0) -> None:
 
 
 def guest_phase(con, disk: str | None, with_net: bool, runtime: float, seq_iodepth: int,
-                engine: str | None, costs=None) -> dict:
-    """The fio jobs on *disk* and the iperf3 runs from a guest at its shell."""
-    out: dict = {}
+                engine: str | None, costs=None, out: dict | None = None) -> dict:
+    """The fio jobs on *disk* and the iperf3 runs from a guest at its shell,
+    their figures added to *out* as each ends."""
+    out = {} if out is None else out
 
     def grun(argv: list[str]):
         return guest_capture(con, " ".join(argv))
@@ -236,11 +238,12 @@ def guest_phase(con, disk: str | None, with_net: bool, runtime: float, seq_iodep
         raise ToolError(f"fio does not run in the guest (exit {rc}): {err.strip()[-300:]}")
     say(f"the guest runs {text.strip()}")
     if disk is not None:
-        out["fio_engine"], out["fio"] = run_fio(grun, disk, runtime, seq_iodepth, engine, costs)
+        out["fio_engine"], _ = run_fio(grun, disk, runtime, seq_iodepth, engine, costs,
+                                       out=out.setdefault("fio", {}))
     if with_net:
         con.run(f"ifconfig eth0 {GUEST_IP} netmask 255.255.255.0 up")
         con.run(f"ping -c 1 -W 10 {HOST_IP} >/dev/null")
-        out["iperf3"] = run_iperf(grun, HOST_IP, runtime)
+        run_iperf(grun, HOST_IP, runtime, out=out.setdefault("iperf3", {}))
     return out
 
 
@@ -377,6 +380,7 @@ def run_qemu(g, modules: list[str], img: Path | None, ns: Namespace | None, memo
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     qc = QemuConsole(proc)
     con = Console(qc)
+    out: dict = {}
     try:
         con.expect(PROMPT, boot_timeout, "QEMU guest's first prompt")
         for path in modules:
@@ -385,7 +389,13 @@ def run_qemu(g, modules: list[str], img: Path | None, ns: Namespace | None, memo
                 raise ToolError(f"QEMU guest: insmod {path} failed: {err.strip()[-200:]}")
         if img is not None:
             con.run("i=0; while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i+1)); done")
-        return guest_phase(con, "/dev/vda" if img is not None else None, ns is not None, **phase)
+        return guest_phase(con, "/dev/vda" if img is not None else None, ns is not None, out=out, **phase)
+    except (ToolError, RuntimeError) as e:
+        # the peer is a baseline: what it did measure stays in the table,
+        # and the rest of the run (the host side) goes on
+        out["error"] = str(e).splitlines()[0]
+        say(f"QEMU peer stopped: {out['error']}")
+        return out
     finally:
         try:
             qc.send_console_input(b"poweroff -f\n")
@@ -512,6 +522,8 @@ def table(r: dict) -> str:
         if peer:
             line += f" {num(qv):>10} {q(ratio(gv, qv)):>11}"
         lines.append(line)
+    if peer and r["qemu"].get("error"):
+        lines.append(f"qemu: stopped early ({r['qemu']['error']}); '-' where it has no figure")
     return "\n".join(lines)
 
 

@@ -258,6 +258,32 @@ def test_tools_figures_and_table_from_tool_reports():
     assert lines[2].split()[-5:] == ["4", "2000", "0.002", "2000", "0.002"]
 
 
+def test_tools_a_peer_that_stops_keeps_what_it_measured():
+    """bench/tools.py: a fio job that fails after others ended leaves
+    theirs in the caller's dict, and a QEMU peer that stopped early is
+    one line under the table, its missing figures '-'."""
+    tools = _load_tools()
+    report = json.dumps(_fio_report("read", 4_000_000, 3.8, 2_000_000, 9_000_000))
+    calls = []
+
+    def run(argv):
+        calls.append(argv)
+        return (0, report, "") if len(calls) == 1 else (1, "", "fio: the guest stopped answering")
+    done: dict = {}
+    with pytest.raises(tools.ToolError, match="stopped answering"):
+        tools.run_fio(run, "/dev/vda", 1, 8, "libaio", out=done)
+    first_job = tools.FIO_JOBS[0][0]
+    assert list(done) == [first_job] and done[first_job]["MB/s"] == 4.0
+    r = {"config": {"size_mb": 16, "runtime_s": 1, "seq_iodepth": 8},
+         "guest": {"fio": {first_job: done[first_job], "seqwrite": done[first_job]}},
+         "host": {"fio": {first_job: done[first_job], "seqwrite": done[first_job]}},
+         "qemu": {"fio": dict(done), "error": "'fio rand read': nothing after 900 s"}}
+    lines = tools.table(r).splitlines()
+    assert lines[-1].startswith("qemu: stopped early ('fio rand read': nothing after 900 s)")
+    write_mbs = next(l for l in lines if "seq write" in l and "MB/s" in l)
+    assert write_mbs.split()[-2:] == ["-", "-"]
+
+
 def test_tools_qemu_console_drives_a_stand_in(tmp_path):
     """bench/tools.py's QemuConsole gives bench/devices.py's Console QEMU's
     serial stdio: here a stand-in shell that prints a prompt and runs what
