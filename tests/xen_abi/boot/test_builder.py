@@ -202,6 +202,17 @@ def test_builder_zeroes_what_it_allocates(mem):
     check_invariants(ram, L, k)
 
 
+def test_fresh_ram_needs_no_zeroing(mem):
+    """ram_is_zero (Domain's fresh memfd) skips the zeroing: the same
+    layout and the same bytes as a build that zeroes."""
+    k = load_kernel(make_linux_like())
+    zeroed, fresh = mem(64 * MiB), mem(64 * MiB)
+    a = build_pv_domain(zeroed, k, initrd=b"initrd", shared_info_mfn=SHINFO_MFN)
+    b = build_pv_domain(fresh, k, initrd=b"initrd", shared_info_mfn=SHINFO_MFN, ram_is_zero=True)
+    assert a == b
+    assert (u8(zeroed) == u8(fresh)).all()
+
+
 # --------------------------------------------------------------------------- variants
 
 
