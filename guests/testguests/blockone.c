@@ -7,6 +7,7 @@
  * costs none (its thread sleeps in KVM's halt; nothing polls). */
 #include "tg.h"
 #include "vcpu_ctx.h"
+#include "mmutest.h"
 const char tg_name[] = "blockone";
 
 static u8 stack1[8192] __attribute__((aligned(4096)));
@@ -22,27 +23,10 @@ void vcpu1_main(void)
 __asm__(".text\nvcpu1_entry: call vcpu1_main; ud2\n");
 extern char vcpu1_entry[];
 
-static u64 read_cr3(void) { u64 v; __asm__ volatile("mov %%cr3, %0" : "=r"(v)); return v; }
-
-static u64 arg(const char *cmdline, const char *key, u64 dflt)
-{
-	for (const char *p = cmdline; *p; p++) {
-		const char *k = key, *q = p;
-		while (*k && *q == *k) { k++; q++; }
-		if (!*k) {
-			u64 v = 0;
-			while (*q >= '0' && *q <= '9')
-				v = v * 10 + (u64)(*q++ - '0');
-			return v;
-		}
-	}
-	return dflt;
-}
-
 void tg_main(struct start_info *si)
 {
-	u64 spin_s = arg(si->cmd_line, "spin_s=", 4);
-	tg_kernel_context(&ctx, (u64)vcpu1_entry, (u64)stack1 + sizeof(stack1), read_cr3() & ~0xfffUL);
+	u64 spin_s = tg_opt_num(si->cmd_line, "spin_s", 4);
+	tg_kernel_context(&ctx, (u64)vcpu1_entry, (u64)stack1 + sizeof(stack1), read_cr3() & PTE_ADDR);
 	long rc = HC3(HC_vcpu_op, VCPUOP_initialise, 1, &ctx);
 	tg_check(rc == 0, "VCPUOP_initialise of vCPU 1", rc, 0);
 	rc = rc ? rc : HC3(HC_vcpu_op, VCPUOP_up, 1, 0);

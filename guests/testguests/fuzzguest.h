@@ -14,32 +14,11 @@ static int trace;          /* trace=1: a line per op */
 
 /* ---------------- command line ---------------- */
 
+/* only=...: the text after its '=' (tg.h's tg_opt), or 0 */
 static __attribute__((unused)) const char *opt(const char *s, const char *key)
 {
-	for (int i = 0; s[i] && i < 1024; i++) {
-		if (i && s[i - 1] != ' ')
-			continue;
-		int k = 0;
-		while (key[k] && s[i + k] == key[k])
-			k++;
-		if (!key[k] && s[i + k] == '=')
-			return s + i + k + 1;
-	}
-	return 0;
-}
-
-static __attribute__((unused)) u64 num(const char **p)
-{
-	u64 v = 0;
-	while (**p >= '0' && **p <= '9')
-		v = v * 10 + (u64)(*(*p)++ - '0');
-	return v;
-}
-
-static __attribute__((unused)) u64 opt_num(const char *s, const char *key, u64 dflt)
-{
-	const char *p = opt(s, key);
-	return p ? num(&p) : dflt;
+	const char *p = tg_opt(s, key);
+	return p && *p == '=' ? p + 1 : 0;
 }
 
 static const char *only;   /* "A-B,C,..." or 0: every op */
@@ -49,10 +28,10 @@ static __attribute__((unused)) int selected(u64 i)
 	if (!only)
 		return 1;
 	for (const char *p = only; *p >= '0' && *p <= '9';) {
-		u64 a = num(&p), b = a;
+		u64 a = tg_num(&p), b = a;
 		if (*p == '-') {
 			p++;
-			b = num(&p);
+			b = tg_num(&p);
 		}
 		if (i >= a && i <= b)
 			return 1;

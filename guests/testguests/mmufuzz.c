@@ -574,8 +574,8 @@ static void check(u64 n)
 void tg_main(struct start_info *si)
 {
 	const char *cl = si->cmd_line;
-	u64 seed = opt_num(cl, "seed", 1), ops = opt_num(cl, "ops", 100), every = opt_num(cl, "check", 20);
-	trace = opt_num(cl, "trace", 0) != 0;
+	u64 seed = tg_opt_num(cl, "seed", 1), ops = tg_opt_num(cl, "ops", 100), every = tg_opt_num(cl, "check", 20);
+	trace = tg_opt_num(cl, "trace", 0) != 0;
 	only = opt(cl, "only");
 	nr_pages = si->nr_pages;
 	static struct trap_info traps[] = { { 14, 0, 0xe030, 0, (u64)tg_trap_14 }, { 0, 0, 0, 0, 0 } };

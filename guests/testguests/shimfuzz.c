@@ -967,8 +967,8 @@ static void run_op(u64 seed, u64 i)
 void tg_main(struct start_info *s)
 {
 	const char *cl = s->cmd_line;
-	u64 seed = opt_num(cl, "seed", 1), ops = opt_num(cl, "ops", 100);
-	trace = opt_num(cl, "trace", 0) != 0;
+	u64 seed = tg_opt_num(cl, "seed", 1), ops = tg_opt_num(cl, "ops", 100);
+	trace = tg_opt_num(cl, "trace", 0) != 0;
 	only = opt(cl, "only");
 	nr_pages = s->nr_pages;
 	shinfo_mfn = s->shared_info >> 12;

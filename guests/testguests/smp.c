@@ -537,24 +537,6 @@ static void step_end(void)
 }
 #define CK(what, got, want) CHECK_EQ(what, got, want)
 
-/* the value after `key` on the command line: a number, 1 if none; -1: absent */
-static int cmdline_opt(const char *s, const char *key)
-{
-	for (int i = 0; s[i] && i < 1000; i++) {
-		int k = 0;
-		while (key[k] && s[i + k] == key[k]) k++;
-		if (!key[k]) {
-			const char *q = s + i + k;
-			if (*q != '=')
-				return 1;
-			int v = 0;
-			for (q++; *q >= '0' && *q <= '9'; q++) v = v * 10 + (*q - '0');
-			return v;
-		}
-	}
-	return -1;
-}
-
 static u32 ev_status(u32 port, struct evtchn_status *st)
 {
 	st->dom = DOMID_SELF;
@@ -1074,8 +1056,8 @@ static void step_down_up(void)
 void tg_main(struct start_info *s)
 {
 	start = s;
-	int want_nr = cmdline_opt(s->cmd_line, "nr_vcpus");
-	want_fifo = cmdline_opt(s->cmd_line, "fifo") > 0;
+	int want_nr = (int)tg_opt_num(s->cmd_line, "nr_vcpus", 0);
+	want_fifo = tg_opt_num(s->cmd_line, "fifo", 0) > 0;
 	u64 pte = s->shared_info | PTE_P | PTE_RW | PTE_A | PTE_D;
 	long rc = HC3(HC_update_va_mapping, si_page, pte, UVMF_INVLPG);
 	CHECK_EQ("map shared_info", rc, 0);

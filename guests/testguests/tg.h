@@ -108,6 +108,42 @@ static inline long tg_map_readonly(const void *page)
 	return HC3(HC_update_va_mapping, page, pte, UVMF_INVLPG);
 }
 
+/* The command line: the text after `key` where a word starts with it
+ * (at its '=' or the word's end), or 0.  tg_opt_num: `key=N` in
+ * decimal, 1 for a bare `key`, dflt when absent. */
+static inline const char *tg_opt(const char *s, const char *key)
+{
+	for (int i = 0; s[i] && i < 1024; i++) {
+		if (i && s[i - 1] != ' ')
+			continue;
+		int k = 0;
+		while (key[k] && s[i + k] == key[k])
+			k++;
+		if (!key[k] && (s[i + k] == '=' || s[i + k] == ' ' || !s[i + k]))
+			return s + i + k;
+	}
+	return 0;
+}
+
+/* a decimal number at *p, *p moved past it */
+static inline u64 tg_num(const char **p)
+{
+	u64 v = 0;
+	while (**p >= '0' && **p <= '9')
+		v = v * 10 + (u64)(*(*p)++ - '0');
+	return v;
+}
+
+static inline u64 tg_opt_num(const char *s, const char *key, u64 dflt)
+{
+	const char *p = tg_opt(s, key);
+	if (!p)
+		return dflt;
+	if (*p++ != '=')
+		return 1;
+	return tg_num(&p);
+}
+
 /* entry point each test guest provides */
 void tg_main(struct start_info *si);
 #endif

@@ -21,21 +21,17 @@ static inline void tg_calibrate_tsc(void)
 	}
 }
 
-#define WAIT_UNTIL(cond, ms) ({                                         \
+/* cond, re-read until it holds or ms pass (then its last value); between
+ * reads `pause`: a yield (vCPU 0) or cpu_relax() (the others) */
+#define TG_BOUNDED_WAIT(cond, ms, pause) ({                             \
 	u64 _d = rdtsc() + ms_ticks(ms); int _ok;                       \
 	for (;;) {                                                      \
 		if (cond) { _ok = 1; break; }                           \
 		if (rdtsc() > _d) { _ok = (cond); break; }              \
-		yield();                                                \
+		pause;                                                  \
 	}                                                               \
 	_ok; })
-#define SPIN_UNTIL(cond, ms) ({                                         \
-	u64 _d = rdtsc() + ms_ticks(ms); int _ok;                       \
-	for (;;) {                                                      \
-		if (cond) { _ok = 1; break; }                           \
-		if (rdtsc() > _d) { _ok = (cond); break; }              \
-		cpu_relax();                                            \
-	}                                                               \
-	_ok; })
+#define WAIT_UNTIL(cond, ms) TG_BOUNDED_WAIT(cond, ms, yield())
+#define SPIN_UNTIL(cond, ms) TG_BOUNDED_WAIT(cond, ms, cpu_relax())
 static inline void delay_ms(u64 ms) { u64 d = rdtsc() + ms_ticks(ms); while (rdtsc() < d) yield(); }
 #endif
