@@ -3,8 +3,13 @@
  * starts with that LDT, so an LDT selector loads at its first
  * instruction.  A context whose LDT pages are not mapped is accepted all
  * the same (Xen maps LDT pages lazily, at first use); that vCPU's use of
- * the selector faults (#GP with the selector) instead.  The shim takes the
- * LDT at initialise through the context's own page tables (mmu.c). */
+ * the selector faults (#GP with the selector) instead.  So does a context
+ * whose LDT lies in the hypervisor's half, here the shim's 1:1 map of
+ * guest RAM (its address from the command line, directmap=N): the same
+ * valid LDT page seen through it is never taken, as MMUEXT_SET_LDT
+ * refuses such a base.  The
+ * shim takes the LDT at initialise through the context's own page tables
+ * (mmu.c). */
 #include "mmutest.h"
 #include "vcpu_ctx.h"
 const char tg_name[] = "vcpuldt";
@@ -17,11 +22,11 @@ const char tg_name[] = "vcpuldt";
 #define UNMAPPED_VA 0x10000000UL
 
 static u64 ldtp[512] __attribute__((aligned(4096)));
-static u8 stack1[2][8192] __attribute__((aligned(4096)));
+static u8 stack1[3][8192] __attribute__((aligned(4096)));
 static struct vcpu_guest_context ctx;
-/* per vCPU 1, 2: 1 once it ran, LAR of the selector (valid, access byte),
+/* per vCPU 1-3: 1 once it ran, LAR of the selector (valid, access byte),
  * the #GP error code seen (or ~0) */
-static volatile u64 ran[3], lar_ok[3], access[3], gp_err[3] = { 0, ~0UL, ~0UL };
+static volatile u64 ran[4], lar_ok[4], access[4], gp_err[4] = { 0, ~0UL, ~0UL, ~0UL };
 
 extern char tg_trap_13[];
 u64 tg_resume_rip;
@@ -30,7 +35,7 @@ void tg_trap(u64 vec, u64 *f, int has_err)
 	u64 *hw = &f[2 + (has_err ? 1 : 0)];
 	u64 me;
 	__asm__ volatile("movq %%rsp, %0" : "=r"(me));
-	int n = me >= (u64)stack1[1] ? 2 : 1;
+	int n = me >= (u64)stack1[2] ? 3 : me >= (u64)stack1[1] ? 2 : 1;
 	if (vec == 13)
 		gp_err[n] = f[2];
 	hw[0] = tg_resume_rip;
@@ -55,8 +60,9 @@ void vcpu_main(int n)
 }
 __asm__(".text\n"
 	"vcpu1_entry: movl $1, %edi; call vcpu_main; ud2\n"
-	"vcpu2_entry: movl $2, %edi; call vcpu_main; ud2\n");
-extern char vcpu1_entry[], vcpu2_entry[];
+	"vcpu2_entry: movl $2, %edi; call vcpu_main; ud2\n"
+	"vcpu3_entry: movl $3, %edi; call vcpu_main; ud2\n");
+extern char vcpu1_entry[], vcpu2_entry[], vcpu3_entry[];
 
 static long start(int n, u64 entry, u64 ldt_base, u64 ldt_ents)
 {
@@ -78,7 +84,6 @@ static int wait_for(volatile u64 *flag)
 
 void tg_main(struct start_info *si)
 {
-	(void)si;
 	/* an LDT of two entries: a null one and a flat data segment, DPL 3 */
 	ldtp[1] = DESC(0, 0xfffff, 0xf3, 0xc);
 	tg_check(tg_map_readonly(ldtp) == 0, "the LDT page mapped read-only", 0, 0);
@@ -101,5 +106,17 @@ void tg_main(struct start_info *si)
 	tg_check(wait_for(&ran[2]), "vCPU 2 ran", ran[2], 1);
 	tg_check(gp_err[2] == (SEL_LDT1 & ~3UL), "vCPU 2: no LDT, #GP(selector)", gp_err[2], SEL_LDT1 & ~3UL);
 	tg_check(!lar_ok[2], "vCPU 2: LAR finds no such descriptor", lar_ok[2], 0);
+
+	/* hostile: vCPU 1's LDT page through the hypervisor's map of RAM */
+	u64 directmap = tg_opt_num(si->cmd_line, "directmap", 0);
+	tg_check(directmap >= HYPERVISOR_VIRT_START, "directmap=N on the command line", directmap,
+		 HYPERVISOR_VIRT_START);
+	u64 mfn = ((u64 *)si->mfn_list)[va_to_pfn(ldtp)];
+	rc = start(3, (u64)vcpu3_entry, directmap + (mfn << 12), 2);
+	tg_check(rc == 0, "VCPUOP_initialise with an LDT in the hypervisor's half: accepted", rc, 0);
+	if (rc)
+		return;
+	tg_check(wait_for(&ran[3]), "vCPU 3 ran", ran[3], 1);
+	tg_check(gp_err[3] == (SEL_LDT1 & ~3UL), "vCPU 3: no LDT, #GP(selector)", gp_err[3], SEL_LDT1 & ~3UL);
 	tg_puts("vcpuldt: vCPU 1 LAR access byte "); tg_hex(access[1]); tg_puts("\n");
 }

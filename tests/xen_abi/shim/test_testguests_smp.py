@@ -77,10 +77,13 @@ def test_vcpu_context_with_an_ldt():
     Xen's arch_set_info_guest does: the new vCPU loads an LDT selector at
     its first instruction; a context whose LDT page is not mapped is
     accepted (Xen maps LDT pages at first use) and that vCPU's load is
-    #GP(selector).  LAR's view of the descriptor is an OBSERVE line:
+    #GP(selector); so is one whose LDT is that same valid page seen
+    through the shim's 1:1 map of RAM in the hypervisor's half (hostile:
+    never taken).  LAR's view of the descriptor is an OBSERVE line:
     kvm_pvm answers it from the host's tables."""
     from pyvmm.vmm.quirks import on_kvm_pvm
-    with Domain(str(build_testguest("vcpuldt")), nr_vcpus=3) as dom:
+    from pyvmm.xen_abi.memory.vmm_region import DIRECTMAP_VA
+    with Domain(str(build_testguest("vcpuldt")), nr_vcpus=4, cmdline=f"directmap={DIRECTMAP_VA}") as dom:
         res = dom.run(timeout=120)
     lines = res.text.strip().splitlines()
     assert res.reason == abi.ShutdownReason.poweroff, (res.reason, res.crash_info, res.text)
