@@ -829,6 +829,12 @@ def _cpus_online(con: ConsoleSession, command_timeout: float) -> bytes:
     return con.command("cat /sys/devices/system/cpu/online", CPUS_ONLINE, command_timeout).group(1)
 
 
+def _cpus_possible(con: ConsoleSession, command_timeout: float) -> bytes:
+    """The guest's possible CPUs: the domain's maximum, whether the kernel
+    found them by VCPUOP_is_up alone or with the builder's nr_cpus= hint."""
+    return con.command("cat /sys/devices/system/cpu/possible", CPUS_ONLINE, command_timeout).group(1)
+
+
 @pytest.mark.slow
 @pytest.mark.faithful
 def test_default_guest_four_vcpus(tmp_path):
@@ -847,6 +853,7 @@ def test_default_guest_four_vcpus(tmp_path):
     with _pyvmm_at_prompt(argv, prompt_timeout, env=env) as (run, con):
         con.command("nproc", re.compile(rb"^4\r?$", re.M), command_timeout)
         assert _cpus_online(con, command_timeout) == b"0-3"
+        assert _cpus_possible(con, command_timeout) == b"0-3"
         con.command("n=0; for c in 0 1 2 3; do taskset -c $c true && n=$((n+1)); done; echo PINNED $n",
                     re.compile(rb"^PINNED 4\r?$", re.M), command_timeout)
         for cpu in range(4):
@@ -888,6 +895,7 @@ def test_default_guest_smp_ipis_shootdowns_and_cpu_hotplug(tmp_path):
     with _pyvmm_at_prompt(argv, prompt_timeout, env=env) as (run, con):
         con.command("nproc", re.compile(rb"^2\r?$", re.M), command_timeout)
         assert _cpus_online(con, command_timeout) == b"0-1"
+        assert _cpus_possible(con, command_timeout) == b"0-2"     # room for vcpu-set 3
         # CPU 1's own timer events and IPIs arrived
         m = con.command("grep -E 'timer1|resched1|callfunc' /proc/interrupts",
                         re.compile(rb"^\s*\d+:\s+\d+\s+(\d+)\s+xen-percpu\s*-virq\s+timer1\s*$", re.M),

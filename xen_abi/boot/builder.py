@@ -40,7 +40,7 @@ from pyvmm.xen_abi.abi import (
 )
 from pyvmm.xen_abi.boot.loader import KernelImage
 
-__all__ = ["build_pv_domain", "PvLayout", "BuildError", "write_hypercall_page"]
+__all__ = ["build_pv_domain", "cmdline_with_cpu_count", "PvLayout", "BuildError", "write_hypercall_page"]
 
 
 class BuildError(Exception):
@@ -296,6 +296,22 @@ def write_hypercall_page(ram, pfn: int) -> None:
 # ---------------------------------------------------------------------------
 # The builder
 # ---------------------------------------------------------------------------
+
+
+def cmdline_with_cpu_count(cmdline: str, max_vcpus: int) -> str:
+    """*cmdline* with `nr_cpus=MAX` appended, unless it sets nr_cpus itself
+    or there is no room in start_info for it.
+
+    A PV Linux learns which vCPUs exist by asking VCPUOP_is_up of every CPU
+    id it was built for (8192 in Debian's kernels).  Ids past the domain's
+    maximum answer -ENOENT and are dropped from the possible map, so the
+    hint leaves that map exactly as it was; it saves ~8,000 hypercalls,
+    ~0.7 s of a kvm_pvm boot where each costs ~90 us (bench/README.md).
+    Other PV kernels ignore a word they do not know."""
+    if any(word.startswith("nr_cpus=") for word in cmdline.split()):
+        return cmdline
+    hinted = f"{cmdline} nr_cpus={max_vcpus}".lstrip()
+    return hinted if len(hinted.encode("utf-8")) < MAX_GUEST_CMDLINE else cmdline
 
 
 def build_pv_domain(

@@ -37,7 +37,7 @@ from pyvmm.xen_abi import abi
 from pyvmm.xen_abi.memory import vmm_region as R
 from pyvmm.xen_abi.shim import priv
 from pyvmm.xen_abi.shim.layout import CPUID_ENT, EVENTS, GLOBALS, MAILBOX, PERCPU, SHIM_EXIT_PORT, MailboxOp
-from pyvmm.xen_abi.boot.builder import build_pv_domain
+from pyvmm.xen_abi.boot.builder import build_pv_domain, cmdline_with_cpu_count
 from pyvmm.xen_abi.hypervisor.channels import DomainChannels
 from pyvmm.xen_abi.hypervisor.evtchn import EventChannels
 from pyvmm.xen_abi.hypervisor.grant_table import GrantTable
@@ -181,7 +181,7 @@ class Domain(PvDomainBase):
         self.vm.add_memory(0, self.ram)
         self.vm.add_memory(self.region.gpa, self.region.mem)
         self.layout = build_pv_domain(
-            self.ram, kernel, initrd=initrd, cmdline=cmdline,
+            self.ram, kernel, initrd=initrd, cmdline=cmdline_with_cpu_count(cmdline, nr_vcpus),
             shared_info_mfn=self.region.shared_info_mfn,
             hypervisor_l4_entries=self.region.hypervisor_l4_entries(),
             ram_is_zero=True)          # self.ram is a fresh memfd

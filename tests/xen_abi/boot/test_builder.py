@@ -11,7 +11,7 @@ from pyvmm.vmm.memory import GuestMemory
 from pyvmm.xen_abi.abi import (
     MAX_GUEST_CMDLINE, SIF_MOD_START_PFN, SIF_VIRT_P2M_4TOOLS, START_INFO_MAGIC, Hypercall, StartInfo,
 )
-from pyvmm.xen_abi.boot.builder import BuildError, PvLayout, build_pv_domain, hypercall_stub
+from pyvmm.xen_abi.boot.builder import BuildError, PvLayout, build_pv_domain, cmdline_with_cpu_count, hypercall_stub
 from pyvmm.xen_abi.boot.loader import load_kernel
 
 from kernels import LINUX_INIT_P2M, LINUX_PHYS_START, LINUX_VIRT_BASE, Seg, debian_cloud_kernel, linux_notes, make_elf, make_linux_like, pattern
@@ -185,6 +185,19 @@ def test_worked_example_contents(worked_example):
     assert not u8(ram)[: 0x1000 * PAGE].any()
     # no hypercall page note: nothing written, layout says so
     assert L.hypercall_page_va is None
+
+
+def test_cmdline_learns_the_domains_cpu_count_unless_it_says_its_own():
+    """nr_cpus=MAX spares a PV Linux ~8,000 VCPUOP_is_up probes; a command
+    line that sets nr_cpus keeps it, and one with no room for the hint
+    (start_info holds 1023 bytes) is left whole rather than cut."""
+    assert cmdline_with_cpu_count("console=hvc0", 3) == "console=hvc0 nr_cpus=3"
+    assert cmdline_with_cpu_count("", 1) == "nr_cpus=1"
+    assert cmdline_with_cpu_count("nr_cpus=8 quiet", 2) == "nr_cpus=8 quiet"
+    assert cmdline_with_cpu_count("x.nr_cpus=8", 2) == "x.nr_cpus=8 nr_cpus=2"
+    full = "a" * 1015
+    assert cmdline_with_cpu_count(full, 4) == full
+    assert cmdline_with_cpu_count("a" * 1013, 4) == "a" * 1013 + " nr_cpus=4"   # 1023 bytes: fits
 
 
 def test_builder_zeroes_what_it_allocates(mem):
