@@ -2,7 +2,8 @@
  * rdtsc, VIRQ_TIMER + set_singleshot_timer + SCHEDOP_block -> upcall, never
  * early; -ETIME with VCPU_SSHOTTMR_future; past deadlines fire at once;
  * set_timer_op, cancelled by 0, negative deadlines -> now + 100 ms;
- * stop_singleshot_timer; SCHEDOP_yield; everything again after
+ * stop_singleshot_timer; SCHEDOP_yield; the runstate area after a block;
+ * everything again after
  * VCPUOP_register_vcpu_info moved vcpu_info. */
 #include "tg_events.h"
 
@@ -105,6 +106,23 @@ void tg_main(struct start_info *s)
 	wait_timer(now_ns(), 0, "immediate");
 	u64 b1 = rdtsc();
 	tg_puts("block_wake_immediate_cycles="); tg_dec(b1 - b0); tg_puts("\n");
+
+	/* the runstate area: filled at registration; rewritten by the shim
+	 * on the tick after time blocked (Xen writes it on a change of
+	 * state), its times adding up to its entry time each time */
+	static struct { u32 state, pad; u64 entry, time[4]; } rs;
+	u64 area = (u64)&rs;
+	rc = HC3(HC_vcpu_op, VCPUOP_register_runstate_memory_area, 0, &area);
+	tg_check(rc == 0 && rs.state == 0 && rs.entry, "runstate area registered", rc, 0);
+	u64 blocked0 = rs.time[2], entry0 = rs.entry;
+	wait_timer(now_ns() + 5000000, 0, "timer with a runstate area");
+	tg_check(rs.time[2] >= blocked0 + 4000000, "runstate: the 5 ms block counted as blocked",
+		 rs.time[2] - blocked0, 4000000);
+	tg_check(rs.entry > entry0 && rs.state == 0, "runstate rewritten after the block", rs.entry, entry0);
+	tg_check(rs.time[0] + rs.time[1] + rs.time[2] + rs.time[3] == rs.entry, "runstate times add up",
+		 rs.time[0] + rs.time[1] + rs.time[2] + rs.time[3], rs.entry);
+	area = 0;
+	HC3(HC_vcpu_op, VCPUOP_register_runstate_memory_area, 0, &area);
 
 	/* move vcpu_info into our own page; time and timers follow it */
 	struct vcpu_register_vcpu_info r = { va_to_pfn(vinfo_page), 64, 0 };

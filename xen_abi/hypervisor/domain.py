@@ -601,7 +601,9 @@ class Domain(PvDomainBase):
         return now, times
 
     def runstate_area_moved(self, vcpu_id: int, va: int) -> None:
-        EVENTS.write(self.region.mem, self.region.vcpus[vcpu_id].events_off, runstate_va=va)
+        # the shim's next tick writes the new area whatever changed since
+        EVENTS.write(self.region.mem, self.region.vcpus[vcpu_id].events_off, runstate_va=va,
+                     runstate_written=MASK64)
 
     def vm_assist_changed(self, value: int) -> None:
         flag = value >> abi.VmAssistType.RUNSTATE_UPDATE_FLAG & 1

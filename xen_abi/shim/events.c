@@ -493,7 +493,11 @@ static __attribute__((noinline)) void halt(u8 *ev)
 /* The guest's runstate area (Xen's update_runstate_area), in the
  * guest's kernel mode (the area is kernel memory): time running, runnable
  * (KVM's steal time: the vCPU thread waited for a host CPU), blocked and
- * offline, running now.  The same sums as time.py's runstate_times. */
+ * offline, running now.  The same sums as time.py's runstate_times.
+ * Xen writes the area when the vCPU changes state, not while it runs on;
+ * so when a tick finds no time runnable, blocked or offline since the
+ * last write, the area stays as it is (the guest's steal clock reads only
+ * those): ~100 interpreted instructions less on most ticks of a busy vCPU. */
 void ev_runstate_update(void)
 {
 	u8 *ev = evb();
@@ -501,13 +505,16 @@ void ev_runstate_update(void)
 	SLOT(ev, EVB_RUNSTATE_DUE) = 0;
 	if (!va)
 		return;
-	u64 now = (u64)now_ns(ev), r[6];
+	u64 steal = SLOT(ev, EVB_KVM_STEAL), blocked = SLOT(ev, EVB_BLOCKED_NS);
+	u64 offline = SLOT(ev, EVB_OFFLINE_NS), written = steal + blocked + offline;
+	if (written == SLOT(ev, EVB_RUNSTATE_WRITTEN))
+		return;
+	u64 now = (u64)now_ns(ev), r[6], base = SLOT(ev, EVB_STEAL_BASE);
 	r[0] = 0;   /* RUNSTATE_running */
 	r[1] = now;
-	u64 steal = SLOT(ev, EVB_KVM_STEAL), base = SLOT(ev, EVB_STEAL_BASE);
 	r[3] = steal > base ? steal - base : 0;
-	r[4] = SLOT(ev, EVB_BLOCKED_NS);
-	r[5] = SLOT(ev, EVB_OFFLINE_NS);
+	r[4] = blocked;
+	r[5] = offline;
 	u64 other = r[3] + r[4] + r[5];
 	r[2] = now > other ? now - other : 0;
 	if (SLOT(ev, EVB_RUNSTATE_UPDATE_FLAG)) {   /* the guest retries while the flag is set */
@@ -515,12 +522,14 @@ void ev_runstate_update(void)
 		if (write_guest(va + 8, &busy, 8))
 			return;
 		__asm__ volatile("sfence" ::: "memory");
-		write_guest(va, r, sizeof(r));
+		if (!write_guest(va, r, sizeof(r)))
+			SLOT(ev, EVB_RUNSTATE_WRITTEN) = written;
 		__asm__ volatile("sfence" ::: "memory");
 		write_guest(va + 8, &now, 8);
 		return;
 	}
-	write_guest(va, r, sizeof(r));
+	if (!write_guest(va, r, sizeof(r)))
+		SLOT(ev, EVB_RUNSTATE_WRITTEN) = written;
 }
 
 /* SCHEDOP_block: re-enable delivery as Xen's do_block does, return at once

@@ -294,6 +294,9 @@ EVENTS = Block(
     Field("offline_ns", "time down (and before the first up), Python"),
     Field("steal_base", "kvm_steal's value when it was enabled (KVM starts it at the "
           "thread's whole run-queue wait), Python"),
+    Field("runstate_written", "kvm_steal + blocked_ns + offline_ns when the shim last wrote "
+          "the area (each only grows: the same sum, the same area); ~0 after the area moved, "
+          "shim / Python"),
     Field("backend_map", "bit per port whose remote end is a back-end: sends go out "
           "through EV_SEND_PORT", count=abi.EVTCHN_2L_NR_CHANNELS // 8, width=1, at=512),
     Field("kvm_steal", "KVM's struct kvm_steal_time (MSR_KVM_STEAL_TIME): u64 steal "
