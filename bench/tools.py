@@ -19,7 +19,7 @@ the console and parsed here):
 
     fio  sequential read, 1 MiB blocks, direct=1, queue depth --seq-iodepth (8)
     fio  sequential write, the same
-    fio  random read, 4 KiB blocks, direct=1, queue depth 32
+    fio  random read, 4 KiB blocks, direct=1, queue depth --rand-iodepth (32)
          (each --runtime seconds, time based, engine libaio; io_uring, then
          psync if the kernel refuses it: the table says which)
     iperf3 TCP guest -> host and host -> guest (-R), 1 and 4 streams (-P 4)
@@ -63,7 +63,7 @@ ENGINES = ("libaio", "io_uring", "psync")
 #: (key, label, fio options); each runs on its own, --runtime seconds.
 FIO_JOBS = (("seqread", "fio seq read 1 MiB", ["--rw=read", "--bs=1M"]),
             ("seqwrite", "fio seq write 1 MiB", ["--rw=write", "--bs=1M"]),
-            ("randread", "fio rand read 4 KiB QD32", ["--rw=randread", "--bs=4k", "--iodepth=32"]))
+            ("randread", "fio rand read 4 KiB", ["--rw=randread", "--bs=4k"]))
 #: (key, label, iperf3 options)
 IPERF_RUNS = (("tx1", "iperf3 guest->host 1 stream", []),
               ("tx4", "iperf3 guest->host 4 streams", ["-P", "4"]),
@@ -132,7 +132,7 @@ def iperf_figures(report: dict) -> dict:
             "retransmits": end["sum_sent"].get("retransmits")}
 
 
-def fio_argv(filename: str, engine: str, runtime: float, seq_iodepth: int, opts: list[str],
+def fio_argv(filename: str, engine: str, runtime: float, iodepth: int, opts: list[str],
              direct: bool = True) -> list[str]:
     # --thread and --disk_util=0 on both sides: a job thread instead of a
     # forked process with shared memory, and no /sys/block polling, keep
@@ -140,8 +140,8 @@ def fio_argv(filename: str, engine: str, runtime: float, seq_iodepth: int, opts:
     # is interpreted CPL0 code: a forked job ran a 16 MiB read 2.5x longer)
     argv = ["fio", "--output-format=json", "--thread", "--disk_util=0", "--name=job",
             f"--filename={filename}", f"--direct={int(direct)}",
-            f"--ioengine={engine}", "--time_based", f"--runtime={runtime:g}", f"--iodepth={seq_iodepth}"]
-    return argv + opts          # a later --iodepth wins
+            f"--ioengine={engine}", "--time_based", f"--runtime={runtime:g}", f"--iodepth={iodepth}"]
+    return argv + opts
 
 
 def iperf_argv(server: str, runtime: float, opts: list[str]) -> list[str]:
@@ -169,7 +169,7 @@ class HostTools:
 
 
 def run_fio(run, filename: str, runtime: float, seq_iodepth: int, engine: str | None,
-            on_job=None, out: dict | None = None) -> tuple[str, dict]:
+            on_job=None, out: dict | None = None, rand_iodepth: int = 32) -> tuple[str, dict]:
     """The fio jobs through *run* (argv -> rc, out, err); the engine used
     (the first of ENGINES that works unless *engine* is given) and figures,
     each job's added to *out* as it ends (kept if a later one fails)."""
@@ -180,7 +180,8 @@ def run_fio(run, filename: str, runtime: float, seq_iodepth: int, engine: str | 
         say(label)
         while True:
             before = on_job() if on_job else None
-            rc, text, err = run(fio_argv(filename, engines[0], runtime, seq_iodepth, opts, direct))
+            depth = rand_iodepth if key == "randread" else seq_iodepth
+            rc, text, err = run(fio_argv(filename, engines[0], runtime, depth, opts, direct))
             if rc == 0:
                 break
             if direct and "O_DIRECT" in err and not out:
@@ -226,7 +227,7 @@ def wait_listening(ns: Namespace, port: int, timeout: float = 20.0) -> None:
 
 
 def guest_phase(con, disk: str | None, with_net: bool, runtime: float, seq_iodepth: int,
-                engine: str | None, costs=None, out: dict | None = None) -> dict:
+                engine: str | None, costs=None, out: dict | None = None, rand_iodepth: int = 32) -> dict:
     """The fio jobs on *disk* and the iperf3 runs from a guest at its shell,
     their figures added to *out* as each ends."""
     out = {} if out is None else out
@@ -239,7 +240,7 @@ def guest_phase(con, disk: str | None, with_net: bool, runtime: float, seq_iodep
     say(f"the guest runs {text.strip()}")
     if disk is not None:
         out["fio_engine"], _ = run_fio(grun, disk, runtime, seq_iodepth, engine, costs,
-                                       out=out.setdefault("fio", {}))
+                                       out=out.setdefault("fio", {}), rand_iodepth=rand_iodepth)
     if with_net:
         con.run(f"ifconfig eth0 {GUEST_IP} netmask 255.255.255.0 up")
         con.run(f"ping -c 1 -W 10 {HOST_IP} >/dev/null")
@@ -409,7 +410,7 @@ def run_qemu(g, modules: list[str], img: Path | None, ns: Namespace | None, memo
 
 def run(size_mb: int, runtime: float, seq_iodepth: int, with_disk: bool, with_net: bool,
         engine: str | None = None, memory_mb: int = GUEST_RAM_MB, qemu_peer: bool = False,
-        qemu_boot_timeout: float = QEMU_BOOT_TIMEOUT) -> dict:
+        qemu_boot_timeout: float = QEMU_BOOT_TIMEOUT, rand_iodepth: int = 32) -> dict:
     from pyvmm.guests.bundle import bundle_programs
     from pyvmm.guests.default import build_default_guest
 
@@ -423,9 +424,9 @@ def run(size_mb: int, runtime: float, seq_iodepth: int, with_disk: bool, with_ne
     host = HostTools(bundle)
     work = Path(tempfile.mkdtemp(prefix="tools-bench-"))
     results: dict = {"config": {"size_mb": size_mb, "runtime_s": runtime, "seq_iodepth": seq_iodepth,
-                                "guest_ram_mb": memory_mb,
+                                "rand_iodepth": rand_iodepth, "guest_ram_mb": memory_mb,
                                 "packages": bundle.packages}, "guest": {}, "host": {}}
-    phase = {"runtime": runtime, "seq_iodepth": seq_iodepth, "engine": engine}
+    phase = {"runtime": runtime, "seq_iodepth": seq_iodepth, "rand_iodepth": rand_iodepth, "engine": engine}
     ns = server = None
     try:
         img = work / "disk.img" if with_disk else None
@@ -452,7 +453,7 @@ def run(size_mb: int, runtime: float, seq_iodepth: int, with_disk: bool, with_ne
         say("host side: the same runs")
         if img is not None:
             results["host"]["fio_engine"], results["host"]["fio"] = run_fio(
-                host.run, str(img), runtime, seq_iodepth, engine)
+                host.run, str(img), runtime, seq_iodepth, engine, rand_iodepth=rand_iodepth)
         if ns is not None:
             results["host"]["iperf3"] = run_iperf(lambda argv: host.run(argv, ns), "127.0.0.1", runtime)
     finally:
@@ -475,8 +476,7 @@ def rows(r: dict) -> list[tuple[str, str, float | None, float | None, float | No
         jobs = [s.get("fio", {}).get(key) for s in sides]
         if not any(jobs):
             continue
-        if key != "randread":
-            label += f" QD{r['config']['seq_iodepth']}"
+        label += f" QD{r['config'].get('rand_iodepth', 32) if key == 'randread' else r['config']['seq_iodepth']}"
         for metric in ("MB/s", "IOPS", "p50 us", "p99 us"):
             out.append((label, metric, *((j or {}).get(metric) for j in jobs)))
     for key, label, _ in IPERF_RUNS:
@@ -549,7 +549,8 @@ def run_faithful(args) -> dict:
     build_default_guest(progress=True, extra_files=extra)
     argv = [sys.executable, os.path.abspath(__file__), "--inner", "--size-mb", str(args.size_mb),
             "--runtime", f"{args.runtime:g}", "--seq-iodepth", str(args.seq_iodepth),
-            "--memory-mb", str(args.memory_mb), "--qemu-boot-timeout", f"{args.qemu_boot_timeout:g}"]
+            "--rand-iodepth", str(args.rand_iodepth), "--memory-mb", str(args.memory_mb),
+            "--qemu-boot-timeout", f"{args.qemu_boot_timeout:g}"]
     argv += ["--ioengine", args.ioengine] if args.ioengine else []
     argv += [f for f, on in (("--no-disk", args.no_disk), ("--no-net", args.no_net),
                              ("--qemu-peer", args.qemu_peer)) if on]
@@ -582,6 +583,8 @@ def main() -> int:
     ap.add_argument("--size-mb", type=int, default=256, help="disk image size (default 256)")
     ap.add_argument("--runtime", type=float, default=10.0, help="seconds per fio job and iperf3 run")
     ap.add_argument("--seq-iodepth", type=int, default=8, help="queue depth of the sequential jobs")
+    ap.add_argument("--rand-iodepth", type=int, default=32,
+                    help="queue depth of the 4 KiB random reads (default 32)")
     ap.add_argument("--ioengine", choices=ENGINES, default=None,
                     help="fio engine (default: the first of libaio, io_uring, psync that works)")
     ap.add_argument("--memory-mb", type=int, default=GUEST_RAM_MB, help="guest RAM")
@@ -607,7 +610,8 @@ def main() -> int:
             if not args.no_net and not with_net:
                 say("no iperf3 runs: they need root, /dev/net/tun and iproute2")
             r = run(args.size_mb, args.runtime, args.seq_iodepth, not args.no_disk, with_net,
-                    args.ioengine, args.memory_mb, args.qemu_peer, args.qemu_boot_timeout)
+                    args.ioengine, args.memory_mb, args.qemu_peer, args.qemu_boot_timeout,
+                    args.rand_iodepth)
     except DebianError as e:
         print(f"tools: cannot fetch the benchmark tools: {e}", file=sys.stderr)
         return 1

@@ -284,6 +284,27 @@ def test_tools_a_peer_that_stops_keeps_what_it_measured():
     assert write_mbs.split()[-2:] == ["-", "-"]
 
 
+def test_tools_each_fio_job_runs_at_its_own_queue_depth():
+    """bench/tools.py: the sequential jobs at --seq-iodepth, the random
+    reads at --rand-iodepth (a lower one keeps the faithful lane's L1
+    alive), and the table's labels say which."""
+    tools = _load_tools()
+    report = json.dumps(_fio_report("read", 4_000_000, 3.8, 2_000_000, 9_000_000))
+    depths = {}
+
+    def run(argv):
+        job = next(a for a in argv if a.startswith("--rw="))
+        depths[job] = [a for a in argv if a.startswith("--iodepth=")]
+        return 0, report, ""
+    _, figures = tools.run_fio(run, "/dev/vda", 1, 8, "libaio", rand_iodepth=4)
+    assert depths == {"--rw=read": ["--iodepth=8"], "--rw=write": ["--iodepth=8"],
+                      "--rw=randread": ["--iodepth=4"]}
+    r = {"config": {"size_mb": 16, "runtime_s": 1, "seq_iodepth": 8, "rand_iodepth": 4},
+         "guest": {"fio": figures}, "host": {"fio": figures}}
+    labels = {l[:30].strip() for l in tools.table(r).splitlines()[2:]}     # the test column
+    assert labels == {"fio seq read 1 MiB QD8", "fio seq write 1 MiB QD8", "fio rand read 4 KiB QD4"}
+
+
 def test_tools_qemu_console_drives_a_stand_in(tmp_path):
     """bench/tools.py's QemuConsole gives bench/devices.py's Console QEMU's
     serial stdio: here a stand-in shell that prints a prompt and runs what
