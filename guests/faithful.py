@@ -121,6 +121,14 @@ POLL_INTERVAL = 0.05
 #: its vCPU thread is off the CPU, against pyvmm's constant-TSC pvclock
 #: (seen with -smp 2: "pvclock vs rdtsc" failed in the timer test guest).
 KERNEL_CMDLINE = "console=ttyS0 loglevel=3 panic=-1 rdinit=/init tsc=reliable"
+#: more L1 kernel parameters, for bisecting the L1's own behaviour (e.g.
+#: its freezes under nested I/O, bench/README.md) without editing this file
+CMDLINE_ENV = "PYVMM_FAITHFUL_APPEND"
+
+
+def kernel_cmdline() -> str:
+    extra = os.environ.get(CMDLINE_ENV, "").strip()
+    return f"{KERNEL_CMDLINE} {extra}" if extra else KERNEL_CMDLINE
 
 QEMU_PACKAGE = "qemu-system-x86"
 QEMU_ENV = "PYVMM_FAITHFUL_QEMU"   # overrides the QEMU binary
@@ -472,7 +480,7 @@ def qemu_command(qemu: Path, image: L1Image, work: Path, console: Path,
            "-smp", str(smp), "-nographic", "-nodefaults", "-no-reboot",
            "-monitor", "none", "-serial", f"file:{console}", "-net", "none",
            "-kernel", str(image.vmlinuz), "-initrd", str(image.initrd),
-           "-append", KERNEL_CMDLINE,
+           "-append", kernel_cmdline(),
            "-virtfs", f"local,path={work},mount_tag={WORK_TAG},security_model=none"]
     for i, (path, ro) in enumerate(shares):
         spec = f"local,path={path},mount_tag=share{i},security_model=none"

@@ -150,6 +150,18 @@ def test_vcpu_count_from_the_environment_and_its_tcg_threading(monkeypatch):
         faithful.tcg_thread(2)
 
 
+def test_l1_kernel_parameters_from_the_environment(monkeypatch):
+    image = faithful.L1Image(Path("/vmlinuz"), Path("/initrd"), "x")
+
+    def append():
+        cmd = faithful.qemu_command(Path("/qemu"), image, Path("/w"), Path("/c"), [])
+        return cmd[cmd.index("-append") + 1]
+    monkeypatch.delenv(faithful.CMDLINE_ENV, raising=False)
+    assert append() == faithful.KERNEL_CMDLINE
+    monkeypatch.setenv(faithful.CMDLINE_ENV, " idle=poll ")
+    assert append() == faithful.KERNEL_CMDLINE + " idle=poll"
+
+
 def test_init_failure_lines_name_the_module():
     line = faithful._describe_init_failure(
         "insmod kvm_amd: insmod: can't insert '/modules/kvm_amd.ko': Operation not supported")
