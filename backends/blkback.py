@@ -37,9 +37,9 @@ back-end keeps each pool page it meets mapped (writable, as Linux's blkback
 maps them) until the device disconnects, so a request costs a dictionary
 look-up per segment instead of a grant map and unmap (~20-60 us each in
 Python: 5-15 ms per MiB).  At most MAX_PERSISTENT_GRANTS stay mapped per
-queue (Linux blkback's default, per ring as there: each queue's frontend
-ring has its own pool); past that, and for a grant that cannot be
-mapped writable, segments are mapped for the one request.  As with Xen, a
+queue (what a full ring of the largest requests uses; per ring as in Linux:
+each queue's frontend ring has its own pool); past that, and for a grant
+that cannot be mapped writable, segments are mapped for the one request.  As with Xen, a
 mapping outlives what the guest later writes into the grant entry: a
 frontend that rewrites or revokes a reference it left mapped keeps reading
 and writing the page it first granted (its own RAM, held typed writable, so
@@ -68,6 +68,7 @@ from pyvmm.xen_abi.abi import (
     BLKIF_MAX_SEGMENTS_PER_REQUEST,
     BLKIF_SEGMENTS_PER_INDIRECT_PAGE,
     BLKIF_RING_ENTRY_SIZE,
+    BLKIF_RING_SIZE,
     BLKIF_SEGMENT_STRUCT,
     BLKIF_SECTOR_SIZE,
     BLKIF_SECTORS_PER_PAGE,
@@ -94,10 +95,16 @@ __all__ = ["BlockBackend", "DiskImage", "DiskError", "xvd_devid", "xvd_name", "M
 _FALLOC_FL_KEEP_SIZE, _FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
 #: Segments per indirect request we accept (Linux's blkback offers the same).
 MAX_INDIRECT_SEGMENTS = 256
-#: Grants kept mapped per queue with feature-persistent (Linux blkback's
-#: max_persistent_grants default, per ring there too): bounds what a
-#: frontend can make us hold, MAX_QUEUES times this at most.
-MAX_PERSISTENT_GRANTS = 1056
+#: Grants kept mapped per queue with feature-persistent: every grant a full
+#: ring of the largest requests uses (data pages and indirect pages), so a
+#: frontend keeping its ring full of 1 MiB requests is served from the pool.
+#: Linux blkback's 1,056 held ~half of fio's eight 1 MiB requests in
+#: flight; the rest were mapped per request, 12x slower in the faithful
+#: lane (bench/README.md).  Bounds what a frontend can make us hold:
+#: ~400 bytes of Python per mapping (it, its view, three dictionary slots),
+#: 3.2 MiB per queue, MAX_QUEUES times that at most.
+MAX_PERSISTENT_GRANTS = BLKIF_RING_SIZE * (MAX_INDIRECT_SEGMENTS + -(-MAX_INDIRECT_SEGMENTS
+                                                                   // BLKIF_SEGMENTS_PER_INDIRECT_PAGE))
 _SEGMENT_SIZE = ctypes.sizeof(BlkifSegment)
 _PAGE = BLKIF_SECTORS_PER_PAGE * BLKIF_SECTOR_SIZE
 

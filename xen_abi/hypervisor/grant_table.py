@@ -117,7 +117,7 @@ class GrantEntry(NamedTuple):
     gref: int = 0
 
 
-@dataclass
+@dataclass(slots=True)     # a back-end may keep thousands (blkback's persistent pools)
 class GrantMapping:
     handle: int
     ref: int
