@@ -30,6 +30,26 @@ from construct import (
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
 
+
+def flat_struct(layout: Struct) -> struct.Struct:
+    """The same layout as a struct.Struct, for hot paths: a construct Struct
+    made only of little-endian integers and padding, its fields in order,
+    the padding skipped.  One declaration (the construct one), parsed at
+    struct's speed (~0.1 us a parse against construct's ~7)."""
+    fmt = "<"
+    for field in layout.subcons:
+        inner = getattr(field, "subcon", field)
+        code = getattr(inner, "fmtstr", None)
+        if code and code[0] == "<":
+            fmt += code[1:]
+        elif type(field).__name__ == "Padded" and type(inner).__name__ == "Pass":
+            fmt += f"{field.sizeof()}x"
+        else:
+            raise TypeError(f"flat_struct: {field!r} is not a little-endian integer or padding")
+    packed = struct.Struct(fmt)
+    assert packed.size == layout.sizeof()
+    return packed
+
 # ---------------------------------------------------------------------------
 # Errno values returned by hypercalls (negated), xen/include/public/errno.h
 # ---------------------------------------------------------------------------

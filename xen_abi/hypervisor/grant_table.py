@@ -67,6 +67,7 @@ from pyvmm.xen_abi.abi import (
     GrantEntryV2,
     GrantTransitiveV2,
     XenErrno,
+    flat_struct,
 )
 from pyvmm.xen_abi.memory.page_types import NotWritable, PageTypes, type_name
 from pyvmm.xen_abi.memory.physmem import GuestPhysicalFault
@@ -79,6 +80,11 @@ DEFAULT_MAX_FRAMES = 32
 # Xen gives up after a few failed cmpxchg rounds on an entry the guest keeps changing.
 _CMPXCHG_RETRIES = 4
 _FRAME_MASK = 0xFFFFFFFF  # grant_entry_v1.frame is 32 bits
+# read_entry runs on every grant map and copy (a back-end's per-segment and
+# per-slot cost): abi.py's layouts, parsed at struct's speed
+_ENTRY_V1 = flat_struct(GrantEntryV1)             # flags, domid, frame
+_ENTRY_V2 = flat_struct(GrantEntryV2)             # flags, domid, page_off, length, frame
+_TRANSITIVE_V2 = flat_struct(GrantTransitiveV2)   # flags, domid, trans_domid, gref
 # Xen's pin counters are 8 bits per kind; a use that could reach the top
 # bit is refused (GNTPIN_incr2oflow_mask)
 _PIN_LIMIT = 128
@@ -252,14 +258,15 @@ class GrantTable:
         self._check_ref(ref)
         raw = self.phys.read(self.entry_gpa(ref), self.entry_size)
         if self.version == 1:
-            e = GrantEntryV1.parse(raw)
-            return GrantEntry(e.flags, e.domid, e.frame, status=e.flags & (GTF_reading | GTF_writing))
-        e, t = GrantEntryV2.parse(raw), GrantTransitiveV2.parse(raw)
+            flags, domid, frame = _ENTRY_V1.unpack(raw)
+            return GrantEntry(flags, domid, frame, status=flags & (GTF_reading | GTF_writing))
+        flags, domid, page_off, length, frame = _ENTRY_V2.unpack(raw)
+        _, _, trans_domid, gref = _TRANSITIVE_V2.unpack(raw)
         status = int.from_bytes(self.phys.read(self.status_gpa(ref), GNTTAB_STATUS_SIZE), "little")
-        sub = bool(e.flags & GTF_sub_page)
-        return GrantEntry(e.flags, e.domid, e.frame, status=status,
-                          page_off=e.page_off if sub else 0, length=e.length if sub else PAGE_SIZE,
-                          trans_domid=t.trans_domid, gref=t.gref)
+        sub = bool(flags & GTF_sub_page)
+        return GrantEntry(flags, domid, frame, status=status,
+                          page_off=page_off if sub else 0, length=length if sub else PAGE_SIZE,
+                          trans_domid=trans_domid, gref=gref)
 
     def write_entry(self, ref: int, flags: int, domid: int, frame: int, *,
                     page_off: int = 0, length: int = 0) -> None:
