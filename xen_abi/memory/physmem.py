@@ -94,6 +94,7 @@ class PhysicalMemory:
                 raise ValueError(f"slot base {s.gpa:#x} must be page aligned")
         self.slots = ordered
         self._starts = [s.gpa for s in ordered]
+        self._ends = [s.end for s in ordered]     # _find runs on every grant use: no property calls
         self._bases = [_host_base(s.mem) for s in ordered]
 
     # ---- lookup ----
@@ -104,10 +105,10 @@ class PhysicalMemory:
         i = bisect.bisect_right(self._starts, gpa) - 1
         if i < 0:
             raise GuestPhysicalFault(gpa, n)
-        s = self.slots[i]
-        if gpa + n > s.end or (n == 0 and gpa >= s.end):
+        end = self._ends[i]
+        if gpa + n > end or (n == 0 and gpa >= end):
             raise GuestPhysicalFault(gpa, n)
-        return i, gpa - s.gpa
+        return i, gpa - self._starts[i]
 
     def contains(self, gpa: int, n: int = 1) -> bool:
         try:
