@@ -60,6 +60,8 @@ from devices import (GUEST_IP, HOST_IP, CostMeter, Namespace, net_available,  # 
 
 PROGRAMS = {"fio": ["usr/bin/fio"], "iperf3": ["usr/bin/iperf3"]}
 ENGINES = ("libaio", "io_uring", "psync")
+#: queue depth of the 4 KiB random reads unless --rand-iodepth says otherwise
+RAND_IODEPTH = 32
 #: (key, label, fio options); each runs on its own, --runtime seconds.
 FIO_JOBS = (("seqread", "fio seq read 1 MiB", ["--rw=read", "--bs=1M"]),
             ("seqwrite", "fio seq write 1 MiB", ["--rw=write", "--bs=1M"]),
@@ -169,7 +171,7 @@ class HostTools:
 
 
 def run_fio(run, filename: str, runtime: float, seq_iodepth: int, engine: str | None,
-            on_job=None, out: dict | None = None, rand_iodepth: int = 32) -> tuple[str, dict]:
+            on_job=None, out: dict | None = None, rand_iodepth: int = RAND_IODEPTH) -> tuple[str, dict]:
     """The fio jobs through *run* (argv -> rc, out, err); the engine used
     (the first of ENGINES that works unless *engine* is given) and figures,
     each job's added to *out* as it ends (kept if a later one fails)."""
@@ -227,7 +229,7 @@ def wait_listening(ns: Namespace, port: int, timeout: float = 20.0) -> None:
 
 
 def guest_phase(con, disk: str | None, with_net: bool, runtime: float, seq_iodepth: int,
-                engine: str | None, costs=None, out: dict | None = None, rand_iodepth: int = 32) -> dict:
+                engine: str | None, costs=None, out: dict | None = None, rand_iodepth: int = RAND_IODEPTH) -> dict:
     """The fio jobs on *disk* and the iperf3 runs from a guest at its shell,
     their figures added to *out* as each ends."""
     out = {} if out is None else out
@@ -410,7 +412,7 @@ def run_qemu(g, modules: list[str], img: Path | None, ns: Namespace | None, memo
 
 def run(size_mb: int, runtime: float, seq_iodepth: int, with_disk: bool, with_net: bool,
         engine: str | None = None, memory_mb: int = GUEST_RAM_MB, qemu_peer: bool = False,
-        qemu_boot_timeout: float = QEMU_BOOT_TIMEOUT, rand_iodepth: int = 32) -> dict:
+        qemu_boot_timeout: float = QEMU_BOOT_TIMEOUT, rand_iodepth: int = RAND_IODEPTH) -> dict:
     from pyvmm.guests.bundle import bundle_programs
     from pyvmm.guests.default import build_default_guest
 
@@ -476,7 +478,7 @@ def rows(r: dict) -> list[tuple[str, str, float | None, float | None, float | No
         jobs = [s.get("fio", {}).get(key) for s in sides]
         if not any(jobs):
             continue
-        label += f" QD{r['config'].get('rand_iodepth', 32) if key == 'randread' else r['config']['seq_iodepth']}"
+        label += f" QD{r['config'].get('rand_iodepth', RAND_IODEPTH) if key == 'randread' else r['config']['seq_iodepth']}"
         for metric in ("MB/s", "IOPS", "p50 us", "p99 us"):
             out.append((label, metric, *((j or {}).get(metric) for j in jobs)))
     for key, label, _ in IPERF_RUNS:
@@ -583,8 +585,8 @@ def main() -> int:
     ap.add_argument("--size-mb", type=int, default=256, help="disk image size (default 256)")
     ap.add_argument("--runtime", type=float, default=10.0, help="seconds per fio job and iperf3 run")
     ap.add_argument("--seq-iodepth", type=int, default=8, help="queue depth of the sequential jobs")
-    ap.add_argument("--rand-iodepth", type=int, default=32,
-                    help="queue depth of the 4 KiB random reads (default 32)")
+    ap.add_argument("--rand-iodepth", type=int, default=RAND_IODEPTH,
+                    help=f"queue depth of the 4 KiB random reads (default {RAND_IODEPTH})")
     ap.add_argument("--ioengine", choices=ENGINES, default=None,
                     help="fio engine (default: the first of libaio, io_uring, psync that works)")
     ap.add_argument("--memory-mb", type=int, default=GUEST_RAM_MB, help="guest RAM")

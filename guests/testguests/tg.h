@@ -37,9 +37,12 @@ struct vcpu_info {
 };
 
 struct trap_info { u8 vector, flags; u16 cs; u32 _pad; u64 address; };
+/* vcpu_runstate_info: time[] is running, runnable, blocked, offline */
+struct runstate { u32 state, pad; u64 entry, time[4]; };
 
 _Static_assert(sizeof(struct start_info) == XEN_START_INFO_SIZE, "start_info");
 _Static_assert(sizeof(struct vcpu_info) == VI_SIZE, "vcpu_info");
+_Static_assert(sizeof(struct runstate) == XEN_VCPU_RUNSTATE_INFO_SIZE, "runstate");
 _Static_assert(sizeof(struct trap_info) == XEN_TRAP_INFO_SIZE, "trap_info");
 
 extern int tg_use_hypercall_page;

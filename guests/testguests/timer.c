@@ -110,7 +110,7 @@ void tg_main(struct start_info *s)
 	/* the runstate area: filled at registration; rewritten by the shim
 	 * on the tick after time blocked (Xen writes it on a change of
 	 * state), its times adding up to its entry time each time */
-	static struct { u32 state, pad; u64 entry, time[4]; } rs;
+	static struct runstate rs;
 	u64 area = (u64)&rs;
 	rc = HC3(HC_vcpu_op, VCPUOP_register_runstate_memory_area, 0, &area);
 	tg_check(rc == 0 && rs.state == 0 && rs.entry, "runstate area registered", rc, 0);

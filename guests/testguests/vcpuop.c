@@ -15,9 +15,7 @@
 #include "tg.h"
 const char tg_name[] = "vcpuop";
 
-struct runstate { u32 state, pad; u64 entry, time[4]; };
 struct time_info { u32 version, pad0; u64 tsc_timestamp, system_time; u32 mul; int8_t shift; u8 flags, pad[2]; };
-_Static_assert(sizeof(struct runstate) == 48, "runstate");
 _Static_assert(sizeof(struct time_info) == 32, "time_info");
 
 static u8 si_page[4096] __attribute__((aligned(4096)));

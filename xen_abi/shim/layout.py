@@ -502,6 +502,7 @@ def xen_numbers() -> list[tuple[str, list[tuple[str, int, str]]]]:
         ("XEN_MMUEXT_OP_SIZE", abi.MmuextOp.sizeof(), ""),
         ("XEN_MULTICALL_ENTRY_SIZE", abi.MulticallEntry.sizeof(), ""),
         ("XEN_SCHED_POLL_SIZE", abi.SchedPoll.sizeof(), ""),
+        ("XEN_VCPU_RUNSTATE_INFO_SIZE", abi.VcpuRunstateInfo.sizeof(), ""),
         ("XEN_EVTCHN_INIT_CONTROL_SIZE", abi.EvtchnInitControl.sizeof(), ""),
         ("XEN_EVTCHN_FIFO_CONTROL_BLOCK_SIZE", abi.EvtchnFifoControlBlock.sizeof(), ""),
         ("EVTCHN_FIFO_CB_READY", _offsetof(abi.EvtchnFifoControlBlock, "ready"), ""),
